@@ -1,0 +1,145 @@
+"""The library API: what the CLI calls and what build pipelines import."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from onnxc.backends import ExportOptions
+from onnxc.backends import export as backend_export
+from onnxc.compiler import calibration as calib
+from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.cost import model_cost
+from onnxc.compiler.model import load, save, tensor_bytes
+from onnxc.compiler.passes import Pass, PassContext, PassManager
+from onnxc.compiler.recipe import build
+from onnxc.compiler.report import Report, layer_diff
+from onnxc.compiler.verify import Fidelity, compare_outputs
+from onnxc.errors import UsageError, VerificationError
+
+log = logging.getLogger("onnxc")
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+def _passes(passes: Sequence[Pass | str] | None, preset: str | None, recipe: PathLike | None):
+    specs = [p for p in passes or [] if isinstance(p, str)]
+    objects = [p for p in passes or [] if not isinstance(p, str)]
+    built = build(specs, preset, recipe)
+    return objects + built.passes, built.max_error, built.seed
+
+
+def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] | None = None,
+             preset: str | None = None, recipe: PathLike | None = None, calibration: PathLike | None = None,
+             input_shapes: Mapping[str, Sequence[int]] | None = None, max_error: float | None = None,
+             seed: int | None = None, output: PathLike | None = None, backend: str | None = None,
+             export_options: ExportOptions | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> OptimizeResult:
+    """Canonicalize, run the passes with verification, and optionally save and lower the result.
+
+    `passes` are pass objects or specs (`"prune:ratio=0.5"`). Fidelity is always measured
+    against the original model on held-out inputs. With `output`, the result is written atomically
+    (or lowered by `backend`).
+    """
+    pass_list, preset_budget, recipe_seed = _passes(passes, preset, recipe)
+    seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
+    budget = max_error if max_error is not None else preset_budget
+    source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
+    original = load(model)
+    file_before = os.path.getsize(model) if not isinstance(model, onnx.ModelProto) else tensor_bytes(original)
+    shapes = dict(input_shapes or {})
+    canonical = canonicalize(original, shapes)
+    cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes)
+    ctx = PassContext(calibration=cal, seed=seed, max_error=budget,
+                      progress=progress or (lambda label, done, total: None))
+    report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget)
+    if cal.is_random:
+        report.notes.append("no calibration file: inputs drawn at random from the input spec; "
+                            "lossy passes are fitted to and verified on random data")
+    from onnxc.compiler import runtime
+
+    ref_out = runtime.run(original, cal.validation)
+    canon_fid = compare_outputs(ref_out, runtime.run(canonical, cal.validation))
+    report.canonical_fidelity = canon_fid.to_dict()
+    manager = PassManager(pass_list, ctx, input_shapes=shapes)
+    result, records = manager.run(canonical, reference=original)
+    report.passes = records
+    fidelity = compare_outputs(ref_out, runtime.run(result, cal.validation))
+    report.fidelity = fidelity.to_dict()
+    before, after = model_cost(canonical), model_cost(result)
+    report.before, report.after = before.totals(), after.totals()
+    report.layers = layer_diff(before, after)
+    if budget is not None and fidelity.rel_l2 > budget:
+        raise VerificationError(f"optimized model differs from the original by {fidelity.rel_l2:.3g} "
+                                f"(relative L2), over the budget {budget:g}")
+    if output is not None:
+        out = Path(output)
+        report.output = str(out)
+        if backend:
+            opts = export_options or ExportOptions()
+            opts.calibration = opts.calibration or cal
+            opts.input_shapes = opts.input_shapes or shapes
+            opts.seed = seed
+            report.backend = backend_export(backend, result, out, opts)
+        else:
+            save(result, out)
+        report.file_bytes = {"before": file_before, "after": _size_on_disk(out)}
+    return OptimizeResult(result, report)
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    size = path.stat().st_size if path.exists() else 0
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *, int8: str | None = None,
+           calibration: PathLike | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+           name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable") -> dict:
+    """Lower a model with a backend; returns the backend's report."""
+    original = load(model)
+    shapes = dict(input_shapes or {})
+    canonical = canonicalize(original, shapes)
+    cal = None
+    if int8 or calibration:
+        cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes)
+    opts = ExportOptions(int8=int8, calibration=cal, name=name, input_shapes=shapes, seed=seed,
+                         max_error=max_error, level=level)
+    return backend_export(backend, canonical, Path(output), opts)
+
+
+def compare(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | PathLike, *,
+            calibration: PathLike | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+            seed: int = 0) -> Fidelity:
+    """Fidelity of `candidate` against `reference` on calibration (or random) inputs."""
+    from onnxc.compiler import runtime
+
+    a, b = load(reference), load(candidate)
+    if calibration is not None:
+        inputs = calib.load_npz(calibration, a)
+    else:
+        inputs = calib.random_inputs(canonicalize(a, dict(input_shapes or {}), infer=False), seed=seed,
+                                     input_shapes=input_shapes)
+    a_names = [o.name for o in a.graph.output]
+    b_names = [o.name for o in b.graph.output]
+    if a_names != b_names:
+        raise UsageError(f"models have different outputs: {a_names} vs {b_names}")
+    return compare_outputs(runtime.run(a, inputs), runtime.run(b, inputs))
+
+
+def inspect(model: onnx.ModelProto | PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None):
+    """Per-layer cost of the canonical model."""
+    return model_cost(canonicalize(load(model), dict(input_shapes or {})))

@@ -1,0 +1,277 @@
+"""Canonical form: the one shape of graph every pass may assume.
+
+- every static weight is an initializer (`Constant`, constant-only `ConstantOfShape`, and
+  size-preserving shape ops on constants are folded; nothing that expands a compressed
+  representation, such as `Gather(codebook, codes)` or `DequantizeLinear`, is ever folded);
+- initializers are not also listed as graph inputs (IR 3 models are moved to IR 4 for that, the
+  smallest version that allows it);
+- BatchNormalization that follows a Conv with constant weights is folded into it;
+- Identity and inference-mode Dropout are bypassed;
+- nodes are in a topological order found iteratively (graphs with many thousands of nodes);
+- shapes are inferred, concrete where `input_shapes` fixes the symbolic dims.
+
+Ops, subgraphs (`If`, `Loop`) and quantized ops are carried through untouched.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from onnxc.compiler.graph import GraphView, attr, node_inputs_with_subgraphs
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, clone, tensor_bytes
+from onnxc.errors import OnnxcError
+
+log = logging.getLogger("onnxc.canonical")
+
+# Ops folded when all inputs are constant and the output is no larger than the inputs.
+SHAPE_OPS = {"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose"}
+
+
+def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 *, infer: bool = True) -> onnx.ModelProto:
+    """Return the canonical form of `model` (the input is not modified)."""
+    model = clone(model)
+    graph = model.graph
+    if input_shapes:
+        set_input_shapes(model, input_shapes)
+    _initializers_out_of_inputs(model)
+    fold_constants(graph)
+    fold_batchnorm(graph)
+    bypass_identities(graph)
+    GraphView(graph).remove_unused()
+    toposort(graph)
+    if infer:
+        model = infer_shapes(model)
+    return model
+
+
+def set_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """Fix graph input dims; unknown names are an error that lists the real inputs."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {v.name: v for v in model.graph.input if v.name not in inits}
+    for name, dims in input_shapes.items():
+        if name not in inputs:
+            raise OnnxcError(f"--input-shape: model has no input '{name}' (inputs: {', '.join(inputs)})")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) and len(shape.dim) != len(dims):
+            raise OnnxcError(f"--input-shape {name}: model input has rank {len(shape.dim)}, got {len(dims)} dims")
+        for i, d in enumerate(shape.dim):
+            if d.HasField("dim_value") and d.dim_value != dims[i]:
+                raise OnnxcError(f"--input-shape {name}: dim {i} is fixed to {d.dim_value} in the model, got {dims[i]}")
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    # Stale intermediate shapes may carry the old symbolic dims: drop them before re-inference.
+    del model.graph.value_info[:]
+
+
+def _initializers_out_of_inputs(model: onnx.ModelProto) -> None:
+    inits = {t.name for t in model.graph.initializer}
+    if not any(v.name in inits for v in model.graph.input):
+        return
+    keep = [v for v in model.graph.input if v.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    if model.ir_version < 4:
+        model.ir_version = 4
+
+
+def fold_constants(graph: onnx.GraphProto) -> int:
+    """Turn Constant, ConstantOfShape and shape ops over constants into initializers."""
+    view = GraphView(graph)
+    folded = 0
+    keep: list[onnx.NodeProto] = []
+    for node in graph.node:
+        value = _constant_value(node, view)
+        if value is None:
+            keep.append(node)
+            continue
+        out = node.output[0]
+        tensor = numpy_helper.from_array(value, out)
+        graph.initializer.append(tensor)
+        view.initializers[out] = graph.initializer[-1]
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        # An initializer that is also a graph output is legal; nothing else to fix.
+    return folded
+
+
+def _constant_value(node: onnx.NodeProto, view: GraphView) -> np.ndarray | None:
+    if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    op = node.op_type
+    if op == "Constant":
+        return _constant_attr(node)
+    if not node.input or not all(i in view.initializers for i in node.input if i):
+        return None
+    args = [view.const(i) if i else None for i in node.input]
+    try:
+        if op == "ConstantOfShape":
+            t = attr(node, "value")
+            fill = numpy_helper.to_array(t) if t is not None else np.zeros(1, np.float32)
+            return np.full(tuple(int(d) for d in args[0]), fill.reshape(-1)[0], dtype=fill.dtype)
+        if op not in SHAPE_OPS:
+            return None
+        x = args[0]
+        if op == "Identity":
+            return x
+        if op == "Transpose":
+            perm = attr(node, "perm")
+            return np.transpose(x, perm if perm is not None else None)
+        if op == "Flatten":
+            axis = attr(node, "axis", 1)
+            axis = axis + x.ndim if axis < 0 else axis
+            return x.reshape(int(np.prod(x.shape[:axis])), -1)
+        if op == "Reshape":
+            shape = [int(s) for s in args[1]]
+            if attr(node, "allowzero", 0) == 0:
+                shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+            return x.reshape(shape)
+        axes = attr(node, "axes")
+        if axes is None and len(args) > 1 and args[1] is not None:
+            axes = [int(a) for a in args[1]]
+        if op == "Unsqueeze":
+            out = x
+            rank = x.ndim + len(axes)
+            for a in sorted(a + rank if a < 0 else a for a in axes):
+                out = np.expand_dims(out, a)
+            return out
+        if op == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+    except Exception as exc:  # an op we mis-evaluate is simply left in the graph
+        log.debug("not folding %s (%s): %s", node.name, op, exc)
+    return None
+
+
+def _constant_attr(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None  # sparse or string constants stay as nodes
+
+
+def fold_batchnorm(graph: onnx.GraphProto) -> int:
+    """Fold inference BatchNormalization into the Conv that feeds it (exact up to rounding)."""
+    view = GraphView(graph)
+    folded = 0
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        if len([o for o in bn.output if o]) != 1 or attr(bn, "training_mode", 0):
+            continue
+        conv = view.producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(view.consumers[conv.output[0]]) != 1:
+            continue
+        if conv.output[0] in view.graph_outputs:
+            continue
+        params = [view.const(n) for n in bn.input[1:5]]
+        weight = view.const(conv.input[1])
+        if weight is None or any(p is None for p in params):
+            continue
+        scale, shift, mean, var = (p.astype(np.float64) for p in params)
+        eps = attr(bn, "epsilon", 1e-5)
+        bias = view.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        if len(conv.input) > 2 and conv.input[2] and bias is None:
+            continue
+        factor = scale / np.sqrt(var + eps)
+        new_w = (weight.astype(np.float64) * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
+        b = bias.astype(np.float64) if bias is not None else np.zeros_like(mean)
+        new_b = ((b - mean) * factor + shift).astype(weight.dtype)
+        view.set_input_const(conv, 1, new_w)
+        if bias is not None:
+            view.set_input_const(conv, 2, new_b)
+        else:
+            conv.input.append(view.add_const(f"{conv.name or conv.output[0]}_bias", new_b))
+        conv.output[0] = bn.output[0]
+        graph.node.remove(bn)
+        view.refresh()
+        folded += 1
+    return folded
+
+
+def bypass_identities(graph: onnx.GraphProto) -> int:
+    """Remove Identity and inference Dropout nodes by renaming their consumers' inputs."""
+    view = GraphView(graph)
+    removed = 0
+    for node in list(graph.node):
+        is_dropout = node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1])
+        if node.domain not in ("", "ai.onnx") or node.op_type != "Identity" and not is_dropout:
+            continue
+        if is_dropout and len(node.input) > 2 and node.input[2]:
+            continue  # training_mode given as a tensor: leave it
+        src, dst = node.input[0], node.output[0]
+        if dst in view.graph_outputs or any(_in_subgraph(c) for c in view.consumers.get(dst, [])):
+            continue
+        for consumer in view.consumers.get(dst, []):
+            for i, name in enumerate(consumer.input):
+                if name == dst:
+                    consumer.input[i] = src
+        graph.node.remove(node)
+        view.refresh()
+        removed += 1
+    return removed
+
+
+def _in_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Stable iterative topological sort (Kahn's algorithm keyed on the original position)."""
+    nodes = list(graph.node)
+    produced_by = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                produced_by[out] = i
+    deps: list[set[int]] = []
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        d = {produced_by[n] for n in node_inputs_with_subgraphs(node) if n in produced_by} - {i}
+        deps.append(d)
+        for j in d:
+            users[j].append(i)
+    remaining = [len(d) for d in deps]
+    ready = [i for i, r in enumerate(remaining) if r == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise OnnxcError("graph has a cycle; cannot order its nodes")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation; a model it cannot handle keeps its shapes."""
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        log.info("model above 2 GB: skipping in-memory shape inference")
+        return model
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        log.warning("shape inference failed (%s); continuing with the shapes the model declares", exc)
+        return model

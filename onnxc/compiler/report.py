@@ -1,0 +1,128 @@
+"""The optimization report: JSON for machines, a rich summary for people (on stderr)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from onnxc.compiler.cost import ModelCost
+from onnxc.compiler.passes import PassRecord
+
+
+@dataclass
+class Report:
+    input: str
+    output: str | None = None
+    calibration: str = "random"
+    seed: int = 0
+    max_error: float | None = None
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    file_bytes: dict = field(default_factory=dict)
+    canonical_fidelity: dict | None = None
+    fidelity: dict | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+    backend: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from onnxc import __version__
+
+        data = dataclasses.asdict(self)
+        data["onnxc"] = __version__
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+
+    def write(self, path: str | Path) -> None:
+        write_text_atomic(Path(path), self.to_json() + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def layer_diff(before: ModelCost, after: ModelCost) -> list[dict]:
+    """Per MAC/param-bearing layer of the original: cost before and after (matched by name)."""
+    after_by_name = after.by_name()
+    rows = []
+    for layer in before.layers:
+        if not (layer.params or layer.macs):
+            continue
+        new = after_by_name.get(layer.name)
+        rows.append({"name": layer.name, "op": layer.op,
+                     "before": {"params": layer.params, "macs": layer.macs, "bytes": layer.bytes},
+                     "after": ({"params": new.params, "macs": new.macs, "bytes": new.bytes} if new
+                               else None)})
+    return rows
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{b / a:.3f}x" if a else "-"
+
+
+def render(report: Report, console: Console) -> None:
+    """A short summary: totals before/after, one line per pass, fidelity."""
+    table = Table(title="onnxc optimize", show_edge=False)
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("ratio", justify="right")
+    for key in ("params", "macs", "bytes"):
+        a, b = report.before.get(key, 0), report.after.get(key, 0)
+        table.add_row(key, human(a), human(b), _ratio(a, b))
+    if report.file_bytes:
+        a, b = report.file_bytes.get("before", 0), report.file_bytes.get("after", 0)
+        table.add_row("file", human(a), human(b), _ratio(a, b))
+    console.print(table)
+    passes = Table(show_edge=False)
+    for col in ("pass", "status", "rewrites", "skipped", "rel. error", "seconds"):
+        passes.add_column(col)
+    for rec in report.passes:
+        err = rec.fidelity.get("rel_l2") if rec.fidelity else None
+        passes.add_row(rec.spec, rec.status + (f" ({rec.reason})" if rec.reason else ""), str(len(rec.changes)),
+                       str(len(rec.skipped)), f"{err:.3g}" if err is not None else "-", f"{rec.seconds:.1f}")
+    if report.passes:
+        console.print(passes)
+    if report.fidelity:
+        top1 = report.fidelity.get("top1")
+        text = f"fidelity vs original on {report.fidelity['samples']} held-out inputs: relative L2 error " \
+               f"{report.fidelity['rel_l2']:.3g}"
+        if top1 is not None:
+            text += f", top-1 agreement {100 * top1:.1f}%"
+        console.print(text)
+    for note in report.notes:
+        console.print(f"note: {note}")

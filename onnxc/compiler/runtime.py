@@ -1,0 +1,72 @@
+"""One way to run a ModelProto in onnxruntime, used by verification, capture and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
+from onnxc.errors import OnnxcError
+
+
+def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0,
+            optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            ) -> ort.InferenceSession:
+    """A CPU InferenceSession; models past 2 GB go through a temporary file."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = optimization
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = save(model, os.path.join(tmp, "model.onnx"))
+                    return ort.InferenceSession(str(path), opts, providers=providers)
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        return ort.InferenceSession(str(model), opts, providers=providers)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxcError(f"onnxruntime cannot load the model: {msg}") from None
+
+
+def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Split samples on axis 0 into batches (all inputs share the sample count)."""
+    n = sample_count(inputs)
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in inputs.items()}
+
+
+def sample_count(inputs: Mapping[str, np.ndarray]) -> int:
+    counts = {len(v) for v in inputs.values()}
+    if len(counts) != 1:
+        raise OnnxcError(f"inputs disagree on the number of samples: {sorted(counts)}")
+    return counts.pop()
+
+
+def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Run all samples through the model in batches; returns the concatenated outputs.
+
+    Models whose batch dim is fixed (e.g. 1) are run one sample at a time.
+    """
+    sess = model if isinstance(model, ort.InferenceSession) else session(model)
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    fixed = [i for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)]
+    if fixed:
+        batch_size = min(batch_size, min(i.shape[0] for i in fixed))
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    feed_names = {i.name for i in sess.get_inputs()}
+    for batch in batches(inputs, batch_size):
+        feed = {k: v for k, v in batch.items() if k in feed_names}
+        for name, value in zip(names, sess.run(names, feed)):
+            collected[name].append(value)
+    return {n: np.concatenate(v, axis=0) if v and v[0].ndim else (v[0] if v else np.array([]))
+            for n, v in collected.items()}
