@@ -1,0 +1,446 @@
+"""The `onnxc` command line: parse, call the API, render. Data to stdout; progress and logs to stderr.
+
+Exit codes: 0 ok, 1 error (bad input), 2 usage, 3 verification failed. Errors are one line on
+stderr without a traceback (`-v` adds it for internal errors).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxc.errors import OnnxcError, UsageError
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    shapes = {}
+    for value in values:
+        name, eq, dims = value.rpartition("=")
+        if not eq or not name:
+            raise UsageError(f"--input-shape expects NAME=DIMS like input=1x3x224x224, got '{value}'")
+        try:
+            parsed = [int(d) for d in dims.lower().replace(",", "x").split("x")]
+        except ValueError:
+            raise UsageError(f"--input-shape {name}: dims must be integers separated by x, got '{dims}'") from None
+        if any(d <= 0 for d in parsed):
+            raise UsageError(f"--input-shape {name}: dims must be positive, got '{dims}'")
+        shapes[name] = parsed
+    return shapes
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def command(fn):
+    """Shared -q/-v flags and the one-line error contract for every subcommand."""
+
+    @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+    @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug and tracebacks).")
+    @functools.wraps(fn)
+    def wrapper(*args, quiet: bool = False, verbose: int = 0, **kwargs):
+        _setup_logging(verbose, quiet)
+        try:
+            return fn(*args, quiet=quiet, **kwargs)
+        except OnnxcError as exc:
+            stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            stderr.print("interrupted")
+            sys.exit(130)
+        except Exception as exc:  # an internal error: still one line unless asked for more
+            if verbose > 1:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            stderr.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {first} (run with -vv for details)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(1)
+
+    return wrapper
+
+
+class _ProgressReporter:
+    """Turns `ctx.progress(label, done, total)` calls into one rich progress bar per label."""
+
+    def __init__(self, enabled: bool):
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxc")
+def main() -> None:
+    """onnxc: compress trained ONNX models with verified rewrites; lower them to onnxruntime or C."""
+
+
+def _input_file(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise OnnxcError(f"{path}: no such file")
+    return path
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Output model (.onnx; .ort with --backend onnxruntime; a folder for --backend c).",
+)
+@click.option(
+    "-p", "--pass", "specs", multiple=True, metavar="SPEC", help="name[:key=value,...], repeatable, in order."
+)
+@click.option("--preset", type=click.Choice(["lossless", "balanced", "aggressive"]), help="A ready-made pass list.")
+@click.option("--recipe", type=click.Path(), help="A TOML recipe file.")
+@click.option("--calibration", type=click.Path(), help=".npz with one array per model input (samples on axis 0).")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=DIMS",
+    help="Fix symbolic dims, e.g. input=1x3x224x224.",
+)
+@click.option(
+    "--max-error", type=float, help="Fidelity budget (relative L2 error of outputs); passes beyond it are rolled back."
+)
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling and random inputs (default 0).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "c"]), help="Also lower the result with this backend.")
+@click.option(
+    "--int8",
+    "int8",
+    is_flag=False,
+    flag_value="static",
+    default=None,
+    type=click.Choice(["static", "dynamic"]),
+    help="onnxruntime backend: quantize to int8 (static by default).",
+)
+@click.option("--name", default="net", help="C backend: symbol prefix.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@command
+def optimize(
+    model,
+    output,
+    specs,
+    preset,
+    recipe,
+    calibration,
+    input_shapes,
+    max_error,
+    report_path,
+    seed,
+    backend,
+    int8,
+    name,
+    as_json,
+    quiet,
+):
+    """Compress MODEL with passes, verify it against the original, and write OUT."""
+    from onnxc.api import optimize as run_optimize
+    from onnxc.backends import ExportOptions
+    from onnxc.compiler.report import render
+
+    if int8 and backend != "onnxruntime":
+        raise UsageError("--int8 needs --backend onnxruntime")
+    _input_file(model)
+    if Path(output).resolve() == Path(model).resolve():
+        raise UsageError("output would overwrite the input model; choose another -o")
+    shapes = _parse_shapes(input_shapes)
+    with _ProgressReporter(not quiet) as progress:
+        result = run_optimize(
+            model,
+            passes=list(specs),
+            preset=preset,
+            recipe=recipe,
+            calibration=calibration,
+            input_shapes=shapes,
+            max_error=max_error,
+            seed=seed,
+            output=output,
+            backend=backend,
+            export_options=ExportOptions(int8=int8, name=name, input_shapes=shapes),
+            progress=progress,
+        )
+    if report_path:
+        result.report.write(report_path)
+    if as_json:
+        click.echo(result.report.to_json())
+    if not quiet:
+        render(result.report, stderr)
+        stderr.print(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--backend", type=click.Choice(["onnxruntime", "c"]), required=True)
+@click.option("-o", "--output", required=True, help="Output file (.onnx or .ort) or folder (C).")
+@click.option(
+    "--int8",
+    "int8",
+    is_flag=False,
+    flag_value="static",
+    default=None,
+    type=click.Choice(["static", "dynamic"]),
+    help="Quantize to int8 (static by default).",
+)
+@click.option("--calibration", type=click.Path(), help=".npz calibration inputs.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@click.option("--name", default="net", help="C backend: symbol prefix.")
+@click.option("--max-error", type=float, help="int8: exclude the most sensitive nodes until within this budget.")
+@click.option(
+    "--level",
+    type=click.Choice(["portable", "machine"]),
+    default="portable",
+    help="onnxruntime: offline optimization level.",
+)
+@click.option("--seed", type=int, default=0)
+@click.option("--report", "report_path", type=click.Path(), help="Write the backend report (JSON) here.")
+@command
+def export(model, backend, output, int8, calibration, input_shapes, name, max_error, level, seed, report_path, quiet):
+    """Lower MODEL to onnxruntime (optimized .onnx/.ort, int8) or to C for microcontrollers."""
+    from onnxc.api import export as run_export
+    from onnxc.compiler.report import write_text_atomic
+
+    if int8 and backend != "onnxruntime":
+        raise UsageError("--int8 needs --backend onnxruntime")
+    if backend == "c" and not name.isidentifier():
+        raise UsageError(f"--name must be a C identifier, got '{name}'")
+    _input_file(model)
+    info = run_export(
+        model,
+        backend,
+        output,
+        int8=int8,
+        calibration=calibration,
+        input_shapes=_parse_shapes(input_shapes),
+        name=name,
+        seed=seed,
+        max_error=max_error,
+        level=level,
+    )
+    if report_path:
+        write_text_atomic(Path(report_path), json.dumps(info, indent=2, default=str) + "\n")
+    if not quiet:
+        stderr.print(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@click.option("--all", "show_all", is_flag=True, help="List every node, not only those with parameters or MACs.")
+@command
+def inspect(model, as_json, input_shapes, show_all, quiet):
+    """Per-layer table: parameters, MACs and bytes, with totals."""
+    from onnxc.api import inspect as run_inspect
+    from onnxc.compiler.report import human
+
+    cost = run_inspect(model, _parse_shapes(input_shapes))
+    groups = _prunable_groups(model, _parse_shapes(input_shapes))
+    if as_json:
+        data = cost.to_dict()
+        if groups is not None:
+            data["prunable_groups"] = groups
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table(show_edge=False)
+    for col, justify in (
+        ("node", "left"),
+        ("op", "left"),
+        ("output shape", "left"),
+        ("params", "right"),
+        ("MACs", "right"),
+        ("bytes", "right"),
+    ):
+        table.add_column(col, justify=justify, overflow="fold")
+    for layer in cost.layers:
+        if show_all or layer.params or layer.macs:
+            table.add_row(
+                layer.name,
+                layer.op,
+                "x".join(map(str, layer.shape)),
+                human(layer.params),
+                human(layer.macs),
+                human(layer.bytes),
+            )
+    t = cost.totals()
+    table.add_section()
+    table.add_row("total", f"{t['nodes']} nodes", "", f"{t['params']:,}", f"{t['macs']:,}", f"{t['bytes']:,}")
+    stdout.print(table)
+    if groups is not None:
+        stdout.print(
+            f"prunable channel groups: {sum(1 for g in groups if not g.get('frozen'))} "
+            f"({sum(1 for g in groups if g.get('frozen'))} frozen)"
+        )
+
+
+def _prunable_groups(model_path: str, shapes) -> list[dict] | None:
+    """Channel groups from the prune analysis, when that module is present."""
+    try:
+        from onnxc.passes import channel_groups
+    except ImportError:
+        return None
+    describe = getattr(channel_groups, "describe_groups", None)
+    if describe is None:
+        return None
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.model import load
+
+    return describe(canonicalize(load(model_path), shapes))
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("candidate")
+@click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@click.option("--max-error", type=float, help="Exit 3 when the relative L2 error exceeds this.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--seed", type=int, default=0)
+@command
+def compare(reference, candidate, calibration, input_shapes, max_error, as_json, seed, quiet):
+    """Fidelity of CANDIDATE against REFERENCE on the same inputs."""
+    from onnxc.api import compare as run_compare
+    from onnxc.errors import VerificationError
+
+    _input_file(reference)
+    _input_file(candidate)
+    fidelity = run_compare(
+        reference, candidate, calibration=calibration, input_shapes=_parse_shapes(input_shapes), seed=seed
+    )
+    if as_json:
+        click.echo(json.dumps(fidelity.to_dict(), indent=2))
+    else:
+        table = Table(show_edge=False)
+        for col in ("output", "rel. L2", "max abs", "cosine", "top-1 agree"):
+            table.add_column(col)
+        for o in fidelity.outputs:
+            table.add_row(
+                o.name,
+                f"{o.rel_l2:.3g}",
+                f"{o.max_abs:.3g}",
+                f"{o.cosine:.6f}",
+                f"{100 * o.top1:.2f}%" if o.top1 is not None else "-",
+            )
+        stdout.print(table)
+        stdout.print(f"{fidelity.samples} samples")
+    if max_error is not None and fidelity.rel_l2 > max_error:
+        raise VerificationError(f"relative L2 error {fidelity.rel_l2:.3g} exceeds {max_error:g}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@click.option("--batch", type=int, default=1, help="Samples per run (random inputs).")
+@click.option("--runs", type=int, default=50)
+@click.option("--warmup", type=int, default=5)
+@click.option("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = all cores).")
+@click.option("--json", "as_json", is_flag=True)
+@command
+def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_json, quiet):
+    """onnxruntime latency of MODELS side by side (interleaved runs, medians, ratio vs the first)."""
+    from onnxc.compiler import calibration as calib
+    from onnxc.compiler.bench import bench as run_bench
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.model import load
+
+    shapes = _parse_shapes(input_shapes)
+    loaded = [load(_input_file(m)) for m in models]
+    if calibration:
+        inputs = calib.load_npz(calibration, loaded[0])
+        inputs = {k: v[:batch] for k, v in inputs.items()}
+    else:
+        inputs = calib.random_inputs(canonicalize(loaded[0], shapes, infer=False), batch, input_shapes=shapes)
+    timings = run_bench(loaded, inputs, labels=list(models), runs=runs, warmup=warmup, threads=threads)
+    if as_json:
+        click.echo(json.dumps([t.__dict__ for t in timings], indent=2))
+        return
+    table = Table(show_edge=False)
+    for col in ("model", "median ms", "ratio"):
+        table.add_column(col)
+    for t in timings:
+        table.add_row(t.label, f"{t.median_ms:.3f}", f"{t.ratio:.3f}x")
+    stdout.print(table)
+
+
+@main.command(name="passes")
+@click.option("--json", "as_json", is_flag=True)
+@command
+def list_passes(as_json, quiet):
+    """Every pass with its options and defaults."""
+    import dataclasses
+
+    from onnxc.compiler.passes import available, option_fields
+
+    rows = []
+    for pid, cls in available().items():
+        opts = []
+        for f in option_fields(cls):
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            opts.append(
+                {"name": f.name, "type": type_name, "default": default, "help": cls.option_help.get(f.name, "")}
+            )
+        rows.append(
+            {
+                "id": pid,
+                "summary": cls.summary,
+                "lossless": cls.lossless,
+                "uses_calibration": cls.uses_calibration,
+                "options": opts,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        stdout.print(f"[bold]{row['id']}[/bold]  {row['summary']}", highlight=False)
+        for o in row["options"]:
+            stdout.print(f"    {o['name']} ({o['type']}, default {o['default']!r})  {o['help']}", highlight=False)
+    if not rows:
+        stdout.print("no passes registered")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
