@@ -1,0 +1,225 @@
+"""onnxruntime backend: an offline-optimized `.onnx`, or the `.ort` format, optionally int8.
+
+Everything is done by onnxruntime's own tools: graph optimizations are those of an
+InferenceSession saving `optimized_model_filepath`; the ORT flatbuffer comes from
+`onnxruntime.tools.convert_onnx_models_to_ort`; int8 from `onnxruntime.quantization`
+(see `ort_quant`). Levels: "portable" applies the basic (hardware-independent) optimizations, so
+the file runs on any machine; "machine" applies all of them, including layout changes
+specialised for this CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from onnxc.backends import ExportOptions, register_backend
+from onnxc.backends.ort_quant import quantize
+from onnxc.compiler import runtime
+from onnxc.compiler.calibration import make_calibration
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxc.compiler.verify import compare_outputs
+from onnxc.errors import OnnxcError, UsageError
+
+# (.onnx level, .ort level). An .onnx file is optimized again when a session loads it, so
+# "portable" saves only the basic rewrites; an .ort file is run as saved (no optimizer at load),
+# so "portable" saves the extended ones too (operator fusions, QDQ -> integer kernels), which
+# are specific to the CPU execution provider but not to the CPU; only "machine" adds the NCHWc
+# layouts tuned for this processor's vector width.
+LEVELS = {"portable": ("basic", "extended"), "machine": ("all", "all")}
+ORT_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+FORMATS = {".onnx": "onnx", ".ort": "ort"}
+
+
+@register_backend("onnxruntime")
+def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
+    """Lower a canonical float model to `out` (.onnx or .ort); returns the report entry."""
+    out = Path(out)
+    fmt = _check(out, options)
+    notes: list[str] = []
+    calibration = options.calibration
+    if calibration is None and options.int8:
+        calibration = make_calibration(model, None, seed=options.seed, input_shapes=options.input_shapes)
+    if calibration is not None and calibration.is_random:
+        notes.append("no calibration file: int8 ranges and fidelity come from random inputs" if options.int8
+                     else "no calibration file: fidelity measured on random inputs")
+    lowered, report = model, {}
+    if options.int8:
+        q = quantize(model, options.int8, calibration, max_error=options.max_error)
+        lowered = q.model
+        notes += q.notes
+        report = {"quant_format": q.quant_format, "per_channel": True,
+                  "excluded_nodes": q.excluded, "sensitivity": q.sensitivity}
+    level_name = LEVELS[options.level][fmt == "ort"]
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        if fmt == "ort":
+            _write_ort(lowered, staged, level_name)
+        else:
+            _write_optimized(lowered, staged, ORT_LEVELS[level_name])
+        fidelity = _fidelity(model, staged, calibration, options)
+        size = _size(staged)
+        for path in _with_data(staged):
+            os.replace(path, out.parent / path.name)
+    return {
+        "backend": "onnxruntime", "onnxruntime": ort.__version__, "output": str(out), "format": fmt,
+        "level": options.level, "optimization": f"ORT_ENABLE_{level_name.upper()}",
+        "int8": options.int8, **report,
+        "file_bytes": size, "float_bytes": _serialized_bytes(model),
+        "size_ratio": size / max(_serialized_bytes(model), 1),
+        "fidelity": fidelity.to_dict(), "fidelity_inputs": "validation" if calibration else "random",
+        "notes": notes,
+    }
+
+
+def _check(out: Path, options: ExportOptions) -> str:
+    """One clear line for every option or path we cannot honour, before any work is done."""
+    if out.suffix.lower() not in FORMATS:
+        raise UsageError(f"{out}: the onnxruntime backend writes .onnx or .ort files")
+    if options.level not in LEVELS:
+        raise UsageError(f"unknown optimization level '{options.level}' (choose {' or '.join(LEVELS)})")
+    if options.int8 not in (None, "static", "dynamic"):
+        raise UsageError(f"--int8 must be static or dynamic (got '{options.int8}')")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxcError(f"{folder}: output folder does not exist")
+    if out.is_dir():
+        raise OnnxcError(f"{out}: is a directory")
+    return FORMATS[out.suffix.lower()]
+
+
+def _write_optimized(model: onnx.ModelProto, target: Path, level: ort.GraphOptimizationLevel) -> None:
+    """Let an InferenceSession apply its graph optimizations and save the result."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.optimized_model_filepath = str(target)
+    opts.log_severity_level = 3
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      f"{target.name}.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    with _model_file(model, target.parent) as source:
+        try:
+            ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise OnnxcError(f"onnxruntime cannot optimize the model: {_first_line(exc)}") from None
+    if not target.exists():
+        raise OnnxcError("onnxruntime did not write the optimized model")
+    if not target.with_name(target.name + ".data").exists():
+        _drop_unused_opsets(target)
+
+
+def _drop_unused_opsets(path: Path) -> None:
+    """onnxruntime declares every domain it knows when saving; keep the ones the graph uses."""
+    model = onnx.load(str(path))
+    used = {n.domain or "" for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        path.write_bytes(model.SerializeToString(deterministic=True))
+
+
+def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
+    """onnxruntime's converter to the ORT flatbuffer format (for mobile and minimal builds)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        raise OnnxcError("the ORT format holds at most 2 GB of weights: export to .onnx instead")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = Path(tmp) / "src" / "model.onnx"
+        source.parent.mkdir()
+        onnx.save_model(model, str(source))
+        # The converter takes its level from the environment; NCHWc layouts only for "machine" on x86.
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        try:
+            with _env("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL", level), \
+                    open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
+                    _log_level("ort_format_model.utils", logging.WARNING):
+                convert_onnx_models_to_ort(source, output_dir=Path(tmp) / "out",
+                                           optimization_styles=[OptimizationStyle.Fixed],
+                                           target_platform="amd64" if level == "all" and x86 else None)
+        except Exception as exc:
+            raise OnnxcError(f"onnxruntime cannot convert the model to ORT format: {_first_line(exc)}") from None
+        produced = sorted((Path(tmp) / "out").glob("*.ort"))
+        if len(produced) != 1:
+            raise OnnxcError("onnxruntime's ORT converter did not produce one .ort file")
+        shutil.move(str(produced[0]), target)
+
+
+def _fidelity(model: onnx.ModelProto, staged: Path, calibration, options: ExportOptions):
+    """Outputs of the written file against the float model, on held-out (or random) inputs."""
+    if calibration is not None:
+        inputs = calibration.validation
+    else:
+        from onnxc.compiler.calibration import random_inputs
+
+        inputs = random_inputs(model, seed=options.seed, input_shapes=options.input_shapes)
+    return compare_outputs(runtime.run(model, inputs), runtime.run(runtime.session(staged), inputs))
+
+
+@contextlib.contextmanager
+def _model_file(model: onnx.ModelProto, folder: Path) -> Iterator[Path]:
+    """The model on disk (external data past 2 GB), for tools that take paths."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "model.onnx"
+        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data")
+        else:
+            onnx.save_model(model, str(path))
+        yield path
+
+
+@contextlib.contextmanager
+def _log_level(name: str, level: int) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _with_data(path: Path) -> list[Path]:
+    data = path.with_name(path.name + ".data")
+    return [data, path] if data.exists() else [path]  # data first: the model never points at nothing
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in _with_data(path))
+
+
+def _serialized_bytes(model: onnx.ModelProto) -> int:
+    size = tensor_bytes(model)
+    return model.ByteSize() if size <= EXTERNAL_DATA_THRESHOLD else size
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

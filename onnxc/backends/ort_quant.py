@@ -1,0 +1,334 @@
+"""int8 quantization through onnxruntime's own tools, fed by our calibration data.
+
+Static: `quant_pre_process` (shape inference and onnxruntime's basic graph optimizations), then
+`quantize_static` in QDQ format with per-channel weights, calibrated (min/max) on the
+calibration `.train` samples. Dynamic: `quantize_dynamic` of the MatMul-like layers (Gemm is
+lowered to MatMul + Add first, because onnxruntime's dynamic quantizer only handles MatMul).
+
+With a fidelity budget (`max_error`, relative L2 on the held-out `.validation` samples) a
+per-node sensitivity check decides what stays float: each quantizable node is quantized alone
+and scored by how far the model's outputs move; the worst ones are excluded (`nodes_to_exclude`)
+until the whole model is within budget. Calibration runs once and is cached for all of those
+quantizations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxc.compiler import runtime
+from onnxc.compiler.calibration import Calibration, input_specs
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxc.compiler.verify import compare_outputs
+from onnxc.errors import OnnxcError, VerificationError
+
+log = logging.getLogger("onnxc.ort")
+
+MODES = ("static", "dynamic")
+DYNAMIC_OP_TYPES = ["MatMul", "Attention", "LSTM"]
+CALIBRATION_BATCH = 32
+
+
+@dataclass
+class Quantized:
+    """A quantized model and what it took to get it."""
+
+    model: onnx.ModelProto
+    mode: str
+    quant_format: str
+    excluded: list[str] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # node -> rel L2 when quantized alone
+    rel_l2: float | None = None  # whole model vs float, on validation, before lowering
+    notes: list[str] = field(default_factory=list)
+
+
+def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
+             max_error: float | None = None) -> Quantized:
+    """Quantize `model` (canonical, float) to int8; the input is not modified."""
+    if mode not in MODES:
+        raise OnnxcError(f"--int8 must be one of {', '.join(MODES)} (got '{mode}')")
+    with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet():
+        work = Path(tmp)
+        notes: list[str] = []
+        source = _save(_named(model), work / "float.onnx")
+        pre = _preprocess(source, work / "pre.onnx", notes)
+        if mode == "dynamic":
+            lowered = gemm_to_matmul(onnx.load(str(pre)))
+            if lowered is not None:
+                pre = _save(lowered, work / "pre_matmul.onnx")
+            if any(n.op_type == "Conv" for n in model.graph.node):
+                notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
+                             "(use --int8 static for convolutional models)")
+            quantizer = _dynamic_quantizer(pre, work)
+        else:
+            quantizer = _static_quantizer(pre, work, calibration)
+        scorer = _Scorer(model, calibration.validation)
+        full = quantizer(None, [])
+        result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)", notes=notes)
+        result.rel_l2 = scorer(full)
+        if max_error is not None and result.rel_l2 > max_error:
+            _exclude_sensitive(result, quantizer, scorer, max_error)
+        return result
+
+
+def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, budget: float) -> None:
+    """Score each quantized node alone, then exclude the worst until the model is within budget.
+
+    The smallest k such that excluding the k most sensitive nodes meets the budget is found by
+    bisection (the error falls as more nodes stay float), so only O(log n) full quantizations
+    are needed after the n single-node ones.
+    """
+    candidates = quantized_nodes(result.model)
+    result.sensitivity = {name: scorer(quantizer([name], [])) for name in candidates}
+    ranked = sorted(candidates, key=lambda n: (-result.sensitivity[n], n))
+    best: tuple[int, onnx.ModelProto, float] | None = None
+    lo, hi = 1, len(ranked)
+    while lo <= hi:
+        k = (lo + hi) // 2
+        model = quantizer(None, ranked[:k])
+        err = scorer(model)
+        if err <= budget:
+            best, hi = (k, model, err), k - 1
+        else:
+            lo = k + 1
+    if best is None:
+        raise VerificationError(f"int8 model differs from the float model by {result.rel_l2:.3g} (relative L2) "
+                                f"even with every quantized node excluded, over the budget {budget:g}")
+    k, result.model, result.rel_l2 = best
+    result.excluded = ranked[:k]
+    result.notes.append(f"excluded {k} of {len(ranked)} quantized nodes to stay within --max-error {budget:g}")
+
+
+class _Scorer:
+    """Relative L2 of a candidate's outputs against the float model's, on the validation inputs."""
+
+    def __init__(self, reference: onnx.ModelProto, inputs: Mapping[str, np.ndarray]):
+        self.inputs = inputs
+        self.ref = runtime.run(reference, inputs)
+
+    def __call__(self, candidate: onnx.ModelProto) -> float:
+        return compare_outputs(self.ref, runtime.run(candidate, self.inputs)).rel_l2
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the compute nodes that read a dequantized tensor or are integer ops (in graph order)."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+            continue
+        integer = node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul")
+        if node.name and (integer or any(i in dq_outputs for i in node.input)):
+            names.append(_original_name(node.name))
+    return list(dict.fromkeys(names))
+
+
+def _original_name(name: str) -> str:
+    """quantize_dynamic renames MatMul 'x' to 'x_quant'; exclusion lists need the original name."""
+    return name[: -len("_quant")] if name.endswith("_quant") else name
+
+
+# ------------------------------------------------------------------ onnxruntime's tools
+
+
+def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
+    """`quant_pre_process`; falls back to fewer steps on graphs its symbolic shape inference rejects."""
+    from onnxruntime.quantization import quant_pre_process
+
+    external = tensor_bytes(onnx.load(str(source), load_external_data=False)) > EXTERNAL_DATA_THRESHOLD
+    attempts = [{}, {"skip_symbolic_shape": True}]
+    for kwargs in attempts:
+        try:
+            quant_pre_process(str(source), str(target), save_as_external_data=external,
+                              all_tensors_to_one_file=True, **kwargs)
+            if kwargs:
+                notes.append("quantization pre-processing ran without symbolic shape inference")
+            return target
+        except Exception as exc:  # its failures are assorted (shape inference, optimizer)
+            last = exc
+    notes.append(f"quantization pre-processing failed ({_first_line(last)}): quantized the model as is")
+    return source
+
+
+def _static_quantizer(pre: Path, work: Path, calibration: Calibration) -> Callable:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    cache = work / "calibration.json"
+    external = _is_large(pre)
+    batch = _calibration_batch(onnx.load(str(pre), load_external_data=False))
+    counter = iter(range(1 << 30))
+
+    def run(only: Sequence[str] | None, exclude: Sequence[str]) -> onnx.ModelProto:
+        out = work / f"q{next(counter)}.onnx"
+        try:
+            quantize_static(
+                str(pre), str(out), _Reader(calibration.train, batch) if not cache.exists() else None,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_quantize=list(only) if only else None, nodes_to_exclude=list(exclude),
+                use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+            )
+        except OnnxcError:
+            raise
+        except Exception as exc:
+            raise OnnxcError(f"onnxruntime's static quantization failed: {_first_line(exc)}") from None
+        return onnx.load(str(out))
+
+    return run
+
+
+def _dynamic_quantizer(pre: Path, work: Path) -> Callable:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    external = _is_large(pre)
+    counter = iter(range(1 << 30))
+
+    def run(only: Sequence[str] | None, exclude: Sequence[str]) -> onnx.ModelProto:
+        out = work / f"d{next(counter)}.onnx"
+        try:
+            quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OP_TYPES, per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_quantize=list(only) if only else None,
+                             nodes_to_exclude=list(exclude), use_external_data_format=external)
+        except Exception as exc:
+            raise OnnxcError(f"onnxruntime's dynamic quantization failed: {_first_line(exc)}") from None
+        return onnx.load(str(out))
+
+    return run
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over our calibration arrays, in batches."""
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], batch: int):
+        self._batches: Iterator[dict[str, np.ndarray]] = runtime.batches(inputs, batch)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def _calibration_batch(model: onnx.ModelProto) -> int:
+    """Models with a fixed batch dim get batches of exactly that size."""
+    fixed = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+    return min(fixed) if fixed else CALIBRATION_BATCH
+
+
+# ------------------------------------------------------------------ graph preparation
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Gemm with a constant 2-D weight -> MatMul (+ Add): the form dynamic quantization handles.
+
+    The MatMul keeps the Gemm's name so exclusion lists stay meaningful. Returns None when no
+    Gemm qualifies.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, changed = [], False
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        bias = inits.get(node.input[2]) if weight is not None and len(node.input) > 2 and node.input[2] else None
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if weight is None or attrs.get("transA", 0) or (has_bias and bias is None and attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight)
+        w = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
+        w_name = _unique(inits, f"{node.input[1]}_matmul")
+        inits[w_name] = numpy_helper.from_array(np.ascontiguousarray(w, dtype=w.dtype), w_name)
+        model.graph.initializer.append(inits[w_name])
+        product = node.output[0] if not has_bias else f"{node.output[0]}_matmul"
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [product], name=node.name))
+        if has_bias:
+            c_name = node.input[2]
+            if bias is not None and attrs.get("beta", 1.0) != 1.0:
+                c_name = _unique(inits, f"{node.input[2]}_scaled")
+                c = numpy_helper.to_array(bias) * np.float32(attrs["beta"])
+                inits[c_name] = numpy_helper.from_array(c.astype(c.dtype), c_name)
+                model.graph.initializer.append(inits[c_name])
+            nodes.append(helper.make_node("Add", [product, c_name], [node.output[0]], name=f"{node.name}_bias"))
+        changed = True
+    if not changed:
+        return None
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def _unique(taken: Mapping[str, object], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give unnamed nodes stable names: exclusion lists and reports refer to nodes by name."""
+    if all(n.name for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    taken = {n.name for n in copy.graph.node if n.name}
+    for i, node in enumerate(copy.graph.node):
+        if not node.name:
+            node.name = _unique(taken, f"{node.op_type}_{i}")
+            taken.add(node.name)
+    return copy
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def _is_large(path: Path) -> bool:
+    return path.stat().st_size > EXTERNAL_DATA_THRESHOLD or path.with_name(path.name + ".data").exists()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantization tools print to stdout and warn on the root logger: keep stdout
+    for data and their advice (already followed) out of the user's way."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,305 @@
+"""onnxruntime backend: offline-optimized .onnx, .ort format, int8 (static, dynamic, --max-error), bench."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphs import f32, init, model
+from onnx import helper, numpy_helper
+from sample_data import CALIBRATION, accuracy, sample_path
+
+from onnxc import api
+from onnxc.backends import ExportOptions
+from onnxc.backends import export as backend_export
+from onnxc.backends import ort as ort_backend
+from onnxc.compiler.bench import bench, table
+from onnxc.compiler.calibration import make_calibration
+from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.model import load
+from onnxc.compiler.passes import available
+from onnxc.errors import OnnxcError, UsageError
+
+VGG = sample_path("vgg")
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ort")
+
+
+@pytest.fixture(scope="module")
+def vgg_int8(out_dir) -> tuple[Path, dict]:
+    out = out_dir / "vgg_int8.onnx"
+    return out, api.export(VGG, "onnxruntime", out, int8="static", calibration=CALIBRATION)
+
+
+def _outputs(path_or_model, x: np.ndarray) -> np.ndarray:
+    source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _test_inputs(n=200) -> np.ndarray:
+    from sample_data import load_test_set
+
+    return load_test_set()[0][:n]
+
+
+# ------------------------------------------------------------------ int8 on the VGG sample
+
+
+def test_vgg_int8_keeps_accuracy_and_shrinks_file(vgg_int8):
+    out, report = vgg_int8
+    float_acc, int8_acc = accuracy(VGG), accuracy(out)
+    assert int8_acc >= float_acc - 0.5, (float_acc, int8_acc)
+    assert out.stat().st_size <= 0.3 * VGG.stat().st_size
+    assert report["file_bytes"] == out.stat().st_size
+    assert report["int8"] == "static" and report["quant_format"] == "QDQ" and report["per_channel"]
+    assert report["fidelity"]["top1"] >= 0.97 and 0 < report["fidelity"]["rel_l2"] < 0.05
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+
+
+def test_export_is_deterministic(vgg_int8, out_dir):
+    out, _ = vgg_int8
+    again = out_dir / "vgg_int8_again.onnx"
+    api.export(VGG, "onnxruntime", again, int8="static", calibration=CALIBRATION)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_ort_format_loads_and_matches_onnx(vgg_int8, out_dir):
+    x = _test_inputs()
+    for int8 in (None, "static"):
+        ort_file = out_dir / f"vgg_{int8}.ort"
+        onnx_file = vgg_int8[0] if int8 else out_dir / "vgg_float.onnx"
+        if not int8:
+            api.export(VGG, "onnxruntime", onnx_file)
+        report = api.export(VGG, "onnxruntime", ort_file, int8=int8, calibration=CALIBRATION)
+        assert report["format"] == "ort" and ort_file.read_bytes()[4:8] == b"ORTM"  # flatbuffer identifier
+        got, want = _outputs(ort_file, x), _outputs(onnx_file, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    assert not list(out_dir.glob(".*")), "temporary files left behind"
+
+
+def test_levels_give_loadable_equivalent_models(out_dir):
+    x = _test_inputs(64)
+    ref = _outputs(VGG, x)
+    for level in ("portable", "machine"):
+        out = out_dir / f"vgg_{level}.onnx"
+        report = api.export(VGG, "onnxruntime", out, level=level)
+        assert report["level"] == level and report["fidelity"]["rel_l2"] < 1e-5
+        np.testing.assert_allclose(_outputs(out, x), ref, rtol=1e-4, atol=1e-4)
+    portable = onnx.load(str(out_dir / "vgg_portable.onnx"))
+    assert {n.domain for n in portable.graph.node} == {""}, "portable: standard ops only"
+    assert [o.domain for o in portable.opset_import] == [""]
+    onnx.checker.check_model(portable, full_check=True)
+    if platform.machine().lower() in ("x86_64", "amd64"):  # NCHWc layouts for this CPU's vector width
+        assert "com.microsoft.nchwc" in {n.domain for n in onnx.load(str(out_dir / "vgg_machine.onnx")).graph.node}
+
+
+# ------------------------------------------------------------------ the chain: prune / cluster, then int8
+
+
+def _pruned_vgg() -> tuple[onnx.ModelProto, str]:
+    if "prune" in available():
+        result = api.optimize(VGG, passes=["prune:ratio=0.5"], calibration=CALIBRATION)
+        return result.model, "prune pass"
+    return crude_prune(canonicalize(load(VGG)), keep=0.9), "crude prune"
+
+
+def test_pruned_then_int8_keeps_accuracy(out_dir):
+    pruned, how = _pruned_vgg()
+    out = out_dir / "pruned_int8.onnx"
+    report = api.export(pruned, "onnxruntime", out, int8="static", calibration=CALIBRATION)
+    assert report["fidelity"]["top1"] >= 0.95
+    if how == "prune pass":  # the issue's bound, against the original float model
+        assert accuracy(out) >= accuracy(VGG) - 1.5
+    else:  # the crude prune has no refit: check that int8 composes with it
+        assert accuracy(out) >= accuracy(pruned) - 1.0
+    assert out.stat().st_size < (0.2 if how == "prune pass" else 0.3) * VGG.stat().st_size
+
+
+def test_pruned_and_clustered_model_quantizes_and_runs(out_dir):
+    if "cluster" in available() and "prune" in available():
+        clustered = api.optimize(VGG, passes=["prune:ratio=0.5", "cluster"], calibration=CALIBRATION).model
+    else:
+        clustered = crude_cluster(_pruned_vgg()[0], levels=64)
+    assert any(n.op_type == "Gather" for n in clustered.graph.node), "expected codebook weights"
+    out = out_dir / "pruned_clustered_int8.onnx"
+    report = api.export(clustered, "onnxruntime", out, int8="static", calibration=CALIBRATION)
+    x = _test_inputs()
+    got = _outputs(out, x)
+    want = _outputs(clustered, x)
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.97
+    assert report["fidelity"]["rel_l2"] < 0.1
+    assert accuracy(out) >= accuracy(clustered) - 1.0
+
+
+# ------------------------------------------------------------------ --max-error: per-node sensitivity
+
+
+def outlier_mlp() -> onnx.ModelProto:
+    """Three MatMuls; the tensor between the first two has one channel 200x larger than the rest
+    (compensated in the next weight), so quantizing that tensor per-tensor wipes out the others."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) / 4
+    w1[:, 0] *= 200
+    w2 = rng.standard_normal((32, 32)).astype(np.float32) / 6
+    w2[0, :] /= 200
+    w3 = rng.standard_normal((32, 10)).astype(np.float32) / 6
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+             helper.make_node("MatMul", ["h1", "w2"], ["h2"], name="mm2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"], name="mm3")]
+    return model(nodes, [f32("x", ["N", 16])], [f32("y", ["N", 10])],
+                 [init("w1", w1), init("w2", w2), init("w3", w3)])
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_max_error_excludes_the_sensitive_nodes(mode, tmp_path):
+    m = canonicalize(outlier_mlp())
+    cal = make_calibration(m, None, seed=0, random_count=128)
+    plain = backend_export("onnxruntime", m, tmp_path / "a.onnx", ExportOptions(int8=mode, calibration=cal))
+    assert plain["fidelity"]["rel_l2"] > 0.1 and plain["excluded_nodes"] == []
+    budget = 0.02
+    report = backend_export("onnxruntime", m, tmp_path / "b.onnx",
+                            ExportOptions(int8=mode, calibration=cal, max_error=budget))
+    assert report["fidelity"]["rel_l2"] <= budget
+    assert "mm2" in report["excluded_nodes"] and "mm3" not in report["excluded_nodes"]
+    assert set(report["sensitivity"]) == {"mm1", "mm2", "mm3"}
+    assert report["sensitivity"]["mm2"] > 10 * report["sensitivity"]["mm3"]
+    quantized = {n.name for n in onnx.load(str(tmp_path / "b.onnx")).graph.node
+                 if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+                 or any(i.endswith("_DequantizeLinear_Output") for i in n.input)}
+    assert any(name.startswith("mm3") for name in quantized), "the harmless layer stays int8"
+
+
+# ------------------------------------------------------------------ dynamic int8 on a Gemm model
+
+
+def test_dynamic_int8_quantizes_gemm_layers(tmp_path):
+    mlp = sample_path("mlp")
+    out = tmp_path / "mlp_dyn.onnx"
+    report = api.export(mlp, "onnxruntime", out, int8="dynamic", calibration=CALIBRATION)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("MatMulInteger") == 3 and "Gemm" not in ops
+    assert out.stat().st_size <= 0.3 * mlp.stat().st_size
+    assert accuracy(out) >= accuracy(mlp) - 0.5
+    assert report["int8"] == "dynamic"
+
+
+# ------------------------------------------------------------------ bad input, atomic output
+
+
+def test_bad_options_give_one_clear_error(tmp_path):
+    m = canonicalize(load(VGG))
+    cases = [(tmp_path / "x.txt", {}, UsageError, ".onnx or .ort"),
+             (tmp_path / "x.onnx", {"level": "fast"}, UsageError, "level"),
+             (tmp_path / "x.onnx", {"int8": "int4"}, UsageError, "static or dynamic"),
+             (tmp_path / "missing" / "x.onnx", {}, OnnxcError, "does not exist")]
+    for out, kwargs, error, text in cases:
+        with pytest.raises(error, match=text) as info:
+            backend_export("onnxruntime", m, out, ExportOptions(**kwargs))
+        assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_leaves_no_output(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OnnxcError("simulated failure")
+
+    monkeypatch.setattr(ort_backend, "_fidelity", broken)
+    out = tmp_path / "x.onnx"
+    with pytest.raises(OnnxcError, match="simulated"):
+        backend_export("onnxruntime", canonicalize(load(VGG)), out, ExportOptions())
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ bench
+
+
+def test_bench_side_by_side(vgg_int8, out_dir):
+    x = {"input": _test_inputs(8)}
+    fixed = canonicalize(load(VGG), {"input": [2, 1, 16, 16]})  # fixed batch: gets the first rows
+    timings = bench([VGG, vgg_int8[0], fixed], x, labels=["float", "int8", "fixed"], runs=5, warmup=1)
+    assert [t.label for t in timings] == ["float", "int8", "fixed"]
+    assert timings[0].ratio == 1.0 and all(t.runs == 5 for t in timings)
+    assert all(0 < t.p10_ms <= t.median_ms <= t.p90_ms for t in timings)
+    assert all(t.ratio == pytest.approx(t.median_ms / timings[0].median_ms) for t in timings)
+    assert "int8" in table(timings)
+    with pytest.raises(OnnxcError, match="no input 'input'"):
+        bench([VGG], {"x": x["input"]}, runs=1, warmup=0)
+
+
+# ------------------------------------------------------------------ helpers: crude compression
+
+
+def crude_prune(m: onnx.ModelProto, keep: float) -> onnx.ModelProto:
+    """Drop the lowest-L1 output channels of each Conv feeding (through Relu/pooling) another
+    Conv or a Gemm, and the matching input channels there. No refit: a stand-in for the prune pass."""
+    m = canonicalize(m)  # a copy
+    inits = {t.name: t for t in m.graph.initializer}
+    consumers = {}
+    for node in m.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    passthrough = {"Relu", "MaxPool", "GlobalAveragePool", "Flatten"}
+    for node in list(m.graph.node):
+        if node.op_type != "Conv":
+            continue
+        nxt = consumers.get(node.output[0], [])
+        while len(nxt) == 1 and nxt[0].op_type in passthrough:
+            nxt = consumers.get(nxt[0].output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type not in ("Conv", "Gemm"):
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        kept = np.sort(np.argsort(-np.abs(w).reshape(len(w), -1).sum(1))[: max(1, int(len(w) * keep))])
+        _set(inits, node.input[1], w[kept])
+        if len(node.input) > 2:
+            _set(inits, node.input[2], numpy_helper.to_array(inits[node.input[2]])[kept])
+        w2 = numpy_helper.to_array(inits[nxt[0].input[1]])
+        _set(inits, nxt[0].input[1], w2[:, kept])  # Conv [O, I, ...] and Gemm transB=1 [O, I] alike
+    return canonicalize(m)
+
+
+def crude_cluster(m: onnx.ModelProto, levels: int) -> onnx.ModelProto:
+    """Weights of Conv/Gemm as Gather(codebook, Cast(codes uint8)) with quantile codebooks."""
+    m = canonicalize(m)
+    inits = {t.name: t for t in m.graph.initializer}
+    decoders = []
+    for node in m.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        w = numpy_helper.to_array(inits[name])
+        book = np.quantile(w, (np.arange(levels) + 0.5) / levels).astype(np.float32)
+        codes = np.abs(w[..., None] - book).argmin(-1).astype(np.uint8)
+        m.graph.initializer.remove(inits.pop(name))
+        m.graph.initializer.extend([numpy_helper.from_array(book, f"{name}_book"),
+                                    numpy_helper.from_array(codes, f"{name}_codes")])
+        decoders += [helper.make_node("Cast", [f"{name}_codes"], [f"{name}_idx"], to=onnx.TensorProto.INT64,
+                                      name=f"{name}_cast"),
+                     helper.make_node("Gather", [f"{name}_book", f"{name}_idx"], [name], name=f"{name}_decode")]
+    nodes = decoders + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def _set(inits: dict, name: str, value: np.ndarray) -> None:
+    inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+
+def test_crude_helpers_really_compress():
+    m = canonicalize(load(VGG))
+    pruned = crude_prune(m, keep=0.9)
+    size = sum(numpy_helper.to_array(t).size for t in pruned.graph.initializer)
+    assert size < 0.85 * sum(numpy_helper.to_array(t).size for t in m.graph.initializer)
+    assert os.path.getsize(VGG) > 0 and accuracy(pruned) > 50
