@@ -1,0 +1,117 @@
+"""C code generator for microcontrollers: `onnxc export MODEL --backend c -o DIR --name NAME`.
+
+Pipeline: `prepare` (static shapes, export-time folding, clustered weights recognised) ->
+`lowering` (kernel calls, activation fusion) -> `planner` (one static arena: lifetimes, views,
+in-place execution, greedy-by-size offsets) -> `emitter` (NAME.h, NAME.c, kernel files). The
+output directory is built beside the target and renamed into place, so a failed export leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from onnxc.backends import ExportOptions, register_backend
+from onnxc.backends.c import emitter
+from onnxc.backends.c.lowering import lower
+from onnxc.backends.c.planner import Plan, naive_peak, plan
+from onnxc.backends.c.prepare import prepare
+from onnxc.backends.c.program import Program
+from onnxc.backends.c.weights import weight_bytes
+from onnxc.errors import OnnxcError, UsageError
+
+__all__ = ["export_c", "compile_model", "GeneratedModel"]
+
+
+class GeneratedModel:
+    """A lowered and planned model (what `export_c` writes), for tests and benchmarks."""
+
+    def __init__(self, prog: Program, plan: Plan, source: str):
+        self.prog, self.plan, self.source = prog, plan, source
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena * 4
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.prog.consts)
+
+    def write(self, out_dir: Path) -> list[str]:
+        """Write NAME.h, NAME.c and the kernel files into an existing directory."""
+        name = self.prog.name
+        (out_dir / f"{name}.h").write_text(emitter.header(self.prog, self.plan, self.weight_bytes, self.source))
+        (out_dir / f"{name}.c").write_text(emitter.source(self.prog, self.plan, self.source))
+        return [f"{name}.h", f"{name}.c"] + emitter.copy_kernels(self.prog, out_dir)
+
+    def report(self) -> dict:
+        prog, pl = self.prog, self.plan
+        tensors = []
+        for name, loc in pl.locations.items():
+            tensors.append({"name": name, "location": loc.root, "offset": pl.address(name) * 4,
+                            "bytes": prog.size(name) * 4, "first_step": pl.first_use.get(name, 0),
+                            "last_step": pl.last_use.get(name, 0),
+                            "buffer": loc.index if loc.root == "arena" else None})
+        return {"backend": "c", "name": prog.name, "arena_bytes": self.arena_bytes,
+                "weight_bytes": self.weight_bytes, "naive_peak_bytes": naive_peak(prog) * 4,
+                "steps": len(prog.steps), "ops": dict(sorted(prog.source_ops.items())),
+                "in_place_steps": sorted(pl.inplace | _same_storage_steps(prog, pl)),
+                "clustered_weights": sum(1 for w in prog.weights.values() if w.codes),
+                "scratch_bytes": {str(s): b.size * 4 for s, b in pl.scratch.items()},
+                "tensors": tensors}
+
+
+def _same_storage_steps(prog: Program, pl: Plan) -> set[int]:
+    out = set()
+    for s, step in enumerate(prog.steps):
+        if step.view is None and step.inputs and step.outputs:
+            a, b = pl.locations[step.inputs[0]], pl.locations[step.outputs[0]]
+            if a.root == b.root == "arena" and a.index == b.index and a.offset == b.offset:
+                out.add(s)
+    return out
+
+
+def compile_model(model: onnx.ModelProto, name: str = "net", input_shapes=None,
+                  source: str = "model") -> GeneratedModel:
+    """Prepare, lower and plan `model` (canonical or not); raises OnnxcError on unsupported ops."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or ""):
+        raise UsageError(f"--name '{name}' is not a C identifier")
+    static, clustered = prepare(model, dict(input_shapes or {}))
+    prog = lower(static, clustered, name)
+    return GeneratedModel(prog, plan(prog), source)
+
+
+@register_backend("c")
+def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
+    if options.int8:
+        raise UsageError("C backend: --int8 is not supported (float32 kernels only)")
+    source = model.graph.name or "model"
+    gen = compile_model(model, options.name, options.input_shapes, source)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OnnxcError(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = gen.write(tmp)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "dir")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = gen.report()
+    report["files"] = files
+    report["output"] = str(out)
+    return report

@@ -1,0 +1,168 @@
+/* onnxc kernels: plain C99, no allocation, no I/O.
+ *
+ * Every tensor is float32 in NCHW order. Each kernel family lives in its own file
+ * (onnxc_conv.c, onnxc_dense.c, onnxc_eltwise.c, onnxc_pool.c, onnxc_norm.c, onnxc_layout.c);
+ * generated code passes pointers into one static arena plus a `static const` parameter struct
+ * that the compiler places in flash.
+ */
+#ifndef ONNXC_KERNELS_H
+#define ONNXC_KERNELS_H
+
+#include <stdint.h>
+
+#define ONNXC_MAXDIM 6
+
+/* Unary operations; also used as the fused activation (`act`) of compute kernels. */
+enum {
+    ONNXC_OP_NONE = 0,
+    ONNXC_OP_RELU,
+    ONNXC_OP_CLIP,        /* a = min, b = max */
+    ONNXC_OP_LEAKY_RELU,  /* a = alpha */
+    ONNXC_OP_SIGMOID,
+    ONNXC_OP_HARD_SIGMOID,/* a = alpha, b = beta */
+    ONNXC_OP_HARD_SWISH,
+    ONNXC_OP_TANH,
+    ONNXC_OP_ELU,         /* a = alpha */
+    ONNXC_OP_SELU,        /* a = alpha, b = gamma */
+    ONNXC_OP_SOFTPLUS,
+    ONNXC_OP_SOFTSIGN,
+    ONNXC_OP_ABS,
+    ONNXC_OP_NEG,
+    ONNXC_OP_EXP,
+    ONNXC_OP_LOG,
+    ONNXC_OP_SQRT,
+    ONNXC_OP_RECIPROCAL,
+    ONNXC_OP_FLOOR,
+    ONNXC_OP_CEIL
+};
+
+/* Binary operations with numpy broadcasting. */
+enum {
+    ONNXC_BIN_ADD = 0,
+    ONNXC_BIN_SUB,
+    ONNXC_BIN_MUL,
+    ONNXC_BIN_DIV,
+    ONNXC_BIN_MAX,
+    ONNXC_BIN_MIN,
+    ONNXC_BIN_PRELU,      /* a < 0 ? a * b : a */
+    ONNXC_BIN_POW
+};
+
+/* A constant weight in flash: dense floats, or k-means codes with a codebook.
+ * Codes are read in place: 4-bit codes are packed two per byte (element i in the low nibble of
+ * byte i/2 when i is even), 8-bit codes one per byte. Output row r reads its codebook from
+ * codebook + row_base[r] (row_base NULL: one shared codebook). */
+typedef struct {
+    const float *dense;
+    const uint8_t *codes;
+    const float *codebook;
+    const int32_t *row_base;
+    int32_t bits;
+} onnxc_weight;
+
+static inline float onnxc_weight_at(const onnxc_weight *w, int32_t row, int32_t i)
+{
+    uint32_t code;
+    if (w->dense) {
+        return w->dense[i];
+    }
+    if (w->bits == 4) {
+        code = (uint32_t)(w->codes[i >> 1] >> ((i & 1) << 2)) & 15u;
+    } else {
+        code = w->codes[i];
+    }
+    return w->codebook[(w->row_base ? w->row_base[row] : 0) + (int32_t)code];
+}
+
+/* ---- onnxc_eltwise.c ---------------------------------------------------------------- */
+float onnxc_unary_scalar(float v, int32_t op, float a, float b);
+void onnxc_unary(const float *x, float *y, int32_t n, int32_t op, float a, float b);
+
+typedef struct {
+    int32_t op;
+    int32_t rank;                  /* dims collapsed at export time; innermost last */
+    int32_t dims[ONNXC_MAXDIM];
+    int32_t sa[ONNXC_MAXDIM];      /* element strides of a and b (0 where broadcast) */
+    int32_t sb[ONNXC_MAXDIM];
+    int32_t act;
+    float act_a, act_b;
+} onnxc_binary_p;
+void onnxc_binary(const float *a, const float *b, float *y, const onnxc_binary_p *p);
+
+/* ---- onnxc_conv.c ------------------------------------------------------------------- */
+typedef struct {
+    int32_t n, c, h, w;            /* input */
+    int32_t m, oh, ow;             /* output channels and size */
+    int32_t kh, kw, sh, sw, dh, dw;
+    int32_t pt, pl;                /* padding before (the end padding follows from oh, ow) */
+    int32_t group;
+    int32_t act;
+    float act_a, act_b;
+} onnxc_conv_p;
+void onnxc_conv2d(const float *x, const onnxc_weight *w, const float *bias, float *y, const onnxc_conv_p *p);
+/* In place: output overwrites the input; scratch holds one input plane (h*w floats). */
+void onnxc_conv2d_dw_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
+                             const onnxc_conv_p *p);
+/* In place 1x1 convolution (m <= c): scratch holds one pixel's channels (c floats). */
+void onnxc_conv1x1_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
+                           const onnxc_conv_p *p);
+
+/* ---- onnxc_dense.c ------------------------------------------------------------------ */
+typedef struct {
+    int32_t m, n, k;               /* y[m][n] = x[m][k] . w[n][k] + bias[n] */
+    int32_t act;
+    float act_a, act_b;
+} onnxc_dense_p;
+void onnxc_dense(const float *x, const onnxc_weight *w, const float *bias, float *y, const onnxc_dense_p *p);
+
+typedef struct {
+    int32_t batch, m, n, k;
+    int32_t a_rs, a_cs, b_rs, b_cs;  /* a[i][k] = a[i*a_rs + k*a_cs]; b[k][j] = b[k*b_rs + j*b_cs] */
+    int32_t c_rs, c_cs;              /* bias c[i][j] = c[i*c_rs + j*c_cs] (0 strides broadcast) */
+    const int32_t *a_off, *b_off;    /* per batch element start offsets (NULL: all 0) */
+    float alpha, beta;
+    int32_t act;
+    float act_a, act_b;
+} onnxc_matmul_p;
+void onnxc_matmul(const float *a, const float *b, const float *c, float *y, const onnxc_matmul_p *p);
+
+/* ---- onnxc_pool.c ------------------------------------------------------------------- */
+typedef struct {
+    int32_t planes;                /* n * c */
+    int32_t id, ih, iw, od, oh, ow;
+    int32_t kd, kh, kw, sd, sh, sw, dd, dh, dw;
+    int32_t pd, ph, pw;            /* padding before */
+    int32_t ed, eh, ew;            /* padding after */
+    int32_t is_max, count_include_pad;
+} onnxc_pool_p;
+void onnxc_pool(const float *x, float *y, const onnxc_pool_p *p);
+void onnxc_global_pool(const float *x, float *y, int32_t planes, int32_t len, int32_t is_max);
+
+/* ---- onnxc_norm.c ------------------------------------------------------------------- */
+void onnxc_softmax(const float *x, float *y, int32_t outer, int32_t len, int32_t inner, int32_t log);
+void onnxc_channel_affine(const float *x, float *y, int32_t n, int32_t c, int32_t inner,
+                          const float *scale, const float *shift);
+void onnxc_lrn(const float *x, float *y, int32_t n, int32_t c, int32_t inner, int32_t size,
+               float alpha, float beta, float bias);
+
+/* ---- onnxc_layout.c ----------------------------------------------------------------- */
+void onnxc_copy(const float *x, float *y, int32_t n);
+void onnxc_copy2d(const float *x, float *y, int32_t rows, int32_t cols, int32_t x_stride, int32_t y_stride);
+
+typedef struct {
+    int32_t rank;
+    int32_t dims[ONNXC_MAXDIM];    /* output dims */
+    int32_t strides[ONNXC_MAXDIM]; /* input element stride per output dim (may be 0 or negative) */
+    int32_t base;                  /* input offset of output element 0 */
+} onnxc_strided_p;
+void onnxc_strided_copy(const float *x, float *y, const onnxc_strided_p *p);
+
+typedef struct {
+    int32_t rank;
+    int32_t dims[ONNXC_MAXDIM];    /* output dims */
+    const int32_t *tab[ONNXC_MAXDIM]; /* per dim: input offset of each output index, -1: fill */
+    float fill;
+} onnxc_gather_p;
+void onnxc_gather_copy(const float *x, float *y, const onnxc_gather_p *p);
+
+#endif /* ONNXC_KERNELS_H */

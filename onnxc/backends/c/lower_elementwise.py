@@ -1,0 +1,96 @@
+"""Elementwise ops: unary activations (also fused into the op that feeds them) and binary ops
+with numpy broadcasting (Add, Sub, Mul, Div, Max, Min, PRelu, Pow, variadic Sum)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxc.backends.c.lowering import Lowerer, broadcast_strides, collapse, handles
+from onnxc.backends.c.program import Arg, Call
+from onnxc.compiler.graph import attr
+
+# Codes of the kernels' ONNXC_OP_* enum.
+UNARY = {"Relu": 1, "Clip": 2, "LeakyRelu": 3, "Sigmoid": 4, "HardSigmoid": 5, "HardSwish": 6, "Tanh": 7,
+         "Elu": 8, "Selu": 9, "Softplus": 10, "Softsign": 11, "Abs": 12, "Neg": 13, "Exp": 14, "Log": 15,
+         "Sqrt": 16, "Reciprocal": 17, "Floor": 18, "Ceil": 19}
+BINARY = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3, "Max": 4, "Min": 5, "PRelu": 6, "Pow": 7}
+VARIADIC = {"Sum": "Add", "Max": "Max", "Min": "Min"}
+
+
+def unary_spec(lo: Lowerer, node: onnx.NodeProto) -> tuple[int, float, float] | None:
+    """(op code, a, b) of a unary node whose parameters are known at export time, else None."""
+    op = node.op_type
+    if op not in UNARY or node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1:
+        return None
+    a = b = 0.0
+    if op == "Clip":
+        a, b = -np.inf, np.inf
+        if lo.opset < 11:
+            a, b = attr(node, "min", a), attr(node, "max", b)
+        else:
+            bounds = [a, b]
+            for i in (1, 2):
+                if len(node.input) > i and node.input[i]:
+                    value = lo.const(node.input[i])
+                    if value is None or value.size != 1:
+                        return None
+                    bounds[i - 1] = float(value.reshape(-1)[0])
+            a, b = bounds
+    elif op == "LeakyRelu":
+        a = attr(node, "alpha", 0.01)
+    elif op == "HardSigmoid":
+        a, b = attr(node, "alpha", 0.2), attr(node, "beta", 0.5)
+    elif op == "Elu":
+        a = attr(node, "alpha", 1.0)
+    elif op == "Selu":
+        a, b = attr(node, "alpha", 1.67326319217681884765625), attr(node, "gamma", 1.05070102214813232421875)
+    return UNARY[op], float(a), float(b)
+
+
+@handles(*UNARY)
+def unary(lo: Lowerer, node: onnx.NodeProto) -> None:
+    spec = unary_spec(lo, node)
+    if spec is None:
+        raise lo.unsupported(node, "bounds computed at run time")
+    x, y = node.input[0], lo.out(node)
+    code, a, b = spec
+    call = Call("onnxc_unary", [lo.ref(x), Arg.t(y), lo.lit(lo.size(y)), lo.lit(code), lo.lit(a), lo.lit(b)])
+    lo.step(node, node.op_type, [x], [y], [call], inplace=0)
+
+
+def binary_call(lo: Lowerer, op: str, a: str, b: str, y: str, act: dict, hint: str,
+                a_arg: Arg | None = None) -> Call:
+    out = lo.shape(y)
+    dims, (sa, sb) = collapse(list(out), [broadcast_strides(lo.shape(a), out), broadcast_strides(lo.shape(b), out)])
+    if len(dims) > 6:
+        raise lo.unsupported(lo.view.producers[y] if y in lo.view.producers else None, "broadcast over > 6 dims")
+    fields = {"op": BINARY[op], "rank": len(dims), "dims": dims, "sa": sa, "sb": sb, **act}
+    return Call("onnxc_binary", [a_arg or lo.ref(a), lo.ref(b), Arg.t(y), lo.params("onnxc_binary_p", fields, hint)])
+
+
+@handles(*BINARY, "Sum")
+def binary(lo: Lowerer, node: onnx.NodeProto) -> None:
+    inputs = [i for i in node.input if i]
+    y = lo.out(node)
+    out = lo.shape(y)
+    op = VARIADIC.get(node.op_type, node.op_type) if len(inputs) != 2 else (
+        "Add" if node.op_type == "Sum" else node.op_type)
+    if len(inputs) == 1:  # Sum/Max/Min of one tensor: itself
+        lo.view_step(node, inputs[0], y)
+        return
+    act = lo.act(node)
+    none = {"act": 0, "act_a": 0.0, "act_b": 0.0}
+    calls = []
+    hint = node.name or y
+    for k in range(1, len(inputs)):
+        last = k == len(inputs) - 1
+        if k == 1:
+            calls.append(binary_call(lo, op, inputs[0], inputs[1], y, act if last else none, hint))
+        else:  # accumulate into the output, which already has the full shape
+            calls.append(binary_call(lo, op, y, inputs[k], y, act if last else none, hint, a_arg=Arg.t(y)))
+    # In place on an input with the output's shape (not one read again by a later call).
+    same = [i for i, name in enumerate(inputs[:2]) if lo.shape(name) == out and not lo.is_const(name)]
+    runtime = [i for i in inputs if not lo.is_const(i)]
+    inplace = runtime.index(inputs[same[0]]) if same and inputs.count(inputs[same[0]]) == 1 else None
+    lo.step(node, node.op_type, inputs, [y], calls, inplace=inplace)

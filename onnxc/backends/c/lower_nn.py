@@ -1,0 +1,242 @@
+"""Compute ops: Conv, Gemm, MatMul, pooling, Softmax, standalone BatchNormalization, LRN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from onnxc.backends.c.lowering import Lowerer, handles
+from onnxc.backends.c.program import SCRATCH, Arg, Call
+from onnxc.compiler.graph import attr
+
+NULL = Arg("lit", "NULL")
+
+
+def _opt(node: onnx.NodeProto, i: int) -> str | None:
+    return node.input[i] if len(node.input) > i and node.input[i] else None
+
+
+def spatial_pads(node: onnx.NodeProto, spatial: tuple[int, ...], kernel: list[int], strides: list[int],
+                 dilations: list[int], out: tuple[int, ...] | None = None) -> tuple[list[int], list[int]]:
+    """Padding before and after each spatial dim, from `pads` or `auto_pad`."""
+    r = len(spatial)
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(r):
+            o = out[i] if out is not None else -(-spatial[i] // strides[i])
+            total = max(0, (o - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial[i])
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin, end
+    if auto == "VALID":
+        return [0] * r, [0] * r
+    pads = list(attr(node, "pads", [0] * 2 * r))
+    return pads[:r], pads[r:]
+
+
+@handles("Conv")
+def conv(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, w, b = node.input[0], node.input[1], _opt(node, 2)
+    y = lo.out(node)
+    xs, ws, ys = lo.shape(x), lo.weight_shape(w), lo.shape(y)
+    if len(xs) not in (3, 4):
+        raise lo.unsupported(node, f"{len(xs) - 2}-D convolution")
+    if not lo.is_const(w):
+        raise lo.unsupported(node, "weights computed at run time")
+    r = len(xs) - 2
+    kernel = list(ws[2:])
+    strides = list(attr(node, "strides", [1] * r))
+    dil = list(attr(node, "dilations", [1] * r))
+    begin, _ = spatial_pads(node, xs[2:], kernel, strides, dil, ys[2:])
+    group = attr(node, "group", 1)
+    if r == 1:  # a 1-D convolution is a 2-D one of height 1
+        xs, ys, kernel, strides, dil, begin = (xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:], [1] + kernel,
+                                               [1] + strides, [1] + dil, [0] + begin)
+    n, c, h, wd = xs
+    m, oh, ow = ys[1], ys[2], ys[3]
+    fields = {"n": n, "c": c, "h": h, "w": wd, "m": m, "oh": oh, "ow": ow, "kh": kernel[0], "kw": kernel[1],
+              "sh": strides[0], "sw": strides[1], "dh": dil[0], "dw": dil[1], "pt": begin[0], "pl": begin[1],
+              "group": group, **lo.act(node)}
+    weight = lo.weight(w, lambda a: a)
+    bias = lo.ref(b) if b else NULL
+    p = lo.params("onnxc_conv_p", fields, node.name or y)
+    calls = [Call("onnxc_conv2d", [lo.ref(x), weight, bias, Arg.t(y), p])]
+    inplace = {}
+    if group == c == m and oh * ow <= h * wd:
+        inplace = {"inplace": 0, "inplace_scratch": h * wd,
+                   "inplace_calls": [Call("onnxc_conv2d_dw_inplace", [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}
+    elif (kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and m <= c
+          and (oh, ow) == (h, wd)):
+        inplace = {"inplace": 0, "inplace_scratch": c,
+                   "inplace_calls": [Call("onnxc_conv1x1_inplace", [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}
+    lo.step(node, "Conv", [x], [y], calls, **inplace)
+
+
+def _dense_call(lo: Lowerer, node: onnx.NodeProto, x: str, y: str, weight: Arg, bias: Arg, m: int, n: int,
+                k: int) -> None:
+    p = lo.params("onnxc_dense_p", {"m": m, "n": n, "k": k, **lo.act(node)}, node.name or y)
+    lo.step(node, node.op_type, [x], [y], [Call("onnxc_dense", [lo.ref(x), weight, bias, Arg.t(y), p])])
+
+
+@handles("Gemm")
+def gemm(lo: Lowerer, node: onnx.NodeProto) -> None:
+    a, b, c = node.input[0], node.input[1], _opt(node, 2)
+    y = lo.out(node)
+    ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
+    alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+    a_s = lo.shape(a)
+    b_s = lo.weight_shape(b)
+    m, k = (a_s[1], a_s[0]) if ta else a_s
+    n = b_s[0] if tb else b_s[1]
+    bias_row = None
+    if c is not None and lo.is_const(c):
+        cv = np.broadcast_to(lo.const(c), (m, n))
+        if (cv == cv[:1]).all():
+            bias_row = (np.float32(beta) * cv[0].astype(np.float32)).astype(np.float32)
+    if lo.is_const(b) and not ta and not lo.is_const(a) and (c is None or bias_row is not None):
+        weight = lo.weight(b, (lambda w: w) if tb else (lambda w: w.T), scale=alpha)
+        bias = lo.float_const(bias_row, f"{node.name or y}_bias") if bias_row is not None else NULL
+        _dense_call(lo, node, a, y, weight, bias, m, n, k)
+        return
+    b_ref = lo.ref(b)
+    fields = {"batch": 1, "m": m, "n": n, "k": k,
+              "a_rs": 1 if ta else k, "a_cs": m if ta else 1,
+              "b_rs": 1 if tb else n, "b_cs": k if tb else 1,
+              "c_rs": 0, "c_cs": 0, "a_off": "NULL", "b_off": "NULL", "alpha": alpha, "beta": beta,
+              **lo.act(node)}
+    c_arg = NULL
+    if c is not None:
+        cs = (1,) * (2 - len(lo.shape(c))) + lo.shape(c)
+        fields["c_rs"] = 0 if cs[0] == 1 else cs[1]
+        fields["c_cs"] = 0 if cs[1] == 1 else 1
+        c_arg = lo.ref(c)
+    p = lo.params("onnxc_matmul_p", fields, node.name or y)
+    lo.step(node, "Gemm", [a, b] + ([c] if c else []), [y], [Call("onnxc_matmul", [lo.ref(a), b_ref, c_arg,
+                                                                                    Arg.t(y), p])])
+
+
+@handles("MatMul")
+def matmul(lo: Lowerer, node: onnx.NodeProto) -> None:
+    a, b = node.input[0], node.input[1]
+    y = lo.out(node)
+    a_s, b_s = lo.shape(a), lo.weight_shape(b)
+    if lo.is_const(b) and len(b_s) <= 2 and not lo.is_const(a) and len(a_s) >= 1:
+        k = b_s[0]
+        n = b_s[1] if len(b_s) == 2 else 1
+        m = int(np.prod(a_s[:-1], dtype=np.int64)) if len(a_s) > 1 else 1
+        weight = lo.weight(b, lambda w: w.T if w.ndim == 2 else w.reshape(1, -1))
+        _dense_call(lo, node, a, y, weight, NULL, m, n, k)
+        return
+    a2 = (1,) + a_s if len(a_s) == 1 else a_s
+    b2 = b_s + (1,) if len(b_s) == 1 else b_s
+    m, k, n = a2[-2], a2[-1], b2[-1]
+    batch_shape = tuple(np.broadcast_shapes(a2[:-2], b2[:-2]))
+    batch = int(np.prod(batch_shape, dtype=np.int64))
+    a_off = b_off = "NULL"
+    if batch > 1:
+        idx = np.indices(batch_shape).reshape(len(batch_shape), -1).T if batch_shape else np.zeros((1, 0), int)
+        sa = _batch_strides(a2[:-2], batch_shape, m * k)
+        sb = _batch_strides(b2[:-2], batch_shape, k * n)
+        a_off = lo.int_table(idx @ np.array(sa, dtype=np.int64), f"{node.name or y}_aoff")
+        b_off = lo.int_table(idx @ np.array(sb, dtype=np.int64), f"{node.name or y}_boff")
+    fields = {"batch": batch, "m": m, "n": n, "k": k, "a_rs": k, "a_cs": 1, "b_rs": n, "b_cs": 1, "c_rs": 0,
+              "c_cs": 0, "a_off": a_off, "b_off": b_off, "alpha": 1.0, "beta": 0.0, **lo.act(node)}
+    p = lo.params("onnxc_matmul_p", fields, node.name or y)
+    lo.step(node, "MatMul", [a, b], [y], [Call("onnxc_matmul", [lo.ref(a), lo.ref(b), NULL, Arg.t(y), p])])
+
+
+def _batch_strides(shape: tuple[int, ...], batch_shape: tuple[int, ...], mat: int) -> list[int]:
+    shape = (1,) * (len(batch_shape) - len(shape)) + tuple(shape)
+    strides, acc = [0] * len(shape), mat
+    for d in range(len(shape) - 1, -1, -1):
+        strides[d] = 0 if shape[d] == 1 else acc
+        acc *= shape[d]
+    return strides
+
+
+@handles("MaxPool", "AveragePool")
+def pool(lo: Lowerer, node: onnx.NodeProto) -> None:
+    if len(node.output) > 1 and node.output[1]:
+        raise lo.unsupported(node, "Indices output")
+    x, y = node.input[0], lo.out(node)
+    xs, ys = lo.shape(x), lo.shape(y)
+    r = len(xs) - 2
+    if not 1 <= r <= 3:
+        raise lo.unsupported(node, f"{r}-D pooling")
+    kernel = list(attr(node, "kernel_shape"))
+    strides = list(attr(node, "strides", [1] * r))
+    dil = list(attr(node, "dilations", [1] * r))
+    begin, end = spatial_pads(node, xs[2:], kernel, strides, dil, ys[2:])
+    pad3 = [1] * (3 - r)
+    zero3 = [0] * (3 - r)
+    ins, outs = pad3 + list(xs[2:]), pad3 + list(ys[2:])
+    k3, s3, d3 = pad3 + kernel, pad3 + strides, pad3 + dil
+    b3, e3 = zero3 + begin, zero3 + end
+    fields = {"planes": xs[0] * xs[1], "id": ins[0], "ih": ins[1], "iw": ins[2], "od": outs[0], "oh": outs[1],
+              "ow": outs[2], "kd": k3[0], "kh": k3[1], "kw": k3[2], "sd": s3[0], "sh": s3[1], "sw": s3[2],
+              "dd": d3[0], "dh": d3[1], "dw": d3[2], "pd": b3[0], "ph": b3[1], "pw": b3[2], "ed": e3[0],
+              "eh": e3[1], "ew": e3[2], "is_max": int(node.op_type == "MaxPool"),
+              "count_include_pad": attr(node, "count_include_pad", 0)}
+    p = lo.params("onnxc_pool_p", fields, node.name or y)
+    lo.step(node, node.op_type, [x], [y], [Call("onnxc_pool", [lo.ref(x), Arg.t(y), p])])
+
+
+@handles("GlobalAveragePool", "GlobalMaxPool")
+def global_pool(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    xs = lo.shape(x)
+    planes, length = xs[0] * xs[1], int(np.prod(xs[2:], dtype=np.int64))
+    call = Call("onnxc_global_pool", [lo.ref(x), Arg.t(y), lo.lit(planes), lo.lit(length),
+                                      lo.lit(int(node.op_type == "GlobalMaxPool"))])
+    lo.step(node, node.op_type, [x], [y], [call])
+
+
+@handles("Softmax", "LogSoftmax")
+def softmax(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    xs = lo.shape(x) or (1,)
+    axis = attr(node, "axis", 1 if lo.opset < 13 else -1)
+    axis = axis + len(xs) if axis < 0 else axis
+    outer = math.prod(xs[:axis])
+    if lo.opset < 13:  # coerced to 2-D: softmax over everything from `axis` on
+        length, inner = math.prod(xs[axis:]), 1
+    else:
+        length, inner = xs[axis], math.prod(xs[axis + 1:])
+    call = Call("onnxc_softmax", [lo.ref(x), Arg.t(y), lo.lit(outer), lo.lit(length), lo.lit(inner),
+                                  lo.lit(int(node.op_type == "LogSoftmax"))])
+    lo.step(node, node.op_type, [x], [y], [call], inplace=0)
+
+
+@handles("BatchNormalization")
+def batchnorm(lo: Lowerer, node: onnx.NodeProto) -> None:
+    if any(o for o in node.output[1:]) or attr(node, "training_mode", 0):
+        raise lo.unsupported(node, "training mode")
+    x, y = node.input[0], lo.out(node)
+    params = [lo.const(i) for i in node.input[1:5]]
+    if any(p is None for p in params):
+        raise lo.unsupported(node, "statistics computed at run time")
+    scale, shift, mean, var = (p.astype(np.float64) for p in params)
+    factor = scale / np.sqrt(var + attr(node, "epsilon", 1e-5))
+    xs = lo.shape(x)
+    c = xs[1] if len(xs) > 1 else 1
+    inner = math.prod(xs[2:])
+    hint = node.name or y
+    call = Call("onnxc_channel_affine", [lo.ref(x), Arg.t(y), lo.lit(xs[0]), lo.lit(c), lo.lit(inner),
+                                         lo.float_const(factor, f"{hint}_scale"),
+                                         lo.float_const(shift - mean * factor, f"{hint}_shift")])
+    lo.step(node, node.op_type, [x], [y], [call], inplace=0)
+
+
+@handles("LRN")
+def lrn(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    xs = lo.shape(x)
+    call = Call("onnxc_lrn", [lo.ref(x), Arg.t(y), lo.lit(xs[0]), lo.lit(xs[1]), lo.lit(math.prod(xs[2:])),
+                              lo.lit(attr(node, "size")), lo.lit(attr(node, "alpha", 1e-4)),
+                              lo.lit(attr(node, "beta", 0.75)), lo.lit(attr(node, "bias", 1.0))])
+    lo.step(node, "LRN", [x], [y], [call])

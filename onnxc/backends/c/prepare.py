@@ -1,0 +1,214 @@
+"""Bring a canonical model to the static form the C generator needs.
+
+- every graph input gets concrete dims (batch 1 for symbolic dims unless `--input-shape` says
+  otherwise) and the canonical form is recomputed at those shapes;
+- clustered weights (`Gather(codebook, Cast(codes) [+ row_offsets])` feeding a Conv/Gemm/MatMul
+  weight) are recognised and kept as codes: they must not be folded to a dense array;
+- everything else that is computable at export time (shape arithmetic: Shape, Gather, Concat,
+  Cast... over constants and static shapes) is evaluated with the ONNX reference evaluator and
+  becomes an initializer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from onnxc.compiler.canonical import canonicalize, infer_shapes
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.errors import OnnxcError
+
+log = logging.getLogger("onnxc.c")
+
+WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
+CODE_BITS = {TensorProto.UINT4: 4, TensorProto.UINT8: 8}
+
+
+@dataclass
+class Clustered:
+    """A weight kept as k-means codes: W = codebook[row_base + codes]."""
+
+    name: str                    # the Gather output (the weight the consumers read)
+    codes: np.ndarray            # uint8 code per weight element, W's shape
+    bits: int                    # 4 or 8
+    codebook: np.ndarray         # float32 [K] or [rows * K]
+    row_offsets: np.ndarray | None  # int32, broadcastable to W's shape, or None
+    nodes: list[str]             # first outputs of the Gather/Cast/Add nodes the pattern replaces
+
+    def dense(self) -> np.ndarray:
+        """The weight expanded (for kernels that cannot read codes)."""
+        base = 0 if self.row_offsets is None else self.row_offsets.astype(np.int64)
+        return self.codebook[base + self.codes]
+
+
+def static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Concrete dims for every graph input: `input_shapes` first, symbolic dims -> 1."""
+    inits = {t.name for t in model.graph.initializer}
+    shapes: dict[str, list[int]] = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        if vi.name in input_shapes:
+            shapes[vi.name] = [int(d) for d in input_shapes[vi.name]]
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            raise OnnxcError(f"C backend: input '{vi.name}' has no known rank; give it with --input-shape "
+                             f"{vi.name}=DIMS")
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
+    unknown = set(input_shapes) - set(shapes)
+    if unknown:
+        raise OnnxcError(f"--input-shape: model has no input '{sorted(unknown)[0]}' "
+                         f"(inputs: {', '.join(shapes)})")
+    return shapes
+
+
+def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> tuple[onnx.ModelProto,
+                                                                                          dict[str, Clustered]]:
+    """The static model and its clustered weights (keyed by the weight tensor name)."""
+    model = canonicalize(model, static_inputs(model, input_shapes))
+    for _ in range(8):
+        clustered = find_clustered(model)
+        skip = {n for c in clustered.values() for n in c.nodes}
+        if not fold_static(model, skip):
+            break
+        model = infer_shapes(model)
+    return model, clustered
+
+
+# ---- clustered weights ------------------------------------------------------------------
+def find_clustered(model: onnx.ModelProto) -> dict[str, Clustered]:
+    view = GraphView(model.graph)
+    found: dict[str, Clustered] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        match = _match_cluster(node, view)
+        if match is not None:
+            found[match.name] = match
+    return found
+
+
+def _match_cluster(gather: onnx.NodeProto, view: GraphView) -> Clustered | None:
+    out = gather.output[0]
+    users = view.consumers.get(out, [])
+    if not users or out in view.graph_outputs:
+        return None
+    if any(WEIGHT_INPUT.get(u.op_type) is None or list(u.input).index(out) != WEIGHT_INPUT[u.op_type]
+           or list(u.input).count(out) != 1 for u in users):
+        return None
+    if attr(gather, "axis", 0) != 0:
+        return None
+    codebook = view.const(gather.input[0])
+    if codebook is None or codebook.dtype != np.float32 or codebook.ndim != 1:
+        return None
+    nodes = [gather.output[0]]
+    idx_node = view.producers.get(gather.input[1])
+    offsets = None
+    if idx_node is not None and idx_node.op_type == "Add":
+        offsets = view.const(idx_node.input[1])
+        if offsets is None or offsets.dtype not in (np.int32, np.int64):
+            return None
+        if len(view.consumers.get(idx_node.output[0], [])) != 1:
+            return None
+        nodes.append(idx_node.output[0])
+        idx_node = view.producers.get(idx_node.input[0])
+    if idx_node is None or idx_node.op_type != "Cast" or attr(idx_node, "to") not in (TensorProto.INT32,
+                                                                                        TensorProto.INT64):
+        return None
+    if len(view.consumers.get(idx_node.output[0], [])) != 1:
+        return None
+    nodes.append(idx_node.output[0])
+    codes_t = view.initializers.get(idx_node.input[0])
+    if codes_t is None or codes_t.data_type not in CODE_BITS:
+        return None
+    codes = numpy_helper.to_array(codes_t).astype(np.uint8)
+    bits = CODE_BITS[codes_t.data_type]
+    if offsets is not None:
+        try:
+            base = np.broadcast_to(offsets, codes.shape)
+        except ValueError:
+            return None
+        if base.shape != codes.shape:
+            return None
+        flat = base.astype(np.int64) + codes
+    else:
+        flat = codes.astype(np.int64)
+    if codes.size == 0 or flat.min() < 0 or flat.max() >= codebook.size:
+        return None
+    offsets32 = None if offsets is None else offsets.astype(np.int32)
+    return Clustered(gather.output[0], codes, bits, codebook, offsets32, nodes)
+
+
+# ---- static evaluation ------------------------------------------------------------------
+def fold_static(model: onnx.ModelProto, skip: set[str]) -> int:
+    """Replace nodes computable at export time by initializers; returns how many."""
+    graph = model.graph
+    view = GraphView(graph)
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    values: dict[str, np.ndarray] = {}
+    keep: list[onnx.NodeProto] = []
+    folded = 0
+    for node in graph.node:
+        outs = None if node.output[0] in skip else _static_value(node, view, values, opsets)
+        if outs is None:
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, outs):
+            if name:
+                values[name] = value
+        folded += 1
+    if not folded:
+        return 0
+    needed = {i for n in keep for i in n.input} | view.graph_outputs
+    for name, value in values.items():
+        if name in needed:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    del graph.node[:]
+    graph.node.extend(keep)
+    names = {t.name for t in graph.initializer}
+    stale = [v for v in graph.value_info if v.name in names]
+    for v in stale:
+        graph.value_info.remove(v)
+    GraphView(graph).remove_unused()
+    return folded
+
+
+def _static_value(node: onnx.NodeProto, view: GraphView, values: dict[str, np.ndarray],
+                  opsets: dict[str, int]) -> list[np.ndarray] | None:
+    if node.domain not in ("", "ai.onnx") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                 for a in node.attribute):
+        return None
+    if node.op_type in ("Shape", "Size"):
+        shape = view.static_shape(node.input[0], symbolic=-1) if node.input[0] not in values else \
+            values[node.input[0]].shape
+        if shape is None or any(d < 0 for d in shape):
+            return None
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(shape)), dtype=np.int64)]
+        start, end = attr(node, "start", 0), attr(node, "end", None)
+        return [np.array(list(shape)[start:end], dtype=np.int64)]
+    inputs = [i for i in node.input if i]
+    if not inputs or node.op_type in ("RandomNormalLike", "RandomUniformLike", "Multinomial"):
+        return None
+    args = {}
+    for name in inputs:
+        if name in values:
+            args[name] = values[name]
+        elif name in view.initializers:
+            args[name] = view.const(name)
+        else:
+            return None
+    try:
+        ref = ReferenceEvaluator(node, opsets={"": opsets.get("", 13)})
+        outs = ref.run(None, args)
+    except Exception as exc:  # left for the lowering to report as unsupported
+        log.debug("cannot evaluate %s (%s) at export time: %s", node.name, node.op_type, exc)
+        return None
+    return [np.asarray(o) for o in outs]
