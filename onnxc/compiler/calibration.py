@@ -114,7 +114,8 @@ def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, s
                   input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """Inputs drawn from N(0, 1) (floats) or {0, 1} (ints, bools): `count` samples on axis 0.
 
-    A model whose batch dim is fixed to k > 1 gets exactly k samples (one batch).
+    Models with a fixed batch dim still get `count` samples; `runtime.run` feeds them in batches
+    of that size.
     """
     rng = np.random.default_rng(seed)
     out = {}
@@ -127,8 +128,7 @@ def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, s
         if not dims:
             shape: tuple[int, ...] = ()
         else:
-            batch = dims[0] if isinstance(dims[0], int) and dims[0] > 1 else count
-            shape = (batch, *dims[1:])
+            shape = (count, *dims[1:])
         if spec.dtype.kind == "f":
             out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":

@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from onnxc.compiler.graph import GraphView, attr, node_inputs_with_subgraphs
-from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, clone, tensor_bytes
+from onnxc.compiler.model import clone, tensor_nbytes
 from onnxc.errors import OnnxcError
 
 log = logging.getLogger("onnxc.canonical")
@@ -266,12 +266,48 @@ def toposort(graph: onnx.GraphProto) -> None:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation; a model it cannot handle keeps its shapes."""
-    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        log.info("model above 2 GB: skipping in-memory shape inference")
-        return model
+    """ONNX shape inference with data propagation; a model it cannot handle keeps its shapes.
+
+    Large initializers are swapped for typed graph inputs during inference: their values never
+    matter for shapes (only small ones, such as Reshape targets, do) and serializing them is what
+    makes inference slow on big models and impossible past 2 GB.
+    """
+    light = _skeleton(model)
+    big_names = set()
+    for tensor in model.graph.initializer:
+        if tensor_nbytes(tensor) > LARGE_INITIALIZER or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            big_names.add(tensor.name)
+            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+        else:
+            light.graph.initializer.append(tensor)
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, data_prop=True)
     except Exception as exc:
         log.warning("shape inference failed (%s); continuing with the shapes the model declares", exc)
         return model
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in big_names)
+    outputs = {v.name: v for v in inferred.graph.output}
+    for vi in model.graph.output:
+        if vi.name in outputs:
+            vi.CopyFrom(outputs[vi.name])
+    return model
+
+
+LARGE_INITIALIZER = 4096
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without initializers (nodes, I/O, opsets, functions): cheap to serialize."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.sparse_initializer.extend(model.graph.sparse_initializer)
+    return light

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.model import tensor_nbytes
 
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv",
            "QLinearMatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
@@ -77,19 +78,6 @@ def _constant_sources(view: GraphView) -> dict[str, set[str]]:
     return sources
 
 
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    n = _numel(list(tensor.dims))
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
-    if bits:
-        return (n * bits + 7) // 8
-    try:
-        return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except Exception:
-        return n * 4
-
-
 def model_cost(model: onnx.ModelProto) -> ModelCost:
     """Cost of every node of the main graph (shapes must be inferred; see `canonicalize`)."""
     view = GraphView(model.graph)
@@ -108,7 +96,7 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
                 if shape is not None and _is_weight(node, name):
                     cost.params += _numel(shape)
                 for init in sources[name] - charged:
-                    cost.bytes += _tensor_nbytes(view.initializers[init])
+                    cost.bytes += tensor_nbytes(view.initializers[init])
                     charged.add(init)
         cost.macs = node_macs(node, view)
         layers.append(cost)

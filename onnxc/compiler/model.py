@@ -66,17 +66,27 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
     Used instead of `ByteSize()`, which raises past 2 GB.
     """
-    total = 0
-    for tensor in _all_tensors(model.graph):
-        total += len(tensor.raw_data) or _typed_field_bytes(tensor)
-    return total
+    return sum(tensor_nbytes(t) for t in _all_tensors(model.graph))
 
 
-def _typed_field_bytes(tensor: onnx.TensorProto) -> int:
+_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4,
+         onnx.TensorProto.STRING: 0}
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Storage bytes of one tensor from its dims and type (reading `raw_data` would copy it)."""
     count = 1
     for d in tensor.dims:
         count *= d
-    return count * 4
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        try:
+            bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:
+            bits = 32
+    if bits == 0:  # strings: only their contents tell
+        return sum(len(s) for s in tensor.string_data)
+    return (count * bits + 7) // 8
 
 
 def _all_tensors(graph: onnx.GraphProto):

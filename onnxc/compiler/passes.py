@@ -243,11 +243,14 @@ class PassManager:
         self.input_shapes = input_shapes
 
     def run(self, model: onnx.ModelProto, reference: onnx.ModelProto | None = None,
-            ) -> tuple[onnx.ModelProto, list[PassRecord]]:
-        """`reference` (default: `model`) is what fidelity is measured against."""
+            reference_outputs: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        """Fidelity is measured against `reference_outputs` on the validation inputs, or against
+        the outputs of `reference` (default: `model`)."""
         reference = reference if reference is not None else model
         val = self.ctx.calibration.validation if self.ctx.calibration else None
-        ref_out = self._outputs(reference, val) if val is not None else None
+        ref_out = reference_outputs
+        if ref_out is None and val is not None:
+            ref_out = self._outputs(reference, val)
         records = []
         current = model
         for p in self.passes:

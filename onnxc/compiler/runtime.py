@@ -66,7 +66,10 @@ def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.n
     feed_names = {i.name for i in sess.get_inputs()}
     for batch in batches(inputs, batch_size):
         feed = {k: v for k, v in batch.items() if k in feed_names}
+        short = batch_size - sample_count(feed) if fixed and feed else 0
+        if short > 0:  # a fixed batch dim: pad the last batch by repeating samples, then trim
+            feed = {k: np.concatenate([v] + [v[:1]] * short) for k, v in feed.items()}
         for name, value in zip(names, sess.run(names, feed)):
-            collected[name].append(value)
+            collected[name].append(value[: len(value) - short] if short > 0 and value.ndim else value)
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else (v[0] if v else np.array([]))
             for n, v in collected.items()}
