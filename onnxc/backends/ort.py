@@ -55,6 +55,9 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
         notes.append("no calibration file: int8 ranges and fidelity come from random inputs" if options.int8
                      else "no calibration file: fidelity measured on random inputs")
     lowered, report = model, {}
+    decoded = codebook_weights(model)
+    if decoded:
+        notes.append(_codebook_note(len(decoded), fmt, options.int8))
     if options.int8:
         q = quantize(model, options.int8, calibration, max_error=options.max_error)
         lowered = q.model
@@ -67,7 +70,9 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
         if fmt == "ort":
             _write_ort(lowered, staged, level_name)
         else:
-            _write_optimized(lowered, staged, ORT_LEVELS[level_name])
+            # Constant folding would decode codebook weights into dense float in the file.
+            keep_codes = bool(codebook_weights(lowered))
+            _write_optimized(lowered, staged, ORT_LEVELS[level_name], ["ConstantFolding"] if keep_codes else [])
         fidelity = _fidelity(model, staged, calibration, options)
         size = _size(staged)
         for path in _with_data(staged):
@@ -99,7 +104,33 @@ def _check(out: Path, options: ExportOptions) -> str:
     return FORMATS[out.suffix.lower()]
 
 
-def _write_optimized(model: onnx.ModelProto, target: Path, level: ort.GraphOptimizationLevel) -> None:
+def codebook_weights(model: onnx.ModelProto) -> list[str]:
+    """Outputs of Gather(codebook, codes) computed from initializers only: clustered weights."""
+    const = {t.name for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.input and all(i in const for i in node.input if i):
+            if node.op_type == "Gather" and node.input[0] in const:
+                found.append(node.output[0])
+            const.update(node.output)
+    return found
+
+
+def _codebook_note(count: int, fmt: str, int8: str | None) -> str:
+    if int8 == "static":
+        return (f"{count} codebook (clustered) weights decoded and re-quantized to int8 per channel: "
+                "int8 kernels need constant weights to run fast")
+    if int8:
+        return f"{count} codebook (clustered) weights decoded by the quantization pre-processing"
+    if fmt == "ort":
+        return (f"{count} codebook (clustered) weights stored decoded: the ORT format holds no uint4 "
+                "and runs no optimizer at load")
+    return (f"{count} codebook (clustered) weights kept as codes in the file (constant folding disabled "
+            "offline); onnxruntime decodes them at session start")
+
+
+def _write_optimized(model: onnx.ModelProto, target: Path, level: ort.GraphOptimizationLevel,
+                     disabled: list[str]) -> None:
     """Let an InferenceSession apply its graph optimizations and save the result."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
@@ -111,7 +142,8 @@ def _write_optimized(model: onnx.ModelProto, target: Path, level: ort.GraphOptim
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     with _model_file(model, target.parent) as source:
         try:
-            ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=disabled or None)
         except Exception as exc:
             raise OnnxcError(f"onnxruntime cannot optimize the model: {_first_line(exc)}") from None
     if not target.exists():
