@@ -104,8 +104,25 @@ class _ProgressReporter:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxc")
-def main() -> None:
+def cli() -> None:
     """onnxc: compress trained ONNX models with verified rewrites; lower them to onnxruntime or C."""
+
+
+def main(args: list[str] | None = None, prog_name: str = "onnxc") -> None:
+    """Entry point: click's usage errors become one line (exit 2), like every other error."""
+    try:
+        rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see 'onnxc {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+        stderr.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        stderr.print("aborted")
+        sys.exit(1)
+    except click.exceptions.ClickException as exc:
+        stderr.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _input_file(path: str) -> str:
@@ -115,7 +132,7 @@ def _input_file(path: str) -> str:
     return path
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.option(
     "-o",
@@ -206,7 +223,7 @@ def optimize(
         stderr.print(f"wrote {output}")
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.option("--backend", type=click.Choice(["onnxruntime", "c"]), required=True)
 @click.option("-o", "--output", required=True, help="Output file (.onnx or .ort) or folder (C).")
@@ -260,7 +277,7 @@ def export(model, backend, output, int8, calibration, input_shapes, name, max_er
         stderr.print(f"wrote {output}")
 
 
-@main.command()
+@cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
@@ -325,7 +342,7 @@ def _prunable_groups(model_path: str, shapes) -> list[dict] | None:
     return describe(canonicalize(load(model_path), shapes))
 
 
-@main.command()
+@cli.command()
 @click.argument("reference")
 @click.argument("candidate")
 @click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
@@ -364,7 +381,7 @@ def compare(reference, candidate, calibration, input_shapes, max_error, as_json,
         raise VerificationError(f"relative L2 error {fidelity.rel_l2:.3g} exceeds {max_error:g}")
 
 
-@main.command()
+@cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
@@ -400,7 +417,7 @@ def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_js
     stdout.print(table)
 
 
-@main.command(name="passes")
+@cli.command(name="passes")
 @click.option("--json", "as_json", is_flag=True)
 @command
 def list_passes(as_json, quiet):
