@@ -1,0 +1,205 @@
+"""Block-circulant approximations of a dense weight: the projection and the least-squares fit.
+
+A dense layer computes y = x @ W + bias with W of shape [K, N]. Its features are grouped into
+blocks of b: input feature (k, j) with k < b, j < p = K / b and output feature (r, i) with
+i < q = N / b. Block (i, j) is the circulant C(c[i, j]) with C(v)[r, k] = v[(r - k) mod b], so
+the output block i is y_i = sum_j c_ij (*) x_j (circular convolution) and the layer keeps
+q * p * b numbers instead of q * p * b * b.
+
+Which features form a block is a free choice; two groupings per side are used: contiguous
+(feature j * b + k, neighbours share a block: right for image pixels and other ordered inputs)
+and strided (feature k * p + j). `Layout` fixes the choice.
+
+The data-aware fit is solved in the Fourier domain, where circular convolution is a product:
+rfft(y_i) = sum_j rfft(c_ij) * rfft(x_j). The normal equations therefore split into one p x p
+complex system per frequency (b / 2 + 1 of them), solved for all outputs at once, instead of
+one K x K system: exact for the time-domain least squares because each frequency is its own
+problem and the ridge term is isotropic in both domains (Parseval).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_FIT_BYTES = 1 << 30  # normal equations larger than this fall back to the projection
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Block size, padded feature counts and the grouping of each side."""
+
+    block: int
+    in_features: int  # K, padded to a multiple of block
+    out_features: int  # N, padded to a multiple of block
+    in_strided: bool = False
+    out_strided: bool = False
+
+    @property
+    def p(self) -> int:
+        return self.in_features // self.block
+
+    @property
+    def q(self) -> int:
+        return self.out_features // self.block
+
+    @property
+    def name(self) -> str:
+        return f"{'strided' if self.in_strided else 'contiguous'}/{'strided' if self.out_strided else 'contiguous'}"
+
+    def in_index(self) -> np.ndarray:
+        """[b, p]: the input feature holding element k of input block j."""
+        return _index(self.block, self.p, self.in_strided)
+
+    def out_index(self) -> np.ndarray:
+        """[b, q]: the output feature holding element r of output block i."""
+        return _index(self.block, self.q, self.out_strided)
+
+
+def _index(b: int, blocks: int, strided: bool) -> np.ndarray:
+    k = np.arange(b)[:, None]
+    j = np.arange(blocks)[None, :]
+    return k * blocks + j if strided else j * b + k
+
+
+def pattern(b: int) -> np.ndarray:
+    """[b, b] with pattern[r, k] = (r - k) mod b: where C(v)[r, k] reads v."""
+    r = np.arange(b)
+    return (r[:, None] - r[None, :]) % b
+
+
+def dense(c: np.ndarray, layout: Layout) -> np.ndarray:
+    """The dense [K, N] weight of the block-circulant parameters c [q, p, b]."""
+    b = layout.block
+    blocks = c[:, :, pattern(b)]  # [q, p, r, k]
+    w = np.empty((layout.in_features, layout.out_features), dtype=c.dtype)
+    rows = layout.in_index().reshape(-1)  # (k, j) order
+    cols = layout.out_index().reshape(-1)  # (r, i) order
+    w[rows[:, None], cols[None, :]] = blocks.transpose(3, 1, 2, 0).reshape(len(rows), len(cols))
+    return w
+
+
+def blocks_of(w: np.ndarray, layout: Layout) -> np.ndarray:
+    """[q, p, r, k]: the b x b blocks of a dense [K, N] weight under `layout`."""
+    inner = w[layout.in_index()][:, :, layout.out_index()]  # [k, j, r, i]
+    return inner.transpose(3, 1, 2, 0)
+
+
+def project(w: np.ndarray, layout: Layout) -> np.ndarray:
+    """The Frobenius-nearest block-circulant weight: each block averaged along wrapped diagonals."""
+    b = layout.block
+    blocks = blocks_of(w, layout)
+    r = np.arange(b)
+    return np.stack([blocks[:, :, r, (r - d) % b].mean(axis=-1) for d in range(b)], axis=-1)
+
+
+def _to_blocks(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """[n, F] features -> [n, b, blocks] (the element axis first, for the FFT)."""
+    return x[:, index]
+
+
+def _spectrum(c: np.ndarray) -> np.ndarray:
+    """[q, p, b] parameters -> [F, p, q] complex spectra (rfft along the element axis)."""
+    return np.fft.rfft(c, axis=2).transpose(2, 1, 0)
+
+
+def _parameters(cf: np.ndarray, b: int) -> np.ndarray:
+    return np.fft.irfft(cf.transpose(2, 1, 0), n=b, axis=2)
+
+
+def _frequency_weights(b: int) -> np.ndarray:
+    """How often each rfft frequency appears in the full spectrum (Parseval for real signals)."""
+    weights = np.full(b // 2 + 1, 2.0)
+    weights[0] = 1.0
+    if b % 2 == 0:
+        weights[-1] = 1.0
+    return weights
+
+
+def fit_bytes(layout: Layout) -> int:
+    f = layout.block // 2 + 1
+    return 16 * f * layout.p * (layout.p + layout.q)
+
+
+class NormalEquations:
+    """Per-frequency sums for fitting y ~ x @ B + bias with B block-circulant (streamed by batch)."""
+
+    def __init__(self, layout: Layout, center: bool, offset: np.ndarray | None = None):
+        """`center`: a free bias absorbs the means; `offset`: a fixed bias subtracted from targets."""
+        self.layout = layout
+        self.center = center
+        self.offset = None if offset is None else np.pad(np.asarray(offset, np.float64),
+                                                         (0, layout.out_features - len(offset)))
+        f, p, q = layout.block // 2 + 1, layout.p, layout.q
+        self.g = np.zeros((f, p, p), np.complex128)
+        self.h = np.zeros((f, p, q), np.complex128)
+        self.syy = np.zeros(f)
+        self.sum_x = np.zeros(layout.in_features)
+        self.sum_y = np.zeros(layout.out_features)
+        self.energy = 0.0  # sum of y^2 (the error's denominator)
+        self.count = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x [n, K] inputs and y [n, N] target outputs (both padded)."""
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        self.energy += float((y * y).sum())
+        if self.offset is not None:
+            y = y - self.offset
+        xf = np.fft.rfft(_to_blocks(x, self.layout.in_index()), axis=1).transpose(1, 0, 2)  # [F, n, p]
+        yf = np.fft.rfft(_to_blocks(y, self.layout.out_index()), axis=1).transpose(1, 0, 2)  # [F, n, q]
+        xh = xf.conj().transpose(0, 2, 1)
+        self.g += xh @ xf
+        self.h += xh @ yf
+        self.syy += (np.abs(yf) ** 2).sum(axis=(1, 2))
+        self.sum_x += x.sum(axis=0)
+        self.sum_y += y.sum(axis=0)
+        self.count += len(x)
+
+    def _centered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(G, H, Syy, mean x, mean y), centered when the layer has a bias to absorb the means."""
+        if not self.center or self.count == 0:
+            zx, zy = np.zeros_like(self.sum_x), np.zeros_like(self.sum_y)
+            return self.g, self.h, self.syy, zx, zy
+        n = self.count
+        mx, my = self.sum_x / n, self.sum_y / n
+        mxf = np.fft.rfft(mx[self.layout.in_index()], axis=0)  # [F, p]
+        myf = np.fft.rfft(my[self.layout.out_index()], axis=0)  # [F, q]
+        g = self.g - n * mxf.conj()[:, :, None] * mxf[:, None, :]
+        h = self.h - n * mxf.conj()[:, :, None] * myf[:, None, :]
+        syy = self.syy - n * (np.abs(myf) ** 2).sum(axis=1)
+        return g, h, syy, mx, my
+
+    def solve(self, prior: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """Ridge least squares pulled towards `prior` [q, p, b]; returns (c, bias or None)."""
+        g, h, _, mx, my = self._centered()
+        p = self.layout.p
+        scale = np.real(np.einsum("fjj->f", g)) / p
+        lam = ridge * scale + 1e-12 * max(float(scale.max(initial=0.0)), 1e-30)
+        eye = np.eye(p)
+        cf = np.linalg.solve(g + lam[:, None, None] * eye, h + lam[:, None, None] * _spectrum(prior))
+        c = _parameters(cf, self.layout.block)
+        bias = my - mx @ dense(c, self.layout) if self.center else None
+        return c, bias
+
+    def bias_for(self, c: np.ndarray) -> np.ndarray | None:
+        """The bias that is optimal for fixed parameters c (mean output minus mean prediction)."""
+        if not self.center:
+            return None
+        _, _, _, mx, my = self._centered()
+        return my - mx @ dense(c, self.layout)
+
+    def relative_error(self, c: np.ndarray) -> float:
+        """||x @ B(c) + bias - y|| / ||y|| over the added samples.
+
+        The bias is the optimal one when centering, the fixed `offset` (or none) otherwise. Padded
+        outputs count with target 0, so with padding this slightly overstates the error.
+        """
+        g, h, syy, _, _ = self._centered()
+        cf = _spectrum(c)
+        cross = np.real(np.einsum("fji,fji->f", cf.conj(), h))
+        quad = np.real(np.einsum("fji,fjk,fki->f", cf.conj(), g, cf))
+        per_freq = syy - 2 * cross + quad
+        residual = float((_frequency_weights(self.layout.block) * per_freq).sum()) / self.layout.block
+        return float(np.sqrt(max(residual, 0.0) / self.energy)) if self.energy > 0 else 0.0

@@ -1,0 +1,439 @@
+"""`circulant`: dense layers become block-circulant ones (b numbers per b x b block).
+
+Targets Gemm (transA=0, any transB/alpha/beta, bias vector or none) and MatMul with a constant
+2-D weight on the right, including batched activations [..., K] @ [K, N] (a following Add of a
+constant bias vector is absorbed and refitted). Each layer is fitted, checked, timed and emitted:
+
+1. Fit (`_circulant_fit`): with real calibration data, a ridge least-squares fit of every block
+   row's parameters to the original layer's outputs, pulled towards the Frobenius projection,
+   then the bias; with `sequential` the inputs come from the model as rewritten so far, so each
+   layer also absorbs the error of the layers before it. Without data (or with random data) the
+   projection alone (averaging along wrapped diagonals), the bias kept. The block grouping of the
+   features (contiguous or strided, per side) is the one with the lowest local error.
+2. Guard: a layer whose local relative output error exceeds `max_layer_error` stays dense.
+3. Form (`_circulant_forms`): `shift`, `fft` or `expand`; with `form=auto` each is timed on a
+   standalone one-layer model at the layer's shapes and the fastest kept (ties within 10% go to
+   the earlier of shift, fft, expand). `fft` needs opset 17: the model's opset is raised with
+   onnx's version converter when it is lower, and fft is not offered when that fails.
+4. Padding: features that are not a multiple of the block are zero-padded in the graph with
+   `pad=true`, otherwise the layer is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import version_converter
+
+from onnxc.compiler import calibration as calib
+from onnxc.compiler import runtime
+from onnxc.compiler.bench import bench
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.model import clone
+from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, register
+from onnxc.errors import UsageError
+from onnxc.passes import _circulant_fit as fit
+from onnxc.passes import _circulant_forms as forms
+
+LAYOUTS = {"contiguous": [(False, False)], "strided": [(True, True)],
+           "auto": [(False, False), (False, True), (True, False), (True, True)]}
+PREFERENCE = ("shift", "fft", "expand")
+TIE = 1.10  # a form must be 10% faster than a preferred one to be chosen over it
+MAX_ROWS = 16384  # activation rows per layer used for the fit (sampled beyond)
+
+
+@dataclass
+class Target:
+    """One dense layer: y = x @ weight + bias, replacing `nodes` (MatMul/Gemm and a bias Add)."""
+
+    name: str
+    op: str
+    nodes: list[str]
+    x: str
+    y: str
+    weight: np.ndarray  # [K, N] float64
+    bias: np.ndarray | None  # [N] float64
+    dims: list  # input shape: ints, or None/str for symbolic dims
+
+    @property
+    def shape(self) -> list[int]:
+        return self.timing_shape(1)
+
+    @property
+    def rows(self) -> int:
+        """Activation rows per sample (all but the batch and feature dims)."""
+        return int(np.prod(self.shape[1:-1], dtype=np.int64))
+
+    def timing_shape(self, batch: int) -> list[int]:
+        return [d if isinstance(d, int) and d > 0 else batch for d in self.dims]
+
+
+@register
+@dataclass
+class CirculantPass(Pass):
+    id = "circulant"
+    summary = "block-circulant substitution of Gemm/MatMul weights (b numbers per b x b block), data-aware fit"
+    uses_calibration = True
+    option_help = {
+        "block": "block size b: each b x b block is stored as b numbers",
+        "layers": "only these layers (node-name globs, | separated)",
+        "exclude": "never these layers (node-name globs)",
+        "min_features": "skip layers with fewer input or output features",
+        "max_layer_error": "leave a layer dense when its local relative output error exceeds this",
+        "form": "graph form: auto (timed), shift, fft, expand (direct = shift)",
+        "layout": "grouping of features into blocks: auto (lowest error), contiguous, strided",
+        "pad": "zero-pad features that are not a multiple of block (otherwise skip the layer)",
+        "data_aware": "fit to calibration outputs (projection only when false or data is random)",
+        "sequential": "fit each layer to the inputs the already rewritten layers produce",
+        "ridge": "ridge strength (relative to the mean input energy) towards the projection",
+        "timing_batch": "batch size (and other symbolic dims) used to time the forms",
+    }
+
+    block: int = 8
+    layers: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    min_features: int = 32
+    max_layer_error: float = 0.6
+    form: str = "auto"
+    layout: str = "auto"
+    pad: bool = False
+    data_aware: bool = True
+    sequential: bool = True
+    ridge: float = 0.01
+    timing_batch: int = 1
+
+    def validate(self) -> None:
+        if self.block < 2:
+            raise UsageError("pass 'circulant': block must be at least 2")
+        if self.form == "direct":
+            self.form = "shift"
+        if self.form not in ("auto", *forms.FORMS):
+            raise UsageError(f"pass 'circulant': form must be auto, {', '.join(forms.FORMS)} or direct")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"pass 'circulant': layout must be one of {', '.join(LAYOUTS)}")
+        if self.ridge < 0 or self.max_layer_error <= 0 or self.min_features < 0 or self.timing_batch < 1:
+            raise UsageError("pass 'circulant': ridge >= 0, max_layer_error > 0, min_features >= 0, "
+                             "timing_batch >= 1")
+
+    # ---- driver -------------------------------------------------------------------------------
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        self.validate()
+        targets, skipped = self._targets(GraphView(model.graph))
+        if not targets:
+            return PassResult(model, False, skipped=skipped)
+        cal = ctx.calibration
+        aware = self.data_aware and cal is not None and not cal.is_random
+        sequential = aware and self.sequential  # the projection has nothing to compensate with
+        original = clone(model) if sequential else model
+        state = _State(opset=_opset(model))
+        changes: list[Change] = []
+        rewritten = False
+        for index, t in enumerate(targets):
+            ctx.progress("circulant", index, len(targets))
+            stats = None
+            if cal is not None:
+                current = model if (sequential and rewritten) else original
+                stats = self._statistics(t, current, original, cal.train, ctx, aware)
+            if isinstance(stats, str):
+                skipped.append(Skip(t.name, stats))
+                continue
+            layer, error, proj_error = self._fit(t, stats, aware)
+            if error > self.max_layer_error:
+                skipped.append(Skip(t.name, f"local error {error:.3g} exceeds max_layer_error "
+                                            f"{self.max_layer_error:g} (left dense)"))
+                continue
+            choice = self._choose_form(t, layer, state, ctx, model)
+            if isinstance(choice, str):
+                skipped.append(Skip(t.name, choice))
+                continue
+            form, times = choice
+            if form == "fft" and state.opset < forms.FFT_OPSET:
+                model = state.raise_opset(model)
+            self._apply(model, t, layer, form, state)
+            rewritten = True
+            changes.append(self._change(t, layer, form, times, error, proj_error, aware, stats is not None))
+        ctx.progress("circulant", len(targets), len(targets))
+        if not changes:
+            return PassResult(model, False, skipped=skipped, info=state.info())
+        view = GraphView(model.graph)
+        view.remove_unused()
+        _drop_stale_value_info(model.graph)
+        info = state.info()
+        info.update(block=self.block, data_aware=aware, sequential=sequential,
+                    stored_params=sum(c.after["params"] for c in changes))
+        return PassResult(model, True, changes, skipped, info)
+
+    # ---- candidates ---------------------------------------------------------------------------
+    def _targets(self, view: GraphView) -> tuple[list[Target], list[Skip]]:
+        targets, skipped = [], []
+        for node in view.graph.node:
+            if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+                continue
+            name = node.name or node.output[0]
+            found = _gemm(node, view) if node.op_type == "Gemm" else _matmul(node, view)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                skipped.append(Skip(name, found))
+                continue
+            reason = self._unsuitable(found)
+            if reason:
+                skipped.append(Skip(name, reason))
+            else:
+                targets.append(found)
+        return targets, skipped
+
+    def _unsuitable(self, t: Target) -> str:
+        if self.layers and not any(fnmatch.fnmatchcase(t.name, p) for p in self.layers):
+            return "not selected by layers"
+        if any(fnmatch.fnmatchcase(t.name, p) for p in self.exclude):
+            return "excluded"
+        k, n = t.weight.shape
+        if min(k, n) < self.min_features:
+            return f"{k}x{n} weight has fewer than min_features={self.min_features} features on a side"
+        if not self.pad and (k % self.block or n % self.block):
+            return f"{k}x{n} weight: features are not multiples of block={self.block} (pad=true pads them)"
+        kp, np_ = _round_up(k, self.block), _round_up(n, self.block)
+        if kp * np_ // self.block >= k * n:
+            return f"block={self.block} would not reduce the {k}x{n} weight's parameters"
+        return ""
+
+    # ---- fitting ------------------------------------------------------------------------------
+    def _layouts(self, t: Target) -> list[fit.Layout]:
+        kp, np_ = _round_up(t.weight.shape[0], self.block), _round_up(t.weight.shape[1], self.block)
+        return [fit.Layout(self.block, kp, np_, i, o) for i, o in LAYOUTS[self.layout]]
+
+    def _statistics(self, t: Target, current: onnx.ModelProto, original: onnx.ModelProto,
+                    inputs: dict[str, np.ndarray], ctx: PassContext, aware: bool) -> list | str:
+        """Normal equations per layout from the layer's inputs (current model) and targets (original)."""
+        layouts = self._layouts(t)
+        too_big = [lay for lay in layouts if fit.fit_bytes(lay) > fit.MAX_FIT_BYTES]
+        if aware and too_big:
+            return f"fit would need {fit.fit_bytes(too_big[0]) / 2**30:.1f} GiB (use a larger block)"
+        offset = None if aware else t.bias
+        stats = [fit.NormalEquations(lay, center=aware and t.bias is not None, offset=offset) for lay in layouts]
+        n = runtime.sample_count(inputs)
+        keep = min(1.0, MAX_ROWS / max(1, n * t.rows))
+        rng = ctx.rng(f"circulant:{t.name}")
+        cur = calib.iter_activations(current, [t.x], inputs, batch_size=64)
+        ref = calib.iter_activations(original, [t.x], inputs, batch_size=64) if current is not original else None
+        k = t.weight.shape[0]
+        for batch in cur:
+            x = batch[t.x].reshape(-1, k).astype(np.float64)
+            x0 = next(ref)[t.x].reshape(-1, k).astype(np.float64) if ref is not None else x
+            if keep < 1.0:
+                rows = rng.random(len(x)) < keep
+                x, x0 = x[rows], x0[rows]
+            y = x0 @ t.weight + (t.bias if t.bias is not None else 0.0)
+            for s in stats:
+                s.add(_pad(x, s.layout.in_features), _pad(y, s.layout.out_features))
+        return stats
+
+    def _fit(self, t: Target, stats: list | None, aware: bool) -> tuple[forms.CirculantLayer, float, float]:
+        """The best layout's parameters, their local error and the projection's local error."""
+        best = None
+        for i, lay in enumerate(self._layouts(t)):
+            w = _pad2(t.weight, lay.in_features, lay.out_features)
+            proj = fit.project(w, lay)
+            if stats is None:  # no data at all: weight-space error
+                proj_error = float(np.linalg.norm(fit.dense(proj, lay) - w) / max(np.linalg.norm(w), 1e-30))
+                c, bias, error = proj, t.bias, proj_error
+            else:
+                s = stats[i]
+                proj_error = s.relative_error(proj)  # with the refitted bias when data-aware
+                if aware:
+                    c, bias = s.solve(proj, self.ridge)
+                    error = s.relative_error(c)
+                else:
+                    c, bias, error = proj, t.bias, proj_error
+            if best is None or error < best[2]:
+                best = (lay, c, error, proj_error, bias)
+        lay, c, error, proj_error, bias = best
+        k, n = t.weight.shape
+        bias = None if bias is None else np.asarray(bias, np.float64)[:n].astype(np.float32)
+        return forms.CirculantLayer(c.astype(np.float32), bias, lay, k, n), float(error), float(proj_error)
+
+    # ---- forms --------------------------------------------------------------------------------
+    def _choose_form(self, t: Target, layer: forms.CirculantLayer, state: _State, ctx: PassContext,
+                     model: onnx.ModelProto) -> tuple[str, dict] | str:
+        wanted = list(forms.FORMS) if self.form == "auto" else [self.form]
+        fft_ok, fft_reason = state.fft_available(model)
+        if "fft" in wanted and not fft_ok:
+            if self.form == "fft":
+                return fft_reason
+            wanted.remove("fft")
+        times = state.time_forms(t, layer, wanted, t.timing_shape(self.timing_batch), ctx)
+        best = min(times[f] for f in wanted)
+        form = next(f for f in PREFERENCE if f in wanted and times[f] <= best * TIE)
+        return form, times
+
+    def _apply(self, model: onnx.ModelProto, t: Target, layer: forms.CirculantLayer, form: str,
+               state: _State) -> None:
+        view = GraphView(model.graph)
+        old = [view.node_by_name(n) for n in t.nodes]
+        rank = len(t.shape)
+        new = forms.emit(form, view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
+        view.replace_node(old[0], new)
+        for node in old[1:]:
+            model.graph.node.remove(node)
+
+    def _change(self, t: Target, layer: forms.CirculantLayer, form: str, times: dict, error: float,
+                proj_error: float, aware: bool, measured: bool) -> Change:
+        k, n = t.weight.shape
+        lay = layer.layout
+        dense_params = k * n + (n if t.bias is not None else 0)
+        rows = t.rows
+        after_macs = rows * (_fft_macs(lay) if form == "fft" else lay.in_features * lay.out_features)
+        return Change(
+            t.name, t.op, f"block-circulant b={lay.block} ({form} form)",
+            before={"params": dense_params, "macs": rows * k * n, "bytes": 4 * dense_params},
+            after={"params": layer.stored, "macs": after_macs, "bytes": 4 * layer.stored},
+            error=error,
+            detail={"block": lay.block, "form": form, "form_ms": round(times[form], 4),
+                    "timings_ms": {f: round(v, 4) for f, v in times.items()},
+                    "layout": lay.name, "features": [k, n], "padded": [lay.in_features, lay.out_features],
+                    "fit": "data-aware" if aware else "projection",
+                    "error_kind": "output" if measured else "weight",
+                    "projection_error": proj_error, "stored_params": layer.stored,
+                    "shared_index_ints": lay.block * lay.block if form in ("shift", "expand") else 0})
+
+
+# ---- per-run state: opset, shared constants, timing cache -----------------------------------------
+@dataclass
+class _State:
+    opset: int
+    raised_from: int | None = None
+    fft_reason: str | None = None
+    shared: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    def fft_available(self, model: onnx.ModelProto) -> tuple[bool, str]:
+        if self.opset >= forms.FFT_OPSET:
+            return True, ""
+        if self.fft_reason is None:
+            self.fft_reason = _convertible(model)
+        return not self.fft_reason, self.fft_reason
+
+    def raise_opset(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        converted = version_converter.convert_version(model, forms.FFT_OPSET)
+        converted.ir_version = max(converted.ir_version, 8)
+        self.raised_from, self.opset = self.opset, forms.FFT_OPSET
+        return converted
+
+    def time_forms(self, t: Target, layer: forms.CirculantLayer, wanted: list[str], shape: list[int],
+                   ctx: PassContext) -> dict[str, float]:
+        opset = max(self.opset, forms.FFT_OPSET) if "fft" in wanted else self.opset
+        ir = 10 if opset >= 21 else 8 if opset >= 17 else 7
+        lay = layer.layout
+        key = (tuple(shape), lay, layer.out_features, layer.bias is not None, opset >= 20)
+        todo = [f for f in ["dense", *wanted] if (key, f) not in self.cache]
+        if todo:
+            models = [forms.dense_standalone(t.weight, t.bias, shape, opset, ir) if f == "dense"
+                      else forms.standalone(f, layer, shape, opset, ir) for f in todo]
+            x = {"x": ctx.rng(f"circulant-timing:{t.name}").standard_normal(shape).astype(np.float32)}
+            runs = 15 if t.rows * t.weight.size < 2**26 else 7
+            for f, timing in zip(todo, bench(models, x, todo, runs=runs, warmup=2, threads=1)):
+                self.cache[(key, f)] = timing.median_ms
+        return {f: self.cache[(key, f)] for f in ["dense", *wanted]}
+
+    def info(self) -> dict:
+        out = {"opset": self.opset}
+        if self.raised_from is not None:
+            out["opset_raised_from"] = self.raised_from
+        if self.fft_reason:
+            out["fft_unavailable"] = self.fft_reason
+        return out
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _gemm(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
+    name = node.name or node.output[0]
+    w = view.const(node.input[1])
+    if w is None or w.ndim != 2 or w.dtype != np.float32:
+        return "weight (input B) is not a constant 2-D float32 tensor"
+    if view.is_const(node.input[0]):
+        return "input A is constant"
+    if attr(node, "transA", 0):
+        return "transA=1 is not supported"
+    w = float(attr(node, "alpha", 1.0)) * (w.T if attr(node, "transB", 0) else w).astype(np.float64)
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        c = view.const(node.input[2])
+        if c is None or not (c.size == 1 or (c.size == w.shape[1] and c.shape[-1] == w.shape[1])):
+            return "bias C is not a constant vector"
+        bias = np.broadcast_to(float(attr(node, "beta", 1.0)) * c.reshape(-1).astype(np.float64), (w.shape[1],))
+    dims = view.shape(node.input[0])
+    if dims is None or len(dims) != 2:
+        return "input shape unknown"
+    return Target(name, "Gemm", [node.name], node.input[0], node.output[0], w, bias, dims)
+
+
+def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
+    name = node.name or node.output[0]
+    x, wname = node.input
+    if view.is_const(x):
+        return None if view.is_const(wname) else "constant on the left (W @ x) is not supported"
+    w = view.const(wname)
+    if w is None:
+        return None  # activation x activation (attention): not a dense layer
+    if w.ndim != 2 or w.dtype != np.float32:
+        return f"weight is not a 2-D float32 tensor ({w.ndim}-D {w.dtype})"
+    dims = view.shape(x)
+    if dims is None or len(dims) < 2:
+        return "input rank unknown or below 2"
+    nodes, y, bias = [node.name], node.output[0], None
+    users = view.consumers.get(y, [])
+    if len(users) == 1 and users[0].op_type == "Add" and y not in view.graph_outputs:
+        add = users[0]
+        other = add.input[1] if add.input[0] == y else add.input[0]
+        b = view.const(other)
+        n = w.shape[1]
+        if b is not None and b.dtype == np.float32 and (b.size == n and b.shape[-1] == n or b.size == 1) \
+                and b.ndim <= len(dims):
+            bias = np.broadcast_to(b.reshape(-1).astype(np.float64), (n,))
+            nodes, y = [node.name, add.name], add.output[0]
+    return Target(name, "MatMul", nodes, x, y, w.astype(np.float64), bias, dims)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _convertible(model: onnx.ModelProto) -> str:
+    """'' when onnx's version converter lifts the model to opset 17, else why not."""
+    try:
+        converted = version_converter.convert_version(model, forms.FFT_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises many kinds of errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"fft form needs opset {forms.FFT_OPSET}; raising opset {_opset(model)} failed: {first[:120]}"
+    return ""
+
+
+def _round_up(n: int, b: int) -> int:
+    return -(-n // b) * b
+
+
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+    return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+
+def _pad2(w: np.ndarray, k: int, n: int) -> np.ndarray:
+    return np.pad(w, ((0, k - w.shape[0]), (0, n - w.shape[1])))
+
+
+def _fft_macs(lay: fit.Layout) -> int:
+    f = lay.block // 2 + 1
+    log = max(1, int(np.ceil(np.log2(lay.block))))
+    return 4 * f * lay.p * lay.q + 2 * (lay.p + lay.q) * lay.block * log
+
+
+def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    produced = {o for n in graph.node for o in n.output}
+    keep = [v for v in graph.value_info if v.name in produced]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
