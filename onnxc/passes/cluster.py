@@ -1,0 +1,504 @@
+"""Weight clustering (Deep Compression's weight sharing): per-layer k-means codebooks.
+
+Every large float weight of a Conv, ConvTranspose, Gemm or MatMul is replaced by 2^bits (or
+fewer) shared values and one small integer code per weight, so the file shrinks ~32/bits times.
+The 1-D k-means (`_kmeans1d`) works on the sorted weights or their fine histogram, so even a
+4096x4096 layer clusters in about a second. With real calibration data each weight's squared
+error is weighted by the mean square of the input it multiplies (`data_aware`): an error on a
+weight fed by a large activation costs more at the output. Exact zeros (pruned weights) keep an
+exact 0.0 code. The report gives, per layer, the weight error, bytes before/after and the size
+the codes would take Huffman-coded (Deep Compression's third stage).
+
+Clustered weight pattern (a contract: the C backend reads it)
+-------------------------------------------------------------
+The weight initializer `W` is removed and the same name becomes the output of::
+
+    idx = Cast(codes, to=INT32)
+    idx = Add(idx, row_offsets)              # per_channel only
+    W   = Gather(codebook, idx, axis=0)
+
+- `codebook`: initializer of W's float type (float32 in practice), 1-D: `[K]`, or per channel
+  `[C*K]` where channel c owns `codebook[c*K:(c+1)*K]`. Entries ascend (per channel). When W
+  (the channel) had exact zeros, one entry is exactly 0.0 and those weights use it.
+- `codes`: initializer with W's shape: UINT4 when K <= 16 (raw_data holds two codes per byte,
+  low nibble first: element i of the flattened W is byte i // 2, bits 0-3 if i is even, 4-7 if
+  odd), else UINT8. UINT4 needs IR >= 10 and default-domain opset >= 21: the pass raises the
+  model's opset to 21 (and IR to 10) when every op keeps its meaning there (see
+  `_codes.upgrade_for_uint4`), else uses the fallback below.
+- `row_offsets` (per_channel): INT32 initializer holding c*K along the channel axis, shaped
+  `[C, 1, ..., 1]` when the channel axis is 0 (Conv, ConvTranspose, Gemm with transB=1) and
+  `[1, ..., 1, C]` when it is the last (Gemm with transB=0, MatMul).
+
+Fallback for K <= 16 when the opset cannot be raised (or `packing=nibbles`): `codes` is a
+UINT8 initializer of shape `[N // 2, 1]` holding exactly the UINT4 bytes above (N = W's element
+count), unpacked in the graph with ops valid since opset 7::
+
+    b    = Cast(codes, to=INT32)
+    hi   = Div(b, sixteen)                   # sixteen: INT32 scalar 16
+    lo   = Sub(b, Mul(hi, sixteen))
+    flat = Reshape(Concat(lo, hi, axis=1), [-1])
+    flat = Concat(flat, tail, axis=0)        # only when N is odd: tail is INT32 [1], the last code
+    idx  = Reshape(flat, shape_of_W)
+
+followed by the same optional Add and the Gather. `read_clustered(model)` decodes either form.
+Codes of 1 to 3 bits use the 4-bit containers. Canonicalization never folds Cast/Gather/Add of
+constants, so the pattern survives the PassManager; onnxruntime folds it back to a dense weight
+at session start (the file shrinks, not the runtime memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from onnxc.compiler import calibration as calib
+from onnxc.compiler.cost import model_cost
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.model import tensor_bytes
+from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
+from onnxc.errors import UsageError
+from onnxc.passes import _codes
+from onnxc.passes._kmeans1d import INITS, kmeans1d
+
+log = logging.getLogger("onnxc.cluster")
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+IMPORTANCE_FLOOR = 0.01  # every weight keeps this share of the mean importance
+
+
+@dataclass
+class _Target:
+    """One weight initializer and the nodes that consume it as their weight."""
+
+    weight: str
+    nodes: list[onnx.NodeProto]
+    channel_axis: int  # axis of W holding output channels (rows of per-channel codebooks)
+
+
+@register
+@dataclass
+class ClusterPass(Pass):
+    id = "cluster"
+    summary = "k-means weight sharing: per-layer codebooks and 1-8 bit codes stored compactly"
+    uses_calibration = True
+    option_help = {
+        "bits": "code width: 2^bits shared values per codebook (1-8)",
+        "per_channel": "one codebook per output channel instead of per layer",
+        "min_size": "leave weights with fewer elements alone (biases, tiny layers)",
+        "exclude": "node-name globs to leave alone (a|b)",
+        "init": "centroid initialization: linear (Deep Compression), density, kmeans++",
+        "data_aware": "weight errors by the calibration inputs' mean square (ignored with random data)",
+        "keep_zero": "give exact zeros (pruned weights) an exact 0.0 code",
+        "packing": "4-bit codes: auto (UINT4 if the opset can go to 21, else packed bytes), uint4, nibbles",
+        "max_iter": "Lloyd iterations per codebook",
+        "bias_correction": "fold the mean output shift E[dW x] into the bias (calibration data only)",
+    }
+    bits: int = 8
+    per_channel: bool = False
+    min_size: int = 1024
+    exclude: list[str] = field(default_factory=list)
+    init: Literal["linear", "density", "kmeans++"] = "linear"
+    data_aware: bool = True
+    keep_zero: bool = True
+    packing: Literal["auto", "uint4", "nibbles"] = "auto"
+    bias_correction: bool = True
+    max_iter: int = 300
+
+    def validate(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise UsageError(f"pass 'cluster': bits must be between 1 and 8, got {self.bits}")
+        if self.min_size < 1:
+            raise UsageError(f"pass 'cluster': min_size must be >= 1, got {self.min_size}")
+        if self.init not in INITS:
+            raise UsageError(f"pass 'cluster': init must be one of {', '.join(INITS)}, got '{self.init}'")
+        if self.max_iter < 1:
+            raise UsageError(f"pass 'cluster': max_iter must be >= 1, got {self.max_iter}")
+
+    # ---- driver ------------------------------------------------------------------------------
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        self.validate()
+        view = GraphView(model.graph)
+        targets, skipped = self._targets(view)
+        result = PassResult(model, False, skipped=skipped)
+        if not targets:
+            return result
+        costs = model_cost(model).by_name()
+        stats = self._input_stats(model, targets, ctx)
+        importance = self._importance(view, targets, stats)
+        bytes_before = tensor_bytes(model)
+        container4, opset_note = self._container4(model) if self.bits <= 4 else ("", "")
+        removed: set[str] = set()
+        new_nodes: list[onnx.NodeProto] = []
+        totals = {"weight_bytes_before": 0, "weight_bytes_after": 0, "huffman_code_bytes": 0, "code_bytes": 0}
+        for i, target in enumerate(targets):
+            ctx.progress("cluster", i, len(targets))
+            weight = view.const(target.weight)
+            if not np.all(np.isfinite(weight)):
+                result.skipped.append(Skip(target.nodes[0].name, "weight has non-finite values"))
+                continue
+            codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
+            container = container4 if self.bits <= 4 else "uint8"
+            enc = _codes.encode(view, target.weight, codes, codebook.reshape(-1).astype(weight.dtype), offsets,
+                                container, target.weight)
+            if enc.nbytes >= weight.nbytes:
+                result.skipped.append(Skip(target.nodes[0].name, f"codes and codebooks ({enc.nbytes} B) would not "
+                                           f"be smaller than the weight ({weight.nbytes} B)"))
+                continue
+            rebuilt = _rebuild(codebook, codes, target.channel_axis if self.per_channel else None)
+            change = self._change(target, weight, rebuilt, codebook, enc, fit, costs)
+            if self.bias_correction and stats:
+                fixed = self._correct_bias(view, target, rebuilt.astype(np.float64) - weight, stats)
+                change.detail["bias_corrected"] = bool(fixed)
+            new_nodes.extend(enc.nodes)
+            for tensor in enc.initializers:
+                model.graph.initializer.append(tensor)
+            removed.add(target.weight)
+            result.changes.append(change)
+            for key in ("weight_bytes_before", "weight_bytes_after", "huffman_code_bytes", "code_bytes"):
+                totals[key] += change.detail[key.replace("weight_", "")]
+        if not result.changes:
+            return result
+        for i in reversed(range(len(model.graph.initializer))):
+            if model.graph.initializer[i].name in removed:
+                del model.graph.initializer[i]
+        nodes = new_nodes + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        view.refresh()
+        ctx.progress("cluster", len(targets), len(targets))
+        result.modified = True
+        after = tensor_bytes(model)
+        result.info = {
+            "layers": len(result.changes), "bits": self.bits, "per_channel": self.per_channel,
+            "init": self.init, "data_aware": bool(importance),
+            **totals,
+            "huffman_bytes": totals["weight_bytes_after"] - totals["code_bytes"] + totals["huffman_code_bytes"],
+            "model_tensor_bytes_before": bytes_before, "model_tensor_bytes_after": after,
+            "compression": round(bytes_before / after, 3) if after else None,
+        }
+        if opset_note:
+            result.info["codes_4bit"] = opset_note
+        return result
+
+    def _container4(self, model: onnx.ModelProto) -> tuple[str, str]:
+        """Where 4-bit codes go: UINT4 after a safe opset upgrade, else packed bytes."""
+        if self.packing == "nibbles":
+            return "nibbles", "packed two per UINT8 byte (packing=nibbles)"
+        old = _codes.default_opset(model)
+        reason = _codes.upgrade_for_uint4(model)
+        if not reason:
+            note = f"UINT4 (opset {old} -> {_codes.default_opset(model)})" if old < _codes.UINT4_OPSET else "UINT4"
+            return "uint4", note
+        if self.packing == "uint4":
+            log.warning("cluster: cannot raise opset to 21 (%s); packing 4-bit codes into bytes", reason)
+        return "nibbles", f"packed two per UINT8 byte: opset {old} kept ({reason})"
+
+    # ---- which weights ------------------------------------------------------------------------
+    def _targets(self, view: GraphView) -> tuple[list[_Target], list[Skip]]:
+        by_weight: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        skipped: list[Skip] = []
+        for node in view.graph.node:
+            if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            slot = _weight_slot(node, view)
+            if slot is None:
+                continue
+            name = node.input[slot]
+            tensor = view.initializers[name]
+            if tensor.data_type not in FLOAT_TYPES:
+                skipped.append(Skip(node.name, f"weight {name} is not float"))
+                continue
+            if math.prod(tensor.dims) < self.min_size:
+                continue  # small tensors (biases, tiny layers) are left alone silently
+            by_weight.setdefault(name, []).append((node, slot))
+        targets = []
+        for name, uses in by_weight.items():
+            nodes = [n for n, _ in uses]
+            excluded = [n.name for n in nodes if matches_any(n.name, self.exclude)]
+            if excluded:
+                skipped.extend(Skip(n, "excluded") for n in excluded)
+                continue
+            others = [c for c in view.consumers.get(name, []) if all(c is not n for n in nodes)]
+            if others or name in view.graph_outputs or any(list(n.input).count(name) > 1 for n in nodes):
+                why = f"also read by {others[0].op_type} '{others[0].name}'" if others else "not only a weight"
+                skipped.append(Skip(nodes[0].name, f"weight {name} {why}"))
+                continue
+            axes = {_channel_axis(n, s, len(view.initializers[name].dims)) for n, s in uses}
+            targets.append(_Target(name, nodes, axes.pop() if len(axes) == 1 else 0))
+        return targets, skipped
+
+    # ---- calibration statistics ----------------------------------------------------------------
+    def _input_stats(self, model: onnx.ModelProto, targets: list[_Target], ctx: PassContext,
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per consumer node: mean and mean square of each input channel on the calibration split."""
+        cal = ctx.calibration
+        if not (self.data_aware or self.bias_correction) or cal is None or cal.is_random:
+            return {}
+        wanted = {}
+        for t in targets:
+            for node in t.nodes:
+                if node.input and node.input[0]:
+                    wanted[_key(node)] = (node, node.input[0])
+        names = sorted({x for _, x in wanted.values()})
+        sums: dict[str, list] = {}
+        graph_inputs = {n for n in names if n in cal.train}
+        computed = [n for n in names if n not in graph_inputs]
+        batches = calib.iter_activations(model, computed, cal.train) if computed else iter(())
+        for batch in [{n: cal.train[n] for n in graph_inputs}, *batches]:
+            for key, (node, x) in wanted.items():
+                if x in batch:
+                    moments = _channel_moments(node, batch[x])
+                    acc = sums.setdefault(key, [0.0, 0.0, 0])
+                    for i, m in enumerate(moments):
+                        acc[i] = acc[i] + m
+        return {k: (s1 / n, s2 / n) for k, (s1, s2, n) in sums.items() if n}
+
+    def _importance(self, view: GraphView, targets: list[_Target],
+                    stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Per-weight importance (broadcastable to W) from the statistics of the input it multiplies.
+
+        The output error of a weight error dW is E[(dW x)^2]: the mean square of x weighs it, or
+        only the variance when bias correction removes the part the mean carries.
+        """
+        if not self.data_aware or not stats:
+            return {}
+        out: dict[str, np.ndarray] = {}
+        for t in targets:
+            shape = tuple(view.initializers[t.weight].dims)
+            total = None
+            for node in t.nodes:
+                if _key(node) not in stats:
+                    continue
+                mean, sq = stats[_key(node)]
+                channel = np.maximum(sq - mean * mean, 0.0) if self.bias_correction else sq
+                imp = _expand_channels(node, channel, shape)
+                if imp is not None:
+                    total = imp if total is None else total + imp
+            if total is not None and np.all(np.isfinite(total)) and total.mean() > 0:
+                out[t.weight] = total / total.mean() + IMPORTANCE_FLOOR
+        return out
+
+    def _correct_bias(self, view: GraphView, target: _Target, delta: np.ndarray,
+                      stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+        """Absorb the mean output shift E[dW x] = dW E[x] of each consumer into its bias."""
+        corrected = []
+        for node in target.nodes:
+            if _key(node) not in stats:
+                continue
+            mean = _expand_channels(node, stats[_key(node)][0], delta.shape)
+            if mean is None:
+                continue
+            shift = _output_shift(node, delta, mean)
+            if shift is not None and _add_to_bias(view, node, -shift):
+                corrected.append(node.name)
+        return corrected
+
+    # ---- clustering one weight -----------------------------------------------------------------
+    def _cluster(self, weight: np.ndarray, target: _Target, importance: np.ndarray | None,
+                 ctx: PassContext) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+        """Codebook [R, K], codes (W's shape), row offsets (per channel) and fit statistics."""
+        w32 = weight.astype(np.float32, copy=False)
+        axis = target.channel_axis if self.per_channel else None
+        if axis is None:
+            rows = w32.reshape(1, -1)
+            imp = None if importance is None else np.broadcast_to(importance, w32.shape).reshape(1, -1)
+        else:
+            rows = np.moveaxis(w32, axis, 0).reshape(w32.shape[axis], -1)
+            imp = None if importance is None else np.moveaxis(np.broadcast_to(importance, w32.shape),
+                                                              axis, 0).reshape(rows.shape)
+        rng = ctx.rng(f"cluster:{target.weight}")
+        km = kmeans1d(rows, 1 << self.bits, weights=imp, init=self.init, rng=rng, max_iter=self.max_iter,
+                      keep_zero=self.keep_zero)
+        codebook, codes, counts = _compact(km.centroids, km.codes, km.counts)
+        if axis is None:
+            codes_w = codes.reshape(w32.shape)
+            offsets = None
+        else:
+            moved = (w32.shape[axis],) + tuple(np.delete(np.array(w32.shape), axis))
+            codes_w = np.moveaxis(codes.reshape(moved), 0, axis)
+            shape = [1] * w32.ndim
+            shape[axis] = w32.shape[axis]
+            offsets = (np.arange(w32.shape[axis], dtype=np.int32) * codebook.shape[1]).reshape(shape)
+        codebook = codebook.astype(weight.dtype)
+        fit = {"iterations": km.iterations, "counts": counts.sum(axis=0),
+               "zeros": bool((km.zero_code >= 0).any()), "importance": importance}
+        return codebook, np.ascontiguousarray(codes_w), offsets, fit
+
+    def _change(self, target: _Target, weight: np.ndarray, rebuilt: np.ndarray, codebook: np.ndarray,
+                enc: _codes.Encoded, fit: dict, costs: dict) -> Change:
+        w64 = weight.astype(np.float64)
+        diff = rebuilt.astype(np.float64) - w64
+        norm = float(np.linalg.norm(w64))
+        rel = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff))
+        before_bytes = weight.nbytes
+        huff = (_codes.huffman_bits(fit["counts"]) + 7) // 8
+        detail = {
+            "weight": target.weight, "bits": self.bits, "codebook_size": int(codebook.shape[-1]),
+            "codebooks": int(codebook.shape[0]), "clusters_used": int(np.count_nonzero(fit["counts"])),
+            "container": enc.container, "weight_rel_error": rel,
+            "bytes_before": int(before_bytes), "bytes_after": int(enc.nbytes), "code_bytes": int(enc.code_bytes()),
+            "huffman_code_bytes": int(huff), "exact_zero_code": fit["zeros"], "iterations": fit["iterations"],
+        }
+        if fit["importance"] is not None:
+            imp = np.broadcast_to(fit["importance"], weight.shape)
+            wnorm = float(np.sqrt(np.sum(imp * w64 * w64)))
+            detail["weighted_rel_error"] = float(np.sqrt(np.sum(imp * diff * diff)) / wnorm) if wnorm else 0.0
+        node = target.nodes[0]
+        before = cost_dict(costs.get(node.name or node.output[0]))
+        after = dict(before, bytes=max(0, before["bytes"] - int(before_bytes)) + int(enc.nbytes))
+        if len(target.nodes) > 1:
+            detail["shared_with"] = [n.name for n in target.nodes[1:]]
+        return Change(node.name, node.op_type, f"clustered to {codebook.shape[-1]} values", before, after,
+                      rel, detail)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _weight_slot(node: onnx.NodeProto, view: GraphView) -> int | None:
+    """Index of the constant weight input, or None."""
+    ins = list(node.input)
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        return 1 if len(ins) > 1 and ins[1] in view.initializers and ins[0] not in view.initializers else None
+    if node.op_type == "MatMul" and len(ins) == 2:
+        if ins[1] in view.initializers and ins[0] not in view.initializers:
+            return 1
+    return None
+
+
+def _channel_axis(node: onnx.NodeProto, slot: int, rank: int) -> int:
+    """Axis of the weight that indexes output channels (the rows of per-channel codebooks)."""
+    if node.op_type == "Gemm":
+        return 0 if attr(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return rank - 1
+    return 0  # Conv: [C_out, C_in/g, k...]; ConvTranspose: rows along its first axis
+
+
+def _key(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _channel_moments(node: onnx.NodeProto, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sum and sum of squares per input channel of `x` over one batch, and the terms per channel."""
+    x = x.astype(np.float64, copy=False)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        return np.sum(x, axis=axes), np.sum(x * x, axis=axes), x.size // x.shape[1]
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
+        return np.sum(x, axis=1), np.sum(x * x, axis=1), x.shape[1]
+    flat = x.reshape(-1, x.shape[-1])
+    return np.sum(flat, axis=0), np.sum(flat * flat, axis=0), flat.shape[0]
+
+
+def _output_shift(node: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """E[dW x] per output channel, with `mean` the input mean expanded like the weight."""
+    op = node.op_type
+    if op == "Conv":
+        return np.sum(delta * mean, axis=tuple(range(1, delta.ndim)))
+    if op == "Gemm":
+        axis = 1 if attr(node, "transB", 0) else 0
+        beta = attr(node, "beta", 1.0)
+        if beta == 0:
+            return None
+        return attr(node, "alpha", 1.0) / beta * np.sum(delta * mean, axis=axis)
+    if op == "MatMul" and delta.ndim == 2:
+        return np.sum(delta * mean, axis=0)
+    return None
+
+
+def _add_to_bias(view: GraphView, node: onnx.NodeProto, shift: np.ndarray) -> bool:
+    """Add `shift` (one value per output channel) to the bias of `node` (created if missing)."""
+    op = node.op_type
+    if op == "MatMul":
+        users = view.consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add" or node.output[0] in view.graph_outputs:
+            return False
+        add = users[0]
+        slot = 1 if add.input[0] == node.output[0] else 0
+        bias = view.const(add.input[slot])
+        if bias is None or bias.ndim > 1 or bias.size not in (1, shift.size):
+            return False
+        view.set_input_const(add, slot, (bias + shift).astype(bias.dtype))
+        return True
+    slot = 2
+    dtype = view.const(node.input[1]).dtype if node.input[1] in view.initializers else np.float32
+    if len(node.input) > slot and node.input[slot]:
+        bias = view.const(node.input[slot])
+        if bias is None:
+            return False
+        if op == "Conv" and bias.shape != shift.shape:
+            return False
+        try:
+            new = (bias + shift.reshape((1,) * max(bias.ndim - 1, 0) + shift.shape)).astype(bias.dtype)
+        except ValueError:
+            return False
+        view.set_input_const(node, slot, new)
+        return True
+    name = view.add_const(f"{node.name or node.output[0]}_bias", shift.astype(dtype))
+    while len(node.input) < slot:
+        node.input.append("")
+    node.input.append(name)
+    view.consumers[name].append(node)
+    return True
+
+
+def _expand_channels(node: onnx.NodeProto, channel: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A per-input-channel quantity laid out like the weight (broadcastable to `shape`)."""
+    op = node.op_type
+    if op == "Conv":
+        c_out, c_in_g = shape[0], shape[1]
+        groups = attr(node, "group", 1)
+        if channel.size != c_in_g * groups or c_out % groups:
+            return None
+        per_group = c_out // groups
+        index = (np.arange(c_out)[:, None] // per_group) * c_in_g + np.arange(c_in_g)[None, :]
+        return channel[index].reshape(c_out, c_in_g, *([1] * (len(shape) - 2)))
+    if op == "ConvTranspose":
+        if channel.size != shape[0]:
+            return None
+        return channel.reshape(shape[0], *([1] * (len(shape) - 1)))
+    if op == "Gemm":
+        k_axis = 1 if attr(node, "transB", 0) else 0
+        if channel.size != shape[k_axis]:
+            return None
+        return channel.reshape(1, -1) if k_axis == 1 else channel.reshape(-1, 1)
+    if op == "MatMul" and len(shape) >= 2 and channel.size == shape[-2]:
+        return channel.reshape(-1, 1)
+    return None
+
+
+def _compact(centroids: np.ndarray, codes: np.ndarray, counts: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop unused centroids: K becomes the largest number used in any row (rows padded)."""
+    used = counts > 0
+    k = max(1, int(used.sum(axis=1).max()))
+    if k == centroids.shape[1] and used.all():
+        return centroids, codes, counts
+    rank = np.cumsum(used, axis=1) - 1  # new index of each used centroid
+    rows = centroids.shape[0]
+    new_c = np.empty((rows, k))
+    new_counts = np.zeros((rows, k), dtype=counts.dtype)
+    new_codes = np.empty_like(codes)
+    for r in range(rows):
+        keep = np.nonzero(used[r])[0]
+        vals = centroids[r, keep] if keep.size else centroids[r, :1]
+        new_c[r, :vals.size] = vals
+        new_c[r, vals.size:] = vals[-1]
+        new_counts[r, :keep.size] = counts[r, keep]
+        new_codes[r] = np.maximum(rank[r], 0).astype(codes.dtype)[codes[r]]
+    return new_c, new_codes, new_counts
+
+
+def _rebuild(codebook: np.ndarray, codes: np.ndarray, axis: int | None) -> np.ndarray:
+    """What the Gather pattern computes: W from its codebook [R, K] and codes."""
+    if axis is None:
+        return codebook[0][codes]
+    shape = [1] * codes.ndim
+    shape[axis] = codes.shape[axis]
+    rows = np.arange(codes.shape[axis]).reshape(shape)
+    return codebook[rows, codes]
