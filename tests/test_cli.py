@@ -118,7 +118,8 @@ def test_usage_errors(tmp_path):
 def test_bad_recipe(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text("[[pass]]\nname = 'nosuch'\n")
-    assert "unknown pass" in assert_one_line_error(onnxc("optimize", VGG, "-o", tmp_path / "o.onnx", "--recipe", recipe))
+    out = tmp_path / "o.onnx"
+    assert "unknown pass" in assert_one_line_error(onnxc("optimize", VGG, "-o", out, "--recipe", recipe))
     recipe.write_text("this is = = not toml")
     assert "TOML" in assert_one_line_error(onnxc("optimize", VGG, "-o", tmp_path / "o.onnx", "--recipe", recipe))
 

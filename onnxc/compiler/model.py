@@ -128,7 +128,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
                     if entry.key == "location":
                         entry.value = data_name
             onnx.save_model(final, str(tmp))
-            os.replace(tmp_data, folder / data_name)
+            if tmp_data.exists():
+                os.replace(tmp_data, folder / data_name)
         else:
             with open(tmp, "wb") as fh:
                 fh.write(model.SerializeToString(deterministic=True))
