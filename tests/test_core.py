@@ -17,7 +17,6 @@ from onnxc.compiler import calibration as calib
 from onnxc.compiler import model as model_io
 from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize, toposort
-from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
 from onnxc.compiler.passes import PASSES, Pass, PassContext, PassManager, PassResult, create, register
 from onnxc.compiler.recipe import build, parse_spec
@@ -39,7 +38,8 @@ def test_toposort_is_iterative_on_long_chains():
 def test_shared_initializer_copy_on_write():
     rng = np.random.default_rng(0)
     w = graphs.init("w", graphs.rand(rng, 4, 4))
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="a"), helper.make_node("MatMul", ["a", "w"], ["y"], name="b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="a"),
+             helper.make_node("MatMul", ["a", "w"], ["y"], name="b")]
     m = graphs.model(nodes, [graphs.f32("x", [1, 4])], [graphs.f32("y", [1, 4])], [w])
     view = GraphView(m.graph)
     first = m.graph.node[0]
