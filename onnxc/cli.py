@@ -452,9 +452,11 @@ def list_passes(as_json, quiet):
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     for row in rows:
-        stdout.print(f"[bold]{row['id']}[/bold]  {row['summary']}", highlight=False)
+        stdout.print(f"[bold]{row['id']}[/bold]  {row['summary']}", highlight=False, soft_wrap=True)
         for o in row["options"]:
-            stdout.print(f"    {o['name']} ({o['type']}, default {o['default']!r})  {o['help']}", highlight=False)
+            stdout.print(
+                f"    {o['name']} ({o['type']}, default {o['default']!r})  {o['help']}", highlight=False, soft_wrap=True
+            )
     if not rows:
         stdout.print("no passes registered")
 
