@@ -259,7 +259,7 @@ class PassManager:
             record = PassRecord(p.id, p.spec(), "applied", before=before.totals())
             try:
                 result = p.run(clone(current), self.ctx)
-            except OnnxcError:
+            except UsageError:
                 raise
             except Exception as exc:  # a bug in a pass must not lose the user's model
                 log.debug("pass %s crashed", p.id, exc_info=True)
