@@ -110,7 +110,7 @@ def render(report: Report, console: Console) -> None:
     console.print(table)
     passes = Table(show_edge=False)
     for col in ("pass", "status", "rewrites", "skipped", "rel. error", "seconds"):
-        passes.add_column(col)
+        passes.add_column(col, overflow="fold")
     for rec in report.passes:
         err = rec.fidelity.get("rel_l2") if rec.fidelity else None
         passes.add_row(rec.spec, rec.status + (f" ({rec.reason})" if rec.reason else ""), str(len(rec.changes)),
