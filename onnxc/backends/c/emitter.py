@@ -88,6 +88,10 @@ def source(prog: Program, plan: Plan, source_name: str) -> str:
         if step.view is not None:
             continue
         calls = step.inplace_calls if s in plan.inplace else step.calls
+        calls = [c for i, c in enumerate(calls) if i not in plan.elided.get(s, ())]
+        if not calls:
+            body.append(f"    /* {s}: {_comment(step.node)} ({step.op}): inputs written in place */")
+            continue
         shapes = " ".join("x".join(map(str, prog.shapes[o])) for o in step.outputs)
         where = ", ".join(_where(plan, o) for o in step.outputs)
         fused = f"+{'+'.join(step.fused)}" if step.fused else ""
@@ -160,7 +164,7 @@ def _arg(prog: Program, plan: Plan, arg: Arg, s: int, ins: list[str], outs: list
 
 
 def copy_kernels(prog: Program, out_dir: Path) -> list[str]:
-    files = [HEADER] + sorted(prog.kernel_files)
+    files = [HEADER] + sorted(prog.kernel_files | {"onnxc_eltwise.c"})  # activations are used everywhere
     root = resources.files("onnxc.backends.c") / "kernels"
     for f in files:
         with resources.as_file(root / f) as path:

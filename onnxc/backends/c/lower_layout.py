@@ -28,8 +28,16 @@ def _axis(axis: int, rank: int) -> int:
 
 @handles("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 def reshape(lo: Lowerer, node: onnx.NodeProto) -> None:
-    if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
-        raise lo.unsupported(node, "mask output")
+    if node.op_type == "Dropout":
+        mask = node.output[1] if len(node.output) > 1 else ""
+        if mask and (lo.view.consumers.get(mask) or mask in lo.view.graph_outputs):
+            raise lo.unsupported(node, "mask output")
+        training = lo.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        ratio = lo.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        random = ratio is None and len(node.input) > 1 and node.input[1] or ratio is not None and ratio.any()
+        if (len(node.input) > 2 and node.input[2] and training is None) or (training is not None and training.any()
+                                                                            and (random or len(node.input) < 2)):
+            raise lo.unsupported(node, "training mode")
     x, y = node.input[0], lo.out(node)
     if lo.size(x) != lo.size(y):
         raise lo.unsupported(node, f"{lo.shape(x)} -> {lo.shape(y)} changes the element count")
@@ -92,15 +100,17 @@ def concat(lo: Lowerer, node: onnx.NodeProto) -> None:
     ys = lo.shape(y)
     axis = _axis(attr(node, "axis"), len(ys))
     outer, row = math.prod(ys[:axis]), math.prod(ys[axis:])
-    calls, offset = [], 0
+    calls, pieces, offset = [], [], 0
     inputs = [i for i in node.input if i]
     for name in inputs:
         chunk = math.prod(lo.shape(name)[axis:])
         if outer * chunk:
+            if outer == 1 and not lo.is_const(name):
+                pieces.append((name, offset, len(calls)))
             calls.append(Call("onnxc_copy2d", [lo.ref(name), Arg.t(y, offset), lo.lit(outer), lo.lit(chunk),
                                                lo.lit(chunk), lo.lit(row)]))
         offset += chunk
-    lo.step(node, "Concat", inputs, [y], calls)
+    lo.step(node, "Concat", inputs, [y], calls, pieces=pieces or None)
 
 
 @handles("Split")

@@ -183,7 +183,31 @@ def pool(lo: Lowerer, node: onnx.NodeProto) -> None:
               "eh": e3[1], "ew": e3[2], "is_max": int(node.op_type == "MaxPool"),
               "count_include_pad": attr(node, "count_include_pad", 0)}
     p = lo.params("onnxc_pool_p", fields, node.name or y)
-    lo.step(node, node.op_type, [x], [y], [Call("onnxc_pool", [lo.ref(x), Arg.t(y), p])])
+    safe = pool_in_place_safe(ins, outs, k3, s3, d3, b3)
+    lo.step(node, node.op_type, [x], [y], [Call("onnxc_pool", [lo.ref(x), Arg.t(y), p])],
+            inplace=0 if safe else None)
+
+
+def pool_in_place_safe(ins: list[int], outs: list[int], kernel: list[int], strides: list[int], dil: list[int],
+                       begin: list[int]) -> bool:
+    """Whether pooling may overwrite its input: the kernel computes output j from its window and
+    then writes address j, so every later output's window must start above j. Checking one plane
+    suffices: plane c is written at c*out_plane <= c*in_plane where it is read."""
+    if math.prod(outs) > math.prod(ins) or math.prod(outs) > 1 << 20:
+        return False
+    grids = np.meshgrid(*[np.arange(o) for o in outs], indexing="ij")
+    first = np.zeros(outs, dtype=np.int64)
+    for d in range(3):  # lowest in-bounds input coordinate of each window, per dim
+        start = grids[d] * strides[d] - begin[d]
+        taps = start[..., None] + np.arange(kernel[d]) * dil[d]
+        valid = (taps >= 0) & (taps < ins[d])
+        low = np.where(valid, taps, np.iinfo(np.int64).max).min(axis=-1)
+        if (low == np.iinfo(np.int64).max).any():
+            return False
+        first = first * ins[d] + low
+    first = first.reshape(-1)
+    later_min = np.minimum.accumulate(first[::-1])[::-1]  # min over outputs k >= j
+    return bool((later_min[1:] > np.arange(first.size - 1)).all())
 
 
 @handles("GlobalAveragePool", "GlobalMaxPool")
@@ -193,7 +217,7 @@ def global_pool(lo: Lowerer, node: onnx.NodeProto) -> None:
     planes, length = xs[0] * xs[1], int(np.prod(xs[2:], dtype=np.int64))
     call = Call("onnxc_global_pool", [lo.ref(x), Arg.t(y), lo.lit(planes), lo.lit(length),
                                       lo.lit(int(node.op_type == "GlobalMaxPool"))])
-    lo.step(node, node.op_type, [x], [y], [call])
+    lo.step(node, node.op_type, [x], [y], [call], inplace=0)  # plane p is written after it is read, at p
 
 
 @handles("Softmax", "LogSoftmax")

@@ -198,7 +198,8 @@ class Lowerer:
             cl = self.clustered.get(name)
             value = self.const(name) if cl is None else cl.dense()
             if value.dtype != np.float32:
-                raise OnnxcError(f"C backend: constant '{name}' is {value.dtype}; only float32 data is supported")
+                raise OnnxcError(f"C backend: tensor '{name}' is {value.dtype} (constant); only float32 data is "
+                                 "supported")
             self.prog.const_of[name] = self.const_array(value.reshape(-1), name)
         return Arg(CONST, self.prog.const_of[name])
 

@@ -4,15 +4,18 @@ Graph inputs and outputs live in the caller's buffers (a producer of a graph out
 straight into it). Every other tensor belongs to a *buffer* in the arena:
 
 - a view (Reshape, Flatten, contiguous Split/Slice) joins its source's buffer at an offset;
-- an op that can run in place (elementwise ops, Softmax, BatchNorm, depthwise and 1x1 conv
-  with a small scratch) takes its input's buffer when no member of that buffer is read after
-  this step (and the scratch is smaller than the output it saves);
+- an op that can run in place (elementwise ops, Softmax, BatchNorm, pooling whose windows
+  allow it, depthwise and 1x1 conv with a small scratch) takes its input's buffer when no member
+  of that buffer is read after this step (and the scratch is smaller than the output it saves);
+- a Concat input along a contiguous axis is written by its producer straight into the Concat
+  output (the copy is dropped);
 - otherwise the output opens a new buffer.
 
-A buffer lives from its first writer to the last reader of any member. Buffers get offsets by
-greedy-by-size placement (largest first, lowest offset that does not overlap a buffer alive at
-the same time), tried with first-fit and best-fit; the smaller arena wins. Steps run in the
-model's node order, so the plan never needs more than the peak of live tensors in that order.
+A buffer's footprint varies over time: at each step it spans its base up to the end of the
+furthest member alive then (a pooled or strided in-place output shrinks it). Buffers get
+offsets by greedy-by-size placement (largest first, lowest offset where the footprint does not
+overlap a buffer's footprint at the same steps), tried first-fit and best-fit; the smaller arena
+wins. Steps run in the model's node order.
 """
 
 from __future__ import annotations
@@ -23,14 +26,27 @@ from onnxc.backends.c.program import Program
 
 
 @dataclass
+class Member:
+    name: str
+    offset: int                  # elements from the buffer base
+    size: int
+    start: int                   # step it is written (or joins)
+    end: int = -1                # last step it is read
+
+
+@dataclass
 class Buffer:
     id: int
-    size: int                    # elements
     start: int                   # first step writing it
+    members: list[Member] = field(default_factory=list)
     end: int = -1                # last step reading any member
-    members: list[str] = field(default_factory=list)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (first, last step, extent)
     offset: int = 0              # elements from the arena start
     scratch: bool = False
+
+    @property
+    def size(self) -> int:
+        return max((m.offset + m.size for m in self.members), default=0)
 
 
 @dataclass
@@ -49,80 +65,159 @@ class Plan:
     arena: int                   # elements
     first_use: dict[str, int]
     last_use: dict[str, int]
+    elided: dict[int, set[int]]  # step -> indices of copy calls made unnecessary (Concat pieces)
 
     def address(self, name: str) -> int:
         loc = self.locations[name]
         return self.buffers[loc.index].offset + loc.offset if loc.root == "arena" else loc.offset
 
 
-def plan(prog: Program) -> Plan:
-    last_use: dict[str, int] = {}
-    first_use: dict[str, int] = {}
-    for s, step in enumerate(prog.steps):
-        for name in step.inputs:
-            last_use[name] = s
-        for name in step.outputs:
-            first_use.setdefault(name, s)
-            last_use.setdefault(name, s)
-    outputs = {name: k for k, name in enumerate(prog.outputs)}
-    loc: dict[str, Location] = {name: Location("input", k, 0) for k, name in enumerate(prog.inputs)}
-    buffers: list[Buffer] = []
-    members_end = {}  # buffer id -> last use over its current members
-    inplace: set[int] = set()
-    scratch: dict[int, Buffer] = {}
+def concat_requests(prog: Program, last_use: dict[str, int]) -> tuple[dict[str, tuple[str, int]],
+                                                                         dict[int, set[int]]]:
+    """Concat inputs whose producer can write straight into the Concat output.
 
-    def new_buffer(size: int, s: int, name: str | None) -> Buffer:
-        buf = Buffer(len(buffers), size, s)
-        buffers.append(buf)
-        members_end[buf.id] = s
-        if name is not None:
-            join(buf, name, 0)
+    Eligible: produced by a computing step (not a view, not a graph input), read once by this
+    Concat and never by a later step, not a graph output, not already placed in another Concat.
+    Returns {input: (concat output, element offset)} and, per step, the copy calls to drop.
+    """
+    producer: dict[str, int] = {}
+    for s, step in enumerate(prog.steps):
+        if step.view is None:
+            for name in step.outputs:
+                producer.setdefault(name, s)
+    outputs = set(prog.outputs)
+    requests: dict[str, tuple[str, int]] = {}
+    elided: dict[int, set[int]] = {}
+    for s, step in enumerate(prog.steps):
+        if not step.pieces:
+            continue
+        for name, offset, call in step.pieces:
+            if (name in requests or name in outputs or name in prog.inputs or producer.get(name, s) >= s
+                    or step.inputs.count(name) != 1 or last_use.get(name) != s):
+                continue
+            requests[name] = (step.outputs[0], offset)
+            elided.setdefault(s, set()).add(call)
+    return requests, elided
+
+
+class _Planner:
+    def __init__(self, prog: Program):
+        self.prog = prog
+        self.last_use: dict[str, int] = {}
+        self.first_use: dict[str, int] = {}
+        for s, step in enumerate(prog.steps):
+            for name in step.inputs:
+                self.last_use[name] = s
+            for name in step.outputs:
+                self.first_use.setdefault(name, s)
+                self.last_use.setdefault(name, s)
+        self.outputs = {name: k for k, name in enumerate(prog.outputs)}
+        self.requests, self.elided = concat_requests(prog, self.last_use)
+        self.loc: dict[str, Location] = {name: Location("input", k, 0) for k, name in enumerate(prog.inputs)}
+        self.buffers: list[Buffer] = []
+        self.inplace: set[int] = set()
+        self.scratch: dict[int, Buffer] = {}
+
+    def end_of(self, buf: Buffer) -> int:
+        return max((self.last_use.get(m.name, m.start) if m.name else m.start for m in buf.members),
+                   default=buf.start)
+
+    def new_buffer(self, size: int, s: int, name: str) -> Buffer:
+        buf = Buffer(len(self.buffers), s)
+        self.buffers.append(buf)
+        if name:
+            self.join(buf, name, 0, s)
+        else:  # scratch: alive during one step
+            buf.members.append(Member("", 0, size, s, s))
+            buf.scratch = True
         return buf
 
-    def join(buf: Buffer, name: str, offset: int) -> None:
-        buf.members.append(name)
-        loc[name] = Location("arena", buf.id, offset)
-        members_end[buf.id] = max(members_end[buf.id], last_use.get(name, buf.start))
+    def join(self, buf: Buffer, name: str, offset: int, s: int) -> None:
+        buf.members.append(Member(name, offset, self.prog.size(name), max(s, self.first_use.get(name, s))))
+        self.loc[name] = Location("arena", buf.id, offset)
 
-    for s, step in enumerate(prog.steps):
-        if step.view is not None:
-            src = loc[step.inputs[step.view[0]]]
-            dst = step.outputs[0]
-            if src.root == "arena":
-                join(buffers[src.index], dst, src.offset + step.view[1])
+    def locate(self, name: str, s: int) -> Location:
+        """Give `name` its storage at step s (inside its Concat output when requested)."""
+        if name in self.loc:
+            return self.loc[name]
+        if name in self.requests:
+            target, offset = self.requests[name]
+            base = self.locate(target, s)
+            if base.root == "arena":
+                self.join(self.buffers[base.index], name, base.offset + offset, s)
             else:
-                loc[dst] = Location(src.root, src.index, src.offset + step.view[1])
+                self.loc[name] = Location(base.root, base.index, base.offset + offset)
+        elif name in self.outputs:
+            self.loc[name] = Location("output", self.outputs[name], 0)
+        else:
+            self.new_buffer(0, s, name)
+        return self.loc[name]
+
+    def try_inplace(self, s: int) -> bool:
+        step = self.prog.steps[s]
+        out = step.outputs[0]
+        if step.inplace is None or out in self.outputs or out in self.requests or out in self.loc:
+            return False
+        cand = step.inputs[step.inplace]
+        src = self.loc[cand]
+        if src.root != "arena":
+            return False
+        buf = self.buffers[src.index]
+        others = [self.loc[i] for k, i in enumerate(step.inputs) if k != step.inplace]
+        out_size = self.prog.size(out)
+        if (self.end_of(buf) != s or out_size > self.prog.size(cand) or step.inplace_scratch >= out_size
+                or any(o.root == "arena" and o.index == src.index for o in others)):
+            return False
+        self.join(buf, out, src.offset, s)
+        if step.inplace_calls is not None:
+            self.inplace.add(s)
+            if step.inplace_scratch:
+                self.scratch[s] = self.new_buffer(step.inplace_scratch, s, "")
+        return True
+
+    def run(self) -> Plan:
+        for s, step in enumerate(self.prog.steps):
+            if step.view is not None:
+                src = self.loc[step.inputs[step.view[0]]]
+                dst = step.outputs[0]
+                if src.root == "arena":
+                    self.join(self.buffers[src.index], dst, src.offset + step.view[1], s)
+                else:
+                    self.loc[dst] = Location(src.root, src.index, src.offset + step.view[1])
+                continue
+            took = self.try_inplace(s)
+            for name in step.outputs[1 if took else 0:]:
+                self.locate(name, s)
+            if step.scratch and s not in self.scratch:
+                self.scratch[s] = self.new_buffer(step.scratch, s, "")
+        for buf in self.buffers:
+            for m in buf.members:
+                if m.name:
+                    m.end = self.last_use.get(m.name, m.start)
+            buf.end = self.end_of(buf)
+            buf.segments = footprint(buf)
+        arena = place(self.buffers)
+        return Plan(self.loc, self.buffers, self.inplace, self.scratch, arena, self.first_use, self.last_use,
+                    self.elided)
+
+
+def plan(prog: Program) -> Plan:
+    return _Planner(prog).run()
+
+
+def footprint(buf: Buffer) -> list[tuple[int, int, int]]:
+    """(first step, last step, extent) segments: at each step, the end of the furthest live member."""
+    cuts = sorted({m.start for m in buf.members} | {m.end + 1 for m in buf.members})
+    segs: list[tuple[int, int, int]] = []
+    for a, b in zip(cuts, cuts[1:]):
+        extent = max((m.offset + m.size for m in buf.members if m.start <= a <= m.end), default=0)
+        if extent == 0:
             continue
-        took = False
-        if step.inplace is not None and step.outputs[0] not in outputs:
-            cand = step.inputs[step.inplace]
-            src = loc[cand]
-            others = [loc[i] for k, i in enumerate(step.inputs) if k != step.inplace]
-            out_size = prog.size(step.outputs[0])
-            ok = (src.root == "arena" and members_end[src.index] == s and out_size <= prog.size(cand)
-                  and not any(o.root == "arena" and o.index == src.index for o in others))
-            if ok and step.inplace_scratch < out_size:
-                join(buffers[src.index], step.outputs[0], src.offset)
-                took = True
-                if step.inplace_calls is not None:
-                    inplace.add(s)
-                    if step.inplace_scratch:
-                        buf = new_buffer(step.inplace_scratch, s, None)
-                        buf.scratch = True
-                        scratch[s] = buf
-        for name in step.outputs[1 if took else 0:]:
-            if name in outputs:
-                loc[name] = Location("output", outputs[name], 0)
-            elif name not in loc:
-                new_buffer(prog.size(name), s, name)
-        if step.scratch and s not in scratch:
-            buf = new_buffer(step.scratch, s, None)
-            buf.scratch = True
-            scratch[s] = buf
-    for buf in buffers:
-        buf.end = members_end[buf.id]
-    arena = place(buffers)
-    return Plan(loc, buffers, inplace, scratch, arena, first_use, last_use)
+        if segs and segs[-1][2] == extent and segs[-1][1] == a - 1:
+            segs[-1] = (segs[-1][0], b - 1, extent)
+        else:
+            segs.append((a, b - 1, extent))
+    return segs
 
 
 def place(buffers: list[Buffer]) -> int:
@@ -130,7 +225,7 @@ def place(buffers: list[Buffer]) -> int:
     best: tuple[int, list[int]] | None = None
     for fit in ("first", "best"):
         offsets = _greedy(buffers, fit)
-        size = max((offsets[b.id] + b.size for b in buffers), default=0)
+        size = max((offsets[b.id] + e for b in buffers for _, _, e in b.segments), default=0)
         if best is None or size < best[0]:
             best = (size, offsets)
     for b in buffers:
@@ -142,23 +237,44 @@ def _greedy(buffers: list[Buffer], fit: str) -> list[int]:
     offsets = [0] * len(buffers)
     placed: list[Buffer] = []
     for buf in sorted(buffers, key=lambda b: (-b.size, b.start, b.id)):
-        if buf.size == 0:
+        if not buf.segments:
             continue
-        busy = sorted((offsets[o.id], offsets[o.id] + o.size) for o in placed
-                      if o.start <= buf.end and buf.start <= o.end)
-        gaps, cursor = [], 0
-        for lo, hi in busy:
-            if lo - cursor >= buf.size:
-                gaps.append((lo - cursor, cursor))
-            cursor = max(cursor, hi)
-        if fit == "best" and gaps:
-            offsets[buf.id] = min(gaps)[1]
-        elif gaps:
-            offsets[buf.id] = gaps[0][1]
-        else:
-            offsets[buf.id] = cursor
+        # Offsets o forbidden by a placed buffer A: for time-overlapping segments of sizes sb
+        # (ours) and sa (A's), o in (offA - sb, offA + sa).
+        forbidden = []
+        for other in placed:
+            if other.start > buf.end or buf.start > other.end:
+                continue
+            off = offsets[other.id]
+            for a0, a1, sa in other.segments:
+                for b0, b1, sb in buf.segments:
+                    if a0 <= b1 and b0 <= a1:
+                        forbidden.append((off - sb, off + sa))
+        offsets[buf.id] = _lowest_offset(forbidden, fit)
         placed.append(buf)
     return offsets
+
+
+def _lowest_offset(forbidden: list[tuple[int, int]], fit: str) -> int:
+    """The offset outside every open interval: lowest (first fit) or in the tightest gap (best fit)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(forbidden):
+        if hi <= 0:
+            continue
+        if merged and lo < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    # Allowed offsets: [0, lo_0], [hi_0, lo_1], ..., [hi_last, inf)
+    gaps = []
+    start = 0
+    for lo, hi in merged:
+        if lo >= start:
+            gaps.append((lo - start, start))
+        start = max(start, hi)
+    if fit == "first" or not gaps:
+        return gaps[0][1] if gaps else start
+    return min(gaps)[1]
 
 
 def naive_peak(prog: Program) -> int:

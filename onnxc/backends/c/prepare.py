@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxc.compiler.canonical import canonicalize, infer_shapes
@@ -27,7 +27,6 @@ from onnxc.errors import OnnxcError
 log = logging.getLogger("onnxc.c")
 
 WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
-CODE_BITS = {TensorProto.UINT4: 4, TensorProto.UINT8: 8}
 
 
 @dataclass
@@ -61,7 +60,7 @@ def static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
         if not tt.HasField("shape"):
             raise OnnxcError(f"C backend: input '{vi.name}' has no known rank; give it with --input-shape "
                              f"{vi.name}=DIMS")
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
     unknown = set(input_shapes) - set(shapes)
     if unknown:
         raise OnnxcError(f"--input-shape: model has no input '{sorted(unknown)[0]}' "
@@ -85,65 +84,101 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -
 # ---- clustered weights ------------------------------------------------------------------
 def find_clustered(model: onnx.ModelProto) -> dict[str, Clustered]:
     view = GraphView(model.graph)
+    opsets = {o.domain or "": o.version for o in model.opset_import}
     found: dict[str, Clustered] = {}
     for node in model.graph.node:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
             continue
-        match = _match_cluster(node, view)
+        match = _match_cluster(node, view, opsets)
         if match is not None:
             found[match.name] = match
     return found
 
 
-def _match_cluster(gather: onnx.NodeProto, view: GraphView) -> Clustered | None:
+def _match_cluster(gather: onnx.NodeProto, view: GraphView, opsets: dict[str, int]) -> Clustered | None:
+    """`W = Gather(codebook, idx [+ row_offsets])` feeding only weight inputs, with `idx` computed
+    from initializers alone (a Cast of UINT4/UINT8 codes, or the nibble-unpacking fallback): the
+    index subgraph is evaluated here, its values become the codes we store packed."""
     out = gather.output[0]
     users = view.consumers.get(out, [])
-    if not users or out in view.graph_outputs:
+    if not users or out in view.graph_outputs or attr(gather, "axis", 0) != 0:
         return None
     if any(WEIGHT_INPUT.get(u.op_type) is None or list(u.input).index(out) != WEIGHT_INPUT[u.op_type]
            or list(u.input).count(out) != 1 for u in users):
         return None
-    if attr(gather, "axis", 0) != 0:
-        return None
     codebook = view.const(gather.input[0])
     if codebook is None or codebook.dtype != np.float32 or codebook.ndim != 1:
         return None
-    nodes = [gather.output[0]]
-    idx_node = view.producers.get(gather.input[1])
+    nodes = [out]
+    idx = gather.input[1]
     offsets = None
-    if idx_node is not None and idx_node.op_type == "Add":
-        offsets = view.const(idx_node.input[1])
-        if offsets is None or offsets.dtype not in (np.int32, np.int64):
+    add = view.producers.get(idx)
+    if add is not None and add.op_type == "Add" and view.const(add.input[1]) is not None \
+            and view.const(add.input[0]) is None:
+        offsets = view.const(add.input[1])
+        if offsets.dtype.kind not in "iu" or len(view.consumers.get(add.output[0], [])) != 1:
             return None
-        if len(view.consumers.get(idx_node.output[0], [])) != 1:
-            return None
-        nodes.append(idx_node.output[0])
-        idx_node = view.producers.get(idx_node.input[0])
-    if idx_node is None or idx_node.op_type != "Cast" or attr(idx_node, "to") not in (TensorProto.INT32,
-                                                                                        TensorProto.INT64):
+        nodes.append(add.output[0])
+        idx = add.input[0]
+    sub = _constant_subgraph(idx, view, set(nodes))
+    if sub is None:
         return None
-    if len(view.consumers.get(idx_node.output[0], [])) != 1:
+    codes = _evaluate(idx, sub, view, opsets)
+    if codes is None or codes.dtype.kind not in "iu" or codes.size == 0:
         return None
-    nodes.append(idx_node.output[0])
-    codes_t = view.initializers.get(idx_node.input[0])
-    if codes_t is None or codes_t.data_type not in CODE_BITS:
+    if codes.min() < 0 or codes.max() > 255:
         return None
-    codes = numpy_helper.to_array(codes_t).astype(np.uint8)
-    bits = CODE_BITS[codes_t.data_type]
     if offsets is not None:
         try:
-            base = np.broadcast_to(offsets, codes.shape)
+            flat = np.broadcast_to(offsets, codes.shape).astype(np.int64) + codes
         except ValueError:
             return None
-        if base.shape != codes.shape:
-            return None
-        flat = base.astype(np.int64) + codes
     else:
         flat = codes.astype(np.int64)
-    if codes.size == 0 or flat.min() < 0 or flat.max() >= codebook.size:
+    if flat.min() < 0 or flat.max() >= codebook.size:
         return None
+    bits = 4 if codes.max() < 16 else 8
     offsets32 = None if offsets is None else offsets.astype(np.int32)
-    return Clustered(gather.output[0], codes, bits, codebook, offsets32, nodes)
+    return Clustered(out, codes.astype(np.uint8), bits, codebook, offsets32, nodes + [n.output[0] for n in sub])
+
+
+def _constant_subgraph(name: str, view: GraphView, users: set[str], limit: int = 32) -> list[onnx.NodeProto] | None:
+    """Nodes computing `name` from initializers only, used by nothing else; [] when `name` is one."""
+    if name in view.initializers:
+        return []
+    order: list[onnx.NodeProto] = []
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        tensor = stack.pop()
+        if tensor in view.initializers or tensor in seen:
+            continue
+        node = view.producers.get(tensor)
+        if node is None or len(order) >= limit or node.domain not in ("", "ai.onnx"):
+            return None
+        seen.update(o for o in node.output if o)
+        order.append(node)
+        stack.extend(i for i in node.input if i)
+    inside = {o for n in order for o in n.output if o} | users
+    for node in order:  # every intermediate stays private to the pattern
+        for o in node.output:
+            if o and (o in view.graph_outputs or any(c.output[0] not in inside for c in view.consumers.get(o, []))):
+                return None
+    position = {id(n): i for i, n in enumerate(view.graph.node)}
+    return sorted(order, key=lambda n: position[id(n)])
+
+
+def _evaluate(name: str, nodes: list[onnx.NodeProto], view: GraphView, opsets: dict[str, int]) -> np.ndarray | None:
+    if not nodes:
+        return view.const(name)
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        outs = _static_value(node, view, values, opsets)
+        if outs is None:
+            return None
+        for o, v in zip(node.output, outs):
+            values[o] = v
+    return values.get(name)
 
 
 # ---- static evaluation ------------------------------------------------------------------

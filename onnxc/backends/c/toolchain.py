@@ -111,3 +111,30 @@ def callgrind_instructions(exe: Path, index: int, inputs: list[np.ndarray], func
     if not m:
         raise ToolError(f"no callgrind total in:\n{text[-1000:]}")
     return int(m.group(1))
+
+
+def build_generated(gens: list, workdir: Path, *, opt: str = "-O1") -> Path:
+    """Write GeneratedModels (distinct names) into `workdir` and build one host program for them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for gen in gens:
+        gen.write(workdir)
+    models = [HarnessModel(g.prog.name, [g.prog.size(n) for n in g.prog.inputs],
+                           [g.prog.size(n) for n in g.prog.outputs]) for g in gens]
+    (workdir / "main.c").write_text(harness(models))
+    sources = [workdir / "main.c"] + [workdir / f"{g.prog.name}.c" for g in gens]
+    sources += sorted(p for p in workdir.glob("onnxc_*.c"))
+    return build_host(sources, workdir / "prog", opt=opt, include=[workdir])
+
+
+def run_generated(exe: Path, index: int, gen, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run model `index` of a `build_generated` program on named inputs; outputs by name, shaped."""
+    prog = gen.prog
+    outs = run_host(exe, index, [feeds[n] for n in prog.inputs], [prog.size(n) for n in prog.outputs])
+    return {n: o.reshape(prog.shapes[n]) for n, o in zip(prog.outputs, outs)}
+
+
+def max_rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| / max |ref|: the error relative to the output's scale."""
+    ref = np.asarray(ref, dtype=np.float64)
+    scale = float(np.abs(ref).max()) or 1.0
+    return float(np.abs(np.asarray(got, dtype=np.float64) - ref).max() / scale)

@@ -9,7 +9,7 @@ float onnxc_unary_scalar(float v, int32_t op, float a, float b)
 {
     switch (op) {
     case ONNXC_OP_RELU: return v > 0.0f ? v : 0.0f;
-    case ONNXC_OP_CLIP: return v < a ? a : (v > b ? b : v);
+    case ONNXC_OP_CLIP: v = v < a ? a : v; return v > b ? b : v; /* min > max gives max */
     case ONNXC_OP_LEAKY_RELU: return v < 0.0f ? v * a : v;
     case ONNXC_OP_SIGMOID: return 1.0f / (1.0f + expf(-v));
     case ONNXC_OP_HARD_SIGMOID: {
@@ -51,8 +51,8 @@ void onnxc_unary(const float *x, float *y, int32_t n, int32_t op, float a, float
         break;
     case ONNXC_OP_CLIP:
         for (i = 0; i < n; i++) {
-            float v = x[i];
-            y[i] = v < a ? a : (v > b ? b : v);
+            float v = x[i] < a ? a : x[i];
+            y[i] = v > b ? b : v;
         }
         break;
     default:

@@ -18,10 +18,10 @@ void onnxc_softmax(const float *x, float *y, int32_t outer, int32_t len, int32_t
                 if (xr[k * inner] > mx) mx = xr[k * inner];
             }
             if (log) {
-                float lse;
+                float ls;
                 for (k = 0; k < len; k++) sum += expf(xr[k * inner] - mx);
-                lse = mx + logf(sum);
-                for (k = 0; k < len; k++) yr[k * inner] = xr[k * inner] - lse;
+                ls = logf(sum);
+                for (k = 0; k < len; k++) yr[k * inner] = (xr[k * inner] - mx) - ls;
             } else {
                 for (k = 0; k < len; k++) {
                     float e = expf(xr[k * inner] - mx);

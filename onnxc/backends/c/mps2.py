@@ -1,0 +1,192 @@
+"""Cross-compile generated C for a Cortex-M4 and run it on QEMU's mps2-an386 board.
+
+The board (ARM application note 386): Cortex-M4 with FPU, 4 MB of code memory at 0x00000000
+and 4 MB of SRAM at 0x20000000. We supply the vector table, a reset handler (copy .data, zero
+.bss, enable the FPU, call main, exit through semihosting) and the linker script; newlib's
+rdimon library provides printf over semihosting, so QEMU prints the results on stdout.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from onnxc.backends.c.toolchain import ToolError, run
+
+CC = "arm-none-eabi-gcc"
+CPU_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror"]
+
+LINKER_SCRIPT = """\
+/* mps2-an386: code memory and SRAM, 4 MB each. */
+MEMORY
+{
+    FLASH (rx)  : ORIGIN = 0x00000000, LENGTH = 4M
+    RAM   (rwx) : ORIGIN = 0x20000000, LENGTH = 4M
+}
+ENTRY(reset_handler)
+SECTIONS
+{
+    .text :
+    {
+        KEEP(*(.vectors))
+        *(.text*)
+        *(.rodata*)
+        KEEP(*(.init))
+        KEEP(*(.fini))
+        . = ALIGN(4);
+    } > FLASH
+    .ARM.exidx : { *(.ARM.exidx*) } > FLASH
+    __etext = ALIGN(4);
+    .data : AT(__etext)
+    {
+        __data_start__ = .;
+        *(.data*)
+        . = ALIGN(4);
+        __data_end__ = .;
+    } > RAM
+    .bss (NOLOAD) :
+    {
+        __bss_start__ = .;
+        *(.bss*)
+        *(COMMON)
+        . = ALIGN(8);
+        __bss_end__ = .;
+    } > RAM
+    end = .;
+    _end = .;
+    __stack_top = ORIGIN(RAM) + LENGTH(RAM);
+}
+"""
+
+STARTUP = """\
+/* Vector table and reset handler for the mps2-an386 (Cortex-M4F) under QEMU. */
+#include <stdint.h>
+#include <stdlib.h>
+
+extern uint32_t __etext, __data_start__, __data_end__, __bss_start__, __bss_end__, __stack_top;
+extern int main(void);
+extern void initialise_monitor_handles(void);
+void reset_handler(void);
+void fault_handler(void);
+
+__attribute__((section(".vectors"), used))
+const void *const vector_table[16] = {
+    &__stack_top, (const void *)reset_handler, (const void *)fault_handler, (const void *)fault_handler,
+    (const void *)fault_handler, (const void *)fault_handler, (const void *)fault_handler, 0, 0, 0, 0,
+    (const void *)fault_handler, (const void *)fault_handler, 0, (const void *)fault_handler,
+    (const void *)fault_handler,
+};
+
+void fault_handler(void)
+{
+    exit(99);
+}
+
+void reset_handler(void)
+{
+    uint32_t *src = &__etext, *dst = &__data_start__;
+    while (dst < &__data_end__) *dst++ = *src++;
+    for (dst = &__bss_start__; dst < &__bss_end__;) *dst++ = 0;
+    /* CPACR: full access to coprocessors 10 and 11 (the FPU). */
+    *(volatile uint32_t *)0xE000ED88 |= (0xFu << 20);
+    __asm__ volatile("dsb\\n\\tisb");
+    initialise_monitor_handles();
+    exit(main());
+}
+
+/* newlib wants these when crt0 is not linked. */
+void _init(void) {}
+void _fini(void) {}
+"""
+
+
+def available() -> bool:
+    return shutil.which(CC) is not None and shutil.which("qemu-system-arm") is not None
+
+
+def c_floats(values: np.ndarray) -> str:
+    bits = np.ascontiguousarray(values, dtype="<f4").reshape(-1).view("<u4").tolist() or [0]
+    return ",".join(hex(b) for b in bits)
+
+
+def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]]) -> str:
+    """main() that runs each model on embedded inputs and prints every output as hex float bits."""
+    lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <string.h>"]
+    lines += [f'#include "{name}.h"' for name, _, _ in models]
+    calls = []
+    for name, inputs, out_sizes in models:
+        args = []
+        for k, x in enumerate(inputs):
+            lines.append(f"static const union {{ uint32_t u[{max(x.size, 1)}]; float f[{max(x.size, 1)}]; }} "
+                         f"{name}_in{k} = {{{{{c_floats(x)}}}}};")
+            args.append(f"{name}_in{k}.f")
+        for k, n in enumerate(out_sizes):
+            lines.append(f"static float {name}_out{k}[{max(n, 1)}];")
+            args.append(f"{name}_out{k}")
+        calls.append((name, args, out_sizes))
+    lines += ["", "static void print_bits(const char *tag, const float *p, int n)", "{", "    int i;",
+              '    printf("%s", tag);',
+              "    for (i = 0; i < n; i++) {", "        uint32_t b;", "        memcpy(&b, &p[i], 4);",
+              '        printf(" %08lx", (unsigned long)b);', "    }", '    printf("\\n");', "}", "",
+              "int main(void)", "{"]
+    for name, args, out_sizes in calls:
+        lines.append(f"    if ({name}_run({', '.join(args)}) != 0) return 1;")
+        for k, n in enumerate(out_sizes):
+            lines.append(f'    print_bits("{name}.out{k}", {name}_out{k}, {n});')
+    lines += ["    return 0;", "}", ""]
+    return "\n".join(lines)
+
+
+def build(sources: list[Path], workdir: Path, *, opt: str = "-O2", include: list[Path] = (),
+          elf_name: str = "app.elf") -> Path:
+    """Compile `sources` (generated model + kernels + a main) with the startup code into an ELF."""
+    (workdir / "mps2_an386.ld").write_text(LINKER_SCRIPT)
+    (workdir / "startup.c").write_text(STARTUP)
+    elf = workdir / elf_name
+    cmd = [CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections",
+           *[f"-I{d}" for d in include], *map(str, sources), str(workdir / "startup.c"),
+           "--specs=rdimon.specs", "-nostartfiles", f"-T{workdir / 'mps2_an386.ld'}", "-Wl,--gc-sections",
+           "-o", str(elf), "-lm"]
+    run(cmd)
+    return elf
+
+
+def run_qemu(elf: Path, timeout: float = 300) -> str:
+    out = run(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-monitor", "none", "-serial", "none",
+               "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)], timeout=timeout)
+    return out.decode(errors="replace")
+
+
+def parse_outputs(text: str) -> dict[str, np.ndarray]:
+    """`name.outK hex hex ...` lines back to float32 arrays."""
+    found = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+\.out\d+)((?: [0-9a-f]{8})*)\s*$", line.strip())
+        if m:
+            bits = [int(h, 16) for h in m.group(2).split()]
+            found[m.group(1)] = np.array(bits, dtype="<u4").view("<f4")
+    return found
+
+
+def size(paths: list[Path]) -> dict[str, int]:
+    """text (code + rodata), data and bss summed over objects or an ELF (arm-none-eabi-size)."""
+    out = run(["arm-none-eabi-size", "-t", *map(str, paths)]).decode()
+    last = out.strip().splitlines()[-1].split()
+    if len(last) < 3:
+        raise ToolError(f"unexpected arm-none-eabi-size output: {out}")
+    return {"text": int(last[0]), "data": int(last[1]), "bss": int(last[2])}
+
+
+def compile_objects(sources: list[Path], workdir: Path, *, opt: str = "-O2", include: list[Path] = ()) -> list[Path]:
+    """Object files of `sources` (for per-model flash/RAM figures, without libc and startup)."""
+    objs = []
+    for src in sources:
+        obj = workdir / (src.stem + ".o")
+        run([CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections",
+             *[f"-I{d}" for d in include], "-c", str(src), "-o", str(obj)])
+        objs.append(obj)
+    return objs
