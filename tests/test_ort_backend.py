@@ -194,6 +194,28 @@ def test_max_error_excludes_the_sensitive_nodes(mode, tmp_path):
     assert any(name.startswith("mm3") for name in quantized), "the harmless layer stays int8"
 
 
+def test_old_opset_is_raised_for_per_channel_scales(tmp_path):
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)]
+    old = model(nodes, [f32("x", ["N", 3, 8, 8])], [f32("y", ["N", 4])],
+                [init("w", rng.standard_normal((16, 3, 3, 3)).astype(np.float32) / 5),
+                 init("b", rng.standard_normal(16).astype(np.float32) / 10),
+                 init("fw", rng.standard_normal((4, 16)).astype(np.float32) / 4),
+                 init("fb", np.zeros(4, np.float32))], opset=9, ir=4)
+    out = tmp_path / "old_int8.onnx"
+    report = api.export(old, "onnxruntime", out, int8="static")
+    assert report["per_channel"] and any("opset raised from 9 to 13" in n for n in report["notes"])
+    assert report["fidelity"]["rel_l2"] < 0.05
+    written = onnx.load(str(out))
+    assert [o.version for o in written.opset_import if o.domain == ""] == [13]
+    scales = [n for n in written.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "w_quantized"]
+    assert scales and helper.get_attribute_value(scales[0].attribute[0]) == 0  # axis: one scale per channel
+
+
 # ------------------------------------------------------------------ dynamic int8 on a Gemm model
 
 

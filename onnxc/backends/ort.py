@@ -62,7 +62,7 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
         q = quantize(model, options.int8, calibration, max_error=options.max_error)
         lowered = q.model
         notes += q.notes
-        report = {"quant_format": q.quant_format, "per_channel": True,
+        report = {"quant_format": q.quant_format, "per_channel": q.per_channel,
                   "excluded_nodes": q.excluded, "sensitivity": q.sensitivity}
     level_name = LEVELS[options.level][fmt == "ort"]
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxc.compiler import runtime
@@ -35,6 +36,11 @@ from onnxc.errors import OnnxcError, VerificationError
 log = logging.getLogger("onnxc.ort")
 
 MODES = ("static", "dynamic")
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel scales) arrived in opset 13
+PER_CHANNEL_IR = 7
+# Ops that only move data: quantizing them is exact, so they are not worth a sensitivity run.
+DATA_MOVEMENT = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
+                 "Identity", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"}
 DYNAMIC_OP_TYPES = ["MatMul", "Attention", "LSTM"]
 CALIBRATION_BATCH = 32
 
@@ -46,6 +52,7 @@ class Quantized:
     model: onnx.ModelProto
     mode: str
     quant_format: str
+    per_channel: bool = True
     excluded: list[str] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)  # node -> rel L2 when quantized alone
     rel_l2: float | None = None  # whole model vs float, on validation, before lowering
@@ -60,7 +67,11 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
     with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet():
         work = Path(tmp)
         notes: list[str] = []
-        source = _save(_named(model), work / "float.onnx")
+        per_channel = True
+        upgraded = upgrade_opset(model, calibration.validation, notes)
+        if upgraded is None:
+            per_channel = False
+        source = _save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
         pre = _preprocess(source, work / "pre.onnx", notes)
         if mode == "dynamic":
             lowered = gemm_to_matmul(onnx.load(str(pre)))
@@ -69,12 +80,13 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             if any(n.op_type == "Conv" for n in model.graph.node):
                 notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
                              "(use --int8 static for convolutional models)")
-            quantizer = _dynamic_quantizer(pre, work)
+            quantizer = _dynamic_quantizer(pre, work, per_channel)
         else:
-            quantizer = _static_quantizer(pre, work, calibration)
+            quantizer = _static_quantizer(pre, work, calibration, per_channel)
         scorer = _Scorer(model, calibration.validation)
         full = quantizer(None, [])
-        result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)", notes=notes)
+        result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)",
+                           per_channel=per_channel, notes=notes)
         result.rel_l2 = scorer(full)
         if max_error is not None and result.rel_l2 > max_error:
             _exclude_sensitive(result, quantizer, scorer, max_error)
@@ -88,7 +100,8 @@ def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, 
     bisection (the error falls as more nodes stay float), so only O(log n) full quantizations
     are needed after the n single-node ones.
     """
-    candidates = quantized_nodes(result.model)
+    ops = {n.name: n.op_type for n in result.model.graph.node}
+    candidates = [n for n in quantized_nodes(result.model) if ops.get(n) not in DATA_MOVEMENT]
     result.sensitivity = {name: scorer(quantizer([name], [])) for name in candidates}
     ranked = sorted(candidates, key=lambda n: (-result.sensitivity[n], n))
     best: tuple[int, onnx.ModelProto, float] | None = None
@@ -160,7 +173,7 @@ def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
     return source
 
 
-def _static_quantizer(pre: Path, work: Path, calibration: Calibration) -> Callable:
+def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_channel: bool) -> Callable:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     cache = work / "calibration.json"
@@ -173,7 +186,7 @@ def _static_quantizer(pre: Path, work: Path, calibration: Calibration) -> Callab
         try:
             quantize_static(
                 str(pre), str(out), _Reader(calibration.train, batch) if not cache.exists() else None,
-                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(only) if only else None, nodes_to_exclude=list(exclude),
                 use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
@@ -188,7 +201,7 @@ def _static_quantizer(pre: Path, work: Path, calibration: Calibration) -> Callab
     return run
 
 
-def _dynamic_quantizer(pre: Path, work: Path) -> Callable:
+def _dynamic_quantizer(pre: Path, work: Path, per_channel: bool) -> Callable:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = _is_large(pre)
@@ -197,7 +210,7 @@ def _dynamic_quantizer(pre: Path, work: Path) -> Callable:
     def run(only: Sequence[str] | None, exclude: Sequence[str]) -> onnx.ModelProto:
         out = work / f"d{next(counter)}.onnx"
         try:
-            quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OP_TYPES, per_channel=True,
+            quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OP_TYPES, per_channel=per_channel,
                              weight_type=QuantType.QInt8, nodes_to_quantize=list(only) if only else None,
                              nodes_to_exclude=list(exclude), use_external_data_format=external)
         except Exception as exc:
@@ -233,6 +246,29 @@ def _calibration_batch(model: onnx.ModelProto) -> int:
 
 
 # ------------------------------------------------------------------ graph preparation
+
+
+def upgrade_opset(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], notes: list[str],
+                  ) -> onnx.ModelProto | None:
+    """The model at an opset with per-channel DequantizeLinear: itself, an upgraded copy that
+    computes the same outputs, or None when it cannot be upgraded safely (quantize per tensor)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= PER_CHANNEL_OPSET:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        upgraded.ir_version = max(upgraded.ir_version, PER_CHANNEL_IR)
+        error = compare_outputs(runtime.run(model, inputs), runtime.run(upgraded, inputs)).rel_l2
+    except Exception as exc:  # the converter and onnxruntime raise assorted errors
+        notes.append(f"opset {opset} could not be raised to {PER_CHANNEL_OPSET} ({_first_line(exc)}): "
+                     "weights quantized per tensor")
+        return None
+    if error > 1e-5:
+        notes.append(f"raising opset {opset} to {PER_CHANNEL_OPSET} changed the outputs (relative L2 {error:.2g}): "
+                     "weights quantized per tensor")
+        return None
+    notes.append(f"opset raised from {opset} to {PER_CHANNEL_OPSET} for per-channel weight scales")
+    return upgraded
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto | None:
