@@ -170,6 +170,15 @@ def test_matmul_add_with_3d_activations_is_fused_and_refitted():
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) == pytest.approx(change.error, rel=1e-3)
 
 
+def test_a_second_application_leaves_rewritten_layers_alone():
+    model = dense_model(64, 32, hidden=64)
+    cal = real_data(model)
+    first = run_pass(model, {"block": 8, "form": "shift", "max_layer_error": 10}, cal)
+    second = run_pass(canonicalize(first.model), {"block": 8, "form": "shift", "max_layer_error": 10}, cal)
+    assert not second.modified
+    assert [s.reason for s in second.skipped] == ["already block-circulant (shift form)"] * 2
+
+
 def test_guard_options_and_skip_reasons():
     model = dense_model(64, 32, hidden=64)
     cal = real_data(model)
@@ -232,6 +241,22 @@ def test_fft_form_handles_the_model_opset(opset):
     x = cal.validation["x"]
     shift = run_pass(model, {"block": 4, "form": "shift", "max_layer_error": 10}, cal)
     assert np.abs(outputs(result.model, x) - outputs(shift.model, x)).max() < 1e-4
+
+
+def test_without_a_safe_opset_raise_fft_is_not_offered(monkeypatch):
+    from onnxc.passes import circulant
+
+    def refuse(model, version):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(circulant.version_converter, "convert_version", refuse)
+    model = dense_model(32, 16, opset=13)
+    forced = run_pass(model, {"block": 4, "form": "fft", "max_layer_error": 10})
+    assert not forced.modified and "raising opset 13 failed: no adapter" in forced.skipped[0].reason
+    auto = run_pass(model, {"block": 4, "max_layer_error": 10})
+    assert auto.changes[0].detail["form"] != "fft" and "fft" not in auto.changes[0].detail["timings_ms"]
+    assert next(o.version for o in auto.model.opset_import if o.domain == "") == 13
+    assert "no adapter" in auto.info["fft_unavailable"]
 
 
 def test_auto_form_reports_timings_of_every_form():

@@ -29,6 +29,7 @@ from onnxc.passes._circulant_fit import Layout, pattern
 
 FORMS = ("shift", "fft", "expand")
 FFT_OPSET = 17
+PATTERN = "onnxc_circulant_pattern"  # name of the shared [b, b] shift pattern initializers
 
 
 @dataclass
@@ -134,7 +135,7 @@ def _shift(b: _Builder, layer: CirculantLayer, x: str, rank: int) -> str:
 
 
 def _pattern(b: _Builder, block: int) -> str:
-    return b.const("onnxc_circulant_pattern", pattern(block).astype(np.int32), key=("pattern", block))
+    return b.const(PATTERN, pattern(block).astype(np.int32), key=("pattern", block))
 
 
 def _expand(b: _Builder, layer: CirculantLayer, x: str, rank: int) -> str:

@@ -146,12 +146,14 @@ class CirculantPass(Pass):
                                             f"{self.max_layer_error:g} (left dense)"))
                 continue
             choice = self._choose_form(t, layer, state, ctx, model)
+            if not isinstance(choice, str) and choice[0] == "fft" and state.opset < forms.FFT_OPSET:
+                model = state.raise_opset(model)  # on failure fft is marked unavailable: choose again
+                if state.opset < forms.FFT_OPSET:
+                    choice = self._choose_form(t, layer, state, ctx, model)
             if isinstance(choice, str):
                 skipped.append(Skip(t.name, choice))
                 continue
             form, times = choice
-            if form == "fft" and state.opset < forms.FFT_OPSET:
-                model = state.raise_opset(model)
             self._apply(model, t, layer, form, state)
             rewritten = True
             changes.append(self._change(t, layer, form, times, error, proj_error, aware, stats is not None))
@@ -218,8 +220,9 @@ class CirculantPass(Pass):
         n = runtime.sample_count(inputs)
         keep = min(1.0, MAX_ROWS / max(1, n * t.rows))
         rng = ctx.rng(f"circulant:{t.name}")
-        cur = calib.iter_activations(current, [t.x], inputs, batch_size=64)
-        ref = calib.iter_activations(original, [t.x], inputs, batch_size=64) if current is not original else None
+        size = _batch_size(original)
+        cur = calib.iter_activations(current, [t.x], inputs, batch_size=size)
+        ref = calib.iter_activations(original, [t.x], inputs, batch_size=size) if current is not original else None
         k = t.weight.shape[0]
         for batch in cur:
             x = batch[t.x].reshape(-1, k).astype(np.float64)
@@ -314,12 +317,15 @@ class _State:
         if self.opset >= forms.FFT_OPSET:
             return True, ""
         if self.fft_reason is None:
-            self.fft_reason = _convertible(model)
+            self.fft_reason = _convert(model)[1]
         return not self.fft_reason, self.fft_reason
 
     def raise_opset(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        converted = version_converter.convert_version(model, forms.FFT_OPSET)
-        converted.ir_version = max(converted.ir_version, 8)
+        """The model at opset 17 (IR >= 8), or unchanged with fft marked unavailable."""
+        converted, reason = _convert(model)
+        if converted is None:
+            self.fft_reason = reason
+            return model
         self.raised_from, self.opset = self.opset, forms.FFT_OPSET
         return converted
 
@@ -384,6 +390,8 @@ def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
     dims = view.shape(x)
     if dims is None or len(dims) < 2:
         return "input rank unknown or below 2"
+    if _is_shift_form(x, view):
+        return "already block-circulant (shift form)"
     nodes, y, bias = [node.name], node.output[0], None
     users = view.consumers.get(y, [])
     if len(users) == 1 and users[0].op_type == "Add" and y not in view.graph_outputs:
@@ -398,19 +406,35 @@ def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
     return Target(name, "MatMul", nodes, x, y, w.astype(np.float64), bias, dims)
 
 
+def _is_shift_form(x: str, view: GraphView) -> bool:
+    """x = Reshape(Gather(..., shift pattern)): the MatMul of a layer this pass already rewrote."""
+    reshape = view.producers.get(x)
+    gather = view.producers.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    return gather is not None and gather.op_type == "Gather" and gather.input[1].startswith(forms.PATTERN)
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _convertible(model: onnx.ModelProto) -> str:
-    """'' when onnx's version converter lifts the model to opset 17, else why not."""
+def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
+    """The model lifted to opset 17 by onnx's version converter (which knows the breaking op
+    changes and rewrites them), or None and why not."""
     try:
         converted = version_converter.convert_version(model, forms.FFT_OPSET)
+        converted.ir_version = max(converted.ir_version, 8)
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises many kinds of errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"fft form needs opset {forms.FFT_OPSET}; raising opset {_opset(model)} failed: {first[:120]}"
-    return ""
+        return None, f"fft form needs opset {forms.FFT_OPSET}; raising opset {_opset(model)} failed: {first[:120]}"
+    return converted, ""
+
+
+def _batch_size(model: onnx.ModelProto) -> int:
+    """64, or the fixed batch of a model whose inputs fix it (iter_activations does not clamp)."""
+    fixed = [spec.shape[0] for spec in calib.input_specs(model)
+             if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0]
+    return min([64, *fixed])
 
 
 def _round_up(n: int, b: int) -> int:
