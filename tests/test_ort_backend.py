@@ -22,7 +22,7 @@ from onnxc.compiler.calibration import make_calibration
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.model import load, save
 from onnxc.compiler.passes import available
-from onnxc.errors import OnnxcError, UsageError
+from onnxc.errors import OnnxcError, UsageError, VerificationError
 
 VGG = sample_path("vgg")
 
@@ -188,6 +188,9 @@ def test_max_error_excludes_the_sensitive_nodes(mode, tmp_path):
     assert "mm2" in report["excluded_nodes"] and "mm3" not in report["excluded_nodes"]
     assert set(report["sensitivity"]) == {"mm1", "mm2", "mm3"}
     assert report["sensitivity"]["mm2"] > 10 * report["sensitivity"]["mm3"]
+    with pytest.raises(VerificationError, match="over the budget"):  # a float export is held to it too
+        backend_export("onnxruntime", m, tmp_path / "c.onnx", ExportOptions(max_error=-1.0))
+    assert not (tmp_path / "c.onnx").exists()
     quantized = {n.name for n in onnx.load(str(tmp_path / "b.onnx")).graph.node
                  if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
                  or any(i.endswith("_DequantizeLinear_Output") for i in n.input)}

@@ -28,7 +28,7 @@ from onnxc.compiler import runtime
 from onnxc.compiler.calibration import make_calibration
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from onnxc.compiler.verify import compare_outputs
-from onnxc.errors import OnnxcError, UsageError
+from onnxc.errors import OnnxcError, UsageError, VerificationError
 
 # (.onnx level, .ort level). An .onnx file is optimized again when a session loads it, so
 # "portable" saves only the basic rewrites; an .ort file is run as saved (no optimizer at load),
@@ -74,6 +74,9 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
             keep_codes = bool(codebook_weights(lowered))
             _write_optimized(lowered, staged, ORT_LEVELS[level_name], ["ConstantFolding"] if keep_codes else [])
         fidelity = _fidelity(model, staged, calibration, options)
+        if options.max_error is not None and fidelity.rel_l2 > options.max_error:
+            raise VerificationError(f"the exported model differs from the float model by {fidelity.rel_l2:.3g} "
+                                    f"(relative L2), over the budget {options.max_error:g}")
         size = _size(staged)
         for path in _with_data(staged):
             os.replace(path, out.parent / path.name)
