@@ -1,7 +1,8 @@
 """onnxruntime backend on a sample: float, pruned, int8 and pruned+int8 side by side.
 
 For each variant: held-out accuracy, file size, and onnxruntime latency as a ratio of the float
-model's (interleaved runs, medians; `onnxc.compiler.bench`), at each batch size asked for.
+model's (interleaved runs, medians; `onnxc.compiler.bench`), at each batch size asked for; the
+10th-percentile ratio beside it shows how much of the median is noise from a busy machine.
 An extra row shows onnxruntime's QOperator int8 format (the backend writes QDQ) for comparison.
 
     python benchmarks/ort_backend.py [--model vgg] [--batch 64 --batch 1] [--runs 30] [--threads 1]
@@ -84,7 +85,7 @@ def main() -> None:
         base_acc, base_size = accuracy(source), source.stat().st_size
         width = max(len(k) for k in variants)
         head = f"{'variant':<{width}}  {'accuracy %':>10}  {'Δ points':>8}  {'file KB':>8}  {'size':>6}"
-        head += "".join(f"  {f'b={b} ms':>9}  {f'b={b} ratio':>11}" for b in batches)
+        head += "".join(f"  {f'b={b} ms':>9}  {f'b={b} ratio':>11}  {'p10 ratio':>9}" for b in batches)
         print(head)
         for i, (label, path) in enumerate(variants.items()):
             acc = accuracy(path)
@@ -93,7 +94,7 @@ def main() -> None:
             row += f"  {size / 1024:>8.1f}  {size / base_size:>5.2f}x"
             for b in batches:
                 t = timings[b][i]
-                row += f"  {t.median_ms:>9.3f}  {t.ratio:>10.2f}x"
+                row += f"  {t.median_ms:>9.3f}  {t.ratio:>10.2f}x  {t.p10_ms / timings[b][0].p10_ms:>8.2f}x"
             print(row)
 
 
