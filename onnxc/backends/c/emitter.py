@@ -80,8 +80,6 @@ def source(prog: Program, plan: Plan, source_name: str) -> str:
             fields = ", ".join(f".{k} = {_field(prog, v)}" for k, v in p.fields)
             out.append(f"static const {p.struct} {p.cname} = {{{fields}}};")
         out.append("")
-    if plan.arena:
-        out += [f"static float {name}_arena[{plan.arena}]; /* {plan.arena * 4} bytes */", ""]
     ins, outs = io_names(prog)
     body, used = [], set()
     for s, step in enumerate(prog.steps):
@@ -107,7 +105,8 @@ def source(prog: Program, plan: Plan, source_name: str) -> str:
                     used.add("a" if loc.root == "arena" else (ins if loc.root == "input" else outs)[loc.index])
             body.append(f"    {call.fn}({', '.join(args)});")
     lines = [f"{signature(prog)}", "{"]
-    if "a" in used:
+    if "a" in used:  # (C has no empty arrays: zero-size tensors still get a one-float arena)
+        out += [f"static float {name}_arena[{max(plan.arena, 1)}]; /* {plan.arena * 4} bytes */", ""]
         lines.append(f"    float *const a = {name}_arena;")
     lines += [f"    (void){param};" for param in ins + outs if param not in used]
     out += lines + body + ["    return 0;", "}", ""]

@@ -101,8 +101,9 @@ def concat_requests(prog: Program, last_use: dict[str, int]) -> tuple[dict[str, 
 
 
 class _Planner:
-    def __init__(self, prog: Program):
+    def __init__(self, prog: Program, no_inplace: frozenset[str] = frozenset()):
         self.prog = prog
+        self.no_inplace = no_inplace  # op types not run in place in this variant
         self.last_use: dict[str, int] = {}
         self.first_use: dict[str, int] = {}
         for s, step in enumerate(prog.steps):
@@ -158,6 +159,8 @@ class _Planner:
         out = step.outputs[0]
         if step.inplace is None or out in self.outputs or out in self.requests or out in self.loc:
             return False
+        if "*" in self.no_inplace or step.op in self.no_inplace:
+            return False
         cand = step.inputs[step.inplace]
         src = self.loc[cand]
         if src.root != "arena":
@@ -201,8 +204,18 @@ class _Planner:
                     self.elided)
 
 
+# Plan variants tried: in place everywhere, no in-place pooling (a pooled output keeps its big
+# input's base and can fragment the arena), no in-place at all. The smallest arena wins.
+VARIANTS = (frozenset(), frozenset({"MaxPool", "AveragePool"}), frozenset({"*"}))
+
+
 def plan(prog: Program) -> Plan:
-    return _Planner(prog).run()
+    best = None
+    for variant in VARIANTS:
+        candidate = _Planner(prog, variant).run()
+        if best is None or candidate.arena < best.arena:
+            best = candidate
+    return best
 
 
 def footprint(buf: Buffer) -> list[tuple[int, int, int]]:
@@ -220,23 +233,31 @@ def footprint(buf: Buffer) -> list[tuple[int, int, int]]:
     return segs
 
 
+ORDERS = {
+    "size": lambda b: (-b.size, b.start, b.id),
+    "area": lambda b: (-b.size * (b.end - b.start + 1), b.start, b.id),
+    "start": lambda b: (b.start, -b.size, b.id),
+}
+
+
 def place(buffers: list[Buffer]) -> int:
-    """Assign offsets (greedy by size); returns the arena size in elements."""
+    """Assign offsets (greedy: several orders, first and best fit); returns the arena in elements."""
     best: tuple[int, list[int]] | None = None
-    for fit in ("first", "best"):
-        offsets = _greedy(buffers, fit)
-        size = max((offsets[b.id] + e for b in buffers for _, _, e in b.segments), default=0)
-        if best is None or size < best[0]:
-            best = (size, offsets)
+    for order in ORDERS.values():
+        for fit in ("first", "best"):
+            offsets = _greedy(buffers, fit, order)
+            size = max((offsets[b.id] + e for b in buffers for _, _, e in b.segments), default=0)
+            if best is None or size < best[0]:
+                best = (size, offsets)
     for b in buffers:
         b.offset = best[1][b.id]
     return best[0]
 
 
-def _greedy(buffers: list[Buffer], fit: str) -> list[int]:
+def _greedy(buffers: list[Buffer], fit: str, order) -> list[int]:
     offsets = [0] * len(buffers)
     placed: list[Buffer] = []
-    for buf in sorted(buffers, key=lambda b: (-b.size, b.start, b.id)):
+    for buf in sorted(buffers, key=order):
         if not buf.segments:
             continue
         # Offsets o forbidden by a placed buffer A: for time-overlapping segments of sizes sb

@@ -1,0 +1,90 @@
+"""ONNX node conformance cases through the C backend: per-op pass counts must not regress.
+
+Every single-node case of each supported op is exported, compiled (one program, -O1, -Werror)
+and compared with the case's expected outputs at rtol=1e-4, atol=1e-5. Run twice: reading and
+writing the caller's buffers directly ("direct"), and through the arena (`through_arena`: the
+node's inputs and outputs pass through exact `Mul(t, 1)` nodes, so the in-place, view and fused
+variants run). `python benchmarks/c_node_tests.py` prints the table with every failure and why.
+
+Known failures (all outside float32 static-shape inference): integer/float16/float64 data
+types, training-mode BatchNormalization/Dropout and Dropout masks, MaxPool's int64 Indices,
+Resize linear/cubic modes, sequence/optional types, and one AveragePool case whose expected
+values are rounded to 4 digits in the test data (we match onnxruntime's 0.15105554, not 0.1511).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxc.backends.c.conformance import run_conformance, supported_ops
+
+# op: (direct floor, arena floor, cases)
+FLOORS = {
+    "Abs": (1, 1, 1),
+    "Add": (2, 2, 8),
+    "AveragePool": (19, 19, 20),
+    "BatchNormalization": (2, 2, 4),
+    "Ceil": (2, 2, 2),
+    "Clip": (9, 9, 12),
+    "Concat": (12, 12, 12),
+    "Conv": (6, 6, 6),
+    "Div": (3, 3, 10),
+    "Dropout": (4, 4, 12),
+    "Elu": (3, 3, 3),
+    "Exp": (2, 2, 2),
+    "Expand": (2, 2, 2),
+    "Flatten": (9, 9, 9),
+    "Floor": (2, 2, 2),
+    "Gemm": (11, 11, 11),
+    "GlobalAveragePool": (2, 2, 2),
+    "GlobalMaxPool": (2, 2, 2),
+    "HardSigmoid": (3, 3, 3),
+    "HardSwish": (1, 1, 1),
+    "Identity": (2, 2, 5),
+    "LRN": (2, 2, 2),
+    "LeakyRelu": (3, 3, 3),
+    "Log": (2, 2, 2),
+    "LogSoftmax": (7, 7, 7),
+    "MatMul": (7, 7, 7),
+    "Max": (4, 4, 14),
+    "MaxPool": (16, 16, 19),
+    "Min": (4, 4, 14),
+    "Mul": (3, 3, 9),
+    "Neg": (2, 2, 2),
+    "PRelu": (2, 2, 2),
+    "Pad": (3, 3, 6),
+    "Pow": (4, 4, 12),
+    "Reciprocal": (2, 2, 2),
+    "Relu": (1, 1, 1),
+    "Reshape": (10, 10, 10),
+    "Resize": (15, 15, 39),
+    "Selu": (3, 3, 3),
+    "Sigmoid": (2, 2, 2),
+    "Slice": (8, 8, 8),
+    "Softmax": (7, 7, 7),
+    "Softplus": (2, 2, 2),
+    "Softsign": (2, 2, 2),
+    "Split": (16, 16, 16),
+    "Sqrt": (2, 2, 2),
+    "Squeeze": (2, 2, 2),
+    "Sub": (3, 3, 9),
+    "Sum": (3, 3, 3),
+    "Tanh": (2, 2, 2),
+    "Transpose": (7, 7, 7),
+    "Unsqueeze": (7, 7, 7),
+    "Upsample": (1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("mode", ["direct", "arena"])
+def test_node_conformance_pass_counts(mode, tmp_path):
+    results = run_conformance(supported_ops(), tmp_path, arena=mode == "arena")
+    assert set(FLOORS) <= set(results), set(FLOORS) - set(results)
+    column = 0 if mode == "direct" else 1
+    low = {op: (len(results[op].passed), floor[column], results[op].failed)
+           for op, floor in FLOORS.items() if len(results[op].passed) < floor[column]}
+    assert not low, low
+    # every failure is an explained limitation, never a wrong number on a supported case
+    wrong = {case: why for r in results.values() for case, why in r.failed.items()
+             if not why.startswith("export: C backend:") and "ceil_last_window_starts_on_pad" not in case}
+    assert not wrong, wrong
