@@ -225,6 +225,9 @@ def _check_node(node: onnx.NodeProto, view: GraphView, old: int, fixups: list) -
     if after.deprecated:
         return f"deprecated at opset {after.since_version}"
     used = {a.name for a in node.attribute}
+    if node.op_type == "Dropout" and "ratio" in used and len(node.input) < 2:
+        used.discard("ratio")  # becomes an input at opset 12: moved there by a fixup
+        fixups.append(lambda: _dropout_ratio_to_input(node, view))
     for a in used:
         if a not in after.attributes:
             return f"attribute '{a}' removed after opset {before.since_version}"
@@ -258,7 +261,9 @@ def _semantic_fix(node: onnx.NodeProto, view: GraphView, fixups: list) -> str:
         rank = len(shape)
         axis = attr(node, "axis", 1)
         axis = axis + rank if axis < 0 else axis
-        if axis != rank - 1:
+        # Before 13 the op ran over the flattened dims [axis:], since 13 over `axis` alone: the
+        # same thing when every later dim is 1.
+        if any(d != 1 for d in shape[axis + 1:]):
             return "softmax over a non-last axis changed meaning at opset 13"
         fixups.append(lambda: _set(node, "axis", axis))
         return ""
@@ -269,6 +274,17 @@ def _semantic_fix(node: onnx.NodeProto, view: GraphView, fixups: list) -> str:
         fixups.append(lambda: _set(node, "num_outputs", outputs))
         return ""
     return f"meaning changed at opset {_SEMANTIC_BREAKS[op]}"
+
+
+def _dropout_ratio_to_input(node: onnx.NodeProto, view: GraphView) -> None:
+    ratio = np.array(attr(node, "ratio", 0.5), dtype=np.float32)
+    for i, a in enumerate(node.attribute):
+        if a.name == "ratio":
+            del node.attribute[i]
+            break
+    name = view.unique_name(f"{node.name or node.output[0]}_ratio")
+    view.graph.initializer.append(numpy_helper.from_array(ratio, name))  # add_const would make it 1-D
+    node.input.append(name)
 
 
 def _default(spec) -> object | None:

@@ -103,7 +103,7 @@ class ClusterPass(Pass):
     per_channel: bool = False
     min_size: int = 1024
     exclude: list[str] = field(default_factory=list)
-    init: Literal["linear", "density", "kmeans++"] = "linear"
+    init: Literal["linear", "density", "kmeans++", "companded"] = "linear"
     data_aware: bool = True
     keep_zero: bool = True
     packing: Literal["auto", "uint4", "nibbles"] = "auto"
@@ -332,10 +332,11 @@ class ClusterPass(Pass):
 
     def _change(self, target: _Target, weight: np.ndarray, rebuilt: np.ndarray, codebook: np.ndarray,
                 enc: _codes.Encoded, fit: dict, costs: dict) -> Change:
-        w64 = weight.astype(np.float64)
-        diff = rebuilt.astype(np.float64) - w64
-        norm = float(np.linalg.norm(w64))
-        rel = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff))
+        flat = weight.reshape(-1).astype(np.float32, copy=False)
+        diff = rebuilt.reshape(-1).astype(np.float32, copy=False) - flat
+        norm = float(np.sqrt(np.float64(np.dot(flat, flat))))
+        err = float(np.sqrt(np.float64(np.dot(diff, diff))))
+        rel = err / norm if norm > 0 else err
         before_bytes = weight.nbytes
         huff = (_codes.huffman_bits(fit["counts"]) + 7) // 8
         detail = {
@@ -346,9 +347,10 @@ class ClusterPass(Pass):
             "huffman_code_bytes": int(huff), "exact_zero_code": fit["zeros"], "iterations": fit["iterations"],
         }
         if fit["importance"] is not None:
-            imp = np.broadcast_to(fit["importance"], weight.shape)
-            wnorm = float(np.sqrt(np.sum(imp * w64 * w64)))
-            detail["weighted_rel_error"] = float(np.sqrt(np.sum(imp * diff * diff)) / wnorm) if wnorm else 0.0
+            imp = np.broadcast_to(fit["importance"], weight.shape).reshape(-1)
+            wnorm = float(np.sqrt(np.dot(imp, np.square(flat, dtype=np.float64))))
+            werr = float(np.sqrt(np.dot(imp, np.square(diff, dtype=np.float64))))
+            detail["weighted_rel_error"] = werr / wnorm if wnorm else 0.0
         node = target.nodes[0]
         before = cost_dict(costs.get(node.name or node.output[0]))
         after = dict(before, bytes=max(0, before["bytes"] - int(before_bytes)) + int(enc.nbytes))
