@@ -69,21 +69,36 @@ def pattern(b: int) -> np.ndarray:
     return (r[:, None] - r[None, :]) % b
 
 
+def _axes(layout: Layout) -> tuple[tuple[int, int, int, int], list[int]]:
+    """The [K, N] weight viewed as 4-D (reshape dims) and the perm to [i, j, r, k] block order."""
+    b, p, q = layout.block, layout.p, layout.q
+    rows = (b, p) if layout.in_strided else (p, b)
+    cols = (b, q) if layout.out_strided else (q, b)
+    j, k = (1, 0) if layout.in_strided else (0, 1)
+    r, i = (2, 3) if layout.out_strided else (3, 2)
+    return (*rows, *cols), [i, j, r, k]
+
+
 def dense(c: np.ndarray, layout: Layout) -> np.ndarray:
     """The dense [K, N] weight of the block-circulant parameters c [q, p, b]."""
-    b = layout.block
-    blocks = c[:, :, pattern(b)]  # [q, p, r, k]
-    w = np.empty((layout.in_features, layout.out_features), dtype=c.dtype)
-    rows = layout.in_index().reshape(-1)  # (k, j) order
-    cols = layout.out_index().reshape(-1)  # (r, i) order
-    w[rows[:, None], cols[None, :]] = blocks.transpose(3, 1, 2, 0).reshape(len(rows), len(cols))
-    return w
+    shape, perm = _axes(layout)
+    blocks = c[:, :, pattern(layout.block)]  # [i, j, r, k]
+    return blocks.transpose(np.argsort(perm)).reshape(layout.in_features, layout.out_features)
 
 
 def blocks_of(w: np.ndarray, layout: Layout) -> np.ndarray:
     """[q, p, r, k]: the b x b blocks of a dense [K, N] weight under `layout`."""
-    inner = w[layout.in_index()][:, :, layout.out_index()]  # [k, j, r, i]
-    return inner.transpose(3, 1, 2, 0)
+    shape, perm = _axes(layout)
+    return w.reshape(shape).transpose(perm)
+
+
+def apply(c: np.ndarray, x: np.ndarray, layout: Layout) -> np.ndarray:
+    """x [n, K] @ dense(c) by FFT, without forming the dense weight."""
+    xf = np.fft.rfft(x[:, layout.in_index()], axis=1).transpose(1, 0, 2)  # [F, n, p]
+    y3 = np.fft.irfft(xf @ _spectrum(c), n=layout.block, axis=0)  # [b, n, q]
+    y = np.empty((len(x), layout.out_features))
+    y[:, layout.out_index()] = y3.transpose(1, 0, 2)
+    return y
 
 
 def project(w: np.ndarray, layout: Layout) -> np.ndarray:
@@ -118,8 +133,15 @@ def _frequency_weights(b: int) -> np.ndarray:
 
 
 def fit_bytes(layout: Layout) -> int:
+    """Memory of the normal equations (complex128 G and H over the b / 2 + 1 frequencies)."""
     f = layout.block // 2 + 1
     return 16 * f * layout.p * (layout.p + layout.q)
+
+
+def row_flops(layout: Layout) -> int:
+    """Floating-point work one activation row adds to the normal equations."""
+    f = layout.block // 2 + 1
+    return 8 * f * layout.p * (layout.p + layout.q)
 
 
 class NormalEquations:
@@ -175,20 +197,13 @@ class NormalEquations:
         """Ridge least squares pulled towards `prior` [q, p, b]; returns (c, bias or None)."""
         g, h, _, mx, my = self._centered()
         p = self.layout.p
-        scale = np.real(np.einsum("fjj->f", g)) / p
+        scale = np.real(np.trace(g, axis1=1, axis2=2)) / p
         lam = ridge * scale + 1e-12 * max(float(scale.max(initial=0.0)), 1e-30)
         eye = np.eye(p)
         cf = np.linalg.solve(g + lam[:, None, None] * eye, h + lam[:, None, None] * _spectrum(prior))
         c = _parameters(cf, self.layout.block)
-        bias = my - mx @ dense(c, self.layout) if self.center else None
+        bias = my - apply(c, mx[None], self.layout)[0] if self.center else None
         return c, bias
-
-    def bias_for(self, c: np.ndarray) -> np.ndarray | None:
-        """The bias that is optimal for fixed parameters c (mean output minus mean prediction)."""
-        if not self.center:
-            return None
-        _, _, _, mx, my = self._centered()
-        return my - mx @ dense(c, self.layout)
 
     def relative_error(self, c: np.ndarray) -> float:
         """||x @ B(c) + bias - y|| / ||y|| over the added samples.
@@ -198,8 +213,8 @@ class NormalEquations:
         """
         g, h, syy, _, _ = self._centered()
         cf = _spectrum(c)
-        cross = np.real(np.einsum("fji,fji->f", cf.conj(), h))
-        quad = np.real(np.einsum("fji,fjk,fki->f", cf.conj(), g, cf))
+        cross = np.real((cf.conj() * h).sum(axis=(1, 2)))
+        quad = np.real((cf.conj() * (g @ cf)).sum(axis=(1, 2)))
         per_freq = syy - 2 * cross + quad
         residual = float((_frequency_weights(self.layout.block) * per_freq).sum()) / self.layout.block
         return float(np.sqrt(max(residual, 0.0) / self.energy)) if self.energy > 0 else 0.0

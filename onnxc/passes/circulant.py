@@ -21,7 +21,6 @@ constant bias vector is absorbed and refitted). Each layer is fitted, checked, t
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,44 +30,21 @@ from onnx import version_converter
 from onnxc.compiler import calibration as calib
 from onnxc.compiler import runtime
 from onnxc.compiler.bench import bench
-from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import clone
-from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, register
+from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any, register
 from onnxc.errors import UsageError
 from onnxc.passes import _circulant_fit as fit
 from onnxc.passes import _circulant_forms as forms
+from onnxc.passes import _circulant_targets as targets_
+from onnxc.passes._circulant_targets import Target
 
 LAYOUTS = {"contiguous": [(False, False)], "strided": [(True, True)],
            "auto": [(False, False), (False, True), (True, False), (True, True)]}
 PREFERENCE = ("shift", "fft", "expand")
 TIE = 1.10  # a form must be 10% faster than a preferred one to be chosen over it
 MAX_ROWS = 16384  # activation rows per layer used for the fit (sampled beyond)
-
-
-@dataclass
-class Target:
-    """One dense layer: y = x @ weight + bias, replacing `nodes` (MatMul/Gemm and a bias Add)."""
-
-    name: str
-    op: str
-    nodes: list[str]
-    x: str
-    y: str
-    weight: np.ndarray  # [K, N] float64
-    bias: np.ndarray | None  # [N] float64
-    dims: list  # input shape: ints, or None/str for symbolic dims
-
-    @property
-    def shape(self) -> list[int]:
-        return self.timing_shape(1)
-
-    @property
-    def rows(self) -> int:
-        """Activation rows per sample (all but the batch and feature dims)."""
-        return int(np.prod(self.shape[1:-1], dtype=np.int64))
-
-    def timing_shape(self, batch: int) -> list[int]:
-        return [d if isinstance(d, int) and d > 0 else batch for d in self.dims]
+FIT_FLOPS = 10**11  # accumulation budget per layer (about 5 s on one core)
 
 
 @register
@@ -172,26 +148,20 @@ class CirculantPass(Pass):
     def _targets(self, view: GraphView) -> tuple[list[Target], list[Skip]]:
         targets, skipped = [], []
         for node in view.graph.node:
-            if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
-                continue
-            name = node.name or node.output[0]
-            found = _gemm(node, view) if node.op_type == "Gemm" else _matmul(node, view)
+            found = targets_.find(node, view)
             if found is None:
                 continue
-            if isinstance(found, str):
-                skipped.append(Skip(name, found))
-                continue
-            reason = self._unsuitable(found)
+            reason = found if isinstance(found, str) else self._unsuitable(found)
             if reason:
-                skipped.append(Skip(name, reason))
+                skipped.append(Skip(node.name or node.output[0], reason))
             else:
                 targets.append(found)
         return targets, skipped
 
     def _unsuitable(self, t: Target) -> str:
-        if self.layers and not any(fnmatch.fnmatchcase(t.name, p) for p in self.layers):
+        if self.layers and not matches_any(t.name, self.layers):
             return "not selected by layers"
-        if any(fnmatch.fnmatchcase(t.name, p) for p in self.exclude):
+        if matches_any(t.name, self.exclude):
             return "excluded"
         k, n = t.weight.shape
         if min(k, n) < self.min_features:
@@ -209,16 +179,22 @@ class CirculantPass(Pass):
         return [fit.Layout(self.block, kp, np_, i, o) for i, o in LAYOUTS[self.layout]]
 
     def _statistics(self, t: Target, current: onnx.ModelProto, original: onnx.ModelProto,
-                    inputs: dict[str, np.ndarray], ctx: PassContext, aware: bool) -> list | str:
-        """Normal equations per layout from the layer's inputs (current model) and targets (original)."""
+                    inputs: dict[str, np.ndarray], ctx: PassContext, aware: bool,
+                    ) -> tuple[list[fit.Layout], list[fit.NormalEquations]] | str:
+        """Normal equations per layout from the layer's inputs (current model) and targets (original).
+
+        Memory and time are bounded: past MAX_FIT_BYTES only the contiguous layout is tried, and
+        activation rows are sampled so the accumulation stays within FIT_FLOPS.
+        """
         layouts = self._layouts(t)
-        too_big = [lay for lay in layouts if fit.fit_bytes(lay) > fit.MAX_FIT_BYTES]
-        if aware and too_big:
-            return f"fit would need {fit.fit_bytes(too_big[0]) / 2**30:.1f} GiB (use a larger block)"
+        if sum(map(fit.fit_bytes, layouts)) > fit.MAX_FIT_BYTES:
+            layouts = layouts[:1]
+        if fit.fit_bytes(layouts[0]) > fit.MAX_FIT_BYTES:
+            return f"fit would need {fit.fit_bytes(layouts[0]) / 2**30:.1f} GiB (use a larger block)"
         offset = None if aware else t.bias
         stats = [fit.NormalEquations(lay, center=aware and t.bias is not None, offset=offset) for lay in layouts]
-        n = runtime.sample_count(inputs)
-        keep = min(1.0, MAX_ROWS / max(1, n * t.rows))
+        budget = min(MAX_ROWS, FIT_FLOPS // sum(fit.row_flops(lay) for lay in layouts))
+        keep = min(1.0, max(1, budget) / max(1, runtime.sample_count(inputs) * t.rows))
         rng = ctx.rng(f"circulant:{t.name}")
         size = _batch_size(original)
         cur = calib.iter_activations(current, [t.x], inputs, batch_size=size)
@@ -233,19 +209,20 @@ class CirculantPass(Pass):
             y = x0 @ t.weight + (t.bias if t.bias is not None else 0.0)
             for s in stats:
                 s.add(_pad(x, s.layout.in_features), _pad(y, s.layout.out_features))
-        return stats
+        return layouts, stats
 
-    def _fit(self, t: Target, stats: list | None, aware: bool) -> tuple[forms.CirculantLayer, float, float]:
+    def _fit(self, t: Target, stats: tuple | None, aware: bool) -> tuple[forms.CirculantLayer, float, float]:
         """The best layout's parameters, their local error and the projection's local error."""
         best = None
-        for i, lay in enumerate(self._layouts(t)):
+        layouts, equations = stats if stats is not None else (self._layouts(t), None)
+        for i, lay in enumerate(layouts):
             w = _pad2(t.weight, lay.in_features, lay.out_features)
             proj = fit.project(w, lay)
             if stats is None:  # no data at all: weight-space error
                 proj_error = float(np.linalg.norm(fit.dense(proj, lay) - w) / max(np.linalg.norm(w), 1e-30))
                 c, bias, error = proj, t.bias, proj_error
             else:
-                s = stats[i]
+                s = equations[i]
                 proj_error = s.relative_error(proj)  # with the refitted bias when data-aware
                 if aware:
                     c, bias = s.solve(proj, self.ridge)
@@ -276,7 +253,7 @@ class CirculantPass(Pass):
     def _apply(self, model: onnx.ModelProto, t: Target, layer: forms.CirculantLayer, form: str,
                state: _State) -> None:
         view = GraphView(model.graph)
-        old = [view.node_by_name(n) for n in t.nodes]
+        old = [view.producers[name] for name in t.outputs]
         rank = len(t.shape)
         new = forms.emit(form, view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
         view.replace_node(old[0], new)
@@ -355,64 +332,6 @@ class _State:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _gemm(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
-    name = node.name or node.output[0]
-    w = view.const(node.input[1])
-    if w is None or w.ndim != 2 or w.dtype != np.float32:
-        return "weight (input B) is not a constant 2-D float32 tensor"
-    if view.is_const(node.input[0]):
-        return "input A is constant"
-    if attr(node, "transA", 0):
-        return "transA=1 is not supported"
-    w = float(attr(node, "alpha", 1.0)) * (w.T if attr(node, "transB", 0) else w).astype(np.float64)
-    bias = None
-    if len(node.input) > 2 and node.input[2]:
-        c = view.const(node.input[2])
-        if c is None or not (c.size == 1 or (c.size == w.shape[1] and c.shape[-1] == w.shape[1])):
-            return "bias C is not a constant vector"
-        bias = np.broadcast_to(float(attr(node, "beta", 1.0)) * c.reshape(-1).astype(np.float64), (w.shape[1],))
-    dims = view.shape(node.input[0])
-    if dims is None or len(dims) != 2:
-        return "input shape unknown"
-    return Target(name, "Gemm", [node.name], node.input[0], node.output[0], w, bias, dims)
-
-
-def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
-    name = node.name or node.output[0]
-    x, wname = node.input
-    if view.is_const(x):
-        return None if view.is_const(wname) else "constant on the left (W @ x) is not supported"
-    w = view.const(wname)
-    if w is None:
-        return None  # activation x activation (attention): not a dense layer
-    if w.ndim != 2 or w.dtype != np.float32:
-        return f"weight is not a 2-D float32 tensor ({w.ndim}-D {w.dtype})"
-    dims = view.shape(x)
-    if dims is None or len(dims) < 2:
-        return "input rank unknown or below 2"
-    if _is_shift_form(x, view):
-        return "already block-circulant (shift form)"
-    nodes, y, bias = [node.name], node.output[0], None
-    users = view.consumers.get(y, [])
-    if len(users) == 1 and users[0].op_type == "Add" and y not in view.graph_outputs:
-        add = users[0]
-        other = add.input[1] if add.input[0] == y else add.input[0]
-        b = view.const(other)
-        n = w.shape[1]
-        if b is not None and b.dtype == np.float32 and (b.size == n and b.shape[-1] == n or b.size == 1) \
-                and b.ndim <= len(dims):
-            bias = np.broadcast_to(b.reshape(-1).astype(np.float64), (n,))
-            nodes, y = [node.name, add.name], add.output[0]
-    return Target(name, "MatMul", nodes, x, y, w.astype(np.float64), bias, dims)
-
-
-def _is_shift_form(x: str, view: GraphView) -> bool:
-    """x = Reshape(Gather(..., shift pattern)): the MatMul of a layer this pass already rewrote."""
-    reshape = view.producers.get(x)
-    gather = view.producers.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-    return gather is not None and gather.op_type == "Gather" and gather.input[1].startswith(forms.PATTERN)
-
-
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
@@ -446,7 +365,11 @@ def _pad(a: np.ndarray, width: int) -> np.ndarray:
 
 
 def _pad2(w: np.ndarray, k: int, n: int) -> np.ndarray:
-    return np.pad(w, ((0, k - w.shape[0]), (0, n - w.shape[1])))
+    if w.shape == (k, n):
+        return w
+    out = np.zeros((k, n), w.dtype)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out
 
 
 def _fft_macs(lay: fit.Layout) -> int:

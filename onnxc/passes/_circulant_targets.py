@@ -1,0 +1,120 @@
+"""Which nodes of a graph are dense layers y = x @ W + bias that `circulant` can rewrite.
+
+Gemm with transA=0 (any transB, alpha, beta; C a constant vector or absent) and MatMul with a
+constant 2-D float32 weight on the right (x may be batched, [..., K]); a MatMul whose only user
+is an Add of a constant bias vector is taken together with that Add. Anything else is either not
+a dense layer (None: an activation x activation MatMul) or a candidate left alone with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.passes._circulant_forms import PATTERN
+
+
+@dataclass
+class Target:
+    """One dense layer: y = x @ weight + bias, computed today by the nodes producing `outputs`."""
+
+    name: str
+    op: str
+    outputs: list[str]  # first output of each node replaced (MatMul/Gemm, then a bias Add)
+    x: str
+    y: str
+    weight: np.ndarray  # [K, N] float64
+    bias: np.ndarray | None  # [N] float64
+    dims: list  # input shape: ints, or None/str for symbolic dims
+
+    @property
+    def shape(self) -> list[int]:
+        """The input shape with symbolic dims as 1."""
+        return self.timing_shape(1)
+
+    @property
+    def rows(self) -> int:
+        """Activation rows per sample (all but the batch and feature dims)."""
+        return int(np.prod(self.shape[1:-1], dtype=np.int64))
+
+    def timing_shape(self, batch: int) -> list[int]:
+        return [d if isinstance(d, int) and d > 0 else batch for d in self.dims]
+
+
+def find(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
+    """The dense layer `node` computes, a reason it cannot be rewritten, or None if it is none."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Gemm":
+        return _gemm(node, view)
+    if node.op_type == "MatMul":
+        return _matmul(node, view)
+    return None
+
+
+def _vector(value: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A constant that broadcasts as a per-feature bias over the last axis, as [n] float64."""
+    if value is None or value.dtype != np.float32:
+        return None
+    if value.size == 1 or (value.ndim >= 1 and value.shape[-1] == n and value.size == n):
+        return np.broadcast_to(value.reshape(-1).astype(np.float64), (n,)).copy()
+    return None
+
+
+def _gemm(node: onnx.NodeProto, view: GraphView) -> Target | str:
+    name = node.name or node.output[0]
+    w = view.const(node.input[1])
+    if w is None or w.ndim != 2 or w.dtype != np.float32:
+        return "weight (input B) is not a constant 2-D float32 tensor"
+    if view.is_const(node.input[0]):
+        return "input A is constant"
+    if attr(node, "transA", 0):
+        return "transA=1 is not supported"
+    w = float(attr(node, "alpha", 1.0)) * (w.T if attr(node, "transB", 0) else w).astype(np.float64)
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = _vector(view.const(node.input[2]), w.shape[1])
+        if bias is None:
+            return "bias C is not a constant vector"
+        bias *= float(attr(node, "beta", 1.0))
+    dims = view.shape(node.input[0])
+    if dims is None or len(dims) != 2:
+        return "input shape unknown"
+    return Target(name, "Gemm", [node.output[0]], node.input[0], node.output[0], w, bias, dims)
+
+
+def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
+    name = node.name or node.output[0]
+    x, wname = node.input
+    if view.is_const(x):
+        return None if view.is_const(wname) else "constant on the left (W @ x) is not supported"
+    w = view.const(wname)
+    if w is None:
+        return None  # activation x activation (attention): not a dense layer
+    if w.ndim != 2 or w.dtype != np.float32:
+        return f"weight is not a 2-D float32 tensor ({w.ndim}-D {w.dtype})"
+    dims = view.shape(x)
+    if dims is None or len(dims) < 2:
+        return "input rank unknown or below 2"
+    if _is_shift_form(x, view):
+        return "already block-circulant (shift form)"
+    outputs, y, bias = [node.output[0]], node.output[0], None
+    users = view.consumers.get(y, [])
+    if len(users) == 1 and users[0].op_type == "Add" and y not in view.graph_outputs:
+        add = users[0]
+        other = add.input[1] if add.input[0] == y else add.input[0]
+        value = view.const(other)
+        bias = _vector(value, w.shape[1]) if value is not None and value.ndim <= len(dims) else None
+        if bias is not None:
+            outputs, y = [y, add.output[0]], add.output[0]
+    return Target(name, "MatMul", outputs, x, y, w.astype(np.float64), bias, dims)
+
+
+def _is_shift_form(x: str, view: GraphView) -> bool:
+    """x = Reshape(Gather(..., shift pattern)): the MatMul of a layer `circulant` already rewrote."""
+    reshape = view.producers.get(x)
+    gather = view.producers.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    return gather is not None and gather.op_type == "Gather" and gather.input[1].startswith(PATTERN)
