@@ -169,6 +169,12 @@ def _input_file(path: str) -> str:
     help="onnxruntime backend: quantize to int8 (static by default).",
 )
 @click.option("--name", default="net", help="C backend: symbol prefix.")
+@click.option(
+    "--level",
+    type=click.Choice(["portable", "machine"]),
+    default="portable",
+    help="onnxruntime backend: offline optimization level.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @command
 def optimize(
@@ -185,6 +191,7 @@ def optimize(
     backend,
     int8,
     name,
+    level,
     as_json,
     quiet,
 ):
@@ -211,7 +218,7 @@ def optimize(
             seed=seed,
             output=output,
             backend=backend,
-            export_options=ExportOptions(int8=int8, name=name, input_shapes=shapes),
+            export_options=ExportOptions(int8=int8, name=name, input_shapes=shapes, level=level),
             progress=progress,
         )
     if report_path:
@@ -399,12 +406,16 @@ def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_js
     from onnxc.compiler.model import load
 
     shapes = _parse_shapes(input_shapes)
-    loaded = [load(_input_file(m)) for m in models]
+    # .ort files cannot be read as ONNX: they are timed from their path, inputs come from an .onnx.
+    loaded = [str(_input_file(m)) if str(m).lower().endswith(".ort") else load(_input_file(m)) for m in models]
+    spec = next((m for m in loaded if not isinstance(m, str)), None)
+    if spec is None:
+        raise UsageError("bench needs at least one .onnx model to read the input spec from")
     if calibration:
-        inputs = calib.load_npz(calibration, loaded[0])
+        inputs = calib.load_npz(calibration, spec)
         inputs = {k: v[:batch] for k, v in inputs.items()}
     else:
-        inputs = calib.random_inputs(canonicalize(loaded[0], shapes, infer=False), batch, input_shapes=shapes)
+        inputs = calib.random_inputs(canonicalize(spec, shapes, infer=False), batch, input_shapes=shapes)
     timings = run_bench(loaded, inputs, labels=list(models), runs=runs, warmup=warmup, threads=threads)
     if as_json:
         click.echo(json.dumps([t.__dict__ for t in timings], indent=2))
