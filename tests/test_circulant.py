@@ -92,6 +92,8 @@ def test_projection_is_the_nearest_block_circulant(in_strided, out_strided):
     assert np.allclose(blocks[:, :, 1:, 1:], blocks[:, :, :-1, :-1])  # constant along diagonals
     other = fit.dense(rng.standard_normal(c.shape), lay)
     assert abs(np.sum((w - fit.dense(c, lay)) * other)) < 1e-9  # residual orthogonal to the subspace
+    x = rng.standard_normal((3, 12))
+    assert np.allclose(fit.apply(c, x, lay), x @ fit.dense(c, lay))  # the FFT product
 
 
 @pytest.mark.parametrize("block,center", [(4, True), (5, False)])
@@ -281,5 +283,6 @@ def test_mlp_sample_block8_params_and_accuracy():
     assert after.params <= 0.2 * base.params
     stored = base.params - sum(c.before["params"] - c.after["params"] for c in record.changes)
     assert stored <= after.params <= stored + 2 * 64  # model_cost adds the shared 8x8 shift index per layer
+    assert record.info["shared_index_bytes"] == 8 * 8 * 4  # one int32 pattern for both layers
     assert accuracy(first.model) >= accuracy(path) - 4.0
     assert len(first.model.SerializeToString()) < 0.2 * len(load(path).SerializeToString())

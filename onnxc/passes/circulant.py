@@ -140,8 +140,10 @@ class CirculantPass(Pass):
         view.remove_unused()
         _drop_stale_value_info(model.graph)
         info = state.info()
+        index_bytes = sum(len(t.raw_data) or 4 * len(t.int32_data) for t in model.graph.initializer
+                          if t.name.startswith(forms.PATTERN))
         info.update(block=self.block, data_aware=aware, sequential=sequential,
-                    stored_params=sum(c.after["params"] for c in changes))
+                    stored_params=sum(c.after["params"] for c in changes), shared_index_bytes=index_bytes)
         return PassResult(model, True, changes, skipped, info)
 
     # ---- candidates ---------------------------------------------------------------------------
