@@ -178,10 +178,9 @@ def iter_activations(model: onnx.ModelProto, names: Sequence[str], inputs: Mappi
                      batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
     """Yield the tensors `names` batch by batch (for passes that reduce on the fly)."""
     sess = runtime.session(with_outputs(model, names))
-    feed_names = {i.name for i in sess.get_inputs()}
+    names = list(names)
     for batch in runtime.batches(inputs, batch_size):
-        values = sess.run(list(names), {k: v for k, v in batch.items() if k in feed_names})
-        yield dict(zip(names, values))
+        yield runtime.run(sess, batch, names, batch_size=batch_size)
 
 
 def capture(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray], *,
@@ -189,10 +188,11 @@ def capture(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, n
             ) -> dict[str, np.ndarray]:
     """Intermediate tensors on all samples, concatenated on axis 0.
 
-    A tensor whose full capture would pass `max_bytes` is sampled instead: for a [N, C, *spatial]
-    map we keep the channel vectors at random spatial positions and return shape [S, C] (each row
-    one position of one sample). Passes that need neighbourhoods (patches) should use
-    `iter_activations` and reduce per batch.
+    A feature map whose full capture would pass `max_bytes` is sampled instead: for a
+    [N, C, H, W...] map (rank >= 4; sequences [N, T, D] are always kept whole) we keep the channel
+    vectors at random spatial positions and return shape [S, C] (each row one position of one
+    sample). Passes that need neighbourhoods (patches) should use `iter_activations` and reduce
+    per batch.
     """
     names = list(dict.fromkeys(names))
     if not names:
@@ -206,7 +206,7 @@ def capture(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, n
             if name not in budget_per_sample:
                 per_sample = value[0].nbytes if len(value) else 0
                 budget_per_sample[name] = per_sample
-            if value.ndim >= 3 and budget_per_sample[name] * n > max_bytes:
+            if value.ndim >= 4 and budget_per_sample[name] * n > max_bytes:
                 parts[name].append(_sample_positions(value, n, max_bytes, rng))
             else:
                 parts[name].append(value)

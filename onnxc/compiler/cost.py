@@ -90,11 +90,14 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
         cost = NodeCost(node.name or node.output[0], node.op_type)
         out_shape = view.static_shape(node.output[0]) if node.output else None
         cost.shape = list(out_shape) if out_shape is not None else []
-        for name in node.input:
+        for index, name in enumerate(node.input):
             if name and name in sources:
                 shape = view.static_shape(name)
-                if shape is not None and _is_weight(node, name):
-                    cost.params += _numel(shape)
+                if shape is not None and _is_weight(node, name, index):
+                    # A weight computed from constants (circulant expansion, codebook lookup) has at
+                    # most as many parameters as its sources store.
+                    stored = sum(_numel(list(view.initializers[s].dims)) for s in sources[name])
+                    cost.params += min(_numel(shape), stored) if stored else _numel(shape)
                 for init in sources[name] - charged:
                     cost.bytes += tensor_nbytes(view.initializers[init])
                     charged.add(init)
@@ -103,8 +106,10 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
     return ModelCost(layers)
 
 
-def _is_weight(node: onnx.NodeProto, name: str) -> bool:
-    """Shape operands (Reshape's shape, Resize's scales) are not parameters."""
+def _is_weight(node: onnx.NodeProto, name: str, index: int = 0) -> bool:
+    """Shape and index operands (Reshape's shape, Resize's scales, Gather's indices) are not parameters."""
+    if index >= 1 and node.op_type in ("Gather", "GatherElements", "GatherND", "DFT", "STFT"):
+        return False
     if node.op_type in ("Reshape", "Expand", "Tile", "Slice", "Pad", "Resize", "Upsample", "Squeeze",
                         "Unsqueeze", "ConstantOfShape", "Split", "ReduceMean", "ReduceSum", "TopK", "Range"):
         return False

@@ -61,7 +61,7 @@ class GraphView:
     def add_const(self, base: str, value: np.ndarray) -> str:
         """Add a new initializer under a fresh name derived from `base`; returns the name."""
         name = self.unique_name(base)
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        tensor = numpy_helper.from_array(np.require(value, requirements="C"), name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = self.graph.initializer[-1]
         return name
@@ -72,7 +72,7 @@ class GraphView:
         users = [n for n in self.consumers.get(old, []) if n is not node]
         shared = bool(users) or old in self.graph_outputs or sum(1 for i in node.input if i == old) > 1
         if old in self.initializers and not shared:
-            new_tensor = numpy_helper.from_array(np.ascontiguousarray(value), old)
+            new_tensor = numpy_helper.from_array(np.require(value, requirements="C"), old)
             self.initializers[old].CopyFrom(new_tensor)
             self._drop_input_decl(old)
             return old
