@@ -48,7 +48,6 @@ at session start (the file shrinks, not the runtime memory).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -64,8 +63,6 @@ from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, c
 from onnxc.errors import UsageError
 from onnxc.passes import _codes
 from onnxc.passes._kmeans1d import INITS, kmeans1d
-
-log = logging.getLogger("onnxc.cluster")
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
@@ -92,10 +89,12 @@ class ClusterPass(Pass):
         "per_channel": "one codebook per output channel instead of per layer",
         "min_size": "leave weights with fewer elements alone (biases, tiny layers)",
         "exclude": "node-name globs to leave alone (a|b)",
-        "init": "centroid initialization: linear (Deep Compression), density, kmeans++",
+        "init": "centroids start: linear (Deep Compression), density (quantiles), kmeans++ (seeded), "
+                "companded (density^(1/3) spacing)",
         "data_aware": "weight errors by the calibration inputs' mean square (ignored with random data)",
         "keep_zero": "give exact zeros (pruned weights) an exact 0.0 code",
-        "packing": "4-bit codes: auto (UINT4 if the opset can go to 21, else packed bytes), uint4, nibbles",
+        "packing": "4-bit codes: auto (UINT4 if the opset can go to 21, else packed bytes), uint4 (or skip), "
+                   "nibbles (packed bytes)",
         "max_iter": "Lloyd iterations per codebook",
         "bias_correction": "fold the mean output shift E[dW x] into the bias (calibration data only)",
     }
@@ -142,8 +141,11 @@ class ClusterPass(Pass):
             if not np.all(np.isfinite(weight)):
                 result.skipped.append(Skip(target.nodes[0].name, "weight has non-finite values"))
                 continue
-            codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
             container = container4 if self.bits <= 4 else "uint8"
+            if not container:
+                result.skipped.append(Skip(target.nodes[0].name, opset_note))
+                continue
+            codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
             enc = _codes.encode(view, target.weight, codes, codebook.reshape(-1).astype(weight.dtype), offsets,
                                 container, target.weight)
             if enc.nbytes >= weight.nbytes:
@@ -196,7 +198,7 @@ class ClusterPass(Pass):
             note = f"UINT4 (opset {old} -> {_codes.default_opset(model)})" if old < _codes.UINT4_OPSET else "UINT4"
             return "uint4", note
         if self.packing == "uint4":
-            log.warning("cluster: cannot raise opset to 21 (%s); packing 4-bit codes into bytes", reason)
+            return "", f"UINT4 impossible: opset {old} cannot be raised to 21 ({reason})"
         return "nibbles", f"packed two per UINT8 byte: opset {old} kept ({reason})"
 
     # ---- which weights ------------------------------------------------------------------------
@@ -215,7 +217,8 @@ class ClusterPass(Pass):
                 skipped.append(Skip(node.name, f"weight {name} is not float"))
                 continue
             if math.prod(tensor.dims) < self.min_size:
-                continue  # small tensors (biases, tiny layers) are left alone silently
+                skipped.append(Skip(node.name, f"weight has {math.prod(tensor.dims)} elements < min_size"))
+                continue
             by_weight.setdefault(name, []).append((node, slot))
         targets = []
         for name, uses in by_weight.items():
