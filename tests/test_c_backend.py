@@ -111,25 +111,29 @@ def test_ds_cnn_arena_under_48k_and_matches(tmp_path):
 
 
 def _clustered_model() -> onnx.ModelProto:
-    """Conv with 4-bit per-channel codebooks (UINT4 codes, opset 21) and Gemm (transB=0) with one
-    shared 200-entry codebook (UINT8 codes), followed by a plain MatMul."""
+    """Conv with 4-bit per-channel codebooks (UINT4 codes, opset 21), a 1x1 Conv with one 4-bit
+    codebook and rows of odd length (runs in place), Gemm (transB=0) with one shared 200-entry
+    codebook (UINT8 codes), then a plain MatMul."""
     rng = np.random.default_rng(3)
     inits, nodes = [], []
-    # conv: 8 output channels x 16 codes
-    conv_codes = rng.integers(0, 16, (8, 4, 3, 3)).astype(np.uint8)
-    conv_book = rng.standard_normal(8 * 16).astype(np.float32)
+    conv_codes = rng.integers(0, 16, (7, 4, 3, 3)).astype(np.uint8)  # 7 output channels x 16 codes
     inits += [helper.make_tensor("conv_codes", TensorProto.UINT4, conv_codes.shape, conv_codes.reshape(-1).tolist()),
-              numpy_helper.from_array(conv_book, "conv_book"),
-              numpy_helper.from_array((np.arange(8, dtype=np.int32) * 16).reshape(8, 1, 1, 1), "conv_rows"),
-              numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "conv_b")]
+              numpy_helper.from_array(rng.standard_normal(7 * 16).astype(np.float32), "conv_book"),
+              numpy_helper.from_array((np.arange(7, dtype=np.int32) * 16).reshape(7, 1, 1, 1), "conv_rows"),
+              numpy_helper.from_array(rng.standard_normal(7).astype(np.float32), "conv_b")]
     nodes += [helper.make_node("Cast", ["conv_codes"], ["conv_idx0"], to=TensorProto.INT32),
               helper.make_node("Add", ["conv_idx0", "conv_rows"], ["conv_idx"]),
               helper.make_node("Gather", ["conv_book", "conv_idx"], ["conv_w"], axis=0),
               helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-              helper.make_node("Relu", ["c"], ["r"]),
-              helper.make_node("Flatten", ["r"], ["f"])]
-    # gemm: W [K=8*6*6, N=10], 200 shared values (8-bit codes)
-    gemm_codes = rng.integers(0, 200, (288, 10)).astype(np.uint8)
+              helper.make_node("Relu", ["c"], ["r"])]
+    pw_codes = rng.integers(0, 16, (5, 7, 1, 1)).astype(np.uint8)
+    inits += [helper.make_tensor("pw_codes", TensorProto.UINT4, pw_codes.shape, pw_codes.reshape(-1).tolist()),
+              numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "pw_book")]
+    nodes += [helper.make_node("Cast", ["pw_codes"], ["pw_idx"], to=TensorProto.INT32),
+              helper.make_node("Gather", ["pw_book", "pw_idx"], ["pw_w"], axis=0),
+              helper.make_node("Conv", ["r", "pw_w"], ["pw"], name="pw"),
+              helper.make_node("Flatten", ["pw"], ["f"])]
+    gemm_codes = rng.integers(0, 200, (180, 10)).astype(np.uint8)  # W [K=5*6*6, N=10]
     inits += [numpy_helper.from_array(gemm_codes, "gemm_codes"),
               numpy_helper.from_array(rng.standard_normal(200).astype(np.float32) * 0.1, "gemm_book")]
     nodes += [helper.make_node("Cast", ["gemm_codes"], ["gemm_idx"], to=TensorProto.INT32),
@@ -146,19 +150,21 @@ def test_clustered_weights_stay_codes_in_flash(tmp_path):
     model = _clustered_model()
     gen = compile_model(model, "clu")
     report = gen.report()
-    assert report["clustered_weights"] == 2
+    assert report["clustered_weights"] == 3
+    assert any(s.op == "Conv" and i in report["in_place_steps"] for i, s in enumerate(gen.prog.steps)
+               if s.node == "pw")
     exe = build_generated([gen], tmp_path)
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)
     got = run_generated(exe, 0, gen, {"x": x})["y"]
     assert max_rel_error(got, runtime.run(model, {"x": x})["y"]) <= TOL
     source = (tmp_path / "clu.c").read_text()
     float_arrays = [int(n) for n in re.findall(r"union \{ uint32_t u\[(\d+)\]", source)]
-    # no dense float copy of either clustered weight, in flash or RAM; codes are uint8 arrays
-    assert 8 * 4 * 9 not in float_arrays and 288 * 10 not in float_arrays
+    # no dense float copy of any clustered weight, in flash or RAM; codes are uint8 arrays
+    assert not {7 * 4 * 9, 5 * 7, 180 * 10} & set(float_arrays)
     byte_arrays = [int(n) for n in re.findall(r"static const uint8_t \w+\[(\d+)\]", source)]
-    assert (8 * 4 * 9) // 2 in byte_arrays and 288 * 10 in byte_arrays  # 4-bit codes packed two per byte
-    assert gen.arena_bytes <= 4 * (8 * 36 + 10)  # activations only: no weight-sized scratch
-    dense_bytes = 4 * (8 * 4 * 9 + 288 * 10 + 100 + 8)
+    assert sorted(byte_arrays) == sorted([(7 * 4 * 9) // 2, (5 * 7 + 1) // 2, 180 * 10])  # 4-bit: 2 per byte
+    assert gen.arena_bytes <= 4 * (7 * 36 + 10)  # activations only: no weight-sized scratch
+    dense_bytes = 4 * (7 * 4 * 9 + 5 * 7 + 180 * 10 + 100 + 7)
     assert report["weight_bytes"] < 0.5 * dense_bytes
 
 

@@ -190,3 +190,57 @@ def compile_objects(sources: list[Path], workdir: Path, *, opt: str = "-O2", inc
              *[f"-I{d}" for d in include], "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     return objs
+
+
+SIZE_STARTUP = """\
+/* Minimal startup for footprint measurement: no semihosting, no stdio. */
+#include <stdint.h>
+
+extern uint32_t __etext, __data_start__, __data_end__, __bss_start__, __bss_end__, __stack_top;
+extern int main(void);
+void reset_handler(void);
+
+__attribute__((section(".vectors"), used))
+const void *const vector_table[2] = {&__stack_top, (const void *)reset_handler};
+
+void reset_handler(void)
+{
+    uint32_t *src = &__etext, *dst = &__data_start__;
+    while (dst < &__data_end__) *dst++ = *src++;
+    for (dst = &__bss_start__; dst < &__bss_end__;) *dst++ = 0;
+    *(volatile uint32_t *)0xE000ED88 |= (0xFu << 20);
+    (void)main();
+    for (;;) {
+    }
+}
+
+void _init(void) {}
+void _fini(void) {}
+"""
+
+
+def footprint(name: str, input_sizes: list[int], output_sizes: list[int], sources: list[Path], workdir: Path,
+              *, opt: str = "-O2", include: list[Path] = ()) -> dict[str, int]:
+    """Flash and RAM of one model as firmware: its code, kernels, weights, arena and the libm
+    functions it pulls in, linked with -gc-sections behind a bare main (no stdio), minus the
+    same firmware without the model."""
+    (workdir / "mps2_an386.ld").write_text(LINKER_SCRIPT)
+    (workdir / "size_startup.c").write_text(SIZE_STARTUP)
+    bufs = [f"static float io{k}[{max(n, 1)}];" for k, n in enumerate(input_sizes + output_sizes)]
+    args = ", ".join(f"io{k}" for k in range(len(input_sizes) + len(output_sizes)))
+    with_model = workdir / f"size_main_{name}.c"
+    with_model.write_text(f'#include "{name}.h"\n' + "\n".join(bufs)
+                          + f"\nint main(void) {{ return {name}_run({args}); }}\n")
+    bare = workdir / "size_main_bare.c"
+    bare.write_text("int main(void) { return 0; }\n")
+    result = {}
+    for tag, main, srcs in (("model", with_model, sources), ("bare", bare, [])):
+        elf = workdir / f"size_{name}_{tag}.elf"
+        run([CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections", *[f"-I{d}" for d in include],
+             str(main), *map(str, srcs), str(workdir / "size_startup.c"), "--specs=nano.specs", "-nostartfiles",
+             f"-T{workdir / 'mps2_an386.ld'}", "-Wl,--gc-sections", "-o", str(elf), "-lm"])
+        result[tag] = size([elf])
+    diff = {k: result["model"][k] - result["bare"][k] for k in ("text", "data", "bss")}
+    io_bytes = 4 * sum(input_sizes + output_sizes)
+    return {"flash": diff["text"] + diff["data"], "ram": diff["data"] + diff["bss"] - io_bytes,
+            "text": diff["text"], "data": diff["data"], "bss": diff["bss"] - io_bytes}

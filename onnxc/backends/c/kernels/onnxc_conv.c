@@ -42,6 +42,37 @@ static void accumulate_plane(const float *xp, const onnxc_weight *w, int32_t m, 
     }
 }
 
+/* The same for four output planes at once (output channels m..m+3 of one group): each input
+ * value is loaded once for four multiply-adds. */
+static void accumulate_plane4(const float *xp, const onnxc_weight *w, int32_t m, int32_t wbase, int32_t wstride,
+                              float *yp, int32_t ystride, const onnxc_conv_p *p)
+{
+    int32_t kh, kw, oh, ow;
+    for (kh = 0; kh < p->kh; kh++) {
+        int32_t oh_lo, oh_hi;
+        valid_range(p->h, p->oh, p->sh, p->pt, kh * p->dh, &oh_lo, &oh_hi);
+        for (kw = 0; kw < p->kw; kw++) {
+            int32_t ow_lo, ow_hi, tap = wbase + kh * p->kw + kw;
+            float w0 = onnxc_weight_at(w, m, tap);
+            float w1 = onnxc_weight_at(w, m + 1, tap + wstride);
+            float w2 = onnxc_weight_at(w, m + 2, tap + 2 * wstride);
+            float w3 = onnxc_weight_at(w, m + 3, tap + 3 * wstride);
+            valid_range(p->w, p->ow, p->sw, p->pl, kw * p->dw, &ow_lo, &ow_hi);
+            for (oh = oh_lo; oh < oh_hi; oh++) {
+                const float *xr = xp + (oh * p->sh - p->pt + kh * p->dh) * p->w - p->pl + kw * p->dw;
+                float *y0 = yp + oh * p->ow, *y1 = y0 + ystride, *y2 = y1 + ystride, *y3 = y2 + ystride;
+                for (ow = ow_lo; ow < ow_hi; ow++) {
+                    float v = xr[ow * p->sw];
+                    y0[ow] += w0 * v;
+                    y1[ow] += w1 * v;
+                    y2[ow] += w2 * v;
+                    y3[ow] += w3 * v;
+                }
+            }
+        }
+    }
+}
+
 static void init_plane(float *yp, int32_t size, const float *bias, int32_t m)
 {
     int32_t i;
@@ -53,17 +84,22 @@ void onnxc_conv2d(const float *x, const onnxc_weight *w, const float *bias, floa
 {
     int32_t cg = p->c / p->group, mg = p->m / p->group, ksize = p->kh * p->kw;
     int32_t in_plane = p->h * p->w, out_plane = p->oh * p->ow;
-    int32_t n, m, cc;
+    int32_t n, m, cc, i;
     for (n = 0; n < p->n; n++) {
-        for (m = 0; m < p->m; m++) {
-            int32_t g = m / mg;
+        for (m = 0; m < p->m;) {
+            int32_t g = m / mg, block = (m % mg + 4 <= mg) ? 4 : 1; /* 4 channels of one group at a time */
             float *yp = y + (n * p->m + m) * out_plane;
-            init_plane(yp, out_plane, bias, m);
+            for (i = 0; i < block; i++) init_plane(yp + i * out_plane, out_plane, bias, m + i);
             for (cc = 0; cc < cg; cc++) {
                 const float *xp = x + (n * p->c + g * cg + cc) * in_plane;
-                accumulate_plane(xp, w, m, (m * cg + cc) * ksize, yp, p);
+                if (block == 4) {
+                    accumulate_plane4(xp, w, m, (m * cg + cc) * ksize, cg * ksize, yp, out_plane, p);
+                } else {
+                    accumulate_plane(xp, w, m, (m * cg + cc) * ksize, yp, p);
+                }
             }
-            if (p->act != ONNXC_OP_NONE) onnxc_unary(yp, yp, out_plane, p->act, p->act_a, p->act_b);
+            if (p->act != ONNXC_OP_NONE) onnxc_unary(yp, yp, block * out_plane, p->act, p->act_a, p->act_b);
+            m += block;
         }
     }
 }
@@ -99,13 +135,7 @@ void onnxc_conv1x1_inplace(float *xy, const onnxc_weight *w, const float *bias, 
         for (px = 0; px < hw; px++) {
             for (c = 0; c < p->c; c++) scratch[c] = xin[c * hw + px];
             for (m = 0; m < p->m; m++) {
-                float acc = bias ? bias[m] : 0.0f;
-                if (w->dense) {
-                    const float *wr = w->dense + m * p->c;
-                    for (c = 0; c < p->c; c++) acc += wr[c] * scratch[c];
-                } else {
-                    for (c = 0; c < p->c; c++) acc += onnxc_weight_at(w, m, m * p->c + c) * scratch[c];
-                }
+                float acc = onnxc_weight_dot(w, m, m * p->c, scratch, p->c, bias ? bias[m] : 0.0f);
                 yout[m * hw + px] = p->act != ONNXC_OP_NONE ? onnxc_unary_scalar(acc, p->act, p->act_a, p->act_b)
                                                             : acc;
             }

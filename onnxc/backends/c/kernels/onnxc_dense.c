@@ -6,29 +6,12 @@
 
 void onnxc_dense(const float *x, const onnxc_weight *w, const float *bias, float *y, const onnxc_dense_p *p)
 {
-    int32_t i, j, k;
+    int32_t i, j;
     for (i = 0; i < p->m; i++) {
         const float *xi = x + i * p->k;
         float *yi = y + i * p->n;
         for (j = 0; j < p->n; j++) {
-            float acc = bias ? bias[j] : 0.0f;
-            int32_t row = j * p->k;
-            if (w->dense) {
-                const float *wr = w->dense + row;
-                for (k = 0; k < p->k; k++) acc += xi[k] * wr[k];
-            } else {
-                const float *cb = w->codebook + (w->row_base ? w->row_base[j] : 0);
-                if (w->bits == 4) {
-                    for (k = 0; k < p->k; k++) {
-                        int32_t e = row + k;
-                        acc += xi[k] * cb[(w->codes[e >> 1] >> ((e & 1) << 2)) & 15];
-                    }
-                } else {
-                    const uint8_t *cr = w->codes + row;
-                    for (k = 0; k < p->k; k++) acc += xi[k] * cb[cr[k]];
-                }
-            }
-            yi[j] = acc;
+            yi[j] = onnxc_weight_dot(w, j, j * p->k, xi, p->k, bias ? bias[j] : 0.0f);
         }
         if (p->act != ONNXC_OP_NONE) onnxc_unary(yi, yi, p->n, p->act, p->act_a, p->act_b);
     }

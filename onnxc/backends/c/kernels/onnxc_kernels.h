@@ -74,6 +74,39 @@ static inline float onnxc_weight_at(const onnxc_weight *w, int32_t row, int32_t 
     return w->codebook[(w->row_base ? w->row_base[row] : 0) + (int32_t)code];
 }
 
+/* acc + dot product of x[0..n) with weight elements [start, start + n) of output row `row`:
+ * the inner loop of dense layers and 1x1 convolutions, reading 4-bit codes a byte (two weights)
+ * at a time. */
+static inline float onnxc_weight_dot(const onnxc_weight *w, int32_t row, int32_t start, const float *x, int32_t n,
+                                     float acc)
+{
+    int32_t k = 0;
+    const float *cb;
+    if (w->dense) {
+        const float *wr = w->dense + start;
+        for (; k < n; k++) acc += x[k] * wr[k];
+        return acc;
+    }
+    cb = w->codebook + (w->row_base ? w->row_base[row] : 0);
+    if (w->bits == 4) {
+        const uint8_t *c;
+        if (n > 0 && (start & 1)) { /* odd start: high nibble of the first byte */
+            acc += x[0] * cb[w->codes[start >> 1] >> 4];
+            k = 1;
+        }
+        c = w->codes + ((start + k) >> 1);
+        for (; k + 1 < n; k += 2, c++) {
+            acc += x[k] * cb[*c & 15];
+            acc += x[k + 1] * cb[*c >> 4];
+        }
+        if (k < n) acc += x[k] * cb[*c & 15];
+    } else {
+        const uint8_t *c = w->codes + start;
+        for (; k < n; k++) acc += x[k] * cb[c[k]];
+    }
+    return acc;
+}
+
 /* ---- onnxc_eltwise.c ---------------------------------------------------------------- */
 float onnxc_unary_scalar(float v, int32_t op, float a, float b);
 void onnxc_unary(const float *x, float *y, int32_t n, int32_t op, float a, float b);

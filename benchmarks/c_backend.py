@@ -1,0 +1,168 @@
+"""C backend: memory, footprint, executed instructions and fidelity per model, side by side.
+
+For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered variants, and with
+`--light` SqueezeNet/ShuffleNet with random weights):
+
+- arena bytes (the one static activation buffer) beside the naive peak of simultaneously live
+  intermediate tensors in node order (no in-place, no aliasing) -- and onnx2c's 64,000 for the
+  DS-CNN;
+- weight bytes, and flash (text + rodata) / RAM (data + bss) of the model linked as Cortex-M4
+  firmware (`arm-none-eabi-size`, -O2, gc-sections, minus an empty firmware);
+- instructions executed by `NAME_run` on the host build (-O2, `valgrind --tool=callgrind`) and
+  per multiply-accumulate;
+- max |C - onnxruntime| / max |onnxruntime| on the host, and on the Cortex-M4 under QEMU
+  (mps2-an386, semihosting).
+
+    python benchmarks/c_backend.py [--light] [--no-qemu] [--no-callgrind]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from onnxc.api import optimize  # noqa: E402
+from onnxc.backends.c import compile_model, mps2  # noqa: E402
+from onnxc.backends.c.reference_models import ds_cnn, onnx2c_reference_bytes  # noqa: E402
+from onnxc.backends.c.toolchain import (  # noqa: E402
+    build_generated,
+    callgrind_instructions,
+    max_rel_error,
+    run_generated,
+)
+from onnxc.compiler import runtime  # noqa: E402
+from onnxc.compiler.canonical import canonicalize  # noqa: E402
+from onnxc.compiler.cost import model_cost  # noqa: E402
+
+SAMPLES = ROOT / "samples"
+
+
+def models(light: bool) -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray]]]:
+    digit = {"input": np.load(SAMPLES / "digits_test.npz")["input"][:1]}
+    out = [(name, onnx.load(SAMPLES / f"{name}.onnx"), digit) for name in ("mlp", "vgg", "resnet", "mobilenet")]
+    rng = np.random.default_rng(0)
+    out.append(("ds_cnn", ds_cnn(seed=0), {"input": rng.standard_normal((1, 1, 49, 10)).astype(np.float32)}))
+    for name in ("mobilenet", "resnet"):
+        spec = "cluster:bits=4,min_size=256"
+        res = optimize(SAMPLES / f"{name}.onnx", passes=[spec], calibration=SAMPLES / "digits_calib.npz")
+        out.append((f"{name}_c4", res.model, digit))
+    if light:
+        from test_c_light import light_model
+
+        x = {"data_0": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+        for name in ("squeezenet", "shufflenet"):
+            m = light_model(name)
+            feed = {m.graph.input[0].name: x["data_0"]}
+            out.append((name, m, feed))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--light", action="store_true", help="add SqueezeNet and ShuffleNet (random weights; slow)")
+    ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M4 run under QEMU")
+    ap.add_argument("--no-callgrind", action="store_true", help="skip instruction counting")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="onnxc_c_bench_"))
+    try:
+        run(models(args.light), work, qemu=not args.no_qemu and mps2.available(), callgrind=not args.no_callgrind)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(entries, work: Path, *, qemu: bool, callgrind: bool) -> None:
+    gens = []
+    t0 = time.time()
+    for name, model, _ in entries:
+        gens.append(compile_model(model, name))
+    print(f"# lowered {len(gens)} models in {time.time() - t0:.1f}s", file=sys.stderr)
+    host = work / "host"
+    exe = build_generated(gens, host, opt="-O2")
+    rows = []
+    for k, ((name, model, feed), gen) in enumerate(zip(entries, gens)):
+        ref = runtime.run(model, feed)
+        got = run_generated(exe, k, gen, feed)
+        err = max(max_rel_error(got[o], ref[o]) for o in ref)
+        report = gen.report()
+        fp = mps2.footprint(name, [gen.prog.size(n) for n in gen.prog.inputs],
+                            [gen.prog.size(n) for n in gen.prog.outputs],
+                            [host / f"{name}.c"] + sorted(host.glob("onnxc_*.c")), host, include=[host]) \
+            if shutil.which(mps2.CC) else None
+        instr = None
+        if callgrind and shutil.which("valgrind"):
+            instr = callgrind_instructions(exe, k, [feed[n] for n in gen.prog.inputs], f"{name}_run", host)
+        macs = model_cost(canonicalize(model, {n: list(v.shape) for n, v in feed.items()})).macs
+        rows.append({"name": name, "macs": macs, "arena": gen.arena_bytes, "peak": report["naive_peak_bytes"],
+                     "weights": gen.weight_bytes, "fp": fp, "instr": instr, "err": err, "gen": gen, "feed": feed,
+                     "ref": ref})
+        print(f"# {name}: done", file=sys.stderr)
+    m4 = m4_errors(rows, work / "m4") if qemu else {}
+    print_table(rows, m4)
+
+
+def m4_errors(rows, work: Path) -> dict[str, float]:
+    """Run every model that fits the board (4 MB flash) on the Cortex-M4 under QEMU."""
+    work.mkdir(parents=True, exist_ok=True)
+    fit = [r for r in rows if r["fp"] is None or r["fp"]["flash"] < 3 << 20 and r["fp"]["ram"] < 3 << 20]
+    errors = {}
+    for r in fit:  # one firmware per model: each must fit the memories on its own
+        d = work / r["name"]
+        d.mkdir()
+        gen = r["gen"]
+        gen.write(d)
+        (d / "main.c").write_text(mps2.firmware_main([(gen.prog.name, [r["feed"][n] for n in gen.prog.inputs],
+                                                       [gen.prog.size(n) for n in gen.prog.outputs])]))
+        elf = mps2.build(sorted(d.glob("*.c")), d, include=[d])
+        printed = mps2.parse_outputs(mps2.run_qemu(elf, timeout=900))
+        errors[r["name"]] = max(max_rel_error(printed[f"{gen.prog.name}.out{k}"], r["ref"][o].reshape(-1))
+                                for k, o in enumerate(gen.prog.outputs))
+    return errors
+
+
+def _kb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1000:,.1f}k"
+
+
+def print_table(rows, m4: dict[str, float]) -> None:
+    head = (f"{'model':14s} {'MACs':>9s} {'arena':>9s} {'naive peak':>10s} {'arena/peak':>10s} {'weights':>9s} "
+            f"{'flash':>9s} {'RAM':>9s} {'host instr':>11s} {'instr/MAC':>9s} {'err host':>9s} {'err M4':>9s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        fp = r["fp"] or {}
+        instr, macs = r["instr"], max(r["macs"], 1)
+        instr_s = "-" if instr is None else f"{instr / 1e6:,.2f}M"
+        per_mac = "-" if instr is None else f"{instr / macs:.2f}"
+        m4_s = f"{m4[r['name']]:9.1e}" if r["name"] in m4 else "-"
+        print(f"{r['name']:14s} {r['macs'] / 1e6:8.2f}M {_kb(r['arena']):>9s} {_kb(r['peak']):>10s} "
+              f"{r['arena'] / max(r['peak'], 1):10.2f} {_kb(r['weights']):>9s} {_kb(fp.get('flash')):>9s} "
+              f"{_kb(fp.get('ram')):>9s} {instr_s:>11s} {per_mac:>9s} {r['err']:9.1e} {m4_s:>9s}")
+    by = {r["name"]: r for r in rows}
+    if "ds_cnn" in by:
+        a = by["ds_cnn"]["arena"]
+        print(f"\nDS-CNN arena {a:,} bytes vs onnx2c {onnx2c_reference_bytes():,} "
+              f"({a / onnx2c_reference_bytes():.2f}x; bound 48,000: {'met' if a <= 48_000 else 'NOT met'})")
+    for base in ("mobilenet", "resnet"):
+        if base in by and f"{base}_c4" in by and by[base]["fp"] and by[f"{base}_c4"]["fp"]:
+            d, c = by[base], by[f"{base}_c4"]
+            ratio_i = (c["instr"] / d["instr"]) if c["instr"] and d["instr"] else float("nan")
+            print(f"{base} 4-bit clustered / dense: flash {c['fp']['flash'] / d['fp']['flash']:.2f}x, "
+                  f"RAM {c['fp']['ram'] / d['fp']['ram']:.2f}x, instructions {ratio_i:.2f}x")
+    print("\nflash = text+rodata+data of the model linked for Cortex-M4 (-O2, gc-sections) minus an empty "
+          "firmware;\nRAM = data+bss (the arena) minus the I/O buffers; err = max|C-ort|/max|ort|; "
+          f"host: {os.uname().machine}, callgrind on NAME_run")
+
+
+if __name__ == "__main__":
+    main()
