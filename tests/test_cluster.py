@@ -80,6 +80,31 @@ def test_report_sizes_and_huffman(tmp_path):
     assert info["model_tensor_bytes_after"] < info["model_tensor_bytes_before"] / 7
 
 
+@pytest.mark.parametrize("bits", [3, 6])
+def test_tight_packing_stores_exact_bit_width(bits, tmp_path):
+    """Same codes as the default containers (identical outputs), bits/8 bytes per weight."""
+    m = canonicalize(load(sample_path("vgg")))
+    cal = Calibration(*(2 * [dict(np.load(CALIBRATION))]), "calib.npz")
+    outs, sizes = [], []
+    for packing in ("auto", "tight"):
+        result = create("cluster", {"bits": bits, "packing": packing}).run(canonicalize(m), PassContext(cal))
+        path = save(canonicalize(result.model), tmp_path / f"{packing}.onnx")
+        outs.append(ort.InferenceSession(str(path)).run(None, {"input": cal.train["input"][:32]})[0])
+        sizes.append(sum(c.detail["code_bytes"] for c in result.changes))
+        if packing == "tight":
+            n = sum(c.detail["bytes_before"] // 4 for c in result.changes)
+            assert {c.detail["container"] for c in result.changes} == {"tight"}
+            assert sizes[-1] <= n * bits / 8 + 8 * len(result.changes) * 4
+            assert {w.container for w in read_clustered(load(path)).values()} == {"tight"}
+            assert _default_opset(load(path)) == 17
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert sizes[1] < sizes[0] * (bits / (4 if bits < 4 else 8)) * 1.01
+
+
+def _default_opset(m: onnx.ModelProto) -> int:
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def test_same_seed_gives_byte_identical_files(tmp_path):
     spec = "cluster:bits=4,init=kmeans++,per_channel=true"
     paths = []

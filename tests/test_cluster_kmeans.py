@@ -134,6 +134,16 @@ def test_uint4_tensor_layout_and_nibble_fallback_agree():
     assert tensor.raw_data == _codes.pack_nibbles(codes).tobytes()  # the fallback stores these bytes
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_stream_roundtrip(bits):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=8 * 37 + 5)
+    packed, tail = _codes.pack_bits(codes, bits)
+    assert packed.shape == (37, bits) and tail.size == 5
+    np.testing.assert_array_equal(np.concatenate([_codes.unpack_bits(packed, bits), tail]), codes)
+    if bits == 4:
+        assert packed.tobytes() == _codes.pack_nibbles(codes[:-5]).tobytes()
+
+
 def _softmax_model(opset: int, axis: int, rank: int) -> onnx.ModelProto:
     shape = [2, 3, 4, 5][:rank]
     nodes = [helper.make_node("Softmax", ["x"], ["y"], name="sm", axis=axis)]
@@ -161,10 +171,10 @@ def test_encode_patterns_run_in_onnxruntime():
     rng = np.random.default_rng(10)
     codes = rng.integers(0, 16, size=(7, 5)).astype(np.uint8)  # odd element count: nibble tail
     codebook = np.sort(rng.standard_normal(16)).astype(np.float32)
-    for container, opset in (("uint4", 21), ("nibbles", 11), ("uint8", 11)):
+    for container, opset in (("uint4", 21), ("nibbles", 11), ("uint8", 11), ("tight", 11)):
         m = model([], [f32("x", [1, 7])], [f32("y", [1, 5])], opset=opset, ir=10 if opset == 21 else 7)
         view = GraphView(m.graph)
-        enc = _codes.encode(view, "W", codes, codebook, None, container, "W")
+        enc = _codes.encode(view, "W", codes, codebook, None, container, "W", bits=4)
         m.graph.initializer.extend(enc.initializers)
         m.graph.node.extend(enc.nodes + [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")])
         onnx.checker.check_model(m, full_check=True)

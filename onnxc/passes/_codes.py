@@ -28,7 +28,7 @@ from onnxc.compiler.graph import GraphView, attr, set_attr, subgraphs
 
 UINT4_OPSET = 21
 UINT4_IR = 10
-CONTAINERS = ("uint4", "nibbles", "uint8")
+CONTAINERS = ("uint4", "nibbles", "uint8", "tight")
 
 
 # ---- sizes ----------------------------------------------------------------------------------
@@ -56,6 +56,23 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
     return (flat[0::2] & 0x0F) | (flat[1::2] << 4)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A little-endian bit stream of `bits`-bit codes as [M, bits] bytes (8 codes per row), and the
+    N mod 8 codes left over. Code i occupies stream bits [i*bits, (i+1)*bits), so for 4 bits the
+    bytes are exactly a UINT4 tensor's raw_data."""
+    flat = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    m = flat.size // 8
+    body = flat[: 8 * m].reshape(m, 8, 1)
+    planes = np.unpackbits(body, axis=2, bitorder="little")[:, :, :bits]  # [M, 8, bits]
+    return np.packbits(planes.reshape(m, 8 * bits), axis=1, bitorder="little"), flat[8 * m:]
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `pack_bits` for the [M, bits] body: 8 * M codes."""
+    planes = np.unpackbits(packed, axis=1, bitorder="little").reshape(-1, 8, bits).astype(np.int64)
+    return (planes << np.arange(bits)).sum(axis=2).reshape(-1)
 
 
 def uint4_tensor(name: str, codes: np.ndarray) -> TensorProto:
@@ -91,7 +108,7 @@ class Encoded:
 
 
 def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray,
-           offsets: np.ndarray | None, container: str, base: str) -> Encoded:
+           offsets: np.ndarray | None, container: str, base: str, bits: int = 8) -> Encoded:
     """Build `output = Gather(codebook, [Add(] idx [, offsets)])` with idx from the codes.
 
     `codes` has the weight's shape; `codebook` is 1-D ([K], or [C*K] with `offsets` holding c*K
@@ -105,6 +122,8 @@ def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray
     enc.initializers.append(cb)
     if container == "nibbles":
         idx = _unpack_nibbles(view, enc, codes, base)
+    elif container == "tight":
+        idx = _unpack_tight(view, enc, codes, bits, base)
     else:
         codes_name = name(f"{base}_codes")
         if container == "uint4":
@@ -122,6 +141,62 @@ def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray
         idx = shifted
     enc.nodes.append(helper.make_node("Gather", [cb.name, idx], [output], name=name(f"{base}_gather"), axis=0))
     return enc
+
+
+def _unpack_tight(view: GraphView, enc: Encoded, codes: np.ndarray, bits: int, base: str) -> str:
+    """int32 codes from a bit stream stored as [M, bits] bytes (8 codes per row, `pack_bits`).
+
+    Code p of a row starts at bit p*bits, inside byte j = p*bits // 8 at offset o = p*bits % 8 and
+    never spans more than two bytes: code = ((B[j] + 256 * B[j+1]) / 2^o) mod 2^bits, with the
+    per-position j, 2^o and the 256 (0 where byte j+1 is past the row) as [8] constants.
+    """
+    name = view.unique_name
+    packed, tail = pack_bits(codes, bits)
+    start = np.arange(8) * bits
+    j_lo = start // 8
+    j_hi = np.minimum(j_lo + 1, bits - 1)
+    consts = {
+        "codes": packed,
+        "jlo": j_lo.astype(np.int64),
+        "jhi": j_hi.astype(np.int64),
+        "hscale": np.where(j_lo + 1 < bits, 256, 0).astype(np.int32),
+        "shift": (1 << (start % 8)).astype(np.int32),
+        "modulus": np.array(1 << bits, dtype=np.int32),
+        "flat_shape": np.array([-1], dtype=np.int64),
+        "shape": np.array(codes.shape, dtype=np.int64),
+    }
+    c = {k: name(f"{base}_{k}") for k in consts}
+    enc.initializers += [numpy_helper.from_array(v, c[k]) for k, v in consts.items()]
+    t = {k: name(f"{base}_{k}") for k in ("bytes", "lo", "hi", "hi256", "pair", "shifted", "q", "qm", "code", "flat")}
+    enc.nodes += [
+        helper.make_node("Cast", [c["codes"]], [t["bytes"]], name=name(f"{base}_cast"), to=TensorProto.INT32),
+        helper.make_node("Gather", [t["bytes"], c["jlo"]], [t["lo"]], name=name(f"{base}_lo_byte"), axis=1),
+        helper.make_node("Gather", [t["bytes"], c["jhi"]], [t["hi"]], name=name(f"{base}_hi_byte"), axis=1),
+        helper.make_node("Mul", [t["hi"], c["hscale"]], [t["hi256"]], name=name(f"{base}_hi_scale")),
+        helper.make_node("Add", [t["lo"], t["hi256"]], [t["pair"]], name=name(f"{base}_pair")),
+        helper.make_node("Div", [t["pair"], c["shift"]], [t["shifted"]], name=name(f"{base}_shift")),
+        helper.make_node("Div", [t["shifted"], c["modulus"]], [t["q"]], name=name(f"{base}_div")),
+        helper.make_node("Mul", [t["q"], c["modulus"]], [t["qm"]], name=name(f"{base}_mul")),
+        helper.make_node("Sub", [t["shifted"], t["qm"]], [t["code"]], name=name(f"{base}_mod")),
+        helper.make_node("Reshape", [t["code"], c["flat_shape"]], [t["flat"]], name=name(f"{base}_flatten")),
+    ]
+    return _finish_flat(view, enc, t["flat"], tail, c["shape"], base)
+
+
+def _finish_flat(view: GraphView, enc: Encoded, flat_name: str, tail: np.ndarray, shape_name: str,
+                 base: str) -> str:
+    """Append the leftover codes (if any) and reshape the flat codes to the weight's shape."""
+    name = view.unique_name
+    if tail.size:
+        tail_t = numpy_helper.from_array(tail.astype(np.int32), name(f"{base}_tail"))
+        enc.initializers.append(tail_t)
+        joined = name(f"{base}_joined")
+        enc.nodes.append(helper.make_node("Concat", [flat_name, tail_t.name], [joined], name=name(f"{base}_append"),
+                                          axis=0))
+        flat_name = joined
+    idx = name(f"{base}_idx")
+    enc.nodes.append(helper.make_node("Reshape", [flat_name, shape_name], [idx], name=name(f"{base}_reshape")))
+    return idx
 
 
 def _unpack_nibbles(view: GraphView, enc: Encoded, codes: np.ndarray, base: str) -> str:
@@ -145,17 +220,7 @@ def _unpack_nibbles(view: GraphView, enc: Encoded, codes: np.ndarray, base: str)
         helper.make_node("Concat", [t[3], t[1]], [t[4]], name=name(f"{base}_interleave"), axis=1),
         helper.make_node("Reshape", [t[4], flat_shape.name], [t[5]], name=name(f"{base}_flatten")),
     ]
-    flat_name = t[5]
-    if flat.size % 2:
-        tail = numpy_helper.from_array(flat[-1:].astype(np.int32), name(f"{base}_tail"))
-        enc.initializers.append(tail)
-        joined = name(f"{base}_joined")
-        enc.nodes.append(helper.make_node("Concat", [flat_name, tail.name], [joined], name=name(f"{base}_append"),
-                                          axis=0))
-        flat_name = joined
-    idx = name(f"{base}_idx")
-    enc.nodes.append(helper.make_node("Reshape", [flat_name, w_shape.name], [idx], name=name(f"{base}_reshape")))
-    return idx
+    return _finish_flat(view, enc, t[5], flat[2 * pairs:], w_shape.name, base)
 
 
 # ---- opset upgrade for UINT4 ----------------------------------------------------------------
@@ -348,16 +413,23 @@ def _decode_index(node: onnx.NodeProto, view: GraphView) -> tuple[np.ndarray, st
     if flat is not None and flat.op_type == "Concat" and flat.input[1] in view.initializers:
         tail = view.const(flat.input[1]).astype(np.int64).reshape(-1)
         flat = view.producers.get(flat.input[0])
-    chain = [flat]
-    for op in ("Reshape", "Concat", "Sub", "Cast"):
-        node_ = chain[-1]
-        if node_ is None or node_.op_type != op:
-            return None
-        chain.append(view.producers.get(node_.input[0]) if op != "Cast" else None)
-    cast = chain[-2]
-    if cast.input[0] not in view.initializers:
+    cast = flat
+    for _ in range(16):  # follow first inputs back to the Cast of the packed bytes
+        if cast is None or (cast.op_type == "Cast" and cast.input[0] in view.initializers):
+            break
+        cast = view.producers.get(cast.input[0])
+    if cast is None or cast.op_type != "Cast" or cast.input[0] not in view.initializers:
         return None
-    packed = view.const(cast.input[0]).astype(np.uint8).reshape(-1)
-    pairs = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1).astype(np.int64)
-    codes = np.concatenate([pairs, tail])
-    return codes.reshape(shape), "nibbles", cast.input[0]
+    packed = view.const(cast.input[0]).astype(np.uint8)
+    body = int(np.prod(shape)) - tail.size
+    if packed.ndim != 2 or not packed.shape[0]:
+        return None
+    per_row = body // packed.shape[0]
+    if per_row == 2 and packed.shape[1] == 1:
+        codes, kind = np.stack([packed[:, 0] & 0x0F, packed[:, 0] >> 4], axis=1).reshape(-1), "nibbles"
+    elif per_row == 8:
+        codes, kind = unpack_bits(packed, packed.shape[1]), "tight"
+    else:
+        return None
+    codes = np.concatenate([codes.astype(np.int64), tail])
+    return codes.reshape(shape), kind, cast.input[0]

@@ -4,9 +4,11 @@ Every large float weight of a Conv, ConvTranspose, Gemm or MatMul is replaced by
 fewer) shared values and one small integer code per weight, so the file shrinks ~32/bits times.
 The 1-D k-means (`_kmeans1d`) works on the sorted weights or their fine histogram, so even a
 4096x4096 layer clusters in about a second. With real calibration data each weight's squared
-error is weighted by the mean square of the input it multiplies (`data_aware`): an error on a
-weight fed by a large activation costs more at the output. Exact zeros (pruned weights) keep an
-exact 0.0 code. The report gives, per layer, the weight error, bytes before/after and the size
+error is weighted by the second moment of the input it multiplies (`data_aware`): an error on a
+weight fed by a large activation costs more at the output; and the mean output shift the
+clustering causes, E[dW x] = dW E[x], is folded into the bias (`bias_correction`), after which
+only the input's variance matters for the weighting. Exact zeros (pruned weights) keep an exact
+0.0 code. The report gives, per layer, the weight error, bytes before/after and the size
 the codes would take Huffman-coded (Deep Compression's third stage).
 
 Clustered weight pattern (a contract: the C backend reads it)
@@ -20,9 +22,9 @@ The weight initializer `W` is removed and the same name becomes the output of::
 - `codebook`: initializer of W's float type (float32 in practice), 1-D: `[K]`, or per channel
   `[C*K]` where channel c owns `codebook[c*K:(c+1)*K]`. Entries ascend (per channel). When W
   (the channel) had exact zeros, one entry is exactly 0.0 and those weights use it.
-- `codes`: initializer with W's shape: UINT4 when K <= 16 (raw_data holds two codes per byte,
-  low nibble first: element i of the flattened W is byte i // 2, bits 0-3 if i is even, 4-7 if
-  odd), else UINT8. UINT4 needs IR >= 10 and default-domain opset >= 21: the pass raises the
+- `codes`: initializer with W's shape: UINT4 when bits <= 4 (K <= 16; raw_data holds two codes
+  per byte, low nibble first: element i of the flattened W is byte i // 2, bits 0-3 if i is
+  even, 4-7 if odd), else UINT8 (bits 5-8). UINT4 needs IR >= 10 and default-domain opset >= 21: the pass raises the
   model's opset to 21 (and IR to 10) when every op keeps its meaning there (see
   `_codes.upgrade_for_uint4`), else uses the fallback below.
 - `row_offsets` (per_channel): INT32 initializer holding c*K along the channel axis, shaped
@@ -40,10 +42,26 @@ count), unpacked in the graph with ops valid since opset 7::
     flat = Concat(flat, tail, axis=0)        # only when N is odd: tail is INT32 [1], the last code
     idx  = Reshape(flat, shape_of_W)
 
-followed by the same optional Add and the Gather. `read_clustered(model)` decodes either form.
-Codes of 1 to 3 bits use the 4-bit containers. Canonicalization never folds Cast/Gather/Add of
-constants, so the pattern survives the PassManager; onnxruntime folds it back to a dense weight
-at session start (the file shrinks, not the runtime memory).
+followed by the same optional Add and the Gather.
+
+`packing=tight` (opt-in) stores 1-3 and 5-7 bit codes at exactly `bits` bits: a little-endian
+bit stream (code i in stream bits [i*bits, (i+1)*bits); for 4 bits these are the UINT4 bytes)
+held as a UINT8 initializer `codes` of shape [N // 8, bits] (8 codes per row), unpacked with::
+
+    B     = Cast(codes, to=INT32)                       # [M, bits]
+    pair  = Add(Gather(B, jlo, axis=1), Mul(Gather(B, jhi, axis=1), hscale))    # [M, 8]
+    s     = Div(pair, shift)
+    code  = Sub(s, Mul(Div(s, modulus), modulus))       # modulus: INT32 scalar 2^bits
+    flat  = Reshape(code, [-1]); flat = Concat(flat, tail, axis=0)   # tail: the N % 8 last codes
+    idx   = Reshape(flat, shape_of_W)
+
+where, for code position p = 0..7 of a row, jlo[p] = p*bits // 8, jhi[p] = min(jlo[p]+1, bits-1),
+hscale[p] = 256 if jlo[p]+1 < bits else 0 and shift[p] = 2^(p*bits % 8) ([8] constants).
+4-bit and 8-bit codes keep the containers above. `_codes.read_clustered(model)` decodes every form.
+Canonicalization never folds Cast/Gather/Add of constants, so the pattern survives the
+PassManager; onnxruntime folds it back to a dense weight at session start (the file shrinks,
+not the runtime memory). Bias correction may give a Conv/Gemm that had none a bias input, or
+change the constant of the Add after a MatMul.
 """
 
 from __future__ import annotations
@@ -93,8 +111,8 @@ class ClusterPass(Pass):
                 "companded (density^(1/3) spacing)",
         "data_aware": "weight errors by the calibration inputs' mean square (ignored with random data)",
         "keep_zero": "give exact zeros (pruned weights) an exact 0.0 code",
-        "packing": "4-bit codes: auto (UINT4 if the opset can go to 21, else packed bytes), uint4 (or skip), "
-                   "nibbles (packed bytes)",
+        "packing": "code storage: auto (UINT4 if the opset can go to 21, else packed bytes; UINT8 above 4 "
+                   "bits), uint4 (or skip), nibbles (packed bytes), tight (a bit stream at exactly `bits`)",
         "max_iter": "Lloyd iterations per codebook",
         "bias_correction": "fold the mean output shift E[dW x] into the bias (calibration data only)",
     }
@@ -105,7 +123,7 @@ class ClusterPass(Pass):
     init: Literal["linear", "density", "kmeans++", "companded"] = "linear"
     data_aware: bool = True
     keep_zero: bool = True
-    packing: Literal["auto", "uint4", "nibbles"] = "auto"
+    packing: Literal["auto", "uint4", "nibbles", "tight"] = "auto"
     bias_correction: bool = True
     max_iter: int = 300
 
@@ -131,7 +149,9 @@ class ClusterPass(Pass):
         stats = self._input_stats(model, targets, ctx)
         importance = self._importance(view, targets, stats)
         bytes_before = tensor_bytes(model)
-        container4, opset_note = self._container4(model) if self.bits <= 4 else ("", "")
+        tight = self.packing == "tight" and self.bits not in (4, 8)
+        needs4 = self.bits <= 4 and not tight
+        container4, opset_note = self._container4(model) if needs4 else ("", "")
         removed: set[str] = set()
         new_nodes: list[onnx.NodeProto] = []
         totals = {"weight_bytes_before": 0, "weight_bytes_after": 0, "huffman_code_bytes": 0, "code_bytes": 0}
@@ -141,13 +161,13 @@ class ClusterPass(Pass):
             if not np.all(np.isfinite(weight)):
                 result.skipped.append(Skip(target.nodes[0].name, "weight has non-finite values"))
                 continue
-            container = container4 if self.bits <= 4 else "uint8"
+            container = "tight" if tight else container4 if self.bits <= 4 else "uint8"
             if not container:
                 result.skipped.append(Skip(target.nodes[0].name, opset_note))
                 continue
             codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
             enc = _codes.encode(view, target.weight, codes, codebook.reshape(-1).astype(weight.dtype), offsets,
-                                container, target.weight)
+                                container, target.weight, bits=self.bits)
             if enc.nbytes >= weight.nbytes:
                 result.skipped.append(Skip(target.nodes[0].name, f"codes and codebooks ({enc.nbytes} B) would not "
                                            f"be smaller than the weight ({weight.nbytes} B)"))
