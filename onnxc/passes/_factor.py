@@ -1,0 +1,324 @@
+"""The skeleton shared by the decomposition passes (svd, tucker, cp).
+
+Each pass finds its candidate layers, gathers the input moments of all of them in one streaming
+pass over the calibration data (when fitting to data), then replaces each layer by a chain of
+smaller layers with an activation tensor between them (so no runtime can fold the factors back
+into one weight), and reports rank, cost and local error per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import onnx
+
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any
+from onnxc.passes import _whiten
+from onnxc.passes._rank import RankRule, validate_rule
+
+MAX_STATS_DIM = 4096  # larger input rows fall back to weight-only fitting (a D x D float64 moment)
+
+
+@dataclass
+class Layer:
+    """A candidate: the node, its input rows for statistics, and what the pass needs to fit it."""
+
+    node: onnx.NodeProto
+    rows: tuple[str, int, _whiten.Rows] | None  # (tensor, row dim, rows function) or None
+    info: dict = field(default_factory=dict)  # pass-specific; "weights": the weight count
+
+    def __post_init__(self) -> None:
+        if "w" in self.info:
+            self.info.setdefault("weights", int(self.info["w"].size))
+
+
+@dataclass
+class Fitted:
+    """A rewrite ready to apply: the nodes replacing the layer and its report entry."""
+
+    nodes: list[onnx.NodeProto]
+    change: Change
+
+
+@dataclass
+class FactorPass(Pass):
+    """Options and the run loop common to svd, tucker and cp; subclasses define the layer logic."""
+
+    uses_calibration = True
+    default_error_limits: ClassVar[dict[str, float]] = {}  # max_layer_error when unset, by error kind
+
+    rank: int | None = None
+    energy: float | None = None
+    auto: bool = False
+    ratio: float = 0.5
+    round_to: int = 1
+    data_aware: bool | None = None
+    min_params: int = 4096
+    max_layer_error: float | None = None
+    layers: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    common_help = {
+        "rank": "fixed rank for every layer (clamped to what the layer allows)",
+        "energy": "keep this fraction of the (whitened) singular-value energy, e.g. 0.95",
+        "auto": "choose ranks by empirical VBMF (noise level estimated from the spectrum)",
+        "ratio": "fraction of each layer's MACs kept (the default rule)",
+        "round_to": "round ranks to a multiple of this",
+        "data_aware": "fit to the layer inputs' covariance (default: on with real calibration data)",
+        "min_params": "leave layers with fewer weights alone",
+        "max_layer_error": "drop a layer's rewrite when its local relative error exceeds this",
+        "layers": "only these node names (globs, |-separated)",
+        "exclude": "skip these node names (globs, |-separated)",
+    }
+
+    def rule(self) -> RankRule:
+        return RankRule(self.rank, self.energy, self.auto, self.ratio, self.round_to)
+
+    def validate(self) -> None:
+        validate_rule(self.id, self.rule())
+        if self.max_layer_error is not None and self.max_layer_error <= 0:
+            from onnxc.errors import UsageError
+
+            raise UsageError(f"pass '{self.id}': max_layer_error must be > 0")
+
+    # ---- to be provided by each pass ------------------------------------------------------------
+    def candidate(self, node: onnx.NodeProto, view: GraphView, model: onnx.ModelProto) -> Layer | str | None:
+        """A Layer, a skip reason, or None when the node is not this pass's kind of layer."""
+        raise NotImplementedError
+
+    def fit(self, layer: Layer, view: GraphView, moments: _whiten.Moments | None, ctx: PassContext,
+            ) -> Fitted | str:
+        """The replacement for one layer, or the reason it is left alone."""
+        raise NotImplementedError
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        with _single_threaded_blas():
+            return self._run(model, ctx)
+
+    def _run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        view = GraphView(model.graph)
+        skipped: list[Skip] = []
+        layers: list[Layer] = []
+        for node in list(model.graph.node):
+            name = node.name or node.output[0]
+            if self.layers and not matches_any(name, self.layers):
+                continue
+            found = self.candidate(node, view, model)
+            if found is None:
+                continue
+            if matches_any(name, self.exclude):
+                skipped.append(Skip(name, "excluded by option"))
+            elif isinstance(found, str):
+                skipped.append(Skip(name, found))
+            elif found.info.get("weights", self.min_params) < self.min_params:
+                skipped.append(Skip(name, f"layer too small ({found.info['weights']} weights < "
+                                          f"min_params={self.min_params})"))
+            else:
+                layers.append(found)
+        aware = self.use_data(ctx)
+        stats: dict[str, _whiten.Moments] = {}
+        if aware and layers:
+            requests = [(layer.node.name, *layer.rows) for layer in layers
+                        if layer.rows is not None and layer.rows[1] <= MAX_STATS_DIM]
+            stats = _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed, progress=ctx.progress)
+        changes: list[Change] = []
+        ranks: dict[str, object] = {}
+        for i, layer in enumerate(layers):
+            ctx.progress(f"{self.id} fitting", i, len(layers))
+            name = layer.node.name
+            # replace_node rebuilds the node list (protobuf copies): find the live node again
+            layer.node = view.producers[layer.node.output[0]]
+            try:
+                fitted = self.fit(layer, view, stats.get(name), ctx)
+            except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+                fitted = f"fit failed: {exc}"
+            if isinstance(fitted, str):
+                skipped.append(Skip(name, fitted))
+                continue
+            err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
+            limit = self.max_layer_error if self.max_layer_error is not None else self.default_error_limits.get(kind)
+            if limit is not None and err is not None and err > limit:
+                skipped.append(Skip(name, f"local {kind} error {err:.3g} above max_layer_error={limit:g}"))
+                continue
+            view.replace_node(layer.node, fitted.nodes)
+            changes.append(fitted.change)
+            ranks[name] = fitted.change.detail.get("rank", fitted.change.detail.get("ranks"))
+        ctx.progress(f"{self.id} fitting", len(layers), len(layers))
+        if changes:
+            view.remove_unused()
+        info = {"rule": self.rule().name, "data_aware": bool(aware and stats), "ranks": ranks,
+                "layers_rewritten": len(changes)}
+        return PassResult(model, bool(changes), changes, skipped, info)
+
+    def use_data(self, ctx: PassContext) -> bool:
+        if ctx.calibration is None:
+            return False
+        if self.data_aware is None:
+            return not ctx.calibration.is_random
+        return bool(self.data_aware)
+
+
+def _single_threaded_blas():
+    """The matrices here are small: multi-threaded BLAS only spins, and on a shared machine it can be
+    ~50x slower (measured: an SVD of 128 x 1152 took 1.4 s with 2 busy cores instead of 20 ms)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it, BLAS keeps its default threads
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+# ---- helpers used by the passes -----------------------------------------------------------------
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def float_const(view: GraphView, name: str) -> np.ndarray | None:
+    """A float initializer's value (None for activations and non-float data)."""
+    if not name or name not in view.initializers or view.initializers[name].data_type not in FLOAT_TYPES:
+        return None
+    return view.const(name)
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def cost(params: int, macs: int, itemsize: int) -> dict:
+    return {"params": int(params), "macs": int(macs), "bytes": int(params) * itemsize}
+
+
+def numel(shape: Sequence[int]) -> int:
+    return int(math.prod(int(d) for d in shape))
+
+
+def output_error(w_aug: np.ndarray, new_aug: np.ndarray, moments: _whiten.Moments | None) -> tuple[float, str]:
+    """The local relative error: of the outputs on calibration when moments exist, else of the weights."""
+    if moments is not None:
+        return _whiten.relative_output_error(w_aug, new_aug, moments.augmented()), "output"
+    return _whiten.relative_weight_error(w_aug[:, :-1], new_aug[:, :-1]), "weight"
+
+
+# ---- convolutions -------------------------------------------------------------------------------
+@dataclass
+class ConvGeometry:
+    """A Conv's weight, bias and geometry with pads made explicit where the input size is known."""
+
+    weight: np.ndarray  # [C_out, C_in, k...]
+    bias: np.ndarray | None
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int] | None  # explicit [begin..., end...]; None when auto_pad needs unknown sizes
+    auto_pad: str
+    in_spatial: tuple[int, ...] | None
+    out_spatial: tuple[int, ...] | None
+
+    @property
+    def c_out(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def c_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def taps(self) -> int:
+        return numel(self.kernel)
+
+    @property
+    def p_in(self) -> int:
+        return numel(self.in_spatial) if self.in_spatial else 1
+
+    @property
+    def p_out(self) -> int:
+        return numel(self.out_spatial) if self.out_spatial else 1
+
+    @property
+    def macs(self) -> int:
+        return self.c_out * self.c_in * self.taps * self.p_out
+
+    @property
+    def params(self) -> int:
+        return self.weight.size + (self.bias.size if self.bias is not None else 0)
+
+    def w_aug(self) -> np.ndarray:
+        """[C_out, C_in * taps + 1]: the layer as a matrix on patches, bias as the last column."""
+        w = self.weight.reshape(self.c_out, -1).astype(np.float64)
+        b = self.bias.astype(np.float64) if self.bias is not None else np.zeros(self.c_out)
+        return np.concatenate([w, b[:, None]], axis=1)
+
+
+def parse_conv(node: onnx.NodeProto, view: GraphView) -> ConvGeometry | str:
+    """The geometry of a plain (group 1, constant float weight) Conv, or why it is not one."""
+    weight = float_const(view, node.input[1]) if len(node.input) > 1 else None
+    if weight is None:
+        return "weight is not a constant float tensor"
+    if weight.ndim < 3:
+        return "weight has no spatial dims"
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = float_const(view, node.input[2])
+        if bias is None:
+            return "bias is not a constant float tensor"
+    group = int(attr(node, "group", 1))
+    if group != 1:
+        kind = "depthwise" if weight.shape[1] == 1 else "grouped"
+        return f"{kind} conv (group={group}) not supported"
+    n = weight.ndim - 2
+    strides = list(attr(node, "strides", None) or [1] * n)
+    dilations = list(attr(node, "dilations", None) or [1] * n)
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    x_shape, y_shape = view.shape(node.input[0]), view.shape(node.output[0])
+    in_spatial = _known(x_shape[2:]) if x_shape and len(x_shape) == n + 2 else None
+    out_spatial = _known(y_shape[2:]) if y_shape and len(y_shape) == n + 2 else None
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _whiten.conv_pads(in_spatial, weight.shape[2:], strides, dilations, None, auto_pad) \
+            if in_spatial else None
+    else:
+        pads = _whiten.conv_pads([0] * n, weight.shape[2:], strides, dilations, attr(node, "pads", None), auto_pad)
+    return ConvGeometry(weight, bias, strides, dilations, pads, auto_pad, in_spatial, out_spatial)
+
+
+def _known(dims: Sequence) -> tuple[int, ...] | None:
+    return tuple(int(d) for d in dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
+
+
+def conv_rows(geo: ConvGeometry, tensor: str) -> tuple[str, int, _whiten.Rows] | None:
+    """The im2col statistics request for a Conv (None when pads are unknown)."""
+    if geo.pads is None:
+        return None
+    return tensor, geo.c_in * geo.taps, _whiten.im2col_rows(geo.kernel, geo.strides, geo.dilations, geo.pads)
+
+
+def conv(view: GraphView, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None, dtype: np.dtype, *,
+         output: str | None = None, group: int = 1, strides: Sequence[int] | None = None,
+         pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None,
+         auto_pad: str | None = None) -> onnx.NodeProto:
+    """A Conv node with fresh initializers for its weight (and bias)."""
+    inputs = [x, view.add_const(f"{name}.weight", weight.astype(dtype))]
+    if bias is not None:
+        inputs.append(view.add_const(f"{name}.bias", bias.astype(dtype)))
+    attrs: dict = {"kernel_shape": list(weight.shape[2:])}
+    if group != 1:
+        attrs["group"] = group
+    if strides is not None and any(s != 1 for s in strides):
+        attrs["strides"] = list(strides)
+    if dilations is not None and any(d != 1 for d in dilations):
+        attrs["dilations"] = list(dilations)
+    if auto_pad and auto_pad != "NOTSET":
+        attrs["auto_pad"] = auto_pad
+    elif pads is not None and any(pads):
+        attrs["pads"] = list(pads)
+    node = view.make_node("Conv", inputs, [output] if output else 1, name=name, **attrs)
+    return node

@@ -1,0 +1,195 @@
+"""`svd`: a dense layer y = W x + b becomes two thin ones, y = U (V x) + b, with rank r.
+
+Covers Gemm (any transA/transB, alpha, beta, with or without C) and MatMul with a constant 2-D
+weight on either side, including batched activations such as [B, T, D] @ [D, F] in transformers
+(a MatMul followed by an Add of a bias vector has that bias refitted too). With calibration data
+the factors minimize the layer's output error (SVD of W C^(1/2), mapped back by C^(-1/2), and the
+bias absorbs the input mean), otherwise the weight error (plain truncated SVD). The rank-r form
+costs r (K + N) instead of K N per row, so it is only emitted when r < K N / (K + N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.passes import Change, PassContext, register
+from onnxc.passes import _whiten
+from onnxc.passes._factor import FactorPass, Fitted, Layer, cost, float_const, numel, opset_version, output_error
+from onnxc.passes._rank import choose_ranks
+
+
+@register
+@dataclass
+class SvdPass(FactorPass):
+    id = "svd"
+    summary = "low-rank SVD of Gemm/MatMul weights (two thin layers), fitted to the layer's inputs"
+    option_help = FactorPass.common_help
+
+    ratio: float = 0.5
+
+    # ---- candidates ----------------------------------------------------------------------------
+    def candidate(self, node: onnx.NodeProto, view: GraphView, model: onnx.ModelProto) -> Layer | str | None:
+        if node.op_type == "Gemm":
+            return self._gemm(node, view, model)
+        if node.op_type == "MatMul":
+            return self._matmul(node, view)
+        return None
+
+    def _gemm(self, node: onnx.NodeProto, view: GraphView, model: onnx.ModelProto) -> Layer | str:
+        a, b = node.input[0], node.input[1]
+        weight = float_const(view, b)
+        if weight is None or weight.ndim != 2:
+            return "weight (input B) is not a constant 2-D float tensor"
+        if view.is_const(a):
+            return "input A is constant"
+        trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+        w = alpha * (weight if trans_b else weight.T).astype(np.float64)  # [N, K]
+        n_out, k = w.shape
+        bias, mode = None, "free"
+        c = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        if c:
+            cval = float_const(view, c)
+            if cval is not None and (cval.size == 1 or (cval.size == n_out and cval.shape[-1] == n_out)):
+                bias, mode = np.broadcast_to(beta * cval.astype(np.float64).reshape(-1), (n_out,)).copy(), "vector"
+            else:
+                mode = "keep"  # a per-row or computed C stays as it is on the second Gemm
+        shape = view.static_shape(a)
+        m = (shape[1] if trans_a else shape[0]) if shape and len(shape) == 2 else 1
+        rows = (a, k, _whiten.axis_rows(0, k) if trans_a else _whiten.last_axis_rows(k))
+        return Layer(node, rows, {"kind": "gemm", "w": w, "bias": bias, "mode": mode, "m": m, "dtype": weight.dtype,
+                                  "trans_a": trans_a, "beta": beta, "c": c, "opset": opset_version(model)})
+
+    def _matmul(self, node: onnx.NodeProto, view: GraphView) -> Layer | str | None:
+        a, b = node.input[0], node.input[1]
+        wa, wb = float_const(view, a), float_const(view, b)
+        if (wa is None) == (wb is None):
+            return None if wa is None else "both inputs are constant"
+        weight = wb if wb is not None else wa
+        if weight.ndim != 2:
+            return f"weight is {weight.ndim}-D (only 2-D weights are factorized)"
+        x = a if wb is not None else b
+        shape = view.static_shape(x)
+        if wb is not None:  # x[..., K] @ W[K, N]
+            k = weight.shape[0]
+            m = numel(shape[:-1]) if shape else 1
+            layer = Layer(node, (x, k, _whiten.last_axis_rows(k)), {"kind": "right", "w": weight.T.astype(np.float64)})
+            bias = self._add_bias(node, view, weight.shape[1])
+            layer.info.update(bias=bias[0] if bias else None, add=bias[1:] if bias else None,
+                              mode="add" if bias else "none")
+        else:  # W[M, K] @ x[..., K, N]
+            if shape is None or len(shape) < 2:
+                return "activation rank unknown or 1-D"
+            k = weight.shape[1]
+            m = numel(shape) // k
+            layer = Layer(node, (x, k, _whiten.axis_rows(-2, k)), {"kind": "left", "w": weight.astype(np.float64),
+                                                                  "bias": None, "mode": "none"})
+        layer.info.update(m=m, dtype=weight.dtype)
+        return layer
+
+    @staticmethod
+    def _add_bias(node: onnx.NodeProto, view: GraphView, n_out: int) -> tuple | None:
+        """(bias, Add node, input index) when the MatMul's only reader adds a constant [N] vector."""
+        out = node.output[0]
+        users = view.consumers.get(out, [])
+        if len(users) != 1 or users[0].op_type != "Add" or out in view.graph_outputs:
+            return None
+        add = users[0]
+        idx = 1 if add.input[0] == out else 0
+        if add.input[1 - idx] != out:
+            return None
+        value = float_const(view, add.input[idx])
+        y_shape = view.shape(out)
+        if value is None or value.size != n_out or value.shape[-1] != n_out:
+            return None
+        if y_shape is None or value.ndim > len(y_shape):
+            return None
+        return value.astype(np.float64).reshape(-1), add.output[0], idx
+
+    # ---- fitting -------------------------------------------------------------------------------
+    def fit(self, layer: Layer, view: GraphView, moments: _whiten.Moments | None, ctx: PassContext) -> Fitted | str:
+        info = layer.info
+        w, m = info["w"], info["m"]
+        n_out, k = w.shape
+        free_bias = info["mode"] in ("vector", "add", "free")
+        dec = _whiten.matrix_svd(w, moments, centered=free_bias)
+        macs_before = m * k * n_out
+        ranks, reason = choose_ranks(self.rule(), lambda r: m * r[0] * (k + n_out), macs_before, (min(k, n_out),),
+                                     spectra=lambda: [(dec.s, w.shape)])
+        if ranks is None:
+            return reason
+        rank = ranks[0]
+        u, v = dec.factors(rank)
+        dtype = info["dtype"]
+        u, v = u.astype(dtype), v.astype(dtype)
+        w_new = u.astype(np.float64) @ v.astype(np.float64)
+        bias = info["bias"]
+        b_old = bias if bias is not None else np.zeros(n_out)
+        b_new = bias
+        if moments is not None and free_bias:
+            b_new = b_old + (w - w_new) @ moments.mean
+        b_new = b_new.astype(dtype) if b_new is not None else None
+        error, kind = output_error(np.column_stack([w, b_old]),
+                                   np.column_stack([w_new, b_new if b_new is not None else np.zeros(n_out)]), moments)
+        nodes = self._emit(layer, view, u, v, b_new)
+        bias_params = bias.size if bias is not None and info["kind"] == "gemm" else 0
+        new_bias_params = b_new.size if b_new is not None and info["kind"] == "gemm" else 0
+        item = np.dtype(dtype).itemsize
+        change = Change(layer.node.name, layer.node.op_type, f"svd rank {rank}",
+                        before=cost(k * n_out + bias_params, macs_before, item),
+                        after=cost(rank * (k + n_out) + new_bias_params, m * rank * (k + n_out), item),
+                        error=error, detail={"rank": rank, "max_rank": min(k, n_out), "shape": [k, n_out],
+                                             "error_kind": kind, "data_aware": moments is not None})
+        return Fitted(nodes, change)
+
+    # ---- emission ------------------------------------------------------------------------------
+    def _emit(self, layer: Layer, view: GraphView, u: np.ndarray, v: np.ndarray,
+              b_new: np.ndarray | None) -> list[onnx.NodeProto]:
+        node, info = layer.node, layer.info
+        name, out = node.name or node.output[0], node.output[0]
+        if info["kind"] == "left":  # W @ x = U (V @ x)
+            first = view.make_node("MatMul", [view.add_const(f"{name}.svd_v", v), node.input[1]],
+                                   name=f"{name}/svd_v")
+            second = view.make_node("MatMul", [view.add_const(f"{name}.svd_u", u), first.output[0]], [out],
+                                    name=f"{name}/svd_u")
+            return [first, second]
+        x = node.input[0]
+        if info["kind"] == "right":
+            first = view.make_node("MatMul", [x, view.add_const(f"{name}.svd_v", np.ascontiguousarray(v.T))],
+                                   name=f"{name}/svd_v")
+            second = view.make_node("MatMul", [first.output[0], view.add_const(f"{name}.svd_u",
+                                                                               np.ascontiguousarray(u.T))],
+                                    [out], name=f"{name}/svd_u")
+            if info["mode"] == "add" and b_new is not None:
+                add_out, idx = info["add"]
+                add = view.producers[add_out]  # the live node (earlier rewrites rebuild the list)
+                old = view.const(add.input[idx])
+                view.set_input_const(add, idx, b_new.reshape(old.shape).astype(old.dtype))
+            return [first, second]
+        # Gemm: first factor keeps transA; alpha/beta are folded into the factors and bias
+        old_opset = info["opset"] < 11
+        if info["trans_a"]:
+            inputs = [x, view.add_const(f"{name}.svd_v", np.ascontiguousarray(v.T))]
+            if old_opset:
+                inputs.append(view.add_const(f"{name}.svd_zero", np.zeros(v.shape[0], dtype=v.dtype)))
+            first = view.make_node("Gemm", inputs, name=f"{name}/svd_v", transA=1)
+        else:
+            first = view.make_node("MatMul", [x, view.add_const(f"{name}.svd_v", np.ascontiguousarray(v.T))],
+                                   name=f"{name}/svd_v")
+        z, u_name = first.output[0], view.add_const(f"{name}.svd_u", u)
+        if info["mode"] == "keep":
+            second = view.make_node("Gemm", [z, u_name, info["c"]], [out], name=f"{name}/svd_u", transB=1,
+                                    beta=info["beta"])
+        elif b_new is not None:
+            second = view.make_node("Gemm", [z, u_name, view.add_const(f"{name}.bias", b_new)], [out],
+                                    name=f"{name}/svd_u", transB=1)
+        elif old_opset:
+            zero = view.add_const(f"{name}.svd_zero", np.zeros(u.shape[0], dtype=u.dtype))
+            second = view.make_node("Gemm", [z, u_name, zero], [out], name=f"{name}/svd_u", transB=1)
+        else:
+            second = view.make_node("Gemm", [z, u_name], [out], name=f"{name}/svd_u", transB=1)
+        return [first, second]
