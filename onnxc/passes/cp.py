@@ -61,7 +61,7 @@ class _ConvCpBackend(CoreTenalgBackend, backend_name="onnxc_cp"):
 
 _ConvCpBackend.register_method("unfolding_dot_khatri_rao", _mttkrp)
 
-STALL = 0.01  # at the iteration cap, a relative error still falling more than this over 5 iterations
+STALL = 0.01  # at the iteration cap, a relative error still falling by more than this over 5 iterations
 DEGENERATE = 10.0  # root-sum-square of component norms / weight norm above this: cancelling components
 
 
@@ -100,13 +100,16 @@ class CpPass(FactorPass):
         w = geo.weight.astype(np.float64)
         c_out, c_in = geo.c_out, geo.c_in
         plan = _plan(geo)
+        # with data, the input mode is whitened by the channel moment (what the inputs excite counts);
+        # CP-ALS is non-convex, so the plain weight is a second start and the lower output error wins
+        starts: list[tuple[np.ndarray, np.ndarray | None]] = []
         if moments is not None:
             root, inv_root = _whiten.sqrt_pair(_whiten.channel_second_moment(moments.second, c_in))
-            w_fit = np.moveaxis(np.tensordot(w, root, axes=([1], [0])), -1, 1)
-        else:
-            inv_root, w_fit = None, w
+            starts.append((np.moveaxis(np.tensordot(w, root, axes=([1], [0])), -1, 1), inv_root))
+        starts.append((w, None))
 
         def spectra():
+            w_fit = starts[0][0]
             return [(np.linalg.svd(np.moveaxis(w_fit, mode, 0).reshape(w.shape[mode], -1), compute_uv=False),
                      (w.shape[mode], w.size // w.shape[mode])) for mode in (0, 1)]
 
@@ -117,6 +120,45 @@ class CpPass(FactorPass):
             return reason
         rank = ranks[0]
         seed = int(ctx.rng(f"cp:{layer.node.name}").integers(2**31 - 1))
+        w_aug, dtype = geo.w_aug(), geo.weight.dtype
+        best, failures = None, []
+        for w_fit, inv_root in starts:
+            found = self._decompose(w_fit, rank, seed)
+            if isinstance(found, str):
+                failures.append(found)
+                continue
+            (out_f, in_f, spatial), info = found
+            first, kernels, out_f = _balance(inv_root @ in_f if inv_root is not None else in_f, spatial, out_f)
+            first = first.astype(dtype).astype(np.float64)
+            kernels = [k.astype(dtype).astype(np.float64) for k in kernels]
+            chain = _chain_matrix(first, kernels)  # [R, C_in * taps]: what the first convs compute from a patch
+            if moments is not None:  # refit the last 1x1 conv and bias to the layer's outputs
+                u, g, bias = _whiten.reduced_rank_fit(w_aug, chain, moments, c_out)
+                last = u @ g
+            else:
+                last, bias = out_f, geo.bias
+            last = last.astype(dtype)
+            b_last = bias.astype(dtype) if bias is not None else None
+            new_aug = np.column_stack([last.astype(np.float64) @ chain,
+                                       b_last.astype(np.float64) if b_last is not None else np.zeros(c_out)])
+            error, kind = output_error(w_aug, new_aug, moments)
+            info["whitened"] = inv_root is not None
+            if best is None or error < best[0]:
+                best = (error, kind, first, kernels, last, b_last, info)
+        if best is None:
+            return failures[0]
+        error, kind, first, kernels, last, b_last, info = best
+        nodes = self._emit(layer, view, geo, plan, first, kernels, last, b_last)
+        item = np.dtype(dtype).itemsize
+        params_after = rank * (c_in + sum(geo.kernel) + c_out) + (b_last.size if b_last is not None else 0)
+        change = Change(layer.node.name, "Conv", f"cp rank {rank}", before=cost(geo.params, geo.macs, item),
+                        after=cost(params_after, _macs(geo, plan, rank), item), error=error,
+                        detail={"rank": rank, "kernel": list(geo.kernel), "channels": [c_in, c_out], **info,
+                                "error_kind": kind, "data_aware": moments is not None})
+        return Fitted(nodes, change)
+
+    def _decompose(self, w_fit: np.ndarray, rank: int, seed: int) -> tuple[tuple, dict] | str:
+        """CP-ALS (tensorly parafac, SVD init, line search): ((out, in, spatial factors), info) or why not."""
         trace: list[float] = []  # relative error after init and after every iteration
         with warnings.catch_warnings(), tl.tenalg.backend_context(_ConvCpBackend(), local_threadsafe=True):
             warnings.simplefilter("ignore")  # tensorly warns when the rank exceeds a mode's size
@@ -128,51 +170,17 @@ class CpPass(FactorPass):
         iterations = len(trace) - 1
         if not all(np.isfinite(f).all() for f in factors) or not np.isfinite(trace).all():
             return "CP-ALS diverged (non-finite factors)"
-        window = trace[-6:] if len(trace) > 6 else trace
-        still_falling = (window[0] - window[-1]) / max(window[-1], 1e-12)
-        converged = iterations < self.n_iter_max or still_falling < STALL
-        if not converged:
-            return (f"CP-ALS did not converge in {iterations} iterations (error {trace[-1]:.3g} still falling "
-                    f"{100 * still_falling:.1f}% over the last 5)")
-        out_f, in_f, spatial = factors[0] * weights, factors[1], factors[2:]
-        norms = np.prod([np.linalg.norm(f, axis=0) for f in [out_f, in_f, *spatial]], axis=0)
-        spread = float(np.sqrt(np.sum(norms**2)))  # ~||W|| for well-separated components
-        if spread > DEGENERATE * np.linalg.norm(w_fit):
-            return f"CP-ALS degenerate (components {spread / np.linalg.norm(w_fit):.1f}x the weight's norm cancel)"
-        # unit-norm depthwise/first factors keep every intermediate activation at a sane scale
-        first = inv_root @ in_f if inv_root is not None else in_f
-        scale = np.linalg.norm(first, axis=0)
-        first = first / np.where(scale > 0, scale, 1)
-        out_f = out_f * scale
-        kernels = []
-        for f in spatial:
-            s = f[0] if len(f) == 1 else np.linalg.norm(f, axis=0)  # a k=1 axis has no conv: fold it all
-            kernels.append(f / np.where(s != 0, s, 1))
-            out_f = out_f * s
-        dtype = geo.weight.dtype
-        first, kernels = first.astype(dtype).astype(np.float64), [k.astype(dtype).astype(np.float64) for k in kernels]
-        chain = _chain_matrix(first, kernels)  # [R, C_in * taps]: what the first convs compute from a patch
-        w_aug = geo.w_aug()
-        if moments is not None:
-            u, g, bias = _whiten.reduced_rank_fit(w_aug, chain, moments, c_out)
-            last, bias = u @ g, bias
-        else:
-            last, bias = out_f, geo.bias
-        last = last.astype(dtype)
-        b_last = bias.astype(dtype) if bias is not None else None
-        new_aug = np.column_stack([last.astype(np.float64) @ chain,
-                                   b_last.astype(np.float64) if b_last is not None else np.zeros(c_out)])
-        error, kind = output_error(w_aug, new_aug, moments)
-        nodes = self._emit(layer, view, geo, plan, first, kernels, last, b_last)
-        item = np.dtype(dtype).itemsize
-        params_after = rank * (c_in + sum(geo.kernel) + c_out) + (b_last.size if b_last is not None else 0)
-        change = Change(layer.node.name, "Conv", f"cp rank {rank}", before=cost(geo.params, geo.macs, item),
-                        after=cost(params_after, _macs(geo, plan, rank), item), error=error,
-                        detail={"rank": rank, "kernel": list(geo.kernel), "channels": [c_in, c_out],
-                                "iterations": iterations, "cp_fit_error": trace[-1],
-                                "spread": spread / float(np.linalg.norm(w_fit)),
-                                "error_kind": kind, "data_aware": moments is not None})
-        return Fitted(nodes, change)
+        still_falling = trace[-6:][0] - trace[-1]
+        if iterations >= self.n_iter_max and still_falling > STALL:
+            return (f"CP-ALS did not converge in {iterations} iterations (relative error {trace[-1]:.3g} still "
+                    f"falling by {still_falling:.3g} over the last 5)")
+        out_f = factors[0] * weights
+        norms = np.prod([np.linalg.norm(f, axis=0) for f in [out_f, *factors[1:]]], axis=0)
+        spread = float(np.sqrt(np.sum(norms**2)) / np.linalg.norm(w_fit))  # ~1 for well-separated components
+        if spread > DEGENERATE:
+            return f"CP-ALS degenerate (components {spread:.1f}x the weight's norm cancel)"
+        return (out_f, factors[1], factors[2:]), {"iterations": iterations, "cp_fit_error": trace[-1],
+                                                  "spread": spread}
 
     def _emit(self, layer: Layer, view: GraphView, geo: ConvGeometry, plan: list[list[int]], first: np.ndarray,
               kernels: list[np.ndarray], last: np.ndarray, bias: np.ndarray | None) -> list[onnx.NodeProto]:
@@ -193,6 +201,21 @@ class CpPass(FactorPass):
         nodes.append(conv(view, f"{name}/cp_out", nodes[-1].output[0], last.reshape(geo.c_out, rank, *ones), bias,
                           dtype, output=layer.node.output[0]))
         return nodes
+
+
+def _balance(first: np.ndarray, spatial: list[np.ndarray], out_f: np.ndarray):
+    """Unit-norm first and depthwise factors (the scale moves to the last conv), so that every
+    intermediate activation stays at a sane scale in float32. A k=1 axis has no conv: its factor
+    is folded entirely into the last conv."""
+    scale = np.linalg.norm(first, axis=0)
+    first = first / np.where(scale > 0, scale, 1)
+    out_f = out_f * scale
+    kernels = []
+    for f in spatial:
+        s = f[0] if len(f) == 1 else np.linalg.norm(f, axis=0)
+        kernels.append(f / np.where(s != 0, s, 1))
+        out_f = out_f * s
+    return first, kernels, out_f
 
 
 def _plan(geo: ConvGeometry) -> list[list[int]]:
