@@ -30,8 +30,8 @@ from onnxc.errors import OnnxcError
 RTOL, ATOL = 1e-4, 1e-5
 
 # Float inputs the C backend needs at export time, by op: input positions.
-FROZEN = {"Conv": {1, 2}, "BatchNormalization": {1, 2, 3, 4}, "Clip": {1, 2}, "Pad": {2}, "Resize": {1, 2, 3},
-          "Upsample": {1}}
+FROZEN = {"Conv": {1, 2}, "ConvTranspose": {1, 2}, "BatchNormalization": {1, 2, 3, 4}, "Clip": {1, 2},
+          "Pad": {2}, "Resize": {1, 2, 3}, "Upsample": {1}}
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Unit:
     model: onnx.ModelProto | None = None
     error: str | None = None
     harness: HarnessModel | None = None
+    got: list[np.ndarray] | None = None
+    source: object = None  # the conformance TestCase
 
 
 @dataclass
@@ -53,6 +55,7 @@ class OpResult:
     op: str
     passed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # case -> reason
+    units: dict[str, Unit] = field(default_factory=dict)   # case -> what ran (inputs, outputs)
 
     @property
     def total(self) -> int:
@@ -149,7 +152,7 @@ def units_for(op: str, cases: list, start: int, arena: bool = False) -> list[Uni
             name = f"c{start + len(units)}"
             label = case.name if len(case.data_sets) == 1 else f"{case.name}[{d}]"
             units.append(Unit(op, label, name, [np.asarray(inputs[i]) for i in kept],
-                              [np.asarray(o) for o in outputs], model))
+                              [np.asarray(o) for o in outputs], model, source=case))
     return units
 
 
@@ -254,10 +257,12 @@ def run_conformance(ops: set[str], workdir: Path, opt: str = "-O1",
         except ToolError as exc:
             u.error = "run: " + str(exc).splitlines()[0][:200]
             continue
+        u.got = got
         u.error = compare(got, u.expected)
     results: dict[str, OpResult] = {}
     for u in units:
         r = results.setdefault(u.op, OpResult(u.op))
+        r.units[u.case] = u
         if u.error is None:
             r.passed.append(u.case)
         else:

@@ -13,7 +13,12 @@ from onnxc.compiler.graph import attr
 # Codes of the kernels' ONNXC_OP_* enum.
 UNARY = {"Relu": 1, "Clip": 2, "LeakyRelu": 3, "Sigmoid": 4, "HardSigmoid": 5, "HardSwish": 6, "Tanh": 7,
          "Elu": 8, "Selu": 9, "Softplus": 10, "Softsign": 11, "Abs": 12, "Neg": 13, "Exp": 14, "Log": 15,
-         "Sqrt": 16, "Reciprocal": 17, "Floor": 18, "Ceil": 19}
+         "Sqrt": 16, "Reciprocal": 17, "Floor": 18, "Ceil": 19,
+         # onnxc_unary_math
+         "Erf": 32, "Gelu": 33, "Mish": 35, "Sin": 36, "Cos": 37, "Tan": 38, "Asin": 39, "Acos": 40, "Atan": 41,
+         "Sinh": 42, "Cosh": 43, "Asinh": 44, "Acosh": 45, "Atanh": 46, "Sign": 47, "Round": 48,
+         "ThresholdedRelu": 49, "Shrink": 50, "Celu": 51, "Swish": 52}
+MATH = 32  # codes from here on are computed by onnxc_unary_math
 BINARY = {"Add": 0, "Sub": 1, "Mul": 2, "Div": 3, "Max": 4, "Min": 5, "PRelu": 6, "Pow": 7}
 VARIADIC = {"Sum": "Add", "Max": "Max", "Min": "Min"}
 
@@ -45,7 +50,21 @@ def unary_spec(lo: Lowerer, node: onnx.NodeProto) -> tuple[int, float, float] | 
         a = attr(node, "alpha", 1.0)
     elif op == "Selu":
         a, b = attr(node, "alpha", 1.67326319217681884765625), attr(node, "gamma", 1.05070102214813232421875)
+    elif op in ("ThresholdedRelu", "Celu", "Swish"):
+        a = attr(node, "alpha", 1.0)
+    elif op == "Shrink":
+        a, b = attr(node, "lambd", 0.5), attr(node, "bias", 0.0)
+    elif op == "Gelu":
+        approx = attr(node, "approximate", b"none")
+        if (approx.decode() if isinstance(approx, bytes) else approx) == "tanh":
+            return UNARY["Gelu"] + 1, 0.0, 0.0
     return UNARY[op], float(a), float(b)
+
+
+def unary_call(lo: Lowerer, x: Arg, y: str, spec: tuple[int, float, float]) -> Call:
+    code, a, b = spec
+    fn = "onnxc_unary_math" if code >= MATH else "onnxc_unary"
+    return Call(fn, [x, Arg.t(y), lo.lit(lo.size(y)), lo.lit(code), lo.lit(a), lo.lit(b)])
 
 
 @handles(*UNARY)
@@ -54,9 +73,7 @@ def unary(lo: Lowerer, node: onnx.NodeProto) -> None:
     if spec is None:
         raise lo.unsupported(node, "bounds computed at run time")
     x, y = node.input[0], lo.out(node)
-    code, a, b = spec
-    call = Call("onnxc_unary", [lo.ref(x), Arg.t(y), lo.lit(lo.size(y)), lo.lit(code), lo.lit(a), lo.lit(b)])
-    lo.step(node, node.op_type, [x], [y], [call], inplace=0)
+    lo.step(node, node.op_type, [x], [y], [unary_call(lo, lo.ref(x), y, spec)], inplace=0)
 
 
 def binary_call(lo: Lowerer, op: str, a: str, b: str, y: str, act: dict, hint: str,
@@ -67,6 +84,27 @@ def binary_call(lo: Lowerer, op: str, a: str, b: str, y: str, act: dict, hint: s
         raise lo.unsupported(lo.view.producers[y] if y in lo.view.producers else None, "broadcast over > 6 dims")
     fields = {"op": BINARY[op], "rank": len(dims), "dims": dims, "sa": sa, "sb": sb, **act}
     return Call("onnxc_binary", [a_arg or lo.ref(a), lo.ref(b), Arg.t(y), lo.params("onnxc_binary_p", fields, hint)])
+
+
+@handles("Mean")
+def mean(lo: Lowerer, node: onnx.NodeProto) -> None:
+    """Sum of the inputs (as Sum), then divided by their count in place."""
+    inputs = [i for i in node.input if i]
+    y = lo.out(node)
+    if len(inputs) == 1:
+        lo.view_step(node, inputs[0], y)
+        return
+    calls = [binary_call(lo, "Add", inputs[0], inputs[1], y, NO_ACT, node.name or y)]
+    for name in inputs[2:]:
+        calls.append(binary_call(lo, "Add", y, name, y, NO_ACT, node.name or y, a_arg=Arg.t(y)))
+    count = lo.float_const(np.array([len(inputs)], np.float32), f"{node.name or y}_n")
+    out = lo.shape(y)
+    fields = {"op": BINARY["Div"], "rank": 1, "dims": [max(int(np.prod(out)), 1)], "sa": [1], "sb": [0], **NO_ACT}
+    calls.append(Call("onnxc_binary", [Arg.t(y), count, Arg.t(y), lo.params("onnxc_binary_p", fields, node.name or y)]))
+    lo.step(node, "Mean", inputs, [y], calls)
+
+
+NO_ACT = {"act": 0, "act_a": 0.0, "act_b": 0.0}
 
 
 @handles(*BINARY, "Sum")

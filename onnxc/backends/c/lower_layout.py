@@ -14,7 +14,7 @@ from onnxc.backends.c.program import Arg, Call
 from onnxc.compiler.graph import attr
 
 
-def _strides(shape: tuple[int, ...]) -> list[int]:
+def strides_of(shape: tuple[int, ...]) -> list[int]:
     out, acc = [0] * len(shape), 1
     for d in range(len(shape) - 1, -1, -1):
         out[d] = acc
@@ -46,7 +46,7 @@ def reshape(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 def strided_call(lo: Lowerer, x: str, y: str, dims: list[int], strides: list[int], base: int, hint: str,
                  x_offset: int = 0) -> Call:
-    dims, strides = _merge_strided(dims, strides)
+    dims, strides = merge_strided(dims, strides)
     if len(dims) > 6:
         raise lo.unsupported(lo.view.producers.get(y), "more than 6 dims")
     p = lo.params("onnxc_strided_p", {"rank": len(dims), "dims": dims, "strides": strides, "base": base}, hint)
@@ -54,7 +54,7 @@ def strided_call(lo: Lowerer, x: str, y: str, dims: list[int], strides: list[int
     return Call("onnxc_strided_copy", [Arg(ref.kind, ref.value, x_offset), Arg.t(y), p])
 
 
-def _merge_strided(dims: list[int], strides: list[int]) -> tuple[list[int], list[int]]:
+def merge_strided(dims: list[int], strides: list[int]) -> tuple[list[int], list[int]]:
     keep = [d for d in range(len(dims)) if dims[d] != 1]
     dims, strides = [dims[d] for d in keep] or [1], [strides[d] for d in keep] or [0]
     out_d, out_s = [dims[0]], [strides[0]]
@@ -73,7 +73,7 @@ def transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
     x, y = node.input[0], lo.out(node)
     xs = lo.shape(x)
     perm = list(attr(node, "perm", list(range(len(xs)))[::-1]))
-    st = _strides(xs)
+    st = strides_of(xs)
     dims = [xs[p] for p in perm]
     if [d for d in perm if xs[d] != 1] == sorted(d for d in perm if xs[d] != 1):
         lo.view_step(node, x, y)  # only size-1 dims move: same memory order
@@ -161,7 +161,7 @@ def slice_(lo: Lowerer, node: onnx.NodeProto) -> None:
         begin[a], step_of[a], dims[a] = (rng.start if len(rng) else 0), st, len(rng)
     if tuple(dims) != lo.shape(y):
         raise lo.unsupported(node, f"computed shape {dims} differs from the inferred {lo.shape(y)}")
-    st = _strides(xs)
+    st = strides_of(xs)
     base = sum(b * s for b, s in zip(begin, st))
     # A view when the piece is contiguous: leading dims of size 1, one stepping-1 dim, full dims after.
     lead = next((d for d in range(len(xs)) if dims[d] != 1), len(xs))
@@ -209,7 +209,7 @@ def pad(lo: Lowerer, node: onnx.NodeProto) -> None:
     begin, end = [0] * r, [0] * r
     for i, a in enumerate(axes):
         begin[a], end[a] = pads[i], pads[i + len(axes)]
-    st = _strides(xs)
+    st = strides_of(xs)
     tables = []
     for d in range(r):
         out_len = xs[d] + begin[d] + end[d]
@@ -233,15 +233,94 @@ def pad(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 @handles("Resize", "Upsample")
 def resize(lo: Lowerer, node: onnx.NodeProto) -> None:
-    from onnxc.backends.c.resize import nearest_tables
+    from onnxc.backends.c.resize import interpolation_tables, nearest_tables
 
     x, y = node.input[0], lo.out(node)
     mode = attr(node, "mode", b"nearest")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "nearest":
-        raise lo.unsupported(node, f"mode {mode}")
     xs, ys = lo.shape(x), lo.shape(y)
-    sources, fill = nearest_tables(lo, node, xs, ys)
-    st = _strides(xs)
-    tables = [np.where(src >= 0, src * st[d], -1) for d, src in enumerate(sources)]
-    lo.step(node, node.op_type, [x], [y], [gather_call(lo, x, y, tables, fill, node.name or y)])
+    st = strides_of(xs)
+    hint = node.name or y
+    try:
+        if mode == "nearest":
+            sources, fill = nearest_tables(lo, node, xs, ys)
+            tables = [np.where(src >= 0, src * st[d], -1) for d, src in enumerate(sources)]
+            lo.step(node, node.op_type, [x], [y], [gather_call(lo, x, y, tables, fill, hint)])
+            return
+        if mode not in ("linear", "cubic"):
+            raise ValueError(f"mode {mode}")
+        tables, fill = interpolation_tables(lo, node, xs, ys)
+    except ValueError as exc:
+        raise lo.unsupported(node, str(exc)) from None
+    if len(ys) > 6:
+        raise lo.unsupported(node, "more than 6 dims")
+    offs = [lo.int_table(np.where(src >= 0, src * st[d], -1), f"{hint}_off{d}") for d, (src, _) in enumerate(tables)]
+    wts = [lo.float_const(wt, f"{hint}_wt{d}").value for d, (_, wt) in enumerate(tables)]
+    fields = {"rank": len(ys), "dims": list(ys), "taps": [src.shape[1] for src, _ in tables], "off": offs,
+              "wt": wts, "fill": fill}
+    p = lo.params("onnxc_resize_p", fields, hint)
+    lo.step(node, node.op_type, [x], [y], [Call("onnxc_resize", [lo.ref(x), Arg.t(y), p])])
+
+
+def _permuted_copy(lo: Lowerer, node: onnx.NodeProto, x: str, y: str, shape: list[int], perm: list[int]) -> None:
+    """`y` = transpose(reshape(x, shape), perm), flattened: one strided copy."""
+    st = strides_of(tuple(shape))
+    call = strided_call(lo, x, y, [shape[p] for p in perm], [st[p] for p in perm], 0, node.name or y)
+    lo.step(node, node.op_type, [x], [y], [call])
+
+
+@handles("DepthToSpace")
+def depth_to_space(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    n, c, h, w = lo.shape(x)
+    b = attr(node, "blocksize")
+    mode = attr(node, "mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "CRD":
+        _permuted_copy(lo, node, x, y, [n, c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3])
+    else:
+        _permuted_copy(lo, node, x, y, [n, b, b, c // (b * b), h, w], [0, 3, 4, 1, 5, 2])
+
+
+@handles("SpaceToDepth")
+def space_to_depth(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    n, c, h, w = lo.shape(x)
+    b = attr(node, "blocksize")
+    mode = attr(node, "mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    perm = [0, 1, 3, 5, 2, 4] if mode == "CRD" else [0, 3, 5, 1, 2, 4]
+    _permuted_copy(lo, node, x, y, [n, c, h // b, b, w // b, b], perm)
+
+
+@handles("Tile")
+def tile(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    xs, ys = lo.shape(x), lo.shape(y)
+    st = strides_of(xs)
+    tables = [(np.arange(ys[d]) % max(xs[d], 1)) * st[d] for d in range(len(xs))]
+    lo.step(node, "Tile", [x], [y], [gather_call(lo, x, y, tables, 0.0, node.name or y)])
+
+
+@handles("Gather")
+def gather(lo: Lowerer, node: onnx.NodeProto) -> None:
+    """Gather of constant indices from run-time data: a table gather along `axis` (indices of any
+    rank index one merged output dim)."""
+    x, idx_name, y = node.input[0], node.input[1], lo.out(node)
+    idx = lo.const(idx_name)
+    if idx is None:
+        raise lo.unsupported(node, "indices computed at run time")
+    xs = lo.shape(x)
+    axis = _axis(attr(node, "axis", 0), len(xs))
+    idx = np.where(idx < 0, idx + xs[axis], idx).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= xs[axis]):
+        raise lo.unsupported(node, "index out of range")
+    st = strides_of(xs)
+    dims = list(xs[:axis]) + [idx.size] + list(xs[axis + 1:])
+    tables = [np.arange(dims[d]) * st[d] for d in range(axis)] + [idx * st[axis]]
+    tables += [np.arange(xs[d]) * st[d] for d in range(axis + 1, len(xs))]
+    if len(dims) > 6:
+        raise lo.unsupported(node, "more than 6 dims")
+    names = [lo.int_table(t, f"{node.name or y}_tab{d}") for d, t in enumerate(tables)]
+    p = lo.params("onnxc_gather_p", {"rank": len(dims), "dims": dims, "tab": names, "fill": 0.0}, node.name or y)
+    lo.step(node, "Gather", [x], [y], [Call("onnxc_gather_copy", [lo.ref(x), Arg.t(y), p])])

@@ -77,6 +77,51 @@ def conv(lo: Lowerer, node: onnx.NodeProto) -> None:
     lo.step(node, "Conv", [x], [y], calls, **inplace)
 
 
+@handles("ConvTranspose")
+def conv_transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, w, b = node.input[0], node.input[1], _opt(node, 2)
+    y = lo.out(node)
+    xs, ws, ys = lo.shape(x), lo.weight_shape(w), lo.shape(y)
+    if len(xs) not in (3, 4):
+        raise lo.unsupported(node, f"{len(xs) - 2}-D transposed convolution")
+    if not lo.is_const(w):
+        raise lo.unsupported(node, "weights computed at run time")
+    r = len(xs) - 2
+    group = attr(node, "group", 1)
+    kernel = list(ws[2:])
+    strides = list(attr(node, "strides", [1] * r))
+    dil = list(attr(node, "dilations", [1] * r))
+    out_pad = list(attr(node, "output_padding", [0] * r))
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    begin = []
+    for i in range(r):
+        total = strides[i] * (xs[2 + i] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 - ys[2 + i]
+        if auto == "NOTSET" and attr(node, "output_shape") is None:
+            begin.append(list(attr(node, "pads", [0] * 2 * r))[i])
+        elif auto == "SAME_UPPER":
+            begin.append(total // 2)
+        else:  # SAME_LOWER, or output_shape given: more padding at the head (onnxruntime)
+            begin.append(total - total // 2)
+    if r == 1:
+        xs, ys, kernel, strides, dil, begin = (xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:], [1] + kernel,
+                                               [1] + strides, [1] + dil, [0] + begin)
+    c, m = xs[1], ys[1]
+    cg, mg = c // group, m // group
+
+    def conv_layout(a: np.ndarray) -> np.ndarray:  # [C, M/g, k...] -> [M, C/g, k...]
+        k = a.shape[2:]
+        return a.reshape(group, cg, mg, *k).swapaxes(1, 2).reshape(m, cg, *k)
+
+    fields = {"n": xs[0], "c": c, "h": xs[2], "w": xs[3], "m": m, "oh": ys[2], "ow": ys[3], "kh": kernel[0],
+              "kw": kernel[1], "sh": strides[0], "sw": strides[1], "dh": dil[0], "dw": dil[1], "pt": begin[0],
+              "pl": begin[1], "group": group, **lo.act(node)}
+    p = lo.params("onnxc_conv_p", fields, node.name or y)
+    call = Call("onnxc_conv_transpose2d", [lo.ref(x), lo.weight(w, conv_layout), lo.ref(b) if b else NULL,
+                                           Arg.t(y), p])
+    lo.step(node, "ConvTranspose", [x], [y], [call])
+
+
 def _dense_call(lo: Lowerer, node: onnx.NodeProto, x: str, y: str, weight: Arg, bias: Arg, m: int, n: int,
                 k: int) -> None:
     p = lo.params("onnxc_dense_p", {"m": m, "n": n, "k": k, **lo.act(node)}, node.name or y)
@@ -264,3 +309,44 @@ def lrn(lo: Lowerer, node: onnx.NodeProto) -> None:
                               lo.lit(attr(node, "size")), lo.lit(attr(node, "alpha", 1e-4)),
                               lo.lit(attr(node, "beta", 0.75)), lo.lit(attr(node, "bias", 1.0))])
     lo.step(node, "LRN", [x], [y], [call])
+
+
+REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "ReduceProd": 4, "ReduceSumSquare": 5,
+          "ReduceL1": 6, "ReduceL2": 7, "ReduceLogSum": 8, "ReduceLogSumExp": 9}
+
+
+@handles(*REDUCE)
+def reduce(lo: Lowerer, node: onnx.NodeProto) -> None:
+    from onnxc.backends.c.lower_layout import merge_strided, strides_of
+
+    x, y = node.input[0], lo.out(node)
+    xs = lo.shape(x)
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = lo.const(node.input[1])
+        if value is None:
+            raise lo.unsupported(node, "axes computed at run time")
+        axes = [int(a) for a in value.reshape(-1)]
+    if not axes:
+        if attr(node, "noop_with_empty_axes", 0):
+            lo.view_step(node, x, y)
+            return
+        axes = list(range(len(xs)))
+    axes = sorted({a + len(xs) if a < 0 else a for a in axes})
+    st = strides_of(xs)
+    kept = [d for d in range(len(xs)) if d not in axes]
+    dims, strides = merge_strided([xs[d] for d in kept], [st[d] for d in kept])
+    rdims, rstrides = merge_strided([xs[d] for d in axes], [st[d] for d in axes])
+    if len(dims) > 6 or len(rdims) > 6:
+        raise lo.unsupported(node, "more than 6 dims")
+    op = REDUCE[node.op_type]
+    contiguous_tail = axes == list(range(len(xs) - len(axes), len(xs))) and len(axes) > 0
+    if op in (1, 2) and contiguous_tail and math.prod(rdims) > 0:  # mean / max over trailing dims: global pool
+        planes, length = math.prod(xs[:len(xs) - len(axes)]), math.prod(rdims)
+        call = Call("onnxc_global_pool", [lo.ref(x), Arg.t(y), lo.lit(planes), lo.lit(length), lo.lit(int(op == 2))])
+        lo.step(node, node.op_type, [x], [y], [call], inplace=0)
+        return
+    fields = {"op": op, "rank": len(dims), "dims": dims, "strides": strides, "rrank": len(rdims), "rdims": rdims,
+              "rstrides": rstrides}
+    p = lo.params("onnxc_reduce_p", fields, node.name or y)
+    lo.step(node, node.op_type, [x], [y], [Call("onnxc_reduce", [lo.ref(x), Arg.t(y), p])])

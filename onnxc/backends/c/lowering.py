@@ -46,15 +46,18 @@ HANDLERS: dict[str, Handler] = {}
 KERNEL_FILES = {
     "onnxc_unary": "onnxc_eltwise.c", "onnxc_binary": "onnxc_eltwise.c",
     "onnxc_conv2d": "onnxc_conv.c", "onnxc_conv2d_dw_inplace": "onnxc_conv.c",
-    "onnxc_conv1x1_inplace": "onnxc_conv.c",
+    "onnxc_conv1x1_inplace": "onnxc_conv.c", "onnxc_conv_transpose2d": "onnxc_conv.c",
     "onnxc_dense": "onnxc_dense.c", "onnxc_matmul": "onnxc_dense.c",
     "onnxc_pool": "onnxc_pool.c", "onnxc_global_pool": "onnxc_pool.c",
     "onnxc_softmax": "onnxc_norm.c", "onnxc_channel_affine": "onnxc_norm.c", "onnxc_lrn": "onnxc_norm.c",
     "onnxc_copy": "onnxc_layout.c", "onnxc_copy2d": "onnxc_layout.c", "onnxc_strided_copy": "onnxc_layout.c",
-    "onnxc_gather_copy": "onnxc_layout.c",
+    "onnxc_gather_copy": "onnxc_layout.c", "onnxc_resize": "onnxc_resize.c",
+    "onnxc_unary_math": "onnxc_math.c", "onnxc_reduce": "onnxc_reduce.c",
 }
-# Kernels that apply an activation to their output (fusion targets), by ONNX op.
-FUSABLE = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum"}
+# Activations compute kernels apply themselves (ONNXC_OP_RELU, _CLIP, _LEAKY_RELU).
+INLINE_ACTS = {1, 2, 3}
+# Ops whose output an activation may be fused into, by ONNX op.
+FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum"}
 
 
 def handles(*ops: str) -> Callable[[Handler], Handler]:
@@ -163,8 +166,21 @@ class Lowerer:
         return self.rename.get(name, name)
 
     def act(self, node: onnx.NodeProto) -> dict:
+        """The kernel-fused activation of `node` (ReLU, Clip, LeakyReLU), as param fields."""
         code, a, b = self.acts.get(node.output[0], (0, 0.0, 0.0))
+        if code not in INLINE_ACTS:
+            code, a, b = 0, 0.0, 0.0
         return {"act": code, "act_a": a, "act_b": b}
+
+    def post_act(self, node: onnx.NodeProto) -> list[Call]:
+        """Other fused activations: one in-place unary call on the output after the kernel."""
+        out = node.output[0]
+        if out not in self.acts or self.acts[out][0] in INLINE_ACTS:
+            return []
+        from onnxc.backends.c.lower_elementwise import unary_call
+
+        y = self.rename[out]
+        return [unary_call(self, Arg.t(y), y, self.acts[out])]
 
     def check_float(self, name: str, node: onnx.NodeProto | None) -> None:
         dtype = self.view.dtype(name)
@@ -281,6 +297,11 @@ class Lowerer:
             if name not in self.prog.shapes:
                 self.prog.shapes[name] = self.shape(name)
         label = (node.name or node.output[0]) if node is not None else outputs[0]
+        if node is not None and node.output[0] in self.acts:
+            post = self.post_act(node)
+            calls = calls + post
+            if kw.get("inplace_calls") is not None:
+                kw["inplace_calls"] = kw["inplace_calls"] + post
         fused = [self.acts_op[o] for o in (node.output if node is not None else []) if o in self.acts_op]
         st = Step(label, op, runtime_in, outputs, calls, fused=fused, **kw)
         for call in calls + (st.inplace_calls or []):

@@ -26,7 +26,7 @@ from onnxc.errors import OnnxcError
 
 log = logging.getLogger("onnxc.c")
 
-WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 @dataclass

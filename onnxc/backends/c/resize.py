@@ -1,12 +1,17 @@
-"""Nearest-neighbour Resize/Upsample as per-dim source index tables.
+"""Resize/Upsample as per-dim tables, computed at export time.
 
-Nearest resizing is separable: output index i along a dim reads input index src[i] along that
-dim. The tables follow onnxruntime's arithmetic (float32) for every coordinate transformation
-and nearest mode; -1 marks an extrapolated position (tf_crop_and_resize) that takes the fill
-value.
+Resizing is separable. Nearest: output index i along a dim reads input index src[i] along that
+dim; the tables follow onnxruntime's float32 arithmetic for every coordinate transformation and
+nearest mode, -1 marking an extrapolated position (tf_crop_and_resize) that takes the fill value.
+Linear and cubic (antialiased or not): output index i mixes a few input indices with weights;
+the weights are the ONNX reference implementation's own, obtained by resizing an identity
+matrix along one axis (interpolation is linear in the data), so every mode and option follows
+the specification exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -118,3 +123,83 @@ def _source(out_len: int, in_len: int, scale, ctm: str, nearest: str, start, end
         outside = (orig < 0) | (orig > f32(in_len - 1))
         return np.where(outside, -1, np.clip(src, 0, in_len - 1))
     return np.clip(src, 0, max(in_len - 1, 0))
+
+
+def interpolation_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...]):
+    """Per dim (source indices [out, taps], weights [out, taps]); index -1: extrapolated."""
+    from onnx.reference.ops import op_resize as ref
+
+    r = len(xs)
+    mode = _text(attr(node, "mode"), "nearest")
+    antialias = bool(attr(node, "antialias", 0))
+    if mode == "cubic":
+        cubic_a = attr(node, "cubic_coeff_a", -0.75)
+        fn = ref._cubic_coeffs_antialias if antialias else ref._cubic_coeffs
+
+        def coeffs(x, scale):
+            return fn(x, scale, A=cubic_a)
+    else:
+        coeffs = ref._linear_coeffs_antialias if antialias else ref._linear_coeffs
+
+    def const_input(i):
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        value = lo.const(node.input[i])
+        if value is None:
+            raise lo.unsupported(node, "roi/scales/sizes computed at run time")
+        return value.reshape(-1).astype(np.float64)
+
+    if node.op_type == "Upsample" or lo.opset < 11:
+        scales = attr(node, "scales")
+        scales = list(scales) if scales is not None else list(const_input(1))
+        roi, sizes = None, None
+        ctm = "asymmetric"
+        axes = list(range(r))
+    else:
+        roi, scales, sizes = const_input(1), const_input(2), const_input(3)
+        scales = None if scales is None or not scales.size else list(scales)
+        sizes = None if sizes is None or not sizes.size else [int(v) for v in sizes]
+        roi = None if roi is None or not roi.size else list(roi)
+        ctm = _text(attr(node, "coordinate_transformation_mode"), "half_pixel")
+        axes = attr(node, "axes")
+        axes = [a + r if a < 0 else a for a in axes] if axes is not None else list(range(r))
+    per_axis_scale = [1.0] * r
+    full_roi = [0.0] * r + [1.0] * r
+    n = len(axes)
+    for i, a in enumerate(axes):
+        if sizes is not None:
+            per_axis_scale[a] = sizes[i] / xs[a]
+        elif scales is not None:
+            per_axis_scale[a] = float(scales[i])
+        if roi is not None:
+            full_roi[a], full_roi[r + a] = roi[i], roi[n + i]
+    policy = _text(attr(node, "keep_aspect_ratio_policy"), "stretch")
+    if sizes is not None and policy in ("not_larger", "not_smaller"):
+        pick = min if policy == "not_larger" else max
+        common = pick(per_axis_scale[a] for a in axes)
+        per_axis_scale = [common if d in axes else 1.0 for d in range(r)]
+    fill = float(attr(node, "extrapolation_value", 0.0))
+    exclude = bool(attr(node, "exclude_outside", 0))
+    tables = []
+    for d in range(r):
+        axis_roi = [full_roi[d], full_roi[d + r]]
+        identity = (math.isclose(per_axis_scale[d], 1.0) and ys[d] == xs[d]
+                    and math.isclose(axis_roi[0], 0.0) and math.isclose(axis_roi[1], 1.0))
+        if identity or d not in axes:
+            tables.append((np.arange(ys[d])[:, None], np.ones((ys[d], 1))))
+            continue
+        kw = {"roi": axis_roi, "coordinate_transformation_mode": ctm, "exclude_outside": exclude}
+        w = ref._interpolate_1d_along_axis(np.eye(xs[d]), 0, per_axis_scale[d], ys[d], coeffs,
+                                          extrapolation_value=0.0, **kw)
+        outside = ref._interpolate_1d_along_axis(np.zeros((xs[d], 1)), 0, per_axis_scale[d], ys[d], coeffs,
+                                                extrapolation_value=1.0, **kw)[:, 0] != 0
+        taps = max(1, int((w != 0).sum(axis=1).max()))
+        src = np.zeros((ys[d], taps), np.int64)
+        wt = np.zeros((ys[d], taps))
+        for i in range(ys[d]):
+            nz = np.flatnonzero(w[i])
+            src[i, :nz.size], wt[i, :nz.size] = nz, w[i, nz]
+            if outside[i]:
+                src[i, 0] = -1
+        tables.append((src, wt))
+    return tables, fill

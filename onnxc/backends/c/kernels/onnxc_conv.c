@@ -98,8 +98,41 @@ void onnxc_conv2d(const float *x, const onnxc_weight *w, const float *bias, floa
                     accumulate_plane(xp, w, m, (m * cg + cc) * ksize, yp, p);
                 }
             }
-            if (p->act != ONNXC_OP_NONE) onnxc_unary(yp, yp, block * out_plane, p->act, p->act_a, p->act_b);
+            onnxc_act_apply(yp, block * out_plane, p->act, p->act_a, p->act_b);
             m += block;
+        }
+    }
+}
+
+void onnxc_conv_transpose2d(const float *x, const onnxc_weight *w, const float *bias, float *y,
+                            const onnxc_conv_p *p)
+{
+    int32_t cg = p->c / p->group, mg = p->m / p->group, ksize = p->kh * p->kw;
+    int32_t in_plane = p->h * p->w, out_plane = p->oh * p->ow;
+    int32_t n, m, cc, kh, kw, ih, iw;
+    for (n = 0; n < p->n; n++) {
+        for (m = 0; m < p->m; m++) {
+            int32_t g = m / mg;
+            float *yp = y + (n * p->m + m) * out_plane;
+            init_plane(yp, out_plane, bias, m);
+            for (cc = 0; cc < cg; cc++) {
+                const float *xp = x + (n * p->c + g * cg + cc) * in_plane;
+                for (kh = 0; kh < p->kh; kh++) {
+                    int32_t ih_lo, ih_hi;
+                    valid_range(p->oh, p->h, p->sh, p->pt, kh * p->dh, &ih_lo, &ih_hi);
+                    for (kw = 0; kw < p->kw; kw++) {
+                        int32_t iw_lo, iw_hi;
+                        float wv = onnxc_weight_at(w, m, (m * cg + cc) * ksize + kh * p->kw + kw);
+                        valid_range(p->ow, p->w, p->sw, p->pl, kw * p->dw, &iw_lo, &iw_hi);
+                        for (ih = ih_lo; ih < ih_hi; ih++) {
+                            float *yr = yp + (ih * p->sh - p->pt + kh * p->dh) * p->ow - p->pl + kw * p->dw;
+                            const float *xr = xp + ih * p->w;
+                            for (iw = iw_lo; iw < iw_hi; iw++) yr[iw * p->sw] += wv * xr[iw];
+                        }
+                    }
+                }
+            }
+            onnxc_act_apply(yp, out_plane, p->act, p->act_a, p->act_b);
         }
     }
 }
@@ -119,7 +152,7 @@ void onnxc_conv2d_dw_inplace(float *xy, const onnxc_weight *w, const float *bias
         for (i = 0; i < in_plane; i++) scratch[i] = xp[i];
         init_plane(yp, out_plane, bias, m);
         accumulate_plane(scratch, w, m, m * ksize, yp, p);
-        if (p->act != ONNXC_OP_NONE) onnxc_unary(yp, yp, out_plane, p->act, p->act_a, p->act_b);
+        onnxc_act_apply(yp, out_plane, p->act, p->act_a, p->act_b);
     }
 }
 
@@ -136,8 +169,7 @@ void onnxc_conv1x1_inplace(float *xy, const onnxc_weight *w, const float *bias, 
             for (c = 0; c < p->c; c++) scratch[c] = xin[c * hw + px];
             for (m = 0; m < p->m; m++) {
                 float acc = onnxc_weight_dot(w, m, m * p->c, scratch, p->c, bias ? bias[m] : 0.0f);
-                yout[m * hw + px] = p->act != ONNXC_OP_NONE ? onnxc_unary_scalar(acc, p->act, p->act_a, p->act_b)
-                                                            : acc;
+                yout[m * hw + px] = onnxc_act(acc, p->act, p->act_a, p->act_b);
             }
         }
     }

@@ -13,7 +13,7 @@ void onnxc_dense(const float *x, const onnxc_weight *w, const float *bias, float
         for (j = 0; j < p->n; j++) {
             yi[j] = onnxc_weight_dot(w, j, j * p->k, xi, p->k, bias ? bias[j] : 0.0f);
         }
-        if (p->act != ONNXC_OP_NONE) onnxc_unary(yi, yi, p->n, p->act, p->act_a, p->act_b);
+        onnxc_act_apply(yi, p->n, p->act, p->act_a, p->act_b);
     }
 }
 
@@ -35,6 +35,6 @@ void onnxc_matmul(const float *a, const float *b, const float *c, float *y, cons
                 yb[i * p->n + j] = v;
             }
         }
-        if (p->act != ONNXC_OP_NONE) onnxc_unary(yb, yb, p->m * p->n, p->act, p->act_a, p->act_b);
+        onnxc_act_apply(yb, p->m * p->n, p->act, p->act_a, p->act_b);
     }
 }

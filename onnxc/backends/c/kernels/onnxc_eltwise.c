@@ -110,8 +110,6 @@ void onnxc_binary(const float *a, const float *b, float *y, const onnxc_binary_p
             idx[d] = 0;
         }
     }
-    if (p->act != ONNXC_OP_NONE) {
-        total = outer * inner;
-        onnxc_unary(y, y, total, p->act, p->act_a, p->act_b);
-    }
+    total = outer * inner;
+    onnxc_act_apply(y, total, p->act, p->act_a, p->act_b);
 }

@@ -33,8 +33,50 @@ enum {
     ONNXC_OP_SQRT,
     ONNXC_OP_RECIPROCAL,
     ONNXC_OP_FLOOR,
-    ONNXC_OP_CEIL
+    ONNXC_OP_CEIL,
+    /* onnxc_math.c (onnxc_unary_math): functions most models never use, kept apart so that
+     * their libm code is linked only when a model needs it */
+    ONNXC_OP_ERF = 32,
+    ONNXC_OP_GELU,
+    ONNXC_OP_GELU_TANH,
+    ONNXC_OP_MISH,
+    ONNXC_OP_SIN,
+    ONNXC_OP_COS,
+    ONNXC_OP_TAN,
+    ONNXC_OP_ASIN,
+    ONNXC_OP_ACOS,
+    ONNXC_OP_ATAN,
+    ONNXC_OP_SINH,
+    ONNXC_OP_COSH,
+    ONNXC_OP_ASINH,
+    ONNXC_OP_ACOSH,
+    ONNXC_OP_ATANH,
+    ONNXC_OP_SIGN,
+    ONNXC_OP_ROUND,
+    ONNXC_OP_THRESHOLDED_RELU, /* a = alpha */
+    ONNXC_OP_SHRINK,           /* a = lambd, b = bias */
+    ONNXC_OP_CELU,             /* a = alpha */
+    ONNXC_OP_SWISH             /* a = alpha */
 };
+
+/* The activations compute kernels fuse (ReLU, Clip, LeakyReLU): no libm. Other activations
+ * run as a separate in-place onnxc_unary call on the kernel's output. */
+static inline float onnxc_act(float v, int32_t act, float a, float b)
+{
+    switch (act) {
+    case ONNXC_OP_RELU: return v > 0.0f ? v : 0.0f;
+    case ONNXC_OP_CLIP: v = v < a ? a : v; return v > b ? b : v;
+    case ONNXC_OP_LEAKY_RELU: return v < 0.0f ? v * a : v;
+    default: return v;
+    }
+}
+
+static inline void onnxc_act_apply(float *y, int32_t n, int32_t act, float a, float b)
+{
+    int32_t i;
+    if (act == ONNXC_OP_NONE) return;
+    for (i = 0; i < n; i++) y[i] = onnxc_act(y[i], act, a, b);
+}
 
 /* Binary operations with numpy broadcasting. */
 enum {
@@ -133,6 +175,10 @@ typedef struct {
     float act_a, act_b;
 } onnxc_conv_p;
 void onnxc_conv2d(const float *x, const onnxc_weight *w, const float *bias, float *y, const onnxc_conv_p *p);
+/* Transposed convolution: input pixel (ih, iw) scatters into output (ih*sh - pt + kh*dh, ...);
+ * w is laid out like a Conv weight, [m][c/group][kh][kw]. */
+void onnxc_conv_transpose2d(const float *x, const onnxc_weight *w, const float *bias, float *y,
+                            const onnxc_conv_p *p);
 /* In place: output overwrites the input; scratch holds one input plane (h*w floats). */
 void onnxc_conv2d_dw_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
                              const onnxc_conv_p *p);
@@ -171,6 +217,25 @@ typedef struct {
 void onnxc_pool(const float *x, float *y, const onnxc_pool_p *p);
 void onnxc_global_pool(const float *x, float *y, int32_t planes, int32_t len, int32_t is_max);
 
+/* ---- onnxc_math.c ------------------------------------------------------------------- */
+void onnxc_unary_math(const float *x, float *y, int32_t n, int32_t op, float a, float b);
+
+/* ---- onnxc_reduce.c ----------------------------------------------------------------- */
+enum {
+    ONNXC_RED_SUM = 0, ONNXC_RED_MEAN, ONNXC_RED_MAX, ONNXC_RED_MIN, ONNXC_RED_PROD, ONNXC_RED_SUM_SQUARE,
+    ONNXC_RED_L1, ONNXC_RED_L2, ONNXC_RED_LOG_SUM, ONNXC_RED_LOG_SUM_EXP
+};
+typedef struct {
+    int32_t op;
+    int32_t rank;                   /* kept dims (the output, row-major) */
+    int32_t dims[ONNXC_MAXDIM];
+    int32_t strides[ONNXC_MAXDIM];  /* their input strides */
+    int32_t rrank;                  /* reduced dims */
+    int32_t rdims[ONNXC_MAXDIM];
+    int32_t rstrides[ONNXC_MAXDIM];
+} onnxc_reduce_p;
+void onnxc_reduce(const float *x, float *y, const onnxc_reduce_p *p);
+
 /* ---- onnxc_norm.c ------------------------------------------------------------------- */
 void onnxc_softmax(const float *x, float *y, int32_t outer, int32_t len, int32_t inner, int32_t log);
 void onnxc_channel_affine(const float *x, float *y, int32_t n, int32_t c, int32_t inner,
@@ -197,5 +262,16 @@ typedef struct {
     float fill;
 } onnxc_gather_p;
 void onnxc_gather_copy(const float *x, float *y, const onnxc_gather_p *p);
+
+/* ---- onnxc_resize.c ----------------------------------------------------------------- */
+typedef struct {
+    int32_t rank;
+    int32_t dims[ONNXC_MAXDIM];         /* output dims */
+    int32_t taps[ONNXC_MAXDIM];         /* input samples per output index, per dim */
+    const int32_t *off[ONNXC_MAXDIM];   /* [dims * taps] input offsets (-1: extrapolated, use fill) */
+    const float *wt[ONNXC_MAXDIM];      /* [dims * taps] interpolation weights */
+    float fill;
+} onnxc_resize_p;
+void onnxc_resize(const float *x, float *y, const onnxc_resize_p *p);
 
 #endif /* ONNXC_KERNELS_H */
