@@ -98,6 +98,7 @@ class Encoded:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
     container: str = ""
+    shared: set[str] = field(default_factory=set)  # SharedConstants this encoding reads
 
     @property
     def nbytes(self) -> int:
@@ -106,9 +107,39 @@ class Encoded:
     def code_bytes(self) -> int:
         return sum(tensor_nbytes(t) for t in self.initializers if "codes" in t.name or "tail" in t.name)
 
+    def serialized_size(self) -> int:
+        """Bytes in the file (tensors, nodes, names and the value_info shape inference adds for
+        every intermediate, ~24 bytes besides its name), shared constants excluded."""
+        values = sum(len(o) + 24 for n in self.nodes for o in n.output)
+        return sum(t.ByteSize() for t in self.initializers) + sum(n.ByteSize() for n in self.nodes) + values
+
+
+class SharedConstants:
+    """The small constants of the unpack subgraphs, stored once per model, not once per layer."""
+
+    def __init__(self, view: GraphView):
+        self.view = view
+        self.names: dict[str, str] = {}
+        self.tensors: dict[str, TensorProto] = {}
+
+    def get(self, key: str, value: np.ndarray) -> str:
+        if key not in self.names:
+            name = self.view.unique_name(f"onnxc_cluster_{key}")
+            self.names[key] = name
+            self.tensors[name] = numpy_helper.from_array(value, name)
+        return self.names[key]
+
+    def used_by(self, encodings: list[Encoded]) -> list[TensorProto]:
+        used = set().union(*(e.shared for e in encodings)) if encodings else set()
+        return [t for name, t in self.tensors.items() if name in used]
+
+    def code_bytes(self) -> int:
+        return sum(tensor_nbytes(t) for t in self.initializers if "codes" in t.name or "tail" in t.name)
+
 
 def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray,
-           offsets: np.ndarray | None, container: str, base: str, bits: int = 8) -> Encoded:
+           offsets: np.ndarray | None, container: str, base: str, bits: int = 8,
+           shared: SharedConstants | None = None) -> Encoded:
     """Build `output = Gather(codebook, [Add(] idx [, offsets)])` with idx from the codes.
 
     `codes` has the weight's shape; `codebook` is 1-D ([K], or [C*K] with `offsets` holding c*K
@@ -121,9 +152,9 @@ def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray
     cb = numpy_helper.from_array(np.ascontiguousarray(codebook), name(f"{base}_codebook"))
     enc.initializers.append(cb)
     if container == "nibbles":
-        idx = _unpack_nibbles(view, enc, codes, base)
+        idx = _unpack_nibbles(view, enc, codes, base, shared)
     elif container == "tight":
-        idx = _unpack_tight(view, enc, codes, bits, base)
+        idx = _unpack_tight(view, enc, codes, bits, base, shared)
     else:
         codes_name = name(f"{base}_codes")
         if container == "uint4":
@@ -143,7 +174,20 @@ def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray
     return enc
 
 
-def _unpack_tight(view: GraphView, enc: Encoded, codes: np.ndarray, bits: int, base: str) -> str:
+def _const(view: GraphView, enc: Encoded, shared: SharedConstants | None, key: str, value: np.ndarray,
+           base: str) -> str:
+    """A model-wide shared constant, or (without `shared`) one of this layer's own."""
+    if shared is not None:
+        name = shared.get(key, value)
+        enc.shared.add(name)
+        return name
+    tensor = numpy_helper.from_array(value, view.unique_name(f"{base}_{key.split('_', 1)[-1]}"))
+    enc.initializers.append(tensor)
+    return tensor.name
+
+
+def _unpack_tight(view: GraphView, enc: Encoded, codes: np.ndarray, bits: int, base: str,
+                  shared: SharedConstants | None) -> str:
     """int32 codes from a bit stream stored as [M, bits] bytes (8 codes per row, `pack_bits`).
 
     Code p of a row starts at bit p*bits, inside byte j = p*bits // 8 at offset o = p*bits % 8 and
@@ -155,18 +199,18 @@ def _unpack_tight(view: GraphView, enc: Encoded, codes: np.ndarray, bits: int, b
     start = np.arange(8) * bits
     j_lo = start // 8
     j_hi = np.minimum(j_lo + 1, bits - 1)
-    consts = {
-        "codes": packed,
+    own = {"codes": packed, "shape": np.array(codes.shape, dtype=np.int64)}
+    c = {k: name(f"{base}_{k}") for k in own}
+    enc.initializers += [numpy_helper.from_array(v, c[k]) for k, v in own.items()]
+    common = {
         "jlo": j_lo.astype(np.int64),
         "jhi": j_hi.astype(np.int64),
         "hscale": np.where(j_lo + 1 < bits, 256, 0).astype(np.int32),
         "shift": (1 << (start % 8)).astype(np.int32),
         "modulus": np.array(1 << bits, dtype=np.int32),
-        "flat_shape": np.array([-1], dtype=np.int64),
-        "shape": np.array(codes.shape, dtype=np.int64),
     }
-    c = {k: name(f"{base}_{k}") for k in consts}
-    enc.initializers += [numpy_helper.from_array(v, c[k]) for k, v in consts.items()]
+    c.update({k: _const(view, enc, shared, f"bits{bits}_{k}", v, base) for k, v in common.items()})
+    c["flat_shape"] = _const(view, enc, shared, "flat_shape", np.array([-1], dtype=np.int64), base)
     t = {k: name(f"{base}_{k}") for k in ("bytes", "lo", "hi", "hi256", "pair", "shifted", "q", "qm", "code", "flat")}
     enc.nodes += [
         helper.make_node("Cast", [c["codes"]], [t["bytes"]], name=name(f"{base}_cast"), to=TensorProto.INT32),
@@ -199,7 +243,8 @@ def _finish_flat(view: GraphView, enc: Encoded, flat_name: str, tail: np.ndarray
     return idx
 
 
-def _unpack_nibbles(view: GraphView, enc: Encoded, codes: np.ndarray, base: str) -> str:
+def _unpack_nibbles(view: GraphView, enc: Encoded, codes: np.ndarray, base: str,
+                    shared: SharedConstants | None) -> str:
     """int32 codes from bytes holding two codes each: lo = b - 16 * (b / 16), hi = b / 16."""
     name = view.unique_name
     flat = np.asarray(codes, dtype=np.uint8).reshape(-1)
@@ -207,18 +252,18 @@ def _unpack_nibbles(view: GraphView, enc: Encoded, codes: np.ndarray, base: str)
     packed = pack_nibbles(flat[: 2 * pairs]).reshape(pairs, 1)
     packed_name = name(f"{base}_codes")
     enc.initializers.append(numpy_helper.from_array(packed, packed_name))
-    sixteen = numpy_helper.from_array(np.array(16, dtype=np.int32), name(f"{base}_sixteen"))
-    flat_shape = numpy_helper.from_array(np.array([-1], dtype=np.int64), name(f"{base}_flat_shape"))
+    sixteen = _const(view, enc, shared, "sixteen", np.array(16, dtype=np.int32), base)
+    flat_shape = _const(view, enc, shared, "flat_shape", np.array([-1], dtype=np.int64), base)
     w_shape = numpy_helper.from_array(np.array(codes.shape, dtype=np.int64), name(f"{base}_shape"))
-    enc.initializers += [sixteen, flat_shape, w_shape]
+    enc.initializers.append(w_shape)
     t = [name(f"{base}_{s}") for s in ("bytes", "hi", "hi16", "lo", "pairs", "flat")]
     enc.nodes += [
         helper.make_node("Cast", [packed_name], [t[0]], name=name(f"{base}_cast"), to=TensorProto.INT32),
-        helper.make_node("Div", [t[0], sixteen.name], [t[1]], name=name(f"{base}_div")),
-        helper.make_node("Mul", [t[1], sixteen.name], [t[2]], name=name(f"{base}_mul")),
+        helper.make_node("Div", [t[0], sixteen], [t[1]], name=name(f"{base}_div")),
+        helper.make_node("Mul", [t[1], sixteen], [t[2]], name=name(f"{base}_mul")),
         helper.make_node("Sub", [t[0], t[2]], [t[3]], name=name(f"{base}_sub")),
         helper.make_node("Concat", [t[3], t[1]], [t[4]], name=name(f"{base}_interleave"), axis=1),
-        helper.make_node("Reshape", [t[4], flat_shape.name], [t[5]], name=name(f"{base}_flatten")),
+        helper.make_node("Reshape", [t[4], flat_shape], [t[5]], name=name(f"{base}_flatten")),
     ]
     return _finish_flat(view, enc, t[5], flat[2 * pairs:], w_shape.name, base)
 
@@ -237,11 +282,11 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def upgrade_for_uint4(model: onnx.ModelProto) -> str:
+def upgrade_for_uint4(model: onnx.ModelProto, *, check_only: bool = False) -> str:
     """Raise the default opset to 21 and IR to 10 in place when that keeps every op's meaning.
 
     Returns "" on success (or when nothing was needed), else why the upgrade is unsafe (the
-    model is then untouched).
+    model is then untouched). `check_only` answers without changing the model.
     """
     old = default_opset(model)
     fixups: list = []
@@ -252,6 +297,8 @@ def upgrade_for_uint4(model: onnx.ModelProto) -> str:
         reason = _check_graph(model.graph, view, old, fixups)
         if reason:
             return reason
+    if check_only:
+        return ""
     for fix in fixups:
         fix()
     if old < UINT4_OPSET:

@@ -150,10 +150,11 @@ class ClusterPass(Pass):
         importance = self._importance(view, targets, stats)
         bytes_before = tensor_bytes(model)
         tight = self.packing == "tight" and self.bits not in (4, 8)
-        needs4 = self.bits <= 4 and not tight
-        container4, opset_note = self._container4(model) if needs4 else ("", "")
+        container4, opset_note = self._container4(model) if self.bits <= 4 else ("", "")
         removed: set[str] = set()
         new_nodes: list[onnx.NodeProto] = []
+        shared = _codes.SharedConstants(view)
+        chosen: list[_codes.Encoded] = []
         totals = {"weight_bytes_before": 0, "weight_bytes_after": 0, "huffman_code_bytes": 0, "code_bytes": 0}
         for i, target in enumerate(targets):
             ctx.progress("cluster", i, len(targets))
@@ -166,8 +167,9 @@ class ClusterPass(Pass):
                 result.skipped.append(Skip(target.nodes[0].name, opset_note))
                 continue
             codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
-            enc = _codes.encode(view, target.weight, codes, codebook.reshape(-1).astype(weight.dtype), offsets,
-                                container, target.weight, bits=self.bits)
+            fallback = container4 if self.bits < 4 else "uint8"
+            enc = self._encode(view, target, codes, codebook.astype(weight.dtype), offsets, container, fallback,
+                               shared)
             if enc.nbytes >= weight.nbytes:
                 result.skipped.append(Skip(target.nodes[0].name, f"codes and codebooks ({enc.nbytes} B) would not "
                                            f"be smaller than the weight ({weight.nbytes} B)"))
@@ -178,6 +180,7 @@ class ClusterPass(Pass):
                 fixed = self._correct_bias(view, target, rebuilt.astype(np.float64) - weight, stats)
                 change.detail["bias_corrected"] = bool(fixed)
             new_nodes.extend(enc.nodes)
+            chosen.append(enc)
             for tensor in enc.initializers:
                 model.graph.initializer.append(tensor)
             removed.add(target.weight)
@@ -186,6 +189,11 @@ class ClusterPass(Pass):
                 totals[key] += change.detail[key.replace("weight_", "")]
         if not result.changes:
             return result
+        if any(e.container == "uint4" for e in chosen):
+            _codes.upgrade_for_uint4(model)  # checked safe by _container4
+        if not any(e.container in ("uint4", "nibbles") for e in chosen):
+            opset_note = ""
+        model.graph.initializer.extend(shared.used_by(chosen))
         for i in reversed(range(len(model.graph.initializer))):
             if model.graph.initializer[i].name in removed:
                 del model.graph.initializer[i]
@@ -208,15 +216,30 @@ class ClusterPass(Pass):
             result.info["codes_4bit"] = opset_note
         return result
 
+    def _encode(self, view: GraphView, target: _Target, codes: np.ndarray, codebook: np.ndarray,
+                offsets: np.ndarray | None, container: str, fallback: str,
+                shared: _codes.SharedConstants) -> _codes.Encoded:
+        """The pattern for one weight; a tight bit stream only where it beats the byte containers
+        in the file (tiny layers pay more for the unpack nodes than they save)."""
+        args = (target.weight, codes, codebook.reshape(-1), offsets)
+        if container == "tight":
+            # Trial encodings with names that are not reserved, so the loser leaves no trace.
+            trial = _TrialNames(view)
+            scratch = _codes.SharedConstants(trial)
+            sizes = [_codes.encode(trial, *args, c, target.weight, bits=self.bits, shared=scratch).serialized_size()
+                     for c in (container, fallback)]
+            container = container if sizes[0] < sizes[1] else fallback
+        return _codes.encode(view, *args, container, target.weight, bits=self.bits, shared=shared)
+
     def _container4(self, model: onnx.ModelProto) -> tuple[str, str]:
         """Where 4-bit codes go: UINT4 after a safe opset upgrade, else packed bytes."""
         if self.packing == "nibbles":
             return "nibbles", "packed two per UINT8 byte (packing=nibbles)"
         old = _codes.default_opset(model)
-        reason = _codes.upgrade_for_uint4(model)
+        reason = _codes.upgrade_for_uint4(model, check_only=True)
         if not reason:
-            note = f"UINT4 (opset {old} -> {_codes.default_opset(model)})" if old < _codes.UINT4_OPSET else "UINT4"
-            return "uint4", note
+            new = max(old, _codes.UINT4_OPSET)
+            return "uint4", f"UINT4 (opset {old} -> {new})" if old < new else "UINT4"
         if self.packing == "uint4":
             return "", f"UINT4 impossible: opset {old} cannot be raised to 21 ({reason})"
         return "nibbles", f"packed two per UINT8 byte: opset {old} kept ({reason})"
@@ -384,6 +407,21 @@ class ClusterPass(Pass):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+class _TrialNames:
+    """Stands in for a GraphView in `_codes.encode`: fresh names, none of them reserved."""
+
+    def __init__(self, view: GraphView):
+        self.view = view
+        self.taken: set[str] = set()
+
+    def unique_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.view._names or name in self.taken:
+            name, i = f"{base}__{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
 def _weight_slot(node: onnx.NodeProto, view: GraphView) -> int | None:
     """Index of the constant weight input, or None."""
     ins = list(node.input)
