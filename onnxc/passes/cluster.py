@@ -109,12 +109,13 @@ class ClusterPass(Pass):
         "exclude": "node-name globs to leave alone (a|b)",
         "init": "centroids start: linear (Deep Compression), density (quantiles), kmeans++ (seeded), "
                 "companded (density^(1/3) spacing)",
-        "data_aware": "weight errors by the calibration inputs' mean square (ignored with random data)",
+        "data_aware": "weight each weight's error by its input's second moment, the variance with bias_correction "
+                      "(real calibration data only)",
         "keep_zero": "give exact zeros (pruned weights) an exact 0.0 code",
         "packing": "code storage: auto (UINT4 if the opset can go to 21, else packed bytes; UINT8 above 4 "
                    "bits), uint4 (or skip), nibbles (packed bytes), tight (a bit stream at exactly `bits`)",
         "max_iter": "Lloyd iterations per codebook",
-        "bias_correction": "fold the mean output shift E[dW x] into the bias (calibration data only)",
+        "bias_correction": "fold the mean output shift dW*E(x) into the bias (calibration data only)",
     }
     bits: int = 8
     per_channel: bool = False
