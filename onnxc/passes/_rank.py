@@ -31,7 +31,7 @@ class RankRule:
     energy: float | None = None
     auto: bool = False
     ratio: float = 0.5
-    round_to: int = 1
+    round_to: int = 8
 
     @property
     def name(self) -> str:

@@ -45,13 +45,20 @@ def _mttkrp(tensor: np.ndarray, cp_tensor, mode: int) -> np.ndarray:
     """Unfolded tensor times the Khatri-Rao product of the other factors, without forming it.
 
     tensorly's default builds the Khatri-Rao matrix explicitly; for a conv kernel's spatial modes
-    that is a (C_out * C_in * k) x R matrix per call. Contracting mode by mode (einsum, greedy
-    order) gives the same numbers ~10x faster."""
+    that is a (C_out * C_in * k) x R matrix per call. Here the largest other mode is contracted
+    first with one GEMM, then the small ones elementwise: same numbers, ~10x faster."""
     weights, factors = cp_tensor
-    letters = "abcdefghijklmnop"[: tensor.ndim]
-    others = [i for i in range(tensor.ndim) if i != mode]
-    spec = f"{letters}," + ",".join(f"{letters[i]}z" for i in others) + f"->{letters[mode]}z"
-    out = np.einsum(spec, tensor, *[factors[i] for i in others], optimize="greedy")
+    others = sorted((i for i in range(tensor.ndim) if i != mode), key=lambda i: -tensor.shape[i])
+    first = others[0]
+    axes = [i for i in range(tensor.ndim) if i != first]
+    rest = [tensor.shape[i] for i in axes]
+    out = (np.moveaxis(tensor, first, -1).reshape(-1, tensor.shape[first]) @ factors[first]).reshape(*rest, -1)
+    for m in others[1:]:
+        pos = axes.index(m)
+        shape = [1] * len(axes) + [factors[m].shape[1]]
+        shape[pos] = factors[m].shape[0]
+        out = (out * factors[m].reshape(shape)).sum(axis=pos)
+        axes.pop(pos)
     return out * weights if weights is not None else out
 
 
