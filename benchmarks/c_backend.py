@@ -4,8 +4,8 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
 `--light` SqueezeNet/ShuffleNet with random weights):
 
 - arena bytes (the one static activation buffer) beside the naive peak of simultaneously live
-  intermediate tensors in node order (no in-place, no aliasing) -- and onnx2c's 64,000 for the
-  DS-CNN;
+  intermediate tensors in node order (after activation fusion; no in-place, no aliasing, no
+  sharing) -- and onnx2c's 64,000 for the DS-CNN;
 - weight bytes, and flash (text + rodata) / RAM (data + bss) of the model linked as Cortex-M4
   firmware (`arm-none-eabi-size`, -O2, gc-sections, minus an empty firmware);
 - instructions executed by `NAME_run` on the host build (-O2, `valgrind --tool=callgrind`) and

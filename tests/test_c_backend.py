@@ -248,6 +248,35 @@ def test_in_place_and_view_chain_matches(tmp_path):
     assert max_rel_error(got, runtime.run(model, {"x": x})["y"]) <= TOL
 
 
+def test_export_is_deterministic(tmp_path):
+    from onnxc.api import export
+
+    for d in ("a", "b"):
+        export(SAMPLES / "resnet.onnx", "c", tmp_path / d, name="net")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_optimize_with_cluster_pass_lowers_codes_to_c(tmp_path):
+    """The real cluster pass, then the C backend through `optimize(backend="c")`."""
+    from onnxc.api import optimize
+    from onnxc.backends.c.toolchain import HarnessModel, build_host, harness, run_host
+
+    out = tmp_path / "gen"
+    result = optimize(SAMPLES / "mobilenet.onnx", passes=["cluster:bits=4,min_size=256"],
+                      calibration=SAMPLES / "digits_calib.npz", output=out, backend="c")
+    report = result.report.backend
+    assert report["clustered_weights"] >= 10
+    assert report["weight_bytes"] < 0.25 * compile_model(onnx.load(SAMPLES / "mobilenet.onnx")).weight_bytes
+    (out / "main.c").write_text(harness([HarnessModel("net", [256], [10])]))
+    exe = build_host(sorted(out.glob("*.c")), tmp_path / "prog", include=[out])
+    x = np.load(SAMPLES / "digits_test.npz")["input"][:1]
+    got = run_host(exe, 0, [x], [10])[0]
+    assert max_rel_error(got, runtime.run(result.model, {"input": x})["logits"].reshape(-1)) <= TOL
+
+
 # ---- the export command -----------------------------------------------------------------------
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxc", *args], capture_output=True, text=True, cwd=cwd)

@@ -28,11 +28,14 @@ def light_model(name: str, seed: int = 0) -> onnx.ModelProto:
     """Canonical light model with He-scaled random weights and the Softmax input as a 2nd output."""
     model = canonicalize(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx")))
     rng = np.random.default_rng(seed)
+    variances = {n.input[4] for n in model.graph.node if n.op_type == "BatchNormalization"}
     for t in model.graph.initializer:
         a = numpy_helper.to_array(t)
         if a.dtype != np.float32:
             continue
-        if a.ndim > 1:
+        if t.name in variances:
+            b = rng.uniform(0.5, 1.5, a.shape)
+        elif a.ndim > 1:
             b = rng.standard_normal(a.shape) * np.sqrt(2.0 / np.prod(a.shape[1:]))
         else:
             b = rng.normal(0.0, 0.1, a.shape)

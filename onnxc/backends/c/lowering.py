@@ -126,8 +126,8 @@ class Lowerer:
                 continue
             if len(self.view.consumers.get(src, [])) != 1 or src in self.view.graph_outputs:
                 continue
-            if producer.op_type == "MatMul" and len(self.shape(src)) == 0:
-                continue
+            if producer.op_type == "Sum" and len([i for i in producer.input if i]) == 1:
+                continue  # lowered as a view: nothing to fuse into
             self.acts[src] = spec
             self.acts_op[src] = node.op_type
             self.rename[src] = node.output[0]
