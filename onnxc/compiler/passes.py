@@ -253,6 +253,7 @@ class PassManager:
             ref_out = self._outputs(reference, val)
         records = []
         current = model
+        self.last_outputs: dict[str, np.ndarray] | None = None  # outputs of `current` on validation
         for p in self.passes:
             before = model_cost(current)
             start = time.perf_counter()
@@ -274,7 +275,7 @@ class PassManager:
                 records.append(record)
                 continue
             candidate = canonicalize(result.model, self.input_shapes)
-            problem, fidelity = self._check(candidate, ref_out, val)
+            problem, fidelity, outputs = self._check(candidate, ref_out, val)
             record.seconds = time.perf_counter() - start
             if fidelity is not None:
                 record.fidelity = fidelity.to_dict()
@@ -283,7 +284,7 @@ class PassManager:
                 record.after = before.totals()
                 log.warning("%s rolled back: %s", p.id, problem)
             else:
-                current = candidate
+                current, self.last_outputs = candidate, outputs
                 record.after = model_cost(current).totals()
             records.append(record)
         return current, records
@@ -293,22 +294,23 @@ class PassManager:
 
         return runtime.run(model, inputs)
 
-    def _check(self, candidate: onnx.ModelProto, ref_out, val) -> tuple[str, Fidelity | None]:
+    def _check(self, candidate: onnx.ModelProto, ref_out, val) -> tuple[str, Fidelity | None, dict | None]:
+        """(problem or "", fidelity, the candidate's outputs on the validation inputs)."""
         try:
             onnx.checker.check_model(candidate)
         except Exception as exc:
-            return f"invalid model: {str(exc).splitlines()[0]}", None
+            return f"invalid model: {str(exc).splitlines()[0]}", None, None
         if ref_out is None:
-            return "", None
+            return "", None, None
         try:
             got = self._outputs(candidate, val)
             fidelity = compare_outputs(ref_out, got)
         except OnnxcError as exc:
-            return str(exc), None
+            return str(exc), None, None
         except Exception as exc:
-            return f"onnxruntime failed: {str(exc).splitlines()[0]}", None
+            return f"onnxruntime failed: {str(exc).splitlines()[0]}", None, None
         if not np.isfinite(fidelity.rel_l2):
-            return "outputs are not finite", fidelity
+            return "outputs are not finite", fidelity, None
         if self.ctx.max_error is not None and fidelity.rel_l2 > self.ctx.max_error:
-            return (f"relative error {fidelity.rel_l2:.4g} exceeds the budget {self.ctx.max_error:g}", fidelity)
-        return "", fidelity
+            return (f"relative error {fidelity.rel_l2:.4g} exceeds the budget {self.ctx.max_error:g}", fidelity, None)
+        return "", fidelity, got
