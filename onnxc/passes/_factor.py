@@ -33,6 +33,10 @@ class Layer:
     rows: tuple[str, int, _whiten.Rows] | None  # (tensor, row dim, rows function) or None
     info: dict = field(default_factory=dict)  # pass-specific; "weights": the weight count
 
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.output[0]
+
     def __post_init__(self) -> None:
         if "w" in self.info:
             self.info.setdefault("weights", int(self.info["w"].size))
@@ -125,18 +129,18 @@ class FactorPass(Pass):
         aware = self.use_data(ctx)
         stats: dict[str, _whiten.Moments] = {}
         if aware and layers:
-            requests = [(layer.node.name, *layer.rows) for layer in layers
+            requests = [(layer.node.output[0], *layer.rows) for layer in layers
                         if layer.rows is not None and layer.rows[1] <= MAX_STATS_DIM]
             stats = _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed, progress=ctx.progress)
         changes: list[Change] = []
         ranks: dict[str, object] = {}
         for i, layer in enumerate(layers):
             ctx.progress(f"{self.id} fitting", i, len(layers))
-            name = layer.node.name
+            name = layer.name
             # replace_node rebuilds the node list (protobuf copies): find the live node again
             layer.node = view.producers[layer.node.output[0]]
             try:
-                fitted = self.fit(layer, view, stats.get(name), ctx)
+                fitted = self.fit(layer, view, stats.get(layer.node.output[0]), ctx)
             except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
                 fitted = f"fit failed: {exc}"
             if isinstance(fitted, str):

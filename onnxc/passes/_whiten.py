@@ -39,6 +39,8 @@ class Moments:
 
     def add(self, rows: np.ndarray) -> None:
         rows = rows.reshape(-1, self.dim)
+        if rows.dtype.itemsize < 4:  # float16 activations: accumulate in float32 at least
+            rows = rows.astype(np.float32)
         self.count += len(rows)
         self.total += rows.sum(axis=0, dtype=np.float64)
         self.outer += (rows.T @ rows).astype(np.float64)  # per batch in the input's precision

@@ -126,7 +126,7 @@ class CpPass(FactorPass):
         if ranks is None:
             return reason
         rank = ranks[0]
-        seed = int(ctx.rng(f"cp:{layer.node.name}").integers(2**31 - 1))
+        seed = int(ctx.rng(f"cp:{layer.name}").integers(2**31 - 1))
         w_aug, dtype = geo.w_aug(), geo.weight.dtype
         best, failures = None, []
         for w_fit, inv_root in starts:
@@ -158,7 +158,7 @@ class CpPass(FactorPass):
         nodes = self._emit(layer, view, geo, plan, first, kernels, last, b_last)
         item = np.dtype(dtype).itemsize
         params_after = rank * (c_in + sum(geo.kernel) + c_out) + (b_last.size if b_last is not None else 0)
-        change = Change(layer.node.name, "Conv", f"cp rank {rank}", before=cost(geo.params, geo.macs, item),
+        change = Change(layer.name, "Conv", f"cp rank {rank}", before=cost(geo.params, geo.macs, item),
                         after=cost(params_after, _macs(geo, plan, rank), item), error=error,
                         detail={"rank": rank, "kernel": list(geo.kernel), "channels": [c_in, c_out], **info,
                                 "error_kind": kind, "data_aware": moments is not None})
@@ -191,7 +191,7 @@ class CpPass(FactorPass):
 
     def _emit(self, layer: Layer, view: GraphView, geo: ConvGeometry, plan: list[list[int]], first: np.ndarray,
               kernels: list[np.ndarray], last: np.ndarray, bias: np.ndarray | None) -> list[onnx.NodeProto]:
-        name, dtype, n = layer.node.name, geo.weight.dtype, len(geo.kernel)
+        name, dtype, n = layer.name, geo.weight.dtype, len(geo.kernel)
         rank = first.shape[1]
         ones = [1] * n
         nodes = [conv(view, f"{name}/cp_in", layer.node.input[0], first.T.reshape(rank, geo.c_in, *ones), None, dtype)]

@@ -139,7 +139,7 @@ class SvdPass(FactorPass):
         bias_params = bias.size if bias is not None and info["kind"] == "gemm" else 0
         new_bias_params = b_new.size if b_new is not None and info["kind"] == "gemm" else 0
         item = np.dtype(dtype).itemsize
-        change = Change(layer.node.name, layer.node.op_type, f"svd rank {rank}",
+        change = Change(layer.name, layer.node.op_type, f"svd rank {rank}",
                         before=cost(k * n_out + bias_params, macs_before, item),
                         after=cost(rank * (k + n_out) + new_bias_params, m * rank * (k + n_out), item),
                         error=error, detail={"rank": rank, "max_rank": min(k, n_out), "shape": [k, n_out],

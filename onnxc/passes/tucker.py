@@ -105,7 +105,7 @@ class TuckerPass(FactorPass):
         new_aug = np.column_stack([effective.reshape(c_out, -1),
                                    b_last.astype(np.float64) if b_last is not None else np.zeros(c_out)])
         error, kind = output_error(w_aug, new_aug, moments)
-        name, x, out = layer.node.name, layer.node.input[0], layer.node.output[0]
+        name, x, out = layer.name, layer.node.input[0], layer.node.output[0]
         n1 = conv(view, f"{name}/tucker_in", x, w_first, None, dtype)
         n2 = conv(view, f"{name}/tucker_core", n1.output[0], w_core, None, dtype, strides=geo.strides,
                   pads=geo.pads, dilations=geo.dilations, auto_pad=geo.auto_pad if geo.pads is None else None)
@@ -147,7 +147,7 @@ class TuckerPass(FactorPass):
                                    @ w_first.reshape(rank, c_in).astype(np.float64),
                                    b_last.astype(np.float64) if b_last is not None else np.zeros(c_out)])
         error, kind = output_error(w_aug, new_aug, moments)
-        name, x, out = layer.node.name, layer.node.input[0], layer.node.output[0]
+        name, x, out = layer.name, layer.node.input[0], layer.node.output[0]
         n1 = conv(view, f"{name}/svd_in", x, w_first, None, dtype, strides=geo.strides, pads=geo.pads,
                   auto_pad=geo.auto_pad if geo.pads is None else None)
         n2 = conv(view, f"{name}/svd_out", n1.output[0], w_last, b_last, dtype, output=out)
