@@ -328,3 +328,17 @@ def test_rows_helpers_match_the_layer():
     moments.add(data[:40])
     moments.add(data[40:])
     assert np.allclose(moments.cov, np.cov(data.T, bias=True))
+
+
+def test_data_aware_defaults_to_real_calibration_only():
+    """Random calibration inputs say nothing about the real activations: fit the weights instead."""
+    rng = np.random.default_rng(13)
+    m = matmul_model(rng, "right", True)
+    x = {"x": rng.standard_normal((8, 5, 48)).astype(np.float32)}
+    name, canon = "svd", canonicalize(m)
+    for source, option, expected in (("random", {}, "weight"), ("random", {"data_aware": "true"}, "output"),
+                                     ("calib.npz", {}, "output"), ("calib.npz", {"data_aware": "false"}, "weight")):
+        ctx = PassContext(calibration=Calibration(x, x, source))
+        res = create(name, {"rank": "6", "min_params": "0", **option}).run(canonicalize(canon), ctx)
+        assert res.changes[0].detail["error_kind"] == expected, (source, option)
+        assert res.info["data_aware"] == (expected == "output")
