@@ -153,7 +153,7 @@ def choose_ranks(rule: RankRule, cost: Callable[[tuple[int, ...]], float], origi
     `cost(ranks)` is the factorized layer's MACs. `spectra()` lazily returns (singular values,
     matrix shape) per mode for the energy and VBMF rules; with more spectra than dims (a CP rank
     shared by all modes) the largest per-mode rank is used. The ratio rule scales all ranks in
-    proportion to their dims and takes the largest scale that fits the budget.
+    proportion to their dims and takes the largest scale whose rounded ranks fit the budget.
     """
     dims = tuple(int(d) for d in dims)
     if min(dims, default=0) < 1:
@@ -172,14 +172,15 @@ def choose_ranks(rule: RankRule, cost: Callable[[tuple[int, ...]], float], origi
         top = max(dims)
 
         def scaled(k: int) -> tuple[int, ...]:
-            return tuple(max(1, min(d, int(round(k * d / top)))) for d in dims)
+            """Ranks at scale k, rounded to `round_to` (those below one multiple kept as they are);
+            non-decreasing in k, so the largest fitting scale is found by bisection."""
+            exact = [max(1, min(d, int(round(k * d / top)))) for d in dims]
+            return tuple(round_rank(r, rule.round_to, d) if r >= rule.round_to else r for r, d in zip(exact, dims))
 
         k = largest_fitting(lambda k: cost(scaled(k)), rule.ratio * original_cost, top)
         if k is None:
             return None, f"even rank 1 keeps more than ratio={rule.ratio:g} of the MACs"
         ranks = scaled(k)
-        if rule.round_to > 1:  # round down (stay within the budget), unless below one multiple
-            ranks = tuple(r - r % rule.round_to if r >= rule.round_to else r for r in ranks)
     if cost(ranks) >= original_cost:
         shown = ranks[0] if len(ranks) == 1 else "x".join(map(str, ranks))
         return None, f"rank {shown} would not reduce MACs ({int(cost(ranks))} >= {int(original_cost)})"
