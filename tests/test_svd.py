@@ -342,3 +342,13 @@ def test_data_aware_defaults_to_real_calibration_only():
         res = create(name, {"rank": "6", "min_params": "0", **option}).run(canonicalize(canon), ctx)
         assert res.changes[0].detail["error_kind"] == expected, (source, option)
         assert res.info["data_aware"] == (expected == "output")
+
+
+def test_dropped_rewrite_leaves_the_model_untouched():
+    """A rewrite over max_layer_error is undone completely, including the refitted Add bias."""
+    rng = np.random.default_rng(14)
+    m = matmul_model(rng, "right", True)
+    x = {"x": (rng.standard_normal((8, 5, 48)) + 2.0).astype(np.float32)}
+    res, canon = run_pass(m, "svd:rank=2,min_params=0,max_layer_error=0.01", x)
+    assert not res.modified and "above max_layer_error" in res.skipped[0].reason
+    assert res.model.SerializeToString() == canon.SerializeToString()

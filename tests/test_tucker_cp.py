@@ -165,6 +165,7 @@ def test_cp_drops_layers_that_do_not_converge_or_fit_badly():
     assert not res.modified and "did not converge" in res.skipped[0].reason
     res, _ = run_pass(m, "cp:rank=8,min_params=0")  # a random kernel has no good rank-8 CP (error 0.94)
     assert not res.modified and "local weight error" in res.skipped[0].reason
+    assert res.model.SerializeToString() == canonicalize(m).SerializeToString()  # no leftover factors
     res, _ = run_pass(m, "cp:rank=8,min_params=0,max_layer_error=1.0")
     assert res.modified and res.changes[0].detail["error_kind"] == "weight"
     assert 0.8 < res.changes[0].error < 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -48,6 +48,7 @@ class Fitted:
 
     nodes: list[onnx.NodeProto]
     change: Change
+    on_accept: Callable[[], None] | None = None  # edits outside the new nodes, made only if kept
 
 
 @dataclass
@@ -139,19 +140,25 @@ class FactorPass(Pass):
             name = layer.name
             # replace_node rebuilds the node list (protobuf copies): find the live node again
             layer.node = view.producers[layer.node.output[0]]
+            initializers = len(model.graph.initializer)
             try:
                 fitted = self.fit(layer, view, stats.get(layer.node.output[0]), ctx)
             except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
                 fitted = f"fit failed: {exc}"
+            if not isinstance(fitted, str):
+                err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
+                limit = self.max_layer_error if self.max_layer_error is not None else \
+                    self.default_error_limits.get(kind)
+                if limit is not None and err is not None and err > limit:
+                    fitted = f"local {kind} error {err:.3g} above max_layer_error={limit:g}"
             if isinstance(fitted, str):
                 skipped.append(Skip(name, fitted))
-                continue
-            err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
-            limit = self.max_layer_error if self.max_layer_error is not None else self.default_error_limits.get(kind)
-            if limit is not None and err is not None and err > limit:
-                skipped.append(Skip(name, f"local {kind} error {err:.3g} above max_layer_error={limit:g}"))
+                del model.graph.initializer[initializers:]  # the factors of a dropped rewrite
+                view.refresh()
                 continue
             view.replace_node(layer.node, fitted.nodes)
+            if fitted.on_accept is not None:
+                fitted.on_accept()
             changes.append(fitted.change)
             ranks[name] = fitted.change.detail.get("rank", fitted.change.detail.get("ranks"))
         ctx.progress(f"{self.id} fitting", len(layers), len(layers))

@@ -136,6 +136,13 @@ class SvdPass(FactorPass):
         error, kind = output_error(np.column_stack([w, b_old]),
                                    np.column_stack([w_new, b_new if b_new is not None else np.zeros(n_out)]), moments)
         nodes = self._emit(layer, view, u, v, b_new)
+        on_accept = None
+        if info["mode"] == "add" and b_new is not None:  # the refitted bias lives in the following Add
+            def on_accept():
+                add_out, idx = info["add"]
+                add = view.producers[add_out]  # the live node (rewrites rebuild the node list)
+                old = view.const(add.input[idx])
+                view.set_input_const(add, idx, b_new.reshape(old.shape).astype(old.dtype))
         bias_params = bias.size if bias is not None and info["kind"] == "gemm" else 0
         new_bias_params = b_new.size if b_new is not None and info["kind"] == "gemm" else 0
         item = np.dtype(dtype).itemsize
@@ -144,7 +151,7 @@ class SvdPass(FactorPass):
                         after=cost(rank * (k + n_out) + new_bias_params, m * rank * (k + n_out), item),
                         error=error, detail={"rank": rank, "max_rank": min(k, n_out), "shape": [k, n_out],
                                              "error_kind": kind, "data_aware": moments is not None})
-        return Fitted(nodes, change)
+        return Fitted(nodes, change, on_accept)
 
     # ---- emission ------------------------------------------------------------------------------
     def _emit(self, layer: Layer, view: GraphView, u: np.ndarray, v: np.ndarray,
@@ -164,11 +171,6 @@ class SvdPass(FactorPass):
             second = view.make_node("MatMul", [first.output[0], view.add_const(f"{name}.svd_u",
                                                                                np.ascontiguousarray(u.T))],
                                     [out], name=f"{name}/svd_u")
-            if info["mode"] == "add" and b_new is not None:
-                add_out, idx = info["add"]
-                add = view.producers[add_out]  # the live node (earlier rewrites rebuild the list)
-                old = view.const(add.input[idx])
-                view.set_input_const(add, idx, b_new.reshape(old.shape).astype(old.dtype))
             return [first, second]
         # Gemm: first factor keeps transA; alpha/beta are folded into the factors and bias
         old_opset = info["opset"] < 11
