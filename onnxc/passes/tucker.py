@@ -65,8 +65,7 @@ class TuckerPass(FactorPass):
             root, inv_root = _whiten.sqrt_pair(_whiten.channel_second_moment(moments.second, c_in))
             w_fit = np.moveaxis(np.tensordot(w, root, axes=([1], [0])), -1, 1)
         else:
-            root = inv_root = None
-            w_fit = w
+            inv_root, w_fit = None, w
 
         def spectra():
             out_mat = w.reshape(c_out, -1)
