@@ -1,0 +1,433 @@
+"""The calibration-data side of pruning: sampled patches, channel statistics and the ridge refit.
+
+Everything streams: `iter_activations` yields one batch of intermediate tensors at a time and
+each statistic is reduced on the fly (X^T X, X^T Y, sums), so memory is bounded by one batch and
+the D x D normal equations, never by the calibration set. Conv layers are seen through im2col
+rows at a seeded random subset of output positions: each row is the k x k x C patch feeding one
+output pixel, which turns a Conv into the matrix product the refit and ThiNet need.
+
+Refit (He et al. 2017, "Channel pruning for accelerating very deep neural networks"): for a
+layer that reads pruned channels, choose W', b' minimising ||Y - X' W' - b'||^2 + lambda ||W'||^2
+where Y is the layer's output in the *unpruned* model and X' its input in the *pruned* model
+(so errors made upstream are compensated downstream instead of accumulating), restricted to the
+kept input channels. lambda is `ridge` times the mean diagonal of the centred X'^T X'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from scipy.linalg import cho_factor, cho_solve
+
+from onnxc.compiler import runtime
+from onnxc.compiler.calibration import with_outputs
+from onnxc.compiler.graph import GraphView, attr
+
+BUDGET_BYTES = 256 * 2**20  # activations of one batch plus the normal equations of one wave
+MAX_REFIT_DIM = 6144  # a layer with more inputs than this is only sliced (D^2 doubles would not fit)
+ROWS_BYTES = 96 * 2**20  # sampled rows kept for the activation-aware refit of one layer
+
+
+# ---- geometry of a 2-D convolution -------------------------------------------------------------
+@dataclass
+class Geometry:
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    group: int
+
+    def patches(self, x: np.ndarray, b: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
+        """im2col rows [S, C, kh*kw] of `x` [B, C, H, W] at output positions (b, oy, ox)."""
+        kh, kw = self.kernel
+        pt, pl, pb, pr = self.pads
+        if any(self.pads):
+            x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        ky, kx = np.divmod(np.arange(kh * kw), kw)
+        iy = oy[:, None] * self.strides[0] + ky[None, :] * self.dilations[0]
+        ix = ox[:, None] * self.strides[1] + kx[None, :] * self.dilations[1]
+        return x[b[:, None], :, iy, ix].transpose(0, 2, 1)
+
+
+def conv_geometry(node: onnx.NodeProto, view: GraphView) -> Geometry | None:
+    """The 2-D Conv's sampling geometry, or None for what the refit does not handle."""
+    x, w, y = view.static_shape(node.input[0]), view.static_shape(node.input[1]), view.static_shape(node.output[0])
+    if node.op_type != "Conv" or x is None or w is None or y is None or len(x) != 4:
+        return None
+    kernel = tuple(w[2:])
+    strides = tuple(attr(node, "strides", [1, 1]))
+    dil = tuple(attr(node, "dilations", [1, 1]))
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(2):
+            total = max((y[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - x[2 + i], 0)
+            small = total // 2
+            pads.append((small, total - small) if auto == "SAME_UPPER" else (total - small, small))
+        pad4 = (pads[0][0], pads[1][0], pads[0][1], pads[1][1])
+    elif auto == "VALID":
+        pad4 = (0, 0, 0, 0)
+    else:
+        pad4 = tuple(attr(node, "pads", [0, 0, 0, 0]))
+    return Geometry(kernel, strides, dil, pad4, attr(node, "group", 1))
+
+
+def sample_positions(rng: np.random.Generator, batch: int, oh: int, ow: int, rows: int):
+    total = batch * oh * ow
+    flat = np.sort(rng.choice(total, size=min(rows, total), replace=False))
+    return np.unravel_index(flat, (batch, oh, ow))
+
+
+def rows_per_batch(samples: int, batch: int, total: int, positions: int) -> int:
+    return max(1, min(batch * positions, math.ceil(samples * batch / max(total, 1))))
+
+
+def batch_size(model: onnx.ModelProto, view: GraphView, names: Sequence[str], budget: int = BUDGET_BYTES) -> int:
+    """Samples per batch so that the captured tensors of one batch stay within `budget`."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            d = vi.type.tensor_type.shape.dim
+            if d and d[0].HasField("dim_value") and d[0].dim_value > 0:
+                return int(d[0].dim_value)
+    per_sample = 0
+    for n in names:
+        s = view.static_shape(n)
+        per_sample += 4 * int(np.prod(s[1:], dtype=np.int64)) if s else 0
+    return int(max(1, min(64, budget // max(per_sample * 3, 1))))
+
+
+def iter_activations(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
+                     batch_size: int):
+    """`calibration.iter_activations`, but with the session one level below ORT_ENABLE_ALL.
+
+    onnxruntime 1.32's NCHWc layout pass fuses a Conv into the Add after it even when the Conv's
+    output is requested as a graph output (seen with channel counts not a multiple of 8), and the
+    session then fails with "Failed to find node output". Captures never need that pass.
+    """
+    sess = runtime.session(with_outputs(model, names), optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    feed_names = {i.name for i in sess.get_inputs()}
+    for batch in runtime.batches(inputs, batch_size):
+        values = sess.run(list(names), {k: v for k, v in batch.items() if k in feed_names})
+        yield dict(zip(names, values))
+
+
+def stream(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
+           consume: Callable[[dict[str, np.ndarray]], None], budget: int = BUDGET_BYTES) -> None:
+    """Feed every batch of the tensors `names` to `consume` (memory: one batch)."""
+    view = GraphView(model.graph)
+    names = list(dict.fromkeys(names))
+    if names:
+        for values in iter_activations(model, names, inputs, batch_size(model, view, names, budget)):
+            consume(values)
+
+
+# ---- refit ------------------------------------------------------------------------------------
+class Normal:
+    """Running sums of one least-squares system X W = Y (and, when asked, the rows themselves)."""
+
+    def __init__(self, dim: int, outs: int, keep_rows: bool = False):
+        self.dim, self.outs = dim, outs
+        self.xtx = np.zeros((dim, dim))
+        self.xty = np.zeros((dim, outs))
+        self.xs = np.zeros(dim)
+        self.ys = np.zeros(outs)
+        self.yy, self.n = 0.0, 0
+        self.rows: list[tuple[np.ndarray, np.ndarray]] | None = [] if keep_rows else None
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x = x.astype(np.float32, copy=False)
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.xs += x.sum(0, dtype=np.float64)
+        self.ys += y.sum(0, dtype=np.float64)
+        self.yy += float(np.sum(np.square(y, dtype=np.float64)))
+        self.n += len(x)
+        if self.rows is not None:
+            self.rows.append((np.ascontiguousarray(x), np.ascontiguousarray(y, dtype=np.float32)))
+
+    def residual(self, w: np.ndarray, b: np.ndarray) -> float:
+        """||Y - X w - b||^2 from the sums (w: [D, O], b: [O])."""
+        r = self.yy - 2 * np.sum(w * self.xty) - 2 * b @ self.ys + np.sum(w * (self.xtx @ w))
+        r += 2 * b @ (self.xs @ w) + self.n * b @ b
+        return max(float(r), 0.0)
+
+    def _centred(self, intercept: bool):
+        if intercept and self.n:
+            mx = self.xs / self.n
+            return mx, self.xtx - self.n * np.outer(mx, mx)
+        return np.zeros(self.dim), self.xtx
+
+    def solve(self, ridge: float, intercept: bool) -> tuple[np.ndarray, np.ndarray]:
+        mx, cxx = self._centred(intercept)
+        my = self.ys / max(self.n, 1) if intercept else np.zeros(self.outs)
+        lam = ridge * max(np.trace(cxx) / max(self.dim, 1), 1e-12)
+        w = np.linalg.solve(cxx + lam * np.eye(self.dim), self.xty - self.n * np.outer(mx, my))
+        return w, my - mx @ w
+
+    def solve_clipped(self, ridge: float, lo: float, hi: float, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Fit clip(X w + b) to clip(Y): where the original output and the fit are both clipped on
+        the same side, the exact value is invisible to the next layer, so it stops being a target.
+        Each round keeps X'X and changes only the targets: one factorisation, cheap re-solves."""
+        x = np.concatenate([r[0] for r in self.rows])
+        y = np.concatenate([r[1] for r in self.rows]).astype(np.float64)
+        mx, cxx = self._centred(True)
+        lam = ridge * max(np.trace(cxx) / max(self.dim, 1), 1e-12)
+        factor = cho_factor(cxx + lam * np.eye(self.dim))
+        w, b = self.solve(ridge, True)
+        for _ in range(iters):
+            pred = x @ w + b
+            free = ((y <= lo) & (pred <= lo)) | ((y >= hi) & (pred >= hi))
+            t = np.where(free, pred, y)
+            mt = t.mean(0)
+            w = cho_solve(factor, x.T @ t - self.n * np.outer(mx, mt))
+            b = mt - mx @ w
+        return w, b
+
+    def clipped_residual(self, w: np.ndarray, b: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+        """||clip(X w + b) - clip(Y)||^2 and ||clip(Y)||^2 over the stored rows."""
+        res = energy = 0.0
+        for x, y in self.rows:
+            yc = np.clip(y, lo, hi)
+            res += float(np.sum(np.square(np.clip(x @ w + b, lo, hi) - yc)))
+            energy += float(np.sum(np.square(yc)))
+        return res, energy
+
+
+@dataclass
+class RefitJob:
+    """One layer reading pruned channels: where its X and Y come from and how to rewrite it."""
+
+    node: str  # node name (same in the original and the pruned model)
+    x_name: str  # its input tensor
+    y_name: str  # its output tensor
+    keep_in: np.ndarray  # kept input channels (or features), indices into the original input
+    keep_out: np.ndarray | None  # kept output channels when the layer is itself a pruned producer
+    residual: list[str] = field(default_factory=list)  # other inputs of the Add the output feeds
+    clip: tuple[float, float] | None = None  # the Relu/Clip range the output goes through next
+    target: str = ""  # tensor of the original model to reproduce (default: y_name)
+    error_before: float | None = None
+    error_after: float | None = None
+    skipped: str = ""
+    systems: list[Normal] = field(default_factory=list)
+
+
+class Refitter:
+    """Accumulates one job's normal equations from matching batches of the two models."""
+
+    def __init__(self, job: RefitJob, node: onnx.NodeProto, view: GraphView, orig_view: GraphView,
+                 samples: int, total: int, from_original: bool):
+        self.job, self.node, self.view = job, node, view
+        self.samples, self.total, self.from_original = samples, total, from_original
+        w = view.const(node.input[1])
+        self.kind = node.op_type
+        self.out_shape = orig_view.static_shape(job.y_name)
+        if self.kind == "Conv":
+            self.geom = conv_geometry(node, view)
+            self.groups = self.geom.group if self.geom else 1
+            o = w.shape[0]
+            dim = w.shape[1] * int(np.prod(w.shape[2:]))
+            rows = samples
+        else:
+            self.geom, self.groups = None, 1
+            transposed = self.kind == "Gemm" and attr(node, "transB", 0)
+            dim, o = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+            rows = total
+        self.clip = job.clip if self.kind != "MatMul" and not job.residual else None
+        keep = self.clip is not None and 4 * rows * dim * (1 + self.groups) <= ROWS_BYTES
+        self.clip = self.clip if keep else None
+        self.systems = [Normal(dim, o // self.groups, keep) for _ in range(self.groups)]
+        job.systems = self.systems
+
+    def memory(self) -> int:
+        return sum(8 * (s.dim * s.dim + s.dim * s.outs) for s in self.systems)
+
+    def update(self, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+        x, y = xs[self.job.x_name], ys[self.job.target or self.job.y_name]
+        if self.from_original:
+            x = np.take(x, self.job.keep_in, axis=1)
+        if self.job.keep_out is not None:
+            y = np.take(y, self.job.keep_out, axis=1)
+        if self.job.residual and not self.from_original:
+            y = y - sum(xs[r] for r in self.job.residual)  # what this branch must add to the pruned rest
+        if self.geom is None:
+            self.systems[0].add(x.reshape(len(x), -1).astype(np.float32), y.reshape(len(y), -1))
+            return
+        oh, ow = self.out_shape[2], self.out_shape[3]
+        b, oy, ox = sample_positions(rng, len(x), oh, ow, rows_per_batch(self.samples, len(x), self.total, oh * ow))
+        p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
+        t = y[b, :, oy, ox]  # [S, O']
+        cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
+        for gi, system in enumerate(self.systems):
+            system.add(p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og])
+
+    def finish(self, ridge: float) -> None:
+        """Solve, compare with the sliced weights, and write the better one into the pruned model."""
+        node, view = self.node, self.view
+        w0 = view.const(node.input[1])
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if self.kind == "Gemm":
+            trans = attr(node, "transB", 0)
+            alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+            wmat = (w0.T if trans else w0) * alpha  # [D, O]
+            c = view.const(node.input[2]) if has_bias else None
+            if c is not None and c.size not in (1, wmat.shape[1]):
+                self.job.skipped = "Gemm bias is not a vector"
+                return
+            b0 = np.broadcast_to(c.reshape(-1) * beta, (wmat.shape[1],)) if c is not None else np.zeros(wmat.shape[1])
+            mats, biases = [wmat], [b0]
+        elif self.kind == "MatMul":
+            mats, biases = [w0], [np.zeros(w0.shape[1])]
+        else:
+            o = w0.shape[0]
+            og = o // self.groups
+            bias = view.const(node.input[2]) if has_bias else np.zeros(o)
+            mats = [w0[gi * og:(gi + 1) * og].reshape(og, -1).T for gi in range(self.groups)]
+            biases = [bias[gi * og:(gi + 1) * og] for gi in range(self.groups)]
+        before = after = energy = 0.0
+        new_w, new_b = [], []
+        for system, wm, bm in zip(self.systems, mats, biases):
+            wm, bm = wm.astype(np.float64), np.asarray(bm, np.float64)
+            energy += system.yy
+            w1, b1 = system.solve(ridge, intercept=self.kind != "MatMul")
+            if self.clip is None:
+                energy += system.yy
+                r0, r1 = system.residual(wm, bm), system.residual(w1, b1)
+            else:
+                w2, b2 = system.solve_clipped(ridge, *self.clip)
+                r0, e = system.clipped_residual(wm, bm, *self.clip)
+                r1 = system.clipped_residual(w1, b1, *self.clip)[0]
+                r2 = system.clipped_residual(w2, b2, *self.clip)[0]
+                energy += e
+                if r2 < r1 and np.all(np.isfinite(w2)):
+                    w1, b1, r1 = w2, b2, r2
+            if not np.all(np.isfinite(w1)) or r1 >= r0:
+                w1, b1, r1 = wm, bm, r0
+            before, after = before + r0, after + r1
+            new_w.append(w1)
+            new_b.append(b1)
+        self.job.error_before = math.sqrt(before / energy) if energy > 0 else 0.0
+        self.job.error_after = math.sqrt(after / energy) if energy > 0 else 0.0
+        dtype = w0.dtype
+        if self.kind == "Gemm":
+            w = new_w[0] / (alpha or 1.0)
+            view.set_input_const(node, 1, (w.T if trans else w).astype(dtype))
+            bias = new_b[0] / (beta or 1.0)
+            if has_bias:
+                view.set_input_const(node, 2, bias.reshape(c.shape if c.size == bias.size else (-1,)).astype(dtype))
+            else:
+                _add_input(view, node, 2, bias.astype(dtype), "bias")
+        elif self.kind == "MatMul":
+            view.set_input_const(node, 1, new_w[0].astype(dtype))
+        else:
+            w = np.concatenate([m.T for m in new_w]).reshape(w0.shape)
+            view.set_input_const(node, 1, w.astype(dtype))
+            bias = np.concatenate(new_b).astype(dtype)
+            if has_bias:
+                view.set_input_const(node, 2, bias)
+            else:
+                _add_input(view, node, 2, bias, "bias")
+        view.refresh()
+
+
+def _add_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
+    name = view.add_const(f"{node.name}_{suffix}", value)
+    while len(node.input) < index:
+        node.input.append("")
+    if len(node.input) == index:
+        node.input.append(name)
+    else:
+        node.input[index] = name
+
+
+def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJob], inputs: Mapping[str, np.ndarray],
+          *, ridge: float, samples: int, recapture: bool, rng: Callable[[str], np.random.Generator],
+          progress: Callable[[str, int, int], None] = lambda *a: None,
+          refresh: Callable[[onnx.ModelProto], onnx.ModelProto] = lambda m: m) -> onnx.ModelProto:
+    """Refit every job's layer in the pruned model; returns the (possibly re-inferred) pruned model.
+
+    With `recapture`, layers are refit wave by wave in topological order and each wave's inputs
+    come from the pruned model as refit so far. Without it, one pass over the original model gives
+    every layer's input restricted to the kept channels (faster; upstream errors then add up).
+    """
+    orig_view = GraphView(original.graph)
+    total = len(next(iter(inputs.values())))
+    if not recapture:
+        for j in jobs:
+            j.residual, j.target = [], ""
+    waves = _waves(pruned, jobs) if recapture else [[j.node for j in jobs]]
+    by_name = {j.node: j for j in jobs}
+    done = 0
+    for wave in waves:
+        view = GraphView(pruned.graph)
+        refitters: list[Refitter] = []
+        for name in wave:
+            job = by_name[name]
+            node = view.node_by_name(name)
+            r = Refitter(job, node, view, orig_view, samples, total, from_original=not recapture)
+            if node.op_type == "Conv" and r.geom is None:
+                job.skipped = "only 2-D convolutions are refit"
+            elif max(s.dim for s in r.systems) > MAX_REFIT_DIM:
+                job.skipped = f"{max(s.dim for s in r.systems)} inputs per output: too large to refit"
+            else:
+                refitters.append(r)
+        for chunk in _chunks(refitters):
+            rngs = {r.job.node: rng(r.job.node) for r in chunk}
+            x_names = list(dict.fromkeys(n for r in chunk for n in [r.job.x_name, *r.job.residual]))
+            y_names = list(dict.fromkeys(r.job.target or r.job.y_name for r in chunk))
+            source = original if not recapture else pruned
+            src_view = orig_view if not recapture else view
+            bs = min(batch_size(source, src_view, x_names), batch_size(original, orig_view, y_names))
+            xs_iter = iter_activations(source, x_names, inputs, bs)
+            ys_iter = iter_activations(original, y_names, inputs, bs)
+            for xs, ys in zip(xs_iter, ys_iter):
+                for r in chunk:
+                    r.update(xs, ys, rngs[r.job.node])
+            for r in chunk:
+                r.finish(ridge)
+                r.job.systems = []
+                done += 1
+                progress("prune: refit", done, len(jobs))
+        pruned = refresh(pruned)
+    return pruned
+
+
+def _chunks(refitters: list[Refitter]) -> list[list[Refitter]]:
+    chunks, current, used = [], [], 0
+    for r in refitters:
+        m = r.memory()
+        if current and used + m > BUDGET_BYTES:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(r)
+        used += m
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _waves(model: onnx.ModelProto, jobs: list[RefitJob]) -> list[list[str]]:
+    """Group layers so that no layer shares a wave with a layer upstream of it (or of its residual)."""
+    names = [j.node for j in jobs]
+    extra = {j.node: j.residual for j in jobs}
+    targets = set(names)
+    level: dict[str, int] = {}
+    producer_level: dict[str, int] = {}
+    for node in model.graph.node:
+        reads = [i for i in node.input if i] + extra.get(node.name, [])
+        lv = max((producer_level.get(i, 0) for i in reads), default=0)
+        if node.name in targets:
+            lv += 1
+            level[node.name] = lv
+        for o in node.output:
+            producer_level[o] = lv
+    waves: dict[int, list[str]] = {}
+    for name in names:
+        waves.setdefault(level.get(name, 1), []).append(name)
+    return [waves[k] for k in sorted(waves)]
