@@ -1,7 +1,7 @@
 """C backend: memory, footprint, executed instructions and fidelity per model, side by side.
 
 For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered variants, and with
-`--light` SqueezeNet/ShuffleNet with random weights):
+`--light` onnx's light architectures with random weights):
 
 - arena bytes (the one static activation buffer) beside the naive peak of simultaneously live
   intermediate tensors in node order (after activation fusion; no in-place, no aliasing, no
@@ -13,7 +13,8 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
 - max |C - onnxruntime| / max |onnxruntime| on the host, and on the Cortex-M4 under QEMU
   (mps2-an386, semihosting).
 
-    python benchmarks/c_backend.py [--light] [--no-qemu] [--no-callgrind]
+    python benchmarks/c_backend.py [--light [squeezenet,shufflenet,inception_v1,...]] [--no-qemu]
+                                   [--no-callgrind]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from onnxc.compiler.cost import model_cost  # noqa: E402
 SAMPLES = ROOT / "samples"
 
 
-def models(light: bool) -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray]]]:
+def models(light: list[str]) -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray]]]:
     digit = {"input": np.load(SAMPLES / "digits_test.npz")["input"][:1]}
     out = [(name, onnx.load(SAMPLES / f"{name}.onnx"), digit) for name in ("mlp", "vgg", "resnet", "mobilenet")]
     rng = np.random.default_rng(0)
@@ -60,23 +61,24 @@ def models(light: bool) -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray
     if light:
         from test_c_light import light_model
 
-        x = {"data_0": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
-        for name in ("squeezenet", "shufflenet"):
+        x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+        for name in light:
             m = light_model(name)
-            feed = {m.graph.input[0].name: x["data_0"]}
-            out.append((name, m, feed))
+            out.append((name, m, {m.graph.input[0].name: x}))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--light", action="store_true", help="add SqueezeNet and ShuffleNet (random weights; slow)")
+    ap.add_argument("--light", nargs="?", const="squeezenet,shufflenet", default="",
+                    help="add onnx light models with random weights (default squeezenet,shufflenet; slow)")
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M4 run under QEMU")
     ap.add_argument("--no-callgrind", action="store_true", help="skip instruction counting")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxc_c_bench_"))
     try:
-        run(models(args.light), work, qemu=not args.no_qemu and mps2.available(), callgrind=not args.no_callgrind)
+        run(models([n for n in args.light.split(",") if n]), work, qemu=not args.no_qemu and mps2.available(),
+            callgrind=not args.no_callgrind)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

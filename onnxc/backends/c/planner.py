@@ -191,8 +191,6 @@ class _Planner:
             took = self.try_inplace(s)
             for name in step.outputs[1 if took else 0:]:
                 self.locate(name, s)
-            if step.scratch and s not in self.scratch:
-                self.scratch[s] = self.new_buffer(step.scratch, s, "")
         for buf in self.buffers:
             for m in buf.members:
                 if m.name:
