@@ -207,9 +207,12 @@ def test_weights_are_written_bit_exact(tmp_path):
 
 
 def test_input_shape_fixes_batch(tmp_path, digits):
-    model = onnx.load(SAMPLES / "resnet.onnx")
-    gen = compile_model(model, "res3", input_shapes={"input": [3, 1, 16, 16]})
+    """Batch 3 through MobileNet: the in-place depthwise and 1x1 kernels across images too."""
+    model = onnx.load(SAMPLES / "mobilenet.onnx")
+    gen = compile_model(model, "mb3", input_shapes={"input": [3, 1, 16, 16]})
     assert gen.prog.shapes["logits"] == (3, 10)
+    assert {"onnxc_conv2d_dw_inplace", "onnxc_conv1x1_inplace"} <= {
+        c.fn for s in gen.plan.inplace for c in gen.prog.steps[s].inplace_calls}
     exe = build_generated([gen], tmp_path)
     x = digits[:3]
     got = run_generated(exe, 0, gen, {"input": x})["logits"]

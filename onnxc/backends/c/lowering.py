@@ -96,6 +96,8 @@ class Lowerer:
             self.prog.shapes[name] = self.shape(name)
         for name in self.prog.inputs:
             self.check_float(name, None)
+            if name in self.prog.outputs:
+                raise OnnxcError(f"C backend: graph output '{name}' is a graph input; nothing to compute")
         self._plan_fusion()
         for node in self.model.graph.node:
             if node.output[0] in self.skip or node.output[0] in self.absorbed:
