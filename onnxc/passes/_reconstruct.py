@@ -171,32 +171,33 @@ class Normal:
         w = np.linalg.solve(cxx + lam * np.eye(self.dim), self.xty - self.n * np.outer(mx, my))
         return w, my - mx @ w
 
-    def solve_clipped(self, ridge: float, lo: float, hi: float, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def solve_clipped(self, ridge: float, lo: float, hi: float, iters: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Fit clip(X w + b) to clip(Y): where the original output and the fit are both clipped on
         the same side, the exact value is invisible to the next layer, so it stops being a target.
         Each round keeps X'X and changes only the targets: one factorisation, cheap re-solves."""
         x = np.concatenate([r[0] for r in self.rows])
-        y = np.concatenate([r[1] for r in self.rows]).astype(np.float64)
+        y = np.concatenate([r[1] for r in self.rows])
         mx, cxx = self._centred(True)
         lam = ridge * max(np.trace(cxx) / max(self.dim, 1), 1e-12)
         factor = cho_factor(cxx + lam * np.eye(self.dim))
         w, b = self.solve(ridge, True)
         for _ in range(iters):
-            pred = x @ w + b
+            pred = x @ w.astype(np.float32) + b.astype(np.float32)
             free = ((y <= lo) & (pred <= lo)) | ((y >= hi) & (pred >= hi))
             t = np.where(free, pred, y)
-            mt = t.mean(0)
-            w = cho_solve(factor, x.T @ t - self.n * np.outer(mx, mt))
+            mt = t.mean(0, dtype=np.float64)
+            w = cho_solve(factor, (x.T @ t).astype(np.float64) - self.n * np.outer(mx, mt))
             b = mt - mx @ w
         return w, b
 
     def clipped_residual(self, w: np.ndarray, b: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
         """||clip(X w + b) - clip(Y)||^2 and ||clip(Y)||^2 over the stored rows."""
         res = energy = 0.0
+        w32, b32 = w.astype(np.float32), b.astype(np.float32)
         for x, y in self.rows:
             yc = np.clip(y, lo, hi)
-            res += float(np.sum(np.square(np.clip(x @ w + b, lo, hi) - yc)))
-            energy += float(np.sum(np.square(yc)))
+            res += float(np.sum(np.square(np.clip(x @ w32 + b32, lo, hi) - yc), dtype=np.float64))
+            energy += float(np.sum(np.square(yc), dtype=np.float64))
         return res, energy
 
 
