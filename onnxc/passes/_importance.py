@@ -125,7 +125,10 @@ class LsqStats:
         self.refitter.update(values, values, rng)
 
     def state(self, ridge: float) -> LsqState:
-        return LsqState(self.refitter.systems[0], self.col_units, self.n_units, ridge)
+        """A fresh greedy state (the inverse is computed once and copied)."""
+        if getattr(self, "_base", None) is None:
+            self._base = LsqState(self.refitter.systems[0], self.col_units, self.n_units, ridge)
+        return self._base.copy()
 
 
 class ThinetState:
@@ -153,6 +156,12 @@ class LsqState:
         self.energy = max(system.yy - n * float(my @ my), 1e-30)
         self.cols = np.asarray(col_units)
         self.n_units = n_units
+
+    def copy(self) -> LsqState:
+        new = object.__new__(LsqState)
+        new.a, new.b, new.cols = self.a.copy(), self.b.copy(), self.cols.copy()
+        new.energy, new.n_units = self.energy, self.n_units
+        return new
 
     def costs(self) -> np.ndarray:
         out = np.zeros(self.n_units)
