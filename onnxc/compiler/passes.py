@@ -254,7 +254,9 @@ class PassManager:
         records = []
         current = model
         self.last_outputs: dict[str, np.ndarray] | None = None  # outputs of `current` on validation
-        for p in self.passes:
+        for index, p in enumerate(self.passes):
+            self.ctx.progress("passes", index, len(self.passes))
+            log.info("running %s", p.spec())
             before = model_cost(current)
             start = time.perf_counter()
             record = PassRecord(p.id, p.spec(), "applied", before=before.totals())
@@ -287,6 +289,7 @@ class PassManager:
                 current, self.last_outputs = candidate, outputs
                 record.after = model_cost(current).totals()
             records.append(record)
+        self.ctx.progress("passes", len(self.passes), len(self.passes))
         return current, records
 
     def _outputs(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
