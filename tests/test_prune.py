@@ -198,3 +198,25 @@ def test_same_seed_same_bytes_and_nothing_to_do_is_unmodified():
     assert a.model.SerializeToString() == b.model.SerializeToString()
     none, _ = run_pass(model, ratio=0.0)
     assert not none.modified
+
+
+def test_unnamed_nodes_get_names_and_prune():
+    model = chain()
+    for node in model.graph.node:
+        node.name = ""
+    res, cal = run_pass(model, ratio=0.5)
+    assert res.modified and len(res.changes) == 3
+    assert len({n.name for n in res.model.graph.node}) == len(res.model.graph.node)
+    assert compare(canonicalize(model), canonicalize(res.model), cal.validation).rel_l2 < 0.5
+
+
+@pytest.mark.parametrize("criterion", ["lsq", "thinet"])
+def test_dead_inputs_without_ridge_do_not_break_the_refit(criterion):
+    model = composite()
+    res, cal = run_pass(model, ratio=0.2, criterion=criterion, ridge=0.0, samples=256)
+    assert res.modified
+    pruned = canonicalize(res.model)
+    onnx.checker.check_model(pruned)
+    got = runtime.run(pruned, cal.validation)
+    assert all(np.isfinite(v).all() for v in got.values())
+    assert compare(canonicalize(model), pruned, cal.validation).rel_l2 < 1.0

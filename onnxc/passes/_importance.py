@@ -27,7 +27,8 @@ from onnxc.compiler.graph import GraphView, attr
 from onnxc.passes import _reconstruct as rec
 from onnxc.passes.channel_groups import ChannelGroup
 
-LSQ_MAX_DIM = 2560  # consumers with more inputs per output use the ThiNet statistic instead
+LSQ_MAX_DIM = 2048  # consumers with more inputs per output use the ThiNet statistic instead
+LSQ_BUDGET = 512 * 2**20  # normal equations held for lsq over all groups; past it, ThiNet again
 
 
 class MeanAbs:
@@ -112,10 +113,10 @@ class LsqStats:
         self.refitter = rec.Refitter(job, node, view, view, samples, total, from_original=True)
         self.x, self.y = node.input[0], node.output[0]
         self.units, self.n_units = units, n_units
-        system = self.refitter.systems[0]
+        system = self.refitter.folds[0][0]
         per_channel = system.dim // len(units)  # kernel positions (Conv) or 1 (a feature of a Gemm)
         self.col_units = np.repeat(units, per_channel)
-        self.ok = (len(self.refitter.systems) == 1 and system.dim <= LSQ_MAX_DIM
+        self.ok = (len(self.refitter.folds[0]) == 1 and system.dim <= LSQ_MAX_DIM
                    and (node.op_type != "Conv" or self.refitter.geom is not None))
 
     def memory(self) -> int:
@@ -128,6 +129,7 @@ class LsqStats:
         """A fresh greedy state (the inverse is computed once and copied)."""
         if getattr(self, "_base", None) is None:
             self._base = LsqState(self.refitter.systems[0], self.col_units, self.n_units, ridge)
+            self.refitter.folds = [[], []]  # the sums are no longer needed: free them
         return self._base.copy()
 
 
@@ -150,8 +152,11 @@ class LsqState:
         mx, my = system.xs / n, system.ys / n
         cxx = system.xtx - n * np.outer(mx, mx)
         cxy = system.xty - n * np.outer(mx, my)
-        lam = ridge * max(np.trace(cxx) / max(system.dim, 1), 1e-12)
-        self.a = np.linalg.inv(cxx + lam * np.eye(system.dim))
+        p = cxx + rec.ridge_lambda(cxx, ridge) * np.eye(system.dim)
+        try:
+            self.a = np.linalg.inv(p)
+        except np.linalg.LinAlgError:
+            self.a = np.linalg.pinv(p)
         self.b = self.a @ cxy
         self.energy = max(system.yy - n * float(my @ my), 1e-30)
         self.cols = np.asarray(col_units)
@@ -172,7 +177,7 @@ class LsqState:
             idx = order[starts[sel][:, None] + np.arange(m)[None, :]]  # [K, m] rows of each unit
             ajj = self.a[idx[:, :, None], idx[:, None, :]]
             bj = self.b[idx]  # [K, m, O]
-            out[units[sel]] = np.einsum("kmo,kmo->k", bj, np.linalg.solve(ajj, bj))
+            out[units[sel]] = np.einsum("kmo,kmo->k", bj, _solve(ajj, bj))
         return out / self.energy
 
     def remove(self, u: int) -> None:
@@ -181,10 +186,18 @@ class LsqState:
             return
         r = np.flatnonzero(self.cols != u)
         arj = self.a[np.ix_(r, j)]
-        t = np.linalg.solve(self.a[np.ix_(j, j)], np.concatenate([arj.T, self.b[j]], axis=1))
+        t = _solve(self.a[np.ix_(j, j)], np.concatenate([arj.T, self.b[j]], axis=1))
         self.b = self.b[r] - arj @ t[:, len(r):]
         self.a = self.a[np.ix_(r, r)] - arj @ t[:, :len(r)]
         self.cols = self.cols[r]
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^-1 b (batched), with the pseudo-inverse for blocks of dead inputs."""
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a) @ b
 
 
 # ---- scores ------------------------------------------------------------------------------------
@@ -221,6 +234,7 @@ def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, 
         return scores, {}
     total = len(next(iter(data.values())))
     stats: list[tuple[int, object]] = []
+    lsq_bytes = 0
     for g in groups:
         for name in g.consumers:
             node = view.node_by_name(name)
@@ -232,7 +246,8 @@ def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, 
                 continue
             if criterion == "lsq" and node.op_type in ("Conv", "Gemm", "MatMul"):
                 lsq = LsqStats(node, view, g.tensors[x], g.n_units, samples, total)
-                if lsq.ok:
+                if lsq.ok and lsq_bytes + lsq.memory() <= LSQ_BUDGET:
+                    lsq_bytes += lsq.memory()
                     stats.append((g.id, lsq))
                     continue
             thinet = ThinetGram(node, view, g.tensors[x], g.n_units, samples, total)

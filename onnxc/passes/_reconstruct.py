@@ -129,6 +129,20 @@ def stream(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np
 
 
 # ---- refit ------------------------------------------------------------------------------------
+def ridge_lambda(cxx: np.ndarray, ridge: float) -> float:
+    """lambda = ridge x the mean diagonal of X'X (scale-free), with a floor for all-zero inputs."""
+    return ridge * max(float(np.trace(cxx)) / max(len(cxx), 1), 1e-12)
+
+
+def ridge_solve(cxx: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
+    """(X'X + lambda I)^-1 rhs; a singular system (dead inputs, ridge=0) gets the least-norm solution."""
+    a = cxx + ridge_lambda(cxx, ridge) * np.eye(len(cxx))
+    try:
+        return np.linalg.solve(a, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, rhs, rcond=None)[0]
+
+
 class Normal:
     """Running sums of one least-squares system X W = Y (and, when asked, the rows themselves)."""
 
@@ -167,9 +181,31 @@ class Normal:
     def solve(self, ridge: float, intercept: bool) -> tuple[np.ndarray, np.ndarray]:
         mx, cxx = self._centred(intercept)
         my = self.ys / max(self.n, 1) if intercept else np.zeros(self.outs)
-        lam = ridge * max(np.trace(cxx) / max(self.dim, 1), 1e-12)
-        w = np.linalg.solve(cxx + lam * np.eye(self.dim), self.xty - self.n * np.outer(mx, my))
+        w = ridge_solve(cxx, self.xty - self.n * np.outer(mx, my), ridge)
         return w, my - mx @ w
+
+    def path(self, intercept: bool) -> Callable[[float], tuple[np.ndarray, np.ndarray]]:
+        """The ridge solution as a function of the relative strength: one eigendecomposition."""
+        mx, cxx = self._centred(intercept)
+        my = self.ys / max(self.n, 1) if intercept else np.zeros(self.outs)
+        vals, vecs = np.linalg.eigh(cxx)
+        proj = vecs.T @ (self.xty - self.n * np.outer(mx, my))
+        scale = max(float(np.trace(cxx)) / max(self.dim, 1), 1e-12)
+        floor = 1e-10 * max(float(vals.max(initial=0.0)), 1e-12)
+
+        def fit(rel: float) -> tuple[np.ndarray, np.ndarray]:
+            w = vecs @ (proj / np.maximum(vals + rel * scale, floor)[:, None])
+            return w, my - mx @ w
+        return fit
+
+    @staticmethod
+    def merge(a: Normal, b: Normal) -> Normal:
+        out = Normal(a.dim, a.outs, a.rows is not None)
+        out.xtx, out.xty, out.xs, out.ys = a.xtx + b.xtx, a.xty + b.xty, a.xs + b.xs, a.ys + b.ys
+        out.yy, out.n = a.yy + b.yy, a.n + b.n
+        if out.rows is not None:
+            out.rows = a.rows + b.rows
+        return out
 
     def solve_clipped(self, ridge: float, lo: float, hi: float, iters: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Fit clip(X w + b) to clip(Y): where the original output and the fit are both clipped on
@@ -178,9 +214,11 @@ class Normal:
         x = np.concatenate([r[0] for r in self.rows])
         y = np.concatenate([r[1] for r in self.rows])
         mx, cxx = self._centred(True)
-        lam = ridge * max(np.trace(cxx) / max(self.dim, 1), 1e-12)
-        factor = cho_factor(cxx + lam * np.eye(self.dim))
         w, b = self.solve(ridge, True)
+        try:
+            factor = cho_factor(cxx + ridge_lambda(cxx, ridge) * np.eye(self.dim))
+        except np.linalg.LinAlgError:
+            return w, b
         for _ in range(iters):
             pred = x @ w.astype(np.float32) + b.astype(np.float32)
             free = ((y <= lo) & (pred <= lo)) | ((y >= hi) & (pred >= hi))
@@ -216,7 +254,6 @@ class RefitJob:
     error_before: float | None = None
     error_after: float | None = None
     skipped: str = ""
-    systems: list[Normal] = field(default_factory=list)
 
 
 class Refitter:
@@ -243,11 +280,23 @@ class Refitter:
         self.clip = job.clip if self.kind != "MatMul" and not job.residual else None
         keep = self.clip is not None and 4 * rows * dim * (1 + self.groups) <= ROWS_BYTES
         self.clip = self.clip if keep else None
-        self.systems = [Normal(dim, o // self.groups, keep) for _ in range(self.groups)]
-        job.systems = self.systems
+        # two folds by calibration sample: the refit's ridge is chosen by cross-validation
+        self.folds = [[Normal(dim, o // self.groups, keep) for _ in range(self.groups)] for _ in range(2)]
+        self.seen = 0
+
+    @property
+    def systems(self) -> list[Normal]:
+        return [Normal.merge(a, b) for a, b in zip(*self.folds)]
 
     def memory(self) -> int:
-        return sum(8 * (s.dim * s.dim + s.dim * s.outs) for s in self.systems)
+        return 2 * sum(8 * (s.dim * s.dim + s.dim * s.outs) for s in self.folds[0])
+
+    def _add(self, gi: int, x: np.ndarray, y: np.ndarray, sample: np.ndarray) -> None:
+        fold = sample % 2
+        for f in (0, 1):
+            sel = fold == f
+            if sel.any():
+                self.folds[f][gi].add(x[sel], y[sel])
 
     def update(self, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], rng: np.random.Generator) -> None:
         x, y = xs[self.job.x_name], ys[self.job.target or self.job.y_name]
@@ -257,16 +306,17 @@ class Refitter:
             y = np.take(y, self.job.keep_out, axis=1)
         if self.job.residual and not self.from_original:
             y = y - sum(xs[r] for r in self.job.residual)  # what this branch must add to the pruned rest
+        first, self.seen = self.seen, self.seen + len(x)
         if self.geom is None:
-            self.systems[0].add(x.reshape(len(x), -1).astype(np.float32), y.reshape(len(y), -1))
+            self._add(0, x.reshape(len(x), -1).astype(np.float32), y.reshape(len(y), -1), first + np.arange(len(x)))
             return
         oh, ow = self.out_shape[2], self.out_shape[3]
         b, oy, ox = sample_positions(rng, len(x), oh, ow, rows_per_batch(self.samples, len(x), self.total, oh * ow))
         p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
         t = y[b, :, oy, ox]  # [S, O']
         cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
-        for gi, system in enumerate(self.systems):
-            system.add(p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og])
+        for gi in range(self.groups):
+            self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], first + b)
 
     def finish(self, ridge: float) -> None:
         """Solve, compare with the sliced weights, and write the better one into the pruned model."""
@@ -293,22 +343,28 @@ class Refitter:
             biases = [bias[gi * og:(gi + 1) * og] for gi in range(self.groups)]
         before = after = energy = 0.0
         new_w, new_b = [], []
-        for system, wm, bm in zip(self.systems, mats, biases):
+        intercept = self.kind != "MatMul"
+        for (fa, fb), wm, bm in zip(zip(*self.folds), mats, biases):
             wm, bm = wm.astype(np.float64), np.asarray(bm, np.float64)
-            energy += system.yy
-            w1, b1 = system.solve(ridge, intercept=self.kind != "MatMul")
+            system = Normal.merge(fa, fb)
+            rel = _cross_validate(fa, fb, wm, bm, ridge, intercept)
+            if rel is None:  # the sliced weights predict held-out samples better than any refit
+                w1, b1 = wm, bm
+            else:
+                w1, b1 = system.solve(rel, intercept)
             if self.clip is None:
                 energy += system.yy
                 r0, r1 = system.residual(wm, bm), system.residual(w1, b1)
             else:
-                w2, b2 = system.solve_clipped(ridge, *self.clip)
                 r0, e = system.clipped_residual(wm, bm, *self.clip)
                 r1 = system.clipped_residual(w1, b1, *self.clip)[0]
-                r2 = system.clipped_residual(w2, b2, *self.clip)[0]
                 energy += e
-                if r2 < r1 and np.all(np.isfinite(w2)):
-                    w1, b1, r1 = w2, b2, r2
-            if not np.all(np.isfinite(w1)) or r1 >= r0:
+                if rel is not None:
+                    w2, b2 = system.solve_clipped(rel, *self.clip)
+                    r2 = system.clipped_residual(w2, b2, *self.clip)[0]
+                    if r2 < r1 and np.all(np.isfinite(w2)):
+                        w1, b1, r1 = w2, b2, r2
+            if not np.all(np.isfinite(w1)) or r1 > r0:
                 w1, b1, r1 = wm, bm, r0
             before, after = before + r0, after + r1
             new_w.append(w1)
@@ -335,6 +391,27 @@ class Refitter:
             else:
                 _add_input(view, node, 2, bias, "bias")
         view.refresh()
+
+
+CV_DIM = 1536  # past this many inputs, cross-validation (two eigendecompositions) is skipped
+
+
+def _cross_validate(fa: Normal, fb: Normal, w0: np.ndarray, b0: np.ndarray, ridge: float,
+                    intercept: bool) -> float | None:
+    """The relative ridge strength with the least 2-fold error, or None when the sliced weights
+    (w0, b0) do better on held-out samples than every refit."""
+    dim, rows = fa.dim, fa.n + fb.n
+    if not fa.n or not fb.n:
+        return ridge
+    if dim > CV_DIM:
+        return ridge if rows >= 2 * dim else None  # too few samples for so many inputs: keep the slice
+    grid = [ridge * f for f in (0.1, 1.0, 10.0, 100.0)] if ridge > 0 else [0.0, 1e-3, 1e-2, 1e-1]
+    fit_a, fit_b = fa.path(intercept), fb.path(intercept)
+    errors = [fb.residual(*fit_a(rel)) + fa.residual(*fit_b(rel)) for rel in grid]
+    best = int(np.argmin(errors))
+    if fa.residual(w0, b0) + fb.residual(w0, b0) <= errors[best]:
+        return None
+    return grid[best]
 
 
 def _add_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
@@ -374,8 +451,8 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
             r = Refitter(job, node, view, orig_view, samples, total, from_original=not recapture)
             if node.op_type == "Conv" and r.geom is None:
                 job.skipped = "only 2-D convolutions are refit"
-            elif max(s.dim for s in r.systems) > MAX_REFIT_DIM:
-                job.skipped = f"{max(s.dim for s in r.systems)} inputs per output: too large to refit"
+            elif max(s.dim for s in r.folds[0]) > MAX_REFIT_DIM:
+                job.skipped = f"{max(s.dim for s in r.folds[0])} inputs per output: too large to refit"
             else:
                 refitters.append(r)
         for chunk in _chunks(refitters):
@@ -392,7 +469,7 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
                     r.update(xs, ys, rngs[r.job.node])
             for r in chunk:
                 r.finish(ridge)
-                r.job.systems = []
+                r.folds = [[], []]
                 done += 1
                 progress("prune: refit", done, len(jobs))
         pruned = refresh(pruned)

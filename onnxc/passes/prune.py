@@ -77,6 +77,7 @@ class PrunePass(Pass):
 
     # ------------------------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        _name_nodes(model)  # the analysis and the refit find nodes by name
         original = clone(model)
         analysis = analyze(model)
         skipped: list[Skip] = [Skip(g.name, "; ".join(g.frozen)) for g in analysis.groups
@@ -151,6 +152,15 @@ class PrunePass(Pass):
         kept = g.n_units - n_remove
         kept = min(g.n_units, int(math.ceil(kept / self.round_to)) * self.round_to)
         return g.n_units - kept
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    view = GraphView(model.graph)
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if not node.name or node.name in seen:
+            node.name = view.unique_name(f"{node.op_type}_{node.output[0] if node.output else ''}")
+        seen.add(node.name)
 
 
 # ---- rewrite -------------------------------------------------------------------------------
