@@ -10,7 +10,12 @@ Refit (He et al. 2017, "Channel pruning for accelerating very deep neural networ
 layer that reads pruned channels, choose W', b' minimising ||Y - X' W' - b'||^2 + lambda ||W'||^2
 where Y is the layer's output in the *unpruned* model and X' its input in the *pruned* model
 (so errors made upstream are compensated downstream instead of accumulating), restricted to the
-kept input channels. lambda is `ridge` times the mean diagonal of the centred X'^T X'.
+kept input channels. lambda is a multiple of the mean diagonal of the centred X'^T X', chosen per
+layer by 2-fold cross-validation over calibration samples (rows of one image stay in one fold);
+when the sliced weights predict the held-out fold better than every refit, they are kept (few
+samples, many inputs). A layer followed by Relu/Clip is then refined so that only the part of its
+output the activation lets through is matched. A layer that feeds a residual Add, last among its
+branches, reproduces the original sum minus the pruned model's other branches.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ class PrunePass(Pass):
         "exclude": "node names or globs whose weights must not change (their groups are left alone)",
         "min_channels": "never leave a tensor with fewer channels than this",
         "round_to": "round every group's kept channel count up to a multiple of this",
-        "ridge": "ridge strength of the refit, relative to the mean input energy",
+        "ridge": "ridge strength of the refit relative to the mean input energy; each layer picks 0.1x..100x "
+                 "of it (or keeps its sliced weights) by 2-fold cross-validation over calibration samples",
         "samples": "patch rows per layer for the refit and ThiNet statistics",
         "recapture": "refit layer by layer on the pruned model's own activations (slower, more accurate)",
         "downstream": "with recapture, also refit the unpruned layers after a pruned group (depthwise convs, "
