@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from onnxc.compiler import runtime
@@ -177,7 +178,11 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 def iter_activations(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
                      batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
     """Yield the tensors `names` batch by batch (for passes that reduce on the fly)."""
-    sess = runtime.session(with_outputs(model, names))
+    # One level below ORT_ENABLE_ALL: onnxruntime 1.32's NCHWc layout pass fuses a Conv into the
+    # Add after it even when the Conv's output is requested as a graph output (seen with channel
+    # counts not a multiple of 8), and the session then fails with "Failed to find node output".
+    # Captures never need that pass.
+    sess = runtime.session(with_outputs(model, names), optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     names = list(names)
     for batch in runtime.batches(inputs, batch_size):
         yield runtime.run(sess, batch, names, batch_size=batch_size)

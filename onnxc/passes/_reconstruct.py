@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from scipy.linalg import cho_factor, cho_solve
 
-from onnxc.compiler import runtime
-from onnxc.compiler.calibration import with_outputs
+from onnxc.compiler.calibration import iter_activations
 from onnxc.compiler.graph import GraphView, attr
 
 BUDGET_BYTES = 256 * 2**20  # activations of one batch plus the normal equations of one wave
@@ -106,21 +104,6 @@ def batch_size(model: onnx.ModelProto, view: GraphView, names: Sequence[str], bu
         s = view.static_shape(n)
         per_sample += 4 * int(np.prod(s[1:], dtype=np.int64)) if s else 0
     return int(max(1, min(64, budget // max(per_sample * 3, 1))))
-
-
-def iter_activations(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
-                     batch_size: int):
-    """`calibration.iter_activations`, but with the session one level below ORT_ENABLE_ALL.
-
-    onnxruntime 1.32's NCHWc layout pass fuses a Conv into the Add after it even when the Conv's
-    output is requested as a graph output (seen with channel counts not a multiple of 8), and the
-    session then fails with "Failed to find node output". Captures never need that pass.
-    """
-    sess = runtime.session(with_outputs(model, names), optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    feed_names = {i.name for i in sess.get_inputs()}
-    for batch in runtime.batches(inputs, batch_size):
-        values = sess.run(list(names), {k: v for k, v in batch.items() if k in feed_names})
-        yield dict(zip(names, values))
 
 
 def stream(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
