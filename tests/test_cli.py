@@ -179,3 +179,12 @@ def test_bench_runs_side_by_side(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert len(rows) == 2 and rows[0]["ratio"] == 1.0
+
+
+def test_inspect_lists_prunable_groups_across_residuals():
+    data = json.loads(onnxc("inspect", SAMPLES / "resnet.onnx", "--json").stdout)
+    groups = data["prunable_groups"]
+    assert any(not g["frozen"] for g in groups)
+    residual = [g for g in groups if len(g["producers"]) >= 2 and not g["frozen"]]
+    assert residual, "the identity-shortcut blocks share one channel set across their Add"
+    assert any("graph input" in reason for g in groups for reason in g["frozen"])

@@ -669,3 +669,8 @@ def _resolve_constraints(g: ChannelGroup) -> None:
         g.frozen.append("grouped convolutions constrain these channels incompatibly")
         return
     g.unit_bins = bins
+
+
+def describe_groups(model: onnx.ModelProto) -> list[dict]:
+    """Every channel group of a canonical model as plain data (for `onnxc inspect`)."""
+    return [g.describe() for g in analyze(model).groups]
