@@ -103,7 +103,20 @@ class Pass:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
     def spec(self) -> str:
+        """Every option: re-running this spec reproduces the pass exactly."""
         opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items())
+        return f"{self.id}:{opts}" if opts else self.id
+
+    def short_spec(self) -> str:
+        """Only the options that differ from their defaults (for tables people read)."""
+        defaults = {}
+        for f in option_fields(type(self)) if dataclasses.is_dataclass(self) else []:
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items()
+                        if k not in defaults or defaults[k] != v)
         return f"{self.id}:{opts}" if opts else self.id
 
 
@@ -221,7 +234,7 @@ class PassRecord:
     """What happened to one pass in a PassManager run (goes into the report)."""
 
     id: str
-    spec: str
+    spec: str  # every option (reproducible)
     status: str  # "applied", "unchanged", "rolled back", "failed"
     reason: str = ""
     seconds: float = 0.0
@@ -231,6 +244,7 @@ class PassRecord:
     changes: list[Change] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    label: str = ""  # the options that differ from the defaults
 
 
 class PassManager:
@@ -259,7 +273,7 @@ class PassManager:
             log.info("running %s", p.spec())
             before = model_cost(current)
             start = time.perf_counter()
-            record = PassRecord(p.id, p.spec(), "applied", before=before.totals())
+            record = PassRecord(p.id, p.spec(), "applied", before=before.totals(), label=p.short_spec())
             try:
                 result = p.run(clone(current), self.ctx)
             except UsageError:

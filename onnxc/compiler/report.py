@@ -116,8 +116,9 @@ def render(report: Report, console: Console) -> None:
         passes.add_column(col, overflow="fold")
     for rec in report.passes:
         err = rec.fidelity.get("rel_l2") if rec.fidelity else None
-        passes.add_row(rec.spec, rec.status + (f" ({rec.reason})" if rec.reason else ""), str(len(rec.changes)),
-                       str(len(rec.skipped)), f"{err:.3g}" if err is not None else "-", f"{rec.seconds:.1f}")
+        status = rec.status + (f" ({rec.reason})" if rec.reason else "")
+        passes.add_row(rec.label or rec.spec, status, str(len(rec.changes)), str(len(rec.skipped)),
+                       f"{err:.3g}" if err is not None else "-", f"{rec.seconds:.1f}")
     if report.passes:
         console.print(passes)
     if report.fidelity:
