@@ -21,7 +21,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 # Leave headroom for the graph structure itself when deciding to go external.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
-ModelSource = "str | os.PathLike[str] | onnx.ModelProto"
 
 
 def load(source: str | os.PathLike[str] | onnx.ModelProto, *, load_external_data: bool = True) -> onnx.ModelProto:
