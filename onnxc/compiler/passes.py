@@ -134,7 +134,27 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtin_passes() -> None:
-    import onnxc.passes  # noqa: F401  (registers the built-in passes)
+    import onnxc.passes
+
+    onnxc.passes.load_all()  # registers the built-in passes
+
+
+def _import_pass_module(pass_id: str) -> bool:
+    """Built-in pass `x` lives in `onnxc/passes/x.py`: import just that one (the CLI starts faster
+    than when every technique's dependencies, tensorly and networkx among them, are loaded)."""
+    if pass_id in PASSES:
+        return True
+    if not pass_id.isidentifier():
+        return False
+    import importlib
+
+    try:
+        importlib.import_module(f"onnxc.passes.{pass_id}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"onnxc.passes.{pass_id}":
+            raise
+        return False
+    return pass_id in PASSES
 
 
 def available() -> dict[str, type[Pass]]:
@@ -148,7 +168,7 @@ def option_fields(cls: type[Pass]) -> list[dataclasses.Field]:
 
 def create(pass_id: str, options: dict[str, Any] | None = None) -> Pass:
     """Instantiate a pass from its id and options (strings are converted to the field types)."""
-    passes = available()
+    passes = PASSES if _import_pass_module(pass_id) else available()
     if pass_id not in passes:
         raise UsageError(f"unknown pass '{pass_id}' (available: {', '.join(passes)})")
     cls = passes[pass_id]
