@@ -21,7 +21,6 @@ from onnxc.compiler.bench import bench, table
 from onnxc.compiler.calibration import make_calibration
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.model import load, save
-from onnxc.compiler.passes import available
 from onnxc.errors import OnnxcError, UsageError, VerificationError
 
 VGG = sample_path("vgg")
@@ -108,15 +107,11 @@ def test_levels_give_loadable_equivalent_models(out_dir):
 
 @pytest.fixture(scope="module")
 def pruned() -> onnx.ModelProto:
-    if "prune" not in available():
-        pytest.skip("the prune pass is not available")
     return api.optimize(VGG, passes=["prune:ratio=0.5"], calibration=CALIBRATION).model
 
 
 @pytest.fixture(scope="module")
 def clustered(pruned) -> onnx.ModelProto:
-    if "cluster" not in available():
-        pytest.skip("the cluster pass is not available")
     return api.optimize(pruned, passes=["cluster:bits=4"], calibration=CALIBRATION).model
 
 
