@@ -125,6 +125,43 @@ def main(args: list[str] | None = None, prog_name: str = "onnxc") -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _input_shape_option(fn):
+    return click.option(
+        "--input-shape",
+        "input_shapes",
+        multiple=True,
+        metavar="NAME=DIMS",
+        help="Fix symbolic dims, e.g. input=1x3x224x224.",
+    )(fn)
+
+
+def _backend_options(fn):
+    """--int8, --name and --level: the options `optimize --backend` and `export` share."""
+    fn = click.option(
+        "--level",
+        type=click.Choice(["portable", "machine"]),
+        default="portable",
+        help="onnxruntime backend: offline optimization level.",
+    )(fn)
+    fn = click.option("--name", default="net", help="C backend: symbol prefix.")(fn)
+    return click.option(
+        "--int8",
+        "int8",
+        is_flag=False,
+        flag_value="static",
+        default=None,
+        type=click.Choice(["static", "dynamic"]),
+        help="onnxruntime backend: quantize to int8 (static by default).",
+    )(fn)
+
+
+def _check_backend_options(backend: str | None, int8: str | None, name: str) -> None:
+    if int8 and backend != "onnxruntime":
+        raise UsageError("--int8 needs --backend onnxruntime")
+    if backend == "c" and not name.isidentifier():
+        raise UsageError(f"--name must be a C identifier, got '{name}'")
+
+
 def _input_file(path: str) -> str:
     p = Path(path)
     if not p.exists():
@@ -146,35 +183,14 @@ def _input_file(path: str) -> str:
 @click.option("--preset", type=click.Choice(["lossless", "balanced", "aggressive"]), help="A ready-made pass list.")
 @click.option("--recipe", type=click.Path(), help="A TOML recipe file.")
 @click.option("--calibration", type=click.Path(), help=".npz with one array per model input (samples on axis 0).")
-@click.option(
-    "--input-shape",
-    "input_shapes",
-    multiple=True,
-    metavar="NAME=DIMS",
-    help="Fix symbolic dims, e.g. input=1x3x224x224.",
-)
+@_input_shape_option
 @click.option(
     "--max-error", type=float, help="Fidelity budget (relative L2 error of outputs); passes beyond it are rolled back."
 )
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling and random inputs (default 0).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "c"]), help="Also lower the result with this backend.")
-@click.option(
-    "--int8",
-    "int8",
-    is_flag=False,
-    flag_value="static",
-    default=None,
-    type=click.Choice(["static", "dynamic"]),
-    help="onnxruntime backend: quantize to int8 (static by default).",
-)
-@click.option("--name", default="net", help="C backend: symbol prefix.")
-@click.option(
-    "--level",
-    type=click.Choice(["portable", "machine"]),
-    default="portable",
-    help="onnxruntime backend: offline optimization level.",
-)
+@_backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @command
 def optimize(
@@ -200,9 +216,7 @@ def optimize(
     from onnxc.backends import ExportOptions
     from onnxc.compiler.report import render
 
-    if int8 and backend != "onnxruntime":
-        raise UsageError("--int8 needs --backend onnxruntime")
-    _input_file(model)
+    _check_backend_options(backend, int8, name)
     if Path(output).resolve() == Path(model).resolve():
         raise UsageError("output would overwrite the input model; choose another -o")
     shapes = _parse_shapes(input_shapes)
@@ -234,25 +248,10 @@ def optimize(
 @click.argument("model")
 @click.option("--backend", type=click.Choice(["onnxruntime", "c"]), required=True)
 @click.option("-o", "--output", required=True, help="Output file (.onnx or .ort) or folder (C).")
-@click.option(
-    "--int8",
-    "int8",
-    is_flag=False,
-    flag_value="static",
-    default=None,
-    type=click.Choice(["static", "dynamic"]),
-    help="Quantize to int8 (static by default).",
-)
+@_backend_options
 @click.option("--calibration", type=click.Path(), help=".npz calibration inputs.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
-@click.option("--name", default="net", help="C backend: symbol prefix.")
+@_input_shape_option
 @click.option("--max-error", type=float, help="int8: exclude the most sensitive nodes until within this budget.")
-@click.option(
-    "--level",
-    type=click.Choice(["portable", "machine"]),
-    default="portable",
-    help="onnxruntime: offline optimization level.",
-)
 @click.option("--seed", type=int, default=0)
 @click.option("--report", "report_path", type=click.Path(), help="Write the backend report (JSON) here.")
 @command
@@ -261,11 +260,7 @@ def export(model, backend, output, int8, calibration, input_shapes, name, max_er
     from onnxc.api import export as run_export
     from onnxc.compiler.report import write_text_atomic
 
-    if int8 and backend != "onnxruntime":
-        raise UsageError("--int8 needs --backend onnxruntime")
-    if backend == "c" and not name.isidentifier():
-        raise UsageError(f"--name must be a C identifier, got '{name}'")
-    _input_file(model)
+    _check_backend_options(backend, int8, name)
     info = run_export(
         model,
         backend,
@@ -287,21 +282,22 @@ def export(model, backend, output, int8, calibration, input_shapes, name, max_er
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@_input_shape_option
 @click.option("--all", "show_all", is_flag=True, help="List every node, not only those with parameters or MACs.")
 @command
 def inspect(model, as_json, input_shapes, show_all, quiet):
     """Per-layer table: parameters, MACs and bytes, with totals."""
-    from onnxc.api import inspect as run_inspect
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.cost import model_cost
+    from onnxc.compiler.model import load
     from onnxc.compiler.report import human
+    from onnxc.passes.channel_groups import describe_groups
 
-    cost = run_inspect(model, _parse_shapes(input_shapes))
-    groups = _prunable_groups(model, _parse_shapes(input_shapes))
+    canonical = canonicalize(load(model), _parse_shapes(input_shapes))
+    cost = model_cost(canonical)
+    groups = describe_groups(canonical)
     if as_json:
-        data = cost.to_dict()
-        if groups is not None:
-            data["prunable_groups"] = groups
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps({**cost.to_dict(), "prunable_groups": groups}, indent=2))
         return
     table = Table(show_edge=False)
     for col, justify in (
@@ -327,33 +323,15 @@ def inspect(model, as_json, input_shapes, show_all, quiet):
     table.add_section()
     table.add_row("total", f"{t['nodes']} nodes", "", f"{t['params']:,}", f"{t['macs']:,}", f"{t['bytes']:,}")
     stdout.print(table)
-    if groups is not None:
-        stdout.print(
-            f"prunable channel groups: {sum(1 for g in groups if not g.get('frozen'))} "
-            f"({sum(1 for g in groups if g.get('frozen'))} frozen)"
-        )
-
-
-def _prunable_groups(model_path: str, shapes) -> list[dict] | None:
-    """Channel groups from the prune analysis, when that module is present."""
-    try:
-        from onnxc.passes import channel_groups
-    except ImportError:
-        return None
-    describe = getattr(channel_groups, "describe_groups", None)
-    if describe is None:
-        return None
-    from onnxc.compiler.canonical import canonicalize
-    from onnxc.compiler.model import load
-
-    return describe(canonicalize(load(model_path), shapes))
+    frozen = sum(1 for g in groups if g["frozen"])
+    stdout.print(f"prunable channel groups: {len(groups) - frozen} ({frozen} frozen)")
 
 
 @cli.command()
 @click.argument("reference")
 @click.argument("candidate")
 @click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@_input_shape_option
 @click.option("--max-error", type=float, help="Exit 3 when the relative L2 error exceeds this.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--seed", type=int, default=0)
@@ -363,8 +341,6 @@ def compare(reference, candidate, calibration, input_shapes, max_error, as_json,
     from onnxc.api import compare as run_compare
     from onnxc.errors import VerificationError
 
-    _input_file(reference)
-    _input_file(candidate)
     fidelity = run_compare(
         reference, candidate, calibration=calibration, input_shapes=_parse_shapes(input_shapes), seed=seed
     )
@@ -391,7 +367,7 @@ def compare(reference, candidate, calibration, input_shapes, max_error, as_json,
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS")
+@_input_shape_option
 @click.option("--batch", type=int, default=1, help="Samples per run (random inputs).")
 @click.option("--runs", type=int, default=50)
 @click.option("--warmup", type=int, default=5)
@@ -407,7 +383,7 @@ def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_js
 
     shapes = _parse_shapes(input_shapes)
     # .ort files cannot be read as ONNX: they are timed from their path, inputs come from an .onnx.
-    loaded = [str(_input_file(m)) if str(m).lower().endswith(".ort") else load(_input_file(m)) for m in models]
+    loaded = [_input_file(m) if str(m).lower().endswith(".ort") else load(m) for m in models]
     spec = next((m for m in loaded if not isinstance(m, str)), None)
     if spec is None:
         raise UsageError("bench needs at least one .onnx model to read the input spec from")
@@ -433,22 +409,21 @@ def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_js
 @command
 def list_passes(as_json, quiet):
     """Every pass with its options and defaults."""
-    import dataclasses
-
-    from onnxc.compiler.passes import available, option_fields
+    from onnxc.compiler.passes import available, option_defaults, option_fields
 
     rows = []
     for pid, cls in available().items():
+        defaults = option_defaults(cls)
         opts = []
         for f in option_fields(cls):
-            default = (
-                f.default
-                if f.default is not dataclasses.MISSING
-                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            )
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             opts.append(
-                {"name": f.name, "type": type_name, "default": default, "help": cls.option_help.get(f.name, "")}
+                {
+                    "name": f.name,
+                    "type": type_name,
+                    "default": defaults[f.name],
+                    "help": cls.option_help.get(f.name, ""),
+                }
             )
         rows.append(
             {

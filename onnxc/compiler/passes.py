@@ -109,12 +109,7 @@ class Pass:
 
     def short_spec(self) -> str:
         """Only the options that differ from their defaults (for tables people read)."""
-        defaults = {}
-        for f in option_fields(type(self)) if dataclasses.is_dataclass(self) else []:
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults[f.name] = f.default_factory()
+        defaults = option_defaults(type(self)) if dataclasses.is_dataclass(self) else {}
         opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items()
                         if k not in defaults or defaults[k] != v)
         return f"{self.id}:{opts}" if opts else self.id
@@ -164,6 +159,19 @@ def available() -> dict[str, type[Pass]]:
 
 def option_fields(cls: type[Pass]) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+
+def option_defaults(cls: type[Pass]) -> dict[str, Any]:
+    """Each option's default value (None for an option without one)."""
+    defaults = {}
+    for f in option_fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        else:
+            defaults[f.name] = None
+    return defaults
 
 
 def create(pass_id: str, options: dict[str, Any] | None = None) -> Pass:
