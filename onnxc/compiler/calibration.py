@@ -44,10 +44,6 @@ class Calibration:
     def is_random(self) -> bool:
         return self.source == "random"
 
-    @property
-    def all(self) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([self.train[k], self.validation[k]]) for k in self.train}
-
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph's real inputs (initializers excluded), with shapes and numpy dtypes."""

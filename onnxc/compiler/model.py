@@ -132,7 +132,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         else:
             with open(tmp, "wb") as fh:
                 fh.write(model.SerializeToString(deterministic=True))
-        _default_mode(tmp)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -141,13 +141,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _default_mode(path: Path) -> None:
+def set_default_mode(path: Path) -> None:
     """mkstemp creates 0600 files; give outputs the mode a plain open() would (0666 & ~umask)."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
-
-
-def model_bytes(model: onnx.ModelProto) -> bytes:
-    """Serialized bytes for in-memory use (onnxruntime sessions, hashing); only below 2 GB."""
-    return model.SerializeToString(deterministic=True)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import calibration as calib
+from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import ModelCost, NodeCost, model_cost
 from onnxc.compiler.model import clone
@@ -296,10 +297,11 @@ class PassManager:
         records = []
         current = model
         self.last_outputs: dict[str, np.ndarray] | None = None  # outputs of `current` on validation
+        cost = model_cost(current)
         for index, p in enumerate(self.passes):
             self.ctx.progress("passes", index, len(self.passes))
             log.info("running %s", p.spec())
-            before = model_cost(current)
+            before = cost
             start = time.perf_counter()
             record = PassRecord(p.id, p.spec(), "applied", before=before.totals(), label=p.short_spec())
             try:
@@ -329,14 +331,13 @@ class PassManager:
                 log.warning("%s rolled back: %s", p.id, problem)
             else:
                 current, self.last_outputs = candidate, outputs
-                record.after = model_cost(current).totals()
+                cost = model_cost(current)
+                record.after = cost.totals()
             records.append(record)
         self.ctx.progress("passes", len(self.passes), len(self.passes))
         return current, records
 
     def _outputs(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from onnxc.compiler import runtime
-
         return runtime.run(model, inputs)
 
     def _check(self, candidate: onnx.ModelProto, ref_out, val) -> tuple[str, Fidelity | None, dict | None]:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxc.compiler.cost import ModelCost
+from onnxc.compiler.model import set_default_mode
 from onnxc.compiler.passes import PassRecord
 
 
@@ -61,9 +62,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        set_default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
-from onnxc.errors import OnnxcError
+from onnxc.errors import OnnxcError, UsageError
 
 
 @dataclass
@@ -74,5 +74,5 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     ref_names = [o.name for o in reference.graph.output]
     cand_names = [o.name for o in candidate.graph.output]
     if ref_names != cand_names:
-        raise OnnxcError(f"models have different outputs: {ref_names} vs {cand_names}")
+        raise UsageError(f"models have different outputs: {ref_names} vs {cand_names}")
     return compare_outputs(runtime.run(reference, inputs), runtime.run(candidate, inputs))
