@@ -41,11 +41,11 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     if input_shapes:
         set_input_shapes(model, input_shapes)
     _initializers_out_of_inputs(model)
+    toposort(graph)  # first: folding reads producers before consumers; removing nodes keeps the order
     fold_constants(graph)
     fold_batchnorm(graph)
     bypass_identities(graph)
     GraphView(graph).remove_unused()
-    toposort(graph)
     if infer:
         model = infer_shapes(model)
     return model
@@ -169,8 +169,8 @@ def _constant_attr(node: onnx.NodeProto) -> np.ndarray | None:
 def fold_batchnorm(graph: onnx.GraphProto) -> int:
     """Fold inference BatchNormalization into the Conv that feeds it (exact up to rounding)."""
     view = GraphView(graph)
-    folded = 0
-    for bn in list(graph.node):
+    folded: set[int] = set()
+    for index, bn in enumerate(list(graph.node)):
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
             continue
         if len([o for o in bn.output if o]) != 1 or attr(bn, "training_mode", 0):
@@ -199,17 +199,16 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
         else:
             conv.input.append(view.add_const(f"{conv.name or conv.output[0]}_bias", new_b))
         conv.output[0] = bn.output[0]
-        graph.node.remove(bn)
-        view.refresh()
-        folded += 1
-    return folded
+        view.producers[bn.output[0]] = conv  # a second BatchNormalization may fold into it too
+        folded.add(index)
+    return _drop_nodes(graph, folded)
 
 
 def bypass_identities(graph: onnx.GraphProto) -> int:
     """Remove Identity and inference Dropout nodes by renaming their consumers' inputs."""
     view = GraphView(graph)
-    removed = 0
-    for node in list(graph.node):
+    removed: set[int] = set()
+    for index, node in enumerate(list(graph.node)):
         is_dropout = node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1])
         if node.domain not in ("", "ai.onnx") or node.op_type != "Identity" and not is_dropout:
             continue
@@ -222,10 +221,17 @@ def bypass_identities(graph: onnx.GraphProto) -> int:
             for i, name in enumerate(consumer.input):
                 if name == dst:
                     consumer.input[i] = src
-        graph.node.remove(node)
-        view.refresh()
-        removed += 1
-    return removed
+        removed.add(index)
+    return _drop_nodes(graph, removed)
+
+
+def _drop_nodes(graph: onnx.GraphProto, positions: set[int]) -> int:
+    """Remove the nodes at `positions` with one rebuild of the node list (not one per node)."""
+    if positions:
+        keep = [n for i, n in enumerate(graph.node) if i not in positions]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return len(positions)
 
 
 def _in_subgraph(node: onnx.NodeProto) -> bool:
