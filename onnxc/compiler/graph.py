@@ -79,8 +79,8 @@ class GraphView:
         name = self.add_const(old or f"{node.name}_const", value)
         node.input[index] = name
         self.consumers[name].append(node)
-        if old in self.consumers and node in self.consumers[old] and sum(1 for i in node.input if i == old) == 0:
-            self.consumers[old] = [n for n in self.consumers[old] if n is not node]
+        if old not in node.input:
+            self.consumers[old] = users
         return name
 
     def _drop_input_decl(self, name: str) -> None:
