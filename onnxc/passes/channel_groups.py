@@ -298,14 +298,21 @@ def _gemm(b: _Builder, node: onnx.NodeProto) -> None:
         b.unknown(node, f"{node.op_type} '{node.name}': channel counts unknown")
 
 
+def _axis(b: _Builder, node: onnx.NodeProto, tensor: str, default: int) -> int | None:
+    """The node's `axis` normalised by the rank of `tensor`; None (node frozen) without a channel count."""
+    r = b.rank(tensor)
+    if r is None or b.channels(tensor) is None:
+        b.unknown(node)
+        return None
+    axis = attr(node, "axis", default)
+    return axis + r if axis < 0 else axis
+
+
 def _concat(b: _Builder, node: onnx.NodeProto) -> None:
     out = node.output[0]
-    r = b.rank(out)
-    if r is None or b.channels(out) is None:
-        b.unknown(node)
+    axis = _axis(b, node, out, 1)
+    if axis is None:
         return
-    axis = attr(node, "axis", 1)
-    axis = axis + r if axis < 0 else axis
     if any(b.view.is_const(i) for i in node.input if i):
         b.unknown(node, f"Concat '{node.name}' concatenates a constant")
         return
@@ -325,13 +332,10 @@ def _concat(b: _Builder, node: onnx.NodeProto) -> None:
 
 def _split(b: _Builder, node: onnx.NodeProto) -> None:
     x = node.input[0]
-    r = b.rank(x)
-    if r is None or b.channels(x) is None:
-        b.unknown(node)
+    axis = _axis(b, node, x, 0)
+    if axis is None:
         return
-    axis = attr(node, "axis", 0)
-    axis = axis + r if axis < 0 else axis
-    outs = [o for o in node.output]
+    outs = list(node.output)
     if axis != 1:
         for o in outs:
             if o:
