@@ -253,7 +253,7 @@ def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, 
             thinet = ThinetGram(node, view, g.tensors[x], g.n_units, samples, total)
             if thinet.ok:
                 stats.append((g.id, thinet))
-    for chunk in _chunks(stats):
+    for chunk in rec.chunks(stats, lambda item: item[1].memory() if isinstance(item[1], LsqStats) else 0):
         names = list(dict.fromkeys(n for _, s in chunk for n in _reads(s)))
         rec.stream(model, names, data, lambda values, chunk=chunk: [s.update(values, rng) for _, s in chunk])
     factories: dict[int, list[Callable[[], object]]] = {}
@@ -280,19 +280,6 @@ def _reads(stat) -> list[str]:
     if isinstance(stat, LsqStats):
         return [stat.x, stat.y]
     return [stat.x]
-
-
-def _chunks(stats: list) -> list[list]:
-    """Split the statistics so that the normal equations held at once stay within budget."""
-    chunks, current, used = [], [], 0
-    for item in stats:
-        m = item[1].memory() if isinstance(item[1], LsqStats) else 0
-        if current and used + m > rec.BUDGET_BYTES:
-            chunks.append(current)
-            current, used = [], 0
-        current.append(item)
-        used += m
-    return chunks + ([current] if current else [])
 
 
 # ---- selection ---------------------------------------------------------------------------------

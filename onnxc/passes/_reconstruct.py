@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -34,6 +35,7 @@ from onnxc.compiler.graph import GraphView, attr
 BUDGET_BYTES = 256 * 2**20  # activations of one batch plus the normal equations of one wave
 MAX_REFIT_DIM = 6144  # a layer with more inputs than this is only sliced (D^2 doubles would not fit)
 ROWS_BYTES = 96 * 2**20  # sampled rows kept for the activation-aware refit of one layer
+T = TypeVar("T")
 
 
 # ---- geometry of a 2-D convolution -------------------------------------------------------------
@@ -91,14 +93,9 @@ def rows_per_batch(samples: int, batch: int, total: int, positions: int) -> int:
     return max(1, min(batch * positions, math.ceil(samples * batch / max(total, 1))))
 
 
-def batch_size(model: onnx.ModelProto, view: GraphView, names: Sequence[str], budget: int = BUDGET_BYTES) -> int:
-    """Samples per batch so that the captured tensors of one batch stay within `budget`."""
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name not in inits:
-            d = vi.type.tensor_type.shape.dim
-            if d and d[0].HasField("dim_value") and d[0].dim_value > 0:
-                return int(d[0].dim_value)
+def batch_size(view: GraphView, names: Sequence[str], budget: int = BUDGET_BYTES) -> int:
+    """Samples per batch so that the captured tensors of one batch stay within `budget` (a fixed
+    batch dim is handled by `runtime.run`, which feeds the batch through it piece by piece)."""
     per_sample = 0
     for n in names:
         s = view.static_shape(n)
@@ -109,10 +106,9 @@ def batch_size(model: onnx.ModelProto, view: GraphView, names: Sequence[str], bu
 def stream(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
            consume: Callable[[dict[str, np.ndarray]], None], budget: int = BUDGET_BYTES) -> None:
     """Feed every batch of the tensors `names` to `consume` (memory: one batch)."""
-    view = GraphView(model.graph)
     names = list(dict.fromkeys(names))
     if names:
-        for values in iter_activations(model, names, inputs, batch_size(model, view, names, budget)):
+        for values in iter_activations(model, names, inputs, batch_size(GraphView(model.graph), names, budget)):
             consume(values)
 
 
@@ -443,16 +439,18 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
                 job.skipped = f"{max(s.dim for s in r.folds[0])} inputs per output: too large to refit"
             else:
                 refitters.append(r)
-        for chunk in _chunks(refitters):
+        for chunk in chunks(refitters, Refitter.memory):
             rngs = {r.job.node: rng(r.job.node) for r in chunk}
             x_names = list(dict.fromkeys(n for r in chunk for n in [r.job.x_name, *r.job.residual]))
             y_names = list(dict.fromkeys(r.job.target or r.job.y_name for r in chunk))
-            source = original if not recapture else pruned
-            src_view = orig_view if not recapture else view
-            bs = min(batch_size(source, src_view, x_names), batch_size(original, orig_view, y_names))
-            xs_iter = iter_activations(source, x_names, inputs, bs)
-            ys_iter = iter_activations(original, y_names, inputs, bs)
-            for xs, ys in zip(xs_iter, ys_iter):
+            if recapture:  # inputs from the pruned model, targets from the original
+                bs = min(batch_size(view, x_names), batch_size(orig_view, y_names))
+                pairs = zip(iter_activations(pruned, x_names, inputs, bs),
+                            iter_activations(original, y_names, inputs, bs))
+            else:  # both from the original: one run
+                names = list(dict.fromkeys(x_names + y_names))
+                pairs = ((v, v) for v in iter_activations(original, names, inputs, batch_size(orig_view, names)))
+            for xs, ys in pairs:
                 for r in chunk:
                     r.update(xs, ys, rngs[r.job.node])
             for r in chunk:
@@ -464,18 +462,19 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
     return pruned
 
 
-def _chunks(refitters: list[Refitter]) -> list[list[Refitter]]:
-    chunks, current, used = [], [], 0
-    for r in refitters:
-        m = r.memory()
+def chunks(items: Sequence[T], memory: Callable[[T], int]) -> list[list[T]]:
+    """Consecutive runs of `items` whose summed `memory` stays within the budget (one item at least)."""
+    out: list[list[T]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        m = memory(item)
         if current and used + m > BUDGET_BYTES:
-            chunks.append(current)
+            out.append(current)
             current, used = [], 0
-        current.append(r)
+        current.append(item)
         used += m
-    if current:
-        chunks.append(current)
-    return chunks
+    return out + ([current] if current else [])
 
 
 def _waves(model: onnx.ModelProto, jobs: list[RefitJob]) -> list[list[str]]:
