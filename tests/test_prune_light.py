@@ -8,7 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from graphs import randomize_weights
 
 from onnxc.compiler import runtime
 from onnxc.compiler.calibration import make_calibration
@@ -20,22 +20,8 @@ LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", 
 
 
 def randomized(name: str, seed: int = 0) -> onnx.ModelProto:
-    """Canonical light model whose float weights are seeded He-scaled normals (BN scale/var positive)."""
-    model = canonicalize(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx")))
-    rng = np.random.default_rng(seed)
-    positive = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (1, 4)}
-    for t in model.graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.dtype != np.float32:
-            continue
-        if t.name in positive:
-            new = rng.uniform(0.5, 1.5, a.shape)
-        elif a.ndim >= 2:
-            new = rng.standard_normal(a.shape) * np.sqrt(2.0 / max(1, int(np.prod(a.shape[1:]))))
-        else:
-            new = rng.standard_normal(a.shape) * 0.1
-        t.CopyFrom(numpy_helper.from_array(new.astype(np.float32), t.name))
-    return model
+    """Canonical light model with seeded He-scaled random weights (the originals are constant-filled)."""
+    return randomize_weights(canonicalize(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))), seed)
 
 
 def producers_of(model, op_type):
