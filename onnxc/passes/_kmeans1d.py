@@ -288,8 +288,12 @@ def _reseed_empty(data: _Points, c: np.ndarray, fixed: np.ndarray) -> bool:
 
 def _init_density(data: _Points, k: int) -> np.ndarray:
     """Centroids at the weighted quantiles (j + 1/2) / K of each row."""
-    q = (np.arange(k) + 0.5) / k
-    out = np.empty((data.rows, k))
+    return _quantiles(data, (np.arange(k) + 0.5) / k)
+
+
+def _quantiles(data: _Points, q: np.ndarray) -> np.ndarray:
+    """[R, len(q)]: the point of each row at the weighted quantiles `q` (fractions in [0, 1])."""
+    out = np.empty((data.rows, q.size))
     for r in range(data.rows):
         a, b = data.start[r], data.start[r] + data.n
         if data.p0 is None:
@@ -312,16 +316,7 @@ def _init_companded(data: _Points, k: int) -> np.ndarray:
     """
     bins = int(min(max(8 * k, 256), 4096, data.n))
     rows = np.arange(data.rows)
-    q_edges = np.linspace(0.0, 1.0, bins + 1)
-    edges = np.empty((data.rows, bins + 1))
-    for r in rows:
-        a, b = data.start[r], data.start[r] + data.n
-        if data.p0 is None:
-            idx = a + np.minimum((q_edges * data.n).astype(np.int64), data.n - 1)
-        else:
-            target = data.p0[a] + q_edges * data.total[r]
-            idx = np.clip(np.searchsorted(data.p0[a:b + 1], target, side="right") - 1 + a, a, b - 1)
-        edges[r] = data.flat[idx]
+    edges = _quantiles(data, np.linspace(0.0, 1.0, bins + 1))
     edges[:, 0], edges[:, -1] = data.lo, data.hi
     g = np.cbrt(np.square(np.diff(edges, axis=1)))
     cum = np.concatenate([np.zeros((data.rows, 1)), np.cumsum(g, axis=1)], axis=1)
