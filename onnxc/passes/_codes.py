@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, defs, helper, numpy_helper
 
 from onnxc.compiler.graph import GraphView, attr, set_attr, subgraphs
+from onnxc.compiler.model import tensor_nbytes
 
 UINT4_OPSET = 21
 UINT4_IR = 10
@@ -84,12 +85,6 @@ def uint4_tensor(name: str, codes: np.ndarray) -> TensorProto:
     return tensor
 
 
-def tensor_nbytes(tensor: TensorProto) -> int:
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    return numpy_helper.to_array(tensor).nbytes
-
-
 # ---- the pattern ----------------------------------------------------------------------------
 @dataclass
 class Encoded:
@@ -132,9 +127,6 @@ class SharedConstants:
     def used_by(self, encodings: list[Encoded]) -> list[TensorProto]:
         used = set().union(*(e.shared for e in encodings)) if encodings else set()
         return [t for name, t in self.tensors.items() if name in used]
-
-    def code_bytes(self) -> int:
-        return sum(tensor_nbytes(t) for t in self.initializers if "codes" in t.name or "tail" in t.name)
 
 
 def encode(view: GraphView, output: str, codes: np.ndarray, codebook: np.ndarray,
@@ -351,7 +343,7 @@ def _check_node(node: onnx.NodeProto, view: GraphView, old: int, fixups: list) -
             continue
         old_default = _default(spec)
         if old_default is not None and old_default != _default(after.attributes[a]):
-            fixups.append(lambda node=node, a=a, v=old_default: _set(node, a, v))
+            fixups.append(lambda node=node, a=a, v=old_default: set_attr(node, a, v))
     for i, spec in enumerate(after.inputs):
         if spec.option == defs.OpSchema.FormalParameterOption.Single and (i >= len(node.input) or not node.input[i]):
             return f"input '{spec.name}' required at opset {after.since_version}"
@@ -377,13 +369,13 @@ def _semantic_fix(node: onnx.NodeProto, view: GraphView, fixups: list) -> str:
         # same thing when every later dim is 1.
         if any(d != 1 for d in shape[axis + 1:]):
             return "softmax over a non-last axis changed meaning at opset 13"
-        fixups.append(lambda: _set(node, "axis", axis))
+        fixups.append(lambda: set_attr(node, "axis", axis))
         return ""
     if op == "Split":
         if len(node.input) > 1 and node.input[1]:
             return ""
         outputs = len(node.output)
-        fixups.append(lambda: _set(node, "num_outputs", outputs))
+        fixups.append(lambda: set_attr(node, "num_outputs", outputs))
         return ""
     return f"meaning changed at opset {_SEMANTIC_BREAKS[op]}"
 
@@ -394,19 +386,13 @@ def _dropout_ratio_to_input(node: onnx.NodeProto, view: GraphView) -> None:
         if a.name == "ratio":
             del node.attribute[i]
             break
-    name = view.unique_name(f"{node.name or node.output[0]}_ratio")
-    view.graph.initializer.append(numpy_helper.from_array(ratio, name))  # add_const would make it 1-D
-    node.input.append(name)
+    node.input.append(view.add_const(f"{node.name or node.output[0]}_ratio", ratio))
 
 
 def _default(spec) -> object | None:
     if not spec.default_value.type:
         return None
     return helper.get_attribute_value(spec.default_value)
-
-
-def _set(node: onnx.NodeProto, name: str, value) -> None:
-    set_attr(node, name, value)
 
 
 # ---- reading the pattern back ---------------------------------------------------------------
