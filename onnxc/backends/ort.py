@@ -23,10 +23,10 @@ import onnx
 import onnxruntime as ort
 
 from onnxc.backends import ExportOptions, register_backend
-from onnxc.backends.ort_quant import quantize
+from onnxc.backends.ort_quant import first_line, quantize
 from onnxc.compiler import runtime
-from onnxc.compiler.calibration import make_calibration
-from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxc.compiler.calibration import make_calibration, random_inputs
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.verify import compare_outputs
 from onnxc.errors import OnnxcError, UsageError, VerificationError
 
@@ -80,12 +80,12 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
         size = _size(staged)
         for path in _with_data(staged):
             os.replace(path, out.parent / path.name)
+    float_bytes = _serialized_bytes(model)
     return {
         "backend": "onnxruntime", "onnxruntime": ort.__version__, "output": str(out), "format": fmt,
         "level": options.level, "optimization": f"ORT_ENABLE_{level_name.upper()}",
         "int8": options.int8, **report,
-        "file_bytes": size, "float_bytes": _serialized_bytes(model),
-        "size_ratio": size / max(_serialized_bytes(model), 1),
+        "file_bytes": size, "float_bytes": float_bytes, "size_ratio": size / max(float_bytes, 1),
         "fidelity": fidelity.to_dict(), "fidelity_inputs": "validation" if calibration else "random",
         "notes": notes,
     }
@@ -143,12 +143,13 @@ def _write_optimized(model: onnx.ModelProto, target: Path, level: ort.GraphOptim
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                       f"{target.name}.data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    with _model_file(model, target.parent) as source:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = save(model, Path(tmp) / "model.onnx")  # a path: external data past 2 GB
         try:
             ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"],
                                  disabled_optimizers=disabled or None)
         except Exception as exc:
-            raise OnnxcError(f"onnxruntime cannot optimize the model: {_first_line(exc)}") from None
+            raise OnnxcError(f"onnxruntime cannot optimize the model: {first_line(exc)}") from None
     if not target.exists():
         raise OnnxcError("onnxruntime did not write the optimized model")
     if not target.with_name(target.name + ".data").exists():
@@ -163,7 +164,7 @@ def _drop_unused_opsets(path: Path) -> None:
     if len(keep) != len(model.opset_import):
         del model.opset_import[:]
         model.opset_import.extend(keep)
-        path.write_bytes(model.SerializeToString(deterministic=True))
+        save(model, path)
 
 
 def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
@@ -175,7 +176,7 @@ def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source = Path(tmp) / "src" / "model.onnx"
         source.parent.mkdir()
-        onnx.save_model(model, str(source))
+        save(model, source)
         # The converter takes its level from the environment; NCHWc layouts only for "machine" on x86.
         x86 = platform.machine().lower() in ("x86_64", "amd64")
         try:
@@ -186,7 +187,7 @@ def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
                                            optimization_styles=[OptimizationStyle.Fixed],
                                            target_platform="amd64" if level == "all" and x86 else None)
         except Exception as exc:
-            raise OnnxcError(f"onnxruntime cannot convert the model to ORT format: {_first_line(exc)}") from None
+            raise OnnxcError(f"onnxruntime cannot convert the model to ORT format: {first_line(exc)}") from None
         produced = sorted((Path(tmp) / "out").glob("*.ort"))
         if len(produced) != 1:
             raise OnnxcError("onnxruntime's ORT converter did not produce one .ort file")
@@ -198,23 +199,8 @@ def _fidelity(model: onnx.ModelProto, staged: Path, calibration, options: Export
     if calibration is not None:
         inputs = calibration.validation
     else:
-        from onnxc.compiler.calibration import random_inputs
-
         inputs = random_inputs(model, seed=options.seed, input_shapes=options.input_shapes)
     return compare_outputs(runtime.run(model, inputs), runtime.run(runtime.session(staged), inputs))
-
-
-@contextlib.contextmanager
-def _model_file(model: onnx.ModelProto, folder: Path) -> Iterator[Path]:
-    """The model on disk (external data past 2 GB), for tools that take paths."""
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        path = Path(tmp) / "model.onnx"
-        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="model.onnx.data")
-        else:
-            onnx.save_model(model, str(path))
-        yield path
 
 
 @contextlib.contextmanager
@@ -253,8 +239,3 @@ def _size(path: Path) -> int:
 def _serialized_bytes(model: onnx.ModelProto) -> int:
     size = tensor_bytes(model)
     return model.ByteSize() if size <= EXTERNAL_DATA_THRESHOLD else size
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

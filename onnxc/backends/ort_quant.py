@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from onnxc.compiler import runtime
 from onnxc.compiler.calibration import Calibration, input_specs
-from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.verify import compare_outputs
 from onnxc.errors import OnnxcError, VerificationError
 
@@ -71,12 +71,12 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
         upgraded = upgrade_opset(model, calibration.validation, notes)
         if upgraded is None:
             per_channel = False
-        source = _save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
+        source = save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
         pre = _preprocess(source, work / "pre.onnx", notes)
         if mode == "dynamic":
             lowered = gemm_to_matmul(onnx.load(str(pre)))
             if lowered is not None:
-                pre = _save(lowered, work / "pre_matmul.onnx")
+                pre = save(lowered, work / "pre_matmul.onnx")
             if any(n.op_type == "Conv" for n in model.graph.node):
                 notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
                              "(use --int8 static for convolutional models)")
@@ -169,7 +169,7 @@ def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
             return target
         except Exception as exc:  # its failures are assorted (shape inference, optimizer)
             last = exc
-    notes.append(f"quantization pre-processing failed ({_first_line(last)}): quantized the model as is")
+    notes.append(f"quantization pre-processing failed ({first_line(last)}): quantized the model as is")
     return source
 
 
@@ -195,7 +195,7 @@ def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_chann
         except OnnxcError:
             raise
         except Exception as exc:
-            raise OnnxcError(f"onnxruntime's static quantization failed: {_first_line(exc)}") from None
+            raise OnnxcError(f"onnxruntime's static quantization failed: {first_line(exc)}") from None
         return onnx.load(str(out))
 
     return run
@@ -214,7 +214,7 @@ def _dynamic_quantizer(pre: Path, work: Path, per_channel: bool) -> Callable:
                              weight_type=QuantType.QInt8, nodes_to_quantize=list(only) if only else None,
                              nodes_to_exclude=list(exclude), use_external_data_format=external)
         except Exception as exc:
-            raise OnnxcError(f"onnxruntime's dynamic quantization failed: {_first_line(exc)}") from None
+            raise OnnxcError(f"onnxruntime's dynamic quantization failed: {first_line(exc)}") from None
         return onnx.load(str(out))
 
     return run
@@ -260,7 +260,7 @@ def upgrade_opset(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], note
         upgraded.ir_version = max(upgraded.ir_version, PER_CHANNEL_IR)
         error = compare_outputs(runtime.run(model, inputs), runtime.run(upgraded, inputs)).rel_l2
     except Exception as exc:  # the converter and onnxruntime raise assorted errors
-        notes.append(f"opset {opset} could not be raised to {PER_CHANNEL_OPSET} ({_first_line(exc)}): "
+        notes.append(f"opset {opset} could not be raised to {PER_CHANNEL_OPSET} ({first_line(exc)}): "
                      "weights quantized per tensor")
         return None
     if error > 1e-5:
@@ -338,20 +338,12 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 # ------------------------------------------------------------------ plumbing
 
 
-def _save(model: onnx.ModelProto, path: Path) -> Path:
-    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data")
-    else:
-        onnx.save_model(model, str(path))
-    return path
-
-
 def _is_large(path: Path) -> bool:
     return path.stat().st_size > EXTERNAL_DATA_THRESHOLD or path.with_name(path.name + ".data").exists()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's run to many lines)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
