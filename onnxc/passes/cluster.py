@@ -152,6 +152,8 @@ class ClusterPass(Pass):
         bytes_before = tensor_bytes(model)
         tight = self.packing == "tight" and self.bits not in (4, 8)
         container4, opset_note = self._container4(model) if self.bits <= 4 else ("", "")
+        container = "tight" if tight else container4 if self.bits <= 4 else "uint8"
+        fallback = container4 if self.bits < 4 else "uint8"  # where tight packing would not pay
         removed: set[str] = set()
         new_nodes: list[onnx.NodeProto] = []
         shared = _codes.SharedConstants(view)
@@ -163,14 +165,11 @@ class ClusterPass(Pass):
             if not np.all(np.isfinite(weight)):
                 result.skipped.append(Skip(target.nodes[0].name, "weight has non-finite values"))
                 continue
-            container = "tight" if tight else container4 if self.bits <= 4 else "uint8"
             if not container:
                 result.skipped.append(Skip(target.nodes[0].name, opset_note))
                 continue
             codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
-            fallback = container4 if self.bits < 4 else "uint8"
-            enc = self._encode(view, target, codes, codebook.astype(weight.dtype), offsets, container, fallback,
-                               shared)
+            enc = self._encode(view, target, codes, codebook, offsets, container, fallback, shared)
             if enc.nbytes >= weight.nbytes:
                 result.skipped.append(Skip(target.nodes[0].name, f"codes and codebooks ({enc.nbytes} B) would not "
                                            f"be smaller than the weight ({weight.nbytes} B)"))
@@ -182,8 +181,7 @@ class ClusterPass(Pass):
                 change.detail["bias_corrected"] = bool(fixed)
             new_nodes.extend(enc.nodes)
             chosen.append(enc)
-            for tensor in enc.initializers:
-                model.graph.initializer.append(tensor)
+            model.graph.initializer.extend(enc.initializers)
             removed.add(target.weight)
             result.changes.append(change)
             for key in ("weight_bytes_before", "weight_bytes_after", "huffman_code_bytes", "code_bytes"):
@@ -201,7 +199,6 @@ class ClusterPass(Pass):
         nodes = new_nodes + list(model.graph.node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        view.refresh()
         ctx.progress("cluster", len(targets), len(targets))
         result.modified = True
         after = tensor_bytes(model)
@@ -424,14 +421,9 @@ class _TrialNames:
 
 
 def _weight_slot(node: onnx.NodeProto, view: GraphView) -> int | None:
-    """Index of the constant weight input, or None."""
-    ins = list(node.input)
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
-        return 1 if len(ins) > 1 and ins[1] in view.initializers and ins[0] not in view.initializers else None
-    if node.op_type == "MatMul" and len(ins) == 2:
-        if ins[1] in view.initializers and ins[0] not in view.initializers:
-            return 1
-    return None
+    """1 when input 1 of a Conv/ConvTranspose/Gemm/MatMul is a constant weight (and input 0 is not), else None."""
+    ins = node.input
+    return 1 if len(ins) > 1 and ins[1] in view.initializers and ins[0] not in view.initializers else None
 
 
 def _channel_axis(node: onnx.NodeProto, slot: int, rank: int) -> int:
@@ -490,7 +482,6 @@ def _add_to_bias(view: GraphView, node: onnx.NodeProto, shift: np.ndarray) -> bo
         view.set_input_const(add, slot, (bias + shift).astype(bias.dtype))
         return True
     slot = 2
-    dtype = view.const(node.input[1]).dtype if node.input[1] in view.initializers else np.float32
     if len(node.input) > slot and node.input[slot]:
         bias = view.const(node.input[slot])
         if bias is None:
@@ -503,6 +494,8 @@ def _add_to_bias(view: GraphView, node: onnx.NodeProto, shift: np.ndarray) -> bo
             return False
         view.set_input_const(node, slot, new)
         return True
+    weight = view.initializers.get(node.input[1])
+    dtype = np.float32 if weight is None else onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)
     name = view.add_const(f"{node.name or node.output[0]}_bias", shift.astype(dtype))
     while len(node.input) < slot:
         node.input.append("")
