@@ -68,7 +68,8 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
         work = Path(tmp)
         notes: list[str] = []
         per_channel = True
-        upgraded = upgrade_opset(model, calibration.validation, notes)
+        scorer = _Scorer(model, calibration.validation)
+        upgraded = upgrade_opset(model, scorer, notes)
         if upgraded is None:
             per_channel = False
         source = save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
@@ -83,7 +84,6 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             quantizer = _dynamic_quantizer(pre, work, per_channel)
         else:
             quantizer = _static_quantizer(pre, work, calibration, per_channel)
-        scorer = _Scorer(model, calibration.validation)
         full = quantizer(None, [])
         result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)",
                            per_channel=per_channel, notes=notes)
@@ -248,17 +248,18 @@ def _calibration_batch(model: onnx.ModelProto) -> int:
 # ------------------------------------------------------------------ graph preparation
 
 
-def upgrade_opset(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], notes: list[str],
+def upgrade_opset(model: onnx.ModelProto, scorer: Callable[[onnx.ModelProto], float], notes: list[str],
                   ) -> onnx.ModelProto | None:
     """The model at an opset with per-channel DequantizeLinear: itself, an upgraded copy that
-    computes the same outputs, or None when it cannot be upgraded safely (quantize per tensor)."""
+    computes the same outputs (by `scorer`: relative L2 against the model's own outputs), or None
+    when it cannot be upgraded safely (quantize per tensor)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset >= PER_CHANNEL_OPSET:
         return model
     try:
         upgraded = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
         upgraded.ir_version = max(upgraded.ir_version, PER_CHANNEL_IR)
-        error = compare_outputs(runtime.run(model, inputs), runtime.run(upgraded, inputs)).rel_l2
+        error = scorer(upgraded)
     except Exception as exc:  # the converter and onnxruntime raise assorted errors
         notes.append(f"opset {opset} could not be raised to {PER_CHANNEL_OPSET} ({first_line(exc)}): "
                      "weights quantized per tensor")
