@@ -11,6 +11,7 @@ from onnxc.compiler import runtime
 from onnxc.compiler.calibration import make_calibration
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
+from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import tensor_bytes
 from onnxc.compiler.passes import PassContext, create
 from onnxc.compiler.verify import compare
@@ -50,7 +51,7 @@ def composite(opset: int = 17) -> onnx.ModelProto:
 def dead_keep(model):
     """Kept channels of every prunable group when exactly its dead units go."""
     analysis = analyze(model)
-    view = runtime_view(model)
+    view = GraphView(model.graph)
     keep, groups = {}, []
     for g in analysis.prunable():
         alive = filter_norms(g, view, 1) > 0
@@ -58,12 +59,6 @@ def dead_keep(model):
             keep.update(g.keep_channels(alive))
             groups.append(g)
     return analysis, keep, groups
-
-
-def runtime_view(model):
-    from onnxc.compiler.graph import GraphView
-
-    return GraphView(model.graph)
 
 
 def outputs(model, x):
