@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxc.compiler.graph import GraphView
 from onnxc.passes._circulant_fit import Layout, pattern
@@ -62,10 +62,7 @@ class _Builder:
     def const(self, base: str, value: np.ndarray, key: tuple | None = None) -> str:
         if key is not None and key in self.shared:
             return self.shared[key]
-        name = self.view.unique_name(f"{self.name}_{base}" if key is None else base)
-        # not view.add_const: np.ascontiguousarray turns a 0-d scalar (DFT's dft_length) into [1]
-        self.view.graph.initializer.append(numpy_helper.from_array(np.require(value, requirements="C"), name))
-        self.view.initializers[name] = self.view.graph.initializer[-1]
+        name = self.view.add_const(f"{self.name}_{base}" if key is None else base, value)
         if key is not None:
             self.shared[key] = name
         return name

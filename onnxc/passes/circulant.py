@@ -45,6 +45,7 @@ PREFERENCE = ("shift", "fft", "expand")
 TIE = 1.10  # a form must be 10% faster than a preferred one to be chosen over it
 MAX_ROWS = 16384  # activation rows per layer used for the fit (sampled beyond)
 FIT_FLOPS = 10**11  # accumulation budget per layer (about 5 s on one core)
+BATCH = 64  # calibration samples per streamed batch (iter_activations clamps to a fixed batch dim)
 
 
 @register
@@ -198,9 +199,8 @@ class CirculantPass(Pass):
         budget = min(MAX_ROWS, FIT_FLOPS // sum(fit.row_flops(lay) for lay in layouts))
         keep = min(1.0, max(1, budget) / max(1, runtime.sample_count(inputs) * t.rows))
         rng = ctx.rng(f"circulant:{t.name}")
-        size = _batch_size(original)
-        cur = calib.iter_activations(current, [t.x], inputs, batch_size=size)
-        ref = calib.iter_activations(original, [t.x], inputs, batch_size=size) if current is not original else None
+        cur = calib.iter_activations(current, [t.x], inputs, batch_size=BATCH)
+        ref = calib.iter_activations(original, [t.x], inputs, batch_size=BATCH) if current is not original else None
         k = t.weight.shape[0]
         for batch in cur:
             x = batch[t.x].reshape(-1, k).astype(np.float64)
@@ -349,13 +349,6 @@ def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, f"fft form needs opset {forms.FFT_OPSET}; raising opset {_opset(model)} failed: {first[:120]}"
     return converted, ""
-
-
-def _batch_size(model: onnx.ModelProto) -> int:
-    """64, or the fixed batch of a model whose inputs fix it (iter_activations does not clamp)."""
-    fixed = [spec.shape[0] for spec in calib.input_specs(model)
-             if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0]
-    return min([64, *fixed])
 
 
 def _round_up(n: int, b: int) -> int:
