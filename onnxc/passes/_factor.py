@@ -305,11 +305,13 @@ def _known(dims: Sequence) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
 
 
-def conv_rows(geo: ConvGeometry, tensor: str) -> tuple[str, int, _whiten.Rows] | None:
-    """The im2col statistics request for a Conv (None when pads are unknown)."""
-    if geo.pads is None:
-        return None
-    return tensor, geo.c_in * geo.taps, _whiten.im2col_rows(geo.kernel, geo.strides, geo.dilations, geo.pads)
+def conv_layer(node: onnx.NodeProto, geo: ConvGeometry) -> Layer:
+    """A Conv candidate with its im2col statistics request (none when pads are unknown)."""
+    rows = None
+    if geo.pads is not None:
+        rows = (node.input[0], geo.c_in * geo.taps,
+                _whiten.im2col_rows(geo.kernel, geo.strides, geo.dilations, geo.pads))
+    return Layer(node, rows, {"geo": geo, "weights": geo.weight.size})
 
 
 def conv(view: GraphView, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None, dtype: np.dtype, *,

@@ -165,6 +165,13 @@ def channel_second_moment(patch_second: np.ndarray, channels: int) -> np.ndarray
 
 
 # ---- whitening -------------------------------------------------------------------------------
+def whiten_input_channels(w: np.ndarray, moments: Moments) -> tuple[np.ndarray, np.ndarray]:
+    """(W with its input-channel axis multiplied by S, S^-1) for a conv weight [C_out, C_in, k...],
+    S the root of the per-pixel channel second moment: the inputs actually excited count."""
+    root, inv_root = sqrt_pair(channel_second_moment(moments.second, w.shape[1]))
+    return np.moveaxis(np.tensordot(w, root, axes=([1], [0])), -1, 1), inv_root
+
+
 def sqrt_pair(moment: np.ndarray, damp: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """(S, S^-1) with S the symmetric square root of `moment + damp * mean eigenvalue * I`.
 

@@ -32,7 +32,7 @@ from onnxc.passes._factor import (
     Fitted,
     Layer,
     conv,
-    conv_rows,
+    conv_layer,
     cost,
     numel,
     output_error,
@@ -100,7 +100,7 @@ class CpPass(FactorPass):
             return "1x1 kernel: its CP is an SVD (use tucker or svd)"
         if geo.pads is None:
             return "auto_pad with an unknown input size (pads must be split per axis)"
-        return Layer(node, conv_rows(geo, node.input[0]), {"geo": geo, "weights": geo.weight.size})
+        return conv_layer(node, geo)
 
     def fit(self, layer: Layer, view: GraphView, moments: _whiten.Moments | None, ctx: PassContext) -> Fitted | str:
         geo: ConvGeometry = layer.info["geo"]
@@ -111,8 +111,7 @@ class CpPass(FactorPass):
         # CP-ALS is non-convex, so the plain weight is a second start and the lower output error wins
         starts: list[tuple[np.ndarray, np.ndarray | None]] = []
         if moments is not None:
-            root, inv_root = _whiten.sqrt_pair(_whiten.channel_second_moment(moments.second, c_in))
-            starts.append((np.moveaxis(np.tensordot(w, root, axes=([1], [0])), -1, 1), inv_root))
+            starts.append(_whiten.whiten_input_channels(w, moments))
         starts.append((w, None))
 
         def spectra():

@@ -26,7 +26,7 @@ from onnxc.passes._factor import (
     Fitted,
     Layer,
     conv,
-    conv_rows,
+    conv_layer,
     cost,
     output_error,
     parse_conv,
@@ -48,9 +48,7 @@ class TuckerPass(FactorPass):
         if node.op_type != "Conv":
             return None
         geo = parse_conv(node, view)
-        if isinstance(geo, str):
-            return geo
-        return Layer(node, conv_rows(geo, node.input[0]), {"geo": geo, "weights": geo.weight.size})
+        return geo if isinstance(geo, str) else conv_layer(node, geo)
 
     def fit(self, layer: Layer, view: GraphView, moments: _whiten.Moments | None, ctx: PassContext) -> Fitted | str:
         geo: ConvGeometry = layer.info["geo"]
@@ -61,11 +59,7 @@ class TuckerPass(FactorPass):
         w_aug = geo.w_aug()
         # with data: whiten the input mode by the channel moment, so the input factor keeps what the
         # inputs actually excite; the output mode's energy is the output covariance's spectrum
-        if moments is not None:
-            root, inv_root = _whiten.sqrt_pair(_whiten.channel_second_moment(moments.second, c_in))
-            w_fit = np.moveaxis(np.tensordot(w, root, axes=([1], [0])), -1, 1)
-        else:
-            inv_root, w_fit = None, w
+        w_fit, inv_root = _whiten.whiten_input_channels(w, moments) if moments is not None else (w, None)
 
         def spectra():
             out_mat = w.reshape(c_out, -1)
