@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxc.backends.c.lowering import Lowerer, broadcast_strides, collapse, handles
+from onnxc.backends.c.lowering import Lowerer, broadcast_strides, collapse, handles, text_attr
 from onnxc.backends.c.program import Arg, Call
 from onnxc.compiler.graph import attr
 
@@ -55,8 +55,7 @@ def unary_spec(lo: Lowerer, node: onnx.NodeProto) -> tuple[int, float, float] | 
     elif op == "Shrink":
         a, b = attr(node, "lambd", 0.5), attr(node, "bias", 0.0)
     elif op == "Gelu":
-        approx = attr(node, "approximate", b"none")
-        if (approx.decode() if isinstance(approx, bytes) else approx) == "tanh":
+        if text_attr(node, "approximate", "none") == "tanh":
             return UNARY["Gelu"] + 1, 0.0, 0.0
     return UNARY[op], float(a), float(b)
 

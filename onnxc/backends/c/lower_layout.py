@@ -9,8 +9,9 @@ import math
 import numpy as np
 import onnx
 
-from onnxc.backends.c.lowering import Lowerer, handles
+from onnxc.backends.c.lowering import Lowerer, broadcast_strides, collapse, handles, text_attr
 from onnxc.backends.c.program import Arg, Call
+from onnxc.backends.c.resize import interpolation_tables, nearest_tables
 from onnxc.compiler.graph import attr
 
 
@@ -46,26 +47,12 @@ def reshape(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 def strided_call(lo: Lowerer, x: str, y: str, dims: list[int], strides: list[int], base: int, hint: str,
                  x_offset: int = 0) -> Call:
-    dims, strides = merge_strided(dims, strides)
+    dims, (strides,) = collapse(dims, [strides])
     if len(dims) > 6:
         raise lo.unsupported(lo.view.producers.get(y), "more than 6 dims")
     p = lo.params("onnxc_strided_p", {"rank": len(dims), "dims": dims, "strides": strides, "base": base}, hint)
     ref = lo.ref(x)
     return Call("onnxc_strided_copy", [Arg(ref.kind, ref.value, x_offset), Arg.t(y), p])
-
-
-def merge_strided(dims: list[int], strides: list[int]) -> tuple[list[int], list[int]]:
-    keep = [d for d in range(len(dims)) if dims[d] != 1]
-    dims, strides = [dims[d] for d in keep] or [1], [strides[d] for d in keep] or [0]
-    out_d, out_s = [dims[0]], [strides[0]]
-    for d in range(1, len(dims)):
-        if out_s[-1] == strides[d] * dims[d]:
-            out_d[-1] *= dims[d]
-            out_s[-1] = strides[d]
-        else:
-            out_d.append(dims[d])
-            out_s.append(strides[d])
-    return out_d, out_s
 
 
 @handles("Transpose")
@@ -83,8 +70,6 @@ def transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 @handles("Expand")
 def expand(lo: Lowerer, node: onnx.NodeProto) -> None:
-    from onnxc.backends.c.lowering import broadcast_strides
-
     x, y = node.input[0], lo.out(node)
     ys = lo.shape(y)
     if lo.size(x) == lo.size(y):
@@ -191,8 +176,7 @@ def pad(lo: Lowerer, node: onnx.NodeProto) -> None:
     x, y = node.input[0], lo.out(node)
     xs = lo.shape(x)
     r = len(xs)
-    mode = attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = text_attr(node, "mode", "constant")
     if lo.opset < 11:
         pads, value = list(attr(node, "pads")), attr(node, "value", 0.0)
         axes = list(range(r))
@@ -233,11 +217,8 @@ def pad(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 @handles("Resize", "Upsample")
 def resize(lo: Lowerer, node: onnx.NodeProto) -> None:
-    from onnxc.backends.c.resize import interpolation_tables, nearest_tables
-
     x, y = node.input[0], lo.out(node)
-    mode = attr(node, "mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = text_attr(node, "mode", "nearest")
     xs, ys = lo.shape(x), lo.shape(y)
     st = strides_of(xs)
     hint = node.name or y
@@ -274,8 +255,7 @@ def depth_to_space(lo: Lowerer, node: onnx.NodeProto) -> None:
     x, y = node.input[0], lo.out(node)
     n, c, h, w = lo.shape(x)
     b = attr(node, "blocksize")
-    mode = attr(node, "mode", b"DCR")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = text_attr(node, "mode", "DCR")
     if mode == "CRD":
         _permuted_copy(lo, node, x, y, [n, c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3])
     else:
@@ -287,8 +267,7 @@ def space_to_depth(lo: Lowerer, node: onnx.NodeProto) -> None:
     x, y = node.input[0], lo.out(node)
     n, c, h, w = lo.shape(x)
     b = attr(node, "blocksize")
-    mode = attr(node, "mode", b"DCR")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = text_attr(node, "mode", "DCR")
     perm = [0, 1, 3, 5, 2, 4] if mode == "CRD" else [0, 3, 5, 1, 2, 4]
     _permuted_copy(lo, node, x, y, [n, c, h // b, b, w // b, b], perm)
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import onnx
 
-from onnxc.backends.c.lowering import Lowerer, handles
+from onnxc.backends.c.lower_layout import strides_of
+from onnxc.backends.c.lowering import Lowerer, broadcast_strides, collapse, handles, text_attr
 from onnxc.backends.c.program import SCRATCH, Arg, Call
 from onnxc.compiler.graph import attr
 
@@ -22,8 +23,7 @@ def spatial_pads(node: onnx.NodeProto, spatial: tuple[int, ...], kernel: list[in
                  dilations: list[int], out: tuple[int, ...] | None = None) -> tuple[list[int], list[int]]:
     """Padding before and after each spatial dim, from `pads` or `auto_pad`."""
     r = len(spatial)
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = text_attr(node, "auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         begin, end = [], []
         for i in range(r):
@@ -92,8 +92,7 @@ def conv_transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
     strides = list(attr(node, "strides", [1] * r))
     dil = list(attr(node, "dilations", [1] * r))
     out_pad = list(attr(node, "output_padding", [0] * r))
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = text_attr(node, "auto_pad", "NOTSET")
     begin = []
     for i in range(r):
         total = strides[i] * (xs[2 + i] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 - ys[2 + i]
@@ -185,23 +184,14 @@ def matmul(lo: Lowerer, node: onnx.NodeProto) -> None:
     a_off = b_off = "NULL"
     if batch > 1:
         idx = np.indices(batch_shape).reshape(len(batch_shape), -1).T if batch_shape else np.zeros((1, 0), int)
-        sa = _batch_strides(a2[:-2], batch_shape, m * k)
-        sb = _batch_strides(b2[:-2], batch_shape, k * n)
+        sa = [m * k * s for s in broadcast_strides(a2[:-2], batch_shape)]
+        sb = [k * n * s for s in broadcast_strides(b2[:-2], batch_shape)]
         a_off = lo.int_table(idx @ np.array(sa, dtype=np.int64), f"{node.name or y}_aoff")
         b_off = lo.int_table(idx @ np.array(sb, dtype=np.int64), f"{node.name or y}_boff")
     fields = {"batch": batch, "m": m, "n": n, "k": k, "a_rs": k, "a_cs": 1, "b_rs": n, "b_cs": 1, "c_rs": 0,
               "c_cs": 0, "a_off": a_off, "b_off": b_off, "alpha": 1.0, "beta": 0.0, **lo.act(node)}
     p = lo.params("onnxc_matmul_p", fields, node.name or y)
     lo.step(node, "MatMul", [a, b], [y], [Call("onnxc_matmul", [lo.ref(a), lo.ref(b), NULL, Arg.t(y), p])])
-
-
-def _batch_strides(shape: tuple[int, ...], batch_shape: tuple[int, ...], mat: int) -> list[int]:
-    shape = (1,) * (len(batch_shape) - len(shape)) + tuple(shape)
-    strides, acc = [0] * len(shape), mat
-    for d in range(len(shape) - 1, -1, -1):
-        strides[d] = 0 if shape[d] == 1 else acc
-        acc *= shape[d]
-    return strides
 
 
 @handles("MaxPool", "AveragePool")
@@ -317,8 +307,6 @@ REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "Redu
 
 @handles(*REDUCE)
 def reduce(lo: Lowerer, node: onnx.NodeProto) -> None:
-    from onnxc.backends.c.lower_layout import merge_strided, strides_of
-
     x, y = node.input[0], lo.out(node)
     xs = lo.shape(x)
     axes = attr(node, "axes")
@@ -335,8 +323,8 @@ def reduce(lo: Lowerer, node: onnx.NodeProto) -> None:
     axes = sorted({a + len(xs) if a < 0 else a for a in axes})
     st = strides_of(xs)
     kept = [d for d in range(len(xs)) if d not in axes]
-    dims, strides = merge_strided([xs[d] for d in kept], [st[d] for d in kept])
-    rdims, rstrides = merge_strided([xs[d] for d in axes], [st[d] for d in axes])
+    dims, (strides,) = collapse([xs[d] for d in kept], [[st[d] for d in kept]])
+    rdims, (rstrides,) = collapse([xs[d] for d in axes], [[st[d] for d in axes]])
     if len(dims) > 6 or len(rdims) > 6:
         raise lo.unsupported(node, "more than 6 dims")
     op = REDUCE[node.op_type]

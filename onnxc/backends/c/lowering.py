@@ -36,7 +36,7 @@ from onnxc.backends.c.program import (
     WeightRef,
     c_literal,
 )
-from onnxc.compiler.graph import GraphView
+from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
 
 Handler = Callable[["Lowerer", onnx.NodeProto], None]
@@ -58,6 +58,12 @@ KERNEL_FILES = {
 INLINE_ACTS = {1, 2, 3}
 # Ops whose output an activation may be fused into, by ONNX op.
 FUSABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum"}
+
+
+def text_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    """A string attribute as text (onnx hands STRING attributes back as bytes)."""
+    value = attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def handles(*ops: str) -> Callable[[Handler], Handler]:

@@ -16,13 +16,8 @@ import math
 import numpy as np
 import onnx
 
+from onnxc.backends.c.lowering import text_attr
 from onnxc.compiler.graph import attr
-
-
-def _text(value, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def nearest_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...]) -> tuple[list[np.ndarray],
@@ -56,9 +51,9 @@ def nearest_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int,
     roi, scales_in, sizes = const_input(1), const_input(2), const_input(3)
     axes = attr(node, "axes")
     axes = [a + r if a < 0 else a for a in axes] if axes is not None else list(range(r))
-    ctm = _text(attr(node, "coordinate_transformation_mode"), "half_pixel")
-    nearest = _text(attr(node, "nearest_mode"), "round_prefer_floor")
-    policy = _text(attr(node, "keep_aspect_ratio_policy"), "stretch")
+    ctm = text_attr(node, "coordinate_transformation_mode", "half_pixel")
+    nearest = text_attr(node, "nearest_mode", "round_prefer_floor")
+    policy = text_attr(node, "keep_aspect_ratio_policy", "stretch")
     fill = float(attr(node, "extrapolation_value", 0.0))
     scales = [f32(1.0)] * r
     if sizes is not None and sizes.size:
@@ -130,7 +125,7 @@ def interpolation_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tupl
     from onnx.reference.ops import op_resize as ref
 
     r = len(xs)
-    mode = _text(attr(node, "mode"), "nearest")
+    mode = text_attr(node, "mode", "nearest")
     antialias = bool(attr(node, "antialias", 0))
     if mode == "cubic":
         cubic_a = attr(node, "cubic_coeff_a", -0.75)
@@ -160,7 +155,7 @@ def interpolation_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tupl
         scales = None if scales is None or not scales.size else list(scales)
         sizes = None if sizes is None or not sizes.size else [int(v) for v in sizes]
         roi = None if roi is None or not roi.size else list(roi)
-        ctm = _text(attr(node, "coordinate_transformation_mode"), "half_pixel")
+        ctm = text_attr(node, "coordinate_transformation_mode", "half_pixel")
         axes = attr(node, "axes")
         axes = [a + r if a < 0 else a for a in axes] if axes is not None else list(range(r))
     per_axis_scale = [1.0] * r
@@ -173,7 +168,7 @@ def interpolation_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tupl
             per_axis_scale[a] = float(scales[i])
         if roi is not None:
             full_roi[a], full_roi[r + a] = roi[i], roi[n + i]
-    policy = _text(attr(node, "keep_aspect_ratio_policy"), "stretch")
+    policy = text_attr(node, "keep_aspect_ratio_policy", "stretch")
     if sizes is not None and policy in ("not_larger", "not_smaller"):
         pick = min if policy == "not_larger" else max
         common = pick(per_axis_scale[a] for a in axes)
