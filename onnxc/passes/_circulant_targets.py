@@ -15,6 +15,7 @@ import onnx
 
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.passes._circulant_forms import PATTERN
+from onnxc.passes._dense import bias_add, bias_vector
 
 
 @dataclass
@@ -56,12 +57,8 @@ def find(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
 
 
 def _vector(value: np.ndarray | None, n: int) -> np.ndarray | None:
-    """A constant that broadcasts as a per-feature bias over the last axis, as [n] float64."""
-    if value is None or value.dtype != np.float32:
-        return None
-    if value.size == 1 or (value.ndim >= 1 and value.shape[-1] == n and value.size == n):
-        return np.broadcast_to(value.reshape(-1).astype(np.float64), (n,)).copy()
-    return None
+    """A float32 constant that broadcasts as a per-feature bias over the last axis, as [n] float64."""
+    return bias_vector(value, n) if value is not None and value.dtype == np.float32 else None
 
 
 def _gemm(node: onnx.NodeProto, view: GraphView) -> Target | str:
@@ -102,12 +99,11 @@ def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
     if _is_shift_form(x, view):
         return "already block-circulant (shift form)"
     outputs, y, bias = [node.output[0]], node.output[0], None
-    users = view.consumers.get(y, [])
-    if len(users) == 1 and users[0].op_type == "Add" and y not in view.graph_outputs:
-        add = users[0]
-        other = add.input[1] if add.input[0] == y else add.input[0]
-        value = view.const(other)
-        bias = _vector(value, w.shape[1]) if value is not None and value.ndim <= len(dims) else None
+    found = bias_add(node, view)
+    if found is not None:
+        add, idx = found
+        value = view.const(add.input[idx])
+        bias = _vector(value, w.shape[1]) if value.ndim <= len(dims) else None
         if bias is not None:
             outputs, y = [y, add.output[0]], add.output[0]
     return Target(name, "MatMul", outputs, x, y, w.astype(np.float64), bias, dims)

@@ -197,10 +197,6 @@ def float_const(view: GraphView, name: str) -> np.ndarray | None:
     return view.const(name)
 
 
-def opset_version(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
 def cost(params: int, macs: int, itemsize: int) -> dict:
     return {"params": int(params), "macs": int(macs), "bytes": int(params) * itemsize}
 

@@ -38,6 +38,7 @@ from onnxc.passes import _circulant_fit as fit
 from onnxc.passes import _circulant_forms as forms
 from onnxc.passes import _circulant_targets as targets_
 from onnxc.passes._circulant_targets import Target
+from onnxc.passes._dense import opset_version
 
 LAYOUTS = {"contiguous": [(False, False)], "strided": [(True, True)],
            "auto": [(False, False), (False, True), (True, False), (True, True)]}
@@ -105,7 +106,7 @@ class CirculantPass(Pass):
         aware = self.data_aware and cal is not None and not cal.is_random
         sequential = aware and self.sequential  # the projection has nothing to compensate with
         original = clone(model) if sequential else model
-        state = _State(opset=_opset(model))
+        state = _State(opset=opset_version(model))
         changes: list[Change] = []
         rewritten = False
         for index, t in enumerate(targets):
@@ -334,10 +335,6 @@ class _State:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
 def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
     """The model lifted to opset 17 by onnx's version converter (which knows the breaking op
     changes and rewrites them), or None and why not."""
@@ -347,7 +344,8 @@ def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises many kinds of errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"fft form needs opset {forms.FFT_OPSET}; raising opset {_opset(model)} failed: {first[:120]}"
+        return None, (f"fft form needs opset {forms.FFT_OPSET}; raising opset {opset_version(model)} failed: "
+                      f"{first[:120]}")
     return converted, ""
 
 

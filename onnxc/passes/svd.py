@@ -18,7 +18,8 @@ import onnx
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.passes import Change, PassContext, register
 from onnxc.passes import _whiten
-from onnxc.passes._factor import FactorPass, Fitted, Layer, cost, float_const, numel, opset_version, output_error
+from onnxc.passes._dense import bias_add, bias_vector, opset_version
+from onnxc.passes._factor import FactorPass, Fitted, Layer, cost, float_const, numel, output_error
 from onnxc.passes._rank import choose_ranks
 
 
@@ -53,9 +54,9 @@ class SvdPass(FactorPass):
         bias, mode = None, "free"
         c = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         if c:
-            cval = float_const(view, c)
-            if cval is not None and (cval.size == 1 or (cval.size == n_out and cval.shape[-1] == n_out)):
-                bias, mode = np.broadcast_to(beta * cval.astype(np.float64).reshape(-1), (n_out,)).copy(), "vector"
+            cval = bias_vector(float_const(view, c), n_out)
+            if cval is not None:
+                bias, mode = beta * cval, "vector"
             else:
                 mode = "keep"  # a per-row or computed C stays as it is on the second Gemm
         shape = view.static_shape(a)
@@ -93,22 +94,18 @@ class SvdPass(FactorPass):
 
     @staticmethod
     def _add_bias(node: onnx.NodeProto, view: GraphView, n_out: int) -> tuple | None:
-        """(bias, Add node, input index) when the MatMul's only reader adds a constant [N] vector."""
-        out = node.output[0]
-        users = view.consumers.get(out, [])
-        if len(users) != 1 or users[0].op_type != "Add" or out in view.graph_outputs:
+        """(bias, Add node, input index) when the MatMul's only reader adds a constant [N] vector
+        (not a broadcast scalar: the refitted bias is written back in the Add constant's shape)."""
+        found = bias_add(node, view)
+        if found is None:
             return None
-        add = users[0]
-        idx = 1 if add.input[0] == out else 0
-        if add.input[1 - idx] != out:
-            return None
+        add, idx = found
         value = float_const(view, add.input[idx])
-        y_shape = view.shape(out)
-        if value is None or value.size != n_out or value.shape[-1] != n_out:
+        bias = bias_vector(value, n_out) if value is not None and value.size == n_out else None
+        y_shape = view.shape(node.output[0])
+        if bias is None or y_shape is None or value.ndim > len(y_shape):
             return None
-        if y_shape is None or value.ndim > len(y_shape):
-            return None
-        return value.astype(np.float64).reshape(-1), add.output[0], idx
+        return bias, add.output[0], idx
 
     # ---- fitting -------------------------------------------------------------------------------
     def fit(self, layer: Layer, view: GraphView, moments: _whiten.Moments | None, ctx: PassContext) -> Fitted | str:
