@@ -39,38 +39,45 @@ def spatial_pads(node: onnx.NodeProto, spatial: tuple[int, ...], kernel: list[in
     return pads[:r], pads[r:]
 
 
-@handles("Conv")
-def conv(lo: Lowerer, node: onnx.NodeProto) -> None:
-    x, w, b = node.input[0], node.input[1], _opt(node, 2)
-    y = lo.out(node)
-    xs, ws, ys = lo.shape(x), lo.weight_shape(w), lo.shape(y)
+def _conv_geometry(lo: Lowerer, node: onnx.NodeProto, what: str) -> tuple[tuple[int, ...], tuple[int, ...],
+                                                                            list[int], list[int], list[int]]:
+    """Input and output shapes, kernel, strides and dilations of a 1-D or 2-D Conv/ConvTranspose."""
+    xs, ws, ys = lo.shape(node.input[0]), lo.weight_shape(node.input[1]), lo.shape(lo.out(node))
     if len(xs) not in (3, 4):
-        raise lo.unsupported(node, f"{len(xs) - 2}-D convolution")
-    if not lo.is_const(w):
+        raise lo.unsupported(node, f"{len(xs) - 2}-D {what}")
+    if not lo.is_const(node.input[1]):
         raise lo.unsupported(node, "weights computed at run time")
     r = len(xs) - 2
-    kernel = list(ws[2:])
-    strides = list(attr(node, "strides", [1] * r))
-    dil = list(attr(node, "dilations", [1] * r))
-    begin, _ = spatial_pads(node, xs[2:], kernel, strides, dil, ys[2:])
-    group = attr(node, "group", 1)
-    if r == 1:  # a 1-D convolution is a 2-D one of height 1
+    return xs, ys, list(ws[2:]), list(attr(node, "strides", [1] * r)), list(attr(node, "dilations", [1] * r))
+
+
+def _conv_params(lo: Lowerer, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...], kernel: list[int],
+                 strides: list[int], dil: list[int], begin: list[int]) -> tuple[Arg, dict]:
+    """The kernels' `onnxc_conv_p` (and its fields); a 1-D convolution is a 2-D one of height 1."""
+    if len(xs) == 3:
         xs, ys, kernel, strides, dil, begin = (xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:], [1] + kernel,
                                                [1] + strides, [1] + dil, [0] + begin)
-    n, c, h, wd = xs
-    m, oh, ow = ys[1], ys[2], ys[3]
-    fields = {"n": n, "c": c, "h": h, "w": wd, "m": m, "oh": oh, "ow": ow, "kh": kernel[0], "kw": kernel[1],
-              "sh": strides[0], "sw": strides[1], "dh": dil[0], "dw": dil[1], "pt": begin[0], "pl": begin[1],
-              "group": group, **lo.act(node)}
+    fields = {"n": xs[0], "c": xs[1], "h": xs[2], "w": xs[3], "m": ys[1], "oh": ys[2], "ow": ys[3],
+              "kh": kernel[0], "kw": kernel[1], "sh": strides[0], "sw": strides[1], "dh": dil[0], "dw": dil[1],
+              "pt": begin[0], "pl": begin[1], "group": attr(node, "group", 1), **lo.act(node)}
+    return lo.params("onnxc_conv_p", fields, node.name or lo.out(node)), fields
+
+
+@handles("Conv")
+def conv(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, w, b, y = node.input[0], node.input[1], _opt(node, 2), lo.out(node)
+    xs, ys, kernel, strides, dil = _conv_geometry(lo, node, "convolution")
+    begin, _ = spatial_pads(node, xs[2:], kernel, strides, dil, ys[2:])
+    p, f = _conv_params(lo, node, xs, ys, kernel, strides, dil, begin)
+    c, h, wd, m, oh, ow, group = (f[k] for k in ("c", "h", "w", "m", "oh", "ow", "group"))
     weight = lo.weight(w, lambda a: a)
     bias = lo.ref(b) if b else NULL
-    p = lo.params("onnxc_conv_p", fields, node.name or y)
     calls = [Call("onnxc_conv2d", [lo.ref(x), weight, bias, Arg.t(y), p])]
     inplace = {}
     if group == c == m and oh * ow <= h * wd:
         inplace = {"inplace": 0, "inplace_scratch": h * wd,
                    "inplace_calls": [Call("onnxc_conv2d_dw_inplace", [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}
-    elif (kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and m <= c
+    elif ([f[k] for k in ("kh", "kw", "sh", "sw", "pt", "pl")] == [1, 1, 1, 1, 0, 0] and group == 1 and m <= c
           and (oh, ow) == (h, wd)):
         inplace = {"inplace": 0, "inplace_scratch": c,
                    "inplace_calls": [Call("onnxc_conv1x1_inplace", [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}
@@ -79,18 +86,10 @@ def conv(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 @handles("ConvTranspose")
 def conv_transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
-    x, w, b = node.input[0], node.input[1], _opt(node, 2)
-    y = lo.out(node)
-    xs, ws, ys = lo.shape(x), lo.weight_shape(w), lo.shape(y)
-    if len(xs) not in (3, 4):
-        raise lo.unsupported(node, f"{len(xs) - 2}-D transposed convolution")
-    if not lo.is_const(w):
-        raise lo.unsupported(node, "weights computed at run time")
+    x, w, b, y = node.input[0], node.input[1], _opt(node, 2), lo.out(node)
+    xs, ys, kernel, strides, dil = _conv_geometry(lo, node, "transposed convolution")
     r = len(xs) - 2
     group = attr(node, "group", 1)
-    kernel = list(ws[2:])
-    strides = list(attr(node, "strides", [1] * r))
-    dil = list(attr(node, "dilations", [1] * r))
     out_pad = list(attr(node, "output_padding", [0] * r))
     auto = text_attr(node, "auto_pad", "NOTSET")
     begin = []
@@ -102,9 +101,6 @@ def conv_transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
             begin.append(total // 2)
         else:  # SAME_LOWER, or output_shape given: more padding at the head (onnxruntime)
             begin.append(total - total // 2)
-    if r == 1:
-        xs, ys, kernel, strides, dil, begin = (xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:], [1] + kernel,
-                                               [1] + strides, [1] + dil, [0] + begin)
     c, m = xs[1], ys[1]
     cg, mg = c // group, m // group
 
@@ -112,10 +108,7 @@ def conv_transpose(lo: Lowerer, node: onnx.NodeProto) -> None:
         k = a.shape[2:]
         return a.reshape(group, cg, mg, *k).swapaxes(1, 2).reshape(m, cg, *k)
 
-    fields = {"n": xs[0], "c": c, "h": xs[2], "w": xs[3], "m": m, "oh": ys[2], "ow": ys[3], "kh": kernel[0],
-              "kw": kernel[1], "sh": strides[0], "sw": strides[1], "dh": dil[0], "dw": dil[1], "pt": begin[0],
-              "pl": begin[1], "group": group, **lo.act(node)}
-    p = lo.params("onnxc_conv_p", fields, node.name or y)
+    p, _ = _conv_params(lo, node, xs, ys, kernel, strides, dil, begin)
     call = Call("onnxc_conv_transpose2d", [lo.ref(x), lo.weight(w, conv_layout), lo.ref(b) if b else NULL,
                                            Arg.t(y), p])
     lo.step(node, "ConvTranspose", [x], [y], [call])

@@ -20,6 +20,16 @@ from onnxc.backends.c.lowering import text_attr
 from onnxc.compiler.graph import attr
 
 
+def _const_input(lo, node: onnx.NodeProto, i: int) -> np.ndarray | None:
+    """Input i (roi, scales or sizes) flattened, None when absent; it must be known at export time."""
+    if len(node.input) <= i or not node.input[i]:
+        return None
+    value = lo.const(node.input[i])
+    if value is None:
+        raise lo.unsupported(node, "roi/scales/sizes computed at run time")
+    return value.reshape(-1)
+
+
 def nearest_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...]) -> tuple[list[np.ndarray],
                                                                                                   float]:
     r = len(xs)
@@ -40,15 +50,7 @@ def nearest_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int,
             tables.append(np.clip(src.astype(np.int64), 0, max(xs[d] - 1, 0)))
         return tables, 0.0
 
-    def const_input(i):
-        if len(node.input) <= i or not node.input[i]:
-            return None
-        value = lo.const(node.input[i])
-        if value is None:
-            raise lo.unsupported(node, "roi/scales/sizes computed at run time")
-        return value.reshape(-1)
-
-    roi, scales_in, sizes = const_input(1), const_input(2), const_input(3)
+    roi, scales_in, sizes = (_const_input(lo, node, i) for i in (1, 2, 3))
     axes = attr(node, "axes")
     axes = [a + r if a < 0 else a for a in axes] if axes is not None else list(range(r))
     ctm = text_attr(node, "coordinate_transformation_mode", "half_pixel")
@@ -137,12 +139,8 @@ def interpolation_tables(lo, node: onnx.NodeProto, xs: tuple[int, ...], ys: tupl
         coeffs = ref._linear_coeffs_antialias if antialias else ref._linear_coeffs
 
     def const_input(i):
-        if len(node.input) <= i or not node.input[i]:
-            return None
-        value = lo.const(node.input[i])
-        if value is None:
-            raise lo.unsupported(node, "roi/scales/sizes computed at run time")
-        return value.reshape(-1).astype(np.float64)
+        value = _const_input(lo, node, i)
+        return None if value is None else value.astype(np.float64)
 
     if node.op_type == "Upsample" or lo.opset < 11:
         scales = attr(node, "scales")
