@@ -109,11 +109,6 @@ def project(w: np.ndarray, layout: Layout) -> np.ndarray:
     return np.stack([blocks[:, :, r, (r - d) % b].mean(axis=-1) for d in range(b)], axis=-1)
 
 
-def _to_blocks(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """[n, F] features -> [n, b, blocks] (the element axis first, for the FFT)."""
-    return x[:, index]
-
-
 def _spectrum(c: np.ndarray) -> np.ndarray:
     """[q, p, b] parameters -> [F, p, q] complex spectra (rfft along the element axis)."""
     return np.fft.rfft(c, axis=2).transpose(2, 1, 0)
@@ -169,8 +164,9 @@ class NormalEquations:
         self.energy += float((y * y).sum())
         if self.offset is not None:
             y = y - self.offset
-        xf = np.fft.rfft(_to_blocks(x, self.layout.in_index()), axis=1).transpose(1, 0, 2)  # [F, n, p]
-        yf = np.fft.rfft(_to_blocks(y, self.layout.out_index()), axis=1).transpose(1, 0, 2)  # [F, n, q]
+        # [n, F] features -> [n, b, blocks] (the element axis first) -> spectra [F, n, blocks]
+        xf = np.fft.rfft(x[:, self.layout.in_index()], axis=1).transpose(1, 0, 2)  # [F, n, p]
+        yf = np.fft.rfft(y[:, self.layout.out_index()], axis=1).transpose(1, 0, 2)  # [F, n, q]
         xh = xf.conj().transpose(0, 2, 1)
         self.g += xh @ xf
         self.h += xh @ yf

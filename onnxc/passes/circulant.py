@@ -31,7 +31,7 @@ from onnxc.compiler import calibration as calib
 from onnxc.compiler import runtime
 from onnxc.compiler.bench import bench
 from onnxc.compiler.graph import GraphView
-from onnxc.compiler.model import clone
+from onnxc.compiler.model import clone, tensor_nbytes
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any, register
 from onnxc.errors import UsageError
 from onnxc.passes import _circulant_fit as fit
@@ -142,8 +142,7 @@ class CirculantPass(Pass):
         view.remove_unused()
         _drop_stale_value_info(model.graph)
         info = state.info()
-        index_bytes = sum(len(t.raw_data) or 4 * len(t.int32_data) for t in model.graph.initializer
-                          if t.name.startswith(forms.PATTERN))
+        index_bytes = sum(tensor_nbytes(t) for t in model.graph.initializer if t.name.startswith(forms.PATTERN))
         info.update(block=self.block, data_aware=aware, sequential=sequential,
                     stored_params=sum(c.after["params"] for c in changes), shared_index_bytes=index_bytes)
         return PassResult(model, True, changes, skipped, info)
