@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graphs import f32, init
+from graphs import model as graph_model
 from onnx import TensorProto, helper, numpy_helper
 from sample_data import CALIBRATION, accuracy, sample_path
 
@@ -34,16 +36,16 @@ def dense_model(k: int, n: int, *, opset: int = 17, rank: int = 2, op: str = "Ge
         w = (rng.standard_normal((kin, nout)) / np.sqrt(kin)).astype(np.float32)
         b = rng.standard_normal(nout).astype(np.float32)
         if op == "Gemm":
-            inits.append(numpy_helper.from_array(w.T.copy(), f"{name}_w"))
+            inits.append(init(f"{name}_w", w.T.copy()))
             ins = [x, f"{name}_w"] + ([f"{name}_b"] if bias else [])
             nodes.append(helper.make_node("Gemm", ins, [y], name=name, transB=1))
         else:
-            inits.append(numpy_helper.from_array(w, f"{name}_w"))
+            inits.append(init(f"{name}_w", w))
             nodes.append(helper.make_node("MatMul", [x, f"{name}_w"], [y + "_mm" if bias else y], name=name))
             if bias:
                 nodes.append(helper.make_node("Add", [y + "_mm", f"{name}_b"], [y], name=f"{name}_add"))
         if bias:
-            inits.append(numpy_helper.from_array(b, f"{name}_b"))
+            inits.append(init(f"{name}_b", b))
 
     if hidden:
         layer("fc1", "x", "h", k, hidden)
@@ -52,11 +54,8 @@ def dense_model(k: int, n: int, *, opset: int = 17, rank: int = 2, op: str = "Ge
     else:
         layer("fc1", "x", "y", k, n)
     out_dims = [*dims[:-1], n]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_dims)], initializer=inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 10 if opset >= 21 else 8 if opset >= 17 else 7
-    return canonicalize(m)
+    ir = 10 if opset >= 21 else 8 if opset >= 17 else 7
+    return canonicalize(graph_model(nodes, [f32("x", dims)], [f32("y", out_dims)], inits, opset=opset, ir=ir))
 
 
 def run_pass(model: onnx.ModelProto, spec: dict, calibration=None, seed: int = 0):
