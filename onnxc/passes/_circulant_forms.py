@@ -48,10 +48,6 @@ class CirculantLayer:
         return int(self.c.size + (self.bias.size if self.bias is not None else 0))
 
 
-def min_opset(form: str) -> int:
-    return FFT_OPSET if form == "fft" else 1
-
-
 class _Builder:
     """Appends nodes and constants to a GraphView; constants keyed in `shared` are made once."""
 
