@@ -85,6 +85,18 @@ def binary_call(lo: Lowerer, op: str, a: str, b: str, y: str, act: dict, hint: s
     return Call("onnxc_binary", [a_arg or lo.ref(a), lo.ref(b), Arg.t(y), lo.params("onnxc_binary_p", fields, hint)])
 
 
+NO_ACT = {"act": 0, "act_a": 0.0, "act_b": 0.0}
+
+
+def fold_calls(lo: Lowerer, op: str, inputs: list[str], y: str, act: dict, hint: str) -> list[Call]:
+    """`y = op(op(in0, in1), in2)...`: later calls accumulate into `y`; `act` applies to the last."""
+    calls = []
+    for k in range(1, len(inputs)):
+        a, a_arg = (inputs[0], None) if k == 1 else (y, Arg.t(y))
+        calls.append(binary_call(lo, op, a, inputs[k], y, act if k == len(inputs) - 1 else NO_ACT, hint, a_arg))
+    return calls
+
+
 @handles("Mean")
 def mean(lo: Lowerer, node: onnx.NodeProto) -> None:
     """Sum of the inputs (as Sum), then divided by their count in place."""
@@ -93,17 +105,12 @@ def mean(lo: Lowerer, node: onnx.NodeProto) -> None:
     if len(inputs) == 1:
         lo.view_step(node, inputs[0], y)
         return
-    calls = [binary_call(lo, "Add", inputs[0], inputs[1], y, NO_ACT, node.name or y)]
-    for name in inputs[2:]:
-        calls.append(binary_call(lo, "Add", y, name, y, NO_ACT, node.name or y, a_arg=Arg.t(y)))
+    calls = fold_calls(lo, "Add", inputs, y, NO_ACT, node.name or y)
     count = lo.float_const(np.array([len(inputs)], np.float32), f"{node.name or y}_n")
     out = lo.shape(y)
     fields = {"op": BINARY["Div"], "rank": 1, "dims": [max(int(np.prod(out)), 1)], "sa": [1], "sb": [0], **NO_ACT}
     calls.append(Call("onnxc_binary", [Arg.t(y), count, Arg.t(y), lo.params("onnxc_binary_p", fields, node.name or y)]))
     lo.step(node, "Mean", inputs, [y], calls)
-
-
-NO_ACT = {"act": 0, "act_a": 0.0, "act_b": 0.0}
 
 
 @handles(*BINARY, "Sum")
@@ -116,16 +123,7 @@ def binary(lo: Lowerer, node: onnx.NodeProto) -> None:
     if len(inputs) == 1:  # Sum/Max/Min of one tensor: itself
         lo.view_step(node, inputs[0], y)
         return
-    act = lo.act(node)
-    none = {"act": 0, "act_a": 0.0, "act_b": 0.0}
-    calls = []
-    hint = node.name or y
-    for k in range(1, len(inputs)):
-        last = k == len(inputs) - 1
-        if k == 1:
-            calls.append(binary_call(lo, op, inputs[0], inputs[1], y, act if last else none, hint))
-        else:  # accumulate into the output, which already has the full shape
-            calls.append(binary_call(lo, op, y, inputs[k], y, act if last else none, hint, a_arg=Arg.t(y)))
+    calls = fold_calls(lo, op, inputs, y, lo.act(node), node.name or y)
     # In place on an input with the output's shape (not one read again by a later call).
     same = [i for i, name in enumerate(inputs[:2]) if lo.shape(name) == out and not lo.is_const(name)]
     runtime = [i for i in inputs if not lo.is_const(i)]
