@@ -68,13 +68,9 @@ class GeneratedModel:
 
 
 def _same_storage_steps(prog: Program, pl: Plan) -> set[int]:
-    out = set()
-    for s, step in enumerate(prog.steps):
-        if step.view is None and step.inputs and step.outputs:
-            a, b = pl.locations[step.inputs[0]], pl.locations[step.outputs[0]]
-            if a.root == b.root == "arena" and a.index == b.index and a.offset == b.offset:
-                out.add(s)
-    return out
+    """Computing steps whose output took their first input's place in the arena."""
+    return {s for s, step in enumerate(prog.steps)
+            if step.view is None and pl.same_storage(step) and pl.locations[step.inputs[0]].root == "arena"}
 
 
 def compile_model(model: onnx.ModelProto, name: str = "net", input_shapes=None,

@@ -95,7 +95,7 @@ def source(prog: Program, plan: Plan, source_name: str) -> str:
         shapes = " ".join("x".join(map(str, prog.shapes[o])) for o in step.outputs)
         where = ", ".join(_where(plan, o) for o in step.outputs)
         fused = f"+{'+'.join(step.fused)}" if step.fused else ""
-        mode = ", in place" if (s in plan.inplace or _same_storage(plan, step)) else ""
+        mode = ", in place" if (s in plan.inplace or plan.same_storage(step)) else ""
         body.append(f"    /* {s}: {_comment(step.node)} ({step.op}{fused}) -> {shapes} at {where}{mode} */")
         for call in calls:
             args = [_arg(prog, plan, a, s, ins, outs) for a in call.args]
@@ -113,13 +113,6 @@ def source(prog: Program, plan: Plan, source_name: str) -> str:
     lines += [f"    (void){param};" for param in ins + outs if param not in used]
     out += lines + body + ["    return 0;", "}", ""]
     return "\n".join(out)
-
-
-def _same_storage(plan: Plan, step) -> bool:
-    if not step.inputs or not step.outputs:
-        return False
-    a, b = plan.locations.get(step.inputs[0]), plan.locations.get(step.outputs[0])
-    return a is not None and b is not None and (a.root, a.index, a.offset) == (b.root, b.index, b.offset)
 
 
 def _where(plan: Plan, name: str) -> str:

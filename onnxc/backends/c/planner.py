@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnxc.backends.c.program import Program
+from onnxc.backends.c.program import Program, Step
 
 
 @dataclass
@@ -70,6 +70,13 @@ class Plan:
     def address(self, name: str) -> int:
         loc = self.locations[name]
         return self.buffers[loc.index].offset + loc.offset if loc.root == "arena" else loc.offset
+
+    def same_storage(self, step: Step) -> bool:
+        """Whether the step's output sits exactly where its first input is (it ran in place)."""
+        if not step.inputs or not step.outputs:
+            return False
+        a, b = self.locations.get(step.inputs[0]), self.locations.get(step.outputs[0])
+        return a is not None and b is not None and (a.root, a.index, a.offset) == (b.root, b.index, b.offset)
 
 
 def concat_requests(prog: Program, last_use: dict[str, int]) -> tuple[dict[str, tuple[str, int]],
