@@ -14,11 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxc.backends.c.toolchain import ToolError, run
+from onnxc.backends.c.toolchain import STRICT, ToolError, run
 
 CC = "arm-none-eabi-gcc"
 CPU_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
-STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror"]
+
+
+def _compile_cmd(opt: str, include: list[Path]) -> list[str]:
+    """The cross compiler with the flags every build here uses (-Werror, one section per symbol)."""
+    return [CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections", *[f"-I{d}" for d in include]]
 
 LINKER_SCRIPT = """\
 /* mps2-an386: code memory and SRAM, 4 MB each. */
@@ -147,8 +151,7 @@ def build(sources: list[Path], workdir: Path, *, opt: str = "-O2", include: list
     (workdir / "mps2_an386.ld").write_text(LINKER_SCRIPT)
     (workdir / "startup.c").write_text(STARTUP)
     elf = workdir / elf_name
-    cmd = [CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections",
-           *[f"-I{d}" for d in include], *map(str, sources), str(workdir / "startup.c"),
+    cmd = [*_compile_cmd(opt, include), *map(str, sources), str(workdir / "startup.c"),
            "--specs=rdimon.specs", "-nostartfiles", f"-T{workdir / 'mps2_an386.ld'}", "-Wl,--gc-sections",
            "-o", str(elf), "-lm"]
     run(cmd)
@@ -179,17 +182,6 @@ def size(paths: list[Path]) -> dict[str, int]:
     if len(last) < 3:
         raise ToolError(f"unexpected arm-none-eabi-size output: {out}")
     return {"text": int(last[0]), "data": int(last[1]), "bss": int(last[2])}
-
-
-def compile_objects(sources: list[Path], workdir: Path, *, opt: str = "-O2", include: list[Path] = ()) -> list[Path]:
-    """Object files of `sources` (for per-model flash/RAM figures, without libc and startup)."""
-    objs = []
-    for src in sources:
-        obj = workdir / (src.stem + ".o")
-        run([CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections",
-             *[f"-I{d}" for d in include], "-c", str(src), "-o", str(obj)])
-        objs.append(obj)
-    return objs
 
 
 SIZE_STARTUP = """\
@@ -237,9 +229,9 @@ def footprint(name: str, input_sizes: list[int], output_sizes: list[int], source
     result = {}
     for tag, main, srcs in (("model", with_model, sources), ("bare", bare, [])):
         elf = workdir / f"size_{name}_{tag}.elf"
-        run([CC, *CPU_FLAGS, *STRICT, opt, "-ffunction-sections", "-fdata-sections", *[f"-I{d}" for d in include],
-             str(main), *map(str, srcs), str(workdir / "size_startup.c"), "--specs=nano.specs", "-nostartfiles",
-             f"-T{workdir / 'size_probe.ld'}", "-Wl,--gc-sections", "-o", str(elf), "-lm"])
+        run([*_compile_cmd(opt, include), str(main), *map(str, srcs), str(workdir / "size_startup.c"),
+             "--specs=nano.specs", "-nostartfiles", f"-T{workdir / 'size_probe.ld'}", "-Wl,--gc-sections", "-o",
+             str(elf), "-lm"])
         result[tag] = size([elf])
     diff = {k: result["model"][k] - result["bare"][k] for k in ("text", "data", "bss")}
     io_bytes = 4 * sum(input_sizes + output_sizes)
