@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxc.backends.c.conformance import ATOL, RTOL, run_conformance, supported_ops
+from onnxc.compiler import runtime
 
 
 def explain(reason: str) -> str:
@@ -53,10 +54,8 @@ def explain(reason: str) -> str:
 def ort_check(unit) -> str:
     """How onnxruntime compares with the expected values and with us on a mismatching case."""
     try:
-        import onnxruntime as ort
-
         case = unit.source
-        sess = ort.InferenceSession(case.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = runtime.session(case.model)
         inputs = case.data_sets[0][0]
         feed = {vi.name: v for vi, v in zip(case.model.graph.input, inputs)}
         ref = sess.run(None, feed)

@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from onnxc.backends.c import compile_model
 from onnxc.backends.c.toolchain import HarnessModel, ToolError, build_host, harness, run_host
+from onnxc.compiler.model import clone
 from onnxc.errors import OnnxcError
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -83,8 +84,7 @@ def _freeze(model: onnx.ModelProto, values: list[np.ndarray]) -> tuple[onnx.Mode
     """The model with parameter inputs turned into initializers; returns it and the kept inputs."""
     node = model.graph.node[0]
     frozen_pos = FROZEN.get(node.op_type, set())
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = clone(model)
     params = _parameter_positions(node, model)
     keep, kept_idx = [], []
     for i, vi in enumerate(model.graph.input):
@@ -119,8 +119,7 @@ def _parameter_positions(node: onnx.NodeProto, model: onnx.ModelProto) -> set[in
 def through_arena(model: onnx.ModelProto) -> onnx.ModelProto:
     """The node fed from and feeding exact `Mul(t, 1)` nodes, so its inputs and outputs live in
     the arena and the in-place, view and fused variants run instead of the I/O-pointer ones."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = clone(model)
     node = m.graph.node[0]
     float_io = {v.name for v in list(m.graph.input) + list(m.graph.output)
                 if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}

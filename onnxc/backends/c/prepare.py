@@ -47,24 +47,18 @@ class Clustered:
 
 
 def static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Concrete dims for every graph input: `input_shapes` first, symbolic dims -> 1."""
+    """Concrete dims for every graph input: `input_shapes` first (canonicalize checks them against
+    the model), symbolic dims -> 1."""
     inits = {t.name for t in model.graph.initializer}
-    shapes: dict[str, list[int]] = {}
+    shapes = {name: [int(d) for d in dims] for name, dims in input_shapes.items()}
     for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        if vi.name in input_shapes:
-            shapes[vi.name] = [int(d) for d in input_shapes[vi.name]]
+        if vi.name in inits or vi.name in shapes:
             continue
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             raise OnnxcError(f"C backend: input '{vi.name}' has no known rank; give it with --input-shape "
                              f"{vi.name}=DIMS")
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
-    unknown = set(input_shapes) - set(shapes)
-    if unknown:
-        raise OnnxcError(f"--input-shape: model has no input '{sorted(unknown)[0]}' "
-                         f"(inputs: {', '.join(shapes)})")
     return shapes
 
 
