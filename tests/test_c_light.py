@@ -15,7 +15,8 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from graphs import randomize_weights
+from onnx import helper
 
 from onnxc.backends.c import compile_model
 from onnxc.backends.c.toolchain import build_generated, max_rel_error, run_generated
@@ -28,20 +29,7 @@ TOL = 1e-4
 
 def light_model(name: str, seed: int = 0) -> onnx.ModelProto:
     """Canonical light model with He-scaled random weights and the Softmax input as a 2nd output."""
-    model = canonicalize(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx")))
-    rng = np.random.default_rng(seed)
-    variances = {n.input[4] for n in model.graph.node if n.op_type == "BatchNormalization"}
-    for t in model.graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.dtype != np.float32:
-            continue
-        if t.name in variances:
-            b = rng.uniform(0.5, 1.5, a.shape)
-        elif a.ndim > 1:
-            b = rng.standard_normal(a.shape) * np.sqrt(2.0 / np.prod(a.shape[1:]))
-        else:
-            b = rng.normal(0.0, 0.1, a.shape)
-        t.CopyFrom(numpy_helper.from_array(b.astype(np.float32), t.name))
+    model = randomize_weights(canonicalize(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))), seed)
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
     if softmax:
         model.graph.output.append(helper.make_tensor_value_info(softmax[-1].input[0], onnx.TensorProto.FLOAT, None))
