@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxc.backends.c.program import ConstArray
 from onnxc.backends.c.toolchain import STRICT, ToolError, run
+from onnxc.backends.c.weights import array_definition
 
 CC = "arm-none-eabi-gcc"
 CPU_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
@@ -112,11 +114,6 @@ def available() -> bool:
     return shutil.which(CC) is not None and shutil.which("qemu-system-arm") is not None
 
 
-def c_floats(values: np.ndarray) -> str:
-    bits = np.ascontiguousarray(values, dtype="<f4").reshape(-1).view("<u4").tolist() or [0]
-    return ",".join(hex(b) for b in bits)
-
-
 def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]]) -> str:
     """main() that runs each model on embedded inputs and prints every output as hex float bits."""
     lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <string.h>"]
@@ -125,8 +122,7 @@ def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]]) -> str:
     for name, inputs, out_sizes in models:
         args = []
         for k, x in enumerate(inputs):
-            lines.append(f"static const union {{ uint32_t u[{max(x.size, 1)}]; float f[{max(x.size, 1)}]; }} "
-                         f"{name}_in{k} = {{{{{c_floats(x)}}}}};")
+            lines.append(array_definition(ConstArray(f"{name}_in{k}", np.asarray(x, dtype=np.float32))))
             args.append(f"{name}_in{k}.f")
         for k, n in enumerate(out_sizes):
             lines.append(f"static float {name}_out{k}[{max(n, 1)}];")
