@@ -159,9 +159,10 @@ def slice_(lo: Lowerer, node: onnx.NodeProto) -> None:
                                                      node.name or y)])
 
 
-def gather_call(lo: Lowerer, x: str, y: str, tables: list[np.ndarray], fill: float, hint: str) -> Call:
-    """Gather-copy with per-dim offset tables; size-1 dims collapse into their neighbours."""
-    ys = list(lo.shape(y))
+def gather_call(lo: Lowerer, x: str, y: str, tables: list[np.ndarray], fill: float, hint: str,
+                dims: list[int] | None = None) -> Call:
+    """Gather-copy with one offset table per output dim (`dims`, by default `y`'s shape)."""
+    ys = list(lo.shape(y)) if dims is None else dims
     if len(ys) > 6:
         raise lo.unsupported(lo.view.producers.get(y), "more than 6 dims")
     if not ys:
@@ -298,8 +299,4 @@ def gather(lo: Lowerer, node: onnx.NodeProto) -> None:
     dims = list(xs[:axis]) + [idx.size] + list(xs[axis + 1:])
     tables = [np.arange(dims[d]) * st[d] for d in range(axis)] + [idx * st[axis]]
     tables += [np.arange(xs[d]) * st[d] for d in range(axis + 1, len(xs))]
-    if len(dims) > 6:
-        raise lo.unsupported(node, "more than 6 dims")
-    names = [lo.int_table(t, f"{node.name or y}_tab{d}") for d, t in enumerate(tables)]
-    p = lo.params("onnxc_gather_p", {"rank": len(dims), "dims": dims, "tab": names, "fill": 0.0}, node.name or y)
-    lo.step(node, "Gather", [x], [y], [Call("onnxc_gather_copy", [lo.ref(x), Arg.t(y), p])])
+    lo.step(node, "Gather", [x], [y], [gather_call(lo, x, y, tables, 0.0, node.name or y, dims)])
