@@ -16,6 +16,7 @@ from onnxc.compiler import calibration as calib
 from onnxc.compiler import runtime, verify
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
+from onnxc.compiler.executor import Executor, executor_kind, make_executor
 from onnxc.compiler.model import load, save, tensor_bytes
 from onnxc.compiler.passes import Pass, PassContext, PassManager
 from onnxc.compiler.recipe import build
@@ -46,13 +47,25 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
              input_shapes: Mapping[str, Sequence[int]] | None = None, max_error: float | None = None,
              seed: int | None = None, output: PathLike | None = None, backend: str | None = None,
              export_options: ExportOptions | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> OptimizeResult:
+             progress: Callable[[str, int, int], None] | None = None, jobs: int | None = None,
+             executor: str | None = None, ray_address: str | None = None) -> OptimizeResult:
     """Canonicalize, run the passes with verification, and optionally save and lower the result.
 
     `passes` are pass objects or specs (`"prune:ratio=0.5"`). Fidelity is always measured
     against the original model on held-out inputs. With `output`, the result is written atomically
-    (or lowered by `backend`).
+    (or lowered by `backend`). Per-layer work runs in-process, on `jobs` local processes
+    (`executor="local"`, or `jobs` > 1 alone) or as Ray tasks (`executor="ray"`, on the cluster at
+    `ray_address` or a local one); the output is the same whichever runs it.
     """
+    kind = executor_kind(executor, jobs, ray_address)
+    with make_executor(kind, jobs or ((os.cpu_count() or 1) if kind != "inline" else 1), ray_address) as workers:
+        return _optimize(model, passes=passes, preset=preset, recipe=recipe, calibration=calibration,
+                         input_shapes=input_shapes, max_error=max_error, seed=seed, output=output, backend=backend,
+                         export_options=export_options, progress=progress, executor=workers)
+
+
+def _optimize(model, *, passes, preset, recipe, calibration, input_shapes, max_error, seed, output, backend,
+              export_options, progress, executor: Executor) -> OptimizeResult:
     pass_list, preset_budget, recipe_seed = _passes(passes, preset, recipe)
     seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
     budget = max_error if max_error is not None else preset_budget
@@ -63,7 +76,7 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
     canonical = canonicalize(original, shapes)
     cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes)
     ctx = PassContext(calibration=cal, seed=seed, max_error=budget,
-                      progress=progress or (lambda label, done, total: None))
+                      progress=progress or (lambda label, done, total: None), executor=executor)
     report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget)
     if cal.is_random:
         report.notes.append("no calibration file: inputs drawn at random from the input spec; "

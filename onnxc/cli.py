@@ -189,6 +189,12 @@ def _input_file(path: str) -> str:
 )
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling and random inputs (default 0).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes for per-layer work (alone: local processes; default 1, in-process).")
+@click.option("--executor", "executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Run per-layer work on local processes or as Ray tasks (pip install 'onnxc[ray]').")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to use with --executor ray (default: start a local one).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "c"]), help="Also lower the result with this backend.")
 @_backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -204,6 +210,9 @@ def optimize(
     max_error,
     report_path,
     seed,
+    jobs,
+    executor,
+    ray_address,
     backend,
     int8,
     name,
@@ -234,6 +243,9 @@ def optimize(
             backend=backend,
             export_options=ExportOptions(int8=int8, name=name, input_shapes=shapes, level=level),
             progress=progress,
+            jobs=jobs,
+            executor=executor,
+            ray_address=ray_address,
         )
     if report_path:
         result.report.write(report_path)

@@ -27,6 +27,7 @@ from onnxc.compiler import calibration as calib
 from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import ModelCost, NodeCost, model_cost
+from onnxc.compiler.executor import Executor, InlineExecutor
 from onnxc.compiler.model import clone
 from onnxc.compiler.verify import Fidelity, compare_outputs
 from onnxc.errors import OnnxcError, UsageError
@@ -70,12 +71,14 @@ def cost_dict(cost: NodeCost | ModelCost | None) -> dict:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the model: calibration data, seed, budget and progress."""
+    """What a pass may use besides the model: calibration data, seed, budget, progress, and the
+    executor that runs its per-layer work (in-process unless the user asked for workers)."""
 
     calibration: calib.Calibration | None = None
     seed: int = 0
     max_error: float | None = None
     progress: Callable[[str, int, int], None] = lambda label, done, total: None
+    executor: Executor = field(default_factory=InlineExecutor)
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator that depends only on the seed and `salt` (reproducible per pass/layer)."""

@@ -1,0 +1,118 @@
+"""The executor: the same results, in item order, in-process, on local processes and as Ray tasks;
+shared values reach tasks read-only; a failing task is one OnnxcError line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from sample_data import CALIBRATION, sample_path
+
+from onnxc.compiler.executor import InlineExecutor, executor_kind, make_executor
+from onnxc.errors import OnnxcError, UsageError
+
+TESTS = Path(__file__).resolve().parent
+
+
+# ---- tasks (module-level: workers import them by name) -------------------------------------------
+def weighted_sum(item: int, arrays: dict, model: onnx.ModelProto) -> tuple[int, float, str]:
+    """Reads both shared values; the seed comes from the item, never from global state."""
+    rng = np.random.default_rng([item])
+    row = np.asarray(arrays["w"][item], dtype=np.float64)
+    return item, float(row @ rng.standard_normal(row.shape[0])), model.graph.node[item % 3].name
+
+
+def fail_on_three(item: int) -> int:
+    if item == 3:
+        raise ValueError("three is not allowed\nsecond line")
+    return item
+
+
+def write_shared(item: int, arrays: dict) -> None:
+    arrays["w"][item] = 0.0
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local 2-CPU Ray cluster for the module (starting one takes seconds)."""
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()
+
+
+KINDS = ["inline", "local", "ray"]
+
+
+@pytest.fixture(params=KINDS)
+def executor(request):
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    with make_executor(request.param, 2) as ex:
+        yield ex
+
+
+def test_results_in_item_order_with_shared_values(executor):
+    model = onnx.load(sample_path("vgg"))
+    w = np.random.default_rng(0).standard_normal((12, 50)).astype(np.float32)
+    shared = {"arrays": executor.put({"w": w}), "model": executor.put(model)}
+    seen = []
+    got = executor.map(weighted_sum, range(12), shared=shared, label="sum",
+                       progress=lambda label, done, total: seen.append((label, done, total)))
+    want = InlineExecutor().map(weighted_sum, range(12), shared={"arrays": InlineExecutor().put({"w": w}),
+                                                                 "model": InlineExecutor().put(model)})
+    assert got == want
+    assert [g[0] for g in got] == list(range(12))
+    assert seen[0] == ("sum", 0, 12) and seen[-1] == ("sum", 12, 12)
+    # a second map reuses the shared values (workers keep them) and gives the same answer again
+    assert executor.map(weighted_sum, range(12), shared=shared) == want
+
+
+def test_task_error_is_one_onnxc_error_line(executor):
+    with pytest.raises(OnnxcError) as info:
+        executor.map(fail_on_three, range(6), label="refit")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == "refit: task 3 (3) failed: ValueError: three is not allowed"
+
+
+def test_shared_values_are_read_only(executor):
+    w = np.ones((2, 3), np.float32)
+    with pytest.raises(OnnxcError, match="read-only"):
+        executor.map(write_shared, [0], shared={"arrays": executor.put({"w": w})})
+    assert w.sum() == 6
+
+
+def test_lambdas_are_refused_everywhere():
+    with pytest.raises(TypeError, match="module-level"):
+        InlineExecutor().map(lambda x: x, [1])
+
+
+def test_kind_and_usage_errors():
+    assert executor_kind(None, None, None) == "inline"
+    assert executor_kind(None, 1, None) == "inline"
+    assert executor_kind(None, 3, None) == "local"
+    assert executor_kind(None, None, "auto") == "ray"
+    assert executor_kind("ray", 2, None) == "ray"
+    with pytest.raises(UsageError, match="unknown executor"):
+        make_executor("threads")
+    with pytest.raises(UsageError, match="--jobs"):
+        make_executor("local", 0)
+    with pytest.raises(UsageError, match="--ray-address needs --executor ray"):
+        make_executor("local", 2, "127.0.0.1:6379")
+
+
+def test_cli_rejects_bad_jobs(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxc.cli import cli
+
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(cli, ["optimize", str(sample_path("mlp")), "-o", str(out), "--jobs", "0",
+                                      "--calibration", str(CALIBRATION)])
+    assert result.exit_code == 2 and not out.exists()
