@@ -209,7 +209,7 @@ def test_input_shape_fixes_batch(tmp_path, digits):
     model = onnx.load(SAMPLES / "mobilenet.onnx")
     gen = compile_model(model, "mb3", input_shapes={"input": [3, 1, 16, 16]})
     assert gen.prog.shapes["logits"] == (3, 10)
-    assert {"onnxc_conv2d_dw_inplace", "onnxc_conv1x1_inplace"} <= {
+    assert {"onnxc_depthwise_inplace", "onnxc_conv1x1_tiled_inplace"} <= {
         c.fn for s in gen.plan.inplace for c in gen.prog.steps[s].inplace_calls}
     exe = build_generated([gen], tmp_path)
     x = digits[:3]

@@ -158,7 +158,7 @@ def _arg(prog: Program, plan: Plan, arg: Arg, s: int, ins: list[str], outs: list
 
 
 def copy_kernels(prog: Program, out_dir: Path) -> list[str]:
-    files = [HEADER] + sorted(prog.kernel_files | {"onnxc_eltwise.c"})  # activations are used everywhere
+    files = [HEADER] + sorted(prog.kernel_files)  # only the files the model calls (fused activations are inline)
     root = resources.files("onnxc.backends.c") / "kernels"
     for f in files:
         with resources.as_file(root / f) as path:
