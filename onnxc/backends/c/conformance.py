@@ -32,7 +32,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 # Float inputs the C backend needs at export time, by op: input positions.
 FROZEN = {"Conv": {1, 2}, "ConvTranspose": {1, 2}, "BatchNormalization": {1, 2, 3, 4}, "Clip": {1, 2},
-          "Pad": {2}, "Resize": {1, 2, 3}, "Upsample": {1}}
+          "Pad": {2}, "Resize": {1, 2, 3}, "Upsample": {1}, "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3}}
 
 
 @dataclass
@@ -270,7 +270,7 @@ def run_conformance(ops: set[str], workdir: Path, opt: str = "-O1",
 
 
 def supported_ops() -> set[str]:
-    from onnxc.backends.c import lower_elementwise, lower_layout, lower_nn  # noqa: F401  (register)
+    from onnxc.backends.c import lower_elementwise, lower_layout, lower_nn, lower_rnn  # noqa: F401  (register)
     from onnxc.backends.c.lowering import HANDLERS
 
     return set(HANDLERS)

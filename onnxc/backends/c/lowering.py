@@ -47,6 +47,8 @@ KERNEL_FILES = {
     "onnxc_unary": "onnxc_eltwise.c", "onnxc_binary": "onnxc_eltwise.c",
     "onnxc_conv2d": "onnxc_conv.c", "onnxc_conv2d_dw_inplace": "onnxc_conv.c",
     "onnxc_conv1x1_inplace": "onnxc_conv.c", "onnxc_conv_transpose2d": "onnxc_conv.c",
+    "onnxc_conv1x1": "onnxc_pointwise.c", "onnxc_conv1x1_tiled_inplace": "onnxc_pointwise.c",
+    "onnxc_depthwise_inplace": "onnxc_pointwise.c", "onnxc_lstm": "onnxc_rnn.c", "onnxc_gru": "onnxc_rnn.c",
     "onnxc_dense": "onnxc_dense.c", "onnxc_matmul": "onnxc_dense.c",
     "onnxc_pool": "onnxc_pool.c", "onnxc_global_pool": "onnxc_pool.c",
     "onnxc_softmax": "onnxc_norm.c", "onnxc_channel_affine": "onnxc_norm.c", "onnxc_lrn": "onnxc_norm.c",
@@ -96,7 +98,7 @@ class Lowerer:
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> Program:
-        from onnxc.backends.c import lower_elementwise, lower_layout, lower_nn  # noqa: F401  (register)
+        from onnxc.backends.c import lower_elementwise, lower_layout, lower_nn, lower_rnn  # noqa: F401  (register)
 
         for name in self.prog.inputs + self.prog.outputs:
             self.prog.shapes[name] = self.shape(name)

@@ -186,6 +186,33 @@ void onnxc_conv2d_dw_inplace(float *xy, const onnxc_weight *w, const float *bias
 void onnxc_conv1x1_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
                            const onnxc_conv_p *p);
 
+/* ---- onnxc_pointwise.c -------------------------------------------------------------- */
+/* 1x1 convolution, stride 1, no padding, one group, dense weight [m][c]. */
+void onnxc_conv1x1(const float *x, const onnxc_weight *w, const float *bias, float *y, const onnxc_conv_p *p);
+/* The same in place (m <= c): scratch holds four pixels' outputs (4 * m floats). */
+void onnxc_conv1x1_tiled_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
+                                 const onnxc_conv_p *p);
+/* Depthwise (group == c == m) in place, dense weight: scratch holds one zero-padded input plane. */
+void onnxc_depthwise_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
+                             const onnxc_conv_p *p);
+
+/* ---- onnxc_rnn.c -------------------------------------------------------------------- */
+typedef struct {
+    int32_t seq, batch, input, hidden;
+    int32_t dirs;                  /* 1 or 2 (bidirectional: direction 1 runs backwards) */
+    int32_t reverse;               /* dirs == 1: run backwards */
+    int32_t linear_before_reset;   /* GRU */
+    int32_t layout;                /* 0: [seq][batch][..], 1: [batch][seq][..] (states [batch][dirs][..]) */
+    float clip;                    /* 0: none */
+    const float *w, *r, *b;        /* ONNX layouts: [dirs][gates*hidden][input], [..][hidden], [dirs][2*gates*hidden] */
+    const float *peep;             /* LSTM peepholes [dirs][3*hidden] or NULL */
+    const int32_t *lens;           /* sequence length per batch element, or NULL (all seq) */
+} onnxc_rnn_p;
+/* Y may be NULL; yh (and yc) hold the running state; work holds 4 * hidden floats. */
+void onnxc_lstm(const float *x, const float *h0, const float *c0, float *y, float *yh, float *yc, float *work,
+                const onnxc_rnn_p *p);
+void onnxc_gru(const float *x, const float *h0, float *y, float *yh, float *work, const onnxc_rnn_p *p);
+
 /* ---- onnxc_dense.c ------------------------------------------------------------------ */
 typedef struct {
     int32_t m, n, k;               /* y[m][n] = x[m][k] . w[n][k] + bias[n] */
