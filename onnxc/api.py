@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -17,6 +18,7 @@ from onnxc.compiler import runtime, verify
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.executor import Executor, executor_kind, make_executor
+from onnxc.compiler.interface import keep_interface
 from onnxc.compiler.model import load, save, tensor_bytes
 from onnxc.compiler.passes import Pass, PassContext, PassManager
 from onnxc.compiler.recipe import build
@@ -27,6 +29,7 @@ from onnxc.errors import VerificationError
 log = logging.getLogger("onnxc")
 
 PathLike = str | os.PathLike
+CalibrationLike = PathLike | Mapping[str, Any] | Iterable[Mapping[str, Any]] | None
 
 
 @dataclass
@@ -43,7 +46,8 @@ def _passes(passes: Sequence[Pass | str] | None, preset: str | None, recipe: Pat
 
 
 def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] | None = None,
-             preset: str | None = None, recipe: PathLike | None = None, calibration: PathLike | None = None,
+             preset: str | None = None, recipe: PathLike | None = None, calibration: CalibrationLike = None,
+             preprocess: str | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None, max_error: float | None = None,
              seed: int | None = None, output: PathLike | None = None, backend: str | None = None,
              export_options: ExportOptions | None = None,
@@ -51,33 +55,41 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
              executor: str | None = None, ray_address: str | None = None) -> OptimizeResult:
     """Canonicalize, run the passes with verification, and optionally save and lower the result.
 
-    `passes` are pass objects or specs (`"prune:ratio=0.5"`). Fidelity is always measured
-    against the original model on held-out inputs. With `output`, the result is written atomically
-    (or lowered by `backend`). Per-layer work runs in-process, on `jobs` local processes
-    (`executor="local"`, or `jobs` > 1 alone) or as Ray tasks (`executor="ray"`, on the cluster at
-    `ray_address` or a local one); the output is the same whichever runs it.
+    `passes` are pass objects or specs (`"prune:ratio=0.5"`). `calibration` is a `.npz`/`.npy`
+    file, a folder of samples or images (with `preprocess`), a mapping of arrays or any iterable
+    of feed dicts; samples may differ in their dynamic dims. Fidelity is always measured against
+    the original model on held-out inputs. The result keeps the source's interface (input and
+    output names, types and dims, symbolic ones included, and metadata). With `output`, it is
+    written atomically (or lowered by `backend`).
+    Per-layer work runs in-process, on `jobs` local processes (`executor="local"`, or `jobs` > 1
+    alone) or as Ray tasks (`executor="ray"`, on the cluster at `ray_address` or a local one); the
+    output is the same whichever runs it.
     """
     kind = executor_kind(executor, jobs, ray_address)
     with make_executor(kind, jobs or ((os.cpu_count() or 1) if kind != "inline" else 1), ray_address) as workers:
         return _optimize(model, passes=passes, preset=preset, recipe=recipe, calibration=calibration,
-                         input_shapes=input_shapes, max_error=max_error, seed=seed, output=output, backend=backend,
-                         export_options=export_options, progress=progress, executor=workers)
+                         preprocess=preprocess, input_shapes=input_shapes, max_error=max_error, seed=seed,
+                         output=output, backend=backend, export_options=export_options,
+                         progress=progress, executor=workers)
 
 
-def _optimize(model, *, passes, preset, recipe, calibration, input_shapes, max_error, seed, output, backend,
-              export_options, progress, executor: Executor) -> OptimizeResult:
+def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_shapes, max_error, seed, output,
+              backend, export_options, progress, executor: Executor) -> OptimizeResult:
     pass_list, preset_budget, recipe_seed = _passes(passes, preset, recipe)
     seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
     budget = max_error if max_error is not None else preset_budget
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     original = load(model)
     file_before = os.path.getsize(model) if not isinstance(model, onnx.ModelProto) else tensor_bytes(original)
-    shapes = dict(input_shapes or {})
+    given = dict(input_shapes or {})
+    cal = calib.make_calibration(canonicalize(original, given, infer=False), calibration, seed=seed,
+                                 input_shapes=given, preprocess=preprocess)
+    shapes = calib.working_shapes(original, cal, given)
     canonical = canonicalize(original, shapes)
-    cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes)
     ctx = PassContext(calibration=cal, seed=seed, max_error=budget,
                       progress=progress or (lambda label, done, total: None), executor=executor)
-    report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget)
+    report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget,
+                    shapes=cal.shapes()[:8])
     if cal.is_random:
         report.notes.append("no calibration file: inputs drawn at random from the input spec; "
                             "lossy passes are fitted to and verified on random data")
@@ -93,6 +105,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, input_shapes, max_e
     before, after = model_cost(canonical), model_cost(result)
     report.before, report.after = before.totals(), after.totals()
     report.layers = layer_diff(before, after)
+    result = keep_interface(result, original)  # costs above ran at the working shapes; the file keeps the source's
     if budget is not None and fidelity.rel_l2 > budget:
         raise VerificationError(f"optimized model differs from the original by {fidelity.rel_l2:.3g} "
                                 f"(relative L2), over the budget {budget:g}")
@@ -101,7 +114,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, input_shapes, max_e
         report.output = str(out)
         if backend:
             opts = export_options or ExportOptions()
-            opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or shapes,
+            opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or given,
                            seed=seed)
             report.backend = backend_export(backend, result, out, opts)
         else:
@@ -119,7 +132,8 @@ def _size_on_disk(path: Path) -> int:
 
 
 def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *, int8: str | None = None,
-           calibration: PathLike | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
+           calibration: CalibrationLike = None, preprocess: str | None = None,
+           input_shapes: Mapping[str, Sequence[int]] | None = None,
            name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable") -> dict:
     """Lower a model with a backend; returns the backend's report."""
     original = load(model)
@@ -127,19 +141,19 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
     canonical = canonicalize(original, shapes)
     cal = None
     if int8 or calibration:
-        cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes)
+        cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes, preprocess=preprocess)
     opts = ExportOptions(int8=int8, calibration=cal, name=name, input_shapes=shapes, seed=seed,
                          max_error=max_error, level=level)
     return backend_export(backend, canonical, Path(output), opts)
 
 
 def compare(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | PathLike, *,
-            calibration: PathLike | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
-            seed: int = 0) -> Fidelity:
+            calibration: CalibrationLike = None, preprocess: str | None = None,
+            input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> Fidelity:
     """Fidelity of `candidate` against `reference` on calibration (or random) inputs."""
     a, b = load(reference), load(candidate)
     if calibration is not None:
-        inputs = calib.load_npz(calibration, a)
+        inputs, _ = calib.calibration_data.load(calibration, a, preprocess)
     else:
         inputs = calib.random_inputs(canonicalize(a, dict(input_shapes or {}), infer=False), seed=seed,
                                      input_shapes=input_shapes)

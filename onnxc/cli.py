@@ -135,6 +135,15 @@ def _input_shape_option(fn):
     )(fn)
 
 
+def _calibration_options(fn):
+    """--calibration and --preprocess: the data options optimize, export, compare and bench share."""
+    fn = click.option("--preprocess", metavar="SPEC",
+                      help="Image folders: size=HxW,letterbox,scale=1/255,mean=..,std=..,layout=NCHW,rgb.")(fn)
+    return click.option("--calibration", type=click.Path(),
+                        help=".npz (one array per input, samples on axis 0), .npy (single input), or a folder "
+                             "of .npy/.npz samples (dynamic dims may differ) or images (see --preprocess).")(fn)
+
+
 def _backend_options(fn):
     """--int8, --name and --level: the options `optimize --backend` and `export` share."""
     fn = click.option(
@@ -182,7 +191,7 @@ def _input_file(path: str) -> str:
 )
 @click.option("--preset", type=click.Choice(["lossless", "balanced", "aggressive"]), help="A ready-made pass list.")
 @click.option("--recipe", type=click.Path(), help="A TOML recipe file.")
-@click.option("--calibration", type=click.Path(), help=".npz with one array per model input (samples on axis 0).")
+@_calibration_options
 @_input_shape_option
 @click.option(
     "--max-error", type=float, help="Fidelity budget (relative L2 error of outputs); passes beyond it are rolled back."
@@ -206,6 +215,7 @@ def optimize(
     preset,
     recipe,
     calibration,
+    preprocess,
     input_shapes,
     max_error,
     report_path,
@@ -236,6 +246,7 @@ def optimize(
             preset=preset,
             recipe=recipe,
             calibration=calibration,
+            preprocess=preprocess,
             input_shapes=shapes,
             max_error=max_error,
             seed=seed,
@@ -261,13 +272,14 @@ def optimize(
 @click.option("--backend", type=click.Choice(["onnxruntime", "c"]), required=True)
 @click.option("-o", "--output", required=True, help="Output file (.onnx or .ort) or folder (C).")
 @_backend_options
-@click.option("--calibration", type=click.Path(), help=".npz calibration inputs.")
+@_calibration_options
 @_input_shape_option
 @click.option("--max-error", type=float, help="int8: exclude the most sensitive nodes until within this budget.")
 @click.option("--seed", type=int, default=0)
 @click.option("--report", "report_path", type=click.Path(), help="Write the backend report (JSON) here.")
 @command
-def export(model, backend, output, int8, calibration, input_shapes, name, max_error, level, seed, report_path, quiet):
+def export(model, backend, output, int8, calibration, preprocess, input_shapes, name, max_error, level, seed,
+           report_path, quiet):
     """Lower MODEL to onnxruntime (optimized .onnx/.ort, int8) or to C for microcontrollers."""
     from onnxc.api import export as run_export
     from onnxc.compiler.report import write_text_atomic
@@ -279,6 +291,7 @@ def export(model, backend, output, int8, calibration, input_shapes, name, max_er
         output,
         int8=int8,
         calibration=calibration,
+        preprocess=preprocess,
         input_shapes=_parse_shapes(input_shapes),
         name=name,
         seed=seed,
@@ -342,19 +355,20 @@ def inspect(model, as_json, input_shapes, show_all, quiet):
 @cli.command()
 @click.argument("reference")
 @click.argument("candidate")
-@click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
+@_calibration_options
 @_input_shape_option
 @click.option("--max-error", type=float, help="Exit 3 when the relative L2 error exceeds this.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--seed", type=int, default=0)
 @command
-def compare(reference, candidate, calibration, input_shapes, max_error, as_json, seed, quiet):
+def compare(reference, candidate, calibration, preprocess, input_shapes, max_error, as_json, seed, quiet):
     """Fidelity of CANDIDATE against REFERENCE on the same inputs."""
     from onnxc.api import compare as run_compare
     from onnxc.errors import VerificationError
 
     fidelity = run_compare(
-        reference, candidate, calibration=calibration, input_shapes=_parse_shapes(input_shapes), seed=seed
+        reference, candidate, calibration=calibration, preprocess=preprocess,
+        input_shapes=_parse_shapes(input_shapes), seed=seed,
     )
     if as_json:
         click.echo(json.dumps(fidelity.to_dict(), indent=2))
@@ -378,7 +392,7 @@ def compare(reference, candidate, calibration, input_shapes, max_error, as_json,
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--calibration", type=click.Path(), help=".npz inputs (default: random from the input spec).")
+@_calibration_options
 @_input_shape_option
 @click.option("--batch", type=int, default=1, help="Samples per run (random inputs).")
 @click.option("--runs", type=int, default=50)
@@ -386,7 +400,7 @@ def compare(reference, candidate, calibration, input_shapes, max_error, as_json,
 @click.option("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = all cores).")
 @click.option("--json", "as_json", is_flag=True)
 @command
-def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_json, quiet):
+def bench(models, calibration, preprocess, input_shapes, batch, runs, warmup, threads, as_json, quiet):
     """onnxruntime latency of MODELS side by side (interleaved runs, medians, ratio vs the first)."""
     from onnxc.compiler import calibration as calib
     from onnxc.compiler.bench import bench as run_bench
@@ -400,8 +414,8 @@ def bench(models, calibration, input_shapes, batch, runs, warmup, threads, as_js
     if spec is None:
         raise UsageError("bench needs at least one .onnx model to read the input spec from")
     if calibration:
-        inputs = calib.load_npz(calibration, spec)
-        inputs = {k: v[:batch] for k, v in inputs.items()}
+        samples, _ = calib.calibration_data.load(calibration, spec, preprocess)
+        inputs = next(samples.batches(batch))  # the first `batch` samples of one shape
     else:
         inputs = calib.random_inputs(canonicalize(spec, shapes, infer=False), batch, input_shapes=shapes)
     timings = run_bench(loaded, inputs, labels=list(models), runs=runs, warmup=warmup, threads=threads)

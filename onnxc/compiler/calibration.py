@@ -1,110 +1,45 @@
 """Calibration inputs and activation capture.
 
-A calibration `.npz` holds one array per graph input, keyed by input name, samples on axis 0.
-Without one, inputs are drawn at random from the input spec (and reports say so). Samples are
+Calibration data is read by `calibration_data.py` (`.npz`, `.npy`, folders of samples or images,
+arrays or feed dicts in the library) into `Samples`, whose dynamic dims may differ between
+samples. Without data, inputs are drawn at random from the input spec (and reports say so). Samples are
 split into a calibration part (what passes fit to) and a held-out validation part (what the
 PassManager verifies on), so a refit is never judged on the data it was fitted to.
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 
-from onnxc.compiler import runtime
+from onnxc.compiler import calibration_data, runtime
+from onnxc.compiler.calibration_data import InputSpec, Source, fmt_shape, input_specs, load_npz  # noqa: F401
+from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
 
 DEFAULT_RANDOM_SAMPLES = 32
 DEFAULT_CAPTURE_BYTES = 256 * 2**20
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple[int | str | None, ...]
-    dtype: np.dtype
-
-
 @dataclass
 class Calibration:
     """`train` is what passes fit to; `validation` is held out for verification."""
 
-    train: dict[str, np.ndarray]
-    validation: dict[str, np.ndarray]
-    source: str  # the .npz path, or "random"
+    train: Samples
+    validation: Samples
+    source: str  # the file or folder, "random", or what the library was given
 
     @property
     def is_random(self) -> bool:
         return self.source == "random"
 
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph's real inputs (initializers excluded), with shapes and numpy dtypes."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
-        specs.append(InputSpec(vi.name, dims, dtype))
-    return specs
-
-
-def load_npz(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Read and validate a calibration file against the model's inputs (keys, ranks, dims, dtypes)."""
-    path = Path(path)
-    if not path.exists():
-        raise OnnxcError(f"{path}: no such calibration file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise OnnxcError(f"{path}: not a readable .npz calibration file ({exc})") from None
-    specs = {s.name: s for s in input_specs(model)}
-    if set(arrays) != set(specs):
-        missing = sorted(set(specs) - set(arrays))
-        extra = sorted(set(arrays) - set(specs))
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if extra:
-            parts.append(f"unexpected {', '.join(extra)}")
-        raise OnnxcError(f"{path}: calibration keys must be the model inputs "
-                         f"({', '.join(specs)}): {'; '.join(parts)}")
-    counts = set()
-    for name, arr in arrays.items():
-        spec = specs[name]
-        if arr.dtype != spec.dtype:
-            if arr.dtype.kind == spec.dtype.kind == "f":
-                arr = arr.astype(spec.dtype)
-                arrays[name] = arr
-            else:
-                raise OnnxcError(f"{path}: '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
-        if spec.shape and arr.ndim != len(spec.shape):
-            raise OnnxcError(f"{path}: '{name}' has shape {arr.shape}, the model expects rank "
-                             f"{len(spec.shape)} ({_fmt(spec.shape)}) with samples on axis 0")
-        for i, d in enumerate(spec.shape[1:], start=1):
-            if isinstance(d, int) and d > 0 and arr.shape[i] != d:
-                raise OnnxcError(f"{path}: '{name}' has shape {arr.shape}, the model expects {_fmt(spec.shape)}")
-        if arr.shape[0] == 0:
-            raise OnnxcError(f"{path}: '{name}' holds no samples")
-        counts.add(arr.shape[0])
-    if len(counts) > 1:
-        raise OnnxcError(f"{path}: inputs disagree on the number of samples ({sorted(counts)})")
-    return arrays
-
-
-def _fmt(shape: Sequence) -> str:
-    return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
+    def shapes(self) -> list[dict[str, list[int]]]:
+        """One sample's input shapes per shape group (what verification and cost ran at)."""
+        return self.train.shapes()
 
 
 def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, seed: int = 0,
@@ -120,7 +55,7 @@ def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, s
         dims = list(input_shapes[spec.name]) if input_shapes and spec.name in input_shapes else list(spec.shape)
         unknown = [i for i, d in enumerate(dims[1:], 1) if not (isinstance(d, int) and d > 0)]
         if unknown:
-            raise OnnxcError(f"input '{spec.name}' has symbolic dims {_fmt(dims)}: pass --input-shape "
+            raise OnnxcError(f"input '{spec.name}' has symbolic dims {fmt_shape(dims)}: pass --input-shape "
                              f"{spec.name}=... or a calibration file")
         if not dims:
             shape: tuple[int, ...] = ()
@@ -137,22 +72,44 @@ def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, s
     return out
 
 
-def make_calibration(model: onnx.ModelProto, path: str | Path | None = None, *, seed: int = 0,
+def make_calibration(model: onnx.ModelProto, source: Source | None = None, *, seed: int = 0,
                      validation_fraction: float = 0.25, random_count: int = DEFAULT_RANDOM_SAMPLES,
-                     input_shapes: Mapping[str, Sequence[int]] | None = None) -> Calibration:
-    """Load `path` (or draw random inputs) and split off a held-out validation part."""
-    if path is not None:
-        arrays, source = load_npz(path, model), str(path)
+                     input_shapes: Mapping[str, Sequence[int]] | None = None,
+                     preprocess: str | None = None) -> Calibration:
+    """Load `source` (a file, a folder, arrays or feed dicts; or draw random inputs when None) and
+    split off a held-out validation part."""
+    if isinstance(source, Calibration):
+        return source
+    if source is not None:
+        samples, label = calibration_data.load(source, model, preprocess)
     else:
-        arrays, source = random_inputs(model, random_count, seed, input_shapes), "random"
-    n = runtime.sample_count(arrays)
+        samples, label = Samples([random_inputs(model, random_count, seed, input_shapes)]), "random"
+    n = samples.count
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * validation_fraction)) if n > 1 else 0
     n_val = min(max(n_val, 1 if n > 1 else 0), n - 1)
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    train = {k: v[train_idx] for k, v in arrays.items()}
-    validation = {k: v[val_idx] for k, v in arrays.items()} if n_val else dict(train)
-    return Calibration(train, validation, source)
+    train = samples.subset(order[n_val:])
+    validation = samples.subset(order[:n_val]) if n_val else train
+    return Calibration(train, validation, label)
+
+
+def working_shapes(model: onnx.ModelProto, cal: Calibration,
+                   given: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int | None]]:
+    """Input shapes the compiler works at inside (cost, shape inference), never written out.
+
+    `--input-shape` wins; else, when all calibration samples share their shapes, the dims after
+    the batch axis come from them (the batch dim stays as declared, `None`).
+    """
+    if given:
+        return {k: list(v) for k, v in given.items()}
+    if not cal.train.is_uniform:
+        return {}
+    shapes = {}
+    for spec in input_specs(model):
+        if not spec.shape or all(isinstance(d, int) for d in spec.shape[1:]):
+            continue
+        shapes[spec.name] = [None, *cal.train[spec.name].shape[1:]]
+    return shapes
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -199,6 +156,7 @@ def capture(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, n
     if not names:
         return {}
     n = runtime.sample_count(inputs)
+    variable = isinstance(inputs, Samples) and not inputs.is_uniform  # maps of several sizes: sample them
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     budget_per_sample: dict[str, int] = {}
@@ -207,7 +165,7 @@ def capture(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, n
             if name not in budget_per_sample:
                 per_sample = value[0].nbytes if len(value) else 0
                 budget_per_sample[name] = per_sample
-            if value.ndim >= 4 and budget_per_sample[name] * n > max_bytes:
+            if value.ndim >= 4 and budget_per_sample[name] * n > max_bytes or variable and value.ndim >= 3:
                 parts[name].append(_sample_positions(value, n, max_bytes, rng))
             else:
                 parts[name].append(value)

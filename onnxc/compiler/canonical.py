@@ -51,8 +51,12 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     return model
 
 
-def set_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
-    """Fix graph input dims; unknown names are an error that lists the real inputs."""
+def set_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]]) -> None:
+    """Fix graph input dims; unknown names are an error that lists the real inputs.
+
+    A dim the model declares dynamic (named, `-1`, `0` or absent) takes any value; `None` in
+    `input_shapes` leaves that dim as declared (the batch dim, when shapes come from data).
+    """
     inits = {t.name for t in model.graph.initializer}
     inputs = {v.name: v for v in model.graph.input if v.name not in inits}
     for name, dims in input_shapes.items():
@@ -62,11 +66,18 @@ def set_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence
         if len(shape.dim) and len(shape.dim) != len(dims):
             raise OnnxcError(f"--input-shape {name}: model input has rank {len(shape.dim)}, got {len(dims)} dims")
         for i, d in enumerate(shape.dim):
-            if d.HasField("dim_value") and d.dim_value != dims[i]:
+            if d.HasField("dim_value") and d.dim_value > 0 and dims[i] is not None and d.dim_value != dims[i]:
                 raise OnnxcError(f"--input-shape {name}: dim {i} is fixed to {d.dim_value} in the model, got {dims[i]}")
+        old = [onnx.TensorShapeProto.Dimension() for _ in dims]
+        for i, d in enumerate(shape.dim):
+            old[i].CopyFrom(d)
         del shape.dim[:]
-        for d in dims:
-            shape.dim.add().dim_value = int(d)
+        for i, d in enumerate(dims):
+            new = shape.dim.add()
+            if d is None:
+                new.CopyFrom(old[i])
+            else:
+                new.dim_value = int(d)
     # Stale intermediate shapes may carry the old symbolic dims: drop them before re-inference.
     del model.graph.value_info[:]
 

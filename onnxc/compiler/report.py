@@ -23,6 +23,7 @@ class Report:
     input: str
     output: str | None = None
     calibration: str = "random"
+    shapes: list[dict] = field(default_factory=list)  # input shapes verification ran at (per shape group)
     seed: int = 0
     max_error: float | None = None
     before: dict = field(default_factory=dict)
@@ -127,5 +128,9 @@ def render(report: Report, console: Console) -> None:
         if top1 is not None:
             text += f", top-1 agreement {100 * top1:.1f}%"
         console.print(text)
+    if report.shapes:
+        groups = ["; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in g.items()) for g in report.shapes[:3]]
+        more = f" (+{len(report.shapes) - 3} more)" if len(report.shapes) > 3 else ""
+        console.print(f"input shapes: {' | '.join(groups)}{more}")
     for note in report.notes:
         console.print(f"note: {note}")

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
+from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
 
 
@@ -38,13 +39,21 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0
 
 
 def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Split samples on axis 0 into batches (all inputs share the sample count)."""
+    """Split samples on axis 0 into batches (all inputs share the sample count).
+
+    Variable-shape `Samples` are batched group by group: one batch never mixes shapes.
+    """
+    if isinstance(inputs, Samples):
+        yield from inputs.batches(batch_size)
+        return
     n = sample_count(inputs)
     for start in range(0, n, batch_size):
         yield {k: v[start:start + batch_size] for k, v in inputs.items()}
 
 
 def sample_count(inputs: Mapping[str, np.ndarray]) -> int:
+    if isinstance(inputs, Samples):
+        return inputs.count
     counts = {len(v) for v in inputs.values()}
     if len(counts) != 1:
         raise OnnxcError(f"inputs disagree on the number of samples: {sorted(counts)}")
@@ -55,9 +64,12 @@ def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.n
         outputs: Sequence[str] | None = None, *, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Run all samples through the model in batches; returns the concatenated outputs.
 
-    Models whose batch dim is fixed (e.g. 1) are run one sample at a time.
+    Models whose batch dim is fixed (e.g. 1) are run one sample at a time. Variable-shape
+    `Samples` give `Samples` of outputs, one group per input group.
     """
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
+    if isinstance(inputs, Samples) and not inputs.is_uniform:
+        return Samples([run(sess, g, outputs, batch_size=batch_size) for g in inputs.groups])
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
     fixed = [i for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)]
     if fixed:

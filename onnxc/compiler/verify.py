@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
+from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError, UsageError
 
 
@@ -63,8 +64,10 @@ def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFideli
 
 
 def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> Fidelity:
+    if isinstance(ref, Samples) and not ref.is_uniform:
+        return _compare_groups(ref, Samples.of(got))
     outputs = [output_fidelity(name, ref[name], got[name]) for name in ref]
-    samples = len(next(iter(ref.values()))) if ref else 0
+    samples = runtime.sample_count(ref) if ref else 0
     return Fidelity(outputs, samples)
 
 
@@ -76,3 +79,44 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     if ref_names != cand_names:
         raise UsageError(f"models have different outputs: {ref_names} vs {cand_names}")
     return compare_outputs(runtime.run(reference, inputs), runtime.run(candidate, inputs))
+
+
+def _compare_groups(ref: Samples, got: Samples) -> Fidelity:
+    """Fidelity over variable-shape outputs, aggregated exactly across shape groups.
+
+    Relative L2 and cosine come from sums of squares and dot products over all groups; top-1
+    and equality fractions are weighted by the samples of each group.
+    """
+    if len(ref.groups) != len(got.groups):
+        raise OnnxcError(f"outputs come in {len(got.groups)} shape groups, expected {len(ref.groups)}")
+    outputs = []
+    for name in ref:
+        diff2 = norm2 = got2 = dot = max_abs = 0.0
+        weighted_top1, weighted_same, samples, has_top1 = 0.0, 0.0, 0, True
+        for rg, gg in zip(ref.groups, got.groups):
+            r, g = rg[name], gg[name]
+            one = output_fidelity(name, r, g)
+            n = len(r) if r.ndim else 1
+            samples += n
+            max_abs = max(max_abs, one.max_abs)
+            if one.top1 is None:
+                has_top1 = False
+            else:
+                weighted_top1 += one.top1 * n
+            if r.dtype.kind in "fc":
+                r64, g64 = r.astype(np.float64), g.astype(np.float64)
+                diff2 += float(np.sum((r64 - g64) ** 2))
+                norm2 += float(np.sum(r64 ** 2))
+                got2 += float(np.sum(g64 ** 2))
+                dot += float(np.sum(r64 * g64))
+            else:
+                weighted_same += one.cosine * n
+        if ref.groups[0][name].dtype.kind in "fc":
+            rel = float(np.sqrt(diff2 / norm2)) if norm2 > 0 else float(np.sqrt(diff2))
+            cosine = dot / np.sqrt(norm2 * got2) if norm2 > 0 and got2 > 0 else float(norm2 == got2)
+        else:
+            same = weighted_same / max(samples, 1)
+            rel, cosine = 1.0 - same, same
+        top1 = weighted_top1 / max(samples, 1) if has_top1 else None
+        outputs.append(OutputFidelity(name, rel, max_abs, float(cosine), top1))
+    return Fidelity(outputs, ref.count)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from onnxc.compiler import runtime
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.passes import _reconstruct as rec
 from onnxc.passes.channel_groups import ChannelGroup
@@ -232,7 +233,7 @@ def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, 
     scores = {g.id: filter_norms(g, view, 2 if criterion == "l2" else 1) for g in groups}
     if criterion in ("l1", "l2") or data is None:
         return scores, {}
-    total = len(next(iter(data.values())))
+    total = runtime.sample_count(data)
     stats: list[tuple[int, object]] = []
     lsq_bytes = 0
     for g in groups:

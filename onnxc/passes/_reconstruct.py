@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from scipy.linalg import cho_factor, cho_solve
 
+from onnxc.compiler import runtime
 from onnxc.compiler.calibration import iter_activations
 from onnxc.compiler.graph import GraphView, attr
 
@@ -292,7 +293,10 @@ class Refitter:
             y = y - sum(xs[r] for r in self.job.residual)  # what this branch must add to the pruned rest
         first, self.seen = self.seen, self.seen + len(x)
         if self.geom is None:
-            self._add(0, x.reshape(len(x), -1).astype(np.float32), y.reshape(len(y), -1), first + np.arange(len(x)))
+            # Gemm rows are samples; a MatMul over [N, T, D] has one row per sample and position.
+            steps = int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
+            sample = first + np.repeat(np.arange(len(x)), steps)
+            self._add(0, x.reshape(-1, x.shape[-1]).astype(np.float32), y.reshape(-1, y.shape[-1]), sample)
             return
         oh, ow = self.out_shape[2], self.out_shape[3]
         b, oy, ox = sample_positions(rng, len(x), oh, ow, rows_per_batch(self.samples, len(x), self.total, oh * ow))
@@ -419,7 +423,7 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
     every layer's input restricted to the kept channels (faster; upstream errors then add up).
     """
     orig_view = GraphView(original.graph)
-    total = len(next(iter(inputs.values())))
+    total = runtime.sample_count(inputs)
     if not recapture:
         for j in jobs:
             j.residual, j.target = [], ""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxc.compiler import runtime
 from onnxc.compiler.calibration import iter_activations
 
 Rows = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # (batch, row limit, rng) -> [n, D]
@@ -81,7 +82,7 @@ def collect(model: onnx.ModelProto, requests: Sequence[tuple[str, str, int, Rows
         return {}
     names = sorted({tensor for _, tensor, _, _ in requests})
     stats = {key: Moments(dim) for key, _, dim, _ in requests}
-    n = len(next(iter(inputs.values())))
+    n = runtime.sample_count(inputs)
     rng = np.random.default_rng([seed, 4])
     done = 0
     for batch in iter_activations(model, names, inputs, batch_size=batch_size):
