@@ -14,9 +14,9 @@ import onnx
 from onnxc.backends import ExportOptions
 from onnxc.backends import export as backend_export
 from onnxc.compiler import calibration as calib
-from onnxc.compiler import runtime, verify
+from onnxc.compiler import runtime, shapes, verify
 from onnxc.compiler.canonical import canonicalize
-from onnxc.compiler.cost import model_cost
+from onnxc.compiler.cost import ModelCost, model_cost
 from onnxc.compiler.executor import Executor, executor_kind, make_executor
 from onnxc.compiler.interface import keep_interface
 from onnxc.compiler.model import load, save, tensor_bytes
@@ -161,5 +161,17 @@ def compare(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | 
 
 
 def inspect(model: onnx.ModelProto | PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None):
-    """Per-layer cost of the canonical model."""
-    return model_cost(canonicalize(load(model), dict(input_shapes or {})))
+    """Per-layer cost of the canonical model at `input_shapes`, else at the stated default shapes."""
+    return inspect_model(model, input_shapes)[1]
+
+
+def inspect_model(model: onnx.ModelProto | PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  ) -> tuple[onnx.ModelProto, ModelCost]:
+    """The canonical model with every shape found at the input shapes used, and its cost."""
+    original = load(model)
+    used, origin = shapes.resolve_input_shapes(original, input_shapes)
+    canonical = canonicalize(original)
+    info = shapes.infer(canonical, used)
+    cost = model_cost(canonical, shapes=info)
+    cost.shapes_origin = origin
+    return shapes.with_shapes(canonical, info), cost

@@ -312,14 +312,12 @@ def export(model, backend, output, int8, calibration, preprocess, input_shapes, 
 @command
 def inspect(model, as_json, input_shapes, show_all, quiet):
     """Per-layer table: parameters, MACs and bytes, with totals."""
-    from onnxc.compiler.canonical import canonicalize
-    from onnxc.compiler.cost import model_cost
-    from onnxc.compiler.model import load
+    from onnxc.api import inspect_model
     from onnxc.compiler.report import human
+    from onnxc.compiler.shapes import format_shapes
     from onnxc.passes.channel_groups import describe_groups
 
-    canonical = canonicalize(load(model), _parse_shapes(input_shapes))
-    cost = model_cost(canonical)
+    canonical, cost = inspect_model(model, _parse_shapes(input_shapes))
     groups = describe_groups(canonical)
     if as_json:
         click.echo(json.dumps({**cost.to_dict(), "prunable_groups": groups}, indent=2))
@@ -335,19 +333,27 @@ def inspect(model, as_json, input_shapes, show_all, quiet):
     ):
         table.add_column(col, justify=justify, overflow="fold")
     for layer in cost.layers:
-        if show_all or layer.params or layer.macs:
+        if show_all or layer.params or layer.macs or layer.unknown:
             table.add_row(
                 layer.name,
                 layer.op,
-                "x".join(map(str, layer.shape)),
+                "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in layer.shape),
                 human(layer.params),
-                human(layer.macs),
+                human(layer.macs) + ("?" if layer.unknown else ""),
                 human(layer.bytes),
             )
     t = cost.totals()
+    unknown = cost.unknown_dims
     table.add_section()
-    table.add_row("total", f"{t['nodes']} nodes", "", f"{t['params']:,}", f"{t['macs']:,}", f"{t['bytes']:,}")
+    table.add_row("total", f"{t['nodes']} nodes", "", f"{t['params']:,}", f"{t['macs']:,}" + ("?" if unknown else ""),
+                  f"{t['bytes']:,}")
     stdout.print(table)
+    if cost.input_shapes:
+        stdout.print(f"input shapes: {format_shapes(cost.input_shapes)} ({cost.shapes_origin})", highlight=False,
+                     soft_wrap=True)
+    if unknown:
+        stdout.print(f"?: MACs counted with unknown dims taken as 1 ({', '.join(unknown)}); "
+                     "pass --input-shape to fix them", highlight=False, soft_wrap=True)
     frozen = sum(1 for g in groups if g["frozen"])
     stdout.print(f"prunable channel groups: {len(groups) - frozen} ({frozen} frozen)")
 

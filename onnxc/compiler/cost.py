@@ -1,17 +1,22 @@
 """Per-node cost: parameters, multiply-accumulates and the bytes of constant data a node owns.
 
-Symbolic dims count as 1 (costs are per sample). A weight computed from constants (a clustered
+Costs are per sample at concrete input shapes: the `input_shapes` given, else the model's own with
+a symbolic leading batch as 1. Shapes lost behind shape-computing subgraphs are recovered by
+`shapes.infer` (an onnxruntime run at those shapes). A dim that stays unknown is counted as 1 and
+reported: the node lists it in `unknown` and the model in `unknown_dims`. A weight computed from constants (a clustered
 layer's `Gather(codebook, codes)`, a `DequantizeLinear` of int8 weights) is charged to the node
 that consumes it: params are the elements it sees, bytes what its constant sources store.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
+from onnxc.compiler import shapes as shape_mod
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import tensor_nbytes
 
@@ -27,11 +32,20 @@ class NodeCost:
     macs: int = 0
     bytes: int = 0
     shape: list = field(default_factory=list)  # output shape (batch 1)
+    unknown: list[str] = field(default_factory=list)  # dims counted as 1 because nothing fixed them
 
 
 @dataclass
 class ModelCost:
     layers: list[NodeCost]
+    input_shapes: dict[str, list[int]] | None = None  # the shapes costs were computed at
+    shape_method: str = "onnx"  # how intermediate shapes were found (see shapes.infer)
+    shapes_origin: str = ""  # where input_shapes came from ("given", "default: ...")
+
+    @property
+    def unknown_dims(self) -> list[str]:
+        """Dims some MAC count took as 1 (empty when every count is exact)."""
+        return sorted({d for layer in self.layers for d in layer.unknown})
 
     @property
     def params(self) -> int:
@@ -49,7 +63,9 @@ class ModelCost:
         return {"params": self.params, "macs": self.macs, "bytes": self.bytes, "nodes": len(self.layers)}
 
     def to_dict(self) -> dict:
-        return {"totals": self.totals(), "layers": [asdict(layer) for layer in self.layers]}
+        return {"totals": self.totals(), "input_shapes": self.input_shapes, "shapes_origin": self.shapes_origin,
+                "shape_method": self.shape_method,
+                "unknown_dims": self.unknown_dims, "layers": [asdict(layer) for layer in self.layers]}
 
     def by_name(self) -> dict[str, NodeCost]:
         return {layer.name: layer for layer in self.layers}
@@ -78,10 +94,25 @@ def _constant_sources(view: GraphView) -> dict[str, set[str]]:
     return sources
 
 
-def model_cost(model: onnx.ModelProto) -> ModelCost:
-    """Cost of every node of the main graph (shapes must be inferred; see `canonicalize`)."""
+def model_cost(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+               shapes: shape_mod.ShapeInfo | None = None) -> ModelCost:
+    """Cost of every node of the main graph at `input_shapes` (or the shapes `shapes` found).
+
+    The model's inferred shapes are used as they are when they fix every tensor a MAC count reads;
+    otherwise `shapes.infer` recovers the rest.
+    """
     view = GraphView(model.graph)
     sources = _constant_sources(view)
+    needed = [n for node in model.graph.node if node.op_type in MAC_OPS
+              and not all(o in sources for o in node.output if o) for n in _mac_tensors(node)]
+    declared = shape_mod.concrete_input_shapes(model, input_shapes)
+    if shapes is None and (input_shapes or any(_unknown(view, n, batch_ok=True) for n in needed)):
+        shapes = shape_mod.infer(model, input_shapes, needed=needed)
+    if shapes is not None:
+        view.value_info.update({vi.name: vi for vi in shapes.value_infos()})
+        declared = shapes.input_shapes
+    # A symbolic leading dim is the batch (1 by definition) unless concrete inputs should have fixed it.
+    batch_ok = shapes is None or shapes.input_shapes is None
     charged: set[str] = set()
     layers = []
     for node in model.graph.node:
@@ -102,8 +133,27 @@ def model_cost(model: onnx.ModelProto) -> ModelCost:
                     cost.bytes += tensor_nbytes(view.initializers[init])
                     charged.add(init)
         cost.macs = node_macs(node, view)
+        if cost.macs or node.op_type in MAC_OPS:
+            cost.unknown = sorted({d for n in _mac_tensors(node) for d in _unknown(view, n, batch_ok)})
         layers.append(cost)
-    return ModelCost(layers)
+    return ModelCost(layers, declared, shapes.method if shapes is not None else "onnx")
+
+
+def _mac_tensors(node: onnx.NodeProto) -> list[str]:
+    """The tensors whose shapes a MAC count reads (data input, weight, output)."""
+    w = 3 if node.op_type in ("QLinearConv", "QLinearMatMul") else 1
+    return [n for n in (node.input[0] if node.input else "", node.input[w] if len(node.input) > w else "",
+                        node.output[0] if node.output else "") if n]
+
+
+def _unknown(view: GraphView, name: str, batch_ok: bool) -> list[str]:
+    """Names of the dims of `name` that are not concrete ('?' for unnamed, 'rank' for no shape).
+    With `batch_ok`, a symbolic leading dim is the batch (1 by definition, not unknown)."""
+    shape = view.shape(name)
+    if shape is None:
+        return [f"shape of {name}"]
+    return [str(d) if d else "?" for i, d in enumerate(shape)
+            if not (isinstance(d, int) and d > 0) and not (batch_ok and i == 0)]
 
 
 def _is_weight(node: onnx.NodeProto, name: str, index: int = 0) -> bool:

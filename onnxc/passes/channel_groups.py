@@ -64,10 +64,15 @@ class ChannelGroup:
     frozen: list[str] = field(default_factory=list)  # why the group cannot be pruned (empty: it can)
     unit_bins: np.ndarray | None = None  # equal-removal bin of each unit (-1: free), from grouped convs
     constraints: list[Constraint] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)  # every tensor of the group, channels known or not
 
     @property
     def name(self) -> str:
-        return self.producers[0] if self.producers else next(iter(self.tensors))
+        """The first producer, else the first member tensor (a group of unknown-channel tensors has
+        no `tensors` entry but always has members)."""
+        if self.producers:
+            return self.producers[0]
+        return next(iter(self.tensors), self.members[0] if self.members else f"group{self.id}")
 
     @property
     def prunable(self) -> bool:
@@ -81,7 +86,8 @@ class ChannelGroup:
         return {t: np.flatnonzero(kept_units[u]) for t, u in self.tensors.items()}
 
     def describe(self) -> dict:
-        return {"id": self.id, "name": self.name, "units": self.n_units, "tensors": self.channels(),
+        channels = {t: (len(self.tensors[t]) if t in self.tensors else None) for t in self.members or self.tensors}
+        return {"id": self.id, "name": self.name, "units": self.n_units, "tensors": channels,
                 "producers": list(self.producers), "consumers": list(self.consumers),
                 "frozen": list(self.frozen)}
 
@@ -168,9 +174,14 @@ class _Builder:
         return True
 
     def unknown_tensors(self, names, reason: str) -> None:
+        """Freeze tensors an op does not let us follow. Their channels are still registered when
+        known, so the group they form lists them (a tensor met only by such ops is its own group)."""
         for n in names:
             if n and not self.view.is_const(n):
-                self.tgraph.add_node(n)
+                if self.channels(n) is not None:
+                    self.add(n)
+                else:
+                    self.tgraph.add_node(n)
                 self.freeze[n].append(reason)
 
     def unknown(self, node: onnx.NodeProto, reason: str | None = None) -> None:
@@ -589,7 +600,7 @@ def _groups(b: _Builder) -> Analysis:
         else:
             n_units = 0
         gid = len(groups)
-        g = ChannelGroup(gid, tensors, n_units)
+        g = ChannelGroup(gid, tensors, n_units, members=list(members))
         for t in members:
             group_of[t] = gid
             g.producers += b.producers.get(t, [])
@@ -604,6 +615,10 @@ def _groups(b: _Builder) -> Analysis:
         g.consumers = sorted(set(g.consumers), key=key)
         g.nodes = sorted(set(g.nodes) | set(g.producers) | set(g.consumers), key=key)
         g.constraints = [c for c in b.constraints if c.tensor in tensors]
+        if not tensors:
+            g.frozen.append("no member has a known channel count")
+        elif not g.producers and not g.frozen:
+            g.frozen.append("no layer with weights produces these channels")
         if g.prunable:
             _resolve_constraints(g)
         groups.append(g)
