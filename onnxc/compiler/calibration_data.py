@@ -134,7 +134,7 @@ def check(samples: Samples, specs: Sequence[InputSpec], label: str) -> Samples:
 
 
 def fmt_shape(shape: Sequence) -> str:
-    return "x".join(str(d) if d not in (None, "") else "?" for d in shape)
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
 
 
 # ---- folders ---------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def _load_folder(folder: Path, specs: Sequence[InputSpec], preprocess: str | Non
     if preprocess:
         raise OnnxcError(f"{folder}: --preprocess applies to image folders, this one holds {kind} files")
     read = _npy_feed if kind == "npy" else _npz_feed
-    return Samples.from_feeds(read(p, specs) for p in files)
+    return Samples.from_feeds(check(Samples([read(p, specs)]), specs, str(p)).groups[0] for p in files)
 
 
 def _kind(path: Path) -> str | None:

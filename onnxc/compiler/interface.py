@@ -25,10 +25,6 @@ def keep_interface(model: onnx.ModelProto, source: onnx.ModelProto) -> onnx.Mode
     # Keep the source's order; an input the rewrite no longer reads stays declared (pipelines feed it).
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    outputs = {v.name: v for v in source.graph.output}
-    for vi in model.graph.output:
-        if vi.name in outputs:
-            vi.CopyFrom(outputs[vi.name])
     for name in MODEL_FIELDS:
         setattr(model, name, getattr(source, name))
     del model.metadata_props[:]
@@ -36,7 +32,12 @@ def keep_interface(model: onnx.ModelProto, source: onnx.ModelProto) -> onnx.Mode
     model.graph.doc_string = source.graph.doc_string
     model.graph.name = source.graph.name or model.graph.name
     del model.graph.value_info[:]
-    return infer_shapes(model)
+    model = infer_shapes(model)
+    outputs = {v.name: v for v in source.graph.output}  # after inference, which rewrites outputs
+    for vi in model.graph.output:
+        if vi.name in outputs:
+            vi.CopyFrom(outputs[vi.name])
+    return model
 
 
 def interface_differences(source: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
