@@ -135,10 +135,16 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
            calibration: CalibrationLike = None, preprocess: str | None = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None,
            name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable") -> dict:
-    """Lower a model with a backend; returns the backend's report."""
+    """Lower a model with a backend; returns the backend's report.
+
+    The onnxruntime backend writes a model with the source's interface (dynamic dims stay
+    dynamic); the C backend needs, and keeps, the concrete shapes `input_shapes` fixes.
+    """
     original = load(model)
     shapes = dict(input_shapes or {})
     canonical = canonicalize(original, shapes)
+    if backend == "onnxruntime":
+        canonical = keep_interface(canonical, original)
     cal = None
     if int8 or calibration:
         cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes, preprocess=preprocess)

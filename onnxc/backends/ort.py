@@ -26,6 +26,7 @@ from onnxc.backends import ExportOptions, register_backend
 from onnxc.backends.ort_quant import first_line, quantize
 from onnxc.compiler import runtime
 from onnxc.compiler.calibration import make_calibration, random_inputs
+from onnxc.compiler.interface import MODEL_FIELDS
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.verify import compare_outputs
 from onnxc.errors import OnnxcError, UsageError, VerificationError
@@ -73,6 +74,8 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
             # Constant folding would decode codebook weights into dense float in the file.
             keep_codes = bool(codebook_weights(lowered))
             _write_optimized(lowered, staged, ORT_LEVELS[level_name], ["ConstantFolding"] if keep_codes else [])
+            if not staged.with_name(staged.name + ".data").exists():
+                _tidy_saved(staged, model)
         fidelity = _fidelity(model, staged, calibration, options)
         if options.max_error is not None and fidelity.rel_l2 > options.max_error:
             raise VerificationError(f"the exported model differs from the float model by {fidelity.rel_l2:.3g} "
@@ -152,19 +155,21 @@ def _write_optimized(model: onnx.ModelProto, target: Path, level: ort.GraphOptim
             raise OnnxcError(f"onnxruntime cannot optimize the model: {first_line(exc)}") from None
     if not target.exists():
         raise OnnxcError("onnxruntime did not write the optimized model")
-    if not target.with_name(target.name + ".data").exists():
-        _drop_unused_opsets(target)
 
 
-def _drop_unused_opsets(path: Path) -> None:
-    """onnxruntime declares every domain it knows when saving; keep the ones the graph uses."""
+def _tidy_saved(path: Path, source: onnx.ModelProto) -> None:
+    """onnxruntime declares every domain it knows when saving (keep the ones the graph uses) and
+    stamps itself as producer without the metadata: give the model back the source's fields."""
     model = onnx.load(str(path))
     used = {n.domain or "" for n in model.graph.node} | {""}
     keep = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
-    if len(keep) != len(model.opset_import):
-        del model.opset_import[:]
-        model.opset_import.extend(keep)
-        save(model, path)
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    for name in MODEL_FIELDS:
+        setattr(model, name, getattr(source, name))
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)
+    save(model, path)
 
 
 def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
