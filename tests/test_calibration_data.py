@@ -56,7 +56,8 @@ def test_samples_group_by_shape_and_keep_order():
     batches = list(s.batches(2))
     assert [b["x"].shape[0] for b in batches] == [2, 1, 2]
     sub = s.subset([1, 3, 4])  # global order: group 0 holds values 0, 2, 4, then group 1 holds 1, 3
-    assert sub.count == 3 and sub.groups[0]["x"][:, 0, 0].tolist() == [2] and sub.groups[1]["x"][:, 0, 0].tolist() == [1, 3]
+    assert sub.count == 3 and sub.groups[0]["x"][:, 0, 0].tolist() == [2]
+    assert sub.groups[1]["x"][:, 0, 0].tolist() == [1, 3]
 
 
 def test_uniform_samples_are_a_mapping_of_stacked_arrays():
@@ -96,7 +97,8 @@ def test_folder_errors_are_one_line(tmp_path):
         calibration_data.load(folder, onnx.load(CRNN))
     (folder / "notes.txt").unlink()
     np.save(folder / "bad.npy", np.zeros((1, 1, 31, 64), np.float32))  # height is fixed to 32
-    with pytest.raises(OnnxcError, match=r"bad.npy: .line. has shape \(1, 1, 31, 64\), the model expects \[batch, 1, 32, width\]"):
+    expected = r"bad.npy: .line. has shape \(1, 1, 31, 64\), the model expects \[batch, 1, 32, width\]"
+    with pytest.raises(OnnxcError, match=expected):
         calibration_data.load(folder, onnx.load(CRNN))
     empty = tmp_path / "empty"
     empty.mkdir()

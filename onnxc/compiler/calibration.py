@@ -83,7 +83,10 @@ def make_calibration(model: onnx.ModelProto, source: Source | None = None, *, se
     if source is not None:
         samples, label = calibration_data.load(source, model, preprocess)
     else:
-        samples, label = Samples([random_inputs(model, random_count, seed, input_shapes)]), "random"
+        from onnxc.compiler.shapes import resolve_input_shapes  # shapes.py captures through this module
+
+        shapes, _ = resolve_input_shapes(model, input_shapes)  # symbolic dims: the stated defaults
+        samples, label = Samples([random_inputs(model, random_count, seed, shapes)]), "random"
     n = samples.count
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * validation_fraction)) if n > 1 else 0
