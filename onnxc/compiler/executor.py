@@ -17,6 +17,8 @@ How shared values travel:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import logging
 import os
@@ -127,11 +129,7 @@ def _freeze(value: Any) -> Any:
         return view
     if isinstance(value, onnx.ModelProto):
         return _Model(value.SerializeToString())
-    if isinstance(value, dict):
-        return {k: _freeze(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_freeze(v) for v in value)
-    return value
+    return _children(value, _freeze)
 
 
 def _thaw(value: Any) -> Any:
@@ -140,22 +138,37 @@ def _thaw(value: Any) -> Any:
         model = onnx.ModelProto()
         model.ParseFromString(value.data)
         return model
+    return _children(value, _thaw)
+
+
+def _children(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """`value` with `fn` applied to what it holds: dicts, lists, tuples and dataclass fields
+    (so e.g. a dict of moment objects shares its arrays too); anything else as it is."""
     if isinstance(value, dict):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: fn(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_thaw(v) for v in value)
+        return type(value)(fn(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not isinstance(value, _Leaf):
+        out = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(out, f.name, fn(getattr(value, f.name)))
+        return out
     return value
 
 
+class _Leaf:
+    """Marks the executor's own records, which `_children` must not open."""
+
+
 @dataclass(frozen=True)
-class _ArrayFile:
+class _ArrayFile(_Leaf):
     path: str
     dtype: str
     shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class _ModelFile:
+class _ModelFile(_Leaf):
     path: str
 
 
@@ -171,11 +184,7 @@ def _pack(value: Any, folder: str, counter: itertools.count) -> Any:
         with open(path, "wb") as f:
             f.write(value.SerializeToString())
         return _ModelFile(path)
-    if isinstance(value, dict):
-        return {k: _pack(v, folder, counter) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_pack(v, folder, counter) for v in value)
-    return value
+    return _children(value, lambda v: _pack(v, folder, counter))
 
 
 def _unpack(value: Any) -> Any:
@@ -186,11 +195,7 @@ def _unpack(value: Any) -> Any:
     if isinstance(value, _ModelFile):
         with open(value.path, "rb") as f:
             return _Model(f.read())
-    if isinstance(value, dict):
-        return {k: _unpack(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unpack(v) for v in value)
-    return value
+    return _children(value, _unpack)
 
 
 # Worker-side cache: the shared values the tasks of the current map use, loaded once per worker.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -44,11 +44,14 @@ class Layer:
 
 @dataclass
 class Fitted:
-    """A rewrite ready to apply: the nodes replacing the layer and its report entry."""
+    """A rewrite ready to apply: the nodes replacing the layer and its report entry. It is plain
+    data (it may come back from a worker process): `updates` are edits outside the new nodes, made
+    only if the rewrite is kept, as (output of the node to edit, input index, new constant)."""
 
     nodes: list[onnx.NodeProto]
     change: Change
-    on_accept: Callable[[], None] | None = None  # edits outside the new nodes, made only if kept
+    updates: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)  # the new nodes' constants
 
 
 @dataclass
@@ -135,16 +138,13 @@ class FactorPass(Pass):
             stats = _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed, progress=ctx.progress)
         changes: list[Change] = []
         ranks: dict[str, object] = {}
-        for i, layer in enumerate(layers):
-            ctx.progress(f"{self.id} fitting", i, len(layers))
+        for layer, fitted in zip(layers, self._fit_all(model, layers, stats, ctx)):
             name = layer.name
             # replace_node rebuilds the node list (protobuf copies): find the live node again
             layer.node = view.producers[layer.node.output[0]]
-            initializers = len(model.graph.initializer)
-            try:
-                fitted = self.fit(layer, view, stats.get(layer.node.output[0]), ctx)
-            except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
-                fitted = f"fit failed: {exc}"
+            if not isinstance(fitted, str) and _clashes(view, layer, fitted):
+                # a name an earlier rewrite took: fit again against the live graph (same numbers)
+                fitted = _fit_isolated(self, layer, view, stats.get(layer.node.output[0]), ctx.seed)
             if not isinstance(fitted, str):
                 err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
                 limit = self.max_layer_error if self.max_layer_error is not None else \
@@ -153,12 +153,11 @@ class FactorPass(Pass):
                     fitted = f"local {kind} error {err:.3g} above max_layer_error={limit:g}"
             if isinstance(fitted, str):
                 skipped.append(Skip(name, fitted))
-                del model.graph.initializer[initializers:]  # the factors of a dropped rewrite
-                view.refresh()
                 continue
+            model.graph.initializer.extend(fitted.initializers)
             view.replace_node(layer.node, fitted.nodes)
-            if fitted.on_accept is not None:
-                fitted.on_accept()
+            for output, index, value in fitted.updates:
+                view.set_input_const(view.producers[output], index, value)
             changes.append(fitted.change)
             ranks[name] = fitted.change.detail.get("rank", fitted.change.detail.get("ranks"))
         ctx.progress(f"{self.id} fitting", len(layers), len(layers))
@@ -168,12 +167,59 @@ class FactorPass(Pass):
                 "layers_rewritten": len(changes)}
         return PassResult(model, bool(changes), changes, skipped, info)
 
+    def _fit_all(self, model: onnx.ModelProto, layers: list[Layer], stats: dict[str, _whiten.Moments],
+                 ctx: PassContext) -> list[Fitted | str]:
+        """Every layer's fit, on the executor: each against the original model (shared once), so the
+        fits are independent of each other and of the order and place they run in."""
+        if not layers:
+            return []
+        executor = ctx.executor
+        shared = {"model": executor.put(model), "moments": executor.put(stats)}
+        items = [(self, Layer(layer.node, None, layer.info), ctx.seed) for layer in layers]
+        return executor.map(_fit_task, items, shared=shared, label=f"{self.id} fitting", progress=ctx.progress)
+
     def use_data(self, ctx: PassContext) -> bool:
         if ctx.calibration is None:
             return False
         if self.data_aware is None:
             return not ctx.calibration.is_random
         return bool(self.data_aware)
+
+
+def _fit_task(item: tuple[FactorPass, Layer, int], *, model: onnx.ModelProto,
+              moments: dict[str, _whiten.Moments]) -> Fitted | str:
+    """One layer's fit as an executor task (the layer travels without its rows function)."""
+    fitter, layer, seed = item
+    return _fit_isolated(fitter, layer, GraphView(model.graph), moments.get(layer.node.output[0]), seed)
+
+
+def _fit_isolated(fitter: FactorPass, layer: Layer, view: GraphView, moments: _whiten.Moments | None,
+                  seed: int) -> Fitted | str:
+    """Fit one layer, moving the constants it adds out of `view`'s graph into the result (the graph
+    is left as it was). The context holds only the seed: fits draw their randomness from it."""
+    graph = view.graph
+    count = len(graph.initializer)
+    try:
+        fitted = fitter.fit(layer, view, moments, PassContext(seed=seed))
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+        fitted = f"fit failed: {exc}"
+    added = []
+    for tensor in graph.initializer[count:]:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        added.append(copy)
+    del graph.initializer[count:]
+    view.refresh()
+    if isinstance(fitted, Fitted):
+        fitted.initializers = added
+    return fitted
+
+
+def _clashes(view: GraphView, layer: Layer, fitted: Fitted) -> bool:
+    """Whether the fitted nodes or constants reuse a name the live graph already has."""
+    names = {t.name for t in fitted.initializers} | {n.name for n in fitted.nodes}
+    names |= {o for n in fitted.nodes for o in n.output} - set(layer.node.output)
+    return bool(names & view._names)
 
 
 def _single_threaded_blas():

@@ -159,16 +159,17 @@ class ClusterPass(Pass):
         shared = _codes.SharedConstants(view)
         chosen: list[_codes.Encoded] = []
         totals = {"weight_bytes_before": 0, "weight_bytes_after": 0, "huffman_code_bytes": 0, "code_bytes": 0}
-        for i, target in enumerate(targets):
-            ctx.progress("cluster", i, len(targets))
-            weight = view.const(target.weight)
+        weights = {t.weight: view.const(t.weight) for t in targets}
+        fits = self._cluster_all(targets, weights, importance, ctx) if container else {}
+        for target in targets:
+            weight = weights[target.weight]
             if not np.all(np.isfinite(weight)):
                 result.skipped.append(Skip(target.nodes[0].name, "weight has non-finite values"))
                 continue
             if not container:
                 result.skipped.append(Skip(target.nodes[0].name, opset_note))
                 continue
-            codebook, codes, offsets, fit = self._cluster(weight, target, importance.get(target.weight), ctx)
+            codebook, codes, offsets, fit = fits[target.weight]
             enc = self._encode(view, target, codes, codebook, offsets, container, fallback, shared)
             if enc.nbytes >= weight.nbytes:
                 result.skipped.append(Skip(target.nodes[0].name, f"codes and codebooks ({enc.nbytes} B) would not "
@@ -199,7 +200,6 @@ class ClusterPass(Pass):
         nodes = new_nodes + list(model.graph.node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        ctx.progress("cluster", len(targets), len(targets))
         result.modified = True
         after = tensor_bytes(model)
         result.info = {
@@ -344,11 +344,25 @@ class ClusterPass(Pass):
         return corrected
 
     # ---- clustering one weight -----------------------------------------------------------------
-    def _cluster(self, weight: np.ndarray, target: _Target, importance: np.ndarray | None,
-                 ctx: PassContext) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    def _cluster_all(self, targets: list[_Target], weights: dict[str, np.ndarray],
+                     importance: dict[str, np.ndarray], ctx: PassContext) -> dict[str, tuple]:
+        """The k-means of every finite weight, on the executor (weights and importance shared once;
+        each weight's seed comes from its name)."""
+        todo = [t for t in targets if np.all(np.isfinite(weights[t.weight]))]
+        if not todo:
+            return {}
+        executor = ctx.executor
+        shared = {"weights": executor.put({t.weight: weights[t.weight] for t in todo}),
+                  "importance": executor.put(importance)}
+        items = [(self, t.weight, t.channel_axis, ctx.seed) for t in todo]
+        fits = executor.map(_cluster_task, items, shared=shared, label="cluster", progress=ctx.progress)
+        return {t.weight: fit for t, fit in zip(todo, fits)}
+
+    def _cluster(self, weight: np.ndarray, channel_axis: int, importance: np.ndarray | None,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
         """Codebook [R, K], codes (W's shape), row offsets (per channel) and fit statistics."""
         w32 = weight.astype(np.float32, copy=False)
-        axis = target.channel_axis if self.per_channel else None
+        axis = channel_axis if self.per_channel else None
         if axis is None:
             rows = w32.reshape(1, -1)
             imp = None if importance is None else np.broadcast_to(importance, w32.shape).reshape(1, -1)
@@ -356,7 +370,6 @@ class ClusterPass(Pass):
             rows = np.moveaxis(w32, axis, 0).reshape(w32.shape[axis], -1)
             imp = None if importance is None else np.moveaxis(np.broadcast_to(importance, w32.shape),
                                                               axis, 0).reshape(rows.shape)
-        rng = ctx.rng(f"cluster:{target.weight}")
         km = kmeans1d(rows, 1 << self.bits, weights=imp, init=self.init, rng=rng, max_iter=self.max_iter,
                       keep_zero=self.keep_zero)
         codebook, codes, counts = _compact(km.centroids, km.codes, km.counts)
@@ -405,6 +418,14 @@ class ClusterPass(Pass):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _cluster_task(item: tuple[ClusterPass, str, int, int], *, weights: dict[str, np.ndarray],
+                  importance: dict[str, np.ndarray]) -> tuple:
+    """One weight's k-means as an executor task, seeded from the weight's name."""
+    fitter, name, channel_axis, seed = item
+    rng = PassContext(seed=seed).rng(f"cluster:{name}")
+    return fitter._cluster(weights[name], channel_axis, importance.get(name), rng)
+
+
 class _TrialNames:
     """Stands in for a GraphView in `_codes.encode`: fresh names, none of them reserved."""
 

@@ -133,13 +133,11 @@ class SvdPass(FactorPass):
         error, kind = output_error(np.column_stack([w, b_old]),
                                    np.column_stack([w_new, b_new if b_new is not None else np.zeros(n_out)]), moments)
         nodes = self._emit(layer, view, u, v, b_new)
-        on_accept = None
+        updates = []
         if info["mode"] == "add" and b_new is not None:  # the refitted bias lives in the following Add
-            def on_accept():
-                add_out, idx = info["add"]
-                add = view.producers[add_out]  # the live node (rewrites rebuild the node list)
-                old = view.const(add.input[idx])
-                view.set_input_const(add, idx, b_new.reshape(old.shape).astype(old.dtype))
+            add_out, idx = info["add"]
+            old = view.const(view.producers[add_out].input[idx])
+            updates.append((add_out, idx, b_new.reshape(old.shape).astype(old.dtype)))
         bias_params = bias.size if bias is not None and info["kind"] == "gemm" else 0
         new_bias_params = b_new.size if b_new is not None and info["kind"] == "gemm" else 0
         item = np.dtype(dtype).itemsize
@@ -148,7 +146,7 @@ class SvdPass(FactorPass):
                         after=cost(rank * (k + n_out) + new_bias_params, m * rank * (k + n_out), item),
                         error=error, detail={"rank": rank, "max_rank": min(k, n_out), "shape": [k, n_out],
                                              "error_kind": kind, "data_aware": moments is not None})
-        return Fitted(nodes, change, on_accept)
+        return Fitted(nodes, change, updates)
 
     # ---- emission ------------------------------------------------------------------------------
     def _emit(self, layer: Layer, view: GraphView, u: np.ndarray, v: np.ndarray,
