@@ -116,3 +116,31 @@ def test_cli_rejects_bad_jobs(tmp_path):
     result = CliRunner().invoke(cli, ["optimize", str(sample_path("mlp")), "-o", str(out), "--jobs", "0",
                                       "--calibration", str(CALIBRATION)])
     assert result.exit_code == 2 and not out.exists()
+
+
+# ---- passes on the executor: the same optimized model whoever runs the per-layer fits -------------
+SPECS = ["tucker:ratio=0.5", "cluster:bits=4,per_channel=true"]
+
+
+def _optimized(kind: str) -> tuple[bytes, list]:
+    from onnxc.api import optimize
+
+    result = optimize(sample_path("resnet"), passes=SPECS, calibration=CALIBRATION, executor=kind, jobs=2)
+    return result.model.SerializeToString(), result.report.passes
+
+
+@pytest.fixture(scope="module")
+def inline_model():
+    model, records = _optimized("inline")
+    # the fits really ran (so the comparison below exercises the executor)
+    assert [(r.id, r.status) for r in records] == [("tucker", "applied"), ("cluster", "applied")]
+    assert all(len(r.changes) >= 3 for r in records)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_optimized_model_is_byte_identical(kind, inline_model, request):
+    if kind == "ray":
+        request.getfixturevalue("ray_cluster")
+    model, _ = _optimized(kind)
+    assert model == inline_model
