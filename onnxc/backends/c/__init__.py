@@ -19,6 +19,7 @@ import onnx
 
 from onnxc.backends import ExportOptions, register_backend
 from onnxc.backends.c import emitter
+from onnxc.backends.c.lower_quant import int8_entry
 from onnxc.backends.c.lowering import lower
 from onnxc.backends.c.planner import Plan, naive_peak, plan
 from onnxc.backends.c.prepare import prepare
@@ -37,7 +38,7 @@ class GeneratedModel:
 
     @property
     def arena_bytes(self) -> int:
-        return self.plan.arena * 4
+        return self.plan.arena
 
     @property
     def weight_bytes(self) -> int:
@@ -54,16 +55,16 @@ class GeneratedModel:
         prog, pl = self.prog, self.plan
         tensors = []
         for name, loc in pl.locations.items():
-            tensors.append({"name": name, "location": loc.root, "offset": pl.address(name) * 4,
-                            "bytes": prog.size(name) * 4, "first_step": pl.first_use.get(name, 0),
+            tensors.append({"name": name, "location": loc.root, "offset": pl.address(name),
+                            "bytes": prog.nbytes(name), "first_step": pl.first_use.get(name, 0),
                             "last_step": pl.last_use.get(name, 0),
                             "buffer": loc.index if loc.root == "arena" else None})
         return {"backend": "c", "name": prog.name, "arena_bytes": self.arena_bytes,
-                "weight_bytes": self.weight_bytes, "naive_peak_bytes": naive_peak(prog) * 4,
+                "weight_bytes": self.weight_bytes, "naive_peak_bytes": naive_peak(prog),
                 "steps": len(prog.steps), "ops": dict(sorted(prog.source_ops.items())),
                 "in_place_steps": sorted(pl.inplace | _same_storage_steps(prog, pl)),
                 "clustered_weights": sum(1 for w in prog.weights.values() if w.codes),
-                "scratch_bytes": {str(s): b.size * 4 for s, b in pl.scratch.items()},
+                "scratch_bytes": {str(s): b.size for s, b in pl.scratch.items()},
                 "tensors": tensors}
 
 
@@ -80,6 +81,7 @@ def compile_model(model: onnx.ModelProto, name: str = "net", input_shapes=None,
         raise UsageError(f"--name '{name}' is not a C identifier")
     static, clustered = prepare(model, dict(input_shapes or {}))
     prog = lower(static, clustered, name)
+    prog.entry_int8 = int8_entry(prog)
     return GeneratedModel(prog, plan(prog), source)
 
 

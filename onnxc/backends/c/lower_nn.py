@@ -198,9 +198,17 @@ def matmul(lo: Lowerer, node: onnx.NodeProto) -> None:
 
 @handles("MaxPool", "AveragePool")
 def pool(lo: Lowerer, node: onnx.NodeProto) -> None:
+    x, y = node.input[0], lo.out(node)
+    fields, safe = pool_fields(lo, node, x, y)
+    p = lo.params("onnxc_pool_p", fields, node.name or y)
+    lo.step(node, node.op_type, [x], [y], [Call("onnxc_pool", [lo.ref(x), Arg.t(y), p])],
+            inplace=0 if safe else None)
+
+
+def pool_fields(lo: Lowerer, node: onnx.NodeProto, x: str, y: str) -> tuple[dict, bool]:
+    """`onnxc_pool_p` fields of a MaxPool/AveragePool, and whether it may run in place."""
     if len(node.output) > 1 and node.output[1]:
         raise lo.unsupported(node, "Indices output")
-    x, y = node.input[0], lo.out(node)
     xs, ys = lo.shape(x), lo.shape(y)
     r = len(xs) - 2
     if not 1 <= r <= 3:
@@ -219,10 +227,7 @@ def pool(lo: Lowerer, node: onnx.NodeProto) -> None:
               "dd": d3[0], "dh": d3[1], "dw": d3[2], "pd": b3[0], "ph": b3[1], "pw": b3[2], "ed": e3[0],
               "eh": e3[1], "ew": e3[2], "is_max": int(node.op_type == "MaxPool"),
               "count_include_pad": attr(node, "count_include_pad", 0)}
-    p = lo.params("onnxc_pool_p", fields, node.name or y)
-    safe = pool_in_place_safe(ins, outs, k3, s3, d3, b3)
-    lo.step(node, node.op_type, [x], [y], [Call("onnxc_pool", [lo.ref(x), Arg.t(y), p])],
-            inplace=0 if safe else None)
+    return fields, pool_in_place_safe(ins, outs, k3, s3, d3, b3)
 
 
 def pool_in_place_safe(ins: list[int], outs: list[int], kernel: list[int], strides: list[int], dil: list[int],

@@ -95,11 +95,19 @@ class Lowerer:
         self.acts_op: dict[str, str] = {}          # producer output -> fused activation op type
         self._const_hash: dict[tuple, str] = {}
         self._names: Counter[str] = Counter()
+        self.special: dict[str, Handler] = {}      # node (first output) -> handler other than its op's (int8)
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> Program:
-        from onnxc.backends.c import lower_elementwise, lower_layout, lower_nn, lower_rnn  # noqa: F401  (register)
+        from onnxc.backends.c import (  # noqa: F401  (register)
+            lower_elementwise,
+            lower_layout,
+            lower_nn,
+            lower_quant,
+            lower_rnn,
+        )
 
+        lower_quant.plan(self)
         for name in self.prog.inputs + self.prog.outputs:
             self.prog.shapes[name] = self.shape(name)
         for name in self.prog.inputs:
@@ -110,10 +118,11 @@ class Lowerer:
         for node in self.model.graph.node:
             if node.output[0] in self.skip or node.output[0] in self.absorbed:
                 continue
-            if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
+            handler = self.special.get(node.output[0]) or HANDLERS.get(node.op_type)
+            if node.domain not in ("", "ai.onnx") or handler is None:
                 raise self.unsupported(node)
             self.prog.source_ops[node.op_type] = self.prog.source_ops.get(node.op_type, 0) + 1
-            HANDLERS[node.op_type](self, node)
+            handler(self, node)
         for out in self.prog.outputs:
             if out in self.view.initializers:  # an output computed entirely at export time
                 self.prog.shapes[out] = self.shape(out)
@@ -132,7 +141,7 @@ class Lowerer:
             producer = self.view.producers.get(src)
             if producer is None or producer.op_type not in FUSABLE or producer.output[0] in self.acts:
                 continue
-            if producer.output[0] != src or producer.output[0] in self.skip:
+            if producer.output[0] != src or producer.output[0] in self.skip or src in self.special:
                 continue
             if len(self.view.consumers.get(src, [])) != 1 or src in self.view.graph_outputs:
                 continue
@@ -193,6 +202,8 @@ class Lowerer:
         return [unary_call(self, Arg.t(y), y, self.acts[out])]
 
     def check_float(self, name: str, node: onnx.NodeProto | None) -> None:
+        if name in self.prog.dtypes:  # an integer tensor an int8 handler declared
+            return
         dtype = self.view.dtype(name)
         if dtype not in (None, TensorProto.FLOAT):
             where = f" in node '{node.name or node.output[0]}' ({node.op_type})" if node is not None else ""

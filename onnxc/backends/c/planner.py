@@ -15,7 +15,8 @@ A buffer's footprint varies over time: at each step it spans its base up to the 
 furthest member alive then (a pooled or strided in-place output shrinks it). Buffers get
 offsets by greedy-by-size placement (largest first, lowest offset where the footprint does not
 overlap a buffer's footprint at the same steps), tried first-fit and best-fit; the smaller arena
-wins. Steps run in the model's node order.
+wins. Steps run in the model's node order. Sizes and offsets are in bytes (tensors may be float32,
+int8 or int32); footprints are rounded up to 4 bytes, so every buffer starts float-aligned.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from onnxc.backends.c.program import Program, Step
 @dataclass
 class Member:
     name: str
-    offset: int                  # elements from the buffer base
+    offset: int                  # bytes from the buffer base
     size: int
     start: int                   # step it is written (or joins)
     end: int = -1                # last step it is read
@@ -41,7 +42,7 @@ class Buffer:
     members: list[Member] = field(default_factory=list)
     end: int = -1                # last step reading any member
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (first, last step, extent)
-    offset: int = 0              # elements from the arena start
+    offset: int = 0              # bytes from the arena start
     scratch: bool = False
 
     @property
@@ -53,7 +54,7 @@ class Buffer:
 class Location:
     root: str                    # "input", "output" or "arena"
     index: int                   # input/output position, or buffer id
-    offset: int                  # elements from the root
+    offset: int                  # bytes from the root
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Plan:
     buffers: list[Buffer]
     inplace: set[int]            # steps that run their in-place variant
     scratch: dict[int, Buffer]   # step -> scratch buffer
-    arena: int                   # elements
+    arena: int                   # bytes
     first_use: dict[str, int]
     last_use: dict[str, int]
     elided: dict[int, set[int]]  # step -> indices of copy calls made unnecessary (Concat pieces)
@@ -85,7 +86,7 @@ def concat_requests(prog: Program, last_use: dict[str, int]) -> tuple[dict[str, 
 
     Eligible: produced by a computing step (not a view, not a graph input), read once by this
     Concat and never by a later step, not a graph output, not already placed in another Concat.
-    Returns {input: (concat output, element offset)} and, per step, the copy calls to drop.
+    Returns {input: (concat output, byte offset)} and, per step, the copy calls to drop.
     """
     producer: dict[str, int] = {}
     for s, step in enumerate(prog.steps):
@@ -102,7 +103,7 @@ def concat_requests(prog: Program, last_use: dict[str, int]) -> tuple[dict[str, 
             if (name in requests or name in outputs or name in prog.inputs or producer.get(name, s) >= s
                     or step.inputs.count(name) != 1 or last_use.get(name) != s):
                 continue
-            requests[name] = (step.outputs[0], offset)
+            requests[name] = (step.outputs[0], offset * prog.nbytes(name) // max(prog.size(name), 1))
             elided.setdefault(s, set()).add(call)
     return requests, elided
 
@@ -141,7 +142,7 @@ class _Planner:
         return buf
 
     def join(self, buf: Buffer, name: str, offset: int, s: int) -> None:
-        buf.members.append(Member(name, offset, self.prog.size(name), max(s, self.first_use.get(name, s))))
+        buf.members.append(Member(name, offset, self.prog.nbytes(name), max(s, self.first_use.get(name, s))))
         self.loc[name] = Location("arena", buf.id, offset)
 
     def locate(self, name: str, s: int) -> Location:
@@ -174,15 +175,15 @@ class _Planner:
             return False
         buf = self.buffers[src.index]
         others = [self.loc[i] for k, i in enumerate(step.inputs) if k != step.inplace]
-        out_size = self.prog.size(out)
-        if (self.end_of(buf) != s or out_size > self.prog.size(cand) or step.inplace_scratch >= out_size
+        out_size = self.prog.nbytes(out)
+        if (self.end_of(buf) != s or out_size > self.prog.nbytes(cand) or 4 * step.inplace_scratch >= out_size
                 or any(o.root == "arena" and o.index == src.index for o in others)):
             return False
         self.join(buf, out, src.offset, s)
         if step.inplace_calls is not None:
             self.inplace.add(s)
             if step.inplace_scratch:
-                self.scratch[s] = self.new_buffer(step.inplace_scratch, s, "")
+                self.scratch[s] = self.new_buffer(4 * step.inplace_scratch, s, "")
         return True
 
     def run(self) -> Plan:
@@ -190,10 +191,11 @@ class _Planner:
             if step.view is not None:
                 src = self.loc[step.inputs[step.view[0]]]
                 dst = step.outputs[0]
+                offset = step.view[1] * self.prog.nbytes(dst) // max(self.prog.size(dst), 1)
                 if src.root == "arena":
-                    self.join(self.buffers[src.index], dst, src.offset + step.view[1], s)
+                    self.join(self.buffers[src.index], dst, src.offset + offset, s)
                 else:
-                    self.loc[dst] = Location(src.root, src.index, src.offset + step.view[1])
+                    self.loc[dst] = Location(src.root, src.index, src.offset + offset)
                 continue
             took = self.try_inplace(s)
             for name in step.outputs[1 if took else 0:]:
@@ -228,7 +230,7 @@ def footprint(buf: Buffer) -> list[tuple[int, int, int]]:
     cuts = sorted({m.start for m in buf.members} | {m.end + 1 for m in buf.members})
     segs: list[tuple[int, int, int]] = []
     for a, b in zip(cuts, cuts[1:]):
-        extent = max((m.offset + m.size for m in buf.members if m.start <= a <= m.end), default=0)
+        extent = -(-max((m.offset + m.size for m in buf.members if m.start <= a <= m.end), default=0) // 4) * 4
         if extent == 0:
             continue
         if segs and segs[-1][2] == extent and segs[-1][1] == a - 1:
@@ -246,7 +248,7 @@ ORDERS = {
 
 
 def place(buffers: list[Buffer]) -> int:
-    """Assign offsets (greedy: several orders, first and best fit); returns the arena in elements."""
+    """Assign offsets (greedy: several orders, first and best fit); returns the arena in bytes."""
     best: tuple[int, list[int]] | None = None
     for order in ORDERS.values():
         for fit in ("first", "best"):
@@ -304,7 +306,7 @@ def _lowest_offset(forbidden: list[tuple[int, int]], fit: str) -> int:
 
 
 def naive_peak(prog: Program) -> int:
-    """Peak elements of simultaneously live intermediate tensors (no sharing), in step order."""
+    """Peak bytes of simultaneously live intermediate tensors (no sharing), in step order."""
     io = set(prog.inputs) | set(prog.outputs)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -316,6 +318,6 @@ def naive_peak(prog: Program) -> int:
             last[name] = s
     peak = 0
     for s in range(len(prog.steps)):
-        live = sum(prog.size(n) for n in first if n not in io and first[n] <= s <= last[n])
+        live = sum(prog.nbytes(n) for n in first if n not in io and first[n] <= s <= last[n])
         peak = max(peak, live)
     return peak

@@ -4,6 +4,8 @@
   otherwise) and the canonical form is recomputed at those shapes;
 - clustered weights (`Gather(codebook, Cast(codes) [+ row_offsets])` feeding a Conv/Gemm/MatMul
   weight) are recognised and kept as codes: they must not be folded to a dense array;
+- int8 weights and biases (`DequantizeLinear` of constants) that ops run on integers read
+  (`qdq.kept_dequantize`) are kept quantized; other constant DQs fold to float;
 - everything else that is computable at export time (shape arithmetic: Shape, Gather, Concat,
   Cast... over constants and static shapes) is evaluated with the ONNX reference evaluator and
   becomes an initializer.
@@ -20,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from onnxc.backends.c import qdq
 from onnxc.compiler.canonical import canonicalize, infer_shapes
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
@@ -68,7 +71,7 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -
     model = canonicalize(model, static_inputs(model, input_shapes))
     for _ in range(8):
         clustered = find_clustered(model)
-        skip = {n for c in clustered.values() for n in c.nodes}
+        skip = {n for c in clustered.values() for n in c.nodes} | qdq.kept_dequantize(model)
         if not fold_static(model, skip):
             break
         model = infer_shapes(model)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Bytes per element of each run-time tensor type (C type names; float unless Program.dtypes says).
+ELEM_BYTES = {"float": 4, "int8_t": 1, "uint8_t": 1, "int32_t": 4}
+
 # Argument kinds of a kernel call.
 TENSOR, CONST, WEIGHT, PARAMS, SCRATCH, LIT = "tensor", "const", "weight", "params", "scratch", "lit"
 
@@ -39,7 +42,7 @@ class Step:
     `view=(i, offset)`: the output is input i seen from element `offset` (Reshape, Squeeze,
     contiguous Split/Slice): no code, the planner shares the storage. `inplace`: the input
     index whose storage the output may take when that input dies here, with the calls (and
-    scratch floats) to use then; None for the same calls as out-of-place.
+    scratch, in 4-byte words) to use then; None for the same calls as out-of-place.
     """
 
     node: str
@@ -87,6 +90,20 @@ class Params:
 
 
 @dataclass
+class Int8Entry:
+    """`NAME_run_int8`: the program without its steps up to `first` (quantizing the float input
+    into `input`, after views of it) and its last (dequantizing `output` into the float output)."""
+
+    first: int
+    input: str
+    output: str
+    input_scale: float
+    input_zero_point: int
+    output_scale: float
+    output_zero_point: int
+
+
+@dataclass
 class Program:
     name: str
     inputs: list[str]
@@ -99,9 +116,18 @@ class Program:
     const_of: dict[str, str] = field(default_factory=dict)  # ONNX initializer name -> cname
     kernel_files: set[str] = field(default_factory=set)
     source_ops: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # run-time tensor -> C type, when not float
+    qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # int8 tensor -> (scale, zero point)
+    entry_int8: Int8Entry | None = None
 
     def size(self, tensor: str) -> int:
         return int(np.prod(self.shapes[tensor], dtype=np.int64))
+
+    def ctype(self, tensor: str) -> str:
+        return self.dtypes.get(tensor, "float")
+
+    def nbytes(self, tensor: str) -> int:
+        return self.size(tensor) * ELEM_BYTES[self.ctype(tensor)]
 
     def runtime_tensors(self) -> list[str]:
         seen: dict[str, None] = dict.fromkeys(self.inputs)

@@ -2,7 +2,7 @@
 
 Floats are written as their IEEE-754 bit patterns (`0x3e4ccccd`, zero as `0`) through a union
 with a float view, which is exact by construction (no decimal round trip) and shorter than hex
-float literals; int32 tables and uint8 codes are written in decimal. Everything is
+float literals; int32 tables, int8 weights and uint8 codes are written in decimal. Everything is
 `static const`, so it goes to .rodata (flash on a microcontroller).
 """
 
@@ -24,8 +24,8 @@ def array_definition(const: ConstArray) -> str:
         bits = a.astype("<f4").view("<u4").tolist() or [0]
         body = _lines([hex(v) if v else "0" for v in bits])
         return (f"static const union {{ uint32_t u[{n}]; float f[{n}]; }} {const.cname} = {{{{\n{body}\n}}}};")
-    ctype = {"i": "int32_t", "u": "uint8_t"}[a.dtype.kind]
-    if a.dtype.kind == "u" and a.dtype.itemsize != 1 or a.dtype.kind == "i" and a.dtype.itemsize != 4:
+    ctype = {"i4": "int32_t", "i1": "int8_t", "u1": "uint8_t"}.get(f"{a.dtype.kind}{a.dtype.itemsize}")
+    if ctype is None:
         raise ValueError(f"unexpected constant dtype {a.dtype}")
     body = _lines([str(v) for v in (a.tolist() or [0])])
     return f"static const {ctype} {const.cname}[{n}] = {{\n{body}\n}};"

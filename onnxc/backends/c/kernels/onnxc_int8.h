@@ -1,0 +1,124 @@
+/* onnxc int8 kernels (onnxc_int8.c): plain C99, no allocation, no I/O.
+ *
+ * Activations are int8 with a zero point (real = scale * (q - zero_point)); an ONNX uint8 tensor
+ * is stored as int8 q - 128 with zero point - 128, which is exact. Weights are int8 with one scale
+ * per output channel; accumulators are int32. Products are brought back to int8 by a Q31
+ * fixed-point multiplier and a right shift per output channel (the TFLite / CMSIS-NN scheme):
+ * y = clamp(zero_point + round(acc * mult / 2^shift)), rounding to nearest with ties to even;
+ * multiplier and shift share one int32 (see onnxc_requant).
+ *
+ * The inner loops are blocked (4 output channels x 2 pixels for 1x1 convolutions, 4 rows for
+ * dense layers) with weights interleaved by the exporter in the order the loop reads them, so
+ * that a SIMD variant (CMSIS-NN style SMLAD on pairs) can replace one block function at a time.
+ */
+#ifndef ONNXC_INT8_H
+#define ONNXC_INT8_H
+
+#include <stdint.h>
+
+#include "onnxc_kernels.h"
+
+/* round(acc * mult / 2^shift), ties to even, where rq packs a Q31 multiplier (its 25 high
+ * bits) and the right shift in [1, 62] (its 6 low bits): one word per output channel. */
+static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
+{
+    int32_t shift = rq & 63;
+    int64_t v = (int64_t)acc * (rq - shift);
+    return (int32_t)((v + ((int64_t)1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift);
+}
+
+static inline int8_t onnxc_clamp8(int32_t v, int32_t lo, int32_t hi)
+{
+    return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
+}
+
+/* Nearest integer, ties to even (as nearbyintf in the default rounding mode), saturated to
+ * +-2^22: 1.5 * 2^23 added and subtracted in float32 leaves the rounded value. */
+static inline int32_t onnxc_round_s32(float v)
+{
+    if (!(v >= -4194304.0f)) v = -4194304.0f; /* (NaN too) */
+    if (v > 4194304.0f) v = 4194304.0f;
+    return (int32_t)((v + 12582912.0f) - 12582912.0f);
+}
+
+/* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
+typedef struct {
+    int32_t outer, len, inner;     /* the tensor as [outer][len][inner]; len 1: per tensor */
+    const float *scale;            /* [len] */
+    const int32_t *zp;             /* [len], int8 domain */
+    int32_t lo, hi;                /* quantize: output range (int8 domain) */
+} onnxc_quant_p;
+void onnxc_quantize(const float *x, int8_t *y, const onnxc_quant_p *p);
+void onnxc_dequantize(const int8_t *x, float *y, const onnxc_quant_p *p);
+void onnxc_dequantize_i32(const int32_t *x, float *y, const onnxc_quant_p *p);
+/* uint8 graph inputs and outputs <-> int8 storage (q ^ 0x80). */
+void onnxc_u8_to_s8(const uint8_t *x, int8_t *y, int32_t n);
+void onnxc_s8_to_u8(const int8_t *x, uint8_t *y, int32_t n);
+
+/* ---- convolution ----------------------------------------------------------------------- */
+typedef struct {
+    int32_t n, c, h, w;            /* input */
+    int32_t m, oh, ow;             /* output channels and size */
+    int32_t kh, kw, sh, sw, dh, dw;
+    int32_t pt, pl;                /* padding before */
+    int32_t group;
+    int32_t x_zp, y_zp;            /* zero points (int8 domain) */
+    int32_t lo, hi;                /* output clamp (int8 domain): saturation and fused ReLU/Clip */
+    const int32_t *rq;             /* per output channel requantization (onnxc_requant) */
+    const int32_t *w_zp;           /* per output channel weight zero points (NULL: all 0) */
+} onnxc_qconv_p;
+/* Any convolution: weights [m][c/group][kh][kw]. With y32 non-NULL the raw int32 sums are
+ * written there instead (ConvInteger). */
+void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
+                   const onnxc_qconv_p *p);
+/* Depthwise (group == c == m): weights [c][kh][kw]. In place: scratch holds one input plane. */
+void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qconv_p *p);
+void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
+                            const onnxc_qconv_p *p);
+/* 1x1, stride 1, no padding, one group: weights in blocks of 4 output channels interleaved
+ * ([m/4][c][4], the m % 4 last rows plain [c]); bias already holds -x_zp * sum(w). In place
+ * (m <= c): scratch holds two pixels' channels (2c bytes). */
+void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qconv_p *p);
+void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
+                            const onnxc_qconv_p *p);
+
+/* ---- matrix products ------------------------------------------------------------------- */
+typedef struct {
+    int32_t m, n, k;               /* y[m][n] = x[m][k] . w[n][k] + bias[n] */
+    int32_t y_zp, lo, hi;
+    const int32_t *rq;             /* per output column */
+} onnxc_qdense_p;
+/* Constant weight, interleaved like onnxc_qconv1x1's ([n/4][k][4], then plain rows); bias
+ * holds -x_zp * sum(w). */
+void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qdense_p *p);
+
+typedef struct {
+    int32_t batch, m, n, k;
+    const int32_t *a_off, *b_off;  /* per batch element start offsets (NULL: all 0) */
+    int32_t a_zp, b_zp, y_zp, lo, hi;
+    const int32_t *rq;             /* per output column */
+} onnxc_qmatmul_p;
+/* Two run-time operands a[batch][m][k], b[batch][k][n]; y32 non-NULL: raw sums (MatMulInteger). */
+void onnxc_qmatmul(const int8_t *a, const int8_t *b, int8_t *y, int32_t *y32, const onnxc_qmatmul_p *p);
+
+/* ---- pooling and elementwise ----------------------------------------------------------- */
+typedef struct {
+    int32_t x_zp, y_zp, lo, hi;
+    float scale;                   /* input scale / output scale */
+} onnxc_qrescale_p;
+void onnxc_qpool(const int8_t *x, int8_t *y, const onnxc_pool_p *p, const onnxc_qrescale_p *q);
+void onnxc_qglobal_pool(const int8_t *x, int8_t *y, int32_t planes, int32_t len, int32_t is_max,
+                        const onnxc_qrescale_p *q);
+
+typedef struct {
+    int32_t op;                    /* ONNXC_BIN_ADD or ONNXC_BIN_MUL */
+    int32_t rank;
+    int32_t dims[ONNXC_MAXDIM];
+    int32_t sa[ONNXC_MAXDIM];
+    int32_t sb[ONNXC_MAXDIM];
+    int32_t a_zp, b_zp, y_zp, lo, hi;
+    float a_scale, b_scale;        /* add: sa / sy and sb / sy; mul: sa * sb / sy in a_scale */
+} onnxc_qbinary_p;
+void onnxc_qbinary(const int8_t *a, const int8_t *b, int8_t *y, const onnxc_qbinary_p *p);
+
+#endif /* ONNXC_INT8_H */
