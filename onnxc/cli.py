@@ -160,13 +160,15 @@ def _backend_options(fn):
         flag_value="static",
         default=None,
         type=click.Choice(["static", "dynamic"]),
-        help="onnxruntime backend: quantize to int8 (static by default).",
+        help="Quantize to int8 (static by default; the C backend runs static only).",
     )(fn)
 
 
 def _check_backend_options(backend: str | None, int8: str | None, name: str) -> None:
-    if int8 and backend != "onnxruntime":
-        raise UsageError("--int8 needs --backend onnxruntime")
+    if int8 and backend not in ("onnxruntime", "c"):
+        raise UsageError("--int8 needs --backend onnxruntime or c")
+    if int8 == "dynamic" and backend == "c":
+        raise UsageError("--int8 dynamic needs --backend onnxruntime (the C backend runs static int8)")
     if backend == "c" and not name.isidentifier():
         raise UsageError(f"--name must be a C identifier, got '{name}'")
 

@@ -6,9 +6,9 @@ writing the caller's buffers directly ("direct"), and through the arena (`throug
 node's inputs and outputs pass through exact `Mul(t, 1)` nodes, so the in-place, view and fused
 variants run). `python benchmarks/c_node_tests.py` prints the table with every failure and why.
 
-Known failures (all outside float32 static-shape inference): integer/float16/float64 data
-types, training-mode BatchNormalization/Dropout and Dropout masks, MaxPool's int64 Indices,
-3-D ConvTranspose, sequence/optional types, and one AveragePool case whose expected values are
+Known failures (all outside float32 static-shape inference and int8/uint8 quantization):
+integer/float16/float64 data types, float8/int4/int16 and blocked quantization, float16 scales,
+training-mode BatchNormalization/Dropout and Dropout masks, MaxPool's int64 Indices, 3-D ConvTranspose, sequence/optional types, and one AveragePool case whose expected values are
 rounded to 4 digits in the test data (we match onnxruntime's 0.15105554, not 0.1511).
 """
 
@@ -35,10 +35,12 @@ FLOORS = {
     "Clip": (9, 9, 12),
     "Concat": (12, 12, 12),
     "Conv": (6, 6, 6),
+    "ConvInteger": (2, 2, 2),
     "ConvTranspose": (10, 10, 11),
     "Cos": (2, 2, 2),
     "Cosh": (2, 2, 2),
     "DepthToSpace": (2, 2, 2),
+    "DequantizeLinear": (2, 2, 14),
     "Div": (3, 3, 10),
     "Dropout": (4, 4, 12),
     "Elu": (3, 3, 3),
@@ -62,6 +64,7 @@ FLOORS = {
     "Log": (2, 2, 2),
     "LogSoftmax": (7, 7, 7),
     "MatMul": (7, 7, 7),
+    "MatMulInteger": (1, 1, 1),
     "Max": (4, 4, 14),
     "MaxPool": (16, 16, 19),
     "Mean": (3, 3, 3),
@@ -72,6 +75,9 @@ FLOORS = {
     "PRelu": (2, 2, 2),
     "Pad": (3, 3, 6),
     "Pow": (4, 4, 12),
+    "QLinearConv": (1, 1, 1),
+    "QLinearMatMul": (4, 4, 8),
+    "QuantizeLinear": (2, 2, 13),
     "Reciprocal": (2, 2, 2),
     "ReduceL1": (9, 9, 9),
     "ReduceL2": (9, 9, 9),

@@ -87,9 +87,10 @@ def compile_model(model: onnx.ModelProto, name: str = "net", input_shapes=None,
 
 @register_backend("c")
 def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
-    if options.int8:
-        raise UsageError("C backend: --int8 is not supported (float32 kernels only)")
     source = model.graph.name or "model"
+    quant = {}
+    if options.int8:
+        model, quant = quantize_for_c(model, options)
     gen = compile_model(model, options.name, options.input_shapes, source)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -112,4 +113,29 @@ def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
     report = gen.report()
     report["files"] = files
     report["output"] = str(out)
+    if quant:
+        report["int8"] = {**quant, "entry_point": f"{options.name}_run_int8" if gen.prog.entry_int8 else None}
     return report
+
+
+def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx.ModelProto, dict]:
+    """The QDQ model of our onnxruntime int8 flow (same calibration, per-channel weights, per-node
+    sensitivity exclusion under --max-error), which the C backend lowers to integer kernels."""
+    from onnxc.backends.ort import codebook_weights
+    from onnxc.backends.ort_quant import quantize
+    from onnxc.compiler.calibration import make_calibration
+
+    if options.int8 != "static":
+        raise UsageError("C backend: --int8 dynamic is not supported (scales computed at run time); use static")
+    calibration = options.calibration or make_calibration(model, None, seed=options.seed,
+                                                          input_shapes=options.input_shapes)
+    notes = []
+    if calibration.is_random:
+        notes.append("no calibration file: int8 ranges come from random inputs")
+    clustered = codebook_weights(model)
+    if clustered:
+        notes.append(f"{len(clustered)} clustered weights re-quantized to dense int8 per channel "
+                     "(int8 codebooks are not kept)")
+    q = quantize(model, "static", calibration, max_error=options.max_error)
+    return q.model, {"quant_format": q.quant_format, "per_channel": q.per_channel, "excluded_nodes": q.excluded,
+                     "rel_l2_onnxruntime": q.rel_l2, "notes": notes + q.notes}

@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxc.backends.c import compile_model
-from onnxc.backends.c.toolchain import HarnessModel, ToolError, build_host, harness, run_host
+from onnxc.backends.c.toolchain import HarnessModel, ToolError, build_host, harness, harness_model, run_host
 from onnxc.compiler.model import clone
 from onnxc.errors import OnnxcError
 
@@ -32,7 +32,12 @@ RTOL, ATOL = 1e-4, 1e-5
 
 # Float inputs the C backend needs at export time, by op: input positions.
 FROZEN = {"Conv": {1, 2}, "ConvTranspose": {1, 2}, "BatchNormalization": {1, 2, 3, 4}, "Clip": {1, 2},
-          "Pad": {2}, "Resize": {1, 2, 3}, "Upsample": {1}, "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3}}
+          "Pad": {2}, "Resize": {1, 2, 3}, "Upsample": {1}, "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3},
+          "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "QLinearConv": {1, 2, 3, 4, 5, 6, 7, 8},
+          "QLinearMatMul": {1, 2, 4, 5, 6, 7}, "ConvInteger": {1, 2, 3}, "MatMulInteger": {2, 3}}
+# Integer data inputs that stay run-time inputs (other non-float inputs are parameters).
+RUNTIME = {"QuantizeLinear": {0}, "DequantizeLinear": {0}, "QLinearConv": {0}, "QLinearMatMul": {0, 3},
+           "ConvInteger": {0}, "MatMulInteger": {0, 1}}
 
 
 @dataclass
@@ -85,18 +90,28 @@ def _freeze(model: onnx.ModelProto, values: list[np.ndarray]) -> tuple[onnx.Mode
     node = model.graph.node[0]
     frozen_pos = FROZEN.get(node.op_type, set())
     m = clone(model)
-    params = _parameter_positions(node, model)
+    params = _parameter_positions(node, model) - RUNTIME.get(node.op_type, set())
     keep, kept_idx = [], []
     for i, vi in enumerate(model.graph.input):
         pos = [k for k, name in enumerate(node.input) if name == vi.name]
         if any(p in frozen_pos or p in params for p in pos):
-            m.graph.initializer.append(numpy_helper.from_array(np.asarray(values[i]), vi.name))
+            m.graph.initializer.append(_tensor(values[i], vi.name))
         else:
             keep.append(vi)
             kept_idx.append(i)
     del m.graph.input[:]
     m.graph.input.extend(keep)
     return m, kept_idx
+
+
+def _tensor(value, name: str) -> onnx.TensorProto:
+    """An initializer from a case's value (numpy, or a TensorProto for types numpy lacks)."""
+    if isinstance(value, onnx.TensorProto):
+        t = onnx.TensorProto()
+        t.CopyFrom(value)
+        t.name = name
+        return t
+    return numpy_helper.from_array(np.asarray(value), name)
 
 
 def _parameter_positions(node: onnx.NodeProto, model: onnx.ModelProto) -> set[int]:
@@ -169,7 +184,7 @@ def generate(units: list[Unit], workdir: Path) -> list[Unit]:
             continue
         gen.write(workdir)
         prog = gen.prog
-        u.harness = HarnessModel(u.name, [prog.size(n) for n in prog.inputs], [prog.size(n) for n in prog.outputs])
+        u.harness = harness_model(prog)
         if [x.size for x in u.inputs] != u.harness.input_sizes:
             u.error = f"input sizes {[x.size for x in u.inputs]} != generated {u.harness.input_sizes}"
             continue
@@ -252,7 +267,8 @@ def run_conformance(ops: set[str], workdir: Path, opt: str = "-O1",
             continue
         exe, index = where[u.name]
         try:
-            got = run_host(exe, index, u.inputs, u.harness.output_sizes, timeout=60)
+            got = run_host(exe, index, u.inputs, u.harness.output_sizes, timeout=60,
+                           input_types=u.harness.input_types, output_types=u.harness.output_types)
         except ToolError as exc:
             u.error = "run: " + str(exc).splitlines()[0][:200]
             continue
@@ -270,7 +286,13 @@ def run_conformance(ops: set[str], workdir: Path, opt: str = "-O1",
 
 
 def supported_ops() -> set[str]:
-    from onnxc.backends.c import lower_elementwise, lower_layout, lower_nn, lower_rnn  # noqa: F401  (register)
+    from onnxc.backends.c import (  # noqa: F401  (register)
+        lower_elementwise,
+        lower_layout,
+        lower_nn,
+        lower_quant,
+        lower_rnn,
+    )
     from onnxc.backends.c.lowering import HANDLERS
 
     return set(HANDLERS)

@@ -71,14 +71,15 @@ def plan(lo: Lowerer) -> None:
         if ctype == "uint8_t":
             state.alias[name] = f"{name}__s8"
             lo.prog.dtypes[state.alias[name]] = "int8_t"
-            lo.prog.shapes[state.alias[name]] = lo.shape(name)
+            lo.prog.shapes[name] = lo.prog.shapes[state.alias[name]] = lo.shape(name)
     for name in lo.prog.inputs:
         if name in state.alias:
             _convert(lo, "onnxc_u8_to_s8", name, state.alias[name])
 
 
 def _convert(lo: Lowerer, fn: str, src: str, dst: str) -> None:
-    lo.prog.shapes.setdefault(dst, lo.shape(src) if src in lo.view.value_info else lo.prog.shapes[src])
+    for name in (src, dst):
+        lo.prog.shapes.setdefault(name, lo.prog.shapes.get(src) or lo.prog.shapes.get(dst))
     lo.step(None, "Cast", [src], [dst], [Call(fn, [Arg.t(src), Arg.t(dst), lo.lit(lo.prog.size(src))])])
 
 

@@ -78,18 +78,26 @@ extern int main(void);
 extern void initialise_monitor_handles(void);
 void reset_handler(void);
 void fault_handler(void);
+void systick_handler(void);
 
 __attribute__((section(".vectors"), used))
 const void *const vector_table[16] = {
     &__stack_top, (const void *)reset_handler, (const void *)fault_handler, (const void *)fault_handler,
     (const void *)fault_handler, (const void *)fault_handler, (const void *)fault_handler, 0, 0, 0, 0,
     (const void *)fault_handler, (const void *)fault_handler, 0, (const void *)fault_handler,
-    (const void *)fault_handler,
+    (const void *)systick_handler,
 };
 
 void fault_handler(void)
 {
     exit(99);
+}
+
+/* SysTick wraps (24-bit counter), for instruction counting (see CYCLES). */
+volatile uint32_t onnxc_systick_wraps;
+void systick_handler(void)
+{
+    onnxc_systick_wraps++;
 }
 
 void reset_handler(void)
@@ -114,10 +122,40 @@ def available() -> bool:
     return shutil.which(CC) is not None and shutil.which("qemu-system-arm") is not None
 
 
-def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]]) -> str:
-    """main() that runs each model on embedded inputs and prints every output as hex float bits."""
+# Instruction counting: under `qemu -icount shift=0` every instruction takes 1 ns of virtual time
+# and SysTick counts the 25 MHz core clock of the AN386, so one tick is 40 instructions.
+INSTRUCTIONS_PER_TICK = 40
+TIMER = """\
+#define SYST_CSR (*(volatile uint32_t *)0xE000E010)
+#define SYST_RVR (*(volatile uint32_t *)0xE000E014)
+#define SYST_CVR (*(volatile uint32_t *)0xE000E018)
+extern volatile uint32_t onnxc_systick_wraps;
+static void timer_start(void)
+{
+    SYST_RVR = 0xFFFFFFu;
+    SYST_CVR = 0;
+    SYST_CSR = 7u; /* core clock, interrupt on wrap, enabled */
+    while (SYST_CVR == 0) {
+    }
+}
+static unsigned long long timer_ticks(void)
+{
+    uint32_t w, v;
+    do {
+        w = onnxc_systick_wraps;
+        v = SYST_CVR;
+    } while (w != onnxc_systick_wraps);
+    return ((unsigned long long)w << 24) + (0xFFFFFFu - v);
+}
+"""
+
+
+def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]], *, timed: bool = False) -> str:
+    """main() that runs each model on embedded inputs and prints every output as hex float bits
+    (and, `timed`, the SysTick ticks of each run as `NAME.ticks N`; see `count_instructions`)."""
     lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <string.h>"]
     lines += [f'#include "{name}.h"' for name, _, _ in models]
+    lines += [TIMER] if timed else []
     calls = []
     for name, inputs, out_sizes in models:
         args = []
@@ -133,8 +171,18 @@ def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]]) -> str:
               "    for (i = 0; i < n; i++) {", "        uint32_t b;", "        memcpy(&b, &p[i], 4);",
               '        printf(" %08lx", (unsigned long)b);', "    }", '    printf("\\n");', "}", "",
               "int main(void)", "{"]
+    if timed:
+        lines.append("    timer_start();")
     for name, args, out_sizes in calls:
-        lines.append(f"    if ({name}_run({', '.join(args)}) != 0) return 1;")
+        if timed:
+            lines.append("    {")
+            lines.append("        unsigned long long t0 = timer_ticks(), t1;")
+            lines.append(f"        if ({name}_run({', '.join(args)}) != 0) return 1;")
+            lines.append("        t1 = timer_ticks();")
+            lines.append(f'        printf("{name}.ticks %llu\\n", t1 - t0);')
+            lines.append("    }")
+        else:
+            lines.append(f"    if ({name}_run({', '.join(args)}) != 0) return 1;")
         for k, n in enumerate(out_sizes):
             lines.append(f'    print_bits("{name}.out{k}", {name}_out{k}, {n});')
     lines += ["    return 0;", "}", ""]
@@ -154,10 +202,18 @@ def build(sources: list[Path], workdir: Path, *, opt: str = "-O2", include: list
     return elf
 
 
-def run_qemu(elf: Path, timeout: float = 300) -> str:
+def run_qemu(elf: Path, timeout: float = 300, *, icount: bool = False) -> str:
+    """Run firmware; `icount`: one instruction per nanosecond of virtual time (for counting)."""
+    extra = ["-icount", "shift=0"] if icount else []
     out = run(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-monitor", "none", "-serial", "none",
-               "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)], timeout=timeout)
+               "-semihosting-config", "enable=on,target=native", *extra, "-kernel", str(elf)], timeout=timeout)
     return out.decode(errors="replace")
+
+
+def count_instructions(text: str) -> dict[str, int]:
+    """Instructions per run (to 40) from the `NAME.ticks N` lines of a timed firmware under icount."""
+    return {m.group(1): int(m.group(2)) * INSTRUCTIONS_PER_TICK
+            for m in re.finditer(r"^(\w+)\.ticks (\d+)\s*$", text, re.M)}
 
 
 def parse_outputs(text: str) -> dict[str, np.ndarray]:

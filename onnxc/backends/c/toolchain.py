@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror"]
+# numpy dtype of each C element type a generated entry point reads or writes.
+NUMPY_TYPES = {"float": "<f4", "int8_t": "i1", "uint8_t": "u1", "int32_t": "<i4"}
 
 
 class ToolError(RuntimeError):
@@ -30,6 +32,12 @@ class HarnessModel:
     name: str
     input_sizes: list[int]
     output_sizes: list[int]
+    input_types: list[str] | None = None   # C element types (None: all float)
+    output_types: list[str] | None = None
+
+    def types(self) -> list[str]:
+        return ((self.input_types or ["float"] * len(self.input_sizes))
+                + (self.output_types or ["float"] * len(self.output_sizes)))
 
 
 def host_cc() -> str:
@@ -48,28 +56,41 @@ def run(cmd: list[str], *, cwd: Path | None = None, input: bytes | None = None, 
 
 
 def harness(models: list[HarnessModel]) -> str:
-    """C source of a main() that dispatches to the models' NAME_run on argv[1]."""
-    lines = ["#include <stdio.h>", "#include <stdlib.h>"]
+    """C source of a main() that dispatches to the models' NAME_run on argv[1], once per sample
+    on stdin."""
+    lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <stdlib.h>"]
     lines += [f'#include "{m.name}.h"' for m in models]
-    total = max([sum(m.input_sizes) + sum(m.output_sizes) for m in models] + [1])
+    layouts = [_io_layout(m) for m in models]
+    total = max([words for _, words in layouts] + [1])
     lines += [f"static float io_buf[{total}];", "",
-              "static int read_floats(float *p, long n) { return fread(p, sizeof(float), (size_t)n, stdin)"
-              " == (size_t)n || n == 0; }",
-              "static void write_floats(const float *p, long n) { fwrite(p, sizeof(float), (size_t)n, stdout); }",
+              "static int read_bytes(void *p, long n) { return fread(p, 1, (size_t)n, stdin) == (size_t)n || n == 0; }",
+              "static void write_bytes(const void *p, long n) { fwrite(p, 1, (size_t)n, stdout); }",
               "", "int main(int argc, char **argv)", "{",
-              "    int k = argc > 1 ? atoi(argv[1]) : 0;", "    float *p = io_buf;", "    switch (k) {"]
-    for i, m in enumerate(models):
-        ptrs, off = [], 0
-        for n in m.input_sizes + m.output_sizes:
-            ptrs.append(f"p + {off}")
-            off += n
+              "    int k = argc > 1 ? atoi(argv[1]) : 0;", "    long n;", "    float *p = io_buf;", "    switch (k) {"]
+    for i, (m, (offsets, _)) in enumerate(zip(models, layouts)):
+        types, sizes = m.types(), m.input_sizes + m.output_sizes
+        ptrs = [f"p + {off}" if t == "float" else f"({t} *)(p + {off})" for t, off in zip(types, offsets)]
+        nbytes = [n * np.dtype(NUMPY_TYPES[t]).itemsize for t, n in zip(types, sizes)]
         lines.append(f"    case {i}:")
-        lines.append(f"        if (!read_floats(p, {sum(m.input_sizes)})) return 2;")
-        lines.append(f"        if ({m.name}_run({', '.join(ptrs)}) != 0) return 3;")
-        lines.append(f"        write_floats(p + {sum(m.input_sizes)}, {sum(m.output_sizes)});")
-        lines.append("        return 0;")
+        lines.append("        for (n = 0;; n++) { /* one sample after another, until the input ends */")
+        for k in range(len(m.input_sizes)):
+            lines.append(f"            if (!read_bytes(p + {offsets[k]}, {nbytes[k]})) return n > 0 ? 0 : 2;")
+        lines.append(f"            if ({m.name}_run({', '.join(ptrs)}) != 0) return 3;")
+        for k in range(len(m.input_sizes), len(sizes)):
+            lines.append(f"            write_bytes(p + {offsets[k]}, {nbytes[k]});")
+        lines += ["            return 0;"] if not m.input_sizes else []
+        lines.append("        }")
     lines += ["    default: return 1;", "    }", "}", ""]
     return "\n".join(lines)
+
+
+def _io_layout(m: HarnessModel) -> tuple[list[int], int]:
+    """Offsets (in floats, so every buffer is aligned) of each input and output, and the total."""
+    offsets, off = [], 0
+    for t, n in zip(m.types(), m.input_sizes + m.output_sizes):
+        offsets.append(off)
+        off += -(-n * np.dtype(NUMPY_TYPES[t]).itemsize // 4)
+    return offsets, off
 
 
 def build_host(sources: list[Path], exe: Path, *, opt: str = "-O1", include: list[Path] = (),
@@ -81,16 +102,20 @@ def build_host(sources: list[Path], exe: Path, *, opt: str = "-O1", include: lis
 
 
 def run_host(exe: Path, index: int, inputs: list[np.ndarray], output_sizes: list[int],
-             timeout: float = 120) -> list[np.ndarray]:
-    data = b"".join(np.ascontiguousarray(x, dtype="<f4").tobytes() for x in inputs)
+             timeout: float = 120, input_types: list[str] | None = None,
+             output_types: list[str] | None = None) -> list[np.ndarray]:
+    """Run model `index` of a harness program: inputs and outputs as the given C types (float)."""
+    in_types = input_types or ["float"] * len(inputs)
+    out_types = [np.dtype(NUMPY_TYPES[t]) for t in (output_types or ["float"] * len(output_sizes))]
+    data = b"".join(np.ascontiguousarray(x, dtype=NUMPY_TYPES[t]).tobytes() for x, t in zip(inputs, in_types))
     raw = run([str(exe), str(index)], input=data, timeout=timeout)
-    flat = np.frombuffer(raw, dtype="<f4")
-    if flat.size != sum(output_sizes):
-        raise ToolError(f"{exe.name} {index}: expected {sum(output_sizes)} floats, got {flat.size}")
+    expected = sum(n * t.itemsize for n, t in zip(output_sizes, out_types))
+    if len(raw) != expected:
+        raise ToolError(f"{exe.name} {index}: expected {expected} output bytes, got {len(raw)}")
     outs, off = [], 0
-    for n in output_sizes:
-        outs.append(flat[off:off + n].copy())
-        off += n
+    for n, t in zip(output_sizes, out_types):
+        outs.append(np.frombuffer(raw, dtype=t, count=n, offset=off).copy())
+        off += n * t.itemsize
     return outs
 
 
@@ -118,18 +143,45 @@ def build_generated(gens: list, workdir: Path, *, opt: str = "-O1") -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     for gen in gens:
         gen.write(workdir)
-    models = [HarnessModel(g.prog.name, [g.prog.size(n) for n in g.prog.inputs],
-                           [g.prog.size(n) for n in g.prog.outputs]) for g in gens]
+    models = [harness_model(g.prog) for g in gens]
     (workdir / "main.c").write_text(harness(models))
     sources = [workdir / "main.c"] + [workdir / f"{g.prog.name}.c" for g in gens]
     sources += sorted(p for p in workdir.glob("onnxc_*.c"))
     return build_host(sources, workdir / "prog", opt=opt, include=[workdir])
 
 
+def harness_model(prog) -> HarnessModel:
+    return HarnessModel(prog.name, [prog.size(n) for n in prog.inputs], [prog.size(n) for n in prog.outputs],
+                        [prog.ctype(n) for n in prog.inputs], [prog.ctype(n) for n in prog.outputs])
+
+
+def run_samples(exe: Path, index: int, gen, feeds: dict[str, np.ndarray], timeout: float = 300) -> dict[str,
+                                                                                                     np.ndarray]:
+    """Run model `index` once per sample (axis 0 of every feed) in one process; outputs stacked."""
+    prog = gen.prog
+    count = len(feeds[prog.inputs[0]])
+    types = [prog.ctype(n) for n in prog.inputs]
+    data = b"".join(np.ascontiguousarray(feeds[n][i], dtype=NUMPY_TYPES[t]).tobytes()
+                    for i in range(count) for n, t in zip(prog.inputs, types))
+    raw = run([str(exe), str(index)], input=data, timeout=timeout)
+    out_types = [np.dtype(NUMPY_TYPES[prog.ctype(n)]) for n in prog.outputs]
+    per = [prog.size(n) * t.itemsize for n, t in zip(prog.outputs, out_types)]
+    if len(raw) != count * sum(per):
+        raise ToolError(f"{exe.name} {index}: expected {count * sum(per)} output bytes, got {len(raw)}")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(count, sum(per))
+    outs, off = {}, 0
+    for n, t, size in zip(prog.outputs, out_types, per):
+        outs[n] = rows[:, off:off + size].copy().view(t).reshape((count,) + tuple(prog.shapes[n][1:]))
+        off += size
+    return outs
+
+
 def run_generated(exe: Path, index: int, gen, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run model `index` of a `build_generated` program on named inputs; outputs by name, shaped."""
     prog = gen.prog
-    outs = run_host(exe, index, [feeds[n] for n in prog.inputs], [prog.size(n) for n in prog.outputs])
+    outs = run_host(exe, index, [feeds[n] for n in prog.inputs], [prog.size(n) for n in prog.outputs],
+                    input_types=[prog.ctype(n) for n in prog.inputs],
+                    output_types=[prog.ctype(n) for n in prog.outputs])
     return {n: o.reshape(prog.shapes[n]) for n, o in zip(prog.outputs, outs)}
 
 

@@ -1,0 +1,111 @@
+"""The C backend in int8: the QDQ model of our onnxruntime int8 flow lowered to integer kernels.
+
+DS-CNN and the four digits samples are quantized once (static QDQ, per-channel weights, the
+calibration set), lowered, built into one host program (-O2, -Werror) and run on the test set
+against onnxruntime running the same QDQ model: top-1 agreement, outputs within one quantization
+step, digits accuracy against the float model, and flash/arena against the float build. The int8
+DS-CNN also runs on the emulated Cortex-M4 and must match the host build bit for bit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from sample_data import CALIBRATION, SAMPLE_MODELS, load_test_set, sample_path
+
+from onnxc.backends import ExportOptions
+from onnxc.backends.c import compile_model, mps2, quantize_for_c
+from onnxc.backends.c.reference_models import ds_cnn
+from onnxc.backends.c.toolchain import build_generated, run_samples
+from onnxc.compiler import runtime
+from onnxc.compiler.calibration import make_calibration
+from onnxc.compiler.canonical import canonicalize
+
+KWS_SAMPLES = 300
+# Per output channel an int8 layer stores its int32 bias and one requantization word besides its
+# weights: 8 bytes, against 4 bytes of float bias. Layers with few weights per channel (DS-CNN's and
+# MobileNet's 3x3 depthwise convolutions: 9) pay it most.
+WEIGHT_RATIO = {"mlp": 0.27, "vgg": 0.27, "resnet": 0.27, "mobilenet": 0.30, "ds_cnn": 0.30}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(name -> float model, QDQ model, float build, int8 build, inputs), and the host program."""
+    x_test, _ = load_test_set()
+    kws = np.random.default_rng(1).standard_normal((KWS_SAMPLES, 1, 1, 49, 10)).astype(np.float32)
+    entries = {}
+    for name in SAMPLE_MODELS + ["ds_cnn"]:
+        model = canonicalize(ds_cnn(seed=0) if name == "ds_cnn" else onnx.load(sample_path(name)))
+        cal = make_calibration(model, None if name == "ds_cnn" else CALIBRATION, seed=0)
+        qdq, _ = quantize_for_c(model, ExportOptions(int8="static", calibration=cal))
+        inputs = kws[:, 0] if name == "ds_cnn" else x_test
+        entries[name] = (model, qdq, compile_model(model, f"{name}_f"), compile_model(qdq, name), inputs)
+    gens = [e[3] for e in entries.values()]
+    exe = build_generated(gens, tmp_path_factory.mktemp("int8"), opt="-O2")
+    return entries, exe
+
+
+def test_int8_matches_onnxruntime_on_the_test_sets(built):
+    entries, exe = built
+    for k, (name, (model, qdq, _, gen, x)) in enumerate(entries.items()):
+        ours = run_samples(exe, k, gen, {"input": x})["logits"].reshape(len(x), -1)
+        ref = runtime.run(qdq, {"input": x})["logits"].reshape(len(x), -1)
+        step = gen.prog.entry_int8.output_scale
+        agree = float(np.mean(ours.argmax(1) == ref.argmax(1)))
+        within = float(np.mean(np.abs(ours - ref) <= step * 1.001))
+        assert agree >= 0.99, (name, agree)
+        assert within >= 0.99, (name, within)
+
+
+def test_int8_digits_accuracy_within_one_point_of_float(built):
+    entries, exe = built
+    _, labels = load_test_set()
+    for k, (name, (model, _, _, gen, x)) in enumerate(entries.items()):
+        if name == "ds_cnn":
+            continue
+        ours = run_samples(exe, k, gen, {"input": x})["logits"].reshape(len(x), -1)
+        float_acc = 100 * np.mean(runtime.run(model, {"input": x})["logits"].argmax(1) == labels)
+        int8_acc = 100 * np.mean(ours.argmax(1) == labels)
+        assert int8_acc >= float_acc - 1.0, (name, float_acc, int8_acc)
+
+
+def test_int8_weights_and_arena_against_the_float_build(built):
+    entries, _ = built
+    for name, (_, _, fgen, gen, _) in entries.items():
+        assert gen.weight_bytes <= WEIGHT_RATIO[name] * fgen.weight_bytes, (name, gen.weight_bytes, fgen.weight_bytes)
+        assert gen.arena_bytes <= 0.3 * fgen.arena_bytes, (name, gen.arena_bytes, fgen.arena_bytes)
+        assert gen.prog.entry_int8 is not None, name
+
+
+@pytest.mark.skipif(not mps2.available(), reason="arm-none-eabi-gcc / qemu-system-arm not installed")
+def test_int8_ds_cnn_on_cortex_m4_matches_host_bit_for_bit(built, tmp_path):
+    entries, exe = built
+    names = list(entries)
+    gen, x = entries["ds_cnn"][3], entries["ds_cnn"][4][:1]
+    host = run_samples(exe, names.index("ds_cnn"), gen, {"input": x})["logits"].reshape(-1)
+    gen.write(tmp_path)
+    (tmp_path / "main.c").write_text(mps2.firmware_main([("ds_cnn", [x], [gen.prog.size("logits")])], timed=True))
+    elf = mps2.build(sorted(tmp_path.glob("*.c")), tmp_path, include=[tmp_path])
+    text = mps2.run_qemu(elf, timeout=120, icount=True)
+    assert mps2.parse_outputs(text)["ds_cnn.out0"].view("<u4").tolist() == host.view("<u4").tolist()
+    assert 0 < mps2.count_instructions(text)["ds_cnn"] < 20_000_000
+
+
+def test_export_c_int8_command_line(tmp_path):
+    out = tmp_path / "net"
+    cmd = [sys.executable, "-m", "onnxc", "export", str(sample_path("mlp")), "--backend", "c", "--int8",
+           "--calibration", str(CALIBRATION), "-o", str(out), "--name", "net", "-q"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    header = (out / "net.h").read_text()
+    for macro in ("NET_INPUT_SCALE", "NET_INPUT_ZERO_POINT", "NET_OUTPUT_SCALE", "NET_OUTPUT_ZERO_POINT"):
+        assert f"#define {macro} " in header
+    assert "int net_run(const float *input, float *output);" in header
+    assert "int net_run_int8(const int8_t *input, int8_t *output);" in header
+    assert (out / "onnxc_int8.c").exists()
+    at = cmd.index("--int8") + 1
+    dynamic = subprocess.run(cmd[:at] + ["dynamic"] + cmd[at:], capture_output=True, text=True)
+    assert dynamic.returncode == 2 and "static" in dynamic.stderr
