@@ -28,7 +28,8 @@ from onnxc.errors import OnnxcError
 NULL = Arg("lit", "NULL")
 KERNEL_FILES.update({fn: "onnxc_int8.c" for fn in (
     "onnxc_quantize", "onnxc_dequantize", "onnxc_dequantize_i32", "onnxc_u8_to_s8", "onnxc_s8_to_u8",
-    "onnxc_qconv2d", "onnxc_qconv_dw", "onnxc_qconv_dw_inplace", "onnxc_qconv1x1", "onnxc_qconv1x1_inplace",
+    "onnxc_qconv2d", "onnxc_qconv2d_im2col", "onnxc_qconv_dw", "onnxc_qconv_dw_inplace", "onnxc_qconv1x1",
+    "onnxc_qconv1x1_inplace",
     "onnxc_qdense", "onnxc_qmatmul", "onnxc_qpool", "onnxc_qglobal_pool", "onnxc_qbinary")})
 CTYPES = {TensorProto.INT8: "int8_t", TensorProto.UINT8: "uint8_t", TensorProto.INT32: "int32_t"}
 ONE = qdq.QParams(np.ones(1, np.float32), np.zeros(1, np.int64))
@@ -278,25 +279,35 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         fields.update(_requant_tables(lo, acc_scale / yq.s, hint))
     p = lo.params("onnxc_qconv_p", fields, hint)
     fast = yq is not None and not wzp.any()
-    if fast and kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
-        rows = w.reshape(m, c)
-        wa = _int8_const(lo, interleave(rows), f"w_{hint}")
-        ba = _bias_arg(lo, bias_q - xq.z * rows.sum(axis=1), hint)
-        inplace = {"inplace": 0, "inplace_scratch": -(-2 * c // 4),
-                   "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, Arg(SCRATCH, "int8_t"), p])]}
-        lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv1x1", [Arg.t(x), wa, ba, Arg.t(y), p])],
-                **(inplace if m <= c else {}))
+    scratch = Arg(SCRATCH, "int8_t")
+    if fast and group == c == m:
+        wa, ba = _int8_const(lo, w, f"w_{hint}"), _bias_arg(lo, bias_q, hint)
+        padded = [(ys[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(2)]
+        words = -(-padded[0] * padded[1] // 4)
+        inplace = {}
+        if ys[2] * ys[3] <= xs[2] * xs[3]:
+            inplace = {"inplace": 0, "inplace_scratch": words,
+                       "inplace_calls": [Call("onnxc_qconv_dw_inplace", [Arg.t(y), wa, ba, scratch, p])]}
+        lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv_dw", [Arg.t(x), wa, ba, Arg.t(y), scratch, p])],
+                scratch=words, **inplace)
+        return
+    if fast:  # GEMM over gathered pixel pairs: 1x1 directly, any other through im2col
+        k = w[0].size
+        rows = w.reshape(group, m // group, k)
+        wa = _int8_const(lo, np.concatenate([interleave(r) for r in rows]), f"w_{hint}")
+        ba = _bias_arg(lo, bias_q - xq.z * w.reshape(m, k).sum(axis=1), hint)
+        words = -(-2 * k // 4)
+        if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
+            inplace = {"inplace": 0, "inplace_scratch": words,
+                       "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}
+            lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv1x1", [Arg.t(x), wa, ba, Arg.t(y), scratch, p])],
+                    scratch=words, **(inplace if m <= c else {}))
+        else:
+            lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv2d_im2col", [Arg.t(x), wa, ba, Arg.t(y),
+                                                                                 scratch, p])], scratch=words)
         return
     wa = _int8_const(lo, w, f"w_{hint}")
     ba = _bias_arg(lo, bias_q, hint) if bias is not None else NULL
-    if fast and group == c == m:
-        inplace = {}
-        if ys[2] * ys[3] <= xs[2] * xs[3]:
-            inplace = {"inplace": 0, "inplace_scratch": -(-xs[2] * xs[3] // 4),
-                       "inplace_calls": [Call("onnxc_qconv_dw_inplace", [Arg.t(y), wa, ba, Arg(SCRATCH, "int8_t"),
-                                                                         p])]}
-        lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv_dw", [Arg.t(x), wa, ba, Arg.t(y), p])], **inplace)
-        return
     outs = [Arg.t(y), NULL] if yq is not None else [NULL, Arg.t(y)]
     lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv2d", [Arg.t(x), wa, ba, *outs, p])])
 

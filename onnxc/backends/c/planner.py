@@ -200,6 +200,8 @@ class _Planner:
             took = self.try_inplace(s)
             for name in step.outputs[1 if took else 0:]:
                 self.locate(name, s)
+            if s not in self.inplace and step.scratch:
+                self.scratch[s] = self.new_buffer(4 * step.scratch, s, "")
         for buf in self.buffers:
             for m in buf.members:
                 if m.name:

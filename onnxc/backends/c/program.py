@@ -54,6 +54,7 @@ class Step:
     inplace: int | None = None
     inplace_calls: list[Call] | None = None
     inplace_scratch: int = 0
+    scratch: int = 0  # scratch (4-byte words) the out-of-place calls use
     fused: list[str] = field(default_factory=list)
     # Concat along a contiguous axis: (input, element offset in the output, index of its copy call).
     # The planner may let the producer of such an input write straight into the output instead.

@@ -129,42 +129,53 @@ void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t
     }
 }
 
-/* One depthwise output plane from one input plane. Interior pixels (every tap in bounds) fold
- * the input zero point into the bias; border pixels subtract it tap by tap. */
-static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, const onnxc_qconv_p *p, int32_t m)
+/* One depthwise output plane: the input plane is first copied into `pad` with its padding
+ * filled with the input zero point (the real value 0), so that every window is whole and the
+ * zero point folds into the bias; 3x3 windows are unrolled. */
+static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, int8_t *pad, const onnxc_qconv_p *p,
+                     int32_t m)
 {
-    int32_t oh, ow, kh, kw, wsum = 0, ksize = p->kh * p->kw;
-    for (kh = 0; kh < ksize; kh++) wsum += wp[kh];
-    for (oh = 0; oh < p->oh; oh++) {
-        int32_t ih0 = oh * p->sh - p->pt, kh_lo, kh_hi;
-        tap_range(ih0, p->kh, p->dh, p->h, &kh_lo, &kh_hi);
-        for (ow = 0; ow < p->ow; ow++) {
-            int32_t iw0 = ow * p->sw - p->pl, kw_lo, kw_hi, acc = b;
-            const int8_t *xo = xp + ih0 * p->w + iw0;
-            tap_range(iw0, p->kw, p->dw, p->w, &kw_lo, &kw_hi);
-            if (kh_hi - kh_lo == p->kh && kw_hi - kw_lo == p->kw) {
-                acc -= p->x_zp * wsum;
-                for (kh = 0; kh < p->kh; kh++) {
-                    const int8_t *xr = xo + kh * p->dh * p->w, *wr = wp + kh * p->kw;
-                    for (kw = 0; kw < p->kw; kw++) acc += xr[kw * p->dw] * wr[kw];
-                }
+    const int32_t H = p->h, W = p->w, OH = p->oh, OW = p->ow, KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw;
+    const int32_t DH = p->dh, DW = p->dw, XZ = p->x_zp, YZ = p->y_zp, LO = p->lo, HI = p->hi, RQ = p->rq[m];
+    const int32_t HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW - 1) * SW + (KW - 1) * DW + 1;
+    int32_t r, c, oh, ow, kh, kw, wsum = 0, base;
+    for (r = 0; r < HP; r++) {
+        int32_t ih = r - p->pt;
+        int8_t *row = pad + r * WP;
+        for (c = 0; c < WP; c++) {
+            int32_t iw = c - p->pl;
+            row[c] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xp[ih * W + iw] : (int8_t)XZ;
+        }
+    }
+    for (kh = 0; kh < KH * KW; kh++) wsum += wp[kh];
+    base = b - XZ * wsum;
+    for (oh = 0; oh < OH; oh++) {
+        const int8_t *xo = pad + oh * SH * WP;
+        for (ow = 0; ow < OW; ow++, xo += SW) {
+            int32_t acc;
+            if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
+                const int8_t *x1 = xo + WP, *x2 = x1 + WP;
+                acc = base + xo[0] * wp[0] + xo[1] * wp[1] + xo[2] * wp[2] + x1[0] * wp[3] + x1[1] * wp[4]
+                    + x1[2] * wp[5] + x2[0] * wp[6] + x2[1] * wp[7] + x2[2] * wp[8];
             } else {
-                for (kh = kh_lo; kh < kh_hi; kh++) {
-                    const int8_t *xr = xo + kh * p->dh * p->w, *wr = wp + kh * p->kw;
-                    for (kw = kw_lo; kw < kw_hi; kw++) acc += ((int32_t)xr[kw * p->dw] - p->x_zp) * wr[kw];
+                acc = base;
+                for (kh = 0; kh < KH; kh++) {
+                    const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
+                    for (kw = 0; kw < KW; kw++) acc += xr[kw * DW] * wr[kw];
                 }
             }
-            *yp++ = requant_out(acc, p, m);
+            *yp++ = onnxc_clamp8(onnxc_requant(acc, RQ) + YZ, LO, HI);
         }
     }
 }
 
-void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qconv_p *p)
+void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                    const onnxc_qconv_p *p)
 {
     int32_t plane, in_plane = p->h * p->w, out_plane = p->oh * p->ow, ksize = p->kh * p->kw;
     for (plane = 0; plane < p->n * p->c; plane++) {
         int32_t m = plane % p->c;
-        dw_plane(x + plane * in_plane, w + m * ksize, bias ? bias[m] : 0, y + plane * out_plane, p, m);
+        dw_plane(x + plane * in_plane, w + m * ksize, bias[m], y + plane * out_plane, scratch, p, m);
     }
 }
 
@@ -173,26 +184,19 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, in
 {
     /* Output plane i ends where input plane i + 1 starts or before (oh * ow <= h * w): it only
      * overwrites consumed input planes and plane i, copied to scratch first. */
-    int32_t plane, i, in_plane = p->h * p->w, out_plane = p->oh * p->ow, ksize = p->kh * p->kw;
-    for (plane = 0; plane < p->n * p->c; plane++) {
-        int32_t m = plane % p->c;
-        const int8_t *xp = xy + plane * in_plane;
-        for (i = 0; i < in_plane; i++) scratch[i] = xp[i];
-        dw_plane(scratch, w + m * ksize, bias ? bias[m] : 0, xy + plane * out_plane, p, m);
-    }
+    onnxc_qconv_dw(xy, w, bias, xy, scratch, p);
 }
 
-/* Dot products over k of 4 interleaved weight rows (w[k][4]) with two input columns x0[k * xs]
- * and x1[k * xs] (x1 == x0 + 1): acc[r] for column 0, acc[4 + r] for column 1. This is the
- * block a SIMD variant replaces. */
-static void dot4x2(const int8_t *x, int32_t xs, const int8_t *w, int32_t k, int32_t *acc)
+/* The GEMM core of the 1x1 and im2col convolutions: k-long columns of two pixels interleaved
+ * (cols[k][2]) times 4 weight rows interleaved (w[k][4]): acc[r] for pixel 0, acc[4 + r] for
+ * pixel 1. This is the block a SIMD variant (SMLAD on pairs) replaces. */
+static void dot4x2(const int8_t *cols, const int8_t *w, int32_t k, int32_t *acc)
 {
     int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
     int32_t b0 = acc[4], b1 = acc[5], b2 = acc[6], b3 = acc[7];
-    const int8_t *end = w + 4 * k;
-    while (w < end) {
-        int32_t x0 = x[0], x1 = x[1], v;
-        x += xs;
+    for (; k > 0; k--) {
+        int32_t x0 = cols[0], x1 = cols[1], v;
+        cols += 2;
         v = w[0];
         a0 += x0 * v;
         b0 += x1 * v;
@@ -211,86 +215,127 @@ static void dot4x2(const int8_t *x, int32_t xs, const int8_t *w, int32_t k, int3
     acc[4] = b0, acc[5] = b1, acc[6] = b2, acc[7] = b3;
 }
 
-static void dot4x1(const int8_t *x, int32_t xs, const int8_t *w, int32_t k, int32_t *acc)
+/* All m outputs (rows of w, interleaved by 4 then plain) of two pixel columns cols[k][2],
+ * written to y[row * ys] and y[row * ys + 1] (ncols 1: the first only). */
+static void gemm_cols(const int8_t *cols, int32_t ncols, int32_t k, int32_t m, const int8_t *w,
+                      const int32_t *bias, const int32_t *rq, int8_t *y, int32_t ys, const onnxc_qconv_p *p)
 {
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    const int8_t *end = w + 4 * k;
-    while (w < end) {
-        int32_t x0 = *x;
-        x += xs;
-        a0 += x0 * w[0];
-        a1 += x0 * w[1];
-        a2 += x0 * w[2];
-        a3 += x0 * w[3];
-        w += 4;
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-}
-
-static int32_t dot1(const int8_t *x, int32_t xs, const int8_t *w, int32_t k, int32_t acc)
-{
-    int32_t i;
-    for (i = 0; i < k; i++) acc += x[i * xs] * w[i];
-    return acc;
-}
-
-/* All m outputs of `cols` (1 or 2) adjacent pixels whose channels are x[c * xs] (+1): written
- * to y[m * ys] (+1). */
-static void pointwise_cols(const int8_t *x, int32_t xs, int32_t cols, const int8_t *w, const int32_t *bias,
-                           int8_t *y, int32_t ys, const onnxc_qconv_p *p)
-{
-    int32_t m, r;
-    for (m = 0; m + 4 <= p->m; m += 4) {
+    const int32_t YZ = p->y_zp, LO = p->lo, HI = p->hi;
+    int32_t row, r, i;
+    for (row = 0; row + 4 <= m; row += 4) {
         int32_t acc[8];
-        const int8_t *wb = w + m * p->c;
-        for (r = 0; r < 4; r++) acc[r] = acc[4 + r] = bias ? bias[m + r] : 0;
-        if (cols == 2) {
-            dot4x2(x, xs, wb, p->c, acc);
-        } else {
-            dot4x1(x, xs, wb, p->c, acc);
-        }
+        for (r = 0; r < 4; r++) acc[r] = acc[4 + r] = bias[row + r];
+        dot4x2(cols, w + row * k, k, acc);
         for (r = 0; r < 4; r++) {
-            y[(m + r) * ys] = requant_out(acc[r], p, m + r);
-            if (cols == 2) y[(m + r) * ys + 1] = requant_out(acc[4 + r], p, m + r);
+            int8_t *yr = y + (row + r) * ys;
+            yr[0] = onnxc_clamp8(onnxc_requant(acc[r], rq[row + r]) + YZ, LO, HI);
+            if (ncols == 2) yr[1] = onnxc_clamp8(onnxc_requant(acc[4 + r], rq[row + r]) + YZ, LO, HI);
         }
     }
-    for (; m < p->m; m++) {
-        const int8_t *wr = w + m * p->c;
-        int32_t b = bias ? bias[m] : 0;
-        for (r = 0; r < cols; r++) y[m * ys + r] = requant_out(dot1(x + r, xs, wr, p->c, b), p, m);
+    for (; row < m; row++) {
+        const int8_t *wr = w + row * k;
+        int32_t a0 = bias[row], a1 = bias[row];
+        for (i = 0; i < k; i++) {
+            a0 += cols[2 * i] * wr[i];
+            a1 += cols[2 * i + 1] * wr[i];
+        }
+        y[row * ys] = onnxc_clamp8(onnxc_requant(a0, rq[row]) + YZ, LO, HI);
+        if (ncols == 2) y[row * ys + 1] = onnxc_clamp8(onnxc_requant(a1, rq[row]) + YZ, LO, HI);
     }
 }
 
-void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qconv_p *p)
+/* Two pixels at a time: their c channels gathered into scratch (interleaved), then all m
+ * outputs. In place (m <= c), output slot (m, pixel) is input slot (m, pixel) of the same image
+ * or of an earlier one, already gathered. */
+static void pointwise(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                      const onnxc_qconv_p *p)
 {
-    int32_t hw = p->h * p->w, n, px;
+    const int32_t hw = p->h * p->w, C = p->c, M = p->m;
+    int32_t n, px, c;
     for (n = 0; n < p->n; n++) {
-        const int8_t *xn = x + n * p->c * hw;
-        int8_t *yn = y + n * p->m * hw;
+        const int8_t *xin = x + n * C * hw;
+        int8_t *yout = y + n * M * hw;
         for (px = 0; px < hw; px += 2) {
-            pointwise_cols(xn + px, hw, px + 1 < hw ? 2 : 1, w, bias, yn + px, hw, p);
+            int32_t ncols = px + 1 < hw ? 2 : 1;
+            const int8_t *xc = xin + px;
+            for (c = 0; c < C; c++, xc += hw) {
+                scratch[2 * c] = xc[0];
+                scratch[2 * c + 1] = ncols == 2 ? xc[1] : 0;
+            }
+            gemm_cols(scratch, ncols, C, M, w, bias, p->rq, yout + px, hw, p);
         }
     }
+}
+
+void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                    const onnxc_qconv_p *p)
+{
+    pointwise(x, w, bias, y, scratch, p);
 }
 
 void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
                             const onnxc_qconv_p *p)
 {
-    /* Two pixels at a time: gather their c inputs (interleaved), then write their m <= c
-     * outputs, into slots whose inputs are already gathered (see onnxc_conv1x1_inplace). */
-    int32_t hw = p->h * p->w, n, px, c;
+    pointwise(xy, w, bias, xy, scratch, p);
+}
+
+/* Any convolution through im2col: for two output pixels at a time, each group's c/g * kh * kw
+ * window values (the input zero point where the window leaves the input, so that every tap
+ * counts and -x_zp * sum(w) folds into the bias) are gathered into scratch, then multiplied by
+ * the group's weight rows. */
+void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                          const onnxc_qconv_p *p)
+{
+    const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, cg = p->c / p->group, mg = p->m / p->group;
+    const int32_t k = cg * KH * KW, out_plane = p->oh * p->ow, XZ = p->x_zp;
+    int32_t n, g, px, j, cc, kh, kw;
     for (n = 0; n < p->n; n++) {
-        const int8_t *xin = xy + n * p->c * hw;
-        int8_t *yout = xy + n * p->m * hw;
-        for (px = 0; px < hw; px += 2) {
-            int32_t cols = px + 1 < hw ? 2 : 1;
-            for (c = 0; c < p->c; c++) {
-                scratch[2 * c] = xin[c * hw + px];
-                scratch[2 * c + 1] = cols == 2 ? xin[c * hw + px + 1] : 0;
+        for (g = 0; g < p->group; g++) {
+            const int8_t *xg = x + (n * p->c + g * cg) * H * W;
+            int8_t *yg = y + (n * p->m + g * mg) * out_plane;
+            for (px = 0; px < out_plane; px += 2) {
+                int32_t ncols = px + 1 < out_plane ? 2 : 1;
+                for (j = 0; j < 2; j++) {
+                    int32_t o = px + (j < ncols ? j : 0), oh = o / p->ow, ow = o % p->ow;
+                    int32_t ih0 = oh * p->sh - p->pt, iw0 = ow * p->sw - p->pl;
+                    int8_t *col = scratch + j;
+                    for (cc = 0; cc < cg; cc++) {
+                        const int8_t *xc = xg + cc * H * W;
+                        for (kh = 0; kh < KH; kh++) {
+                            int32_t ih = ih0 + kh * p->dh;
+                            for (kw = 0; kw < KW; kw++, col += 2) {
+                                int32_t iw = iw0 + kw * p->dw;
+                                *col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xc[ih * W + iw] : (int8_t)XZ;
+                            }
+                        }
+                    }
+                }
+                gemm_cols(scratch, ncols, k, mg, w + g * mg * k, bias + g * mg, p->rq + g * mg, yg + px, out_plane, p);
             }
-            pointwise_cols(scratch, 2, cols, w, bias, yout + px, hw, p);
         }
     }
+}
+
+/* Dot products of x[k] with 4 interleaved weight rows (w[k][4]), and with one plain row. */
+static void dot4x1(const int8_t *x, const int8_t *w, int32_t k, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (; k > 0; k--) {
+        int32_t v = *x++;
+        a0 += v * w[0];
+        a1 += v * w[1];
+        a2 += v * w[2];
+        a3 += v * w[3];
+        w += 4;
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+static int32_t dot1(const int8_t *x, const int8_t *w, int32_t k, int32_t acc)
+{
+    int32_t i;
+    for (i = 0; i < k; i++) acc += x[i] * w[i];
+    return acc;
 }
 
 /* ---- matrix products ------------------------------------------------------------------- */
@@ -303,14 +348,14 @@ void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t 
         for (j = 0; j + 4 <= p->n; j += 4) {
             int32_t acc[4];
             for (r = 0; r < 4; r++) acc[r] = bias ? bias[j + r] : 0;
-            dot4x1(xi, 1, w + j * p->k, p->k, acc);
+            dot4x1(xi, w + j * p->k, p->k, acc);
             for (r = 0; r < 4; r++) {
                 yi[j + r] = onnxc_clamp8(onnxc_requant(acc[r], p->rq[j + r]) + p->y_zp, p->lo,
                                          p->hi);
             }
         }
         for (; j < p->n; j++) {
-            int32_t acc = dot1(xi, 1, w + j * p->k, p->k, bias ? bias[j] : 0);
+            int32_t acc = dot1(xi, w + j * p->k, p->k, bias ? bias[j] : 0);
             yi[j] = onnxc_clamp8(onnxc_requant(acc, p->rq[j]) + p->y_zp, p->lo, p->hi);
         }
     }

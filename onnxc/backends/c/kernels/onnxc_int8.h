@@ -7,9 +7,10 @@
  * y = clamp(zero_point + round(acc * mult / 2^shift)), rounding to nearest with ties to even;
  * multiplier and shift share one int32 (see onnxc_requant).
  *
- * The inner loops are blocked (4 output channels x 2 pixels for 1x1 convolutions, 4 rows for
- * dense layers) with weights interleaved by the exporter in the order the loop reads them, so
- * that a SIMD variant (CMSIS-NN style SMLAD on pairs) can replace one block function at a time.
+ * Convolutions run as GEMMs over gathered pixel pairs (1x1 directly, others through im2col),
+ * blocked 4 output channels x 2 pixels, with weights interleaved by the exporter in the order
+ * the loop reads them (dense layers: 4 rows), so that a SIMD variant (CMSIS-NN style SMLAD on
+ * pairs) can replace one block function (dot4x2) at a time. Depthwise 3x3 runs direct.
  */
 #ifndef ONNXC_INT8_H
 #define ONNXC_INT8_H
@@ -67,18 +68,26 @@ typedef struct {
     const int32_t *rq;             /* per output channel requantization (onnxc_requant) */
     const int32_t *w_zp;           /* per output channel weight zero points (NULL: all 0) */
 } onnxc_qconv_p;
-/* Any convolution: weights [m][c/group][kh][kw]. With y32 non-NULL the raw int32 sums are
- * written there instead (ConvInteger). */
+/* Any convolution, for weight zero points or raw int32 sums: weights [m][c/group][kh][kw].
+ * With y32 non-NULL the raw sums are written there instead of y (ConvInteger). */
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
-/* Depthwise (group == c == m): weights [c][kh][kw]. In place: scratch holds one input plane. */
-void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qconv_p *p);
+/* Any convolution through im2col, two output pixels at a time: scratch holds their windows
+ * (2 * c/group * kh * kw bytes); weights per group in blocks of 4 output channels interleaved
+ * ([mg/4][c/group*kh*kw][4], the mg % 4 last rows plain); bias holds -x_zp * sum(w). */
+void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                          const onnxc_qconv_p *p);
+/* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
+ * (((oh - 1) * sh + (kh - 1) * dh + 1) x ((ow - 1) * sw + (kw - 1) * dw + 1) bytes). */
+void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                    const onnxc_qconv_p *p);
 void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
                             const onnxc_qconv_p *p);
 /* 1x1, stride 1, no padding, one group: weights in blocks of 4 output channels interleaved
- * ([m/4][c][4], the m % 4 last rows plain [c]); bias already holds -x_zp * sum(w). In place
- * (m <= c): scratch holds two pixels' channels (2c bytes). */
-void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qconv_p *p);
+ * ([m/4][c][4], the m % 4 last rows plain [c]); bias already holds -x_zp * sum(w); scratch holds
+ * two pixels' channels (2c bytes). In place when m <= c. */
+void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+                    const onnxc_qconv_p *p);
 void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
                             const onnxc_qconv_p *p);
 
