@@ -13,8 +13,12 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
 - max |C - onnxruntime| / max |onnxruntime| on the host, and on the Cortex-M4 under QEMU
   (mps2-an386, semihosting).
 
+- with `--int8`: each model also exported in int8 (the QDQ model of our onnxruntime flow, lowered
+  to integer kernels), and a second table puts float and int8 side by side: Cortex-M4
+  instructions per inference (qemu `-icount shift=0`, SysTick), weights, flash and RAM.
+
     python benchmarks/c_backend.py [--light [squeezenet,shufflenet,inception_v1,...]] [--no-qemu]
-                                   [--no-callgrind]
+                                   [--no-callgrind] [--int8]
 """
 
 from __future__ import annotations
@@ -74,13 +78,54 @@ def main() -> None:
                     help="add onnx light models with random weights (default squeezenet,shufflenet; slow)")
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M4 run under QEMU")
     ap.add_argument("--no-callgrind", action="store_true", help="skip instruction counting")
+    ap.add_argument("--int8", action="store_true", help="also compare float and int8 builds on the Cortex-M4")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxc_c_bench_"))
     try:
-        run(models([n for n in args.light.split(",") if n]), work, qemu=not args.no_qemu and mps2.available(),
-            callgrind=not args.no_callgrind)
+        entries = models([n for n in args.light.split(",") if n])
+        if args.int8:
+            int8_table([e for e in entries if not e[0].endswith("_c4")], work / "int8")
+            return
+        run(entries, work, qemu=not args.no_qemu and mps2.available(), callgrind=not args.no_callgrind)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def m4_instructions(gen, feed: dict[str, np.ndarray], work: Path) -> tuple[int, dict[str, int]]:
+    """Cortex-M4 instructions of one NAME_run (qemu -icount shift=0) and the model's footprint."""
+    work.mkdir(parents=True)
+    gen.write(work)
+    name = gen.prog.name
+    ins, outs = [feed[n] for n in gen.prog.inputs], [gen.prog.size(n) for n in gen.prog.outputs]
+    (work / "main.c").write_text(mps2.firmware_main([(name, ins, outs)], timed=True))
+    elf = mps2.build(sorted(work.glob("*.c")), work, include=[work])
+    count = mps2.count_instructions(mps2.run_qemu(elf, timeout=900, icount=True))[name]
+    fp = mps2.footprint(name, [gen.prog.size(n) for n in gen.prog.inputs], outs,
+                        [work / f"{name}.c"] + sorted(work.glob("onnxc_*.c")), work, include=[work])
+    return count, fp
+
+
+def int8_table(entries, work: Path) -> None:
+    """Float and int8 builds of each model side by side on the Cortex-M4."""
+    from onnxc.backends import ExportOptions
+    from onnxc.backends.c import quantize_for_c
+    from onnxc.compiler.calibration import make_calibration
+
+    print(f"{'model':10s} {'M4 instr float':>15s} {'int8':>12s} {'ratio':>6s} {'weights f':>10s} {'int8':>9s} "
+          f"{'ratio':>6s} {'flash f':>9s} {'int8':>9s} {'RAM f':>9s} {'int8':>9s} {'arena ratio':>11s}")
+    for name, model, feed in entries:
+        canonical = canonicalize(model)
+        cal = make_calibration(canonical, None if name == "ds_cnn" else SAMPLES / "digits_calib.npz", seed=0)
+        qdq, _ = quantize_for_c(canonical, ExportOptions(int8="static", calibration=cal))
+        fgen, qgen = compile_model(canonical, name), compile_model(qdq, name)
+        (fi, ffp), (qi, qfp) = (m4_instructions(g, feed, work / f"{name}_{tag}") for g, tag in ((fgen, "f"),
+                                                                                                 (qgen, "q")))
+        print(f"{name:10s} {fi / 1e6:14.2f}M {qi / 1e6:11.2f}M {qi / fi:6.2f} {_kb(fgen.weight_bytes):>10s} "
+              f"{_kb(qgen.weight_bytes):>9s} {qgen.weight_bytes / fgen.weight_bytes:6.3f} {_kb(ffp['flash']):>9s} "
+              f"{_kb(qfp['flash']):>9s} {_kb(ffp['ram']):>9s} {_kb(qfp['ram']):>9s} "
+              f"{qgen.arena_bytes / fgen.arena_bytes:11.3f}", flush=True)
+    print("\nM4 instr: instructions of one NAME_run on the mps2-an386 Cortex-M4 under qemu -icount shift=0 "
+          f"(SysTick, to {mps2.INSTRUCTIONS_PER_TICK}); int8 runs the float entry point (quantize in, dequantize out)")
 
 
 def run(entries, work: Path, *, qemu: bool, callgrind: bool) -> None:

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
+
+import onnxc
 from sample_data import CALIBRATION, SAMPLE_MODELS, load_test_set, sample_path
 
 from onnxc.backends import ExportOptions
@@ -46,13 +48,15 @@ def built(tmp_path_factory):
         entries[name] = (model, qdq, compile_model(model, f"{name}_f"), compile_model(qdq, name), inputs)
     gens = [e[3] for e in entries.values()]
     exe = build_generated(gens, tmp_path_factory.mktemp("int8"), opt="-O2")
-    return entries, exe
+    outputs = {name: run_samples(exe, k, e[3], {"input": e[4]})["logits"].reshape(len(e[4]), -1)
+               for k, (name, e) in enumerate(entries.items())}
+    return entries, exe, outputs
 
 
 def test_int8_matches_onnxruntime_on_the_test_sets(built):
-    entries, exe = built
-    for k, (name, (model, qdq, _, gen, x)) in enumerate(entries.items()):
-        ours = run_samples(exe, k, gen, {"input": x})["logits"].reshape(len(x), -1)
+    entries, _, outputs = built
+    for name, (model, qdq, _, gen, x) in entries.items():
+        ours = outputs[name]
         ref = runtime.run(qdq, {"input": x})["logits"].reshape(len(x), -1)
         step = gen.prog.entry_int8.output_scale
         agree = float(np.mean(ours.argmax(1) == ref.argmax(1)))
@@ -62,19 +66,19 @@ def test_int8_matches_onnxruntime_on_the_test_sets(built):
 
 
 def test_int8_digits_accuracy_within_one_point_of_float(built):
-    entries, exe = built
+    entries, _, outputs = built
     _, labels = load_test_set()
-    for k, (name, (model, _, _, gen, x)) in enumerate(entries.items()):
+    for name, (model, _, _, gen, x) in entries.items():
         if name == "ds_cnn":
             continue
-        ours = run_samples(exe, k, gen, {"input": x})["logits"].reshape(len(x), -1)
+        ours = outputs[name]
         float_acc = 100 * np.mean(runtime.run(model, {"input": x})["logits"].argmax(1) == labels)
         int8_acc = 100 * np.mean(ours.argmax(1) == labels)
         assert int8_acc >= float_acc - 1.0, (name, float_acc, int8_acc)
 
 
 def test_int8_weights_and_arena_against_the_float_build(built):
-    entries, _ = built
+    entries, _, _ = built
     for name, (_, _, fgen, gen, _) in entries.items():
         assert gen.weight_bytes <= WEIGHT_RATIO[name] * fgen.weight_bytes, (name, gen.weight_bytes, fgen.weight_bytes)
         assert gen.arena_bytes <= 0.3 * fgen.arena_bytes, (name, gen.arena_bytes, fgen.arena_bytes)
@@ -83,10 +87,9 @@ def test_int8_weights_and_arena_against_the_float_build(built):
 
 @pytest.mark.skipif(not mps2.available(), reason="arm-none-eabi-gcc / qemu-system-arm not installed")
 def test_int8_ds_cnn_on_cortex_m4_matches_host_bit_for_bit(built, tmp_path):
-    entries, exe = built
-    names = list(entries)
+    entries, _, outputs = built
     gen, x = entries["ds_cnn"][3], entries["ds_cnn"][4][:1]
-    host = run_samples(exe, names.index("ds_cnn"), gen, {"input": x})["logits"].reshape(-1)
+    host = outputs["ds_cnn"][0]
     gen.write(tmp_path)
     (tmp_path / "main.c").write_text(mps2.firmware_main([("ds_cnn", [x], [gen.prog.size("logits")])], timed=True))
     elf = mps2.build(sorted(tmp_path.glob("*.c")), tmp_path, include=[tmp_path])
@@ -95,17 +98,17 @@ def test_int8_ds_cnn_on_cortex_m4_matches_host_bit_for_bit(built, tmp_path):
     assert 0 < mps2.count_instructions(text)["ds_cnn"] < 20_000_000
 
 
-def test_export_c_int8_command_line(tmp_path):
+def test_export_c_int8(tmp_path):
     out = tmp_path / "net"
-    cmd = [sys.executable, "-m", "onnxc", "export", str(sample_path("mlp")), "--backend", "c", "--int8",
-           "--calibration", str(CALIBRATION), "-o", str(out), "--name", "net", "-q"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    report = onnxc.export(sample_path("mlp"), "c", out, int8="static", calibration=CALIBRATION, name="net")
+    assert report["int8"]["entry_point"] == "net_run_int8" and report["int8"]["quant_format"] == "QDQ"
     header = (out / "net.h").read_text()
     for macro in ("NET_INPUT_SCALE", "NET_INPUT_ZERO_POINT", "NET_OUTPUT_SCALE", "NET_OUTPUT_ZERO_POINT"):
         assert f"#define {macro} " in header
     assert "int net_run(const float *input, float *output);" in header
     assert "int net_run_int8(const int8_t *input, int8_t *output);" in header
     assert (out / "onnxc_int8.c").exists()
-    at = cmd.index("--int8") + 1
-    dynamic = subprocess.run(cmd[:at] + ["dynamic"] + cmd[at:], capture_output=True, text=True)
-    assert dynamic.returncode == 2 and "static" in dynamic.stderr
+    cmd = [sys.executable, "-m", "onnxc", "export", str(sample_path("mlp")), "--backend", "c", "--int8", "dynamic",
+           "-o", str(tmp_path / "dyn")]
+    dynamic = subprocess.run(cmd, capture_output=True, text=True)
+    assert dynamic.returncode == 2 and "static" in dynamic.stderr and not (tmp_path / "dyn").exists()
