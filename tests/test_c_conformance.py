@@ -8,7 +8,8 @@ variants run). `python benchmarks/c_node_tests.py` prints the table with every f
 
 Known failures (all outside float32 static-shape inference and int8/uint8 quantization):
 integer/float16/float64 data types, float8/int4/int16 and blocked quantization, float16 scales,
-training-mode BatchNormalization/Dropout and Dropout masks, MaxPool's int64 Indices, 3-D ConvTranspose, sequence/optional types, and one AveragePool case whose expected values are
+training-mode BatchNormalization/Dropout and Dropout masks, MaxPool's int64 Indices, 3-D
+ConvTranspose, sequence/optional types, and one AveragePool case whose expected values are
 rounded to 4 digits in the test data (we match onnxruntime's 0.15105554, not 0.1511).
 """
 

@@ -15,10 +15,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
-import onnxc
 from sample_data import CALIBRATION, SAMPLE_MODELS, load_test_set, sample_path
 
+import onnxc
 from onnxc.backends import ExportOptions
 from onnxc.backends.c import compile_model, mps2, quantize_for_c
 from onnxc.backends.c.reference_models import ds_cnn
@@ -55,7 +54,7 @@ def built(tmp_path_factory):
 
 def test_int8_matches_onnxruntime_on_the_test_sets(built):
     entries, _, outputs = built
-    for name, (model, qdq, _, gen, x) in entries.items():
+    for name, (_, qdq, _, gen, x) in entries.items():
         ours = outputs[name]
         ref = runtime.run(qdq, {"input": x})["logits"].reshape(len(x), -1)
         step = gen.prog.entry_int8.output_scale
@@ -68,7 +67,7 @@ def test_int8_matches_onnxruntime_on_the_test_sets(built):
 def test_int8_digits_accuracy_within_one_point_of_float(built):
     entries, _, outputs = built
     _, labels = load_test_set()
-    for name, (model, _, _, gen, x) in entries.items():
+    for name, (model, _, _, _, x) in entries.items():
         if name == "ds_cnn":
             continue
         ours = outputs[name]
