@@ -215,3 +215,53 @@ def test_inspect_corpus_matches_an_independent_count(name):
     assert data["unknown_dims"] == []
     table = run_cli("inspect", path)
     assert table.returncode == 0 and "input shapes:" in table.stdout
+
+
+# ---- the optimize report counts the same MACs ------------------------------------------------
+def test_optimize_report_counts_macs_behind_shape_subgraphs():
+    # Before shapes.py the report saw 8.6K MACs here and every pass said "macs 1.000x".
+    rng = np.random.default_rng(0)
+    cal = {"x": rng.standard_normal((12, 3, H, 96)).astype(np.float32)}
+    result = onnxc.optimize(recognizer(), passes=["svd:rank=8"], calibration=cal, max_error=10)
+    report = result.report
+    assert report.before["macs"] == recognizer_macs(96)
+    svd = report.passes[0]
+    assert svd.status == "applied" and svd.before["macs"] == recognizer_macs(96)
+    assert svd.after["macs"] == report.after["macs"] == C * H * 96 * 27 + 96 * 8 * (C * H + D)
+
+
+# ---- lossless means lossless -----------------------------------------------------------------
+def test_noise_budget_widens_only_to_the_measured_floor():
+    from onnxc.api import _noise_budget
+    from onnxc.compiler.report import Report
+
+    report = Report(input="m", reference_noise=1e-5)
+    assert _noise_budget(report, 1e-5, 3e-5) == 1e-5 and not report.notes  # 3x the floor: a real error
+    assert _noise_budget(report, 1e-5, 1.5e-5) == 2e-5 and "float noise" in report.notes[0]
+    assert _noise_budget(Report(input="m", reference_noise=0.0), 1e-5, 1.1e-5) == 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lossless_on_the_corpus(name, tmp_path):
+    from onnxc.compiler import runtime
+    from onnxc.compiler.verify import compare_outputs
+
+    path = corpus_model(name)
+    out = tmp_path / "out.onnx"
+    result = onnxc.optimize(path, preset="lossless", output=out)
+    report = result.report
+    model = onnxc.load(path)
+    used = shapes.default_input_shapes(model)
+    # The report's MACs agree with onnxruntime's own profile of the original.
+    expected = profiled_macs(str(path), shapes.random_feed(model, used))
+    assert abs(report.before["macs"] - expected) <= 0.02 * expected
+    assert report.after["macs"] == report.before["macs"]
+    # Fresh inputs, not the ones verification used: the written model against the original.
+    feed = {k: np.concatenate([shapes.random_feed(model, used, seed=s)[k] for s in (7, 8)]) for k in used}
+    error = compare_outputs(runtime.run(model, feed), runtime.run(onnx.load(str(out)), feed)).rel_l2
+    if report.reference_noise is None:
+        assert report.fidelity["rel_l2"] <= 1e-5 and error <= 1e-5
+    else:  # over 1e-5 only within twice the original's own noise, and the report says so
+        assert any("float noise" in n for n in report.notes)
+        assert report.fidelity["rel_l2"] <= 2 * report.reference_noise
+        assert error <= 2 * report.reference_noise

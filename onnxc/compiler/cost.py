@@ -106,7 +106,8 @@ def model_cost(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
     needed = [n for node in model.graph.node if node.op_type in MAC_OPS
               and not all(o in sources for o in node.output if o) for n in _mac_tensors(node)]
     declared = shape_mod.concrete_input_shapes(model, input_shapes)
-    if shapes is None and (input_shapes or any(_unknown(view, n, batch_ok=True) for n in needed)):
+    news = input_shapes and declared != shape_mod.concrete_input_shapes(model)  # shapes the graph does not carry
+    if shapes is None and (news or any(_unknown(view, n, batch_ok=True) for n in needed)):
         shapes = shape_mod.infer(model, input_shapes, needed=needed)
     if shapes is not None:
         view.value_info.update({vi.name: vi for vi in shapes.value_infos()})

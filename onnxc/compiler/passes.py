@@ -300,7 +300,8 @@ class PassManager:
         records = []
         current = model
         self.last_outputs: dict[str, np.ndarray] | None = None  # outputs of `current` on validation
-        cost = model_cost(current)
+        cost_at = self.cost_shapes()
+        cost = model_cost(current, cost_at)
         for index, p in enumerate(self.passes):
             self.ctx.progress("passes", index, len(self.passes))
             log.info("running %s", p.spec())
@@ -334,11 +335,17 @@ class PassManager:
                 log.warning("%s rolled back: %s", p.id, problem)
             else:
                 current, self.last_outputs = candidate, outputs
-                cost = model_cost(current)
+                cost = model_cost(current, cost_at)
                 record.after = cost.totals()
             records.append(record)
         self.ctx.progress("passes", len(self.passes), len(self.passes))
         return current, records
+
+    def cost_shapes(self) -> dict[str, list[int]] | None:
+        """Costs are per sample at the first calibration sample's shapes (batch 1)."""
+        cal = self.ctx.calibration
+        shapes = cal.shapes() if cal is not None and hasattr(cal, "shapes") else []
+        return shapes[0] if shapes else None
 
     def _outputs(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return runtime.run(model, inputs)

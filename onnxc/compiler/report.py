@@ -35,6 +35,7 @@ class Report:
     layers: list[dict] = field(default_factory=list)
     backend: dict | None = None
     notes: list[str] = field(default_factory=list)
+    reference_noise: float | None = None  # the original against itself across onnxruntime levels
 
     def to_dict(self) -> dict[str, Any]:
         from onnxc import __version__
