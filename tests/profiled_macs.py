@@ -8,6 +8,8 @@ the model's own), and each formula is written from those shapes alone:
 - ConvTranspose: numel(X) * numel(W) / W[0]  (each input meets C_out/group * kernel weights)
 - Gemm: M*N*K with K = sqrt(numel(A) * numel(B) / numel(Y)), whatever the transposes
 - MatMul: numel(Y) * K, K the last dim of A (its only dim when A is 1-D)
+- LSTM, GRU, RNN (W and R are prepacked, so absent from the profile): T*N rows of X, each through
+  gates * H * (I + H) weights per direction; directions and H from the last output (layout 0)
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def node_macs(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> int
         return y * round(math.sqrt(a * b / y))
     if op == "MatMul":
         return _numel(outputs[0]) * inputs[0][-1]
+    if op in ("LSTM", "GRU", "RNN"):
+        x, last = inputs[0], outputs[-1]
+        dirs, hidden = (last[1] if len(last) == 4 else last[0]), last[-1]
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        return _numel(x) // x[-1] * dirs * gates * hidden * (x[-1] + hidden)
     return 0
 
 

@@ -265,3 +265,11 @@ def test_lossless_on_the_corpus(name, tmp_path):
         assert any("float noise" in n for n in report.notes)
         assert report.fidelity["rel_l2"] <= 2 * report.reference_noise
         assert error <= 2 * report.reference_noise
+
+
+def test_recurrent_layers_are_counted():
+    m = graphs.lstm_model()
+    shapes_used = {"x": [7, 3, 5]}  # T=7 steps, batch 3: the count is per feed, as profiled
+    cost = model_cost(canonicalize(m), shapes_used)
+    assert cost.macs == 7 * 3 * 4 * 6 * (5 + 6)
+    assert cost.macs == profiled_macs(m, shapes.random_feed(m, shapes_used))

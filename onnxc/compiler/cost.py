@@ -21,7 +21,7 @@ from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import tensor_nbytes
 
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv",
-           "QLinearMatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+           "QLinearMatMul", "FusedConv", "FusedGemm", "FusedMatMul", "LSTM", "GRU", "RNN"}
 
 
 @dataclass
@@ -194,6 +194,13 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
             m, k = (a[1], a[0]) if attr(node, "transA", 0) else (a[0], a[1])
             n = b[0] if attr(node, "transB", 0) else b[1]
             return m * k * n
+        if op in ("LSTM", "GRU", "RNN"):
+            # Every step of every sequence multiplies the input by W and the state by R (all gates,
+            # all directions): [T*N] x (numel(W) + numel(R)), whatever the layout.
+            x, w, r = (view.static_shape(node.input[i]) for i in range(3))
+            if x is None or w is None or r is None or not x:
+                return 0
+            return _numel(x) // x[-1] * (_numel(w) + _numel(r))
         if op in ("MatMul", "MatMulInteger", "FusedMatMul", "QLinearMatMul"):
             a_idx, b_idx = (0, 3) if op == "QLinearMatMul" else (0, 1)
             y = view.static_shape(node.output[0])
