@@ -15,9 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from fetch_corpus import CORPUS, fetch  # noqa: E402
+import corpus  # noqa: E402
 from profiled_macs import profiled_macs  # noqa: E402
 
 import onnxc  # noqa: E402
@@ -26,10 +25,10 @@ from onnxc.compiler.calibration import make_calibration  # noqa: E402
 
 
 def main(names: list[str]) -> None:
-    print(f"{'model':<18} {'input shapes':<22} {'inspect MACs':>14} {'profiled MACs':>14} {'ratio':>7} "
+    print(f"{'model':<18} {'input shapes':<24} {'inspect MACs':>14} {'profiled MACs':>14} {'ratio':>7} "
           f"{'lossless err':>12} {'own noise':>10}")
-    for name in names or list(CORPUS):
-        path = fetch(name)
+    for name in names or corpus.ALL:
+        path = corpus.path(name)
         model = onnxc.load(path)
         cost = onnxc.inspect(path)
         used = cost.input_shapes
@@ -41,7 +40,7 @@ def main(names: list[str]) -> None:
             cal = make_calibration(model, None, input_shapes=used)
             ref = runtime.run(model, cal.validation)
             noise = verify.reference_noise(model, cal.validation, ref)
-        print(f"{name:<18} {shapes.format_shapes(used):<22} {cost.macs:>14,} {independent:>14,} "
+        print(f"{name:<18} {shapes.format_shapes(used):<24} {cost.macs:>14,} {independent:>14,} "
               f"{cost.macs / independent:>7.4f} {report.fidelity['rel_l2']:>12.3g} {noise:>10.3g}")
 
 

@@ -6,7 +6,8 @@ the model's own), and each formula is written from those shapes alone:
 
 - Conv: numel(Y) * numel(W) / W[0]          (each output meets C_in/group * kernel weights)
 - ConvTranspose: numel(X) * numel(W) / W[0]  (each input meets C_out/group * kernel weights)
-- Gemm: M*N*K with K = sqrt(numel(A) * numel(B) / numel(Y)), whatever the transposes
+- Gemm: numel(Y) * K with K = numel(A) / M, M = Y[0], whatever the transposes (a constant B may
+  be prepacked and then absent from the profile)
 - MatMul: numel(Y) * K, K the last dim of A (its only dim when A is 1-D)
 - LSTM, GRU, RNN (W and R are prepacked, so absent from the profile): T*N rows of X, each through
   gates * H * (I + H) weights per direction; directions and H from the last output (layout 0)
@@ -15,7 +16,6 @@ the model's own), and each formula is written from those shapes alone:
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 
@@ -40,8 +40,7 @@ def node_macs(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> int
         w = inputs[1]
         return _numel(inputs[0]) * _numel(w) // w[0]
     if op == "Gemm":
-        a, b, y = (_numel(s) for s in (inputs[0], inputs[1], outputs[0]))
-        return y * round(math.sqrt(a * b / y))
+        return _numel(outputs[0]) * (_numel(inputs[0]) // outputs[0][0])
     if op == "MatMul":
         return _numel(outputs[0]) * inputs[0][-1]
     if op in ("LSTM", "GRU", "RNN"):

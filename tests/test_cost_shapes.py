@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 
+import corpus
 import graphs
 import numpy as np
 import onnx
 import pytest
-from corpus_models import NAMES, corpus_model
 from onnx import TensorProto, helper
 from profiled_macs import profiled_macs
 
@@ -196,9 +196,9 @@ def test_group_of_unknown_channels_has_a_name_and_a_reason():
             assert g.members and "no member has a known channel count" in g.frozen
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", corpus.ALL)
 def test_inspect_corpus_matches_an_independent_count(name):
-    path = corpus_model(name)
+    path = corpus.path(name)
     proc = run_cli("inspect", path, "--json")
     assert proc.returncode == 0, proc.stderr
     assert "internal error" not in proc.stderr
@@ -215,6 +215,13 @@ def test_inspect_corpus_matches_an_independent_count(name):
     assert data["unknown_dims"] == []
     table = run_cli("inspect", path)
     assert table.returncode == 0 and "input shapes:" in table.stdout
+    for second in corpus.sizes(name)[1:]:  # another size where the model allows one, per sample
+        at = {k: [1, *v[1:]] for k, v in second.items()}
+        args = [a for k, v in at.items() for a in ("--input-shape", f"{k}={'x'.join(map(str, v))}")]
+        data = json.loads(run_cli("inspect", path, "--json", *args).stdout)
+        expected = profiled_macs(str(path), shapes.random_feed(model, at))
+        assert data["input_shapes"] == at
+        assert abs(data["totals"]["macs"] - expected) <= 0.02 * expected
 
 
 # ---- the optimize report counts the same MACs ------------------------------------------------
@@ -241,12 +248,12 @@ def test_noise_budget_widens_only_to_the_measured_floor():
     assert _noise_budget(Report(input="m", reference_noise=0.0), 1e-5, 1.1e-5) == 1e-5
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", corpus.ALL)
 def test_lossless_on_the_corpus(name, tmp_path):
     from onnxc.compiler import runtime
     from onnxc.compiler.verify import compare_outputs
 
-    path = corpus_model(name)
+    path = corpus.path(name)
     out = tmp_path / "out.onnx"
     result = onnxc.optimize(path, preset="lossless", output=out)
     report = result.report
