@@ -205,3 +205,14 @@ def test_bad_calibration_is_one_line_and_no_output(tmp_path):
         proc = cli("optimize", MLP, "-o", out, "--calibration", arg, "-p", "cluster")
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["svd", "tucker", "cluster:bits=6"])
+def test_passes_fit_to_variable_width_samples(spec, tmp_path):
+    """Channel and input statistics do not need equal shapes: each pass fits to the three widths."""
+    out = tmp_path / "out.onnx"
+    result = onnxc.optimize(CRNN, passes=[spec], calibration=line_folder(tmp_path, count=9), output=out)
+    [record] = result.report.passes
+    assert record.status == "applied", record.reason
+    assert interface_differences(onnx.load(CRNN), onnx.load(out)) == []
+    assert _runs_at(out, "line", [(2, 1, 32, 72)]) == [(2, 18, 37)]
