@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from onnxc.compiler import calibration_data, runtime
 from onnxc.compiler.calibration_data import InputSpec, Source, fmt_shape, input_specs, load_npz  # noqa: F401
+from onnxc.compiler.graph import node_inputs_with_subgraphs, upstream
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
 
@@ -116,7 +117,8 @@ def working_shapes(model: onnx.ModelProto, cal: Calibration,
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph outputs are exactly `names` (intermediate tensors allowed)."""
+    """A copy of `model` whose graph outputs are exactly `names` (intermediate tensors allowed),
+    without the nodes and initializers those outputs do not need."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     known = {v.name: v for v in list(copy.graph.value_info) + list(copy.graph.output) + list(copy.graph.input)}
@@ -128,6 +130,16 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         else:
             vi.name = name
         copy.graph.output.append(vi)
+    nodes = upstream(copy.graph, names)
+    if len(nodes) < len(copy.graph.node):
+        used = {i for n in nodes for i in node_inputs_with_subgraphs(n)}
+        dropped = {t.name for t in copy.graph.initializer} - used - set(names)
+        inits = [t for t in copy.graph.initializer if t.name not in dropped]
+        inputs = [v for v in copy.graph.input if v.name not in dropped]  # IR < 4 lists initializers too
+        del copy.graph.node[:], copy.graph.initializer[:], copy.graph.input[:]
+        copy.graph.node.extend(nodes)
+        copy.graph.initializer.extend(inits)
+        copy.graph.input.extend(inputs)
     return copy
 
 

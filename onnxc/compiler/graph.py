@@ -226,3 +226,15 @@ def node_inputs_with_subgraphs(node: onnx.NodeProto) -> list[str]:
     for g in subgraphs(node):
         names.extend(sorted(outer_scope_inputs(g)))
     return names
+
+
+def upstream(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.NodeProto]:
+    """The nodes `names` depend on, in graph order: a capture of early tensors then costs only the
+    early part of the model (onnxruntime runs every node of a session, needed or not)."""
+    needed = set(names)
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(node_inputs_with_subgraphs(node))
+    return keep[::-1]

@@ -338,6 +338,8 @@ def _jobs(original: onnx.ModelProto, groups: list[ChannelGroup], keep: dict[str,
             if node.name in chosen or node.op_type not in ("Conv", "Gemm", "MatMul") or x not in affected \
                     or not view.is_const(node.input[1]) or view.static_shape(x) is None:
                 continue
+            if node.op_type != "Conv" and len(view.static_shape(x)) != 2:
+                continue  # a MatMul over [N, T, D]: its features are not on axis 1, which the refit assumes
             keep_in = keep.get(x, np.arange(view.static_shape(x)[1]))
             jobs.append(rec.RefitJob(node.name, x, node.output[0], keep_in, keep.get(node.output[0])))
     jobs.sort(key=lambda j: order[j.node])
