@@ -112,30 +112,9 @@ class FactorPass(Pass):
 
     def _run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         view = GraphView(model.graph)
-        skipped: list[Skip] = []
-        layers: list[Layer] = []
-        for node in list(model.graph.node):
-            name = node.name or node.output[0]
-            if self.layers and not matches_any(name, self.layers):
-                continue
-            found = self.candidate(node, view, model)
-            if found is None:
-                continue
-            if matches_any(name, self.exclude):
-                skipped.append(Skip(name, "excluded by option"))
-            elif isinstance(found, str):
-                skipped.append(Skip(name, found))
-            elif found.info.get("weights", self.min_params) < self.min_params:
-                skipped.append(Skip(name, f"layer too small ({found.info['weights']} weights < "
-                                          f"min_params={self.min_params})"))
-            else:
-                layers.append(found)
+        layers, skipped = self.candidates(model, view)
         aware = self.use_data(ctx)
-        stats: dict[str, _whiten.Moments] = {}
-        if aware and layers:
-            requests = [(layer.node.output[0], *layer.rows) for layer in layers
-                        if layer.rows is not None and layer.rows[1] <= MAX_STATS_DIM]
-            stats = _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed, progress=ctx.progress)
+        stats = self.moments(model, layers, ctx) if aware else {}
         changes: list[Change] = []
         ranks: dict[str, object] = {}
         for layer, fitted in zip(layers, self._fit_all(model, layers, stats, ctx)):
@@ -167,6 +146,36 @@ class FactorPass(Pass):
                 "layers_rewritten": len(changes)}
         return PassResult(model, bool(changes), changes, skipped, info)
 
+    def candidates(self, model: onnx.ModelProto, view: GraphView) -> tuple[list[Layer], list[Skip]]:
+        """The layers this pass would fit, and the skips of the others with their reasons."""
+        skipped: list[Skip] = []
+        layers: list[Layer] = []
+        for node in list(model.graph.node):
+            name = node.name or node.output[0]
+            if self.layers and not matches_any(name, self.layers):
+                continue
+            found = self.candidate(node, view, model)
+            if found is None:
+                continue
+            if matches_any(name, self.exclude):
+                skipped.append(Skip(name, "excluded by option"))
+            elif isinstance(found, str):
+                skipped.append(Skip(name, found))
+            elif found.info.get("weights", self.min_params) < self.min_params:
+                skipped.append(Skip(name, f"layer too small ({found.info['weights']} weights < "
+                                          f"min_params={self.min_params})"))
+            else:
+                layers.append(found)
+        return layers, skipped
+
+    def moments(self, model: onnx.ModelProto, layers: list[Layer], ctx: PassContext) -> dict[str, _whiten.Moments]:
+        """Input moments of the layers, keyed by layer output, in one pass over the calibration data."""
+        requests = [(layer.node.output[0], *layer.rows) for layer in layers
+                    if layer.rows is not None and layer.rows[1] <= MAX_STATS_DIM]
+        if not requests:
+            return {}
+        return _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed, progress=ctx.progress)
+
     def _fit_all(self, model: onnx.ModelProto, layers: list[Layer], stats: dict[str, _whiten.Moments],
                  ctx: PassContext) -> list[Fitted | str]:
         """Every layer's fit, on the executor: each against the original model (shared once), so the
@@ -176,7 +185,7 @@ class FactorPass(Pass):
         executor = ctx.executor
         shared = {"model": executor.put(model), "moments": executor.put(stats)}
         items = [(self, Layer(layer.node, None, layer.info), ctx.seed) for layer in layers]
-        return executor.map(_fit_task, items, shared=shared, label=f"{self.id} fitting", progress=ctx.progress)
+        return executor.map(fit_task, items, shared=shared, label=f"{self.id} fitting", progress=ctx.progress)
 
     def use_data(self, ctx: PassContext) -> bool:
         if ctx.calibration is None:
@@ -186,9 +195,10 @@ class FactorPass(Pass):
         return bool(self.data_aware)
 
 
-def _fit_task(item: tuple[FactorPass, Layer, int], *, model: onnx.ModelProto,
-              moments: dict[str, _whiten.Moments]) -> Fitted | str:
-    """One layer's fit as an executor task (the layer travels without its rows function)."""
+def fit_task(item: tuple[FactorPass, Layer, int], *, model: onnx.ModelProto,
+             moments: dict[str, _whiten.Moments]) -> Fitted | str:
+    """One layer's fit as an executor task: item = (pass, layer without its rows function, seed);
+    shared: the model the layer belongs to and the moments from `FactorPass.moments`."""
     fitter, layer, seed = item
     return _fit_isolated(fitter, layer, GraphView(model.graph), moments.get(layer.node.output[0]), seed)
 
