@@ -144,3 +144,27 @@ def test_optimized_model_is_byte_identical(kind, inline_model, request):
         request.getfixturevalue("ray_cluster")
     model, _ = _optimized(kind)
     assert model == inline_model
+
+
+def test_missing_ray_is_one_clear_error(monkeypatch):
+    import sys
+
+    from onnxc.compiler import executor as executor_module
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(UsageError, match=r"pip install 'onnxc\[ray\]'"):
+        executor_module.make_executor("ray", 2)
+
+
+def test_cli_jobs_gives_the_in_process_output(tmp_path, inline_model):
+    from click.testing import CliRunner
+
+    from onnxc.cli import cli
+
+    out = tmp_path / "out.onnx"
+    args = ["optimize", str(sample_path("resnet")), "-o", str(out), "--calibration", str(CALIBRATION), "-q"]
+    for spec in SPECS:
+        args += ["-p", spec]
+    result = CliRunner().invoke(cli, [*args, "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert onnx.load(out).SerializeToString() == onnx.load_from_string(inline_model).SerializeToString()
