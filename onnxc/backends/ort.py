@@ -167,6 +167,11 @@ def _tidy_saved(path: Path, source: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
     for name in MODEL_FIELDS:
         setattr(model, name, getattr(source, name))
+    # quantization's symbolic shape inference renames dynamic dims: declare the source's I/O again
+    declared = {v.name: v for v in [*source.graph.input, *source.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
     del model.metadata_props[:]
     model.metadata_props.extend(source.metadata_props)
     save(model, path)

@@ -186,15 +186,26 @@ def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_chann
 
     def run(only: Sequence[str] | None, exclude: Sequence[str]) -> onnx.ModelProto:
         out = work / f"q{next(counter)}.onnx"
-        try:
+
+        def attempt(extra: dict) -> None:
             quantize_static(
                 str(pre), str(out), _Reader(calibration.train, batch) if not cache.exists() else None,
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(only) if only else None, nodes_to_exclude=list(exclude),
                 use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
-                calibration_cache_path=str(cache),
+                calibration_cache_path=str(cache), extra_options=extra,
             )
+
+        try:
+            try:
+                attempt({})
+            except ValueError as exc:
+                # onnxruntime 1.32's per-channel weight-scale adjustment for int32 biases compares an
+                # array as a bool on some tf2onnx graphs (magika); the adjustment is optional.
+                if "truth value of an array" not in str(exc):
+                    raise
+                attempt({"QDQDisableWeightAdjustForInt32Bias": True})
         except OnnxcError:
             raise
         except Exception as exc:
