@@ -82,9 +82,13 @@ def test_every_pass_at_defaults(name, pass_id, tmp_path):
 
 
 @pytest.mark.parametrize("name", corpus.ALL)
-def test_onnxruntime_export_int8(name, tmp_path):
+def test_onnxruntime_export_int8(name, tmp_path, monkeypatch):
     out = tmp_path / f"{name}-int8.onnx"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # onnxruntime's quantization tools drop temporary files into the cwd
     onnxc.export(corpus.path(name), "onnxruntime", out, int8="static", calibration=corpus.calibration(name, 4))
+    assert list(cwd.iterdir()) == []
     _check_drop_in(name, out)
 
 

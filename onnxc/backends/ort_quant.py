@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,7 +68,7 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
     """Quantize `model` (canonical, float) to int8; the input is not modified."""
     if mode not in MODES:
         raise OnnxcError(f"--int8 must be one of {', '.join(MODES)} (got '{mode}')")
-    with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet(), _working_directory(tmp):
         work = Path(tmp)
         notes: list[str] = []
         per_channel = True
@@ -94,6 +95,18 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
         if max_error is not None and result.rel_l2 > max_error:
             _exclude_sensitive(result, quantizer, scorer, max_error)
         return result
+
+
+@contextlib.contextmanager
+def _working_directory(folder: str) -> Iterator[None]:
+    """onnxruntime's quantization tools drop temporary files (`sym_shape_infer_temp.onnx`,
+    `<uuid>.data`) into the current directory: keep them in our temporary folder."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, budget: float) -> None:
