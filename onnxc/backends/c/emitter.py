@@ -7,6 +7,7 @@ models link (or even #include) into one program.
 
 from __future__ import annotations
 
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,8 @@ def header(prog: Program, plan: Plan, weight_bytes: int, source: str) -> str:
         for k, (name, size) in enumerate(zip(names, sz)):
             shape = "x".join(map(str, prog.shapes[name])) or "scalar"
             lines.append(f"#define {up}_{kind}{k}_SIZE {size} /* '{_comment(name)}' {shape} */")
+    if (ins, outs) != (["input"], ["output"]):
+        lines += named_sizes(prog, {line.split()[1] for line in lines if line.startswith("#define")})
     entry = prog.entry_int8
     if entry is not None:
         lines += ["/* int8 entry point: real value = SCALE * (q - ZERO_POINT) */",
@@ -83,6 +86,18 @@ def header(prog: Program, plan: Plan, weight_bytes: int, source: str) -> str:
                   f"{int8_signature(prog)};"]
     lines += ["", "#ifdef __cplusplus", "}", "#endif", "", f"#endif /* {guard} */", ""]
     return "\n".join(lines)
+
+
+def named_sizes(prog: Program, taken: set[str]) -> list[str]:
+    """`NAME_<TENSOR>_SIZE` per input and output of a multi-input/output model, the tensor name
+    upper-cased with non-identifier characters as `_` (left out where two names would clash)."""
+    up = prog.name.upper()
+    macros: dict[str, list[str]] = {}
+    for name in prog.inputs + prog.outputs:
+        macro = f"{up}_{re.sub(r'[^A-Za-z0-9_]', '_', name).upper()}_SIZE"
+        macros.setdefault(macro, []).append(name)
+    return [f"#define {macro} {prog.size(names[0])}" for macro, names in macros.items()
+            if len(names) == 1 and macro not in taken]
 
 
 def _comment(text: str) -> str:

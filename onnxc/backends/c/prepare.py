@@ -6,6 +6,8 @@
   weight) are recognised and kept as codes: they must not be folded to a dense array;
 - int8 weights and biases (`DequantizeLinear` of constants) that ops run on integers read
   (`qdq.kept_dequantize`) are kept quantized; other constant DQs fold to float;
+- an `If` whose condition became constant is replaced by its branch (`resolve`), and shapes
+  ONNX inference leaves symbolic are read from one onnxruntime run;
 - everything else that is computable at export time (shape arithmetic: Shape, Gather, Concat,
   Cast... over constants and static shapes) is evaluated with the ONNX reference evaluator and
   becomes an initializer.
@@ -23,6 +25,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxc.backends.c import qdq
+from onnxc.backends.c.resolve import fold_ifs, pin_shape_inputs, refuse_ifs, shapes_from_onnxruntime, unknown_shapes
 from onnxc.compiler.canonical import canonicalize, infer_shapes
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
@@ -69,12 +72,19 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -
                                                                                           dict[str, Clustered]]:
     """The static model and its clustered weights (keyed by the weight tensor name)."""
     model = canonicalize(model, static_inputs(model, input_shapes))
+    asked: list[str] = []
     for _ in range(8):
         clustered = find_clustered(model)
         skip = {n for c in clustered.values() for n in c.nodes} | qdq.kept_dequantize(model)
-        if not fold_static(model, skip):
+        if fold_static(model, skip) + fold_ifs(model):
+            model = infer_shapes(model)
+            continue
+        missing = unknown_shapes(model)  # left symbolic by ONNX inference: ask onnxruntime once per set
+        if not missing or missing == asked or not shapes_from_onnxruntime(model, missing):
             break
-        model = infer_shapes(model)
+        asked = missing
+        pin_shape_inputs(model)
+    refuse_ifs(model)
     return model, clustered
 
 

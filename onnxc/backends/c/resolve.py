@@ -1,0 +1,159 @@
+"""What a static model still needs once the inputs are fixed: `If`s folded and every shape known.
+
+- An `If` whose condition became a constant (it usually tests an input's shape) is replaced by
+  the nodes of the branch it takes; one whose condition is computed from run-time data stops
+  the export with one line naming the node.
+- Shapes that ONNX shape inference leaves symbolic even with data propagation (shape arithmetic
+  it cannot follow) are read from onnxruntime: the model runs once on zeros and once on random
+  inputs of the fixed shapes with every intermediate tensor as an output, and a shape is taken
+  only where both runs agree (a data-dependent shape, e.g. after NonZero, stays unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.model import clone
+from onnxc.errors import OnnxcError
+
+log = logging.getLogger("onnxc.c")
+
+
+# ---- If ----------------------------------------------------------------------------------
+def fold_ifs(model: onnx.ModelProto) -> int:
+    """Inline every top-level `If` whose condition is an initializer; returns how many."""
+    graph = model.graph
+    view = GraphView(graph)
+    nodes: list[onnx.NodeProto] = []
+    folded = 0
+    for node in graph.node:
+        cond = view.const(node.input[0]) if node.op_type == "If" and node.domain in ("", "ai.onnx") else None
+        if cond is None:
+            nodes.append(node)
+            continue
+        branch = attr(node, "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch")
+        nodes.extend(_inline(node, branch, graph))
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return folded
+
+
+def _inline(node: onnx.NodeProto, branch: onnx.GraphProto, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The branch's nodes with its outputs renamed to the If's and its own tensors made unique."""
+    prefix = f"{node.name or node.output[0]}/"
+    local = {o for n in branch.node for o in n.output if o} | {t.name for t in branch.initializer}
+    rename = {name: prefix + name for name in local}
+    outs = [o.name for o in branch.output]
+    for src, dst in zip(outs, node.output):
+        if src in local and dst and outs.count(src) == 1:
+            rename[src] = dst
+    for t in branch.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = rename[t.name]
+        graph.initializer.append(copy)
+    inlined = []
+    for n in branch.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = prefix + (n.name or n.output[0])
+        copy.input[:] = [rename.get(i, i) for i in n.input]
+        copy.output[:] = [rename.get(o, o) for o in n.output]
+        inlined.append(copy)
+    for src, dst in zip(outs, node.output):  # an output read from outside the branch, or twice
+        if dst and rename.get(src) != dst:
+            inlined.append(helper.make_node("Identity", [rename.get(src, src)], [dst], name=prefix + dst))
+    return inlined
+
+
+def refuse_ifs(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        if node.op_type == "If":
+            raise OnnxcError(f"C backend: If node '{node.name or node.output[0]}' has a condition computed at run "
+                             "time; only an If whose condition is constant once the input shapes are fixed is "
+                             "folded")
+
+
+# ---- shapes from onnxruntime -------------------------------------------------------------
+def unknown_shapes(model: onnx.ModelProto) -> list[str]:
+    """Node outputs without a fully static shape."""
+    view = GraphView(model.graph)
+    missing = []
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in view.initializers:
+                shape = view.static_shape(name, symbolic=-1)
+                if shape is None or any(d < 0 for d in shape):
+                    missing.append(name)
+    return missing
+
+
+def shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str]) -> int:
+    """Record in value_info the shapes of `names` that onnxruntime shows (equal on two runs)."""
+    from onnxc.compiler import runtime
+
+    probe = clone(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    inits = {t.name for t in model.graph.initializer}
+    feeds = []
+    rng = np.random.default_rng(0)
+    try:
+        sess = runtime.session(probe)
+        for fill in ("zeros", "random"):
+            feed = {}
+            for inp in sess.get_inputs():
+                if inp.name in inits:
+                    continue
+                vi = next(v for v in model.graph.input if v.name == inp.name)
+                dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+                shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                value = np.zeros(shape, dtype) if fill == "zeros" else rng.standard_normal(shape).astype(dtype)
+                feed[inp.name] = value
+            feeds.append({n: (np.shape(v), np.asarray(v).dtype) for n, v in zip(names, sess.run(names, feed))})
+    except Exception as exc:  # an unresolved shape is reported by the lowering, naming the tensor
+        log.info("onnxruntime could not run the model to read shapes: %s", str(exc).splitlines()[0])
+        return 0
+    found = 0
+    outputs = {o.name: o for o in model.graph.output}
+    for name in names:
+        (shape, dtype), (again, _) = feeds[0][name], feeds[1][name]
+        if shape != again:
+            continue
+        vi = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape))
+        if name in outputs:
+            outputs[name].CopyFrom(vi)
+        else:
+            for old in [v for v in model.graph.value_info if v.name == name]:
+                model.graph.value_info.remove(old)
+            model.graph.value_info.append(vi)
+        found += 1
+    return found
+
+
+def pin_shape_inputs(model: onnx.ModelProto) -> int:
+    """Reshape targets computed at run time become constants where the output shape is known
+    (from onnxruntime): the computation feeding them is then dead and dropped."""
+    view = GraphView(model.graph)
+    pinned = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or view.const(node.input[1]) is not None:
+            continue
+        shape = view.static_shape(node.output[0], symbolic=-1)
+        if shape is None or any(d < 0 for d in shape):
+            continue
+        name = view.add_const(f"{node.name or node.output[0]}/shape", np.array(shape, np.int64))
+        node.input[1] = name
+        pinned += 1
+    if pinned:
+        GraphView(model.graph).remove_unused()
+    return pinned
