@@ -4,25 +4,19 @@
   the nodes of the branch it takes; one whose condition is computed from run-time data stops
   the export with one line naming the node.
 - Shapes that ONNX shape inference leaves symbolic even with data propagation (shape arithmetic
-  it cannot follow) are read from onnxruntime: the model runs once on zeros and once on random
-  inputs of the fixed shapes with every intermediate tensor as an output, and a shape is taken
-  only where both runs agree (a data-dependent shape, e.g. after NonZero, stays unknown).
+  it cannot follow) are read from one onnxruntime run at the fixed input shapes
+  (`compiler.shapes.infer`); a Reshape whose target was computed at run time then gets that
+  target as a constant.
 """
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from onnxc.compiler.graph import GraphView, attr
-from onnxc.compiler.model import clone
 from onnxc.errors import OnnxcError
-
-log = logging.getLogger("onnxc.c")
-
 
 # ---- If ----------------------------------------------------------------------------------
 def fold_ifs(model: onnx.ModelProto) -> int:
@@ -96,44 +90,20 @@ def unknown_shapes(model: onnx.ModelProto) -> list[str]:
 
 
 def shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str]) -> int:
-    """Record in value_info the shapes of `names` that onnxruntime shows (equal on two runs)."""
-    from onnxc.compiler import runtime
+    """Record in value_info the concrete shapes of `names` that `compiler.shapes.infer` finds
+    (one onnxruntime run at the model's fixed input shapes); returns how many."""
+    from onnxc.compiler import shapes
 
-    probe = clone(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    inits = {t.name for t in model.graph.initializer}
-    feeds = []
-    rng = np.random.default_rng(0)
-    try:
-        sess = runtime.session(probe)
-        for fill in ("zeros", "random"):
-            feed = {}
-            for inp in sess.get_inputs():
-                if inp.name in inits:
-                    continue
-                vi = next(v for v in model.graph.input if v.name == inp.name)
-                dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-                shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-                value = np.zeros(shape, dtype) if fill == "zeros" else rng.standard_normal(shape).astype(dtype)
-                feed[inp.name] = value
-            feeds.append({n: (np.shape(v), np.asarray(v).dtype) for n, v in zip(names, sess.run(names, feed))})
-    except Exception as exc:  # an unresolved shape is reported by the lowering, naming the tensor
-        log.info("onnxruntime could not run the model to read shapes: %s", str(exc).splitlines()[0])
-        return 0
-    found = 0
+    info = shapes.infer(model, needed=names)
     outputs = {o.name: o for o in model.graph.output}
-    for name in names:
-        (shape, dtype), (again, _) = feeds[0][name], feeds[1][name]
-        if shape != again:
+    found = 0
+    for vi in info.value_infos():
+        if vi.name not in names or info.unknown_dims(vi.name):
             continue
-        vi = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), list(shape))
-        if name in outputs:
-            outputs[name].CopyFrom(vi)
+        if vi.name in outputs:
+            outputs[vi.name].CopyFrom(vi)
         else:
-            for old in [v for v in model.graph.value_info if v.name == name]:
+            for old in [v for v in model.graph.value_info if v.name == vi.name]:
                 model.graph.value_info.remove(old)
             model.graph.value_info.append(vi)
         found += 1
