@@ -18,6 +18,7 @@ from onnx import helper
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
 
+
 # ---- If ----------------------------------------------------------------------------------
 def fold_ifs(model: onnx.ModelProto) -> int:
     """Inline every top-level `If` whose condition is an initializer; returns how many."""
