@@ -49,7 +49,7 @@ class GeneratedModel:
         name = self.prog.name
         (out_dir / f"{name}.h").write_text(emitter.header(self.prog, self.plan, self.weight_bytes, self.source))
         (out_dir / f"{name}.c").write_text(emitter.source(self.prog, self.plan, self.source))
-        return [f"{name}.h", f"{name}.c"] + emitter.copy_kernels(self.prog, out_dir)
+        return [f"{name}.h", f"{name}.c"] + emitter.copy_kernels(self.prog, out_dir, self.plan)
 
     def report(self) -> dict:
         prog, pl = self.prog, self.plan

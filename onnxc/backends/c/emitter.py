@@ -8,10 +8,10 @@ models link (or even #include) into one program.
 from __future__ import annotations
 
 import re
-import shutil
 from importlib import resources
 from pathlib import Path
 
+from onnxc.backends.c import kernel_select
 from onnxc.backends.c.planner import Plan
 from onnxc.backends.c.program import (
     CONST,
@@ -236,12 +236,35 @@ def _arg(prog: Program, plan: Plan, arg: Arg, s: int, ins: list[str], outs: list
     raise ValueError(arg.kind)
 
 
-def copy_kernels(prog: Program, out_dir: Path) -> list[str]:
-    files = [HEADER] + sorted(prog.kernel_files)  # only the files the model calls (fused activations are inline)
-    if "onnxc_int8.c" in prog.kernel_files:
-        files.insert(1, INT8_HEADER)
+def called_kernels(prog: Program, plan: Plan | None = None) -> set[str]:
+    """Kernel functions the program calls (with a plan: only the variant each step runs)."""
+    used = set()
+    for s, step in enumerate(prog.steps):
+        variants = [step.calls, step.inplace_calls or []] if plan is None else \
+            [step.inplace_calls if s in plan.inplace else step.calls]
+        used |= {c.fn for calls in variants for c in calls}
+    return used
+
+
+def copy_kernels(prog: Program, out_dir: Path, plan: Plan | None = None) -> list[str]:
+    """The header and the kernel files the model calls, each cut to the functions it reaches."""
     root = resources.files("onnxc.backends.c") / "kernels"
+    sources = {f: (root / f).read_text() for f in sorted(prog.kernel_files)}
+    used = called_kernels(prog, plan)
+    for f in sources:  # another model written to the same directory keeps what it needs
+        if (out_dir / f).exists():
+            used |= kernel_select.defined((out_dir / f).read_text())
+    while True:  # a kept kernel may call a public kernel of another file
+        kept = {f: kernel_select.select(text, used) for f, text in sources.items()}
+        more = {name for text in kept.values() if text for name in re.findall(r"\b(onnxc_\w+)\s*\(", text)}
+        if more <= used:
+            break
+        used |= more
+    files = [HEADER] + ([INT8_HEADER] if "onnxc_int8.c" in prog.kernel_files else [])
     for f in files:
-        with resources.as_file(root / f) as path:
-            shutil.copyfile(path, out_dir / f)
+        (out_dir / f).write_text((root / f).read_text())
+    for f, text in kept.items():
+        if text is not None:
+            (out_dir / f).write_text(text)
+            files.append(f)
     return files

@@ -74,19 +74,15 @@ def conv(lo: Lowerer, node: onnx.NodeProto) -> None:
     bias = lo.ref(b) if b else NULL
     pointwise = [f[k] for k in ("kh", "kw", "sh", "sw", "pt", "pl")] == [1, 1, 1, 1, 0, 0] and group == 1 \
         and (oh, ow) == (h, wd)
-    dense = lo.prog.weights[weight.value].dense is not None
-    kernel = "onnxc_conv1x1" if pointwise and dense else "onnxc_conv2d"
+    kernel = "onnxc_conv1x1" if pointwise else "onnxc_conv2d"
     calls = [Call(kernel, [lo.ref(x), weight, bias, Arg.t(y), p])]
     inplace = {}
-    if group == c == m and oh * ow <= h * wd and dense:  # scratch: one zero-padded input plane
+    if group == c == m and oh * ow <= h * wd:  # scratch: one zero-padded input plane
         padded = ((oh - 1) * f["sh"] + (f["kh"] - 1) * f["dh"] + 1) * ((ow - 1) * f["sw"] + (f["kw"] - 1) * f["dw"] + 1)
         inplace = {"inplace": 0, "inplace_scratch": padded,
                    "inplace_calls": [Call("onnxc_depthwise_inplace", [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}
-    elif group == c == m and oh * ow <= h * wd:
-        inplace = {"inplace": 0, "inplace_scratch": h * wd,
-                   "inplace_calls": [Call("onnxc_conv2d_dw_inplace", [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}
     elif pointwise and m <= c:
-        tiled = dense and h * wd > 4  # scratch: four pixels' outputs, else one pixel's inputs
+        tiled = h * wd > 4  # scratch: four pixels' outputs (the one-pixel kernel: one pixel's inputs)
         fn = "onnxc_conv1x1_tiled_inplace" if tiled else "onnxc_conv1x1_inplace"
         inplace = {"inplace": 0, "inplace_scratch": 4 * m if tiled else c,
                    "inplace_calls": [Call(fn, [Arg.t(y), weight, bias, Arg(SCRATCH), p])]}

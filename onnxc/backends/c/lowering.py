@@ -45,7 +45,7 @@ HANDLERS: dict[str, Handler] = {}
 # Which kernel file defines each kernel function (only the files used are written out).
 KERNEL_FILES = {
     "onnxc_unary": "onnxc_eltwise.c", "onnxc_binary": "onnxc_eltwise.c",
-    "onnxc_conv2d": "onnxc_conv.c", "onnxc_conv2d_dw_inplace": "onnxc_conv.c",
+    "onnxc_conv2d": "onnxc_conv.c",
     "onnxc_conv1x1_inplace": "onnxc_conv.c", "onnxc_conv_transpose2d": "onnxc_conv.c",
     "onnxc_conv1x1": "onnxc_pointwise.c", "onnxc_conv1x1_tiled_inplace": "onnxc_pointwise.c",
     "onnxc_depthwise_inplace": "onnxc_pointwise.c", "onnxc_lstm": "onnxc_rnn.c", "onnxc_gru": "onnxc_rnn.c",

@@ -95,7 +95,10 @@ def shapes_from_onnxruntime(model: onnx.ModelProto, names: list[str]) -> int:
     (one onnxruntime run at the model's fixed input shapes); returns how many."""
     from onnxc.compiler import shapes
 
-    info = shapes.infer(model, needed=names)
+    fixed = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in shapes.graph_inputs(model)}
+    info = shapes.infer(model, fixed, needed=names)
+    if info.method != "onnx+onnxruntime":  # symbolic guesses are no ground for C buffers
+        return 0
     outputs = {o.name: o for o in model.graph.output}
     found = 0
     for vi in info.value_infos():

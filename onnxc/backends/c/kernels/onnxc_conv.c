@@ -137,25 +137,6 @@ void onnxc_conv_transpose2d(const float *x, const onnxc_weight *w, const float *
     }
 }
 
-void onnxc_conv2d_dw_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
-                             const onnxc_conv_p *p)
-{
-    /* Plane i of the output ends at (i + 1) * oh * ow <= (i + 1) * h * w, where input plane
-     * i + 1 starts: writing plane i only overwrites input planes already consumed (and plane i,
-     * copied to scratch first). */
-    int32_t in_plane = p->h * p->w, out_plane = p->oh * p->ow, ksize = p->kh * p->kw;
-    int32_t plane, i;
-    for (plane = 0; plane < p->n * p->c; plane++) {
-        int32_t m = plane % p->c;
-        float *yp = xy + plane * out_plane;
-        const float *xp = xy + plane * in_plane;
-        for (i = 0; i < in_plane; i++) scratch[i] = xp[i];
-        init_plane(yp, out_plane, bias, m);
-        accumulate_plane(scratch, w, m, m * ksize, yp, p);
-        onnxc_act_apply(yp, out_plane, p->act, p->act_a, p->act_b);
-    }
-}
-
 void onnxc_conv1x1_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
                            const onnxc_conv_p *p)
 {

@@ -179,9 +179,6 @@ void onnxc_conv2d(const float *x, const onnxc_weight *w, const float *bias, floa
  * w is laid out like a Conv weight, [m][c/group][kh][kw]. */
 void onnxc_conv_transpose2d(const float *x, const onnxc_weight *w, const float *bias, float *y,
                             const onnxc_conv_p *p);
-/* In place: output overwrites the input; scratch holds one input plane (h*w floats). */
-void onnxc_conv2d_dw_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
-                             const onnxc_conv_p *p);
 /* In place 1x1 convolution (m <= c): scratch holds one pixel's channels (c floats). */
 void onnxc_conv1x1_inplace(float *xy, const onnxc_weight *w, const float *bias, float *scratch,
                            const onnxc_conv_p *p);
