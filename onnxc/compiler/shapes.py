@@ -19,7 +19,10 @@ until the graph runs in onnxruntime.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -55,11 +58,12 @@ class ShapeInfo:
         return self.shapes.get(name)
 
     def unknown_dims(self, name: str) -> list[int]:
-        """Indices of the dims of `name` that are not concrete (all of them when the rank is unknown)."""
+        """Indices of the dims of `name` that are not concrete ([-1] when the rank is unknown). A 0
+        here is a real empty dim: declared 0 dims (Paddle's "unknown") were read as None."""
         shape = self.shapes.get(name)
         if shape is None:
             return [-1]
-        return [i for i, d in enumerate(shape) if not _concrete(d)]
+        return [i for i, d in enumerate(shape) if not (isinstance(d, (int, np.integer)) and d >= 0)]
 
     def value_infos(self) -> list[onnx.ValueInfoProto]:
         """The shapes as ValueInfoProtos (for a GraphView or a model's value_info)."""
@@ -144,7 +148,10 @@ def infer(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | No
         return info
     if concrete is not None:
         try:
-            _run_shapes(model, concrete, missing, info)
+            _profile_shapes(model, concrete, info)
+            still = [n for n in missing if info.unknown_dims(n)]
+            if still:
+                _run_shapes(model, concrete, still, info)
             info.method = "onnx+onnxruntime"
             return info
         except Exception as exc:  # a model onnxruntime cannot run still gets the symbolic pass
@@ -153,8 +160,57 @@ def infer(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | No
     return info
 
 
+def _profile_shapes(model: onnx.ModelProto, shapes: Mapping[str, list[int]], info: ShapeInfo) -> None:
+    """Every node's output shapes from onnxruntime's profile of one run on one random sample.
+
+    The profile records shapes without keeping the tensors, so memory stays that of one inference
+    (requesting every intermediate tensor as an output would hold them all at once). Optimizations
+    are off so the profiled nodes are the model's own; they are renamed uniquely in a copy.
+    """
+    probe = clone(model)
+    _set_dims(probe, shapes)
+    nodes = {}
+    for i, node in enumerate(probe.graph.node):
+        node.name = f"onnxc_shape_probe_{i}"
+        nodes[node.name] = [o for o in node.output if o]
+        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                     None)
+        if node.op_type == "Constant" and value is not None:  # folded at load, never profiled
+            info.shapes[node.output[0]] = list(value.dims)
+            info.dtypes[node.output[0]] = value.data_type
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "shapes")
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess.run(None, random_feed(model, shapes))
+        with open(sess.end_profiling()) as fh:
+            events = json.load(fh)
+    for event in events:
+        args = event.get("args", {})
+        outputs = nodes.get(event.get("name", "").removesuffix("_kernel_time"))
+        found = args.get("output_type_shape")
+        if event.get("cat") != "Node" or outputs is None or found is None or len(found) != len(outputs):
+            continue  # optional outputs left out of the profile: the names would not line up
+        for name, entry in zip(outputs, found):
+            [(type_name, dims)] = entry.items()
+            elem = info.dtypes.get(name) or _PROFILE_TYPES.get(type_name)
+            if elem:
+                info.shapes[name] = [int(d) for d in dims]
+                info.dtypes[name] = elem
+
+
+_PROFILE_TYPES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE,
+                  "float16": onnx.TensorProto.FLOAT16, "int64": onnx.TensorProto.INT64,
+                  "int32": onnx.TensorProto.INT32, "int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8,
+                  "bool": onnx.TensorProto.BOOL}
+
+
 def _run_shapes(model: onnx.ModelProto, shapes: Mapping[str, list[int]], names: list[str], info: ShapeInfo) -> None:
-    """One onnxruntime run on one random sample that returns `names`: their real shapes.
+    """One onnxruntime run on one random sample that returns `names`: their real shapes (for the
+    few tensors the profile does not name).
 
     ORT_ENABLE_EXTENDED, not ALL: the NCHWc layout pass fuses a Conv into the Add after it even when
     the Conv's output is requested (see calibration.iter_activations).
