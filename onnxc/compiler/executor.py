@@ -85,17 +85,31 @@ def _check_fn(fn: Callable) -> None:
 def _run_task(fn: Callable, item: Any, kwargs: dict) -> tuple[bool, Any]:
     """(True, result) or (False, one-line reason): exceptions never cross process boundaries raw."""
     try:
-        with _one_blas_thread():
-            return True, fn(item, **kwargs)
+        return True, fn(item, **kwargs)
     except Exception as exc:  # reported to the caller as one OnnxcError line
         text = str(exc).strip().splitlines()
         return False, f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _one_blas_thread():
+    """Tasks run with one BLAS thread everywhere (parallelism is across tasks, and a BLAS split
+    differently may sum in another order). Set once per map or per worker: threadpoolctl rescans
+    the loaded libraries on every call, which cost ~5 ms per task."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1, user_api="blas")
+
+
+_WORKER_LIMIT = None
+
+
+def _init_worker() -> None:
+    """In a worker process: one BLAS thread for good (libraries loaded later read the variables)."""
+    global _WORKER_LIMIT
+    if _WORKER_LIMIT is None:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        _WORKER_LIMIT = _one_blas_thread()
 
 
 def _task_error(label: str, fn: Callable, index: int, item: Any, reason: str) -> OnnxcError:
@@ -228,12 +242,13 @@ class InlineExecutor(Executor):
         _check_fn(fn)
         kwargs = {name: _thaw(ref.handle) for name, ref in (shared or {}).items()}
         results = []
-        for index, item in enumerate(items):
-            _report(progress, label, index, len(items))
-            ok, value = _run_task(fn, item, kwargs)
-            if not ok:
-                raise _task_error(label, fn, index, item, value)
-            results.append(value)
+        with _one_blas_thread():
+            for index, item in enumerate(items):
+                _report(progress, label, index, len(items))
+                ok, value = _run_task(fn, item, kwargs)
+                if not ok:
+                    raise _task_error(label, fn, index, item, value)
+                results.append(value)
         _report(progress, label, len(items), len(items))
         return results
 
@@ -273,7 +288,8 @@ class ProcessExecutor(Executor):
         self.workers = jobs
         self.folder = _shared_folder()
         self._counter = itertools.count()
-        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker)
 
     def put(self, value: object) -> Ref:
         key = uuid.uuid4().hex
@@ -336,6 +352,7 @@ def _ray_task(fn: Callable, item: Any, refs: dict[str, tuple[str, list]]) -> tup
     (ObjectRefs arrive wrapped in a list, so Ray does not resolve them for every task)."""
     import ray
 
+    _init_worker()
     try:
         kwargs = _cached({name: (key, lambda box=box: ray.get(box[0])) for name, (key, box) in refs.items()})
     except Exception as exc:

@@ -8,6 +8,7 @@ another.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable
@@ -42,6 +43,16 @@ class GraphView:
                                                               self.graph.output)}
         self._names = set(self.producers) | set(self.initializers) | {v.name for v in self.graph.input}
         self._names |= {n.name for n in self.graph.node}
+
+    def fork(self) -> GraphView:
+        """A view of the same graph with its own name reservations and initializer index, as a
+        fresh `GraphView` would have them but without re-indexing the graph: for work that adds
+        constants and names and then withdraws them (each of many independent fits)."""
+        other = copy.copy(self)
+        other.initializers = dict(self.initializers)
+        other._names = set(self._names)
+        other._counter = itertools.count()
+        return other
 
     def node_by_name(self, name: str) -> onnx.NodeProto | None:
         for node in self.graph.node:

@@ -185,7 +185,11 @@ class FactorPass(Pass):
         executor = ctx.executor
         shared = {"model": executor.put(model), "moments": executor.put(stats)}
         items = [(self, Layer(layer.node, None, layer.info), ctx.seed) for layer in layers]
-        return executor.map(fit_task, items, shared=shared, label=f"{self.id} fitting", progress=ctx.progress)
+        global _TASK_VIEW
+        try:
+            return executor.map(fit_task, items, shared=shared, label=f"{self.id} fitting", progress=ctx.progress)
+        finally:
+            _TASK_VIEW = None  # in-process runs: do not keep the model copy alive
 
     def use_data(self, ctx: PassContext) -> bool:
         if ctx.calibration is None:
@@ -199,8 +203,14 @@ def fit_task(item: tuple[FactorPass, Layer, int], *, model: onnx.ModelProto,
              moments: dict[str, _whiten.Moments]) -> Fitted | str:
     """One layer's fit as an executor task: item = (pass, layer without its rows function, seed);
     shared: the model the layer belongs to and the moments from `FactorPass.moments`."""
+    global _TASK_VIEW
     fitter, layer, seed = item
-    return _fit_isolated(fitter, layer, GraphView(model.graph), moments.get(layer.node.output[0]), seed)
+    if _TASK_VIEW is None or _TASK_VIEW[0] is not model:  # index the shared model once per process
+        _TASK_VIEW = (model, GraphView(model.graph))
+    return _fit_isolated(fitter, layer, _TASK_VIEW[1].fork(), moments.get(layer.node.output[0]), seed)
+
+
+_TASK_VIEW: tuple[onnx.ModelProto, GraphView] | None = None
 
 
 def _fit_isolated(fitter: FactorPass, layer: Layer, view: GraphView, moments: _whiten.Moments | None,
@@ -219,7 +229,8 @@ def _fit_isolated(fitter: FactorPass, layer: Layer, view: GraphView, moments: _w
         copy.CopyFrom(tensor)
         added.append(copy)
     del graph.initializer[count:]
-    view.refresh()
+    for tensor in added:
+        view.initializers.pop(tensor.name, None)
     if isinstance(fitted, Fitted):
         fitted.initializers = added
     return fitted
