@@ -7,6 +7,8 @@ accuracy (the public corpus and the digits samples do that).
 
 - crnn.onnx: a text-line recognizer (conv backbone, height pooled away, BiLSTM, per-column
   classes) for [N, 1, 32, W] lines; output [N, W/4, 37] log-probabilities; batch and width dynamic.
+- cnn_lstm_gru.onnx: a sequence model for [1, 4, T] frames (Conv1d, a Shape -> Gather -> Concat
+  -> Reshape chain, bidirectional LSTM, GRU, per-step classes [T, 1, 3]); T dynamic (`seqlen`).
 - resnet_dyn.onnx: a residual classifier with global pooling for [N, 3, H, W]; batch, height and
   width dynamic (named dims), like a torchvision export with dynamic axes.
 """
@@ -36,6 +38,22 @@ class CRNN(nn.Module):
         f = self.cnn(x).squeeze(2).permute(0, 2, 1)  # [N, W/4, 128]
         y, _ = self.rnn(f)
         return self.head(y).log_softmax(-1)
+
+
+class CnnLstmGru(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.lstm = nn.LSTM(8, 6, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(12, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):  # [1, 4, seqlen]
+        h = torch.relu(self.conv(x)).permute(0, 2, 1)
+        h = h.reshape(x.shape[0], x.shape[2], 8)  # Shape -> Gather -> Concat -> Reshape
+        y, _ = self.lstm(h)
+        y, _ = self.gru(y.transpose(0, 1))
+        return self.fc(y)
 
 
 class Residual(nn.Module):
@@ -84,6 +102,8 @@ def main() -> int:
            {"input": {0: "batch", 3: "width"}, "output": {0: "batch", 1: "steps"}})
     export(ResNetDyn(), torch.randn(1, 3, 64, 64), OUT / "resnet_dyn.onnx", "image", "logits",
            {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
+    export(CnnLstmGru(), torch.randn(1, 4, 10), OUT / "cnn_lstm_gru.onnx", "x", "y",
+           {"input": {2: "seqlen"}, "output": {0: "seqlen"}})
     return 0
 
 

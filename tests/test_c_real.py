@@ -4,8 +4,8 @@ only onnxruntime can tell. Every C result is compared with onnxruntime on the sa
 
 from __future__ import annotations
 
-import io
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +19,7 @@ from onnxc.compiler import runtime
 from onnxc.errors import OnnxcError
 
 TOL = 1e-5
+MODELS = Path(__file__).resolve().parent / "models"
 
 
 def _c_matches_onnxruntime(m: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path, **kw):
@@ -33,33 +34,10 @@ def _c_matches_onnxruntime(m: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp
     return gen
 
 
-def _torch_cnn_lstm() -> onnx.ModelProto:
-    torch = pytest.importorskip("torch")
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
-            self.lstm = torch.nn.LSTM(8, 6, batch_first=True, bidirectional=True)
-            self.gru = torch.nn.GRU(12, 5)
-            self.fc = torch.nn.Linear(5, 3)
-
-        def forward(self, x):  # [1, 4, seqlen]
-            h = torch.relu(self.conv(x)).permute(0, 2, 1)
-            h = h.reshape(x.shape[0], x.shape[2], 8)  # Shape -> Gather -> Concat -> Reshape
-            y, _ = self.lstm(h)
-            y, _ = self.gru(y.transpose(0, 1))
-            return self.fc(y)
-
-    torch.manual_seed(0)
-    buf = io.BytesIO()
-    torch.onnx.export(Net().eval(), (torch.randn(1, 4, 10),), buf, input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {2: "seqlen"}, "y": {0: "seqlen"}}, opset_version=17, dynamo=False)
-    return onnx.load_from_string(buf.getvalue())
-
-
 def test_torch_cnn_lstm_with_dynamic_length(tmp_path):
-    m = _torch_cnn_lstm()
+    """scripts/export_test_models.py's torch export: Conv1d, a Shape -> Gather -> Concat -> Reshape
+    chain, a bidirectional LSTM and a GRU, with the sequence length dynamic."""
+    m = onnx.load(str(MODELS / "cnn_lstm_gru.onnx"))
     assert m.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "seqlen"
     assert {"LSTM", "GRU", "Shape", "Reshape"} <= {n.op_type for n in m.graph.node}
     x = np.random.default_rng(1).standard_normal((1, 4, 13)).astype(np.float32)
