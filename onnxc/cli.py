@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from onnxc.errors import OnnxcError, UsageError
@@ -75,19 +75,28 @@ def command(fn):
 
 
 class _ProgressReporter:
-    """Turns `ctx.progress(label, done, total)` calls into one rich progress bar per label."""
+    """Turns `ctx.progress(label, done, total)` calls into one rich progress bar per label.
+
+    Labels name a phase of a pass ("prune: capture", "prune: fits", "svd: capture", ...) or of the
+    manager ("passes", "verification"); counts are real units (samples streamed, layers fitted),
+    so the remaining time is an honest estimate. A phase that runs again restarts its bar.
+    """
 
     def __init__(self, enabled: bool):
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
+            MofNCompleteColumn(),
+            TextColumn("elapsed"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=stderr,
             transient=True,
             disable=not enabled,
         )
         self.tasks: dict[str, int] = {}
+        self.last: dict[str, tuple[int, int]] = {}
 
     def __enter__(self):
         self.progress.__enter__()
@@ -97,9 +106,15 @@ class _ProgressReporter:
         return self.progress.__exit__(*exc)
 
     def __call__(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=total)
-        self.progress.update(self.tasks[label], completed=done, total=total)
+        task = self.tasks.get(label)
+        last_done, last_total = self.last.get(label, (0, total))
+        self.last[label] = (done, total)
+        if task is None:
+            self.tasks[label] = self.progress.add_task(label, total=total, completed=done)
+        elif done < last_done or total != last_total:
+            self.progress.reset(task, total=total, completed=done)  # the phase runs again (next pass)
+        else:
+            self.progress.update(task, completed=done)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

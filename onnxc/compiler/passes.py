@@ -347,8 +347,9 @@ class PassManager:
         shapes = cal.shapes() if cal is not None and hasattr(cal, "shapes") else []
         return shapes[0] if shapes else None
 
-    def _outputs(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return runtime.run(model, inputs)
+    def _outputs(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray],
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+        return runtime.run(model, inputs, progress=progress)
 
     def _check(self, candidate: onnx.ModelProto, ref_out, val) -> tuple[str, Fidelity | None, dict | None]:
         """(problem or "", fidelity, the candidate's outputs on the validation inputs)."""
@@ -359,7 +360,7 @@ class PassManager:
         if ref_out is None:
             return "", None, None
         try:
-            got = self._outputs(candidate, val)
+            got = self._outputs(candidate, val, progress=lambda d, t: self.ctx.progress("verification", d, t))
             fidelity = compare_outputs(ref_out, got)
         except OnnxcError as exc:
             return str(exc), None, None

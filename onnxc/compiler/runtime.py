@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -61,21 +61,29 @@ def sample_count(inputs: Mapping[str, np.ndarray]) -> int:
 
 
 def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] | None = None, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+        outputs: Sequence[str] | None = None, *, batch_size: int = 64,
+        progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Run all samples through the model in batches; returns the concatenated outputs.
 
     Models whose batch dim is fixed (e.g. 1) are run one sample at a time. Variable-shape
-    `Samples` give `Samples` of outputs, one group per input group.
+    `Samples` give `Samples` of outputs, one group per input group. `progress(done, total)` is
+    called with sample counts after every batch.
     """
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     if isinstance(inputs, Samples) and not inputs.is_uniform:
-        return Samples([run(sess, g, outputs, batch_size=batch_size) for g in inputs.groups])
+        total, before, parts = sample_count(inputs), 0, []
+        for g in inputs.groups:
+            step = (lambda d, _t, b=before: progress(b + d, total)) if progress else None
+            parts.append(run(sess, g, outputs, batch_size=batch_size, progress=step))
+            before += sample_count(g)
+        return Samples(parts)
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
     fixed = [i for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)]
     if fixed:
         batch_size = min(batch_size, min(i.shape[0] for i in fixed))
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     feed_names = {i.name for i in sess.get_inputs()}
+    total, done = sample_count(inputs), 0
     for batch in batches(inputs, batch_size):
         feed = {k: v for k, v in batch.items() if k in feed_names}
         short = batch_size - sample_count(feed) if fixed and feed else 0
@@ -83,5 +91,8 @@ def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.n
             feed = {k: np.concatenate([v] + [v[:1]] * short) for k, v in feed.items()}
         for name, value in zip(names, sess.run(names, feed)):
             collected[name].append(value[: len(value) - short] if short > 0 and value.ndim else value)
+        if progress is not None:
+            done += sample_count(batch)
+            progress(done, total)
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else (v[0] if v else np.array([]))
             for n, v in collected.items()}

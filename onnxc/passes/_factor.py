@@ -139,7 +139,7 @@ class FactorPass(Pass):
                 view.set_input_const(view.producers[output], index, value)
             changes.append(fitted.change)
             ranks[name] = fitted.change.detail.get("rank", fitted.change.detail.get("ranks"))
-        ctx.progress(f"{self.id} fitting", len(layers), len(layers))
+        ctx.progress(f"{self.id}: fits", len(layers), len(layers))
         if changes:
             view.remove_unused()
         info = {"rule": self.rule().name, "data_aware": bool(aware and stats), "ranks": ranks,
@@ -174,7 +174,8 @@ class FactorPass(Pass):
                     if layer.rows is not None and layer.rows[1] <= MAX_STATS_DIM]
         if not requests:
             return {}
-        return _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed, progress=ctx.progress)
+        return _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed,
+                               progress=lambda _, done, total: ctx.progress(f"{self.id}: capture", done, total))
 
     def _fit_all(self, model: onnx.ModelProto, layers: list[Layer], stats: dict[str, _whiten.Moments],
                  ctx: PassContext) -> list[Fitted | str]:
@@ -187,7 +188,7 @@ class FactorPass(Pass):
         items = [(self, Layer(layer.node, None, layer.info), ctx.seed) for layer in layers]
         global _TASK_VIEW
         try:
-            return executor.map(fit_task, items, shared=shared, label=f"{self.id} fitting", progress=ctx.progress)
+            return executor.map(fit_task, items, shared=shared, label=f"{self.id}: fits", progress=ctx.progress)
         finally:
             _TASK_VIEW = None  # in-process runs: do not keep the model copy alive
 

@@ -227,8 +227,10 @@ def filter_norms(g: ChannelGroup, view: GraphView, p: int) -> np.ndarray:
 
 
 def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, data, samples: int, ridge: float,
-            rng: np.random.Generator) -> tuple[dict[int, np.ndarray], dict[int, list[Callable[[], object]]]]:
-    """Static scores per group (for ranking) and, for Gram/lsq criteria, makers of greedy states."""
+            rng: np.random.Generator, progress: Callable[[str, int, int], None] = lambda *a: None,
+            ) -> tuple[dict[int, np.ndarray], dict[int, list[Callable[[], object]]]]:
+    """Static scores per group (for ranking) and, for Gram/lsq criteria, makers of greedy states;
+    `progress("prune: capture", samples streamed, total)` follows the calibration passes."""
     view = GraphView(model.graph)
     scores = {g.id: filter_norms(g, view, 2 if criterion == "l2" else 1) for g in groups}
     if criterion in ("l1", "l2") or data is None:
@@ -254,9 +256,18 @@ def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, 
             thinet = ThinetGram(node, view, g.tensors[x], g.n_units, samples, total)
             if thinet.ok:
                 stats.append((g.id, thinet))
-    for chunk in rec.chunks(stats, lambda item: item[1].memory() if isinstance(item[1], LsqStats) else 0):
+    chunks = rec.chunks(stats, lambda item: item[1].memory() if isinstance(item[1], LsqStats) else 0)
+    streamed = [0]
+
+    def consume(values: dict[str, np.ndarray], chunk: list) -> None:
+        for _, s in chunk:
+            s.update(values, rng)
+        streamed[0] += len(next(iter(values.values())))
+        progress("prune: capture", streamed[0], total * len(chunks))
+
+    for chunk in chunks:
         names = list(dict.fromkeys(n for _, s in chunk for n in _reads(s)))
-        rec.stream(model, names, data, lambda values, chunk=chunk: [s.update(values, rng) for _, s in chunk])
+        rec.stream(model, names, data, lambda values, chunk=chunk: consume(values, chunk))
     factories: dict[int, list[Callable[[], object]]] = {}
     act: dict[int, np.ndarray] = {}
     groups_by_id = {g.id: g for g in groups}

@@ -435,6 +435,7 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
     waves = _waves(pruned, jobs) if recapture else [[j.node for j in jobs]]
     by_name = {j.node: j for j in jobs}
     done = 0
+    progress("prune: fits", done, len(jobs))
     for wave in waves:
         view = GraphView(pruned.graph)
         refitters: list[Refitter] = []
@@ -466,7 +467,7 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
                 r.finish(ridge)
                 r.folds = [[], []]
                 done += 1
-                progress("prune: refit", done, len(jobs))
+                progress("prune: fits", done, len(jobs))
         pruned = refresh(pruned)
     return pruned
 

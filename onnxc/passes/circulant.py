@@ -110,7 +110,7 @@ class CirculantPass(Pass):
         changes: list[Change] = []
         rewritten = False
         for index, t in enumerate(targets):
-            ctx.progress("circulant", index, len(targets))
+            ctx.progress("circulant: fits", index, len(targets))
             stats = None
             if cal is not None:
                 current = model if (sequential and rewritten) else original
@@ -135,7 +135,7 @@ class CirculantPass(Pass):
             self._apply(model, t, layer, form, state)
             rewritten = True
             changes.append(self._change(t, layer, form, times, error, proj_error, aware, stats is not None))
-        ctx.progress("circulant", len(targets), len(targets))
+        ctx.progress("circulant: fits", len(targets), len(targets))
         if not changes:
             return PassResult(model, False, skipped=skipped, info=state.info())
         view = GraphView(model.graph)

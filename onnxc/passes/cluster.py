@@ -355,7 +355,7 @@ class ClusterPass(Pass):
         shared = {"weights": executor.put({t.weight: weights[t.weight] for t in todo}),
                   "importance": executor.put(importance)}
         items = [(self, t.weight, t.channel_axis, ctx.seed) for t in todo]
-        fits = executor.map(_cluster_task, items, shared=shared, label="cluster", progress=ctx.progress)
+        fits = executor.map(_cluster_task, items, shared=shared, label="cluster: fits", progress=ctx.progress)
         return {t.weight: fit for t, fit in zip(todo, fits)}
 
     def _cluster(self, weight: np.ndarray, channel_axis: int, importance: np.ndarray | None,

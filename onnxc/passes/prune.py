@@ -99,17 +99,19 @@ class PrunePass(Pass):
             info["notes"].append(f"no calibration data: criterion {criterion} replaced by l1, no refit")
             criterion = "l1"
         scores, states = imp.collect(original, candidates, criterion, data, self.samples, self.ridge,
-                                     ctx.rng("prune-importance"))
+                                     ctx.rng("prune-importance"), progress=ctx.progress)
         counts = self._counts(candidates, scores, states)
         keep: dict[str, np.ndarray] = {}
         pruned_groups: list[tuple[ChannelGroup, np.ndarray]] = []
-        for g in candidates:
+        for index, g in enumerate(candidates):
+            ctx.progress("prune: selection", index, len(candidates))
             kept = imp.select(g, self._round(g, counts[g.id]), scores[g.id], states.get(g.id), self.min_channels)
             if kept is None or kept.all():
                 skipped.append(Skip(g.name, "nothing to remove at this ratio"))
                 continue
             keep.update(g.keep_channels(kept))
             pruned_groups.append((g, kept))
+        ctx.progress("prune: selection", len(candidates), len(candidates))
         for g in analysis.groups:
             if g.producers:
                 info["groups"].append(g.describe())
