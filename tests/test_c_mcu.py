@@ -19,14 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
 
-def test_mobilenet_and_ds_cnn_run_on_cortex_m4(tmp_path):
+def test_mobilenet_ds_cnn_and_lstm_run_on_cortex_m4(tmp_path):
     x = np.load(ROOT / "samples" / "digits_test.npz")["input"][:1]
     kws_x = np.random.default_rng(0).standard_normal((1, 1, 49, 10)).astype(np.float32)
+    seq_x = np.random.default_rng(1).standard_normal((1, 4, 12)).astype(np.float32)
     models = {"mobilenet": (onnx.load(ROOT / "samples" / "mobilenet.onnx"), "input", x),
-              "kws": (ds_cnn(seed=0), "input", kws_x)}
+              "kws": (ds_cnn(seed=0), "input", kws_x),
+              "seq": (onnx.load(ROOT / "tests" / "models" / "cnn_lstm_gru.onnx"), "x", seq_x)}  # LSTM + GRU
     entries = []
-    for name, (model, _, value) in models.items():
-        gen = compile_model(model, name)
+    for name, (model, inp, value) in models.items():
+        gen = compile_model(model, name, {inp: value.shape})
         gen.write(tmp_path)
         entries.append((name, [value], [gen.prog.size(o) for o in gen.prog.outputs]))
     (tmp_path / "main.c").write_text(mps2.firmware_main(entries))
