@@ -307,3 +307,11 @@ def test_every_shape_recovered_when_onnx_inference_fails(monkeypatch):
     cost = model_cost(model, used)
     assert cost.shape_method == "onnx+onnxruntime" and cost.unknown_dims == []
     assert cost.macs == profiled_macs(str(path), shapes.random_feed(model, used))
+
+
+def test_cost_takes_working_shapes_with_free_dims():
+    # The compiler's working shapes leave a dim None when nothing fixes it: the model's dim stays.
+    canonical = canonicalize(recognizer())
+    assert model_cost(canonical, {"x": [None, 3, H, 96]}).macs == recognizer_macs(96)
+    free = model_cost(canonical, {"x": [None, 3, H, None]})
+    assert free.input_shapes is None and "W" in free.unknown_dims

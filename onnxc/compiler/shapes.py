@@ -110,10 +110,10 @@ def concrete_input_shapes(model: onnx.ModelProto,
     None when some other dim is unknown."""
     out = {}
     for vi in graph_inputs(model):
-        if input_shapes and vi.name in input_shapes:
-            out[vi.name] = [int(d) for d in input_shapes[vi.name]]
-            continue
         dims = _dims_of(vi)
+        if input_shapes and vi.name in input_shapes:  # a None in a given shape keeps the model's dim
+            given = list(input_shapes[vi.name])
+            dims = [g if _concrete(g) else (dims[i] if dims and i < len(dims) else None) for i, g in enumerate(given)]
         if dims is None:
             return None
         if dims and not _concrete(dims[0]):
@@ -243,13 +243,21 @@ def _symbolic(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]],
 
 
 def _set_dims(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
-    """Write `input_shapes` over the graph inputs whatever the model declared (-1, 0, named)."""
+    """Write `input_shapes` over the graph inputs whatever the model declared (-1, 0, named); a None
+    keeps the model's dim (symbolic where it was -1 or 0)."""
     for vi in model.graph.input:
         if vi.name in input_shapes:
             shape = vi.type.tensor_type.shape
+            old = [onnx.TensorShapeProto.Dimension(dim_value=d.dim_value) if d.HasField("dim_value")
+                   else onnx.TensorShapeProto.Dimension(dim_param=d.dim_param) for d in shape.dim]
             del shape.dim[:]
-            for d in input_shapes[vi.name]:
-                shape.dim.add().dim_value = int(d)
+            for i, d in enumerate(input_shapes[vi.name]):
+                if _concrete(d):
+                    shape.dim.add().dim_value = int(d)
+                elif i < len(old) and (old[i].dim_param or old[i].dim_value > 0):
+                    shape.dim.add().CopyFrom(old[i])  # None keeps the model's own dim
+                else:
+                    shape.dim.add().dim_param = f"{vi.name}_dim{i}"
 
 
 def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
