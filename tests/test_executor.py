@@ -168,3 +168,9 @@ def test_cli_jobs_gives_the_in_process_output(tmp_path, inline_model):
     result = CliRunner().invoke(cli, [*args, "--jobs", "2"])
     assert result.exit_code == 0, result.output
     assert onnx.load(out).SerializeToString() == onnx.load_from_string(inline_model).SerializeToString()
+
+
+def test_a_dead_worker_is_one_clear_error():
+    with make_executor("local", 1) as executor:
+        with pytest.raises(OnnxcError, match="crash: a worker process died"):
+            executor.map(os._exit, [3], label="crash")

@@ -13,6 +13,9 @@ How shared values travel:
   and keeps it while the tasks it runs keep asking for it.
 - ray: `ray.put` once; each Ray worker fetches a value once (arrays zero-copy from the object
   store) and keeps it the same way.
+
+Workers import task functions by name: local workers are spawned (a script calling this needs the
+`if __name__ == "__main__":` guard), and the nodes of a remote Ray cluster need onnxc installed.
 """
 
 from __future__ import annotations
