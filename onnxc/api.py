@@ -23,8 +23,8 @@ from onnxc.compiler.model import load, save, tensor_bytes
 from onnxc.compiler.passes import Pass, PassContext, PassManager
 from onnxc.compiler.recipe import build
 from onnxc.compiler.report import Report, layer_diff
-from onnxc.compiler.verify import Fidelity, compare_outputs
-from onnxc.errors import VerificationError
+from onnxc.compiler.verify import Fidelity, Metric, compare_outputs, load_metric
+from onnxc.errors import UsageError, VerificationError
 
 log = logging.getLogger("onnxc")
 
@@ -52,7 +52,9 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
              seed: int | None = None, output: PathLike | None = None, backend: str | None = None,
              export_options: ExportOptions | None = None,
              progress: Callable[[str, int, int], None] | None = None, jobs: int | None = None,
-             executor: str | None = None, ray_address: str | None = None) -> OptimizeResult:
+             executor: str | None = None, ray_address: str | None = None, target: str | None = None,
+             metric: Metric | str | None = None, plot: PathLike | None = None,
+             cache_dir: PathLike | None = None) -> OptimizeResult:
     """Canonicalize, run the passes with verification, and optionally save and lower the result.
 
     `passes` are pass objects or specs (`"prune:ratio=0.5"`). `calibration` is a `.npz`/`.npy`
@@ -64,17 +66,32 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
     Per-layer work runs in-process, on `jobs` local processes (`executor="local"`, or `jobs` > 1
     alone) or as Ray tasks (`executor="ray"`, on the cluster at `ray_address` or a local one); the
     output is the same whichever runs it.
+
+    With `target` (`"macs=0.5"`, `params=`, `size=`, `latency=`), or with only `max_error` and no
+    passes, the passes are the allocator's techniques (default prune, svd, tucker, cluster): it
+    measures every candidate's sensitivity and picks per-candidate levels (see `allocation`).
+    `metric(reference_outputs, candidate_outputs) -> float` (or `"module:function"`) replaces the
+    default fidelity wherever a budget or target is judged. `plot` writes error against cost.
     """
+    from onnxc.compiler import allocation
+
+    metric = load_metric(metric) if isinstance(metric, str) else metric
+    goal = allocation.parse_target(target) if isinstance(target, str) else target
+    allocating = goal is not None or (max_error is not None and not passes and not preset and not recipe)
+    if plot is not None and not allocating:
+        raise UsageError("--plot needs --target (or --max-error without passes): it draws the sensitivity table")
     kind = executor_kind(executor, jobs, ray_address)
     with make_executor(kind, jobs or ((os.cpu_count() or 1) if kind != "inline" else 1), ray_address) as workers:
         return _optimize(model, passes=passes, preset=preset, recipe=recipe, calibration=calibration,
                          preprocess=preprocess, input_shapes=input_shapes, max_error=max_error, seed=seed,
                          output=output, backend=backend, export_options=export_options,
-                         progress=progress, executor=workers)
+                         progress=progress, executor=workers, goal=goal, metric=metric, plot=plot,
+                         cache_dir=cache_dir, allocating=allocating)
 
 
 def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_shapes, max_error, seed, output,
-              backend, export_options, progress, executor: Executor) -> OptimizeResult:
+              backend, export_options, progress, executor: Executor, goal, metric, plot, cache_dir,
+              allocating) -> OptimizeResult:
     pass_list, preset_budget, recipe_seed = _passes(passes, preset, recipe)
     seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
     budget = max_error if max_error is not None else preset_budget
@@ -87,20 +104,25 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     shapes = calib.working_shapes(original, cal, given)
     canonical = canonicalize(original, shapes)
     ctx = PassContext(calibration=cal, seed=seed, max_error=budget,
-                      progress=progress or (lambda label, done, total: None), executor=executor)
+                      progress=progress or (lambda label, done, total: None), executor=executor, metric=metric)
     report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget,
                     shapes=cal.shapes()[:8])
     if cal.is_random:
         report.notes.append("no calibration file: inputs drawn at random from the input spec; "
                             "lossy passes are fitted to and verified on random data")
     ref_out = runtime.run(original, cal.validation)
-    canon_fid = compare_outputs(ref_out, runtime.run(canonical, cal.validation))
+    canon_fid = compare_outputs(ref_out, runtime.run(canonical, cal.validation), metric)
     report.canonical_fidelity = canon_fid.to_dict()
-    manager = PassManager(pass_list, ctx, input_shapes=shapes)
-    result, records = manager.run(canonical, reference_outputs=ref_out)
-    report.passes = records
-    # The manager verified every applied pass on the validation inputs: reuse its last outputs.
-    fidelity = compare_outputs(ref_out, manager.last_outputs) if manager.last_outputs is not None else canon_fid
+    if allocating:
+        result, fidelity, budget = _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report,
+                                             cache_dir, plot)
+    else:
+        manager = PassManager(pass_list, ctx, input_shapes=shapes)
+        result, records = manager.run(canonical, reference_outputs=ref_out)
+        report.passes = records
+        # The manager verified every applied pass on the validation inputs: reuse its last outputs.
+        fidelity = compare_outputs(ref_out, manager.last_outputs, metric) if manager.last_outputs is not None \
+            else canon_fid
     report.fidelity = fidelity.to_dict()
     cost_at = manager.cost_shapes()
     before, after = model_cost(canonical, cost_at), model_cost(result, cost_at)
@@ -110,12 +132,13 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     report.before, report.after = before.totals(), after.totals()
     report.layers = layer_diff(before, after)
     result = keep_interface(result, original)  # costs above ran at the working shapes; the file keeps the source's
-    if budget is not None and fidelity.rel_l2 > budget:
+    if budget is not None and fidelity.error > budget:
         report.reference_noise = verify.reference_noise(original, cal.validation, ref_out)
-        budget = _noise_budget(report, budget, fidelity.rel_l2)
-    if budget is not None and fidelity.rel_l2 > budget:
-        raise VerificationError(f"optimized model differs from the original by {fidelity.rel_l2:.3g} "
-                                f"(relative L2), over the budget {budget:g}"
+        budget = _noise_budget(report, budget, fidelity.error)
+    if budget is not None and fidelity.error > budget:
+        what = "by the metric" if metric is not None else "(relative L2, per output channel)"
+        raise VerificationError(f"optimized model differs from the original by {fidelity.error:.3g} "
+                                f"{what}, over the budget {budget:g}"
                                 + (f" (the original's own float noise: {report.reference_noise:.3g})"
                                    if report.reference_noise is not None else ""))
     if output is not None:
@@ -141,6 +164,36 @@ def _noise_budget(report: Report, budget: float, error: float) -> float:
                             "onnxruntime's optimization levels); judged as within the budget")
         return max(budget, verify.NOISE_MARGIN * floor)
     return budget
+
+
+def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, cache_dir, plot):
+    """The allocation mode of `optimize`: (model, fidelity, budget) and the report filled in."""
+    from onnxc.compiler import allocation
+    from onnxc.compiler.passes import PassRecord
+    from onnxc.compiler.sensitivity import make_techniques
+
+    techniques = make_techniques(pass_list or None)
+    alloc = allocation.allocate(canonical, techniques, ctx, goal, budget, input_shapes=shapes,
+                                reference_outputs=ref_out, cache_dir=cache_dir)
+    report.allocation = alloc.to_dict()
+    report.max_error = alloc.budget
+    if alloc.budget_source == "default":
+        report.notes.append(f"no --max-error: the default budget {alloc.budget:g} applies (override with --max-error)")
+    if goal is not None and not alloc.met:
+        report.notes.append(f"target {goal} not met within the budget: reached {alloc.achieved:.3f}")
+    table = alloc.table
+    report.notes.append(f"sensitivity: {len(table.measurements)} candidate-levels, {table.cache_hits} from the cache, "
+                        f"{table.measured} measured in {table.seconds:.1f} s")
+    for technique, result in alloc.results:
+        p = techniques[technique]
+        report.passes.append(PassRecord(p.id, p.spec(), "applied" if result.modified else "unchanged",
+                                        changes=result.changes, skipped=result.skipped, info=result.info,
+                                        label=p.short_spec()))
+    if plot is not None:
+        from onnxc.compiler.plot import plot_allocation
+
+        plot_allocation(alloc, plot)
+    return alloc.model, alloc.fidelity, alloc.budget
 
 
 def _size_on_disk(path: Path) -> int:
@@ -175,15 +228,17 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
 
 def compare(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | PathLike, *,
             calibration: CalibrationLike = None, preprocess: str | None = None,
-            input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> Fidelity:
+            input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+            metric: Metric | str | None = None) -> Fidelity:
     """Fidelity of `candidate` against `reference` on calibration (or random) inputs."""
+    metric = load_metric(metric) if isinstance(metric, str) else metric
     a, b = load(reference), load(candidate)
     if calibration is not None:
         inputs, _ = calib.calibration_data.load(calibration, a, preprocess)
     else:
         inputs = calib.random_inputs(canonicalize(a, dict(input_shapes or {}), infer=False), seed=seed,
                                      input_shapes=input_shapes)
-    return verify.compare(a, b, inputs)
+    return verify.compare(a, b, inputs, metric)
 
 
 def inspect(model: onnx.ModelProto | PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None):

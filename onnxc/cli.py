@@ -213,6 +213,18 @@ def _input_file(path: str) -> str:
 @click.option(
     "--max-error", type=float, help="Fidelity budget (relative L2 error of outputs); passes beyond it are rolled back."
 )
+@click.option(
+    "--target",
+    metavar="KIND=RATIO",
+    help="Allocate per-layer levels of the -p techniques (default prune, svd, tucker, cluster) to reach this "
+    "fraction of the original's macs, params, size (bytes on disk) or latency (onnxruntime), least error first.",
+)
+@click.option(
+    "--metric",
+    metavar="MODULE:FUNC",
+    help="FUNC(reference_outputs, candidate_outputs) -> error (0 = identical) judging every budget and target.",
+)
+@click.option("--plot", type=click.Path(), help="With --target: draw error against cost per layer (.png or .svg).")
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling and random inputs (default 0).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
@@ -235,6 +247,9 @@ def optimize(
     preprocess,
     input_shapes,
     max_error,
+    target,
+    metric,
+    plot,
     report_path,
     seed,
     jobs,
@@ -274,6 +289,9 @@ def optimize(
             jobs=jobs,
             executor=executor,
             ray_address=ray_address,
+            target=target,
+            metric=metric,
+            plot=plot,
         )
     if report_path:
         result.report.write(report_path)
@@ -380,37 +398,39 @@ def inspect(model, as_json, input_shapes, show_all, quiet):
 @click.argument("candidate")
 @_calibration_options
 @_input_shape_option
-@click.option("--max-error", type=float, help="Exit 3 when the relative L2 error exceeds this.")
+@click.option("--max-error", type=float, help="Exit 3 when the error (or --metric) exceeds this.")
+@click.option("--metric", metavar="MODULE:FUNC", help="FUNC(reference_outputs, candidate_outputs) -> error.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--seed", type=int, default=0)
 @command
-def compare(reference, candidate, calibration, preprocess, input_shapes, max_error, as_json, seed, quiet):
+def compare(reference, candidate, calibration, preprocess, input_shapes, max_error, metric, as_json, seed, quiet):
     """Fidelity of CANDIDATE against REFERENCE on the same inputs."""
     from onnxc.api import compare as run_compare
     from onnxc.errors import VerificationError
 
     fidelity = run_compare(
         reference, candidate, calibration=calibration, preprocess=preprocess,
-        input_shapes=_parse_shapes(input_shapes), seed=seed,
+        input_shapes=_parse_shapes(input_shapes), seed=seed, metric=metric,
     )
     if as_json:
         click.echo(json.dumps(fidelity.to_dict(), indent=2))
     else:
         table = Table(show_edge=False)
-        for col in ("output", "rel. L2", "max abs", "cosine", "top-1 agree"):
+        for col in ("output", "rel. L2", "per channel", "max abs", "cosine", "top-1 agree"):
             table.add_column(col)
         for o in fidelity.outputs:
             table.add_row(
                 o.name,
                 f"{o.rel_l2:.3g}",
+                f"{o.channel_rel_l2:.3g}" if o.channel_rel_l2 is not None else "-",
                 f"{o.max_abs:.3g}",
                 f"{o.cosine:.6f}",
                 f"{100 * o.top1:.2f}%" if o.top1 is not None else "-",
             )
         stdout.print(table)
-        stdout.print(f"{fidelity.samples} samples")
-    if max_error is not None and fidelity.rel_l2 > max_error:
-        raise VerificationError(f"relative L2 error {fidelity.rel_l2:.3g} exceeds {max_error:g}")
+        stdout.print(f"{fidelity.samples} samples" + (f", metric {fidelity.metric:.4g}" if metric else ""))
+    if max_error is not None and fidelity.error > max_error:
+        raise VerificationError(f"error {fidelity.error:.3g} exceeds {max_error:g}")
 
 
 @cli.command()

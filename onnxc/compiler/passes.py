@@ -29,7 +29,7 @@ from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import ModelCost, NodeCost, model_cost
 from onnxc.compiler.executor import Executor, InlineExecutor
 from onnxc.compiler.model import clone
-from onnxc.compiler.verify import Fidelity, compare_outputs
+from onnxc.compiler.verify import Fidelity, Metric, compare_outputs
 from onnxc.errors import OnnxcError, UsageError
 
 log = logging.getLogger("onnxc.passes")
@@ -79,6 +79,7 @@ class PassContext:
     max_error: float | None = None
     progress: Callable[[str, int, int], None] = lambda label, done, total: None
     executor: Executor = field(default_factory=InlineExecutor)
+    metric: Metric | None = None  # the user's error over the outputs (replaces the default fidelity)
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator that depends only on the seed and `salt` (reproducible per pass/layer)."""
@@ -104,7 +105,10 @@ class Pass:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        """The typed options (fields starting with _ are internal state, e.g. the allocator's levels)."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {f.name: getattr(self, f.name) for f in option_fields(type(self))}
 
     def spec(self) -> str:
         """Every option: re-running this spec reproduces the pass exactly."""
@@ -361,13 +365,15 @@ class PassManager:
             return "", None, None
         try:
             got = self._outputs(candidate, val, progress=lambda d, t: self.ctx.progress("verification", d, t))
-            fidelity = compare_outputs(ref_out, got)
+            fidelity = compare_outputs(ref_out, got, self.ctx.metric)
+        except UsageError:
+            raise
         except OnnxcError as exc:
             return str(exc), None, None
         except Exception as exc:
             return f"onnxruntime failed: {str(exc).splitlines()[0]}", None, None
         if not np.isfinite(fidelity.rel_l2):
             return "outputs are not finite", fidelity, None
-        if self.ctx.max_error is not None and fidelity.rel_l2 > self.ctx.max_error:
-            return (f"relative error {fidelity.rel_l2:.4g} exceeds the budget {self.ctx.max_error:g}", fidelity, None)
+        if self.ctx.max_error is not None and fidelity.error > self.ctx.max_error:
+            return (f"error {fidelity.error:.4g} exceeds the budget {self.ctx.max_error:g}", fidelity, None)
         return "", fidelity, got

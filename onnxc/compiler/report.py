@@ -36,6 +36,7 @@ class Report:
     backend: dict | None = None
     notes: list[str] = field(default_factory=list)
     reference_noise: float | None = None  # the original against itself across onnxruntime levels
+    allocation: dict | None = None  # target, budget, per-candidate sensitivity and the chosen levels
 
     def to_dict(self) -> dict[str, Any]:
         from onnxc import __version__
@@ -133,5 +134,28 @@ def render(report: Report, console: Console) -> None:
         groups = ["; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in g.items()) for g in report.shapes[:3]]
         more = f" (+{len(report.shapes) - 3} more)" if len(report.shapes) > 3 else ""
         console.print(f"input shapes: {' | '.join(groups)}{more}")
+    if report.allocation:
+        render_allocation(report.allocation, console)
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def render_allocation(alloc: dict, console: Console) -> None:
+    """One row per candidate: each level's error alone (the chosen one marked) and the level chosen."""
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for m in alloc["sensitivity"]["measurements"]:
+        rows.setdefault((m["technique"], m["name"]), []).append(m)
+    table = Table(title=f"allocation (target {alloc['target'] or 'none'}, budget {alloc['budget']:g})", show_edge=False)
+    for col in ("technique", "candidate", "error alone at each level", "chosen"):
+        table.add_column(col, overflow="fold")
+    for (technique, name), ms in rows.items():
+        cells = []
+        for m in ms:
+            text = f"{m['level']:g}: {m['error']:.3g}" if m["applied"] else f"{m['level']:g}: -"
+            cells.append(f"[bold]{text}[/bold]" if m["chosen"] else text)
+        chosen = next((f"{m['level']:g}" for m in ms if m["chosen"]), "-")
+        table.add_row(technique, name, "  ".join(cells), chosen)
+    console.print(table)
+    state = "met" if alloc["met"] else "NOT met"
+    console.print(f"target {alloc['target'] or 'none'}: {state} (reached {alloc['achieved']:.3f}); "
+                  f"{len(alloc['chosen'])} candidates changed; {len(alloc['rounds'])} verified rounds", highlight=False)

@@ -1,8 +1,16 @@
-"""Fidelity of a candidate model against a reference on the same inputs."""
+"""Fidelity of a candidate model against a reference on the same inputs.
+
+One number decides every budget and target (`Fidelity.error`): a user metric when one is given
+(`metric(reference_outputs, candidate_outputs) -> float`, lists in graph-output order, samples on
+axis 0, 0 when identical), else the worst output's error. An output's error is its relative L2,
+except that an output of rank >= 3 is first normalized per channel by the reference's own scale,
+so a detector's class scores (0-1) weigh as much as its box coordinates (0-640).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -13,6 +21,9 @@ from onnxc.compiler import runtime
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError, UsageError
 
+Metric = Callable[[list, list], float]
+MAX_CHANNELS = 100_000  # past this, an axis is not a channel axis
+
 
 @dataclass
 class OutputFidelity:
@@ -20,18 +31,32 @@ class OutputFidelity:
     rel_l2: float
     max_abs: float
     cosine: float
-    top1: float | None  # fraction of samples whose argmax agrees (logits-like outputs only)
+    top1: float | None  # fraction of samples (or sequence positions) whose argmax agrees
+    channel_rel_l2: float | None = None  # RMS over channels of each channel's relative L2
+
+    @property
+    def error(self) -> float:
+        """What budgets see for this output: per-channel error where channels exist."""
+        return self.channel_rel_l2 if self.channel_rel_l2 is not None else self.rel_l2
 
 
 @dataclass
 class Fidelity:
     outputs: list[OutputFidelity]
     samples: int
+    metric: float | None = None  # the user metric's value, when one was given
 
     @property
     def rel_l2(self) -> float:
-        """The worst relative L2 error over all outputs (what `--max-error` bounds)."""
+        """The worst relative L2 error over all outputs."""
         return max((o.rel_l2 for o in self.outputs), default=0.0)
+
+    @property
+    def error(self) -> float:
+        """The number `--max-error` bounds and targets minimize: the user metric, else the worst output."""
+        if self.metric is not None:
+            return self.metric
+        return max((o.error for o in self.outputs), default=0.0)
 
     @property
     def top1(self) -> float | None:
@@ -39,8 +64,33 @@ class Fidelity:
         return min(values) if values else None
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "rel_l2": self.rel_l2, "top1": self.top1,
-                "outputs": [asdict(o) for o in self.outputs]}
+        outputs = [{**asdict(o), "error": o.error} for o in self.outputs]
+        return {"samples": self.samples, "error": self.error, "metric": self.metric, "rel_l2": self.rel_l2,
+                "top1": self.top1, "outputs": outputs}
+
+
+def channel_axis(shape: Sequence[int]) -> int | None:
+    """The channel axis of an output: 1 for [N, C, spatial...] maps, the shorter of axes 1 and 2
+    for rank 3 ([N, boxes, 4 + classes] and [N, 4 + classes, boxes] both give the classes), none
+    for [N, features]."""
+    if len(shape) < 3:
+        return None
+    if len(shape) == 3:
+        axis = 1 if shape[1] <= shape[2] else 2
+    else:
+        axis = 1
+    return axis if 1 < shape[axis] <= MAX_CHANNELS else None
+
+
+def channel_error(ref: np.ndarray, got: np.ndarray, axis: int) -> float:
+    """sqrt(mean over channels of (|r_c - g_c| / |r_c|)^2); channels that are zero in the reference
+    are measured against the mean channel norm instead."""
+    r = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
+    g = np.moveaxis(got, axis, 0).reshape(r.shape)
+    diff = np.linalg.norm(r - g, axis=1)
+    norm = np.linalg.norm(r, axis=1)
+    floor = max(float(np.mean(norm)) * 1e-3, 1e-30)
+    return float(np.sqrt(np.mean((diff / np.maximum(norm, floor)) ** 2)))
 
 
 def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
@@ -50,8 +100,9 @@ def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFideli
         same = float(np.mean(ref == got)) if ref.size else 1.0
         max_abs = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
         return OutputFidelity(name, 1.0 - same, max_abs, same, None)
-    r = ref.astype(np.float64).reshape(len(ref) if ref.ndim else 1, -1)
-    g = got.astype(np.float64).reshape(r.shape)
+    r64, g64 = ref.astype(np.float64), got.astype(np.float64)
+    r = r64.reshape(len(ref) if ref.ndim else 1, -1)
+    g = g64.reshape(r.shape)
     diff = np.linalg.norm(r - g)
     norm = np.linalg.norm(r)
     rel = float(diff / norm) if norm > 0 else float(diff)
@@ -59,30 +110,64 @@ def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFideli
     gn = np.linalg.norm(g)
     cosine = float(np.sum(r * g) / (norm * gn)) if norm > 0 and gn > 0 else float(norm == gn)
     top1 = None
-    if ref.ndim == 2 and 1 < ref.shape[1] <= 100_000:
-        top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1)))
-    return OutputFidelity(name, rel, max_abs, cosine, top1)
+    if ref.ndim in (2, 3) and 1 < ref.shape[-1] <= MAX_CHANNELS and ref.size:
+        # [N, classes]: per sample; [N, T, classes] (CTC, token logits): per position
+        top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
+    axis = channel_axis(ref.shape)
+    per_channel = channel_error(r64, g64, axis) if axis is not None and ref.size else None
+    return OutputFidelity(name, rel, max_abs, cosine, top1, per_channel)
 
 
-def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> Fidelity:
+def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+                    metric: Metric | None = None) -> Fidelity:
     if isinstance(ref, Samples) and not ref.is_uniform:
-        return _compare_groups(ref, Samples.of(got))
+        return _compare_groups(ref, Samples.of(got), metric)
     outputs = [output_fidelity(name, ref[name], got[name]) for name in ref]
     samples = runtime.sample_count(ref) if ref else 0
-    return Fidelity(outputs, samples)
+    value = None
+    if metric is not None:
+        value = call_metric(metric, [ref[n] for n in ref], [got[n] for n in ref])
+    return Fidelity(outputs, samples, value)
+
+
+def call_metric(metric: Metric, ref: list, got: list) -> float:
+    """The user metric's value as a float; a metric that raises or returns a non-number is bad input."""
+    try:
+        value = float(metric(ref, got))
+    except Exception as exc:
+        name = getattr(metric, "__name__", repr(metric))
+        raise UsageError(f"metric {name} failed: {type(exc).__name__}: {exc}") from None
+    if np.isnan(value):
+        raise UsageError(f"metric {getattr(metric, '__name__', 'metric')} returned NaN")
+    return value
+
+
+def load_metric(spec: str) -> Metric:
+    """`package.module:function` -> the function (one clear error when it cannot be found)."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise UsageError(f"--metric expects package.module:function, got '{spec}'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--metric {spec}: cannot import {module_name} ({exc})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UsageError(f"--metric {spec}: {module_name} has no function {func_name}")
+    return func
 
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto,
-            inputs: Mapping[str, np.ndarray]) -> Fidelity:
+            inputs: Mapping[str, np.ndarray], metric: Metric | None = None) -> Fidelity:
     """Run both models on `inputs` and measure every output of the reference."""
     ref_names = [o.name for o in reference.graph.output]
     cand_names = [o.name for o in candidate.graph.output]
     if ref_names != cand_names:
         raise UsageError(f"models have different outputs: {ref_names} vs {cand_names}")
-    return compare_outputs(runtime.run(reference, inputs), runtime.run(candidate, inputs))
+    return compare_outputs(runtime.run(reference, inputs), runtime.run(candidate, inputs), metric)
 
 
-def _compare_groups(ref: Samples, got: Samples) -> Fidelity:
+def _compare_groups(ref: Samples, got: Samples, metric: Metric | None = None) -> Fidelity:
     """Fidelity over variable-shape outputs, aggregated exactly across shape groups.
 
     Relative L2 and cosine come from sums of squares and dot products over all groups; top-1
@@ -94,12 +179,17 @@ def _compare_groups(ref: Samples, got: Samples) -> Fidelity:
     for name in ref:
         diff2 = norm2 = got2 = dot = max_abs = 0.0
         weighted_top1, weighted_same, samples, has_top1 = 0.0, 0.0, 0, True
+        channel2, has_channel = 0.0, True
         for rg, gg in zip(ref.groups, got.groups):
             r, g = rg[name], gg[name]
             one = output_fidelity(name, r, g)
             n = len(r) if r.ndim else 1
             samples += n
             max_abs = max(max_abs, one.max_abs)
+            if one.channel_rel_l2 is None:
+                has_channel = False
+            else:
+                channel2 += one.channel_rel_l2 ** 2 * n
             if one.top1 is None:
                 has_top1 = False
             else:
@@ -119,8 +209,14 @@ def _compare_groups(ref: Samples, got: Samples) -> Fidelity:
             same = weighted_same / max(samples, 1)
             rel, cosine = 1.0 - same, same
         top1 = weighted_top1 / max(samples, 1) if has_top1 else None
-        outputs.append(OutputFidelity(name, rel, max_abs, float(cosine), top1))
-    return Fidelity(outputs, ref.count)
+        channel = float(np.sqrt(channel2 / max(samples, 1))) if has_channel else None
+        outputs.append(OutputFidelity(name, rel, max_abs, float(cosine), top1, channel))
+    value = None
+    if metric is not None:  # per shape group, weighted by its samples
+        names = list(ref)
+        value = sum(call_metric(metric, [rg[n] for n in names], [gg[n] for n in names]) * runtime.sample_count(rg)
+                    for rg, gg in zip(ref.groups, got.groups)) / max(ref.count, 1)
+    return Fidelity(outputs, ref.count, value)
 
 
 # An error within this many times the reference's own float noise cannot be told from no change.
@@ -137,4 +233,4 @@ def reference_noise(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
     detector measures 1.57e-5 against itself on random inputs, over a 1e-5 lossless budget.
     """
     session = runtime.session(model, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    return compare_outputs(reference_outputs, runtime.run(session, inputs)).rel_l2
+    return compare_outputs(reference_outputs, runtime.run(session, inputs)).error

@@ -9,6 +9,7 @@ into one weight), and reports rank, cost and local error per layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ class FactorPass(Pass):
     max_layer_error: float | None = None
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    # Set by the allocator (not a CLI option): node name -> its own MAC ratio; only these layers change.
+    _levels: dict[str, float] | None = None
 
     common_help = {
         "rank": "fixed rank for every layer (clamped to what the layer allows)",
@@ -123,7 +126,7 @@ class FactorPass(Pass):
             layer.node = view.producers[layer.node.output[0]]
             if not isinstance(fitted, str) and _clashes(view, layer, fitted):
                 # a name an earlier rewrite took: fit again against the live graph (same numbers)
-                fitted = _fit_isolated(self, layer, view, stats.get(layer.node.output[0]), ctx.seed)
+                fitted = _fit_isolated(self.for_layer(name), layer, view, stats.get(layer.node.output[0]), ctx.seed)
             if not isinstance(fitted, str):
                 err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
                 limit = self.max_layer_error if self.max_layer_error is not None else \
@@ -153,6 +156,8 @@ class FactorPass(Pass):
         for node in list(model.graph.node):
             name = node.name or node.output[0]
             if self.layers and not matches_any(name, self.layers):
+                continue
+            if self._levels is not None and name not in self._levels:
                 continue
             found = self.candidate(node, view, model)
             if found is None:
@@ -185,12 +190,18 @@ class FactorPass(Pass):
             return []
         executor = ctx.executor
         shared = {"model": executor.put(model), "moments": executor.put(stats)}
-        items = [(self, Layer(layer.node, None, layer.info), ctx.seed) for layer in layers]
+        items = [(self.for_layer(layer.name), Layer(layer.node, None, layer.info), ctx.seed) for layer in layers]
         global _TASK_VIEW
         try:
             return executor.map(fit_task, items, shared=shared, label=f"{self.id}: fits", progress=ctx.progress)
         finally:
             _TASK_VIEW = None  # in-process runs: do not keep the model copy alive
+
+    def for_layer(self, name: str) -> FactorPass:
+        """The pass as it fits layer `name`: with the allocator's ratio for it, when it chose one."""
+        if self._levels is None or name not in self._levels:
+            return self
+        return dataclasses.replace(self, ratio=self._levels[name], _levels=None)
 
     def use_data(self, ctx: PassContext) -> bool:
         if ctx.calibration is None:

@@ -127,6 +127,12 @@ class ClusterPass(Pass):
     packing: Literal["auto", "uint4", "nibbles", "tight"] = "auto"
     bias_correction: bool = True
     max_iter: int = 300
+    # Set by the allocator (not a CLI option): only the weights of these node names are clustered.
+    _layers: set[str] | None = None
+
+    def candidates(self, model: onnx.ModelProto) -> list[_Target]:
+        """The weights this pass may cluster in `model` (what the allocator offers levels for)."""
+        return self._targets(GraphView(model.graph))[0]
 
     def validate(self) -> None:
         if not 1 <= self.bits <= 8:
@@ -248,6 +254,8 @@ class ClusterPass(Pass):
         skipped: list[Skip] = []
         for node in view.graph.node:
             if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            if self._layers is not None and node.name not in self._layers:
                 continue
             slot = _weight_slot(node, view)
             if slot is None:

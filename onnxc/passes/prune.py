@@ -67,6 +67,14 @@ class PrunePass(Pass):
     samples: int = 8192
     recapture: bool = True
     downstream: bool = True
+    # Set by the allocator (not a CLI option): group name -> its own ratio; only these groups are pruned.
+    _levels: dict[str, float] | None = None
+
+    def candidates(self, model: onnx.ModelProto) -> list[ChannelGroup]:
+        """The groups this pass may prune in `model` (what the allocator offers levels for)."""
+        _name_nodes(model)
+        return [g for g in analyze(model).prunable()
+                if g.n_units >= 2 and not any(matches_any(n, self.exclude) for n in g.nodes)]
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -91,6 +99,8 @@ class PrunePass(Pass):
                 skipped.append(Skip(g.name, f"excluded by pattern ({hit[0]})"))
             elif g.n_units < 2:
                 skipped.append(Skip(g.name, "a single channel"))
+            elif self._levels is not None and g.name not in self._levels:
+                continue
             else:
                 candidates.append(g)
         data = ctx.calibration.train if ctx.calibration is not None else None
@@ -136,6 +146,8 @@ class PrunePass(Pass):
     def _counts(self, groups: list[ChannelGroup], scores: dict, states: dict) -> dict[int, int]:
         """Units to remove per group: the local ratio, or a global ranking (a joint greedy run on
         comparable data costs; otherwise one threshold on scores normalised within each group)."""
+        if self._levels is not None:
+            return {g.id: int(round(self._levels[g.name] * g.n_units)) for g in groups}
         if self.scope == "group" or not groups:
             return {g.id: int(round(self.ratio * g.n_units)) for g in groups}
         n = int(round(self.ratio * sum(g.n_units for g in groups)))

@@ -1,0 +1,290 @@
+"""Per-candidate sensitivity: the model-output error of each rewrite applied alone, and its saving.
+
+A technique (prune, svd, tucker, cluster) offers candidates (a channel group, a layer, a weight)
+at levels (prune: fraction of channels removed; svd/tucker: fraction of the layer's MACs kept;
+cluster: code bits). Each candidate-level is applied alone to the canonical model, fitted on the
+calibration split's fitting part, and measured on its held-out part (an in-sample measure would
+hide a refit that does not generalize): the error on the model's outputs (the user metric, else
+`verify`'s fidelity) and what it saves (MACs, params, bytes, and onnxruntime latency when the
+target is latency). The table is cached on disk keyed by the model bytes, the calibration data,
+the techniques' options and the metric, so a second run with another target only reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxc.compiler import runtime
+from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.cost import model_cost
+from onnxc.compiler.graph import GraphView
+from onnxc.compiler.model import clone
+from onnxc.compiler.passes import Pass, PassContext, create
+from onnxc.compiler.samples import Samples
+from onnxc.compiler.verify import compare_outputs
+
+log = logging.getLogger("onnxc.sensitivity")
+
+CACHE_VERSION = 1
+# Levels offered per technique, mildest first.
+LEVELS: dict[str, tuple[float, ...]] = {
+    "prune": (0.25, 0.5, 0.75),  # fraction of the group's channels removed
+    "svd": (0.5, 0.25, 0.125),  # fraction of the layer's MACs kept
+    "tucker": (0.5, 0.25, 0.125),
+    "cluster": (8, 6, 4),  # code bits
+}
+ORDER = ("prune", "tucker", "svd", "cluster")  # how a plan is applied: structure first, codes last
+SAVES = {"prune": {"macs", "params", "size", "latency"}, "svd": {"macs", "params", "size", "latency"},
+         "tucker": {"macs", "params", "size", "latency"}, "cluster": {"size"}}
+DEFAULT_TECHNIQUES = ("prune", "svd", "tucker", "cluster")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    technique: str
+    name: str  # group name (prune) or node name (svd, tucker, cluster)
+    levels: tuple[float, ...]
+
+
+@dataclass
+class Measurement:
+    technique: str
+    name: str
+    level: float
+    error: float  # model-output error with only this rewrite
+    saving: dict = field(default_factory=dict)  # {"macs":, "params":, "bytes":, "latency": (ms, optional)}
+    seconds: float = 0.0
+    applied: bool = True  # False when the technique left the candidate alone at this level
+
+    @property
+    def key(self) -> tuple[str, str, float]:
+        return self.technique, self.name, self.level
+
+
+@dataclass
+class Table:
+    """Every measurement, the base model's totals, and whether it came from the cache."""
+
+    measurements: list[Measurement]
+    base: dict
+    cache_path: str | None = None
+    cache_hits: int = 0
+    measured: int = 0
+    seconds: float = 0.0
+
+    def for_candidate(self, technique: str, name: str) -> list[Measurement]:
+        return [m for m in self.measurements if m.technique == technique and m.name == name]
+
+    def to_dict(self) -> dict:
+        return {"base": self.base, "cache": self.cache_path, "cache_hits": self.cache_hits,
+                "measured": self.measured, "seconds": self.seconds,
+                "measurements": [asdict(m) for m in self.measurements]}
+
+
+# ---- plans: apply a subset of candidates, each at its own level ------------------------------------
+Plan = dict[tuple[str, str], float]  # (technique, candidate name) -> level
+
+
+def technique_pass(techniques: dict[str, Pass], technique: str, levels: dict[str, float]) -> Pass:
+    """A copy of the user's pass for `technique`, restricted to `levels` (candidate -> level)."""
+    base = techniques[technique]
+    if technique == "prune":
+        return replace(base, _levels=dict(levels))
+    if technique in ("svd", "tucker"):
+        return replace(base, _levels=dict(levels))
+    raise ValueError(technique)
+
+
+def apply_plan(model: onnx.ModelProto, plan: Plan, techniques: dict[str, Pass], ctx: PassContext,
+               input_shapes: dict | None = None) -> tuple[onnx.ModelProto, list]:
+    """`model` with every candidate of `plan` rewritten at its level; returns (model, pass results)."""
+    results = []
+    current = model
+    for technique in ORDER:
+        chosen = {name: level for (t, name), level in plan.items() if t == technique and level}
+        if not chosen:
+            continue
+        if technique == "cluster":
+            runs = [replace(techniques[technique], bits=int(bits), _layers={n for n, b in chosen.items() if b == bits})
+                    for bits in sorted(set(chosen.values()), reverse=True)]
+        else:
+            runs = [technique_pass(techniques, technique, chosen)]
+        for p in runs:
+            result = p.run(clone(current), ctx)
+            results.append((technique, result))
+            if result.modified:
+                current = canonicalize(result.model, input_shapes)
+    return current, results
+
+
+# ---- candidates ----------------------------------------------------------------------------------
+def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str) -> list[Candidate]:
+    """Every candidate of every technique that can save `kind` (macs, params, size, latency)."""
+    found = []
+    for technique in ORDER:
+        if technique not in techniques or kind not in SAVES[technique]:
+            continue
+        p = techniques[technique]
+        levels = LEVELS[technique]
+        if technique == "prune":
+            names = [g.name for g in p.candidates(clone(model))]
+        elif technique == "cluster":
+            names = [t.nodes[0].name for t in p.candidates(model)]
+        else:
+            names = [layer.name for layer in p.candidates(model, GraphView(model.graph))[0]]
+        found += [Candidate(technique, n, levels) for n in names]
+    return found
+
+
+def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
+    """The allocator's techniques: the user's configured passes (options kept), default all four."""
+    out: dict[str, Pass] = {}
+    for p in specs or DEFAULT_TECHNIQUES:
+        if isinstance(p, str):
+            from onnxc.compiler.recipe import parse_spec
+
+            p = create(*parse_spec(p))
+        if p.id not in LEVELS:
+            from onnxc.errors import UsageError
+
+            raise UsageError(f"--target allocates across {', '.join(LEVELS)}; '{p.id}' has no per-layer levels")
+        out[p.id] = p
+    return out
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs: dict[str, str],
+                 train: list, validation: list, source: str, seed: int, metric, reference: dict, base: dict,
+                 input_shapes: dict | None, latency_feed: dict | None) -> Measurement:
+    """One candidate-level applied alone and measured (module level, plain arguments: any executor
+    can run it and gets the same result)."""
+    from onnxc.compiler.calibration import Calibration
+    from onnxc.compiler.recipe import parse_spec
+    from onnxc.compiler.samples import Samples
+
+    technique, name, level = item
+    start = time.perf_counter()
+    techniques = {t: create(*parse_spec(spec)) for t, spec in specs.items()}
+    cal = Calibration(Samples(train), Samples(validation), source)
+    ctx = PassContext(calibration=cal, seed=seed, metric=metric)
+    rewritten, results = apply_plan(model, {(technique, name): level}, techniques, ctx, input_shapes)
+    applied = any(r.modified for _, r in results)
+    if not applied:
+        return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
+    got = runtime.run(rewritten, cal.validation)
+    fid = compare_outputs(Samples(reference) if isinstance(reference, list) else reference, got, metric)
+    error = fid.error if np.isfinite(fid.rel_l2) else float("inf")
+    after = model_cost(rewritten).totals()
+    saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
+    if latency_feed is not None:
+        saving["latency"] = latency_saving(model, rewritten, latency_feed)
+    return Measurement(technique, name, level, float(error), saving, time.perf_counter() - start, True)
+
+
+def first_sample(samples) -> dict[str, np.ndarray]:
+    """A one-sample feed (latency is timed at batch 1)."""
+    return {k: v[:1] for k, v in Samples.of(samples).groups[0].items()}
+
+
+def latency_saving(base: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict, runs: int = 30) -> float:
+    """Milliseconds saved per run in onnxruntime (one thread, interleaved runs, medians)."""
+    from onnxc.compiler.bench import bench
+
+    timings = bench([base, candidate], feed, runs=runs, warmup=3, threads=1)
+    return float(timings[0].median_ms - timings[1].median_ms)
+
+
+def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContext, kind: str, *,
+            input_shapes: dict | None = None, cache_dir: str | os.PathLike | None = None) -> Table:
+    """The sensitivity table of `model` for target `kind`, read from or added to the disk cache."""
+    start = time.perf_counter()
+    reference = runtime.run(model, ctx.calibration.validation)
+    base = model_cost(model).totals()
+    cands = candidates(model, techniques, kind)
+    items = [(c.technique, c.name, float(level)) for c in cands for level in c.levels]
+    path = cache_file(model, ctx, techniques, cache_dir)
+    cached = _read_cache(path) if path else {}
+    known = {key: m for key, m in cached.items() if key in set(items)}
+    missing = [i for i in items if i not in known or (kind == "latency" and "latency" not in known[i].saving)]
+    cal = ctx.calibration
+    feed = first_sample(cal.validation) if kind == "latency" else None
+    values = {"model": model, "specs": {t: p.spec() for t, p in techniques.items()},
+              "train": Samples.of(cal.train).groups, "validation": Samples.of(cal.validation).groups,
+              "source": cal.source, "seed": ctx.seed, "metric": ctx.metric,
+              "reference": Samples.of(reference).groups, "base": base, "input_shapes": input_shapes,
+              "latency_feed": feed}
+    if missing:
+        shared = {k: ctx.executor.put(v) for k, v in values.items()}
+        for m in ctx.executor.map(_measure_one, missing, shared=shared, label="sensitivity", progress=ctx.progress):
+            known[m.key] = m
+    if path and missing:
+        _write_cache(path, {**cached, **known})
+    table = Table([known[i] for i in items], base, str(path) if path else None,
+                  cache_hits=len(items) - len(missing), measured=len(missing))
+    table.seconds = time.perf_counter() - start
+    return table
+
+
+# ---- the disk cache --------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    root = os.environ.get("ONNXC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnxc")
+    return Path(root) / "sensitivity"
+
+
+def cache_file(model: onnx.ModelProto, ctx: PassContext, techniques: dict[str, Pass],
+               cache_dir: str | os.PathLike | None) -> Path | None:
+    """<dir>/<sha256 of model bytes, calibration, options, metric, seed>.json (None: caching off)."""
+    if cache_dir is False or os.environ.get("ONNXC_NO_CACHE"):
+        return None
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}".encode())
+    h.update(model.SerializeToString(deterministic=True))
+    parts = [(split, group) for split, data in (("train", ctx.calibration.train),
+                                                ("validation", ctx.calibration.validation))
+             for group in Samples.of(data).groups]
+    for (split, arrays), name in ((p, n) for p in parts for n in sorted(p[1])):
+        value = arrays[name]
+        h.update(f"{split}/{name}".encode())
+        h.update(str(value.shape).encode() + str(value.dtype).encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    h.update(json.dumps({k: p.spec() for k, p in sorted(techniques.items())}).encode())
+    metric = ctx.metric
+    h.update(f"{getattr(metric, '__module__', '')}:{getattr(metric, '__qualname__', '')}:{ctx.seed}".encode())
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / f"{h.hexdigest()[:32]}.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("version") != CACHE_VERSION:
+        return {}
+    out = {}
+    for row in data.get("measurements", []):
+        m = Measurement(**row)
+        out[m.key] = m
+    return out
+
+
+def _write_cache(path: Path, known: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from onnxc.compiler.report import write_text_atomic
+
+        rows = [asdict(m) for m in known.values()]
+        write_text_atomic(path, json.dumps({"version": CACHE_VERSION, "measurements": rows}))
+    except OSError as exc:  # a read-only home must not fail the compile
+        log.warning("sensitivity cache not written: %s", exc)
+
