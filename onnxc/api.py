@@ -42,7 +42,7 @@ def _passes(passes: Sequence[Pass | str] | None, preset: str | None, recipe: Pat
     specs = [p for p in passes or [] if isinstance(p, str)]
     objects = [p for p in passes or [] if not isinstance(p, str)]
     built = build(specs, preset, recipe)
-    return objects + built.passes, built.max_error, built.seed
+    return objects + built.passes, built.max_error, built.seed, built.target
 
 
 def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] | None = None,
@@ -77,22 +77,26 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
 
     metric = load_metric(metric) if isinstance(metric, str) else metric
     goal = allocation.parse_target(target) if isinstance(target, str) else target
-    allocating = goal is not None or (max_error is not None and not passes and not preset and not recipe)
-    if plot is not None and not allocating:
-        raise UsageError("--plot needs --target (or --max-error without passes): it draws the sensitivity table")
     kind = executor_kind(executor, jobs, ray_address)
     with make_executor(kind, jobs or ((os.cpu_count() or 1) if kind != "inline" else 1), ray_address) as workers:
         return _optimize(model, passes=passes, preset=preset, recipe=recipe, calibration=calibration,
                          preprocess=preprocess, input_shapes=input_shapes, max_error=max_error, seed=seed,
                          output=output, backend=backend, export_options=export_options,
                          progress=progress, executor=workers, goal=goal, metric=metric, plot=plot,
-                         cache_dir=cache_dir, allocating=allocating)
+                         cache_dir=cache_dir)
 
 
 def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_shapes, max_error, seed, output,
               backend, export_options, progress, executor: Executor, goal, metric, plot, cache_dir,
-              allocating) -> OptimizeResult:
-    pass_list, preset_budget, recipe_seed = _passes(passes, preset, recipe)
+              ) -> OptimizeResult:
+    from onnxc.compiler import allocation
+
+    pass_list, preset_budget, recipe_seed, preset_target = _passes(passes, preset, recipe)
+    if goal is None and preset_target is not None:  # a preset is a target with a budget
+        goal = allocation.parse_target(preset_target)
+    allocating = goal is not None or (max_error is not None and not pass_list)
+    if plot is not None and not allocating:
+        raise UsageError("--plot needs --target (or --max-error without passes): it draws the sensitivity table")
     seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
     budget = max_error if max_error is not None else preset_budget
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"

@@ -19,13 +19,13 @@ else:  # pragma: no cover
 # Canonicalization (constant folding, BN folding, Identity/Dropout removal) always runs.
 # Budgets are relative L2 errors of the outputs against the original: a pass that leaves the
 # budget is rolled back, so a preset never returns a model worse than its budget.
-# Measured on the digits samples with their calibration set (top-1 agreement stays >= 99%):
-# balanced gives 0.49x MACs and a 0.14x file on the VGG-style sample at 0.065 relative error.
+# balanced and aggressive are targets: the allocator spreads prune, svd, tucker and cluster over
+# the layers by measured sensitivity to reach that fraction of the MACs inside the budget, and
+# gives back the worst layers first (never a whole technique) when the model leaves it.
 PRESETS: dict[str, dict[str, Any]] = {
     "lossless": {"passes": [], "max_error": 1e-5},
-    "balanced": {"passes": [("prune", {"ratio": 0.3}), ("cluster", {"bits": 8})], "max_error": 0.1},
-    "aggressive": {"passes": [("prune", {"ratio": 0.5}), ("svd", {"ratio": 0.5}), ("cluster", {"bits": 4})],
-                   "max_error": 0.25},
+    "balanced": {"passes": [], "target": "macs=0.5", "max_error": 0.1},
+    "aggressive": {"passes": [], "target": "macs=0.3", "max_error": 0.25},
 }
 
 
@@ -34,6 +34,7 @@ class Recipe:
     passes: list[Pass] = field(default_factory=list)
     max_error: float | None = None
     seed: int | None = None
+    target: str | None = None  # a preset's target (allocation), e.g. "macs=0.5"
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -62,7 +63,8 @@ def from_preset(name: str) -> Recipe:
 
     available()  # pass modules register their preset entries on import
     preset = PRESETS[name]
-    return Recipe([create(pid, dict(opts)) for pid, opts in preset["passes"]], preset["max_error"])
+    return Recipe([create(pid, dict(opts)) for pid, opts in preset["passes"]], preset["max_error"],
+                  target=preset.get("target"))
 
 
 def from_toml(path: str | Path) -> Recipe:

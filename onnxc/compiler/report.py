@@ -146,12 +146,13 @@ def render_allocation(alloc: dict, console: Console) -> None:
     for m in alloc["sensitivity"]["measurements"]:
         rows.setdefault((m["technique"], m["name"]), []).append(m)
     table = Table(title=f"allocation (target {alloc['target'] or 'none'}, budget {alloc['budget']:g})", show_edge=False)
-    for col in ("technique", "candidate", "error alone at each level", "chosen"):
+    for col in ("technique", "candidate", "held-out error alone at each level (in-sample)", "chosen"):
         table.add_column(col, overflow="fold")
     for (technique, name), ms in rows.items():
         cells = []
         for m in ms:
-            text = f"{m['level']:g}: {m['error']:.3g}" if m["applied"] else f"{m['level']:g}: -"
+            fit = f" ({m['fit_error']:.2g})" if m.get("fit_error") is not None else ""
+            text = f"{m['level']:g}: {m['error']:.3g}{fit}" if m["applied"] else f"{m['level']:g}: -"
             cells.append(f"[bold]{text}[/bold]" if m["chosen"] else text)
         chosen = next((f"{m['level']:g}" for m in ms if m["chosen"]), "-")
         table.add_row(technique, name, "  ".join(cells), chosen)
