@@ -87,7 +87,8 @@ def test_rollback_keeps_the_good_candidates(cache, monkeypatch):
 
     monkeypatch.setattr(allocation, "measure", understated)
     budget = 0.05
-    result = optimize(sample_path("mlp"), calibration=CALIBRATION, passes=["svd"], max_error=budget, cache_dir=cache)
+    result = optimize(sample_path("mlp"), calibration=CALIBRATION, passes=["svd"], target="macs=0.2",
+                      max_error=budget, cache_dir=cache)
     alloc = result.report.allocation
     assert any("back off" in r["action"] for r in alloc["rounds"])
     assert result.report.fidelity["error"] <= budget
