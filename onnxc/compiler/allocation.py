@@ -22,9 +22,8 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
-from onnxc.compiler.cost import model_cost
 from onnxc.compiler.passes import Pass, PassContext
-from onnxc.compiler.sensitivity import Plan, Table, apply_plan, first_sample, latency_saving, measure
+from onnxc.compiler.sensitivity import Plan, Table, apply_plan, first_sample, latency_saving, measure, totals
 from onnxc.compiler.verify import Fidelity, compare_outputs
 from onnxc.errors import UsageError
 
@@ -192,7 +191,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         from onnxc.compiler.bench import bench
 
         base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].median_ms
-    base_value = _value(model, kind, table.base, base_latency)
+    base_value = _value(model, kind, ctx.calibration, base_latency)
 
     def count_for(saving_needed: float) -> int:
         return int(min(np.searchsorted(cum_save, saving_needed - 1e-9), len(steps)))
@@ -217,7 +216,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         if kind == "latency":
             value = base_latency - latency_saving(model, candidate, feed)
         else:
-            value = _value(candidate, kind, table.base, None)
+            value = _value(candidate, kind, ctx.calibration, None)
         ratio = value / base_value if base_value else 1.0
         met = target is None or ratio <= target.ratio + TOLERANCE
         round_ = Round(k, float(math.sqrt(cum_err2[k])), float(error), float(ratio))
@@ -266,8 +265,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     return Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results)
 
 
-def _value(model: onnx.ModelProto, kind: str, base: dict, latency: float | None) -> float:
+def _value(model: onnx.ModelProto, kind: str, cal, latency: float | None) -> float:
     if kind == "latency":
         return float(latency)
-    totals = model_cost(model).totals()
-    return float(totals["bytes" if kind == "size" else kind])
+    return float(totals(model, cal)["bytes" if kind == "size" else kind])

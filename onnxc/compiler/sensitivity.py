@@ -194,11 +194,17 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     got = runtime.run(rewritten, cal.validation)
     error = _error(compare_outputs(Samples(reference), got, metric))
     fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(rewritten, cal.train), metric))
-    after = model_cost(rewritten).totals()
+    after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
     if latency_feed is not None:
         saving["latency"] = latency_saving(model, rewritten, latency_feed)
     return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error)
+
+
+def totals(model: onnx.ModelProto, cal) -> dict:
+    """Per-sample cost at the first calibration sample's shapes (as the report counts it)."""
+    shapes = cal.shapes() if cal is not None else []
+    return model_cost(model, shapes[0] if shapes else None).totals()
 
 
 def _error(fid) -> float:
@@ -223,7 +229,7 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
     """The sensitivity table of `model` for target `kind`, read from or added to the disk cache."""
     start = time.perf_counter()
     reference = runtime.run(model, ctx.calibration.validation)
-    base = model_cost(model).totals()
+    base = totals(model, ctx.calibration)
     cands = candidates(model, techniques, kind)
     items = [(c.technique, c.name, float(level)) for c in cands for level in c.levels]
     path = cache_file(model, ctx, techniques, cache_dir)
