@@ -8,6 +8,7 @@ import os
 import graphs
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 import onnxc
@@ -108,15 +109,19 @@ def test_lstm(tmp_path):
     _check_lossless(src, tmp_path / "out.onnx", inputs={"x": x[:3]}, calibration=tmp_path / "cal.npz")
 
 
-def test_input_shape_fixes_symbolic_dims(tmp_path):
+def test_input_shape_is_used_inside_and_not_written(tmp_path):
+    """--input-shape fixes the dims the compiler works at; the written model keeps the source's
+    symbolic batch (the interface contract), and still runs at the given and at other sizes."""
     src = tmp_path / "paddle.onnx"
     onnx.save(graphs.constant_node_cnn(), str(src))
-    _check_lossless(src, tmp_path / "out.onnx", input_shapes={"x": [2, 3, 8, 8]})
+    result, _, _ = _check_lossless(src, tmp_path / "out.onnx", input_shapes={"x": [2, 3, 8, 8]})
     optimized = onnx.load(str(tmp_path / "out.onnx"))
-    dims = [d.dim_value for d in optimized.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [2, 3, 8, 8]
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in optimized.graph.value_info}
-    assert any(s and s[0] == 2 for s in shapes.values())
+    dim0 = optimized.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param == "N" and not dim0.HasField("dim_value")
+    assert result.report.shapes == [{"x": [1, 3, 8, 8]}]
+    sess = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    for n in (2, 5):
+        assert sess.run(None, {"x": np.zeros((n, 3, 8, 8), np.float32)})[0].shape == (n, 5)
 
 
 def test_metadata_survives(tmp_path):
