@@ -3,8 +3,9 @@ QuantizeLinear / DequantizeLinear nodes become conversion steps, and the integer
 (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) are lowered directly.
 
 Requantization is by a Q31 multiplier and a right shift per output channel (`fixed_point`). Weights
-of the fast kernels (1x1 convolutions, dense layers) are laid out in blocks of four output
-channels interleaved (`interleave`), and the input zero point is folded into their bias. ONNX
+of the fast kernels are laid out in the order their loops read them (convolutions through the
+GEMM core: `gemm_layout`; dense layers: `interleave`), and the input zero point is folded into
+their bias. ONNX
 uint8 tensors are stored as int8 (q - 128); uint8 graph inputs and outputs are converted at the
 boundary.
 """
@@ -131,6 +132,18 @@ def interleave(w: np.ndarray) -> np.ndarray:
     rows, k = w.shape
     full = rows // 4 * 4
     blocks = w[:full].reshape(rows // 4, 4, k).transpose(0, 2, 1).reshape(-1)
+    return np.concatenate([blocks, w[full:].reshape(-1)]).astype(np.int8)
+
+
+def gemm_layout(w: np.ndarray) -> np.ndarray:
+    """[rows][k] int8 weights as the int8 GEMM kernels read them: k padded with zeros to kp (a
+    multiple of 4), blocks of 4 rows as [kp/4][4 rows][4 k] (a 32-bit word per row and 4 k,
+    which SXTB16 splits into the pairs SMLAD takes), the rows % 4 last rows plain [kp]."""
+    rows, k = w.shape
+    kp = -(-k // 4) * 4
+    w = np.pad(w, ((0, 0), (0, kp - k)))
+    full = rows // 4 * 4
+    blocks = w[:full].reshape(rows // 4, 4, kp // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
     return np.concatenate([blocks, w[full:].reshape(-1)]).astype(np.int8)
 
 
@@ -294,9 +307,9 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
     if fast:  # GEMM over gathered pixel pairs: 1x1 directly, any other through im2col
         k = w[0].size
         rows = w.reshape(group, m // group, k)
-        wa = _int8_const(lo, np.concatenate([interleave(r) for r in rows]), f"w_{hint}")
+        wa = _int8_const(lo, np.concatenate([gemm_layout(r) for r in rows]), f"w_{hint}")
         ba = _bias_arg(lo, bias_q - xq.z * w.reshape(m, k).sum(axis=1), hint)
-        words = -(-2 * k // 4)
+        words = -(-k // 4) * 4  # two int16 columns of kp values
         if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
             inplace = {"inplace": 0, "inplace_scratch": words,
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}

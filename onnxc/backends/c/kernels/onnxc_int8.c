@@ -1,6 +1,8 @@
 /* int8 kernels: quantize/dequantize, convolutions (any, depthwise, 1x1), dense and matrix
  * products with int32 accumulators and fixed-point requantization, pooling and Add/Mul.
  * See onnxc_int8.h for the number formats. */
+#include <string.h>
+
 #include "onnxc_int8.h"
 
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
@@ -129,40 +131,58 @@ void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t
     }
 }
 
-/* One depthwise output plane: the input plane is first copied into `pad` with its padding
- * filled with the input zero point (the real value 0), so that every window is whole and the
- * zero point folds into the bias; 3x3 windows are unrolled. */
-static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, int8_t *pad, const onnxc_qconv_p *p,
-                     int32_t m)
+/* The input plane copied into `pad` with its padding filled with the input zero point (the real
+ * value 0), so that every window is whole and the zero point folds into the bias. */
+static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
 {
-    const int32_t H = p->h, W = p->w, OH = p->oh, OW = p->ow, KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw;
-    const int32_t DH = p->dh, DW = p->dw, XZ = p->x_zp, YZ = p->y_zp, LO = p->lo, HI = p->hi, RQ = p->rq[m];
-    const int32_t HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW - 1) * SW + (KW - 1) * DW + 1;
-    int32_t r, c, oh, ow, kh, kw, wsum = 0, base;
+    const int32_t H = p->h, W = p->w, PL = p->pl;
+    const int8_t XZ = (int8_t)p->x_zp;
+    int32_t r, c, n = WP - PL < W ? WP - PL : W;
     for (r = 0; r < HP; r++) {
         int32_t ih = r - p->pt;
         int8_t *row = pad + r * WP;
-        for (c = 0; c < WP; c++) {
-            int32_t iw = c - p->pl;
-            row[c] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xp[ih * W + iw] : (int8_t)XZ;
+        if (ih < 0 || ih >= H) {
+            for (c = 0; c < WP; c++) row[c] = XZ;
+            continue;
         }
+        for (c = 0; c < PL; c++) row[c] = XZ;
+        memcpy(row + PL, xp + ih * W, (size_t)(n > 0 ? n : 0));
+        for (c = PL + (n > 0 ? n : 0); c < WP; c++) row[c] = XZ;
     }
+}
+
+/* One depthwise output plane over the padded copy; 3x3 windows (dilation 1) with the nine
+ * weights in locals and no bounds checks. */
+static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, int8_t *pad, const onnxc_qconv_p *p,
+                     int32_t m)
+{
+    const int32_t OH = p->oh, OW = p->ow, KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw;
+    const int32_t DH = p->dh, DW = p->dw, YZ = p->y_zp, LO = p->lo, HI = p->hi, RQ = p->rq[m];
+    const int32_t HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW - 1) * SW + (KW - 1) * DW + 1;
+    int32_t oh, ow, kh, kw, wsum = 0, base;
+    pad_plane(xp, pad, HP, WP, p);
     for (kh = 0; kh < KH * KW; kh++) wsum += wp[kh];
-    base = b - XZ * wsum;
+    base = b - p->x_zp * wsum;
+    if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
+        const int32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5], w6 = wp[6];
+        const int32_t w7 = wp[7], w8 = wp[8];
+        for (oh = 0; oh < OH; oh++) {
+            const int8_t *x0 = pad + oh * SH * WP, *x1 = x0 + WP, *x2 = x1 + WP;
+            for (ow = 0; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
+                int32_t acc = base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
+                            + x2[0] * w6 + x2[1] * w7 + x2[2] * w8;
+                *yp++ = onnxc_clamp8(onnxc_requant(acc, RQ) + YZ, LO, HI);
+            }
+        }
+        return;
+    }
     for (oh = 0; oh < OH; oh++) {
         const int8_t *xo = pad + oh * SH * WP;
         for (ow = 0; ow < OW; ow++, xo += SW) {
-            int32_t acc;
-            if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
-                const int8_t *x1 = xo + WP, *x2 = x1 + WP;
-                acc = base + xo[0] * wp[0] + xo[1] * wp[1] + xo[2] * wp[2] + x1[0] * wp[3] + x1[1] * wp[4]
-                    + x1[2] * wp[5] + x2[0] * wp[6] + x2[1] * wp[7] + x2[2] * wp[8];
-            } else {
-                acc = base;
-                for (kh = 0; kh < KH; kh++) {
-                    const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
-                    for (kw = 0; kw < KW; kw++) acc += xr[kw * DW] * wr[kw];
-                }
+            int32_t acc = base;
+            for (kh = 0; kh < KH; kh++) {
+                const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
+                for (kw = 0; kw < KW; kw++) acc += xr[kw * DW] * wr[kw];
             }
             *yp++ = onnxc_clamp8(onnxc_requant(acc, RQ) + YZ, LO, HI);
         }
@@ -187,45 +207,89 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, in
     onnxc_qconv_dw(xy, w, bias, xy, scratch, p);
 }
 
-/* The GEMM core of the 1x1 and im2col convolutions: k-long columns of two pixels interleaved
- * (cols[k][2]) times 4 weight rows interleaved (w[k][4]): acc[r] for pixel 0, acc[4 + r] for
- * pixel 1. This is the block a SIMD variant (SMLAD on pairs) replaces. */
-static void dot4x2(const int8_t *cols, const int8_t *w, int32_t k, int32_t *acc)
+/* ---- the GEMM core of the 1x1 and im2col convolutions ----------------------------------------
+ * k is padded to kp (a multiple of 4) with zero weights. Weights: blocks of 4 rows as
+ * [kp/4][4 rows][4 k] (one 32-bit word per row and 4 k), the m % 4 last rows plain [kp]. A column
+ * (one pixel) holds its kp values as int16 in the order x0 x2 x1 x3, x4 x6 x5 x7, ...: the pairs
+ * that SXTB16 makes of a weight word ((w0, w2) and, rotated, (w1, w3)), so that with the DSP
+ * extension (Cortex-M4) each SMLAD does two multiply-accumulates. */
+#if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
+#include <arm_acle.h>
+#define ONNXC_SIMD 1
+static inline uint32_t ld32(const void *q)
+{
+    uint32_t v;
+    memcpy(&v, q, 4);
+    return v;
+}
+
+static inline int32_t sxtb16_ror8(uint32_t v)
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
+}
+#endif
+
+/* One column position of k index i (see above): 1 and 2 swap within each group of 4. */
+static inline int32_t col_pos(int32_t i)
+{
+    return i ^ (((i ^ (i >> 1)) & 1) * 3);
+}
+
+/* 4 rows (a block) x 2 columns over kq groups of 4: acc[r] for column 0, acc[4 + r] for column 1. */
+static void dot4x2(const int16_t *c0, const int16_t *c1, const int8_t *w, int32_t kq, int32_t *acc)
 {
     int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
     int32_t b0 = acc[4], b1 = acc[5], b2 = acc[6], b3 = acc[7];
-    for (; k > 0; k--) {
-        int32_t x0 = cols[0], x1 = cols[1], v;
-        cols += 2;
-        v = w[0];
-        a0 += x0 * v;
-        b0 += x1 * v;
-        v = w[1];
-        a1 += x0 * v;
-        b1 += x1 * v;
-        v = w[2];
-        a2 += x0 * v;
-        b2 += x1 * v;
-        v = w[3];
-        a3 += x0 * v;
-        b3 += x1 * v;
-        w += 4;
+    for (; kq > 0; kq--, c0 += 4, c1 += 4, w += 16) {
+#ifdef ONNXC_SIMD
+        uint32_t x0a = ld32(c0), x0b = ld32(c0 + 2), x1a = ld32(c1), x1b = ld32(c1 + 2), v;
+        int32_t e, o;
+        v = ld32(w), e = __sxtb16(v), o = sxtb16_ror8(v);
+        a0 = __smlad(x0b, o, __smlad(x0a, e, a0)), b0 = __smlad(x1b, o, __smlad(x1a, e, b0));
+        v = ld32(w + 4), e = __sxtb16(v), o = sxtb16_ror8(v);
+        a1 = __smlad(x0b, o, __smlad(x0a, e, a1)), b1 = __smlad(x1b, o, __smlad(x1a, e, b1));
+        v = ld32(w + 8), e = __sxtb16(v), o = sxtb16_ror8(v);
+        a2 = __smlad(x0b, o, __smlad(x0a, e, a2)), b2 = __smlad(x1b, o, __smlad(x1a, e, b2));
+        v = ld32(w + 12), e = __sxtb16(v), o = sxtb16_ror8(v);
+        a3 = __smlad(x0b, o, __smlad(x0a, e, a3)), b3 = __smlad(x1b, o, __smlad(x1a, e, b3));
+#else
+#define ONNXC_DOT4(c, wr) ((c)[0] * (wr)[0] + (c)[1] * (wr)[2] + (c)[2] * (wr)[1] + (c)[3] * (wr)[3])
+        a0 += ONNXC_DOT4(c0, w), b0 += ONNXC_DOT4(c1, w);
+        a1 += ONNXC_DOT4(c0, w + 4), b1 += ONNXC_DOT4(c1, w + 4);
+        a2 += ONNXC_DOT4(c0, w + 8), b2 += ONNXC_DOT4(c1, w + 8);
+        a3 += ONNXC_DOT4(c0, w + 12), b3 += ONNXC_DOT4(c1, w + 12);
+#undef ONNXC_DOT4
+#endif
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
     acc[4] = b0, acc[5] = b1, acc[6] = b2, acc[7] = b3;
 }
 
-/* All m outputs (rows of w, interleaved by 4 then plain) of two pixel columns cols[k][2],
- * written to y[row * ys] and y[row * ys + 1] (ncols 1: the first only). */
-static void gemm_cols(const int8_t *cols, int32_t ncols, int32_t k, int32_t m, const int8_t *w,
+/* One plain row x 2 columns. */
+static void dot1x2(const int16_t *c0, const int16_t *c1, const int8_t *w, int32_t kq, int32_t *a, int32_t *b)
+{
+    int32_t a0 = *a, b0 = *b;
+    for (; kq > 0; kq--, c0 += 4, c1 += 4, w += 4) {
+        a0 += c0[0] * w[0] + c0[1] * w[2] + c0[2] * w[1] + c0[3] * w[3];
+        b0 += c1[0] * w[0] + c1[1] * w[2] + c1[2] * w[1] + c1[3] * w[3];
+    }
+    *a = a0, *b = b0;
+}
+
+/* All m outputs of two columns (cols: 2 x kp int16), written to y[row * ys] and y[row * ys + 1]
+ * (ncols 1: the first only). */
+static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w,
                       const int32_t *bias, const int32_t *rq, int8_t *y, int32_t ys, const onnxc_qconv_p *p)
 {
-    const int32_t YZ = p->y_zp, LO = p->lo, HI = p->hi;
-    int32_t row, r, i;
+    const int32_t YZ = p->y_zp, LO = p->lo, HI = p->hi, kq = kp / 4;
+    const int16_t *c1 = cols + kp;
+    int32_t row, r;
     for (row = 0; row + 4 <= m; row += 4) {
         int32_t acc[8];
         for (r = 0; r < 4; r++) acc[r] = acc[4 + r] = bias[row + r];
-        dot4x2(cols, w + row * k, k, acc);
+        dot4x2(cols, c1, w + row * kp, kq, acc);
         for (r = 0; r < 4; r++) {
             int8_t *yr = y + (row + r) * ys;
             yr[0] = onnxc_clamp8(onnxc_requant(acc[r], rq[row + r]) + YZ, LO, HI);
@@ -233,36 +297,38 @@ static void gemm_cols(const int8_t *cols, int32_t ncols, int32_t k, int32_t m, c
         }
     }
     for (; row < m; row++) {
-        const int8_t *wr = w + row * k;
         int32_t a0 = bias[row], a1 = bias[row];
-        for (i = 0; i < k; i++) {
-            a0 += cols[2 * i] * wr[i];
-            a1 += cols[2 * i + 1] * wr[i];
-        }
+        dot1x2(cols, c1, w + row * kp, kq, &a0, &a1);
         y[row * ys] = onnxc_clamp8(onnxc_requant(a0, rq[row]) + YZ, LO, HI);
         if (ncols == 2) y[row * ys + 1] = onnxc_clamp8(onnxc_requant(a1, rq[row]) + YZ, LO, HI);
     }
 }
 
-/* Two pixels at a time: their c channels gathered into scratch (interleaved), then all m
+/* Two pixels at a time: their c channels gathered into scratch (two columns), then all m
  * outputs. In place (m <= c), output slot (m, pixel) is input slot (m, pixel) of the same image
  * or of an earlier one, already gathered. */
 static void pointwise(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                       const onnxc_qconv_p *p)
 {
-    const int32_t hw = p->h * p->w, C = p->c, M = p->m;
+    const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3;
+    int16_t *c0 = (int16_t *)(void *)scratch, *c1 = c0 + kp;
     int32_t n, px, c;
+    for (c = C; c < kp; c++) c0[col_pos(c)] = c1[col_pos(c)] = 0;
     for (n = 0; n < p->n; n++) {
         const int8_t *xin = x + n * C * hw;
         int8_t *yout = y + n * M * hw;
         for (px = 0; px < hw; px += 2) {
             int32_t ncols = px + 1 < hw ? 2 : 1;
             const int8_t *xc = xin + px;
-            for (c = 0; c < C; c++, xc += hw) {
-                scratch[2 * c] = xc[0];
-                scratch[2 * c + 1] = ncols == 2 ? xc[1] : 0;
+            for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw) {
+                c0[c] = xc[0], c0[c + 1] = xc[2 * hw], c0[c + 2] = xc[hw], c0[c + 3] = xc[3 * hw];
+                if (ncols == 2) c1[c] = xc[1], c1[c + 1] = xc[2 * hw + 1], c1[c + 2] = xc[hw + 1], c1[c + 3] = xc[3 * hw + 1];
             }
-            gemm_cols(scratch, ncols, C, M, w, bias, p->rq, yout + px, hw, p);
+            for (; c < C; c++, xc += hw) {
+                c0[col_pos(c)] = xc[0];
+                if (ncols == 2) c1[col_pos(c)] = xc[1];
+            }
+            gemm_cols(c0, ncols, kp, M, w, bias, p->rq, yout + px, hw, p);
         }
     }
 }
@@ -281,36 +347,44 @@ void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, in
 
 /* Any convolution through im2col: for two output pixels at a time, each group's c/g * kh * kw
  * window values (the input zero point where the window leaves the input, so that every tap
- * counts and -x_zp * sum(w) folds into the bias) are gathered into scratch, then multiplied by
- * the group's weight rows. */
+ * counts and -x_zp * sum(w) folds into the bias) are gathered into two columns, then multiplied
+ * by the group's weight rows. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p)
 {
     const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, cg = p->c / p->group, mg = p->m / p->group;
-    const int32_t k = cg * KH * KW, out_plane = p->oh * p->ow, XZ = p->x_zp;
-    int32_t n, g, px, j, cc, kh, kw;
+    const int32_t k = cg * KH * KW, kp = (k + 3) & ~3, out_plane = p->oh * p->ow, XZ = p->x_zp;
+    int16_t *cols = (int16_t *)(void *)scratch;
+    int32_t n, g, px, j, i, cc, kh, kw;
+    for (j = 0; j < 2; j++) {
+        for (i = k; i < kp; i++) cols[j * kp + col_pos(i)] = 0;
+    }
     for (n = 0; n < p->n; n++) {
         for (g = 0; g < p->group; g++) {
             const int8_t *xg = x + (n * p->c + g * cg) * H * W;
             int8_t *yg = y + (n * p->m + g * mg) * out_plane;
             for (px = 0; px < out_plane; px += 2) {
                 int32_t ncols = px + 1 < out_plane ? 2 : 1;
-                for (j = 0; j < 2; j++) {
-                    int32_t o = px + (j < ncols ? j : 0), oh = o / p->ow, ow = o % p->ow;
+                for (j = 0; j < ncols; j++) {
+                    int32_t o = px + j, oh = o / p->ow, ow = o % p->ow;
                     int32_t ih0 = oh * p->sh - p->pt, iw0 = ow * p->sw - p->pl;
-                    int8_t *col = scratch + j;
+                    int16_t *col = cols + j * kp;
+                    i = 0;
                     for (cc = 0; cc < cg; cc++) {
                         const int8_t *xc = xg + cc * H * W;
                         for (kh = 0; kh < KH; kh++) {
                             int32_t ih = ih0 + kh * p->dh;
-                            for (kw = 0; kw < KW; kw++, col += 2) {
+                            int32_t row_in = ih >= 0 && ih < H;
+                            const int8_t *xr = xc + (row_in ? ih * W : 0);
+                            for (kw = 0; kw < KW; kw++, i++) {
                                 int32_t iw = iw0 + kw * p->dw;
-                                *col = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xc[ih * W + iw] : (int8_t)XZ;
+                                col[col_pos(i)] = (row_in && iw >= 0 && iw < W) ? xr[iw] : XZ;
                             }
                         }
                     }
                 }
-                gemm_cols(scratch, ncols, k, mg, w + g * mg * k, bias + g * mg, p->rq + g * mg, yg + px, out_plane, p);
+                gemm_cols(cols, ncols, kp, mg, w + g * mg * kp, bias + g * mg, p->rq + g * mg, yg + px, out_plane,
+                          p);
             }
         }
     }

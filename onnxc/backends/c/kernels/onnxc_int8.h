@@ -8,9 +8,12 @@
  * multiplier and shift share one int32 (see onnxc_requant).
  *
  * Convolutions run as GEMMs over gathered pixel pairs (1x1 directly, others through im2col),
- * blocked 4 output channels x 2 pixels, with weights interleaved by the exporter in the order
- * the loop reads them (dense layers: 4 rows), so that a SIMD variant (CMSIS-NN style SMLAD on
- * pairs) can replace one block function (dot4x2) at a time. Depthwise 3x3 runs direct.
+ * blocked 4 output channels x 2 pixels, with weights laid out by the exporter in the order the
+ * loop reads them ("GEMM layout": k padded to kp, a multiple of 4, with zero weights; blocks of
+ * 4 rows as [kp/4][4 rows][4 k], the m % 4 last rows plain [kp]). Pixels are gathered as int16
+ * columns in the order that lets the DSP extension (Cortex-M4: SXTB16, SMLAD, as CMSIS-NN) do
+ * two multiply-accumulates per instruction; elsewhere the same block runs in portable C99.
+ * Depthwise runs direct over a zero-point-padded plane (3x3 unrolled).
  */
 #ifndef ONNXC_INT8_H
 #define ONNXC_INT8_H
@@ -25,6 +28,14 @@ static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
 {
     int32_t shift = rq & 63;
     int64_t v = (int64_t)acc * (rq - shift);
+    if (shift > 32) {
+        /* The same in 32-bit words (SMULL, then no 64-bit shifts): with half = 2^(shift - 1) a
+         * multiple of 2^32 only the high word h of v + half changes; floor((v + half) / 2^shift)
+         * is h >> t, and a tie (low word and h's t low bits all zero) rounds down to even. */
+        int32_t t = shift - 32, h = (int32_t)(v >> 32) + (1 << (t - 1)), r = h >> t;
+        if ((((uint32_t)h << (32 - t)) | (uint32_t)v) == 0) r &= ~1;
+        return r;
+    }
     return (int32_t)((v + ((int64_t)1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift);
 }
 
@@ -73,8 +84,8 @@ typedef struct {
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
 /* Any convolution through im2col, two output pixels at a time: scratch holds their windows
- * (2 * c/group * kh * kw bytes); weights per group in blocks of 4 output channels interleaved
- * ([mg/4][c/group*kh*kw][4], the mg % 4 last rows plain); bias holds -x_zp * sum(w). */
+ * (4 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4); weights per group in the
+ * GEMM layout; bias holds -x_zp * sum(w). */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
@@ -83,9 +94,8 @@ void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_
                     const onnxc_qconv_p *p);
 void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
                             const onnxc_qconv_p *p);
-/* 1x1, stride 1, no padding, one group: weights in blocks of 4 output channels interleaved
- * ([m/4][c][4], the m % 4 last rows plain [c]); bias already holds -x_zp * sum(w); scratch holds
- * two pixels' channels (2c bytes). In place when m <= c. */
+/* 1x1, stride 1, no padding, one group: weights in the GEMM layout (k = c); bias already holds
+ * -x_zp * sum(w); scratch holds two pixels' channels (4 * kp bytes). In place when m <= c. */
 void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p);
 void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
