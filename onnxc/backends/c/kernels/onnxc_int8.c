@@ -57,6 +57,30 @@ void onnxc_s8_to_u8(const int8_t *x, uint8_t *y, int32_t n)
 }
 
 /* ---- convolution ----------------------------------------------------------------------- */
+/* With the DSP extension (Cortex-M4) the inner loops multiply int16 pairs with SMLAD. */
+#if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
+#include <arm_acle.h>
+#define ONNXC_SIMD 1
+static inline uint32_t ld32(const void *q)
+{
+    uint32_t v;
+    memcpy(&v, q, 4);
+    return v;
+}
+
+static inline int32_t sxtb16_ror8(uint32_t v)
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
+}
+
+/* (lo, hi) as the two int16 halves of a word */
+static inline int32_t pack16(int32_t lo, int32_t hi)
+{
+    return (int32_t)(((uint32_t)hi << 16) | ((uint32_t)lo & 0xFFFFu));
+}
+#endif
 
 /* Taps t in [lo, hi) of a kernel of k taps (dilation d) whose input coordinate o0 + t * d lies
  * in [0, in). */
@@ -168,7 +192,25 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, 
         const int32_t w7 = wp[7], w8 = wp[8];
         for (oh = 0; oh < OH; oh++) {
             const int8_t *x0 = pad + oh * SH * WP, *x1 = x0 + WP, *x2 = x1 + WP;
-            for (ow = 0; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
+            ow = 0;
+#ifdef ONNXC_SIMD
+            if (SW == 1) { /* two outputs a row: x0 x2 | x1 x3 of each input row as int16 pairs */
+                const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+                for (; ow + 2 <= OW; ow += 2, x0 += 2, x1 += 2, x2 += 2) {
+                    uint32_t v = ld32(x0);
+                    int32_t e = __sxtb16(v), o = sxtb16_ror8(v), a = base, b = base;
+                    a = __smlabb(o, m01, __smlad(e, e0, a)), b = __smlatb(e, m01, __smlad(o, e0, b));
+                    v = ld32(x1), e = __sxtb16(v), o = sxtb16_ror8(v);
+                    a = __smlabt(o, m01, __smlad(e, e1, a)), b = __smlatt(e, m01, __smlad(o, e1, b));
+                    v = ld32(x2), e = __sxtb16(v), o = sxtb16_ror8(v);
+                    a = __smlad(e, e2, a) + x2[1] * w7, b = __smlad(o, e2, b) + x2[2] * w7;
+                    yp[0] = onnxc_clamp8(onnxc_requant(a, RQ) + YZ, LO, HI);
+                    yp[1] = onnxc_clamp8(onnxc_requant(b, RQ) + YZ, LO, HI);
+                    yp += 2;
+                }
+            }
+#endif
+            for (; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
                 int32_t acc = base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
                             + x2[0] * w6 + x2[1] * w7 + x2[2] * w8;
                 *yp++ = onnxc_clamp8(onnxc_requant(acc, RQ) + YZ, LO, HI);
@@ -213,23 +255,6 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, in
  * (one pixel) holds its kp values as int16 in the order x0 x2 x1 x3, x4 x6 x5 x7, ...: the pairs
  * that SXTB16 makes of a weight word ((w0, w2) and, rotated, (w1, w3)), so that with the DSP
  * extension (Cortex-M4) each SMLAD does two multiply-accumulates. */
-#if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
-#include <arm_acle.h>
-#define ONNXC_SIMD 1
-static inline uint32_t ld32(const void *q)
-{
-    uint32_t v;
-    memcpy(&v, q, 4);
-    return v;
-}
-
-static inline int32_t sxtb16_ror8(uint32_t v)
-{
-    int32_t r;
-    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
-    return r;
-}
-#endif
 
 /* One column position of k index i (see above): 1 and 2 swap within each group of 4. */
 static inline int32_t col_pos(int32_t i)
