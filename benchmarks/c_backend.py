@@ -15,7 +15,10 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
 
 - with `--int8`: each model also exported in int8 (the QDQ model of our onnxruntime flow, lowered
   to integer kernels), and a second table puts float and int8 side by side: Cortex-M4
-  instructions per inference (qemu `-icount shift=0`, SysTick), weights, flash and RAM.
+  instructions per inference (qemu `-icount shift=0`, SysTick), weights, flash and RAM; a third
+  puts both beside onnx2c's float build. onnx2c is on neither PyPI nor Debian, so its figures
+  are the ones recorded in issue 13 (host instructions with callgrind, gcc -O2; Cortex-M4 RAM),
+  labelled as such, beside ours measured here (host callgrind of NAME_run, -O2, and the M4).
 
     python benchmarks/c_backend.py [--light [squeezenet,shufflenet,inception_v1,...]] [--no-qemu]
                                    [--no-callgrind] [--int8]
@@ -105,6 +108,41 @@ def m4_instructions(gen, feed: dict[str, np.ndarray], work: Path) -> tuple[int, 
     return count, fp
 
 
+# onnx2c's float build as recorded in issue 13 (not measured here: onnx2c is not installable from
+# PyPI or Debian): host x86-64 instructions per inference (callgrind, gcc -O2) and RAM in bytes.
+ONNX2C_RECORDED = {"ds_cnn": (22.8e6, 64_000), "vgg": (450e6, 131_072), "resnet": (1_165e6, 196_608),
+                   "mobilenet": (59.7e6, 393_216)}
+
+
+def host_instructions(gens, feed: dict[str, np.ndarray], work: Path) -> list[int | None]:
+    """Host instructions of each generated model's NAME_run (-O2, callgrind), one program."""
+    if not shutil.which("valgrind"):
+        return [None] * len(gens)
+    exe = build_generated(gens, work, opt="-O2")
+    return [callgrind_instructions(exe, k, [feed[n] for n in g.prog.inputs], f"{g.prog.name}_run", work)
+            for k, g in enumerate(gens)]
+
+
+def onnx2c_table(rows: list[dict]) -> None:
+    """Ours (float and int8, measured) beside onnx2c's float build (recorded)."""
+    print(f"\n{'model':10s} {'onnx2c host*':>12s} {'ours f host':>11s} {'int8 host':>10s} {'ours f M4':>10s} "
+          f"{'int8 M4':>9s} {'onnx2c RAM*':>11s} {'ours f RAM':>10s} {'int8 RAM':>9s} {'int8/onnx2c instr':>17s}")
+    for r in rows:
+        rec = ONNX2C_RECORDED.get(r["name"])
+        fh, qh = r["host"]
+        ratio = f"{qh / rec[0]:17.3f}" if rec and qh else f"{'-':>17s}"
+        print(f"{r['name']:10s} {(f'{rec[0] / 1e6:,.1f}M' if rec else '-'):>12s} {_m(fh):>11s} {_m(qh):>10s} "
+              f"{_m(r['m4'][0]):>10s} {_m(r['m4'][1]):>9s} {(f'{rec[1]:,}' if rec else '-'):>11s} "
+              f"{r['ram'][0]:>10,} {r['ram'][1]:>9,} {ratio}")
+    print("* onnx2c: recorded in issue 13 (host x86-64 callgrind, gcc -O2; Cortex-M4 static RAM), not measured "
+          "here: onnx2c is not on PyPI or Debian.\n  ours: host = callgrind of NAME_run (-O2) on this machine; "
+          "M4 = qemu -icount; RAM = data+bss of the model on the Cortex-M4 (arena, minus I/O buffers).")
+
+
+def _m(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.2f}M"
+
+
 def int8_table(entries, work: Path) -> None:
     """Float and int8 builds of each model side by side on the Cortex-M4."""
     from onnxc.backends import ExportOptions
@@ -113,6 +151,7 @@ def int8_table(entries, work: Path) -> None:
 
     print(f"{'model':10s} {'M4 instr float':>15s} {'int8':>12s} {'ratio':>6s} {'weights f':>10s} {'int8':>9s} "
           f"{'ratio':>6s} {'flash f':>9s} {'int8':>9s} {'RAM f':>9s} {'int8':>9s} {'arena ratio':>11s}")
+    rows = []
     for name, model, feed in entries:
         canonical = canonicalize(model)
         cal = make_calibration(canonical, None if name == "ds_cnn" else SAMPLES / "digits_calib.npz", seed=0)
@@ -120,12 +159,16 @@ def int8_table(entries, work: Path) -> None:
         fgen, qgen = compile_model(canonical, name), compile_model(qdq, name)
         (fi, ffp), (qi, qfp) = (m4_instructions(g, feed, work / f"{name}_{tag}") for g, tag in ((fgen, "f"),
                                                                                                  (qgen, "q")))
+        host = host_instructions([compile_model(canonical, f"{name}_f"), compile_model(qdq, f"{name}_q")], feed,
+                                 work / f"{name}_host")
+        rows.append({"name": name, "host": host, "m4": (fi, qi), "ram": (ffp["ram"], qfp["ram"])})
         print(f"{name:10s} {fi / 1e6:14.2f}M {qi / 1e6:11.2f}M {qi / fi:6.2f} {_kb(fgen.weight_bytes):>10s} "
               f"{_kb(qgen.weight_bytes):>9s} {qgen.weight_bytes / fgen.weight_bytes:6.3f} {_kb(ffp['flash']):>9s} "
               f"{_kb(qfp['flash']):>9s} {_kb(ffp['ram']):>9s} {_kb(qfp['ram']):>9s} "
               f"{qgen.arena_bytes / fgen.arena_bytes:11.3f}", flush=True)
     print("\nM4 instr: instructions of one NAME_run on the mps2-an386 Cortex-M4 under qemu -icount shift=0 "
           f"(SysTick, to {mps2.INSTRUCTIONS_PER_TICK}); int8 runs the float entry point (quantize in, dequantize out)")
+    onnx2c_table(rows)
 
 
 def run(entries, work: Path, *, qemu: bool, callgrind: bool) -> None:

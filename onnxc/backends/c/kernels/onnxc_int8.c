@@ -5,6 +5,15 @@
 
 #include "onnxc_int8.h"
 
+/* onnxc_requant for shifts up to 32 (multipliers of 1/4 and more: rare), out of line so that the
+ * common path stays small in the inner loops. */
+int32_t onnxc_requant_wide(int32_t acc, int32_t rq)
+{
+    int32_t shift = rq & 63;
+    int64_t v = (int64_t)acc * (rq - shift);
+    return (int32_t)((v + ((int64_t)1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift);
+}
+
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
 void onnxc_quantize(const float *x, int8_t *y, const onnxc_quant_p *p)
 {
@@ -159,19 +168,20 @@ void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t
  * value 0), so that every window is whole and the zero point folds into the bias. */
 static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
 {
-    const int32_t H = p->h, W = p->w, PL = p->pl;
+    const int32_t H = p->h, W = p->w, PL = p->pl, PT = p->pt, n = WP - PL < W ? WP - PL : W;
     const int8_t XZ = (int8_t)p->x_zp;
-    int32_t r, c, n = WP - PL < W ? WP - PL : W;
+    int32_t r, c;
     for (r = 0; r < HP; r++) {
-        int32_t ih = r - p->pt;
+        int32_t ih = r - PT;
         int8_t *row = pad + r * WP;
         if (ih < 0 || ih >= H) {
             for (c = 0; c < WP; c++) row[c] = XZ;
-            continue;
+        } else {
+            const int8_t *xr = xp + ih * W;
+            for (c = 0; c < PL; c++) row[c] = XZ;
+            for (c = 0; c < n; c++) row[PL + c] = xr[c];
+            for (c = PL + (n > 0 ? n : 0); c < WP; c++) row[c] = XZ;
         }
-        for (c = 0; c < PL; c++) row[c] = XZ;
-        memcpy(row + PL, xp + ih * W, (size_t)(n > 0 ? n : 0));
-        for (c = PL + (n > 0 ? n : 0); c < WP; c++) row[c] = XZ;
     }
 }
 
@@ -251,81 +261,79 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, in
 
 /* ---- the GEMM core of the 1x1 and im2col convolutions ----------------------------------------
  * k is padded to kp (a multiple of 4) with zero weights. Weights: blocks of 4 rows as
- * [kp/4][4 rows][4 k] (one 32-bit word per row and 4 k), the m % 4 last rows plain [kp]. A column
- * (one pixel) holds its kp values as int16 in the order x0 x2 x1 x3, x4 x6 x5 x7, ...: the pairs
- * that SXTB16 makes of a weight word ((w0, w2) and, rotated, (w1, w3)), so that with the DSP
- * extension (Cortex-M4) each SMLAD does two multiply-accumulates. */
+ * [kp/4][4 rows][4 k] (one 32-bit word per row and 4 k), the m % 4 last rows plain [kp]. Two
+ * columns (pixels) are gathered as int16, 4 k of one then 4 k of the other ([kp/4][2][4]), each
+ * group in the order x0 x2 x1 x3: the pairs that SXTB16 makes of a weight word ((w0, w2) and,
+ * rotated, (w1, w3)), so that with the DSP extension (Cortex-M4) each SMLAD does two
+ * multiply-accumulates. */
 
-/* One column position of k index i (see above): 1 and 2 swap within each group of 4. */
+/* Position of k index i within its group of 4 (see above): 1 and 2 swap. */
 static inline int32_t col_pos(int32_t i)
 {
-    return i ^ (((i ^ (i >> 1)) & 1) * 3);
+    return (i & ~3) * 2 + ((i ^ (((i ^ (i >> 1)) & 1) * 3)) & 3);
 }
 
-/* 4 rows (a block) x 2 columns over kq groups of 4: acc[r] for column 0, acc[4 + r] for column 1. */
-static void dot4x2(const int16_t *c0, const int16_t *c1, const int8_t *w, int32_t kq, int32_t *acc)
+/* Rows 0 and 1 of a block of 4 (w: 4 bytes apart, groups of 4 k every 16 bytes) x two columns
+ * over kq groups: acc = {row 0 col 0, row 0 col 1, row 1 col 0, row 1 col 1}. */
+static void dot2x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
 {
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    int32_t b0 = acc[4], b1 = acc[5], b2 = acc[6], b3 = acc[7];
-    for (; kq > 0; kq--, c0 += 4, c1 += 4, w += 16) {
+    int32_t a0 = acc[0], a1 = acc[1], b0 = acc[2], b1 = acc[3];
+    const int16_t *end = c + 8 * kq;
+    for (; c != end; c += 8, w += 16) {
 #ifdef ONNXC_SIMD
-        uint32_t x0a = ld32(c0), x0b = ld32(c0 + 2), x1a = ld32(c1), x1b = ld32(c1 + 2), v;
-        int32_t e, o;
-        v = ld32(w), e = __sxtb16(v), o = sxtb16_ror8(v);
-        a0 = __smlad(x0b, o, __smlad(x0a, e, a0)), b0 = __smlad(x1b, o, __smlad(x1a, e, b0));
-        v = ld32(w + 4), e = __sxtb16(v), o = sxtb16_ror8(v);
-        a1 = __smlad(x0b, o, __smlad(x0a, e, a1)), b1 = __smlad(x1b, o, __smlad(x1a, e, b1));
-        v = ld32(w + 8), e = __sxtb16(v), o = sxtb16_ror8(v);
-        a2 = __smlad(x0b, o, __smlad(x0a, e, a2)), b2 = __smlad(x1b, o, __smlad(x1a, e, b2));
-        v = ld32(w + 12), e = __sxtb16(v), o = sxtb16_ror8(v);
-        a3 = __smlad(x0b, o, __smlad(x0a, e, a3)), b3 = __smlad(x1b, o, __smlad(x1a, e, b3));
+        uint32_t x0a = ld32(c), x0b = ld32(c + 2), x1a = ld32(c + 4), x1b = ld32(c + 6), u = ld32(w);
+        int32_t e = __sxtb16(u), o = sxtb16_ror8(u);
+        a0 = __smlad(x0b, o, __smlad(x0a, e, a0)), a1 = __smlad(x1b, o, __smlad(x1a, e, a1));
+        u = ld32(w + 4), e = __sxtb16(u), o = sxtb16_ror8(u);
+        b0 = __smlad(x0b, o, __smlad(x0a, e, b0)), b1 = __smlad(x1b, o, __smlad(x1a, e, b1));
 #else
-#define ONNXC_DOT4(c, wr) ((c)[0] * (wr)[0] + (c)[1] * (wr)[2] + (c)[2] * (wr)[1] + (c)[3] * (wr)[3])
-        a0 += ONNXC_DOT4(c0, w), b0 += ONNXC_DOT4(c1, w);
-        a1 += ONNXC_DOT4(c0, w + 4), b1 += ONNXC_DOT4(c1, w + 4);
-        a2 += ONNXC_DOT4(c0, w + 8), b2 += ONNXC_DOT4(c1, w + 8);
-        a3 += ONNXC_DOT4(c0, w + 12), b3 += ONNXC_DOT4(c1, w + 12);
+#define ONNXC_DOT4(x, q) ((x)[0] * (q)[0] + (x)[1] * (q)[2] + (x)[2] * (q)[1] + (x)[3] * (q)[3])
+        a0 += ONNXC_DOT4(c, w), a1 += ONNXC_DOT4(c + 4, w);
+        b0 += ONNXC_DOT4(c, w + 4), b1 += ONNXC_DOT4(c + 4, w + 4);
 #undef ONNXC_DOT4
 #endif
     }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-    acc[4] = b0, acc[5] = b1, acc[6] = b2, acc[7] = b3;
+    acc[0] = a0, acc[1] = a1, acc[2] = b0, acc[3] = b1;
 }
 
-/* One plain row x 2 columns. */
-static void dot1x2(const int16_t *c0, const int16_t *c1, const int8_t *w, int32_t kq, int32_t *a, int32_t *b)
+/* One plain row (groups of 4 k every 4 bytes) x two columns. */
+static void dot1x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
 {
-    int32_t a0 = *a, b0 = *b;
-    for (; kq > 0; kq--, c0 += 4, c1 += 4, w += 4) {
-        a0 += c0[0] * w[0] + c0[1] * w[2] + c0[2] * w[1] + c0[3] * w[3];
-        b0 += c1[0] * w[0] + c1[1] * w[2] + c1[2] * w[1] + c1[3] * w[3];
+    int32_t a0 = acc[0], a1 = acc[1];
+    for (; kq > 0; kq--, c += 8, w += 4) {
+        a0 += c[0] * w[0] + c[1] * w[2] + c[2] * w[1] + c[3] * w[3];
+        a1 += c[4] * w[0] + c[5] * w[2] + c[6] * w[1] + c[7] * w[3];
     }
-    *a = a0, *b = b0;
+    acc[0] = a0, acc[1] = a1;
 }
 
-/* All m outputs of two columns (cols: 2 x kp int16), written to y[row * ys] and y[row * ys + 1]
- * (ncols 1: the first only). */
+static inline int8_t requant8(int32_t acc, int32_t rq, const onnxc_qconv_p *p)
+{
+    return onnxc_clamp8(onnxc_requant(acc, rq) + p->y_zp, p->lo, p->hi);
+}
+
+/* All m outputs of two columns, written to y[row * ys] and y[row * ys + 1] (ncols 1: the first
+ * only). */
 static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w,
                       const int32_t *bias, const int32_t *rq, int8_t *y, int32_t ys, const onnxc_qconv_p *p)
 {
-    const int32_t YZ = p->y_zp, LO = p->lo, HI = p->hi, kq = kp / 4;
-    const int16_t *c1 = cols + kp;
-    int32_t row, r;
-    for (row = 0; row + 4 <= m; row += 4) {
-        int32_t acc[8];
-        for (r = 0; r < 4; r++) acc[r] = acc[4 + r] = bias[row + r];
-        dot4x2(cols, c1, w + row * kp, kq, acc);
-        for (r = 0; r < 4; r++) {
-            int8_t *yr = y + (row + r) * ys;
-            yr[0] = onnxc_clamp8(onnxc_requant(acc[r], rq[row + r]) + YZ, LO, HI);
-            if (ncols == 2) yr[1] = onnxc_clamp8(onnxc_requant(acc[4 + r], rq[row + r]) + YZ, LO, HI);
+    const int32_t kq = kp / 4;
+    int32_t row, acc[4];
+    for (row = 0; row < (m & ~3); row += 2) {
+        acc[0] = acc[1] = bias[row], acc[2] = acc[3] = bias[row + 1];
+        dot2x2(cols, w + (row & ~3) * kp + (row & 3) * 4, kq, acc);
+        y[row * ys] = requant8(acc[0], rq[row], p);
+        y[(row + 1) * ys] = requant8(acc[2], rq[row + 1], p);
+        if (ncols == 2) {
+            y[row * ys + 1] = requant8(acc[1], rq[row], p);
+            y[(row + 1) * ys + 1] = requant8(acc[3], rq[row + 1], p);
         }
     }
     for (; row < m; row++) {
-        int32_t a0 = bias[row], a1 = bias[row];
-        dot1x2(cols, c1, w + row * kp, kq, &a0, &a1);
-        y[row * ys] = onnxc_clamp8(onnxc_requant(a0, rq[row]) + YZ, LO, HI);
-        if (ncols == 2) y[row * ys + 1] = onnxc_clamp8(onnxc_requant(a1, rq[row]) + YZ, LO, HI);
+        acc[0] = acc[1] = bias[row];
+        dot1x2(cols, w + row * kp, kq, acc);
+        y[row * ys] = requant8(acc[0], rq[row], p);
+        if (ncols == 2) y[row * ys + 1] = requant8(acc[1], rq[row], p);
     }
 }
 
@@ -336,24 +344,31 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *bias, int
                       const onnxc_qconv_p *p)
 {
     const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3;
-    int16_t *c0 = (int16_t *)(void *)scratch, *c1 = c0 + kp;
+    int16_t *cols = (int16_t *)(void *)scratch;
     int32_t n, px, c;
-    for (c = C; c < kp; c++) c0[col_pos(c)] = c1[col_pos(c)] = 0;
+    for (c = C; c < kp; c++) cols[col_pos(c)] = cols[col_pos(c) + 4] = 0;
     for (n = 0; n < p->n; n++) {
         const int8_t *xin = x + n * C * hw;
         int8_t *yout = y + n * M * hw;
         for (px = 0; px < hw; px += 2) {
             int32_t ncols = px + 1 < hw ? 2 : 1;
             const int8_t *xc = xin + px;
-            for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw) {
-                c0[c] = xc[0], c0[c + 1] = xc[2 * hw], c0[c + 2] = xc[hw], c0[c + 3] = xc[3 * hw];
-                if (ncols == 2) c1[c] = xc[1], c1[c + 1] = xc[2 * hw + 1], c1[c + 2] = xc[hw + 1], c1[c + 3] = xc[3 * hw + 1];
+            int16_t *col = cols;
+            if (ncols == 2) {
+                for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 8) {
+                    col[0] = xc[0], col[1] = xc[2 * hw], col[2] = xc[hw], col[3] = xc[3 * hw];
+                    col[4] = xc[1], col[5] = xc[2 * hw + 1], col[6] = xc[hw + 1], col[7] = xc[3 * hw + 1];
+                }
+            } else {
+                for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 8) {
+                    col[0] = xc[0], col[1] = xc[2 * hw], col[2] = xc[hw], col[3] = xc[3 * hw];
+                }
             }
             for (; c < C; c++, xc += hw) {
-                c0[col_pos(c)] = xc[0];
-                if (ncols == 2) c1[col_pos(c)] = xc[1];
+                cols[col_pos(c)] = xc[0];
+                if (ncols == 2) cols[col_pos(c) + 4] = xc[1];
             }
-            gemm_cols(c0, ncols, kp, M, w, bias, p->rq, yout + px, hw, p);
+            gemm_cols(cols, ncols, kp, M, w, bias, p->rq, yout + px, hw, p);
         }
     }
 }
@@ -382,7 +397,7 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias,
     int16_t *cols = (int16_t *)(void *)scratch;
     int32_t n, g, px, j, i, cc, kh, kw;
     for (j = 0; j < 2; j++) {
-        for (i = k; i < kp; i++) cols[j * kp + col_pos(i)] = 0;
+        for (i = k; i < kp; i++) cols[4 * j + col_pos(i)] = 0;
     }
     for (n = 0; n < p->n; n++) {
         for (g = 0; g < p->group; g++) {
@@ -393,7 +408,7 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias,
                 for (j = 0; j < ncols; j++) {
                     int32_t o = px + j, oh = o / p->ow, ow = o % p->ow;
                     int32_t ih0 = oh * p->sh - p->pt, iw0 = ow * p->sw - p->pl;
-                    int16_t *col = cols + j * kp;
+                    int16_t *col = cols + 4 * j;
                     i = 0;
                     for (cc = 0; cc < cg; cc++) {
                         const int8_t *xc = xg + cc * H * W;

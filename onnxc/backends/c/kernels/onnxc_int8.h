@@ -24,19 +24,19 @@
 
 /* round(acc * mult / 2^shift), ties to even, where rq packs a Q31 multiplier (its 25 high
  * bits) and the right shift in [1, 62] (its 6 low bits): one word per output channel. */
+int32_t onnxc_requant_wide(int32_t acc, int32_t rq);
 static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
 {
-    int32_t shift = rq & 63;
-    int64_t v = (int64_t)acc * (rq - shift);
-    if (shift > 32) {
-        /* The same in 32-bit words (SMULL, then no 64-bit shifts): with half = 2^(shift - 1) a
-         * multiple of 2^32 only the high word h of v + half changes; floor((v + half) / 2^shift)
-         * is h >> t, and a tie (low word and h's t low bits all zero) rounds down to even. */
-        int32_t t = shift - 32, h = (int32_t)(v >> 32) + (1 << (t - 1)), r = h >> t;
-        if ((((uint32_t)h << (32 - t)) | (uint32_t)v) == 0) r &= ~1;
-        return r;
-    }
-    return (int32_t)((v + ((int64_t)1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift);
+    int32_t shift = rq & 63, t, h, r;
+    int64_t v;
+    if (shift <= 32) return onnxc_requant_wide(acc, rq);
+    /* In 32-bit words (SMULL, then no 64-bit shifts): with half = 2^(shift - 1) a multiple of
+     * 2^32 only the high word h of v + half changes; floor((v + half) / 2^shift) is h >> t, and a
+     * tie (the low word and h's t low bits all zero) rounds down to even. */
+    v = (int64_t)acc * (rq - shift);
+    t = shift - 32, h = (int32_t)(v >> 32) + (1 << (t - 1)), r = h >> t;
+    if ((((uint32_t)h << (32 - t)) | (uint32_t)v) == 0) r &= ~1;
+    return r;
 }
 
 static inline int8_t onnxc_clamp8(int32_t v, int32_t lo, int32_t hi)
