@@ -5,13 +5,35 @@
 
 #include "onnxc_int8.h"
 
+#ifdef __GNUC__
+#define ONNXC_NOINLINE __attribute__((noinline))
+#else
+#define ONNXC_NOINLINE
+#endif
+
 /* onnxc_requant for shifts up to 32 (multipliers of 1/4 and more: rare), out of line so that the
  * common path stays small in the inner loops. */
-int32_t onnxc_requant_wide(int32_t acc, int32_t rq)
+static ONNXC_NOINLINE int32_t requant_wide(int32_t acc, int32_t rq)
 {
     int32_t shift = rq & 63;
     int64_t v = (int64_t)acc * (rq - shift);
     return (int32_t)((v + ((int64_t)1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift);
+}
+
+/* round(acc * mult / 2^shift), ties to even, where rq packs a Q31 multiplier (its 25 high
+ * bits) and the right shift in [1, 62] (its 6 low bits): one word per output channel. */
+static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
+{
+    int32_t shift = rq & 63, t, h, r;
+    int64_t v;
+    if (shift <= 32) return requant_wide(acc, rq);
+    /* In 32-bit words (SMULL, then no 64-bit shifts): with half = 2^(shift - 1) a multiple of
+     * 2^32 only the high word h of v + half changes; floor((v + half) / 2^shift) is h >> t, and a
+     * tie (the low word and h's t low bits all zero) rounds down to even. */
+    v = (int64_t)acc * (rq - shift);
+    t = shift - 32, h = (int32_t)(v >> 32) + (1 << (t - 1)), r = h >> t;
+    if ((((uint32_t)h << (32 - t)) | (uint32_t)v) == 0) r &= ~1;
+    return r;
 }
 
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */

@@ -5,7 +5,7 @@
  * per output channel; accumulators are int32. Products are brought back to int8 by a Q31
  * fixed-point multiplier and a right shift per output channel (the TFLite / CMSIS-NN scheme):
  * y = clamp(zero_point + round(acc * mult / 2^shift)), rounding to nearest with ties to even;
- * multiplier and shift share one int32 (see onnxc_requant).
+ * multiplier and shift share one int32 (see onnxc_requant in onnxc_int8.c).
  *
  * Convolutions run as GEMMs over gathered pixel pairs (1x1 directly, others through im2col),
  * blocked 4 output channels x 2 pixels, with weights laid out by the exporter in the order the
@@ -21,23 +21,6 @@
 #include <stdint.h>
 
 #include "onnxc_kernels.h"
-
-/* round(acc * mult / 2^shift), ties to even, where rq packs a Q31 multiplier (its 25 high
- * bits) and the right shift in [1, 62] (its 6 low bits): one word per output channel. */
-int32_t onnxc_requant_wide(int32_t acc, int32_t rq);
-static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
-{
-    int32_t shift = rq & 63, t, h, r;
-    int64_t v;
-    if (shift <= 32) return onnxc_requant_wide(acc, rq);
-    /* In 32-bit words (SMULL, then no 64-bit shifts): with half = 2^(shift - 1) a multiple of
-     * 2^32 only the high word h of v + half changes; floor((v + half) / 2^shift) is h >> t, and a
-     * tie (the low word and h's t low bits all zero) rounds down to even. */
-    v = (int64_t)acc * (rq - shift);
-    t = shift - 32, h = (int32_t)(v >> 32) + (1 << (t - 1)), r = h >> t;
-    if ((((uint32_t)h << (32 - t)) | (uint32_t)v) == 0) r &= ~1;
-    return r;
-}
 
 static inline int8_t onnxc_clamp8(int32_t v, int32_t lo, int32_t hi)
 {
