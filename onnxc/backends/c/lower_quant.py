@@ -296,7 +296,7 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
     if fast and group == c == m:
         wa, ba = _int8_const(lo, w, f"w_{hint}"), _bias_arg(lo, bias_q, hint)
         padded = [(ys[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(2)]
-        words = -(-padded[0] * padded[1] // 4)
+        words = -(-padded[0] * padded[1] // 4) + ys[2] * ys[3]  # the padded plane, one plane of int32 sums
         inplace = {}
         if ys[2] * ys[3] <= xs[2] * xs[3]:
             inplace = {"inplace": 0, "inplace_scratch": words,

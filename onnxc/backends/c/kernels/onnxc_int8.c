@@ -92,6 +92,7 @@ void onnxc_s8_to_u8(const int8_t *x, uint8_t *y, int32_t n)
 #if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
 #include <arm_acle.h>
 #define ONNXC_SIMD 1
+typedef uint32_t __attribute__((may_alias)) onnxc_word;
 static inline uint32_t ld32(const void *q)
 {
     uint32_t v;
@@ -186,36 +187,71 @@ void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t
     }
 }
 
-/* The input plane copied into `pad` with its padding filled with the input zero point (the real
- * value 0), so that every window is whole and the zero point folds into the bias. */
-static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
+/* onnxc_requant with the word decoded once (per output channel) for the outputs that share it. */
+typedef struct {
+    int32_t rq, mult, t, half, lsh;
+} rq_t;
+
+static inline rq_t rq_decode(int32_t rq)
 {
-    const int32_t H = p->h, W = p->w, PL = p->pl, PT = p->pt, n = WP - PL < W ? WP - PL : W;
-    const int8_t XZ = (int8_t)p->x_zp;
-    int32_t r, c;
-    for (r = 0; r < HP; r++) {
-        int32_t ih = r - PT;
-        int8_t *row = pad + r * WP;
-        if (ih < 0 || ih >= H) {
-            for (c = 0; c < WP; c++) row[c] = XZ;
-        } else {
-            const int8_t *xr = xp + ih * W;
-            for (c = 0; c < PL; c++) row[c] = XZ;
-            for (c = 0; c < n; c++) row[PL + c] = xr[c];
-            for (c = PL + (n > 0 ? n : 0); c < WP; c++) row[c] = XZ;
-        }
-    }
+    rq_t q;
+    int32_t shift = rq & 63;
+    q.rq = rq, q.mult = rq - shift, q.t = shift - 32;
+    q.half = q.t > 0 ? 1 << (q.t - 1) : 0, q.lsh = 32 - q.t;
+    return q;
 }
 
-/* One depthwise output plane over the padded copy; 3x3 windows (dilation 1) with the nine
- * weights in locals and no bounds checks. */
-static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, int8_t *pad, const onnxc_qconv_p *p,
-                     int32_t m)
+/* The common path (shift > 32, q.t > 0). */
+static inline int32_t rq_fast(int32_t acc, rq_t q)
+{
+    int64_t v = (int64_t)acc * q.mult;
+    int32_t h = (int32_t)(v >> 32) + q.half, r = h >> q.t;
+    if ((((uint32_t)h << q.lsh) | (uint32_t)v) == 0) r &= ~1;
+    return r;
+}
+
+/* y[i] = clamp(y_zp + requant(acc[i])) for the n outputs of one channel. */
+static void requant_run(const int32_t *acc, int8_t *y, int32_t n, int32_t rq, const onnxc_qconv_p *p)
+{
+    const rq_t q = rq_decode(rq);
+    const int32_t YZ = p->y_zp, LO = p->lo, HI = p->hi;
+    int32_t i;
+    if (q.t <= 0) {
+        for (i = 0; i < n; i++) y[i] = onnxc_clamp8(requant_wide(acc[i], rq) + YZ, LO, HI);
+        return;
+    }
+#ifdef ONNXC_SIMD
+    if (LO == -128 && HI == 127) { /* saturation only: SSAT */
+        for (i = 0; i < n; i++) y[i] = (int8_t)__ssat(rq_fast(acc[i], q) + YZ, 8);
+        return;
+    }
+#endif
+    for (i = 0; i < n; i++) y[i] = onnxc_clamp8(rq_fast(acc[i], q) + YZ, LO, HI);
+}
+
+/* The input plane's rows copied into the padded plane `pad` (whose border onnxc_qconv_dw filled
+ * once with the input zero point, the real value 0), so that every window is whole and the zero
+ * point folds into the bias. */
+static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
+{
+    const int32_t H = p->h, W = p->w, n = WP - p->pl < W ? WP - p->pl : W;
+    const int32_t rows = HP - p->pt < H ? HP - p->pt : H;
+    int32_t r;
+    int8_t *row = pad + p->pt * WP + p->pl;
+    if (n <= 0) return;
+    for (r = 0; r < rows; r++, row += WP, xp += W) memcpy(row, xp, (size_t)n);
+}
+
+/* One depthwise output plane over the padded copy: the accumulators first (acc, oh * ow int32;
+ * 3x3 windows of dilation 1 with the nine weights in locals and no bounds checks), then their
+ * requantization in one tight loop. */
+static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, int8_t *pad, int32_t *acc,
+                     const onnxc_qconv_p *p, int32_t m)
 {
     const int32_t OH = p->oh, OW = p->ow, KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw;
-    const int32_t DH = p->dh, DW = p->dw, YZ = p->y_zp, LO = p->lo, HI = p->hi, RQ = p->rq[m];
+    const int32_t DH = p->dh, DW = p->dw;
     const int32_t HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW - 1) * SW + (KW - 1) * DW + 1;
-    int32_t oh, ow, kh, kw, wsum = 0, base;
+    int32_t oh, ow, kh, kw, wsum = 0, base, *out = acc;
     pad_plane(xp, pad, HP, WP, p);
     for (kh = 0; kh < KH * KW; kh++) wsum += wp[kh];
     base = b - p->x_zp * wsum;
@@ -228,48 +264,48 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, int32_t b, int8_t *yp, 
 #ifdef ONNXC_SIMD
             if (SW == 1) { /* two outputs a row: x0 x2 | x1 x3 of each input row as int16 pairs */
                 const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
-                for (; ow + 2 <= OW; ow += 2, x0 += 2, x1 += 2, x2 += 2) {
+                for (; ow + 2 <= OW; ow += 2, x0 += 2, x1 += 2, x2 += 2, out += 2) {
                     uint32_t v = ld32(x0);
-                    int32_t e = __sxtb16(v), o = sxtb16_ror8(v), a = base, b = base;
-                    a = __smlabb(o, m01, __smlad(e, e0, a)), b = __smlatb(e, m01, __smlad(o, e0, b));
+                    int32_t e = __sxtb16(v), o = sxtb16_ror8(v), a, c;
+                    a = __smlabb(o, m01, __smlad(e, e0, base)), c = __smlatb(e, m01, __smlad(o, e0, base));
                     v = ld32(x1), e = __sxtb16(v), o = sxtb16_ror8(v);
-                    a = __smlabt(o, m01, __smlad(e, e1, a)), b = __smlatt(e, m01, __smlad(o, e1, b));
+                    a = __smlabt(o, m01, __smlad(e, e1, a)), c = __smlatt(e, m01, __smlad(o, e1, c));
                     v = ld32(x2), e = __sxtb16(v), o = sxtb16_ror8(v);
-                    a = __smlad(e, e2, a) + x2[1] * w7, b = __smlad(o, e2, b) + x2[2] * w7;
-                    yp[0] = onnxc_clamp8(onnxc_requant(a, RQ) + YZ, LO, HI);
-                    yp[1] = onnxc_clamp8(onnxc_requant(b, RQ) + YZ, LO, HI);
-                    yp += 2;
+                    out[0] = __smlad(e, e2, a) + x2[1] * w7, out[1] = __smlad(o, e2, c) + x2[2] * w7;
                 }
             }
 #endif
             for (; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
-                int32_t acc = base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
-                            + x2[0] * w6 + x2[1] * w7 + x2[2] * w8;
-                *yp++ = onnxc_clamp8(onnxc_requant(acc, RQ) + YZ, LO, HI);
+                *out++ = base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
+                       + x2[0] * w6 + x2[1] * w7 + x2[2] * w8;
             }
         }
-        return;
-    }
-    for (oh = 0; oh < OH; oh++) {
-        const int8_t *xo = pad + oh * SH * WP;
-        for (ow = 0; ow < OW; ow++, xo += SW) {
-            int32_t acc = base;
-            for (kh = 0; kh < KH; kh++) {
-                const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
-                for (kw = 0; kw < KW; kw++) acc += xr[kw * DW] * wr[kw];
+    } else {
+        for (oh = 0; oh < OH; oh++) {
+            const int8_t *xo = pad + oh * SH * WP;
+            for (ow = 0; ow < OW; ow++, xo += SW) {
+                int32_t a = base;
+                for (kh = 0; kh < KH; kh++) {
+                    const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
+                    for (kw = 0; kw < KW; kw++) a += xr[kw * DW] * wr[kw];
+                }
+                *out++ = a;
             }
-            *yp++ = onnxc_clamp8(onnxc_requant(acc, RQ) + YZ, LO, HI);
         }
     }
+    requant_run(acc, yp, OH * OW, p->rq[m], p);
 }
 
 void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p)
 {
     int32_t plane, in_plane = p->h * p->w, out_plane = p->oh * p->ow, ksize = p->kh * p->kw;
+    int32_t HP = (p->oh - 1) * p->sh + (p->kh - 1) * p->dh + 1, WP = (p->ow - 1) * p->sw + (p->kw - 1) * p->dw + 1;
+    int32_t *acc = (int32_t *)(void *)(scratch + ((HP * WP + 3) & ~3));
+    memset(scratch, p->x_zp, (size_t)(HP * WP)); /* the border; rows are copied per plane */
     for (plane = 0; plane < p->n * p->c; plane++) {
         int32_t m = plane % p->c;
-        dw_plane(x + plane * in_plane, w + m * ksize, bias[m], y + plane * out_plane, scratch, p, m);
+        dw_plane(x + plane * in_plane, w + m * ksize, bias[m], y + plane * out_plane, scratch, acc, p, m);
     }
 }
 
@@ -303,7 +339,8 @@ static void dot2x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
     const int16_t *end = c + 8 * kq;
     for (; c != end; c += 8, w += 16) {
 #ifdef ONNXC_SIMD
-        uint32_t x0a = ld32(c), x0b = ld32(c + 2), x1a = ld32(c + 4), x1b = ld32(c + 6), u = ld32(w);
+        const onnxc_word *cw = (const onnxc_word *)(const void *)c; /* 8-byte groups, word aligned */
+        uint32_t x0a = cw[0], x0b = cw[1], x1a = cw[2], x1b = cw[3], u = ld32(w);
         int32_t e = __sxtb16(u), o = sxtb16_ror8(u);
         a0 = __smlad(x0b, o, __smlad(x0a, e, a0)), a1 = __smlad(x1b, o, __smlad(x1a, e, a1));
         u = ld32(w + 4), e = __sxtb16(u), o = sxtb16_ror8(u);

@@ -72,7 +72,8 @@ void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
- * (((oh - 1) * sh + (kh - 1) * dh + 1) x ((ow - 1) * sw + (kw - 1) * dw + 1) bytes). */
+ * (((oh - 1) * sh + (kh - 1) * dh + 1) x ((ow - 1) * sw + (kw - 1) * dw + 1) bytes, rounded up
+ * to 4) and one output plane's int32 accumulators (4 * oh * ow bytes). */
 void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p);
 void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
