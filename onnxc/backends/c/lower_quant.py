@@ -309,7 +309,7 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         rows = w.reshape(group, m // group, k)
         wa = _int8_const(lo, np.concatenate([gemm_layout(r) for r in rows]), f"w_{hint}")
         ba = _bias_arg(lo, bias_q - xq.z * w.reshape(m, k).sum(axis=1), hint)
-        words = -(-k // 4) * 4  # two int16 columns of kp values
+        words = -(-k // 4) * 4 + 2 * (m // group)  # two int16 columns of kp values, their int32 sums
         if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
             inplace = {"inplace": 0, "inplace_scratch": words,
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}

@@ -366,33 +366,42 @@ static void dot1x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
     acc[0] = a0, acc[1] = a1;
 }
 
-static inline int8_t requant8(int32_t acc, int32_t rq, const onnxc_qconv_p *p)
-{
-    return onnxc_clamp8(onnxc_requant(acc, rq) + p->y_zp, p->lo, p->hi);
-}
-
-/* All m outputs of two columns, written to y[row * ys] and y[row * ys + 1] (ncols 1: the first
- * only). */
+/* All m outputs of two columns: their sums into acc ([m][2] int32), then requantized row by row
+ * to y[row * ys] and y[row * ys + 1] (ncols 1: the first only). */
 static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w,
-                      const int32_t *bias, const int32_t *rq, int8_t *y, int32_t ys, const onnxc_qconv_p *p)
+                      const int32_t *bias, const int32_t *rq, int8_t *y, int32_t ys, int32_t *acc,
+                      const onnxc_qconv_p *p)
 {
-    const int32_t kq = kp / 4;
-    int32_t row, acc[4];
+    const int32_t kq = kp / 4, YZ = p->y_zp, LO = p->lo, HI = p->hi;
+    int32_t row;
     for (row = 0; row < (m & ~3); row += 2) {
-        acc[0] = acc[1] = bias[row], acc[2] = acc[3] = bias[row + 1];
-        dot2x2(cols, w + (row & ~3) * kp + (row & 3) * 4, kq, acc);
-        y[row * ys] = requant8(acc[0], rq[row], p);
-        y[(row + 1) * ys] = requant8(acc[2], rq[row + 1], p);
-        if (ncols == 2) {
-            y[row * ys + 1] = requant8(acc[1], rq[row], p);
-            y[(row + 1) * ys + 1] = requant8(acc[3], rq[row + 1], p);
-        }
+        int32_t *a = acc + 2 * row;
+        a[0] = a[1] = bias[row], a[2] = a[3] = bias[row + 1];
+        dot2x2(cols, w + (row & ~3) * kp + (row & 3) * 4, kq, a);
     }
     for (; row < m; row++) {
-        acc[0] = acc[1] = bias[row];
-        dot1x2(cols, w + row * kp, kq, acc);
-        y[row * ys] = requant8(acc[0], rq[row], p);
-        if (ncols == 2) y[row * ys + 1] = requant8(acc[1], rq[row], p);
+        int32_t *a = acc + 2 * row;
+        a[0] = a[1] = bias[row];
+        dot1x2(cols, w + row * kp, kq, a);
+    }
+#ifdef ONNXC_SIMD
+    if (LO == -128 && HI == 127) { /* saturation only: SSAT */
+        for (row = 0; row < m; row++, y += ys, acc += 2) {
+            const rq_t q = rq_decode(rq[row]);
+            if (q.t <= 0) {
+                y[0] = (int8_t)__ssat(requant_wide(acc[0], q.rq) + YZ, 8);
+                if (ncols == 2) y[1] = (int8_t)__ssat(requant_wide(acc[1], q.rq) + YZ, 8);
+            } else {
+                y[0] = (int8_t)__ssat(rq_fast(acc[0], q) + YZ, 8);
+                if (ncols == 2) y[1] = (int8_t)__ssat(rq_fast(acc[1], q) + YZ, 8);
+            }
+        }
+        return;
+    }
+#endif
+    for (row = 0; row < m; row++, y += ys, acc += 2) {
+        y[0] = onnxc_clamp8(onnxc_requant(acc[0], rq[row]) + YZ, LO, HI);
+        if (ncols == 2) y[1] = onnxc_clamp8(onnxc_requant(acc[1], rq[row]) + YZ, LO, HI);
     }
 }
 
@@ -404,6 +413,7 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *bias, int
 {
     const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3;
     int16_t *cols = (int16_t *)(void *)scratch;
+    int32_t *acc = (int32_t *)(void *)(cols + 2 * kp);
     int32_t n, px, c;
     for (c = C; c < kp; c++) cols[col_pos(c)] = cols[col_pos(c) + 4] = 0;
     for (n = 0; n < p->n; n++) {
@@ -427,7 +437,7 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *bias, int
                 cols[col_pos(c)] = xc[0];
                 if (ncols == 2) cols[col_pos(c) + 4] = xc[1];
             }
-            gemm_cols(cols, ncols, kp, M, w, bias, p->rq, yout + px, hw, p);
+            gemm_cols(cols, ncols, kp, M, w, bias, p->rq, yout + px, hw, acc, p);
         }
     }
 }
@@ -454,6 +464,7 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias,
     const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, cg = p->c / p->group, mg = p->m / p->group;
     const int32_t k = cg * KH * KW, kp = (k + 3) & ~3, out_plane = p->oh * p->ow, XZ = p->x_zp;
     int16_t *cols = (int16_t *)(void *)scratch;
+    int32_t *acc = (int32_t *)(void *)(cols + 2 * kp);
     int32_t n, g, px, j, i, cc, kh, kw;
     for (j = 0; j < 2; j++) {
         for (i = k; i < kp; i++) cols[4 * j + col_pos(i)] = 0;
@@ -483,7 +494,7 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias,
                     }
                 }
                 gemm_cols(cols, ncols, kp, mg, w + g * mg * kp, bias + g * mg, p->rq + g * mg, yg + px, out_plane,
-                          p);
+                          acc, p);
             }
         }
     }

@@ -67,8 +67,8 @@ typedef struct {
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
 /* Any convolution through im2col, two output pixels at a time: scratch holds their windows
- * (4 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4); weights per group in the
- * GEMM layout; bias holds -x_zp * sum(w). */
+ * (4 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and their sums (8 * m/group
+ * bytes); weights per group in the GEMM layout; bias holds -x_zp * sum(w). */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
@@ -79,7 +79,8 @@ void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_
 void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
                             const onnxc_qconv_p *p);
 /* 1x1, stride 1, no padding, one group: weights in the GEMM layout (k = c); bias already holds
- * -x_zp * sum(w); scratch holds two pixels' channels (4 * kp bytes). In place when m <= c. */
+ * -x_zp * sum(w); scratch holds two pixels' channels (4 * kp bytes) and their sums (8 * m bytes).
+ * In place when m <= c. */
 void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p);
 void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
