@@ -242,10 +242,12 @@ def node_inputs_with_subgraphs(node: onnx.NodeProto) -> list[str]:
 def upstream(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.NodeProto]:
     """The nodes `names` depend on, in graph order: a capture of early tensors then costs only the
     early part of the model (onnxruntime runs every node of a session, needed or not)."""
-    needed = set(names)
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output if o):
-            keep.append(node)
-            needed.update(node_inputs_with_subgraphs(node))
-    return keep[::-1]
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    todo = [producer[n] for n in names if n in producer]
+    keep: set[int] = set()
+    while todo:
+        i = todo.pop()
+        if i not in keep:
+            keep.add(i)
+            todo.extend(producer[n] for n in node_inputs_with_subgraphs(graph.node[i]) if n in producer)
+    return [node for i, node in enumerate(graph.node) if i in keep]
