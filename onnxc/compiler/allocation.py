@@ -143,6 +143,37 @@ def ordered_steps(table: Table, kind: str) -> list[Step]:
     return sorted(steps, key=lambda s: s.slope)
 
 
+def pruned_nodes(model: onnx.ModelProto, techniques: dict[str, Pass]) -> dict[str, list[str]]:
+    """Prune candidate name -> the nodes whose MACs its ratio scales (producers and consumers)."""
+    if "prune" not in techniques:
+        return {}
+    from onnxc.compiler.model import clone
+
+    groups = techniques["prune"].candidates(clone(model))
+    return {g.name: list(dict.fromkeys(g.producers + g.consumers)) for g in groups}
+
+
+def predicted_savings(steps: list[Step], groups: dict[str, list[str]]) -> np.ndarray:
+    """Cumulative saving after each step, rewrites of one layer combined: a layer factorized to keep
+    t of its MACs after a group of its channels lost r saves (1 - r) times what it saves alone."""
+    out = [0.0]
+    plan: Plan = {}
+    for s in steps:
+        plan[(s.technique, s.name)] = s.level
+        total = 0.0
+        for step in steps[:len(out)]:
+            if plan.get((step.technique, step.name)) is None:
+                continue
+            scale = 1.0
+            if step.technique in ("svd", "tucker"):
+                for (t, name), level in plan.items():
+                    if t == "prune" and step.name in groups.get(name, ()):
+                        scale *= 1 - level
+            total += step.saving * scale
+        out.append(total)
+    return np.array(out)
+
+
 def plan_of(steps: list[Step]) -> Plan:
     plan: Plan = {}
     for s in steps:
@@ -183,7 +214,8 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     steps = ordered_steps(table, kind)
-    cum_save = np.cumsum([0.0] + [s.saving for s in steps])
+    cum_save = predicted_savings(steps, pruned_nodes(model, techniques)) if kind != "size" else \
+        np.cumsum([0.0] + [s.saving for s in steps])
     cum_err2 = np.cumsum([0.0] + [s.error2 for s in steps])
     base_latency = None
     feed = first_sample(val)
@@ -246,7 +278,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                 k = max(k + 1, count_for(cum_save[k] * wanted / achieved_saving))
                 round_.action = f"ratio {ratio:.3f} short of {target.ratio:g}: take {k} steps"
                 continue
-            if enough is not None and enough - short > 1:
+            if enough is not None and short >= 0 and enough - short > 1:
                 k = (short + enough) // 2  # the fewest steps that meet the target: bisect
                 round_.action = f"between {short} (short) and {enough} (met) steps: try {k}"
                 continue
