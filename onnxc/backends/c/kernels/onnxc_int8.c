@@ -658,6 +658,9 @@ void onnxc_qbinary(const int8_t *a, const int8_t *b, int8_t *y, const onnxc_qbin
     int32_t idx[ONNXC_MAXDIM] = {0};
     int32_t last = p->rank - 1, inner = p->dims[last], sa = p->sa[last], sb = p->sb[last];
     int32_t outer = 1, o, d, i;
+    /* the parameters in locals: the int8 stores may alias them, which would reload each one per element */
+    const int32_t mul = p->op == ONNXC_BIN_MUL, AZ = p->a_zp, BZ = p->b_zp, YZ = p->y_zp, LO = p->lo, HI = p->hi;
+    const float AS = p->a_scale, BS = p->b_scale;
     for (d = 0; d < last; d++) outer *= p->dims[d];
     for (o = 0; o < outer; o++) {
         int32_t oa = 0, ob = 0;
@@ -665,10 +668,17 @@ void onnxc_qbinary(const int8_t *a, const int8_t *b, int8_t *y, const onnxc_qbin
             oa += idx[d] * p->sa[d];
             ob += idx[d] * p->sb[d];
         }
-        for (i = 0; i < inner; i++) {
-            float u = (float)((int32_t)a[oa + i * sa] - p->a_zp), v = (float)((int32_t)b[ob + i * sb] - p->b_zp);
-            float r = p->op == ONNXC_BIN_MUL ? u * v * p->a_scale : u * p->a_scale + v * p->b_scale;
-            *y++ = onnxc_clamp8(onnxc_round_s32(r) + p->y_zp, p->lo, p->hi);
+        const int8_t *ap = a + oa, *bp = b + ob;
+        if (mul) {
+            for (i = 0; i < inner; i++, ap += sa, bp += sb) {
+                float u = (float)((int32_t)*ap - AZ), v = (float)((int32_t)*bp - BZ);
+                *y++ = onnxc_clamp8(onnxc_round_s32(u * v * AS) + YZ, LO, HI);
+            }
+        } else {
+            for (i = 0; i < inner; i++, ap += sa, bp += sb) {
+                float u = (float)((int32_t)*ap - AZ), v = (float)((int32_t)*bp - BZ);
+                *y++ = onnxc_clamp8(onnxc_round_s32(u * AS + v * BS) + YZ, LO, HI);
+            }
         }
         for (d = last - 1; d >= 0; d--) { /* odometer over the outer dims */
             if (++idx[d] < p->dims[d]) break;
