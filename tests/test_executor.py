@@ -11,7 +11,7 @@ import onnx
 import pytest
 from sample_data import CALIBRATION, sample_path
 
-from onnxc.compiler.executor import InlineExecutor, executor_kind, make_executor
+from onnxc.compiler.executor import ExecutorError, InlineExecutor, executor_kind, make_executor
 from onnxc.errors import OnnxcError, UsageError
 
 TESTS = Path(__file__).resolve().parent
@@ -174,3 +174,37 @@ def test_a_dead_worker_is_one_clear_error():
     with make_executor("local", 1) as executor:
         with pytest.raises(OnnxcError, match="crash: a worker process died"):
             executor.map(os._exit, [3], label="crash")
+
+
+class _GoneExecutor(InlineExecutor):
+    def put(self, value):
+        raise ExecutorError("could not reach the Ray cluster at 10.0.0.1:6379: Connection refused")
+
+
+def test_executor_failure_stops_the_compile_a_task_failure_only_the_pass():
+    from onnxc.compiler import calibration as calib
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.passes import PassContext, PassManager, create
+
+    model = canonicalize(onnx.load(sample_path("resnet")), {})
+    cal = calib.make_calibration(model, CALIBRATION)
+    tucker = create("tucker")
+    with pytest.raises(ExecutorError, match="could not reach"):
+        PassManager([tucker], PassContext(calibration=cal, executor=_GoneExecutor())).run(model)
+    _, records = PassManager([tucker], PassContext(calibration=cal)).run(model)
+    assert records[0].status == "applied"
+
+
+def test_unreachable_ray_address_fails_fast():
+    import socket
+    import time
+
+    from onnxc.compiler.executor import _probe
+
+    with socket.socket() as s:  # a port nobody listens on: bind, then close
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(ExecutorError, match=f"could not reach the Ray cluster at 127.0.0.1:{port}"):
+        _probe(f"127.0.0.1:{port}")
+    assert time.perf_counter() - start < 6

@@ -42,6 +42,11 @@ Progress = Callable[[str, int, int], None]
 KINDS = ("inline", "local", "ray")
 
 
+class ExecutorError(OnnxcError):
+    """The executor itself failed (no Ray, cluster unreachable, a worker died): the compile stops,
+    where a task's own error only fails the pass that ran it."""
+
+
 @dataclass(frozen=True)
 class Ref:
     """A shared value: `key` names it in worker caches, `handle` is what the executor keeps."""
@@ -312,7 +317,7 @@ class ProcessExecutor(Executor):
         try:
             return _collect(futures, fn, items, label, progress)
         except BrokenProcessPool:
-            raise OnnxcError(f"{label or fn.__name__}: a worker process died (out of memory?)") from None
+            raise ExecutorError(f"{label or fn.__name__}: a worker process died (out of memory?)") from None
         finally:
             for future in futures:
                 future.cancel()
@@ -338,6 +343,10 @@ def _collect(futures: list, fn: Callable, items: Sequence, label: str, progress:
     return [f.result()[1] for f in futures]
 
 
+class _MissingRay(UsageError, ExecutorError):
+    """Ray is not installed: a usage error (exit 2) that also stops the compile."""
+
+
 # ---- Ray ---------------------------------------------------------------------------------------
 _RAY_TASK = None
 
@@ -346,7 +355,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise UsageError("--executor ray needs Ray: pip install 'onnxc[ray]'") from None
+        raise _MissingRay("--executor ray needs Ray: pip install 'onnxc[ray]'") from None
     return ray
 
 
@@ -385,13 +394,16 @@ class RayExecutor(Executor):
             quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
             try:
                 if address:
+                    _probe(address)  # ray.init retries an unreachable address for minutes
                     ray.init(address=address, **quiet)
                 else:
                     ray.init(num_cpus=self.jobs or os.cpu_count() or 1, **quiet)
+            except ExecutorError:
+                raise
             except Exception as exc:  # connection refused, bad address, ...
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise OnnxcError(f"could not start or reach {where}: {first}") from None
+                raise ExecutorError(f"could not start or reach {where}: {first}") from None
             self.owned = True
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         if _RAY_TASK is None:
@@ -419,8 +431,9 @@ class RayExecutor(Executor):
                     i = index[ref]
                     try:
                         ok, value = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
-                        ok, value = False, str(exc).strip().splitlines()[0]
+                    except ray.exceptions.RayError as exc:  # the worker or the cluster, not the task
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                        raise ExecutorError(f"{label or fn.__name__}: Ray failed: {first}") from None
                     if not ok:
                         raise _task_error(label, fn, i, items[i], value)
                     results[i] = value
@@ -434,6 +447,20 @@ class RayExecutor(Executor):
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when a `host:port` (or `ray://host:port`) cluster address does not answer."""
+    import socket
+
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # "auto" and other forms: left to Ray
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ExecutorError(f"could not reach the Ray cluster at {address}: {reason}") from None
 
 
 # ---- choosing one ------------------------------------------------------------------------------

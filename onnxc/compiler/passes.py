@@ -27,7 +27,7 @@ from onnxc.compiler import calibration as calib
 from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import ModelCost, NodeCost, model_cost
-from onnxc.compiler.executor import Executor, InlineExecutor
+from onnxc.compiler.executor import Executor, ExecutorError, InlineExecutor
 from onnxc.compiler.model import clone
 from onnxc.compiler.verify import Fidelity, Metric, compare_outputs
 from onnxc.errors import OnnxcError, UsageError
@@ -314,7 +314,7 @@ class PassManager:
             record = PassRecord(p.id, p.spec(), "applied", before=before.totals(), label=p.short_spec())
             try:
                 result = p.run(clone(current), self.ctx)
-            except UsageError:
+            except (UsageError, ExecutorError):
                 raise
             except Exception as exc:  # a bug in a pass must not lose the user's model
                 log.debug("pass %s crashed", p.id, exc_info=True)
