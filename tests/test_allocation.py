@@ -123,6 +123,9 @@ def test_cli_target_metric_plot(tmp_path, cache, monkeypatch):
     data = json.loads(report.read_text())
     assert data["allocation"]["met"] and data["fidelity"]["metric"] <= 0.02
     assert data["after"]["macs"] <= 0.61 * data["before"]["macs"]
+    real = data["allocation"]["realization"]
+    assert real["macs_ratio"] == pytest.approx(data["after"]["macs"] / data["before"]["macs"])
+    assert real["efficiency"] == pytest.approx(real["macs_ratio"] / real["latency_ratio"])
     head = plot.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", head[16:24])

@@ -96,6 +96,8 @@ class Allocation:
     table: Table
     rounds: list[Round] = field(default_factory=list)
     results: list = field(default_factory=list)  # (technique, PassResult) of the final apply
+    realization: dict | None = None  # measured latency ratio, MACs ratio, speedup / MAC reduction
+    groups: dict = field(default_factory=dict)  # prune candidate -> the nodes it scales (for predictions)
 
     def to_dict(self) -> dict:
         chosen = {f"{t}:{n}": level for (t, n), level in sorted(self.plan.items())}
@@ -103,7 +105,7 @@ class Allocation:
                 for m in self.table.measurements]
         return {"target": str(self.target) if self.target else None, "budget": self.budget,
                 "budget_source": self.budget_source, "achieved": self.achieved, "met": self.met,
-                "chosen": chosen, "rounds": [asdict(r) for r in self.rounds],
+                "chosen": chosen, "rounds": [asdict(r) for r in self.rounds], "realization": self.realization,
                 "sensitivity": {**{k: v for k, v in self.table.to_dict().items() if k != "measurements"},
                                 "measurements": rows}}
 
@@ -214,7 +216,8 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     steps = ordered_steps(table, kind)
-    cum_save = predicted_savings(steps, pruned_nodes(model, techniques)) if kind != "size" else \
+    groups = pruned_nodes(model, techniques)
+    cum_save = predicted_savings(steps, groups) if kind != "size" else \
         np.cumsum([0.0] + [s.saving for s in steps])
     cum_err2 = np.cumsum([0.0] + [s.error2 for s in steps])
     base_latency = None
@@ -271,6 +274,12 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                 enough = k if enough is None else min(enough, k)
             else:
                 short = max(short, k)
+            if met and short < 0 and k > 0 and ratio < target.ratio - 0.05:
+                # overshot with nothing known short: ask for proportionally less
+                achieved_saving = max(base_value - value, 1e-9)
+                k = min(k - 1, count_for(cum_save[k] * (1 - target.ratio) * base_value / achieved_saving))
+                round_.action = f"ratio {ratio:.3f} well under {target.ratio:g}: try {k} steps"
+                continue
             if not met and enough is None and k < len(steps):
                 # overlapping rewrites saved less than predicted: ask for proportionally more
                 achieved_saving = max(base_value - value, 1e-9)
@@ -294,7 +303,22 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         fid = compare_outputs(ref, runtime.run(model, val), ctx.metric)
         best = (None, model, {}, fid, 1.0, target is None, [])
     _, out, plan, fid, ratio, met, results = best
-    return Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results)
+    alloc = Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results,
+                       groups=groups)
+    if plan:
+        alloc.realization = realization(model, out, ctx.calibration, feed)
+    return alloc
+
+
+def realization(before: onnx.ModelProto, after: onnx.ModelProto, cal, feed: dict) -> dict:
+    """Measured onnxruntime speedup against the MAC reduction (1.0: every MAC saved is time saved)."""
+    from onnxc.compiler.bench import bench
+
+    timings = bench([before, after], feed, runs=30, warmup=3, threads=1)
+    macs = totals(after, cal)["macs"] / max(totals(before, cal)["macs"], 1)
+    latency = timings[1].ratio
+    efficiency = (1 / latency) / (1 / macs) if latency > 0 and macs > 0 else None
+    return {"latency_ratio": latency, "macs_ratio": macs, "efficiency": efficiency}
 
 
 def _value(model: onnx.ModelProto, kind: str, cal, latency: float | None) -> float:

@@ -11,12 +11,14 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from onnxc.errors import UsageError
 
 
 def plot_allocation(alloc, path: str | os.PathLike) -> None:
     """Write the figure to `path` (.png or .svg)."""
-    from onnxc.compiler.allocation import ordered_steps, saving_of
+    from onnxc.compiler.allocation import ordered_steps, predicted_savings, saving_of
 
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg"):
@@ -51,10 +53,11 @@ def plot_allocation(alloc, path: str | os.PathLike) -> None:
     if len(by_candidate) <= 16:
         left.legend(fontsize=6)
     steps = ordered_steps(alloc.table, kind)
-    saved, err2, xs, ys = 0.0, 0.0, [1.0], [0.0]
-    for s in steps:
-        saved, err2 = saved + s.saving, err2 + s.error2
-        xs.append(1 - saved / base if kind != "latency" else len(xs))
+    saved = predicted_savings(steps, alloc.groups) if kind != "size" else [0.0] + [s.saving for s in steps]
+    err2, xs, ys = 0.0, [1.0], [0.0]
+    for s, total in zip(steps, saved[1:] if kind != "size" else np.cumsum(saved)[1:]):
+        err2 += s.error2
+        xs.append(max(1 - total / base, 0.0) if kind != "latency" else len(xs))
         ys.append(math.sqrt(err2))
     if kind != "latency":
         right.plot(xs, ys, color="gray", label="predicted (sum of squares)")

@@ -157,6 +157,10 @@ def render_allocation(alloc: dict, console: Console) -> None:
         chosen = next((f"{m['level']:g}" for m in ms if m["chosen"]), "-")
         table.add_row(technique, name, "  ".join(cells), chosen)
     console.print(table)
+    real = alloc.get("realization")
+    if real and real.get("efficiency") is not None:
+        console.print(f"onnxruntime latency {real['latency_ratio']:.3f}x at {real['macs_ratio']:.3f}x MACs: "
+                      f"realization efficiency {real['efficiency']:.2f} (speedup / MAC reduction)", highlight=False)
     state = "met" if alloc["met"] else "NOT met"
     console.print(f"target {alloc['target'] or 'none'}: {state} (reached {alloc['achieved']:.3f}); "
                   f"{len(alloc['chosen'])} candidates changed; {len(alloc['rounds'])} verified rounds", highlight=False)
