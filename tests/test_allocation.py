@@ -141,3 +141,13 @@ def test_bad_target_is_one_line(bad, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--target" in err and len(err.splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+def test_size_target_clusters_per_layer(cache, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = optimize(sample_path("mlp"), calibration=CALIBRATION, target="size=0.3", passes=["cluster"],
+                      cache_dir=cache, output=out)
+    alloc = result.report.allocation
+    assert alloc["met"] and all(k.startswith("cluster:") for k in alloc["chosen"])
+    assert result.report.file_bytes["after"] <= 0.31 * result.report.file_bytes["before"]
+    assert accuracy(out) >= accuracy(sample_path("mlp")) - 0.5
