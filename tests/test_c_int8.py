@@ -4,7 +4,7 @@ DS-CNN and the four digits samples are quantized once (static QDQ, per-channel w
 calibration set), lowered, built into one host program (-O2, -Werror) and run on the test set
 against onnxruntime running the same QDQ model: top-1 agreement, outputs within one quantization
 step, digits accuracy against the float model, and flash/arena against the float build. The int8
-DS-CNN also runs on the emulated Cortex-M4 and must match the host build bit for bit.
+DS-CNN and MobileNet also run on the emulated Cortex-M4 and must match the host build bit for bit.
 """
 
 from __future__ import annotations
@@ -85,16 +85,23 @@ def test_int8_weights_and_arena_against_the_float_build(built):
 
 
 @pytest.mark.skipif(not mps2.available(), reason="arm-none-eabi-gcc / qemu-system-arm not installed")
-def test_int8_ds_cnn_on_cortex_m4_matches_host_bit_for_bit(built, tmp_path):
+def test_int8_on_cortex_m4_matches_host_bit_for_bit(built, tmp_path):
+    """On the Cortex-M4 the GEMM and depthwise kernels take their DSP-extension (SMLAD) variant,
+    on the host the portable one: DS-CNN and MobileNet (stride 1 and 2 depthwise, residual Add)
+    must agree bit for bit, in one firmware."""
     entries, _, outputs = built
-    gen, x = entries["ds_cnn"][3], entries["ds_cnn"][4][:1]
-    host = outputs["ds_cnn"][0]
-    gen.write(tmp_path)
-    (tmp_path / "main.c").write_text(mps2.firmware_main([("ds_cnn", [x], [gen.prog.size("logits")])], timed=True))
+    models = []
+    for name in ("ds_cnn", "mobilenet"):
+        gen, x = entries[name][3], entries[name][4][:1]
+        gen.write(tmp_path)
+        models.append((name, [x], [gen.prog.size("logits")]))
+    (tmp_path / "main.c").write_text(mps2.firmware_main(models, timed=True))
     elf = mps2.build(sorted(tmp_path.glob("*.c")), tmp_path, include=[tmp_path])
     text = mps2.run_qemu(elf, timeout=120, icount=True)
-    assert mps2.parse_outputs(text)["ds_cnn.out0"].view("<u4").tolist() == host.view("<u4").tolist()
-    assert 0 < mps2.count_instructions(text)["ds_cnn"] < 20_000_000
+    printed, counts = mps2.parse_outputs(text), mps2.count_instructions(text)
+    for name, _, _ in models:
+        assert printed[f"{name}.out0"].view("<u4").tolist() == outputs[name][0].view("<u4").tolist(), name
+        assert 0 < counts[name] < 20_000_000, (name, counts[name])
 
 
 def test_export_c_int8(tmp_path):
