@@ -288,28 +288,51 @@ class Refitter:
             if sel.any():
                 self.folds[f][gi].add(x[sel], y[sel])
 
-    def update(self, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], rng: np.random.Generator) -> None:
-        x, y = xs[self.job.x_name], ys[self.job.target or self.job.y_name]
+    def update(self, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray] | None, rng: np.random.Generator,
+               target: np.ndarray | None = None) -> None:
+        """Add one batch. The target comes from `ys` (whole tensors) or, already taken at this
+        batch's sampled positions (the same draws from the same generator), from `target`."""
+        x = xs[self.job.x_name]
+        y = target if target is not None else ys[self.job.target or self.job.y_name]
         if self.from_original:
             x = np.take(x, self.job.keep_in, axis=1)
-        if self.job.keep_out is not None:
-            y = np.take(y, self.job.keep_out, axis=1)
-        if self.job.residual and not self.from_original:
-            y = y - sum(xs[r] for r in self.job.residual)  # what this branch must add to the pruned rest
         first, self.seen = self.seen, self.seen + len(x)
         if self.geom is None:
+            y = self._branch(y, xs, None)
             # Gemm rows are samples; a MatMul over [N, T, D] has one row per sample and position.
             steps = int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
             sample = first + np.repeat(np.arange(len(x)), steps)
             self._add(0, x.reshape(-1, x.shape[-1]).astype(np.float32), y.reshape(-1, y.shape[-1]), sample)
             return
-        oh, ow = self.out_shape[2], self.out_shape[3]
-        b, oy, ox = sample_positions(rng, len(x), oh, ow, rows_per_batch(self.samples, len(x), self.total, oh * ow))
+        b, oy, ox = self.positions(rng, len(x))
         p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
-        t = y[b, :, oy, ox]  # [S, O']
+        t = self._branch(target if target is not None else y[b, :, oy, ox], xs, (b, oy, ox))  # [S, O']
         cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
         for gi in range(self.groups):
             self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], first + b)
+
+    def positions(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The output positions sampled from one batch of a Conv's output."""
+        oh, ow = self.out_shape[2], self.out_shape[3]
+        return sample_positions(rng, batch, oh, ow, rows_per_batch(self.samples, batch, self.total, oh * ow))
+
+    def target_rows(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """What `update` reads of the target tensor for one batch: all of it (Gemm, MatMul) or
+        its rows at the positions `update` will draw from a generator in the same state."""
+        if self.geom is None:
+            return y
+        b, oy, ox = self.positions(rng, len(y))
+        return np.ascontiguousarray(y[b, :, oy, ox])
+
+    def _branch(self, y: np.ndarray, xs: dict[str, np.ndarray], at) -> np.ndarray:
+        """The kept output channels and, for the last branch into a residual Add, what this branch
+        must add to the pruned model's other branches (`at`: positions the rows were taken at)."""
+        if self.job.keep_out is not None:
+            y = np.take(y, self.job.keep_out, axis=1)
+        if self.job.residual and not self.from_original:
+            rest = (xs[r] if at is None else xs[r][at[0], :, at[1], at[2]] for r in self.job.residual)
+            y = y - sum(rest)
+        return y
 
     def finish(self, ridge: float) -> None:
         """Solve, compare with the sliced weights, and write the better one into the pruned model."""
@@ -434,10 +457,9 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
             j.residual, j.target = [], ""
     waves = _waves(pruned, jobs) if recapture else [[j.node for j in jobs]]
     by_name = {j.node: j for j in jobs}
-    done = 0
-    progress("prune: fits", done, len(jobs))
-    for wave in waves:
-        view = GraphView(pruned.graph)
+
+    def plan(view: GraphView, wave: list[str]) -> list[tuple[list[Refitter], list[str], list[str], int]]:
+        """The wave's layers in chunks that fit the memory budget: (refitters, x names, y names, batch)."""
         refitters: list[Refitter] = []
         for name in wave:
             job = by_name[name]
@@ -449,27 +471,72 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
                 job.skipped = f"{max(s.dim for s in r.folds[0])} inputs per output: too large to refit"
             else:
                 refitters.append(r)
+        out = []
         for chunk in chunks(refitters, Refitter.memory):
-            rngs = {r.job.node: rng(r.job.node) for r in chunk}
             x_names = list(dict.fromkeys(n for r in chunk for n in [r.job.x_name, *r.job.residual]))
             y_names = list(dict.fromkeys(r.job.target or r.job.y_name for r in chunk))
-            if recapture:  # inputs from the pruned model, targets from the original
+            if recapture:
                 bs = min(batch_size(view, x_names), batch_size(orig_view, y_names))
-                pairs = zip(iter_activations(pruned, x_names, inputs, bs),
-                            iter_activations(original, y_names, inputs, bs))
+            else:
+                bs = batch_size(orig_view, list(dict.fromkeys(x_names + y_names)))
+            out.append((chunk, x_names, y_names, bs))
+        return out
+
+    targets = _target_rows(original, orig_view, [c for w in waves for c in plan(GraphView(pruned.graph), w)],
+                           inputs, rng, progress) if recapture else {}
+    done = 0
+    progress("prune: fits", done, len(jobs))
+    for wave in waves:
+        view = GraphView(pruned.graph)
+        for chunk, x_names, y_names, bs in plan(view, wave):
+            rngs = {r.job.node: rng(r.job.node) for r in chunk}
+            if recapture:  # inputs from the pruned model; targets were taken from the original once
+                for k, xs in enumerate(iter_activations(pruned, x_names, inputs, bs)):
+                    for r in chunk:
+                        r.update(xs, None, rngs[r.job.node], target=targets[r.job.node][k])
             else:  # both from the original: one run
                 names = list(dict.fromkeys(x_names + y_names))
-                pairs = ((v, v) for v in iter_activations(original, names, inputs, batch_size(orig_view, names)))
-            for xs, ys in pairs:
-                for r in chunk:
-                    r.update(xs, ys, rngs[r.job.node])
+                for values in iter_activations(original, names, inputs, bs):
+                    for r in chunk:
+                        r.update(values, values, rngs[r.job.node])
             for r in chunk:
                 r.finish(ridge)
                 r.folds = [[], []]
+                targets.pop(r.job.node, None)
                 done += 1
                 progress("prune: fits", done, len(jobs))
         pruned = refresh(pruned)
     return pruned
+
+
+def _target_rows(original: onnx.ModelProto, orig_view: GraphView, planned: list, inputs: Mapping[str, np.ndarray],
+                 rng: Callable[[str], np.random.Generator], progress: Callable[[str, int, int], None],
+                 ) -> dict[str, list[np.ndarray]]:
+    """Every layer's targets from the original model, batch by batch, as `Refitter.update` will
+    read them: the original does not change between waves, so it runs once per batch size (in
+    as few passes as the memory budget allows) instead of once per wave. Conv targets are kept
+    only at the positions each layer samples (the same draws), so this stays small."""
+    by_batch: dict[int, list[Refitter]] = {}
+    for chunk, _, _, bs in planned:
+        by_batch.setdefault(bs, []).extend(chunk)
+    out: dict[str, list[np.ndarray]] = {}
+    runs = [(bs, group) for bs, refitters in by_batch.items()
+            for group in chunks(refitters, lambda r, bs=bs: bs * _per_sample(orig_view, r.job.target or r.job.y_name))]
+    n = runtime.sample_count(inputs)
+    for index, (bs, group) in enumerate(runs):
+        names = list(dict.fromkeys(r.job.target or r.job.y_name for r in group))
+        gens = {r.job.node: rng(r.job.node) for r in group}
+        for values in iter_activations(original, names, inputs, bs):
+            for r in group:
+                out.setdefault(r.job.node, []).append(r.target_rows(values[r.job.target or r.job.y_name],
+                                                                    gens[r.job.node]))
+        progress("prune: capture", (index + 1) * n, len(runs) * n)
+    return out
+
+
+def _per_sample(view: GraphView, name: str) -> int:
+    shape = view.static_shape(name)
+    return 3 * 4 * int(np.prod(shape[1:], dtype=np.int64)) if shape else 0
 
 
 def chunks(items: Sequence[T], memory: Callable[[T], int]) -> list[list[T]]:
