@@ -128,7 +128,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
         fidelity = compare_outputs(ref_out, manager.last_outputs, metric) if manager.last_outputs is not None \
             else canon_fid
     report.fidelity = fidelity.to_dict()
-    cost_at = PassManager([], ctx).cost_shapes()
+    cost_at = cal.cost_shapes()
     before, after = model_cost(canonical, cost_at), model_cost(result, cost_at)
     if before.unknown_dims or after.unknown_dims:
         report.notes.append("MACs count dims no shape fixes as 1: "

@@ -42,6 +42,11 @@ class Calibration:
         """One sample's input shapes per shape group (what verification and cost ran at)."""
         return self.train.shapes()
 
+    def cost_shapes(self) -> dict[str, list[int]] | None:
+        """Costs are per sample at the first calibration sample's shapes (batch 1)."""
+        shapes = self.shapes()
+        return shapes[0] if shapes else None
+
 
 def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, seed: int = 0,
                   input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:

@@ -304,7 +304,7 @@ class PassManager:
         records = []
         current = model
         self.last_outputs: dict[str, np.ndarray] | None = None  # outputs of `current` on validation
-        cost_at = self.cost_shapes()
+        cost_at = self.ctx.calibration.cost_shapes() if self.ctx.calibration is not None else None
         cost = model_cost(current, cost_at)
         for index, p in enumerate(self.passes):
             self.ctx.progress("passes", index, len(self.passes))
@@ -344,12 +344,6 @@ class PassManager:
             records.append(record)
         self.ctx.progress("passes", len(self.passes), len(self.passes))
         return current, records
-
-    def cost_shapes(self) -> dict[str, list[int]] | None:
-        """Costs are per sample at the first calibration sample's shapes (batch 1)."""
-        cal = self.ctx.calibration
-        shapes = cal.shapes() if cal is not None and hasattr(cal, "shapes") else []
-        return shapes[0] if shapes else None
 
     def _outputs(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray],
                  progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
