@@ -94,12 +94,18 @@ def channel_error(ref: np.ndarray, got: np.ndarray, axis: int) -> float:
 
 
 def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
+    return _output_fidelity(name, ref, got)[0]
+
+
+def _output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[OutputFidelity, tuple | None]:
+    """The fidelity of one output and, for floats, its sums (|r-g|^2, |r|^2, |g|^2, r.g), which
+    `_compare_groups` adds up across shape groups."""
     if ref.shape != got.shape:
         raise OnnxcError(f"output '{name}' changed shape: {ref.shape} -> {got.shape}")
     if ref.dtype.kind not in "fc":
         same = float(np.mean(ref == got)) if ref.size else 1.0
         max_abs = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
-        return OutputFidelity(name, 1.0 - same, max_abs, same, None)
+        return OutputFidelity(name, 1.0 - same, max_abs, same, None), None
     r64, g64 = ref.astype(np.float64), got.astype(np.float64)
     r = r64.reshape(len(ref) if ref.ndim else 1, -1)
     g = g64.reshape(r.shape)
@@ -108,14 +114,16 @@ def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFideli
     rel = float(diff / norm) if norm > 0 else float(diff)
     max_abs = float(np.max(np.abs(r - g))) if r.size else 0.0
     gn = np.linalg.norm(g)
-    cosine = float(np.sum(r * g) / (norm * gn)) if norm > 0 and gn > 0 else float(norm == gn)
+    dot = float(np.sum(r * g))
+    cosine = float(dot / (norm * gn)) if norm > 0 and gn > 0 else float(norm == gn)
     top1 = None
     if ref.ndim in (2, 3) and 1 < ref.shape[-1] <= MAX_CHANNELS and ref.size:
         # [N, classes]: per sample; [N, T, classes] (CTC, token logits): per position
         top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
     axis = channel_axis(ref.shape)
     per_channel = channel_error(r64, g64, axis) if axis is not None and ref.size else None
-    return OutputFidelity(name, rel, max_abs, cosine, top1, per_channel)
+    sums = (float(diff) ** 2, float(norm) ** 2, float(gn) ** 2, dot)
+    return OutputFidelity(name, rel, max_abs, cosine, top1, per_channel), sums
 
 
 def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
@@ -182,7 +190,7 @@ def _compare_groups(ref: Samples, got: Samples, metric: Metric | None = None) ->
         channel2, has_channel = 0.0, True
         for rg, gg in zip(ref.groups, got.groups):
             r, g = rg[name], gg[name]
-            one = output_fidelity(name, r, g)
+            one, sums = _output_fidelity(name, r, g)
             n = len(r) if r.ndim else 1
             samples += n
             max_abs = max(max_abs, one.max_abs)
@@ -194,12 +202,8 @@ def _compare_groups(ref: Samples, got: Samples, metric: Metric | None = None) ->
                 has_top1 = False
             else:
                 weighted_top1 += one.top1 * n
-            if r.dtype.kind in "fc":
-                r64, g64 = r.astype(np.float64), g.astype(np.float64)
-                diff2 += float(np.sum((r64 - g64) ** 2))
-                norm2 += float(np.sum(r64 ** 2))
-                got2 += float(np.sum(g64 ** 2))
-                dot += float(np.sum(r64 * g64))
+            if sums is not None:
+                diff2, norm2, got2, dot = (a + b for a, b in zip((diff2, norm2, got2, dot), sums))
             else:
                 weighted_same += one.cosine * n
         if ref.groups[0][name].dtype.kind in "fc":
