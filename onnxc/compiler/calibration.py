@@ -67,15 +67,17 @@ def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, s
             shape: tuple[int, ...] = ()
         else:
             shape = (count, *dims[1:])
-        if spec.dtype.kind == "f":
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind in "iu":
-            out[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            out[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            raise OnnxcError(f"input '{spec.name}' has dtype {spec.dtype}: give a calibration file")
+        out[spec.name] = draw(rng, spec.name, spec.dtype, shape)
     return out
+
+
+def draw(rng: np.random.Generator, name: str, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray:
+    """One random input: N(0, 1) floats, or 0/1 for ints and bools (safe indices and masks)."""
+    if dtype.kind == "f":
+        return rng.standard_normal(tuple(shape)).astype(dtype)
+    if dtype.kind in "iub":
+        return rng.integers(0, 2, size=tuple(shape)).astype(dtype)
+    raise OnnxcError(f"input '{name}' has dtype {dtype}: give a calibration file")
 
 
 def make_calibration(model: onnx.ModelProto, source: Source | None = None, *, seed: int = 0,

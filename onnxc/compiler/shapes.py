@@ -32,7 +32,7 @@ import onnxruntime as ort
 from onnx import helper, shape_inference
 
 from onnxc.compiler import runtime
-from onnxc.compiler.calibration import with_outputs
+from onnxc.compiler.calibration import draw, with_outputs
 from onnxc.compiler.model import clone, tensor_nbytes
 from onnxc.errors import OnnxcError
 
@@ -288,13 +288,7 @@ def random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], see
     for vi in graph_inputs(model):
         elem = vi.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-        shape = tuple(shapes[vi.name])
-        if dtype.kind == "f":
-            feed[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind in "iub":
-            feed[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
-        else:
-            raise OnnxcError(f"input '{vi.name}' has type {dtype}: pass --input-shape and calibration data")
+        feed[vi.name] = draw(rng, vi.name, dtype, shapes[vi.name])
     return feed
 
 
