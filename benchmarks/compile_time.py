@@ -23,9 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 
+import corpus  # noqa: E402
 import numpy as np  # noqa: E402
 import standin  # noqa: E402
+
+from onnxc.compiler.shapes import default_input_shapes  # noqa: E402
 
 # Runs in the child: the command, then one onnxruntime pass over the same fitting samples.
 CHILD = r"""
@@ -72,27 +76,12 @@ def measure(model: Path, cal: Path, args: list[str], report: Path | None) -> dic
     return json.loads(lines[-1])
 
 
-def corpus_models() -> dict[str, Path]:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_corpus.py")], capture_output=True,
-                         text=True, cwd=ROOT)
-    models = {}
-    for line in out.stdout.splitlines():
-        name, _, path = line.partition(" ")
-        if path:
-            models[name] = Path(path)
-    return models
-
-
 def input_shape(model: Path) -> tuple[str, list[int]]:
-    """The single input's name and a concrete shape (symbolic dims from common sizes)."""
+    """The single input's name and a concrete shape (the compiler's stated defaults)."""
     import onnx
 
-    m = onnx.load(str(model), load_external_data=False)
-    inits = {t.name for t in m.graph.initializer}
-    vi = next(v for v in m.graph.input if v.name not in inits)
-    dims = [d.dim_value if d.dim_value > 0 else 0 for d in vi.type.tensor_type.shape.dim]
-    fill = {1: 3, 2: 224, 3: 224} if len(dims) == 4 else {}
-    return vi.name, [d or fill.get(i, 1) for i, d in enumerate(dims)]
+    [(name, shape)] = default_input_shapes(onnx.load(str(model), load_external_data=False)).items()
+    return name, shape
 
 
 def calibration_for(model: Path, samples: int, folder: Path) -> Path:
@@ -121,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.models.split(",")
     with tempfile.TemporaryDirectory(prefix="onnxc-compile-time-") as tmp:
         folder = Path(tmp)
-        models = {k: v for k, v in corpus_models().items() if k in wanted}
+        models = {k: corpus.path(k) for k in wanted if k in corpus.ALL}
         cals = {name: calibration_for(path, args.samples, folder) for name, path in models.items()}
         if "standin" in wanted:
             models["standin"] = standin.build(folder / "standin.onnx")
