@@ -64,7 +64,7 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
         lowered = q.model
         notes += q.notes
         report = {"quant_format": q.quant_format, "per_channel": q.per_channel,
-                  "excluded_nodes": q.excluded, "sensitivity": q.sensitivity}
+                  "excluded_nodes": q.excluded, "sensitivity": q.sensitivity, "reduce_range": q.reduce_range}
     level_name = LEVELS[options.level][fmt == "ort"]
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name

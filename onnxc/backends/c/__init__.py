@@ -136,6 +136,6 @@ def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx
     if clustered:
         notes.append(f"{len(clustered)} clustered weights re-quantized to dense int8 per channel "
                      "(int8 codebooks are not kept)")
-    q = quantize(model, "static", calibration, max_error=options.max_error)
+    q = quantize(model, "static", calibration, max_error=options.max_error, exact=True)
     return q.model, {"quant_format": q.quant_format, "per_channel": q.per_channel, "excluded_nodes": q.excluded,
                      "rel_l2_onnxruntime": q.rel_l2, "notes": notes + q.notes}
