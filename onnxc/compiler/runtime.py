@@ -21,7 +21,7 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0
     """A CPU InferenceSession; models past 2 GB go through a temporary file."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failing run raises, and we report it in one line
     if threads:
         opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
