@@ -1,13 +1,14 @@
-"""int8 lowering: the ops `qdq.find` matches become integer kernels (onnxc_int8.c), the other
-QuantizeLinear / DequantizeLinear nodes become conversion steps, and the integer ONNX ops
-(QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) are lowered directly.
+"""int8 lowering: the ops `qdq.find` matches become integer kernels (onnxc_int8.c, onnxc_qconv.c),
+the other QuantizeLinear / DequantizeLinear nodes become conversion steps, and the integer ONNX
+ops (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) are lowered directly.
 
-Requantization is by a Q31 multiplier and a right shift per output channel (`fixed_point`). Weights
-of the fast kernels are laid out in the order their loops read them (convolutions through the
-GEMM core: `gemm_layout`; dense layers: `interleave`), and the input zero point is folded into
-their bias. ONNX
-uint8 tensors are stored as int8 (q - 128); uint8 graph inputs and outputs are converted at the
-boundary.
+Requantization parameters come from `requant`: the fast kernels (depthwise, 1x1, im2col, dense)
+read one table of per output channel bias and multiplier (`requant.channel_table`, packed in
+one word per channel where it fits), the generic ones an int32 bias and `fixed_point` words.
+Weights of the fast kernels are laid out in the order their loops read them (convolutions
+through the GEMM core: `gemm_layout`; dense layers: `interleave`); their biases stay the layer's
+own, the kernels take the input zero point off each input value. ONNX uint8 tensors are stored
+as int8 (q - 128); uint8 graph inputs and outputs are converted at the boundary.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from onnxc.backends.c import qdq
 from onnxc.backends.c.lower_nn import pool_fields, spatial_pads
 from onnxc.backends.c.lowering import KERNEL_FILES, Lowerer, broadcast_strides, collapse, handles
 from onnxc.backends.c.program import SCRATCH, Arg, Call, Int8Entry, Program
+from onnxc.backends.c.requant import channel_table, fixed_point
 from onnxc.compiler.graph import attr
 from onnxc.errors import OnnxcError
 
 NULL = Arg("lit", "NULL")
 KERNEL_FILES.update({fn: "onnxc_int8.c" for fn in (
     "onnxc_quantize", "onnxc_dequantize", "onnxc_dequantize_i32", "onnxc_u8_to_s8", "onnxc_s8_to_u8",
-    "onnxc_qconv2d", "onnxc_qconv2d_im2col", "onnxc_qconv_dw", "onnxc_qconv_dw_inplace", "onnxc_qconv1x1",
-    "onnxc_qconv1x1_inplace",
-    "onnxc_qdense", "onnxc_qmatmul", "onnxc_qpool", "onnxc_qglobal_pool", "onnxc_qbinary")})
+    "onnxc_qconv2d", "onnxc_qmatmul", "onnxc_qpool", "onnxc_qglobal_pool", "onnxc_qbinary")})
+KERNEL_FILES.update({fn: "onnxc_qconv.c" for fn in (
+    "onnxc_qconv2d_im2col", "onnxc_qconv_dw", "onnxc_qconv_dw_inplace", "onnxc_qconv1x1", "onnxc_qconv1x1_inplace",
+    "onnxc_qdense")})
 CTYPES = {TensorProto.INT8: "int8_t", TensorProto.UINT8: "uint8_t", TensorProto.INT32: "int32_t"}
 ONE = qdq.QParams(np.ones(1, np.float32), np.zeros(1, np.int64))
 
@@ -97,29 +100,6 @@ def finish(lo: Lowerer, name: str) -> None:
 
 
 # ---- numbers -------------------------------------------------------------------------------
-def fixed_point(real: np.ndarray) -> np.ndarray:
-    """Requantization words (onnxc_requant): a Q31 multiplier rounded to its 25 high bits, the
-    right shift (in [1, 62]) in the 6 low bits, with real ~= multiplier / 2^shift."""
-    mults, shifts = [], []
-    for r in np.asarray(real, dtype=np.float64).reshape(-1):
-        if r <= 0 or not np.isfinite(r):
-            mults.append(0)
-            shifts.append(1)
-            continue
-        frac, exp = math.frexp(r)  # r = frac * 2^exp, frac in [0.5, 1)
-        mult = round(frac * (1 << 25)) << 6
-        if mult == 1 << 31:
-            mult, exp = mult // 2, exp + 1
-        shift = 31 - exp
-        if shift > 62:
-            mult, shift = round(mult / 2.0 ** (shift - 62)) >> 6 << 6, 62
-        if shift < 1:
-            raise ValueError(f"requantization multiplier {r:g} is too large")
-        mults.append(mult)
-        shifts.append(shift)
-    return np.array(mults, dtype=np.int64).astype(np.int32) | np.array(shifts, dtype=np.int32)
-
-
 def quantize_value(v: float, yq: qdq.QParams) -> int:
     """The int8 code of real value v (ties to even, saturated), as QuantizeLinear computes it."""
     if not np.isfinite(v):
@@ -137,11 +117,12 @@ def interleave(w: np.ndarray) -> np.ndarray:
 
 def gemm_layout(w: np.ndarray) -> np.ndarray:
     """[rows][k] int8 weights as the int8 GEMM kernels read them: k padded with zeros to kp (a
-    multiple of 4), blocks of 4 rows as [kp/4][4 rows][4 k] (a 32-bit word per row and 4 k,
-    which SXTB16 splits into the pairs SMLAD takes), the rows % 4 last rows plain [kp]."""
+    multiple of 4), blocks of 4 rows as [kp/4][4 rows][4 k] (a 32-bit word per row and 4 k, its
+    bytes k0 k2 k1 k3, which SXTB16 splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with
+    the gathered columns), the rows % 4 last rows plain [kp]."""
     rows, k = w.shape
     kp = -(-k // 4) * 4
-    w = np.pad(w, ((0, 0), (0, kp - k)))
+    w = np.pad(w, ((0, 0), (0, kp - k))).reshape(rows, kp // 4, 4)[:, :, [0, 2, 1, 3]].reshape(rows, kp)
     full = rows // 4 * 4
     blocks = w[:full].reshape(rows // 4, 4, kp // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
     return np.concatenate([blocks, w[full:].reshape(-1)]).astype(np.int8)
@@ -186,6 +167,18 @@ def _rescale(lo: Lowerer, xq: qdq.QParams, yq: qdq.QParams, clamp: tuple[int, in
 
 def _requant_tables(lo: Lowerer, real: np.ndarray, hint: str) -> dict:
     return {"rq": lo.int_table(fixed_point(real), f"{hint}_rq")}
+
+
+def _channels(lo: Lowerer, bias: np.ndarray, real: np.ndarray, rows: np.ndarray, xq: qdq.QParams,
+              yq: qdq.QParams, hint: str) -> tuple[Arg, dict]:
+    """The fast kernels' per channel table (requant.channel_table) for weight rows [m][k]."""
+    span = max(128 + xq.z, 127 - xq.z)  # the largest |x - x_zp|
+    bound = np.abs(rows.astype(np.int64)).sum(axis=1) * span + np.abs(bias)
+    try:
+        table = channel_table(bias, real, bound, yq.z)
+    except ValueError as exc:
+        raise OnnxcError(f"C backend: int8 layer '{hint}': {exc}") from None
+    return Arg("const", lo.int_table(table.words, f"{hint}_ch")), table.fields
 
 
 def _int8_const(lo: Lowerer, values: np.ndarray, hint: str) -> Arg:
@@ -253,10 +246,9 @@ def dense(lo: Lowerer, node: onnx.NodeProto, x: str, xq: qdq.QParams, rows: np.n
     """y[m][n] = requant(x[m][k] . rows[n][k] + bias[n]) with weights in flash."""
     n, k = rows.shape
     hint = node.name or y
-    folded = bias - xq.z * rows.sum(axis=1)
-    fields = {"m": m, "n": n, "k": k, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1],
-              **_requant_tables(lo, real, hint)}
-    call = Call("onnxc_qdense", [Arg.t(x), _int8_const(lo, interleave(rows), f"w_{hint}"), _bias_arg(lo, folded, hint),
+    ch, pk = _channels(lo, bias, real, rows, xq, yq, hint)
+    fields = {"m": m, "n": n, "k": k, "x_zp": xq.z, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], **pk}
+    call = Call("onnxc_qdense", [Arg.t(x), _int8_const(lo, interleave(rows), f"w_{hint}"), ch,
                                  Arg.t(y), lo.params("onnxc_qdense_p", fields, hint)])
     lo.step(node, node.op_type, [x], [y], [call])
 
@@ -288,15 +280,18 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
               "pl": begin[1], "group": group, "x_zp": xq.z, "y_zp": yq.z if yq else 0, "lo": clamp[0],
               "hi": clamp[1], "rq": "NULL",
               "w_zp": lo.int_table(wzp, f"{hint}_wzp") if wzp.any() else "NULL"}
-    if yq is not None:
+    fast = yq is not None and not wzp.any()
+    if fast:
+        ba, pk = _channels(lo, bias_q, acc_scale / yq.s, w.reshape(m, -1), xq, yq, hint)
+        fields.update(pk)
+    elif yq is not None:
         fields.update(_requant_tables(lo, acc_scale / yq.s, hint))
     p = lo.params("onnxc_qconv_p", fields, hint)
-    fast = yq is not None and not wzp.any()
     scratch = Arg(SCRATCH, "int8_t")
     if fast and group == c == m:
-        wa, ba = _int8_const(lo, w, f"w_{hint}"), _bias_arg(lo, bias_q, hint)
+        wa = _int8_const(lo, w, f"w_{hint}")
         padded = [(ys[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(2)]
-        words = -(-padded[0] * padded[1] // 4) + ys[2] * ys[3]  # the padded plane, one plane of int32 sums
+        words = -(-padded[0] * padded[1] // 4)  # the padded plane
         inplace = {}
         if ys[2] * ys[3] <= xs[2] * xs[3]:
             inplace = {"inplace": 0, "inplace_scratch": words,
@@ -308,8 +303,7 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         k = w[0].size
         rows = w.reshape(group, m // group, k)
         wa = _int8_const(lo, np.concatenate([gemm_layout(r) for r in rows]), f"w_{hint}")
-        ba = _bias_arg(lo, bias_q - xq.z * w.reshape(m, k).sum(axis=1), hint)
-        words = -(-k // 4) * 4 + 2 * (m // group)  # two int16 columns of kp values, their int32 sums
+        words = -(-k // 4) * 4 + 4 * (m // group)  # two int16 columns of kp values, the decoded channels
         if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
             inplace = {"inplace": 0, "inplace_scratch": words,
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}

@@ -2,18 +2,32 @@
  *
  * Activations are int8 with a zero point (real = scale * (q - zero_point)); an ONNX uint8 tensor
  * is stored as int8 q - 128 with zero point - 128, which is exact. Weights are int8 with one scale
- * per output channel; accumulators are int32. Products are brought back to int8 by a Q31
- * fixed-point multiplier and a right shift per output channel (the TFLite / CMSIS-NN scheme):
- * y = clamp(zero_point + round(acc * mult / 2^shift)), rounding to nearest with ties to even;
- * multiplier and shift share one int32 (see onnxc_requant in onnxc_int8.c).
+ * per output channel; accumulators are int32.
+ *
+ * The fast kernels (depthwise, 1x1, im2col, dense) read one table `ch` of per output channel
+ * parameters, in one of two forms the exporter chooses per layer (onnxc/backends/c/requant.py):
+ * - packed (pk_bias > 0): one word per channel holding, from the top, the int32 bias in pk_bias
+ *   bits (signed), the requantization multiplier's mantissa below its leading one, and in the
+ *   pk_delta low bits its shift minus pk_shift;
+ * - pairs (pk_bias == 0): {bias, rq} per channel, rq as in onnxc_requant (below).
+ * Both give a multiplier mult in [2^30, 2^31) and a shift, and the output is
+ * y = clamp(zero_point + floor((acc * mult + 2^(shift - 1)) / 2^shift)), rounding half up; the
+ * common case (32 < shift <= 55, rq_wide 0) runs as (hi32(acc * mult) + add) >> (shift - 32),
+ * exact because 2^(shift - 1) is then a multiple of 2^32 (the exporter checks that it cannot
+ * overflow). The bias is the layer's own (raw): the input zero point is taken off each input
+ * value (GEMM columns, dense inputs) or folded per channel at run time (depthwise).
+ * The generic kernels (onnxc_qconv2d, onnxc_qmatmul) read an int32 bias and `rq` words: a Q31
+ * multiplier (its 25 high bits) and the right shift (its 6 low bits), rounding ties to even.
  *
  * Convolutions run as GEMMs over gathered pixel pairs (1x1 directly, others through im2col),
  * blocked 4 output channels x 2 pixels, with weights laid out by the exporter in the order the
  * loop reads them ("GEMM layout": k padded to kp, a multiple of 4, with zero weights; blocks of
- * 4 rows as [kp/4][4 rows][4 k], the m % 4 last rows plain [kp]). Pixels are gathered as int16
- * columns in the order that lets the DSP extension (Cortex-M4: SXTB16, SMLAD, as CMSIS-NN) do
- * two multiply-accumulates per instruction; elsewhere the same block runs in portable C99.
- * Depthwise runs direct over a zero-point-padded plane (3x3 unrolled).
+ * 4 rows as [kp/4][4 rows][4 k], the m % 4 last rows plain [kp]; within each group of 4 k the
+ * bytes are w0 w2 w1 w3). Pixels are gathered as int16 columns minus the input zero point, so
+ * that the DSP extension (Cortex-M4: SXTB16 splits a weight word into the pairs (w0, w1) and
+ * (w2, w3), SMLAD, as CMSIS-NN) does two multiply-accumulates per instruction; elsewhere the
+ * same block runs in portable C99 with the same integer sums. Depthwise runs direct over a
+ * zero-point-padded plane (3x3 unrolled). Requantization is fused into each kernel's loop.
  */
 #ifndef ONNXC_INT8_H
 #define ONNXC_INT8_H
@@ -59,42 +73,40 @@ typedef struct {
     int32_t group;
     int32_t x_zp, y_zp;            /* zero points (int8 domain) */
     int32_t lo, hi;                /* output clamp (int8 domain): saturation and fused ReLU/Clip */
-    const int32_t *rq;             /* per output channel requantization (onnxc_requant) */
-    const int32_t *w_zp;           /* per output channel weight zero points (NULL: all 0) */
+    const int32_t *rq;             /* onnxc_qconv2d: per output channel requantization (onnxc_requant) */
+    const int32_t *w_zp;           /* onnxc_qconv2d: per output channel weight zero points (NULL: all 0) */
+    int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the fast kernels' `ch` table (see above) */
 } onnxc_qconv_p;
 /* Any convolution, for weight zero points or raw int32 sums: weights [m][c/group][kh][kw].
  * With y32 non-NULL the raw sums are written there instead of y (ConvInteger). */
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
 /* Any convolution through im2col, two output pixels at a time: scratch holds their windows
- * (4 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and their sums (8 * m/group
- * bytes); weights per group in the GEMM layout; bias holds -x_zp * sum(w). */
-void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+ * (4 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and one group's channels
+ * decoded (16 * m/group bytes); weights per group in the GEMM layout. */
+void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
- * (((oh - 1) * sh + (kh - 1) * dh + 1) x ((ow - 1) * sw + (kw - 1) * dw + 1) bytes, rounded up
- * to 4) and one output plane's int32 accumulators (4 * oh * ow bytes). */
-void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+ * (((oh - 1) * sh + (kh - 1) * dh + 1) x ((ow - 1) * sw + (kw - 1) * dw + 1) bytes). */
+void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p);
-void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
+void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8_t *scratch,
                             const onnxc_qconv_p *p);
-/* 1x1, stride 1, no padding, one group: weights in the GEMM layout (k = c); bias already holds
- * -x_zp * sum(w); scratch holds two pixels' channels (4 * kp bytes) and their sums (8 * m bytes).
- * In place when m <= c. */
-void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int8_t *scratch,
+/* 1x1, stride 1, no padding, one group: weights in the GEMM layout (k = c); scratch holds two
+ * pixels' channels (4 * kp bytes) and the m channels decoded (16 * m bytes). In place when m <= c. */
+void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p);
-void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *bias, int8_t *scratch,
+void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8_t *scratch,
                             const onnxc_qconv_p *p);
 
 /* ---- matrix products ------------------------------------------------------------------- */
 typedef struct {
-    int32_t m, n, k;               /* y[m][n] = x[m][k] . w[n][k] + bias[n] */
-    int32_t y_zp, lo, hi;
-    const int32_t *rq;             /* per output column */
+    int32_t m, n, k;               /* y[m][n] = (x[m][k] - x_zp) . w[n][k] + bias[n] */
+    int32_t x_zp, y_zp, lo, hi;
+    int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the `ch` table, per output column */
 } onnxc_qdense_p;
-/* Constant weight, interleaved like onnxc_qconv1x1's ([n/4][k][4], then plain rows); bias
- * holds -x_zp * sum(w). */
-void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, const onnxc_qdense_p *p);
+/* Constant weight, interleaved ([n/4][k][4], then plain rows). */
+void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p);
 
 typedef struct {
     int32_t batch, m, n, k;

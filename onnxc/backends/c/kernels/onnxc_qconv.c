@@ -1,0 +1,478 @@
+/* int8 fast kernels: depthwise, 1x1 and im2col convolutions and dense layers. Each reads its
+ * per output channel table `ch` (bias and requantization, packed or in pairs) and requantizes
+ * inside its loop; see onnxc_int8.h for the number formats. Portable C99, with the inner loops
+ * in DSP-extension instructions (SXTB16, SMLAD) on a Cortex-M4: the same integer sums. */
+#include <string.h>
+
+#include "onnxc_int8.h"
+
+#ifdef __GNUC__
+#define ONNXC_NOINLINE __attribute__((noinline))
+#else
+#define ONNXC_NOINLINE
+#endif
+
+#if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
+#include <arm_acle.h>
+#define ONNXC_SIMD 1
+typedef uint32_t __attribute__((may_alias)) onnxc_word;
+static inline uint32_t ld32(const void *q)
+{
+    uint32_t v;
+    memcpy(&v, q, 4);
+    return v;
+}
+
+static inline int32_t sxtb16_ror8(uint32_t v)
+{
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
+}
+
+/* (lo, hi) as the two int16 halves of a word */
+static inline int32_t pack16(int32_t lo, int32_t hi)
+{
+    return (int32_t)(((uint32_t)hi << 16) | ((uint32_t)lo & 0xFFFFu));
+}
+#endif
+
+/* ---- per output channel parameters ------------------------------------------------------- */
+typedef struct {
+    int32_t pk_bias, pk_delta, pk_shift, wide; /* the table's form (onnxc_int8.h) */
+    int32_t zp, lo, hi, sat;                   /* output zero point and clamp; sat: clamp is [-128, 127] */
+} chan_fmt;
+
+typedef struct {
+    int32_t mult, shift, t, add, zp; /* y = (hi32(acc * mult) + add) >> t, or 64-bit when wide */
+} rq_t;
+
+static inline chan_fmt fmt_of(int32_t pk_bias, int32_t pk_delta, int32_t pk_shift, int32_t wide, int32_t zp,
+                              int32_t lo, int32_t hi)
+{
+    chan_fmt f;
+    f.pk_bias = pk_bias, f.pk_delta = pk_delta, f.pk_shift = pk_shift, f.wide = wide;
+    f.zp = zp, f.lo = lo, f.hi = hi, f.sat = lo == -128 && hi == 127;
+    return f;
+}
+
+static inline int32_t ch_bias(const int32_t *ch, int32_t c, const chan_fmt *f)
+{
+    return f->pk_bias ? ch[c] >> (32 - f->pk_bias) : ch[2 * c];
+}
+
+static inline rq_t ch_rq(const int32_t *ch, int32_t c, const chan_fmt *f)
+{
+    rq_t q;
+    if (f->pk_bias) {
+        const uint32_t w = (uint32_t)ch[c];
+        const int32_t b = f->pk_bias, d = f->pk_delta, mb = 32 - b - d;
+        q.shift = f->pk_shift + (int32_t)(w & ((1u << d) - 1u));
+        q.mult = (int32_t)((1u << 30) | (((w << b) >> (b + d)) << (30 - mb)));
+    } else {
+        const int32_t rq = ch[2 * c + 1];
+        q.shift = rq & 63;
+        q.mult = rq - q.shift;
+    }
+    q.t = q.shift - 32;
+    q.zp = f->zp;
+    q.add = f->wide ? 0 : (1 << (q.t - 1)) + f->zp * (1 << q.t);
+    return q;
+}
+
+/* floor((acc * mult + 2^(shift - 1)) / 2^shift) + zp in 64 bits (shift <= 32 or very large). */
+static ONNXC_NOINLINE int32_t rq_wide(int32_t acc, rq_t q)
+{
+    return (int32_t)(((int64_t)acc * q.mult + ((int64_t)1 << (q.shift - 1))) >> q.shift) + q.zp;
+}
+
+/* The same for 32 < shift <= 55: only the high word of acc * mult matters (SMULL, ADD, ASR). */
+static inline int32_t rq_fast(int32_t acc, rq_t q)
+{
+    return ((int32_t)(((int64_t)acc * q.mult) >> 32) + q.add) >> q.t;
+}
+
+static inline int32_t clamp_out(int32_t v, const chan_fmt *f)
+{
+#ifdef ONNXC_SIMD
+    if (f->sat) return __ssat(v, 8);
+#endif
+    return onnxc_clamp8(v, f->lo, f->hi);
+}
+
+/* One output, any form. */
+static inline int8_t out8(int32_t acc, rq_t q, const chan_fmt *f)
+{
+    return (int8_t)clamp_out(f->wide ? rq_wide(acc, q) : rq_fast(acc, q), f);
+}
+
+/* ---- depthwise ----------------------------------------------------------------------------- */
+/* The input plane's rows copied into the padded plane `pad` (whose border onnxc_qconv_dw filled
+ * once with the input zero point, the real value 0), so that every window is whole and the zero
+ * point folds into the bias. Short rows are copied a word at a time (a memcpy call per row of 5
+ * bytes costs more than the row). */
+static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
+{
+    const int32_t H = p->h, W = p->w, n = WP - p->pl < W ? WP - p->pl : W;
+    const int32_t rows = HP - p->pt < H ? HP - p->pt : H;
+    int32_t r, i;
+    int8_t *row = pad + p->pt * WP + p->pl;
+    if (n <= 0) return;
+    if (n > 32) {
+        for (r = 0; r < rows; r++, row += WP, xp += W) memcpy(row, xp, (size_t)n);
+        return;
+    }
+    for (r = 0; r < rows; r++, row += WP, xp += W) {
+        for (i = 0; i + 4 <= n; i += 4) memcpy(row + i, xp + i, 4);
+        for (; i < n; i++) row[i] = xp[i];
+    }
+}
+
+/* One depthwise output plane (channel c) over the padded copy: 3x3 windows of dilation 1 with
+ * the nine weights in locals, no bounds checks, two outputs per step with the DSP extension
+ * (stride 1); each output requantized as it is made. */
+static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int32_t c, int8_t *yp, int8_t *pad,
+                     const onnxc_qconv_p *p, const chan_fmt *f)
+{
+    const int32_t OH = p->oh, OW = p->ow, KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw;
+    const int32_t DH = p->dh, DW = p->dw;
+    const int32_t HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW - 1) * SW + (KW - 1) * DW + 1;
+    const rq_t q = ch_rq(ch, c, f);
+    int32_t oh, ow, kh, kw, wsum = 0, base;
+    pad_plane(xp, pad, HP, WP, p);
+    for (kh = 0; kh < KH * KW; kh++) wsum += wp[kh];
+    base = ch_bias(ch, c, f) - p->x_zp * wsum;
+    if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
+        const int32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5], w6 = wp[6];
+        const int32_t w7 = wp[7], w8 = wp[8];
+        for (oh = 0; oh < OH; oh++) {
+            const int8_t *x0 = pad + oh * SH * WP, *x1 = x0 + WP, *x2 = x1 + WP;
+            int8_t *yr = yp + oh * OW;
+            ow = 0;
+#ifdef ONNXC_SIMD
+            if (SW == 1 && !f->wide) { /* two outputs a step: x0 x2 | x1 x3 of each input row as int16 pairs */
+                const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+                for (; ow + 2 <= OW; ow += 2, x0 += 2, x1 += 2, x2 += 2) {
+                    uint32_t v = ld32(x0);
+                    int32_t e = __sxtb16(v), o = sxtb16_ror8(v), a, b;
+                    a = __smlabb(o, m01, __smlad(e, e0, base)), b = __smlatb(e, m01, __smlad(o, e0, base));
+                    v = ld32(x1), e = __sxtb16(v), o = sxtb16_ror8(v);
+                    a = __smlabt(o, m01, __smlad(e, e1, a)), b = __smlatt(e, m01, __smlad(o, e1, b));
+                    v = ld32(x2), e = __sxtb16(v), o = sxtb16_ror8(v);
+                    a = __smlabb(o, w7, __smlad(e, e2, a)), b = __smlatb(e, w7, __smlad(o, e2, b));
+                    a = rq_fast(a, q), b = rq_fast(b, q);
+                    if (f->sat) {
+                        yr[ow] = (int8_t)__ssat(a, 8), yr[ow + 1] = (int8_t)__ssat(b, 8);
+                    } else {
+                        yr[ow] = onnxc_clamp8(a, f->lo, f->hi), yr[ow + 1] = onnxc_clamp8(b, f->lo, f->hi);
+                    }
+                }
+            }
+#endif
+            for (; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
+                yr[ow] = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
+                              + x2[0] * w6 + x2[1] * w7 + x2[2] * w8, q, f);
+            }
+        }
+    } else {
+        for (oh = 0; oh < OH; oh++) {
+            const int8_t *xo = pad + oh * SH * WP;
+            for (ow = 0; ow < OW; ow++, xo += SW) {
+                int32_t a = base;
+                for (kh = 0; kh < KH; kh++) {
+                    const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
+                    for (kw = 0; kw < KW; kw++) a += xr[kw * DW] * wr[kw];
+                }
+                *yp++ = out8(a, q, f);
+            }
+        }
+    }
+}
+
+void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
+                    const onnxc_qconv_p *p)
+{
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    int32_t plane, in_plane = p->h * p->w, out_plane = p->oh * p->ow, ksize = p->kh * p->kw;
+    int32_t HP = (p->oh - 1) * p->sh + (p->kh - 1) * p->dh + 1, WP = (p->ow - 1) * p->sw + (p->kw - 1) * p->dw + 1;
+    memset(scratch, p->x_zp, (size_t)(HP * WP)); /* the border; rows are copied per plane */
+    for (plane = 0; plane < p->n * p->c; plane++) {
+        int32_t m = plane % p->c;
+        dw_plane(x + plane * in_plane, w + m * ksize, ch, m, y + plane * out_plane, scratch, p, &f);
+    }
+}
+
+void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8_t *scratch,
+                            const onnxc_qconv_p *p)
+{
+    /* Output plane i ends where input plane i + 1 starts or before (oh * ow <= h * w): it only
+     * overwrites consumed input planes and plane i, copied to scratch first. */
+    onnxc_qconv_dw(xy, w, ch, xy, scratch, p);
+}
+
+/* ---- the GEMM core of the 1x1 and im2col convolutions ----------------------------------------
+ * k is padded to kp (a multiple of 4) with zero weights. Weights: blocks of 4 rows as
+ * [kp/4][4 rows][4 k] (one 32-bit word per row and 4 k, its bytes w0 w2 w1 w3), the m % 4 last
+ * rows plain [kp]. Two columns (pixels) are gathered as int16 minus the input zero point, 4 k of
+ * one then 4 k of the other ([kp/4][2][4]): with the DSP extension SXTB16 makes the pairs
+ * (w0, w1) and (w2, w3) of a weight word, and each SMLAD does two multiply-accumulates with the
+ * column words (x0, x1) and (x2, x3). */
+
+/* Position of k index i in column 0 (column 1: 4 further). */
+static inline int32_t col_pos(int32_t i)
+{
+    return (i & ~3) * 2 + (i & 3);
+}
+
+/* Rows 0 and 1 of a block of 4 (w: 4 bytes apart, groups of 4 k every 16 bytes) x two columns
+ * over kq groups: acc = {row 0 col 0, row 0 col 1, row 1 col 0, row 1 col 1}. */
+static void dot2x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1], b0 = acc[2], b1 = acc[3];
+    const int16_t *end = c + 8 * kq;
+    for (; c != end; c += 8, w += 16) {
+#ifdef ONNXC_SIMD
+        const onnxc_word *cw = (const onnxc_word *)(const void *)c; /* 8-byte groups, word aligned */
+        uint32_t x0a = cw[0], x0b = cw[1], x1a = cw[2], x1b = cw[3], u = ld32(w);
+        int32_t e = __sxtb16(u), o = sxtb16_ror8(u);
+        a0 = __smlad(x0b, o, __smlad(x0a, e, a0)), a1 = __smlad(x1b, o, __smlad(x1a, e, a1));
+        u = ld32(w + 4), e = __sxtb16(u), o = sxtb16_ror8(u);
+        b0 = __smlad(x0b, o, __smlad(x0a, e, b0)), b1 = __smlad(x1b, o, __smlad(x1a, e, b1));
+#else
+#define ONNXC_DOT4(x, q) ((x)[0] * (q)[0] + (x)[1] * (q)[2] + (x)[2] * (q)[1] + (x)[3] * (q)[3])
+        a0 += ONNXC_DOT4(c, w), a1 += ONNXC_DOT4(c + 4, w);
+        b0 += ONNXC_DOT4(c, w + 4), b1 += ONNXC_DOT4(c + 4, w + 4);
+#undef ONNXC_DOT4
+#endif
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = b0, acc[3] = b1;
+}
+
+/* One plain row (groups of 4 k every 4 bytes) x two columns. */
+static void dot1x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1];
+    for (; kq > 0; kq--, c += 8, w += 4) {
+        a0 += c[0] * w[0] + c[1] * w[2] + c[2] * w[1] + c[3] * w[3];
+        a1 += c[4] * w[0] + c[5] * w[2] + c[6] * w[1] + c[7] * w[3];
+    }
+    acc[0] = a0, acc[1] = a1;
+}
+
+/* One output channel of a GEMM layer decoded once per call (scratch): bias, multiplier and, on
+ * the fast path (t > 0), add and t of rq_fast; wide layers hold t = 0 and the shift in add. */
+typedef struct {
+    int32_t bias, mult, add, t;
+} rq_row;
+
+static void decode_rows(const int32_t *ch, int32_t c0, int32_t m, const chan_fmt *f, rq_row *tab)
+{
+    int32_t r;
+    for (r = 0; r < m; r++) {
+        const rq_t q = ch_rq(ch, c0 + r, f);
+        tab[r].bias = ch_bias(ch, c0 + r, f), tab[r].mult = q.mult;
+        tab[r].add = f->wide ? q.shift : q.add, tab[r].t = f->wide ? 0 : q.t;
+    }
+}
+
+static ONNXC_NOINLINE void store_wide(const int32_t *acc, int32_t ncols, const rq_row *r, int8_t *y,
+                                      const chan_fmt *f)
+{
+    rq_t q;
+    q.mult = r->mult, q.shift = r->add, q.zp = f->zp, q.t = q.add = 0;
+    y[0] = out8(acc[0], q, f);
+    if (ncols == 2) y[1] = out8(acc[1], q, f);
+}
+
+/* The two outputs of one row (ncols 1: the first only) to y[0] and y[1]. */
+static inline void store_row(const int32_t *acc, int32_t ncols, const rq_row *r, int8_t *y, const chan_fmt *f)
+{
+    int32_t v0, v1;
+    if (r->t <= 0) {
+        store_wide(acc, ncols, r, y, f);
+        return;
+    }
+    v0 = ((int32_t)(((int64_t)acc[0] * r->mult) >> 32) + r->add) >> r->t;
+    v1 = ((int32_t)(((int64_t)acc[1] * r->mult) >> 32) + r->add) >> r->t;
+#ifdef ONNXC_SIMD
+    if (f->sat) {
+        y[0] = (int8_t)__ssat(v0, 8);
+        if (ncols == 2) y[1] = (int8_t)__ssat(v1, 8);
+        return;
+    }
+#endif
+    y[0] = onnxc_clamp8(v0, f->lo, f->hi);
+    if (ncols == 2) y[1] = onnxc_clamp8(v1, f->lo, f->hi);
+}
+
+/* All m outputs (rows of tab) of two columns, to y[row * ys] and y[row * ys + 1]. */
+static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w,
+                      const rq_row *tab, int8_t *y, int32_t ys, const chan_fmt *f)
+{
+    const int32_t kq = kp / 4, full = m & ~3;
+    int32_t row, acc[4];
+    for (row = 0; row < full; row += 2, y += 2 * ys, tab += 2) {
+        acc[0] = acc[1] = tab[0].bias;
+        acc[2] = acc[3] = tab[1].bias;
+        dot2x2(cols, w + (row & ~3) * kp + (row & 3) * 4, kq, acc);
+        store_row(acc, ncols, tab, y, f);
+        store_row(acc + 2, ncols, tab + 1, y + ys, f);
+    }
+    for (; row < m; row++, y += ys, tab++) {
+        acc[0] = acc[1] = tab[0].bias;
+        dot1x2(cols, w + row * kp, kq, acc);
+        store_row(acc, ncols, tab, y, f);
+    }
+}
+
+/* Two pixels at a time: their c channels gathered into scratch (two columns; the last pixel of
+ * an odd count twice), then all m outputs. In place (m <= c), output slot (m, pixel) is input
+ * slot (m, pixel) of the same image or of an earlier one, already gathered. */
+static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
+                      const onnxc_qconv_p *p)
+{
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3, XZ = p->x_zp;
+    int16_t *cols = (int16_t *)(void *)scratch;
+    rq_row *tab = (rq_row *)(void *)(cols + 2 * kp);
+    int32_t n, px, c;
+    decode_rows(ch, 0, M, &f, tab);
+    for (c = C; c < kp; c++) cols[col_pos(c)] = cols[col_pos(c) + 4] = 0;
+    for (n = 0; n < p->n; n++) {
+        const int8_t *xin = x + n * C * hw;
+        int8_t *yout = y + n * M * hw;
+        for (px = 0; px < hw; px += 2) {
+            const int32_t ncols = px + 1 < hw ? 2 : 1, o1 = ncols - 1;
+            const int8_t *xc = xin + px;
+            int16_t *col = cols;
+            for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 8) {
+                col[0] = (int16_t)(xc[0] - XZ), col[1] = (int16_t)(xc[hw] - XZ);
+                col[2] = (int16_t)(xc[2 * hw] - XZ), col[3] = (int16_t)(xc[3 * hw] - XZ);
+                col[4] = (int16_t)(xc[o1] - XZ), col[5] = (int16_t)(xc[hw + o1] - XZ);
+                col[6] = (int16_t)(xc[2 * hw + o1] - XZ), col[7] = (int16_t)(xc[3 * hw + o1] - XZ);
+            }
+            for (; c < C; c++, xc += hw) {
+                cols[col_pos(c)] = (int16_t)(xc[0] - XZ);
+                cols[col_pos(c) + 4] = (int16_t)(xc[o1] - XZ);
+            }
+            gemm_cols(cols, ncols, kp, M, w, tab, yout + px, hw, &f);
+        }
+    }
+}
+
+void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
+                    const onnxc_qconv_p *p)
+{
+    pointwise(x, w, ch, y, scratch, p);
+}
+
+void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8_t *scratch,
+                            const onnxc_qconv_p *p)
+{
+    pointwise(xy, w, ch, xy, scratch, p);
+}
+
+/* One output pixel's window (c/g channels from xg, taps in c, kh, kw order) into column `col`:
+ * input minus its zero point, 0 where the window leaves the input. */
+static void gather_window(const int8_t *xg, int32_t o, int16_t *col, const onnxc_qconv_p *p)
+{
+    const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, DH = p->dh, DW = p->dw, XZ = p->x_zp;
+    const int32_t cg = p->c / p->group, ih0 = o / p->ow * p->sh - p->pt, iw0 = o % p->ow * p->sw - p->pl;
+    const int32_t inside = iw0 >= 0 && iw0 + (KW - 1) * DW < W;
+    int32_t cc, kh, kw, g = 0; /* g: position in the current group of 4 */
+    for (cc = 0; cc < cg; cc++) {
+        const int8_t *xc = xg + cc * H * W;
+        for (kh = 0; kh < KH; kh++) {
+            const int32_t ih = ih0 + kh * DH;
+            if (ih < 0 || ih >= H) {
+                for (kw = 0; kw < KW; kw++) {
+                    *col++ = 0;
+                    if (++g == 4) g = 0, col += 4;
+                }
+            } else if (inside) {
+                const int8_t *xr = xc + ih * W + iw0;
+                for (kw = 0; kw < KW; kw++) {
+                    *col++ = (int16_t)(xr[kw * DW] - XZ);
+                    if (++g == 4) g = 0, col += 4;
+                }
+            } else {
+                const int8_t *xr = xc + ih * W;
+                for (kw = 0; kw < KW; kw++) {
+                    const int32_t iw = iw0 + kw * DW;
+                    *col++ = (int16_t)(iw >= 0 && iw < W ? xr[iw] - XZ : 0);
+                    if (++g == 4) g = 0, col += 4;
+                }
+            }
+        }
+    }
+}
+
+/* Any convolution through im2col: for two output pixels at a time, each group's c/g * kh * kw
+ * window values are gathered into two columns (gather_window), then multiplied by the group's
+ * weight rows. */
+void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
+                          const onnxc_qconv_p *p)
+{
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    const int32_t cg = p->c / p->group, mg = p->m / p->group;
+    const int32_t k = cg * p->kh * p->kw, kp = (k + 3) & ~3, out_plane = p->oh * p->ow;
+    int16_t *cols = (int16_t *)(void *)scratch;
+    rq_row *tab = (rq_row *)(void *)(cols + 2 * kp);
+    int32_t n, g, px, i;
+    for (i = k; i < kp; i++) cols[col_pos(i)] = cols[col_pos(i) + 4] = 0;
+    for (n = 0; n < p->n; n++) {
+        for (g = 0; g < p->group; g++) {
+            const int8_t *xg = x + (n * p->c + g * cg) * p->h * p->w;
+            int8_t *yg = y + (n * p->m + g * mg) * out_plane;
+            decode_rows(ch, g * mg, mg, &f, tab);
+            for (px = 0; px < out_plane; px += 2) {
+                const int32_t ncols = px + 1 < out_plane ? 2 : 1;
+                gather_window(xg, px, cols, p);
+                gather_window(xg, px + ncols - 1, cols + 4, p);
+                gemm_cols(cols, ncols, kp, mg, w + g * mg * kp, tab, yg + px, out_plane, &f);
+            }
+        }
+    }
+}
+
+/* ---- dense ------------------------------------------------------------------------------- */
+/* Dot products of x[k] - x_zp with 4 interleaved weight rows (w[k][4]), and with one plain row. */
+static void dot4x1(const int8_t *x, const int8_t *w, int32_t k, int32_t xz, int32_t *acc)
+{
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (; k > 0; k--) {
+        int32_t v = *x++ - xz;
+        a0 += v * w[0];
+        a1 += v * w[1];
+        a2 += v * w[2];
+        a3 += v * w[3];
+        w += 4;
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+static int32_t dot1(const int8_t *x, const int8_t *w, int32_t k, int32_t xz, int32_t acc)
+{
+    int32_t i;
+    for (i = 0; i < k; i++) acc += (x[i] - xz) * w[i];
+    return acc;
+}
+
+void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p)
+{
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    int32_t i, j, r;
+    for (i = 0; i < p->m; i++) {
+        const int8_t *xi = x + i * p->k;
+        int8_t *yi = y + i * p->n;
+        for (j = 0; j + 4 <= p->n; j += 4) {
+            int32_t acc[4];
+            for (r = 0; r < 4; r++) acc[r] = ch_bias(ch, j + r, &f);
+            dot4x1(xi, w + j * p->k, p->k, p->x_zp, acc);
+            for (r = 0; r < 4; r++) yi[j + r] = out8(acc[r], ch_rq(ch, j + r, &f), &f);
+        }
+        for (; j < p->n; j++) {
+            yi[j] = out8(dot1(xi, w + j * p->k, p->k, p->x_zp, ch_bias(ch, j, &f)), ch_rq(ch, j, &f), &f);
+        }
+    }
+}
