@@ -116,16 +116,13 @@ def interleave(w: np.ndarray) -> np.ndarray:
 
 
 def gemm_layout(w: np.ndarray) -> np.ndarray:
-    """[rows][k] int8 weights as the int8 GEMM kernels read them: k padded with zeros to kp (a
-    multiple of 4), blocks of 4 rows as [kp/4][4 rows][4 k] (a 32-bit word per row and 4 k, its
-    bytes k0 k2 k1 k3, which SXTB16 splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with
-    the gathered columns), the rows % 4 last rows plain [kp]."""
+    """[rows][k] int8 weights as the int8 GEMM kernels read them: rows of k padded with zeros to
+    kp (a multiple of 4), each group of 4 k as bytes k0 k2 k1 k3 (a 32-bit word that SXTB16
+    splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with the gathered columns)."""
     rows, k = w.shape
     kp = -(-k // 4) * 4
-    w = np.pad(w, ((0, 0), (0, kp - k))).reshape(rows, kp // 4, 4)[:, :, [0, 2, 1, 3]].reshape(rows, kp)
-    full = rows // 4 * 4
-    blocks = w[:full].reshape(rows // 4, 4, kp // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
-    return np.concatenate([blocks, w[full:].reshape(-1)]).astype(np.int8)
+    w = np.pad(w, ((0, 0), (0, kp - k))).reshape(rows, kp // 4, 4)[:, :, [0, 2, 1, 3]]
+    return w.reshape(-1).astype(np.int8)
 
 
 def _clamp(lo: Lowerer, m: qdq.Match) -> tuple[int, int]:
@@ -303,7 +300,7 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         k = w[0].size
         rows = w.reshape(group, m // group, k)
         wa = _int8_const(lo, np.concatenate([gemm_layout(r) for r in rows]), f"w_{hint}")
-        words = -(-k // 4) * 4 + 4 * (m // group)  # two int16 columns of kp values, the decoded channels
+        words = 2 * -(-k // 4) * 4 + 3 * (m // group)  # four int16 columns of kp values, the decoded channels
         if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
             inplace = {"inplace": 0, "inplace_scratch": words,
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}

@@ -19,15 +19,15 @@
  * The generic kernels (onnxc_qconv2d, onnxc_qmatmul) read an int32 bias and `rq` words: a Q31
  * multiplier (its 25 high bits) and the right shift (its 6 low bits), rounding ties to even.
  *
- * Convolutions run as GEMMs over gathered pixel pairs (1x1 directly, others through im2col),
- * blocked 4 output channels x 2 pixels, with weights laid out by the exporter in the order the
- * loop reads them ("GEMM layout": k padded to kp, a multiple of 4, with zero weights; blocks of
- * 4 rows as [kp/4][4 rows][4 k], the m % 4 last rows plain [kp]; within each group of 4 k the
- * bytes are w0 w2 w1 w3). Pixels are gathered as int16 columns minus the input zero point, so
- * that the DSP extension (Cortex-M4: SXTB16 splits a weight word into the pairs (w0, w1) and
- * (w2, w3), SMLAD, as CMSIS-NN) does two multiply-accumulates per instruction; elsewhere the
- * same block runs in portable C99 with the same integer sums. Depthwise runs direct over a
- * zero-point-padded plane (3x3 unrolled). Requantization is fused into each kernel's loop.
+ * Convolutions run as GEMMs over four gathered pixels at a time (1x1 directly, others through
+ * im2col), one output channel's row of weights against the four columns, with weights laid out
+ * by the exporter in the order the loop reads them ("GEMM layout": rows of k padded to kp, a
+ * multiple of 4, with zero weights; within each group of 4 k the bytes are w0 w2 w1 w3). Pixels
+ * are gathered as int16 columns minus the input zero point, so that the DSP extension (Cortex-M4:
+ * SXTB16 splits a weight word into the pairs (w0, w1) and (w2, w3), SMLAD, as CMSIS-NN) does two
+ * multiply-accumulates per instruction; elsewhere the same loop runs in portable C99 with the
+ * same integer sums. Depthwise runs direct over a zero-point-padded plane (3x3 unrolled).
+ * Requantization is fused into each kernel's loop.
  */
 #ifndef ONNXC_INT8_H
 #define ONNXC_INT8_H
@@ -81,9 +81,9 @@ typedef struct {
  * With y32 non-NULL the raw sums are written there instead of y (ConvInteger). */
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
-/* Any convolution through im2col, two output pixels at a time: scratch holds their windows
- * (4 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and one group's channels
- * decoded (16 * m/group bytes); weights per group in the GEMM layout. */
+/* Any convolution through im2col, four output pixels at a time: scratch holds their windows
+ * (8 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and one group's channels
+ * decoded (12 * m/group bytes); weights per group in the GEMM layout. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
@@ -92,8 +92,8 @@ void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t 
                     const onnxc_qconv_p *p);
 void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8_t *scratch,
                             const onnxc_qconv_p *p);
-/* 1x1, stride 1, no padding, one group: weights in the GEMM layout (k = c); scratch holds two
- * pixels' channels (4 * kp bytes) and the m channels decoded (16 * m bytes). In place when m <= c. */
+/* 1x1, stride 1, no padding, one group: weights in the GEMM layout (k = c); scratch holds four
+ * pixels' channels (8 * kp bytes) and the m channels decoded (12 * m bytes). In place when m <= c. */
 void onnxc_qconv1x1(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p);
 void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8_t *scratch,

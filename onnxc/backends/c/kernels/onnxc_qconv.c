@@ -8,8 +8,10 @@
 
 #ifdef __GNUC__
 #define ONNXC_NOINLINE __attribute__((noinline))
+#define ONNXC_INLINE inline __attribute__((always_inline))
 #else
 #define ONNXC_NOINLINE
+#define ONNXC_INLINE inline
 #endif
 
 #if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
@@ -211,58 +213,65 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8
 }
 
 /* ---- the GEMM core of the 1x1 and im2col convolutions ----------------------------------------
- * k is padded to kp (a multiple of 4) with zero weights. Weights: blocks of 4 rows as
- * [kp/4][4 rows][4 k] (one 32-bit word per row and 4 k, its bytes w0 w2 w1 w3), the m % 4 last
- * rows plain [kp]. Two columns (pixels) are gathered as int16 minus the input zero point, 4 k of
- * one then 4 k of the other ([kp/4][2][4]): with the DSP extension SXTB16 makes the pairs
- * (w0, w1) and (w2, w3) of a weight word, and each SMLAD does two multiply-accumulates with the
- * column words (x0, x1) and (x2, x3). */
+ * Four output pixels at a time: their k input values are gathered as int16 minus the input zero
+ * point into four columns, interleaved by groups of 4 k ([kp/4][4 columns][4 k], k padded to kp,
+ * a multiple of 4, with zeros), then each output channel's row of weights ([m][kp], its bytes
+ * k0 k2 k1 k3 in each group of 4) is multiplied by the four columns. With the DSP extension,
+ * SXTB16 makes the pairs (k0, k1) and (k2, k3) of a weight word and each SMLAD does two
+ * multiply-accumulates with a column word: a weight word serves four pixels (17 instructions
+ * for 16 multiply-accumulates). */
 
-/* Position of k index i in column 0 (column 1: 4 further). */
+/* Position of k index i in column 0 (column j: 4 * j further). */
 static inline int32_t col_pos(int32_t i)
 {
-    return (i & ~3) * 2 + (i & 3);
+    return (i & ~3) * 4 + (i & 3);
 }
 
-/* Rows 0 and 1 of a block of 4 (w: 4 bytes apart, groups of 4 k every 16 bytes) x two columns
- * over kq groups: acc = {row 0 col 0, row 0 col 1, row 1 col 0, row 1 col 1}. */
-static void dot2x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
+/* One row of weights (w, kq groups of 4) times the four columns, added to s[0..3]. */
+static inline void dot1x4(const int16_t *c, const int8_t *w, int32_t kq, int32_t *s)
 {
-    int32_t a0 = acc[0], a1 = acc[1], b0 = acc[2], b1 = acc[3];
-    const int16_t *end = c + 8 * kq;
-    for (; c != end; c += 8, w += 16) {
 #ifdef ONNXC_SIMD
-        const onnxc_word *cw = (const onnxc_word *)(const void *)c; /* 8-byte groups, word aligned */
-        uint32_t x0a = cw[0], x0b = cw[1], x1a = cw[2], x1b = cw[3], u = ld32(w);
-        int32_t e = __sxtb16(u), o = sxtb16_ror8(u);
-        a0 = __smlad(x0b, o, __smlad(x0a, e, a0)), a1 = __smlad(x1b, o, __smlad(x1a, e, a1));
-        u = ld32(w + 4), e = __sxtb16(u), o = sxtb16_ror8(u);
-        b0 = __smlad(x0b, o, __smlad(x0a, e, b0)), b1 = __smlad(x1b, o, __smlad(x1a, e, b1));
+    int32_t s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+    uint32_t xa, xb, u, o;
+    if (kq <= 0) return;
+    __asm__ volatile("1:\n\t"
+                     "ldr %[u], [%[w]], #4\n\t"
+                     "sxtb16 %[o], %[u], ror #8\n\t"
+                     "sxtb16 %[u], %[u]\n\t"
+                     "ldrd %[xa], %[xb], [%[c]], #8\n\t"
+                     "smlad %[s0], %[xa], %[u], %[s0]\n\t"
+                     "smlad %[s0], %[xb], %[o], %[s0]\n\t"
+                     "ldrd %[xa], %[xb], [%[c]], #8\n\t"
+                     "smlad %[s1], %[xa], %[u], %[s1]\n\t"
+                     "smlad %[s1], %[xb], %[o], %[s1]\n\t"
+                     "ldrd %[xa], %[xb], [%[c]], #8\n\t"
+                     "smlad %[s2], %[xa], %[u], %[s2]\n\t"
+                     "smlad %[s2], %[xb], %[o], %[s2]\n\t"
+                     "ldrd %[xa], %[xb], [%[c]], #8\n\t"
+                     "smlad %[s3], %[xa], %[u], %[s3]\n\t"
+                     "smlad %[s3], %[xb], %[o], %[s3]\n\t"
+                     "subs %[n], %[n], #1\n\t"
+                     "bne 1b\n\t"
+                     : [s0] "+r"(s0), [s1] "+r"(s1), [s2] "+r"(s2), [s3] "+r"(s3), [c] "+r"(c), [w] "+r"(w),
+                       [n] "+r"(kq), [xa] "=&r"(xa), [xb] "=&r"(xb), [u] "=&r"(u), [o] "=&r"(o)
+                     :
+                     : "cc", "memory");
+    s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 #else
+    int32_t s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+    for (; kq > 0; kq--, c += 16, w += 4) {
 #define ONNXC_DOT4(x, q) ((x)[0] * (q)[0] + (x)[1] * (q)[2] + (x)[2] * (q)[1] + (x)[3] * (q)[3])
-        a0 += ONNXC_DOT4(c, w), a1 += ONNXC_DOT4(c + 4, w);
-        b0 += ONNXC_DOT4(c, w + 4), b1 += ONNXC_DOT4(c + 4, w + 4);
+        s0 += ONNXC_DOT4(c, w), s1 += ONNXC_DOT4(c + 4, w), s2 += ONNXC_DOT4(c + 8, w), s3 += ONNXC_DOT4(c + 12, w);
 #undef ONNXC_DOT4
+    }
+    s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 #endif
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = b0, acc[3] = b1;
 }
 
-/* One plain row (groups of 4 k every 4 bytes) x two columns. */
-static void dot1x2(const int16_t *c, const int8_t *w, int32_t kq, int32_t *acc)
-{
-    int32_t a0 = acc[0], a1 = acc[1];
-    for (; kq > 0; kq--, c += 8, w += 4) {
-        a0 += c[0] * w[0] + c[1] * w[2] + c[2] * w[1] + c[3] * w[3];
-        a1 += c[4] * w[0] + c[5] * w[2] + c[6] * w[1] + c[7] * w[3];
-    }
-    acc[0] = a0, acc[1] = a1;
-}
-
-/* One output channel of a GEMM layer decoded once per call (scratch): bias, multiplier and, on
- * the fast path (t > 0), add and t of rq_fast; wide layers hold t = 0 and the shift in add. */
+/* One output channel of a GEMM layer decoded once per call (scratch): bias, multiplier with t of
+ * rq_fast in its 5 low bits (t = 0: wide, add holds the shift), add. */
 typedef struct {
-    int32_t bias, mult, add, t;
+    int32_t bias, mult_t, add;
 } rq_row;
 
 static void decode_rows(const int32_t *ch, int32_t c0, int32_t m, const chan_fmt *f, rq_row *tab)
@@ -270,90 +279,91 @@ static void decode_rows(const int32_t *ch, int32_t c0, int32_t m, const chan_fmt
     int32_t r;
     for (r = 0; r < m; r++) {
         const rq_t q = ch_rq(ch, c0 + r, f);
-        tab[r].bias = ch_bias(ch, c0 + r, f), tab[r].mult = q.mult;
-        tab[r].add = f->wide ? q.shift : q.add, tab[r].t = f->wide ? 0 : q.t;
+        tab[r].bias = ch_bias(ch, c0 + r, f), tab[r].mult_t = q.mult | (f->wide ? 0 : q.t);
+        tab[r].add = f->wide ? q.shift : q.add;
     }
 }
 
-static ONNXC_NOINLINE void store_wide(const int32_t *acc, int32_t ncols, const rq_row *r, int8_t *y,
-                                      const chan_fmt *f)
+/* The n outputs of one row on the slow paths: wide requantization, fewer than 4 pixels. */
+static ONNXC_NOINLINE void row_out_any(const int32_t *s, int32_t n, const rq_row *r, int8_t *y, const chan_fmt *f)
 {
+    int32_t j;
     rq_t q;
-    q.mult = r->mult, q.shift = r->add, q.zp = f->zp, q.t = q.add = 0;
-    y[0] = out8(acc[0], q, f);
-    if (ncols == 2) y[1] = out8(acc[1], q, f);
+    q.mult = r->mult_t & ~31, q.t = r->mult_t & 31, q.add = r->add, q.shift = r->add, q.zp = f->zp; /* shift: wide */
+    for (j = 0; j < n; j++) y[j] = out8(s[j], q, f);
 }
 
-/* The two outputs of one row (ncols 1: the first only) to y[0] and y[1]. */
-static inline void store_row(const int32_t *acc, int32_t ncols, const rq_row *r, int8_t *y, const chan_fmt *f)
-{
-    int32_t v0, v1;
-    if (r->t <= 0) {
-        store_wide(acc, ncols, r, y, f);
-        return;
-    }
-    v0 = ((int32_t)(((int64_t)acc[0] * r->mult) >> 32) + r->add) >> r->t;
-    v1 = ((int32_t)(((int64_t)acc[1] * r->mult) >> 32) + r->add) >> r->t;
-#ifdef ONNXC_SIMD
-    if (f->sat) {
-        y[0] = (int8_t)__ssat(v0, 8);
-        if (ncols == 2) y[1] = (int8_t)__ssat(v1, 8);
-        return;
-    }
-#endif
-    y[0] = onnxc_clamp8(v0, f->lo, f->hi);
-    if (ncols == 2) y[1] = onnxc_clamp8(v1, f->lo, f->hi);
-}
-
-/* All m outputs (rows of tab) of two columns, to y[row * ys] and y[row * ys + 1]. */
+/* All m outputs (rows of tab) of four columns, to y[row * ys + j] for the ncols first. */
 static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w,
                       const rq_row *tab, int8_t *y, int32_t ys, const chan_fmt *f)
 {
-    const int32_t kq = kp / 4, full = m & ~3;
-    int32_t row, acc[4];
-    for (row = 0; row < full; row += 2, y += 2 * ys, tab += 2) {
-        acc[0] = acc[1] = tab[0].bias;
-        acc[2] = acc[3] = tab[1].bias;
-        dot2x2(cols, w + (row & ~3) * kp + (row & 3) * 4, kq, acc);
-        store_row(acc, ncols, tab, y, f);
-        store_row(acc + 2, ncols, tab + 1, y + ys, f);
-    }
-    for (; row < m; row++, y += ys, tab++) {
-        acc[0] = acc[1] = tab[0].bias;
-        dot1x2(cols, w + row * kp, kq, acc);
-        store_row(acc, ncols, tab, y, f);
+    const int32_t kq = kp / 4, lo = f->lo, hi = f->hi;
+#ifdef ONNXC_SIMD
+    const int32_t sat = f->sat;
+#endif
+    const rq_row *end = tab + m;
+    int32_t s[4];
+    for (; tab != end; tab++, w += kp, y += ys) {
+        s[0] = s[1] = s[2] = s[3] = tab->bias;
+        dot1x4(cols, w, kq, s);
+        if (ncols == 4 && (tab->mult_t & 31)) {
+            const int32_t mult = tab->mult_t & ~31, add = tab->add, sh = tab->mult_t & 31;
+            int32_t v0 = ((int32_t)(((int64_t)s[0] * mult) >> 32) + add) >> sh;
+            int32_t v1 = ((int32_t)(((int64_t)s[1] * mult) >> 32) + add) >> sh;
+            int32_t v2 = ((int32_t)(((int64_t)s[2] * mult) >> 32) + add) >> sh;
+            int32_t v3 = ((int32_t)(((int64_t)s[3] * mult) >> 32) + add) >> sh;
+#ifdef ONNXC_SIMD
+            if (sat) {
+                y[0] = (int8_t)__ssat(v0, 8), y[1] = (int8_t)__ssat(v1, 8);
+                y[2] = (int8_t)__ssat(v2, 8), y[3] = (int8_t)__ssat(v3, 8);
+                continue;
+            }
+#endif
+            y[0] = onnxc_clamp8(v0, lo, hi), y[1] = onnxc_clamp8(v1, lo, hi);
+            y[2] = onnxc_clamp8(v2, lo, hi), y[3] = onnxc_clamp8(v3, lo, hi);
+        } else {
+            row_out_any(s, ncols, tab, y, f);
+        }
     }
 }
 
-/* Two pixels at a time: their c channels gathered into scratch (two columns; the last pixel of
- * an odd count twice), then all m outputs. In place (m <= c), output slot (m, pixel) is input
- * slot (m, pixel) of the same image or of an earlier one, already gathered. */
+/* Four pixels at a time: their c channels gathered into scratch (four columns; the last pixel
+ * repeated where fewer are left), then all m outputs. In place (m <= c), output slot (m, pixel)
+ * is input slot (m, pixel) of the same image or of an earlier one, already gathered. */
 static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                       const onnxc_qconv_p *p)
 {
     const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
     const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3, XZ = p->x_zp;
     int16_t *cols = (int16_t *)(void *)scratch;
-    rq_row *tab = (rq_row *)(void *)(cols + 2 * kp);
-    int32_t n, px, c;
+    rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
+    int32_t n, px, c, j;
     decode_rows(ch, 0, M, &f, tab);
-    for (c = C; c < kp; c++) cols[col_pos(c)] = cols[col_pos(c) + 4] = 0;
+    for (c = C; c < kp; c++) {
+        for (j = 0; j < 4; j++) cols[col_pos(c) + 4 * j] = 0;
+    }
     for (n = 0; n < p->n; n++) {
         const int8_t *xin = x + n * C * hw;
         int8_t *yout = y + n * M * hw;
-        for (px = 0; px < hw; px += 2) {
-            const int32_t ncols = px + 1 < hw ? 2 : 1, o1 = ncols - 1;
+        for (px = 0; px < hw; px += 4) {
+            const int32_t ncols = hw - px < 4 ? hw - px : 4;
+            const int32_t o1 = ncols > 1 ? 1 : 0, o2 = ncols > 2 ? 2 : o1, o3 = ncols > 3 ? 3 : o2;
             const int8_t *xc = xin + px;
             int16_t *col = cols;
-            for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 8) {
-                col[0] = (int16_t)(xc[0] - XZ), col[1] = (int16_t)(xc[hw] - XZ);
-                col[2] = (int16_t)(xc[2 * hw] - XZ), col[3] = (int16_t)(xc[3 * hw] - XZ);
-                col[4] = (int16_t)(xc[o1] - XZ), col[5] = (int16_t)(xc[hw + o1] - XZ);
-                col[6] = (int16_t)(xc[2 * hw + o1] - XZ), col[7] = (int16_t)(xc[3 * hw + o1] - XZ);
+            for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 16) {
+                const int8_t *r1 = xc + hw, *r2 = r1 + hw, *r3 = r2 + hw;
+                col[0] = (int16_t)(xc[0] - XZ), col[1] = (int16_t)(r1[0] - XZ);
+                col[2] = (int16_t)(r2[0] - XZ), col[3] = (int16_t)(r3[0] - XZ);
+                col[4] = (int16_t)(xc[o1] - XZ), col[5] = (int16_t)(r1[o1] - XZ);
+                col[6] = (int16_t)(r2[o1] - XZ), col[7] = (int16_t)(r3[o1] - XZ);
+                col[8] = (int16_t)(xc[o2] - XZ), col[9] = (int16_t)(r1[o2] - XZ);
+                col[10] = (int16_t)(r2[o2] - XZ), col[11] = (int16_t)(r3[o2] - XZ);
+                col[12] = (int16_t)(xc[o3] - XZ), col[13] = (int16_t)(r1[o3] - XZ);
+                col[14] = (int16_t)(r2[o3] - XZ), col[15] = (int16_t)(r3[o3] - XZ);
             }
             for (; c < C; c++, xc += hw) {
-                cols[col_pos(c)] = (int16_t)(xc[0] - XZ);
-                cols[col_pos(c) + 4] = (int16_t)(xc[o1] - XZ);
+                cols[col_pos(c)] = (int16_t)(xc[0] - XZ), cols[col_pos(c) + 4] = (int16_t)(xc[o1] - XZ);
+                cols[col_pos(c) + 8] = (int16_t)(xc[o2] - XZ), cols[col_pos(c) + 12] = (int16_t)(xc[o3] - XZ);
             }
             gemm_cols(cols, ncols, kp, M, w, tab, yout + px, hw, &f);
         }
@@ -387,28 +397,28 @@ static void gather_window(const int8_t *xg, int32_t o, int16_t *col, const onnxc
             if (ih < 0 || ih >= H) {
                 for (kw = 0; kw < KW; kw++) {
                     *col++ = 0;
-                    if (++g == 4) g = 0, col += 4;
+                    if (++g == 4) g = 0, col += 12;
                 }
             } else if (inside) {
                 const int8_t *xr = xc + ih * W + iw0;
                 for (kw = 0; kw < KW; kw++) {
                     *col++ = (int16_t)(xr[kw * DW] - XZ);
-                    if (++g == 4) g = 0, col += 4;
+                    if (++g == 4) g = 0, col += 12;
                 }
             } else {
                 const int8_t *xr = xc + ih * W;
                 for (kw = 0; kw < KW; kw++) {
                     const int32_t iw = iw0 + kw * DW;
                     *col++ = (int16_t)(iw >= 0 && iw < W ? xr[iw] - XZ : 0);
-                    if (++g == 4) g = 0, col += 4;
+                    if (++g == 4) g = 0, col += 12;
                 }
             }
         }
     }
 }
 
-/* Any convolution through im2col: for two output pixels at a time, each group's c/g * kh * kw
- * window values are gathered into two columns (gather_window), then multiplied by the group's
+/* Any convolution through im2col: for four output pixels at a time, each group's c/g * kh * kw
+ * window values are gathered into four columns (gather_window), then multiplied by the group's
  * weight rows. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p)
@@ -417,18 +427,19 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
     const int32_t cg = p->c / p->group, mg = p->m / p->group;
     const int32_t k = cg * p->kh * p->kw, kp = (k + 3) & ~3, out_plane = p->oh * p->ow;
     int16_t *cols = (int16_t *)(void *)scratch;
-    rq_row *tab = (rq_row *)(void *)(cols + 2 * kp);
-    int32_t n, g, px, i;
-    for (i = k; i < kp; i++) cols[col_pos(i)] = cols[col_pos(i) + 4] = 0;
+    rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
+    int32_t n, g, px, i, j;
+    for (i = k; i < kp; i++) {
+        for (j = 0; j < 4; j++) cols[col_pos(i) + 4 * j] = 0;
+    }
     for (n = 0; n < p->n; n++) {
         for (g = 0; g < p->group; g++) {
             const int8_t *xg = x + (n * p->c + g * cg) * p->h * p->w;
             int8_t *yg = y + (n * p->m + g * mg) * out_plane;
             decode_rows(ch, g * mg, mg, &f, tab);
-            for (px = 0; px < out_plane; px += 2) {
-                const int32_t ncols = px + 1 < out_plane ? 2 : 1;
-                gather_window(xg, px, cols, p);
-                gather_window(xg, px + ncols - 1, cols + 4, p);
+            for (px = 0; px < out_plane; px += 4) {
+                const int32_t ncols = out_plane - px < 4 ? out_plane - px : 4;
+                for (j = 0; j < 4; j++) gather_window(xg, px + (j < ncols ? j : ncols - 1), cols + 4 * j, p);
                 gemm_cols(cols, ncols, kp, mg, w + g * mg * kp, tab, yg + px, out_plane, &f);
             }
         }
