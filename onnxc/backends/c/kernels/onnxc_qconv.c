@@ -130,6 +130,46 @@ static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, con
     }
 }
 
+#ifdef ONNXC_SIMD
+/* Two outputs of a 3x3 stride-1 window row pair: x0 x2 | x1 x3 of each input row as int16 pairs
+ * (SXTB16), weights packed as (w0, w2), (w3, w5), (w6, w8), (w1, w4) and w7. */
+static ONNXC_INLINE void dw3x3_pair(const int8_t *x0, int32_t WP, int32_t base, int32_t e0, int32_t e1, int32_t e2,
+                                    int32_t m01, int32_t w7, int32_t *pa, int32_t *pb)
+{
+    uint32_t v = ld32(x0);
+    int32_t e = __sxtb16(v), o = sxtb16_ror8(v), a, b;
+    a = __smlabb(o, m01, __smlad(e, e0, base)), b = __smlatb(e, m01, __smlad(o, e0, base));
+    v = ld32(x0 + WP), e = __sxtb16(v), o = sxtb16_ror8(v);
+    a = __smlabt(o, m01, __smlad(e, e1, a)), b = __smlatt(e, m01, __smlad(o, e1, b));
+    v = ld32(x0 + 2 * WP), e = __sxtb16(v), o = sxtb16_ror8(v);
+    *pa = __smlabb(o, w7, __smlad(e, e2, a)), *pb = __smlatb(e, w7, __smlad(o, e2, b));
+}
+
+/* One output row of a 3x3 stride-1 depthwise layer, two outputs a step; an odd last output is
+ * the second of a pair one to the left. sat: the clamp is [-128, 127] (a constant where inlined). */
+static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int32_t OW, int32_t base, int32_t e0,
+                                   int32_t e1, int32_t e2, int32_t m01, int32_t w7, rq_t q, const chan_fmt *f,
+                                   const int32_t sat)
+{
+    const int8_t *end = x0 + (OW & ~1);
+    int32_t a, b;
+    for (; x0 != end; x0 += 2, yr += 2) {
+        dw3x3_pair(x0, WP, base, e0, e1, e2, m01, w7, &a, &b);
+        a = rq_fast(a, q), b = rq_fast(b, q);
+        if (sat) {
+            yr[0] = (int8_t)__ssat(a, 8), yr[1] = (int8_t)__ssat(b, 8);
+        } else {
+            yr[0] = onnxc_clamp8(a, f->lo, f->hi), yr[1] = onnxc_clamp8(b, f->lo, f->hi);
+        }
+    }
+    if (OW & 1) {
+        dw3x3_pair(x0 - 1, WP, base, e0, e1, e2, m01, w7, &a, &b);
+        b = rq_fast(b, q);
+        yr[0] = sat ? (int8_t)__ssat(b, 8) : onnxc_clamp8(b, f->lo, f->hi);
+    }
+}
+#endif
+
 /* One depthwise output plane (channel c) over the padded copy: 3x3 windows of dilation 1 with
  * the nine weights in locals, no bounds checks, two outputs per step with the DSP extension
  * (stride 1); each output requantized as it is made. */
@@ -147,33 +187,24 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
     if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
         const int32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5], w6 = wp[6];
         const int32_t w7 = wp[7], w8 = wp[8];
-        for (oh = 0; oh < OH; oh++) {
-            const int8_t *x0 = pad + oh * SH * WP, *x1 = x0 + WP, *x2 = x1 + WP;
-            int8_t *yr = yp + oh * OW;
-            ow = 0;
 #ifdef ONNXC_SIMD
-            if (SW == 1 && !f->wide) { /* two outputs a step: x0 x2 | x1 x3 of each input row as int16 pairs */
-                const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
-                for (; ow + 2 <= OW; ow += 2, x0 += 2, x1 += 2, x2 += 2) {
-                    uint32_t v = ld32(x0);
-                    int32_t e = __sxtb16(v), o = sxtb16_ror8(v), a, b;
-                    a = __smlabb(o, m01, __smlad(e, e0, base)), b = __smlatb(e, m01, __smlad(o, e0, base));
-                    v = ld32(x1), e = __sxtb16(v), o = sxtb16_ror8(v);
-                    a = __smlabt(o, m01, __smlad(e, e1, a)), b = __smlatt(e, m01, __smlad(o, e1, b));
-                    v = ld32(x2), e = __sxtb16(v), o = sxtb16_ror8(v);
-                    a = __smlabb(o, w7, __smlad(e, e2, a)), b = __smlatb(e, w7, __smlad(o, e2, b));
-                    a = rq_fast(a, q), b = rq_fast(b, q);
-                    if (f->sat) {
-                        yr[ow] = (int8_t)__ssat(a, 8), yr[ow + 1] = (int8_t)__ssat(b, 8);
-                    } else {
-                        yr[ow] = onnxc_clamp8(a, f->lo, f->hi), yr[ow + 1] = onnxc_clamp8(b, f->lo, f->hi);
-                    }
+        if (SW == 1 && OW >= 2 && !f->wide) {
+            const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+            for (oh = 0; oh < OH; oh++) {
+                if (f->sat) {
+                    dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 1);
+                } else {
+                    dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 0);
                 }
             }
+            return;
+        }
 #endif
-            for (; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
-                yr[ow] = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
-                              + x2[0] * w6 + x2[1] * w7 + x2[2] * w8, q, f);
+        for (oh = 0; oh < OH; oh++) {
+            const int8_t *x0 = pad + oh * SH * WP, *x1 = x0 + WP, *x2 = x1 + WP;
+            for (ow = 0; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
+                *yp++ = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
+                             + x2[0] * w6 + x2[1] * w7 + x2[2] * w8, q, f);
             }
         }
     } else {
