@@ -3,8 +3,10 @@
 DS-CNN and the four digits samples are quantized once (static QDQ, per-channel weights, the
 calibration set), lowered, built into one host program (-O2, -Werror) and run on the test set
 against onnxruntime running the same QDQ model: top-1 agreement, outputs within one quantization
-step, digits accuracy against the float model, and flash/arena against the float build. The int8
-DS-CNN and MobileNet also run on the emulated Cortex-M4 and must match the host build bit for bit.
+step, digits accuracy against the float model, and flash/arena against the float build. Two
+digits samples clustered to 4 bits keep their codes (int8 codebooks) and must take less flash
+than the unclustered int8 build, with the same agreement. The int8 DS-CNN, MobileNet and the
+clustered MobileNet also run on the emulated Cortex-M4 and must match the host build bit for bit.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from onnxc.compiler.calibration import make_calibration
 from onnxc.compiler.canonical import canonicalize
 
 KWS_SAMPLES = 300
-# Per output channel an int8 layer stores its int32 bias and one requantization word besides its
-# weights: 8 bytes, against 4 bytes of float bias. Layers with few weights per channel (DS-CNN's and
-# MobileNet's 3x3 depthwise convolutions: 9) pay it most.
-WEIGHT_RATIO = {"mlp": 0.27, "vgg": 0.27, "resnet": 0.27, "mobilenet": 0.30, "ds_cnn": 0.30}
+# Per output channel an int8 layer stores its bias and requantization multiplier besides its weights,
+# packed in one word where they fit (requant.channel_table): layers with few weights per channel
+# (DS-CNN's and MobileNet's 3x3 depthwise convolutions: 9) pay it most.
+WEIGHT_RATIO = 0.27
+CLUSTERED = ("mlp", "mobilenet")  # 4-bit clustered in int8: codes in dense layers and in 1x1 convolutions
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,23 @@ def built(tmp_path_factory):
     return entries, exe, outputs
 
 
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """(name -> QDQ model of the 4-bit clustered sample, its int8 build), and their test-set outputs."""
+    x_test, _ = load_test_set()
+    entries = {}
+    for name in CLUSTERED:
+        res = onnxc.optimize(sample_path(name), passes=["cluster:bits=4"], calibration=CALIBRATION)
+        model = canonicalize(res.model)
+        cal = make_calibration(model, CALIBRATION, seed=0)
+        qdq, _ = quantize_for_c(model, ExportOptions(int8="static", calibration=cal))
+        entries[name] = (qdq, compile_model(qdq, f"{name}_c4"))
+    exe = build_generated([g for _, g in entries.values()], tmp_path_factory.mktemp("int8_c4"), opt="-O2")
+    outputs = {name: run_samples(exe, k, g, {"input": x_test})["logits"].reshape(len(x_test), -1)
+               for k, (name, (_, g)) in enumerate(entries.items())}
+    return entries, outputs
+
+
 def qdq_reference(qdq: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """onnxruntime running the QDQ model as written (dequantize, float op, quantize), without fusing
     it into its integer kernels: on x86 without VNNI (AVX2 only) those sum u8 x s8 pairs in saturating
@@ -62,16 +82,39 @@ def qdq_reference(qdq: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return runtime.run(sess, {"input": x})["logits"].reshape(len(x), -1)
 
 
+def assert_matches(name: str, gen, qdq: onnx.ModelProto, x: np.ndarray, ours: np.ndarray) -> None:
+    """Top-1 agreement and outputs within one quantization step of onnxruntime on >= 99%."""
+    ref = qdq_reference(qdq, x)
+    step = gen.prog.entry_int8.output_scale
+    agree = float(np.mean(ours.argmax(1) == ref.argmax(1)))
+    within = float(np.mean(np.abs(ours - ref) <= step * 1.001))
+    assert agree >= 0.99, (name, agree)
+    assert within >= 0.99, (name, within)
+
+
 def test_int8_matches_onnxruntime_on_the_test_sets(built):
     entries, _, outputs = built
     for name, (_, qdq, _, gen, x) in entries.items():
-        ours = outputs[name]
-        ref = qdq_reference(qdq, x)
-        step = gen.prog.entry_int8.output_scale
-        agree = float(np.mean(ours.argmax(1) == ref.argmax(1)))
-        within = float(np.mean(np.abs(ours - ref) <= step * 1.001))
-        assert agree >= 0.99, (name, agree)
-        assert within >= 0.99, (name, within)
+        assert_matches(name, gen, qdq, x, outputs[name])
+
+
+def test_clustered_int8_keeps_codes_in_less_flash(built, clustered, tmp_path):
+    """Clustered layers are stored as 4-bit codes with int8 codebooks (decoded in the kernels):
+    less flash than the unclustered int8 build, the same agreement with onnxruntime; and so
+    through `onnxc optimize -p cluster:bits=4 --backend c --int8`."""
+    entries, outputs = clustered
+    x_test, _ = load_test_set()
+    for name, (qdq, gen) in entries.items():
+        dense = built[0][name][3]
+        assert gen.prog.coded_int8, name
+        assert gen.weight_bytes < 0.8 * dense.weight_bytes, (name, gen.weight_bytes, dense.weight_bytes)
+        assert_matches(name, gen, qdq, x_test, outputs[name])
+    out = tmp_path / "net"
+    cmd = [sys.executable, "-m", "onnxc", "optimize", str(sample_path("mlp")), "-p", "cluster:bits=4", "--backend",
+           "c", "--int8", "static", "--calibration", str(CALIBRATION), "-o", str(out), "--name", "net"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    header = (out / "net.h").read_text()
+    assert f"#define NET_WEIGHT_BYTES {entries['mlp'][1].weight_bytes}" in header
 
 
 def test_int8_digits_accuracy_within_one_point_of_float(built):
@@ -89,20 +132,23 @@ def test_int8_digits_accuracy_within_one_point_of_float(built):
 def test_int8_weights_and_arena_against_the_float_build(built):
     entries, _, _ = built
     for name, (_, _, fgen, gen, _) in entries.items():
-        assert gen.weight_bytes <= WEIGHT_RATIO[name] * fgen.weight_bytes, (name, gen.weight_bytes, fgen.weight_bytes)
+        assert gen.weight_bytes <= WEIGHT_RATIO * fgen.weight_bytes, (name, gen.weight_bytes, fgen.weight_bytes)
         assert gen.arena_bytes <= 0.3 * fgen.arena_bytes, (name, gen.arena_bytes, fgen.arena_bytes)
         assert gen.prog.entry_int8 is not None, name
 
 
 @pytest.mark.skipif(not mps2.available(), reason="arm-none-eabi-gcc / qemu-system-arm not installed")
-def test_int8_on_cortex_m4_matches_host_bit_for_bit(built, tmp_path):
+def test_int8_on_cortex_m4_matches_host_bit_for_bit(built, clustered, tmp_path):
     """On the Cortex-M4 the GEMM and depthwise kernels take their DSP-extension (SMLAD) variant,
-    on the host the portable one: DS-CNN and MobileNet (stride 1 and 2 depthwise, residual Add)
-    must agree bit for bit, in one firmware."""
+    on the host the portable one: DS-CNN, MobileNet (stride 1 and 2 depthwise, residual Add) and
+    the clustered MobileNet (codes decoded in the GEMM) must agree bit for bit, in one firmware."""
     entries, _, outputs = built
+    x_digit = entries["mobilenet"][4][:1]
+    gens = {"ds_cnn": (entries["ds_cnn"][3], entries["ds_cnn"][4][:1]),
+            "mobilenet": (entries["mobilenet"][3], x_digit), "mobilenet_c4": (clustered[0]["mobilenet"][1], x_digit)}
+    outputs = {**outputs, "mobilenet_c4": clustered[1]["mobilenet"]}
     models = []
-    for name in ("ds_cnn", "mobilenet"):
-        gen, x = entries[name][3], entries[name][4][:1]
+    for name, (gen, x) in gens.items():
         gen.write(tmp_path)
         models.append((name, [x], [gen.prog.size("logits")]))
     (tmp_path / "main.c").write_text(mps2.firmware_main(models, timed=True))

@@ -63,7 +63,7 @@ class GeneratedModel:
                 "weight_bytes": self.weight_bytes, "naive_peak_bytes": naive_peak(prog),
                 "steps": len(prog.steps), "ops": dict(sorted(prog.source_ops.items())),
                 "in_place_steps": sorted(pl.inplace | _same_storage_steps(prog, pl)),
-                "clustered_weights": sum(1 for w in prog.weights.values() if w.codes),
+                "clustered_weights": sum(1 for w in prog.weights.values() if w.codes) + len(prog.coded_int8),
                 "scratch_bytes": {str(s): b.size for s, b in pl.scratch.items()},
                 "tensors": tensors}
 
@@ -134,8 +134,9 @@ def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx
         notes.append("no calibration file: int8 ranges come from random inputs")
     clustered = codebook_weights(model)
     if clustered:
-        notes.append(f"{len(clustered)} clustered weights re-quantized to dense int8 per channel "
-                     "(int8 codebooks are not kept)")
+        notes.append(f"{len(clustered)} clustered weights quantized to int8 per output channel; the int8 kernels keep "
+                     "those whose rows hold at most 16 values as 4-bit codes with an int8 codebook per output channel "
+                     "(report: clustered_weights)")
     q = quantize(model, "static", calibration, max_error=options.max_error, exact=True)
     return q.model, {"quant_format": q.quant_format, "per_channel": q.per_channel, "excluded_nodes": q.excluded,
                      "rel_l2_onnxruntime": q.rel_l2, "notes": notes + q.notes}

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnxc.backends.c import qdq
+from onnxc.backends.c import qcodes, qdq
 from onnxc.backends.c.lower_nn import pool_fields, spatial_pads
 from onnxc.backends.c.lowering import KERNEL_FILES, Lowerer, broadcast_strides, collapse, handles
 from onnxc.backends.c.program import SCRATCH, Arg, Call, Int8Entry, Program
@@ -115,14 +115,34 @@ def interleave(w: np.ndarray) -> np.ndarray:
     return np.concatenate([blocks, w[full:].reshape(-1)]).astype(np.int8)
 
 
-def gemm_layout(w: np.ndarray) -> np.ndarray:
-    """[rows][k] int8 weights as the int8 GEMM kernels read them: rows of k padded with zeros to
-    kp (a multiple of 4), each group of 4 k as bytes k0 k2 k1 k3 (a 32-bit word that SXTB16
-    splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with the gathered columns)."""
-    rows, k = w.shape
+def gemm_order(k: int) -> np.ndarray:
+    """For each of the kp stored positions of a GEMM weight row, the k index it holds (-1:
+    padding): k padded with zeros to kp (a multiple of 4), each group of 4 k stored as k0 k2 k1 k3
+    (a 32-bit word that SXTB16 splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with the
+    gathered columns)."""
     kp = -(-k // 4) * 4
-    w = np.pad(w, ((0, 0), (0, kp - k))).reshape(rows, kp // 4, 4)[:, :, [0, 2, 1, 3]]
-    return w.reshape(-1).astype(np.int8)
+    idx = np.arange(kp).reshape(kp // 4, 4)[:, [0, 2, 1, 3]].reshape(-1)
+    return np.where(idx < k, idx, -1)
+
+
+def gemm_layout(w: np.ndarray) -> np.ndarray:
+    """[rows][k] int8 weights as the int8 GEMM kernels read them: rows of kp in `gemm_order`."""
+    idx = gemm_order(w.shape[1])
+    return np.where(idx >= 0, w[:, np.maximum(idx, 0)], 0).astype(np.int8)
+
+
+def _gemm_weights(lo: Lowerer, rows: np.ndarray, hint: str) -> tuple[Arg, str]:
+    """A GEMM layer's weights [m][k] in `gemm_order`: dense, or as 4-bit codes (qcodes) when its
+    rows hold at most 16 values each; and the codebook table (or NULL)."""
+    idx = gemm_order(rows.shape[1])
+    coded = qcodes.row_codebooks(rows, idx.size)
+    if coded is None:
+        return _int8_const(lo, gemm_layout(rows).reshape(-1), f"w_{hint}"), "NULL"
+    codes, book = coded
+    lo.prog.coded_int8.append(hint)
+    ordered = np.where(idx >= 0, codes[:, np.maximum(idx, 0)], 0)
+    packed = qcodes.pack_nibbles(ordered).view(np.int8)
+    return _int8_const(lo, packed, f"w_{hint}_codes"), lo.const_array(book.reshape(-1), f"{hint}_codebook")
 
 
 def _clamp(lo: Lowerer, m: qdq.Match) -> tuple[int, int]:
@@ -244,9 +264,16 @@ def dense(lo: Lowerer, node: onnx.NodeProto, x: str, xq: qdq.QParams, rows: np.n
     n, k = rows.shape
     hint = node.name or y
     ch, pk = _channels(lo, bias, real, rows, xq, yq, hint)
-    fields = {"m": m, "n": n, "k": k, "x_zp": xq.z, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], **pk}
-    call = Call("onnxc_qdense", [Arg.t(x), _int8_const(lo, interleave(rows), f"w_{hint}"), ch,
-                                 Arg.t(y), lo.params("onnxc_qdense_p", fields, hint)])
+    coded = qcodes.row_codebooks(rows)
+    if coded is None:
+        wa, book = _int8_const(lo, interleave(rows), f"w_{hint}"), "NULL"
+    else:  # plain rows of codes, (k + 1) / 2 bytes each
+        lo.prog.coded_int8.append(hint)
+        packed = np.concatenate([qcodes.pack_nibbles(r) for r in coded[0]]).view(np.int8)
+        wa, book = _int8_const(lo, packed, f"w_{hint}_codes"), lo.const_array(coded[1].reshape(-1), f"{hint}_codebook")
+    fields = {"m": m, "n": n, "k": k, "x_zp": xq.z, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], **pk,
+              "codebook": book}
+    call = Call("onnxc_qdense", [Arg.t(x), wa, ch, Arg.t(y), lo.params("onnxc_qdense_p", fields, hint)])
     lo.step(node, node.op_type, [x], [y], [call])
 
 
@@ -283,9 +310,12 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         fields.update(pk)
     elif yq is not None:
         fields.update(_requant_tables(lo, acc_scale / yq.s, hint))
+    depthwise = fast and group == c == m
+    if fast and not depthwise:
+        wa, fields["codebook"] = _gemm_weights(lo, w.reshape(m, -1), hint)
     p = lo.params("onnxc_qconv_p", fields, hint)
     scratch = Arg(SCRATCH, "int8_t")
-    if fast and group == c == m:
+    if depthwise:
         wa = _int8_const(lo, w, f"w_{hint}")
         padded = [(ys[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(2)]
         words = -(-padded[0] * padded[1] // 4)  # the padded plane
@@ -298,9 +328,9 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         return
     if fast:  # GEMM over gathered pixel pairs: 1x1 directly, any other through im2col
         k = w[0].size
-        rows = w.reshape(group, m // group, k)
-        wa = _int8_const(lo, np.concatenate([gemm_layout(r) for r in rows]), f"w_{hint}")
         words = 2 * -(-k // 4) * 4 + 3 * (m // group)  # four int16 columns of kp values, the decoded channels
+        if fields["codebook"] != "NULL":
+            words += -(-k // 4)  # one decoded weight row
         if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
             inplace = {"inplace": 0, "inplace_scratch": words,
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}

@@ -36,6 +36,7 @@ from onnxc.backends.c.program import (
     WeightRef,
     c_literal,
 )
+from onnxc.backends.c.qcodes import pack_nibbles
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
 
@@ -280,12 +281,7 @@ class Lowerer:
                 return None  # codebooks do not follow output rows: expand
             row_base = self.int_table(rows[:, 0], f"{cl.name}_rows")
         flat = codes.reshape(-1).astype(np.uint8)
-        if cl.bits == 4:
-            if flat.size % 2:
-                flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-        else:
-            packed = flat
+        packed = pack_nibbles(flat) if cl.bits == 4 else flat
         codebook = cl.codebook if scale == 1.0 else (cl.codebook * np.float32(scale)).astype(np.float32)
         cname = self.cname(f"w_{cl.name}")
         self.prog.weights[cname] = WeightRef(

@@ -119,6 +119,7 @@ class Program:
     source_ops: dict[str, int] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)  # run-time tensor -> C type, when not float
     qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # int8 tensor -> (scale, zero point)
+    coded_int8: list[str] = field(default_factory=list)  # int8 layers whose weights are 4-bit codes (qcodes)
     entry_int8: Int8Entry | None = None
 
     def size(self, tensor: str) -> int:

@@ -28,6 +28,11 @@
  * multiply-accumulates per instruction; elsewhere the same loop runs in portable C99 with the
  * same integer sums. Depthwise runs direct over a zero-point-padded plane (3x3 unrolled).
  * Requantization is fused into each kernel's loop.
+ *
+ * Weights whose rows hold at most 16 distinct int8 values (clustered layers) may come as codes:
+ * 4 bits a weight, two a byte (low nibble first), in the order of the dense layout, with 16 int8
+ * values per output channel in `codebook` (onnxc/backends/c/qcodes.py); the GEMM kernels decode
+ * one row at a time into scratch (kp bytes more), the dense kernel as it reads.
  */
 #ifndef ONNXC_INT8_H
 #define ONNXC_INT8_H
@@ -76,6 +81,7 @@ typedef struct {
     const int32_t *rq;             /* onnxc_qconv2d: per output channel requantization (onnxc_requant) */
     const int32_t *w_zp;           /* onnxc_qconv2d: per output channel weight zero points (NULL: all 0) */
     int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the fast kernels' `ch` table (see above) */
+    const int8_t *codebook;        /* 1x1 and im2col: non-NULL, w holds 4-bit codes (see below) */
 } onnxc_qconv_p;
 /* Any convolution, for weight zero points or raw int32 sums: weights [m][c/group][kh][kw].
  * With y32 non-NULL the raw sums are written there instead of y (ConvInteger). */
@@ -104,8 +110,9 @@ typedef struct {
     int32_t m, n, k;               /* y[m][n] = (x[m][k] - x_zp) . w[n][k] + bias[n] */
     int32_t x_zp, y_zp, lo, hi;
     int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the `ch` table, per output column */
+    const int8_t *codebook;        /* non-NULL: w holds 4-bit codes, plain rows of (k + 1) / 2 bytes */
 } onnxc_qdense_p;
-/* Constant weight, interleaved ([n/4][k][4], then plain rows). */
+/* Constant weight, interleaved ([n/4][k][4], then plain rows), or codes. */
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p);
 
 typedef struct {

@@ -324,19 +324,31 @@ static ONNXC_NOINLINE void row_out_any(const int32_t *s, int32_t n, const rq_row
     for (j = 0; j < n; j++) y[j] = out8(s[j], q, f);
 }
 
-/* All m outputs (rows of tab) of four columns, to y[row * ys + j] for the ncols first. */
-static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w,
-                      const rq_row *tab, int8_t *y, int32_t ys, const chan_fmt *f)
+/* A row of kp weights from its codes (two a byte, low nibble first) and 16-entry codebook. */
+static void decode_row(const uint8_t *codes, const int8_t *cb, int32_t kp, int8_t *out)
 {
-    const int32_t kq = kp / 4, lo = f->lo, hi = f->hi;
+    const uint8_t *end = codes + kp / 2;
+    for (; codes != end; codes++, out += 2) out[0] = cb[*codes & 15], out[1] = cb[*codes >> 4];
+}
+
+/* All m outputs (rows of tab) of four columns, to y[row * ys + j] for the ncols first. Weight
+ * rows w ([m][kp]), or with cb non-NULL their codes ([m][kp / 2]), decoded into wbuf. */
+static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w, const int8_t *cb,
+                      int8_t *wbuf, const rq_row *tab, int8_t *y, int32_t ys, const chan_fmt *f)
+{
+    const int32_t kq = kp / 4, lo = f->lo, hi = f->hi, wstep = cb ? kp / 2 : kp;
 #ifdef ONNXC_SIMD
     const int32_t sat = f->sat;
 #endif
     const rq_row *end = tab + m;
     int32_t s[4];
-    for (; tab != end; tab++, w += kp, y += ys) {
+    for (; tab != end; tab++, w += wstep, y += ys) {
         s[0] = s[1] = s[2] = s[3] = tab->bias;
-        dot1x4(cols, w, kq, s);
+        if (cb) {
+            decode_row((const uint8_t *)(const void *)w, cb, kp, wbuf);
+            cb += 16;
+        }
+        dot1x4(cols, cb ? wbuf : w, kq, s);
         if (ncols == 4 && (tab->mult_t & 31)) {
             const int32_t mult = tab->mult_t & ~31, add = tab->add, sh = tab->mult_t & 31;
             int32_t v0 = ((int32_t)(((int64_t)s[0] * mult) >> 32) + add) >> sh;
@@ -368,6 +380,7 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_
     const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3, XZ = p->x_zp;
     int16_t *cols = (int16_t *)(void *)scratch;
     rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
+    int8_t *wbuf = (int8_t *)(void *)(tab + M);
     int32_t n, px, c, j;
     decode_rows(ch, 0, M, &f, tab);
     for (c = C; c < kp; c++) {
@@ -396,7 +409,7 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_
                 cols[col_pos(c)] = (int16_t)(xc[0] - XZ), cols[col_pos(c) + 4] = (int16_t)(xc[o1] - XZ);
                 cols[col_pos(c) + 8] = (int16_t)(xc[o2] - XZ), cols[col_pos(c) + 12] = (int16_t)(xc[o3] - XZ);
             }
-            gemm_cols(cols, ncols, kp, M, w, tab, yout + px, hw, &f);
+            gemm_cols(cols, ncols, kp, M, w, p->codebook, wbuf, tab, yout + px, hw, &f);
         }
     }
 }
@@ -459,6 +472,8 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
     const int32_t k = cg * p->kh * p->kw, kp = (k + 3) & ~3, out_plane = p->oh * p->ow;
     int16_t *cols = (int16_t *)(void *)scratch;
     rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
+    int8_t *wbuf = (int8_t *)(void *)(tab + mg);
+    const int32_t wstep = p->codebook ? kp / 2 : kp;
     int32_t n, g, px, i, j;
     for (i = k; i < kp; i++) {
         for (j = 0; j < 4; j++) cols[col_pos(i) + 4 * j] = 0;
@@ -471,7 +486,8 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
             for (px = 0; px < out_plane; px += 4) {
                 const int32_t ncols = out_plane - px < 4 ? out_plane - px : 4;
                 for (j = 0; j < 4; j++) gather_window(xg, px + (j < ncols ? j : ncols - 1), cols + 4 * j, p);
-                gemm_cols(cols, ncols, kp, mg, w + g * mg * kp, tab, yg + px, out_plane, &f);
+                gemm_cols(cols, ncols, kp, mg, w + g * mg * wstep, p->codebook ? p->codebook + g * mg * 16 : NULL,
+                          wbuf, tab, yg + px, out_plane, &f);
             }
         }
     }
@@ -500,10 +516,31 @@ static int32_t dot1(const int8_t *x, const int8_t *w, int32_t k, int32_t xz, int
     return acc;
 }
 
+/* The same from a row's codes and codebook (codes two a byte, low nibble first). */
+static int32_t dot1_codes(const int8_t *x, const uint8_t *codes, const int8_t *cb, int32_t k, int32_t xz, int32_t acc)
+{
+    int32_t i;
+    for (i = 0; i + 2 <= k; i += 2, codes++) acc += (x[i] - xz) * cb[*codes & 15] + (x[i + 1] - xz) * cb[*codes >> 4];
+    if (k & 1) acc += (x[k - 1] - xz) * cb[*codes & 15];
+    return acc;
+}
+
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p)
 {
     const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
     int32_t i, j, r;
+    if (p->codebook) {
+        const int32_t rb = (p->k + 1) / 2; /* code bytes a row */
+        for (i = 0; i < p->m; i++) {
+            for (j = 0; j < p->n; j++) {
+                const uint8_t *codes = (const uint8_t *)(const void *)(w + j * rb);
+                const int32_t acc = dot1_codes(x + i * p->k, codes, p->codebook + 16 * j, p->k, p->x_zp,
+                                               ch_bias(ch, j, &f));
+                y[i * p->n + j] = out8(acc, ch_rq(ch, j, &f), &f);
+            }
+        }
+        return;
+    }
     for (i = 0; i < p->m; i++) {
         const int8_t *xi = x + i * p->k;
         int8_t *yi = y + i * p->n;
