@@ -24,6 +24,7 @@ import onnxc
 from onnxc.backends import ExportOptions
 from onnxc.backends.c import compile_model, mps2, quantize_for_c
 from onnxc.backends.c.reference_models import ds_cnn
+from onnxc.backends.c.requant import channel_table, layout
 from onnxc.backends.c.toolchain import build_generated, run_samples
 from onnxc.compiler import runtime
 from onnxc.compiler.calibration import make_calibration
@@ -158,6 +159,29 @@ def test_int8_on_cortex_m4_matches_host_bit_for_bit(built, clustered, tmp_path):
     for name, _, _ in models:
         assert printed[f"{name}.out0"].view("<u4").tolist() == outputs[name][0].view("<u4").tolist(), name
         assert 0 < counts[name] < 20_000_000, (name, counts[name])
+
+
+def test_channel_table_packs_exact_multipliers_only():
+    """One word per channel holds the bias and a multiplier that the mantissa holds exactly (what
+    scale_snap makes of the flow's scales); arbitrary multipliers keep {bias, 25-bit word} pairs."""
+    rng = np.random.default_rng(0)
+    bias = rng.integers(-3000, 3000, 64)
+    real = rng.uniform(2.0 ** -9, 2.0 ** -6, 64)
+    bound = np.full(64, 1 << 20)
+    assert not channel_table(bias, real, bound, -128).packed
+    lay = layout(bias, real)
+    assert lay is not None and np.abs(lay.real / real - 1).max() < 2.0 ** -16
+    table = channel_table(bias, lay.real, bound, -128)
+    f = table.fields
+    assert table.packed and table.words.size == 64
+    w = table.words.astype(np.int64) & 0xFFFFFFFF  # decoded as onnxc_qconv.c does
+    b, d = f["pk_bias"], f["pk_delta"]
+    mb = 32 - b - d
+    signed = np.where(w >> 31, w - (1 << 32), w)
+    assert (signed >> (32 - b) == bias).all()
+    mult = (1 << 30) | (((w << b) & 0xFFFFFFFF) >> (b + d)) << (30 - mb)
+    shift = f["pk_shift"] + (w & ((1 << d) - 1))
+    assert np.array_equal(np.ldexp(mult.astype(np.float64), (-shift).astype(np.int32)), lay.real)
 
 
 def test_export_c_int8(tmp_path):

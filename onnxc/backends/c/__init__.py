@@ -24,6 +24,7 @@ from onnxc.backends.c.lowering import lower
 from onnxc.backends.c.planner import Plan, naive_peak, plan
 from onnxc.backends.c.prepare import prepare
 from onnxc.backends.c.program import Program
+from onnxc.backends.c.scale_snap import snap_weight_scales
 from onnxc.backends.c.weights import weight_bytes
 from onnxc.errors import OnnxcError, UsageError
 
@@ -120,7 +121,8 @@ def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
 
 def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx.ModelProto, dict]:
     """The QDQ model of our onnxruntime int8 flow (same calibration, per-channel weights, per-node
-    sensitivity exclusion under --max-error), which the C backend lowers to integer kernels."""
+    sensitivity exclusion under --max-error), which the C backend lowers to integer kernels, with
+    its weight scales snapped for exact packing (`scale_snap`)."""
     from onnxc.backends.ort import codebook_weights
     from onnxc.backends.ort_quant import quantize
     from onnxc.compiler.calibration import make_calibration
@@ -138,5 +140,9 @@ def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx
                      "those whose rows hold at most 16 values as 4-bit codes with an int8 codebook per output channel "
                      "(report: clustered_weights)")
     q = quantize(model, "static", calibration, max_error=options.max_error, exact=True)
+    snapped = snap_weight_scales(q.model)
+    if snapped:
+        notes.append(f"{len(snapped)} layers: weight scales moved by < 2^-16 so that each channel's bias and "
+                     "requantization multiplier pack exactly in one word")
     return q.model, {"quant_format": q.quant_format, "per_channel": q.per_channel, "excluded_nodes": q.excluded,
                      "rel_l2_onnxruntime": q.rel_l2, "notes": notes + q.notes}
