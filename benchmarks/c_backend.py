@@ -15,8 +15,9 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
 
 - with `--int8`: each model also exported in int8 (the QDQ model of our onnxruntime flow, lowered
   to integer kernels), and a second table puts float and int8 side by side: Cortex-M4
-  instructions per inference (qemu `-icount shift=0`, SysTick), weights, flash and RAM; a third
-  puts both beside onnx2c's float build. onnx2c is on neither PyPI nor Debian, so its figures
+  instructions per inference (qemu `-icount shift=0`, SysTick), weights, flash and RAM (the
+  4-bit clustered variants too, whose int8 layers keep their codes); a third puts both beside
+  onnx2c's float build. onnx2c is on neither PyPI nor Debian, so its figures
   are the ones recorded in issue 13 (host instructions with callgrind, gcc -O2; Cortex-M4 RAM),
   labelled as such, beside ours measured here (host callgrind of NAME_run, -O2, and the M4).
 
@@ -87,7 +88,7 @@ def main() -> None:
     try:
         entries = models([n for n in args.light.split(",") if n])
         if args.int8:
-            int8_table([e for e in entries if not e[0].endswith("_c4")], work / "int8")
+            int8_table(entries, work / "int8")
             return
         run(entries, work, qemu=not args.no_qemu and mps2.available(), callgrind=not args.no_callgrind)
     finally:
@@ -161,14 +162,21 @@ def int8_table(entries, work: Path) -> None:
                                                                                                  (qgen, "q")))
         host = host_instructions([compile_model(canonical, f"{name}_f"), compile_model(qdq, f"{name}_q")], feed,
                                  work / f"{name}_host")
-        rows.append({"name": name, "host": host, "m4": (fi, qi), "ram": (ffp["ram"], qfp["ram"])})
+        rows.append({"name": name, "host": host, "m4": (fi, qi), "ram": (ffp["ram"], qfp["ram"]),
+                     "weights": qgen.weight_bytes})
         print(f"{name:10s} {fi / 1e6:14.2f}M {qi / 1e6:11.2f}M {qi / fi:6.2f} {_kb(fgen.weight_bytes):>10s} "
               f"{_kb(qgen.weight_bytes):>9s} {qgen.weight_bytes / fgen.weight_bytes:6.3f} {_kb(ffp['flash']):>9s} "
               f"{_kb(qfp['flash']):>9s} {_kb(ffp['ram']):>9s} {_kb(qfp['ram']):>9s} "
               f"{qgen.arena_bytes / fgen.arena_bytes:11.3f}", flush=True)
     print("\nM4 instr: instructions of one NAME_run on the mps2-an386 Cortex-M4 under qemu -icount shift=0 "
           f"(SysTick, to {mps2.INSTRUCTIONS_PER_TICK}); int8 runs the float entry point (quantize in, dequantize out)")
-    onnx2c_table(rows)
+    by = {r["name"]: r for r in rows}
+    for name in by:
+        if name.endswith("_c4") and name[:-3] in by:
+            c, d = by[name], by[name[:-3]]
+            print(f"{name}: int8 4-bit clustered / int8 dense: weights {c['weights'] / d['weights']:.3f}, "
+                  f"M4 instructions {c['m4'][1] / d['m4'][1]:.2f}")
+    onnx2c_table([r for r in rows if not r["name"].endswith("_c4")])
 
 
 def run(entries, work: Path, *, qemu: bool, callgrind: bool) -> None:
