@@ -184,6 +184,53 @@ def test_channel_table_packs_exact_multipliers_only():
     assert np.array_equal(np.ldexp(mult.astype(np.float64), (-shift).astype(np.int32)), lay.real)
 
 
+def _qlinear_conv(rng, y_scale: float, k: int, group: int) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A QLinearConv (uint8, 6 -> 6 channels, 7x5) and its exact result on 3 inputs: integer sums,
+    then round(acc * x_scale * w_scale / y_scale) in float64 (onnxruntime's own QLinearConv is no
+    reference on this CPU: its u8s8 kernels saturate int16 pair sums)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, h, w_ = 6, 7, 5
+    w = rng.integers(-127, 128, (c, c // group, k, k)).astype(np.int8)
+    b = rng.integers(-500, 500, c).astype(np.int32)
+    ws = (0.01 * rng.uniform(0.5, 2, c)).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for v, n in (
+        (np.array(0.05, np.float32), "xs"), (np.array(3, np.uint8), "xz"), (w, "w"), (ws, "ws"),
+        (np.zeros(c, np.int8), "wz"), (np.array(y_scale, np.float32), "ys"), (np.array(128, np.uint8), "yz"),
+        (b, "b"))]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"],
+                            pads=[k // 2] * 4, group=group)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, h, w_])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, c, h, w_])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.integers(0, 256, (3, 1, c, h, w_)).astype(np.uint8)
+    xp = np.pad(x[:, 0].astype(np.int64) - 3, ((0, 0), (0, 0), (k // 2,) * 2, (k // 2,) * 2))
+    acc = np.zeros((3, c, h, w_), np.int64) + b[None, :, None, None]
+    cg = c // group
+    for o in range(c):
+        g = o // cg
+        for i in range(k * k):
+            win = xp[:, g * cg:(g + 1) * cg, i // k:i // k + h, i % k:i % k + w_]
+            acc[:, o] += np.einsum("nchw,c->nhw", win, w[o, :, i // k, i % k].astype(np.int64))
+    real = np.float64(np.float32(0.05)) * ws.astype(np.float64)[None, :, None, None] / np.float64(np.float32(y_scale))
+    return model, x, np.clip(np.rint(acc * real) + 128, 0, 255).astype(np.uint8)
+
+
+def test_int8_fast_kernels_are_exact_at_any_multiplier(tmp_path):
+    """1x1, im2col and depthwise kernels with multipliers from 5 down to 2e-8 (the 64-bit path at
+    both ends, the 32-bit one between) equal exact integer arithmetic."""
+    rng = np.random.default_rng(0)
+    cases = [(ys, k, group) for ys in (1e-4, 0.02, 40.0, 2e4) for k, group in ((1, 1), (3, 1), (3, 6))]
+    built = [_qlinear_conv(rng, *case) for case in cases]
+    gens = [compile_model(model, f"q{i}") for i, (model, _, _) in enumerate(built)]
+    wide = [dict(p.fields).get("rq_wide") for g in gens for p in g.prog.params.values() if "rq_wide" in dict(p.fields)]
+    assert 0 in wide and 1 in wide
+    exe = build_generated(gens, tmp_path, opt="-O2")
+    for i, ((_, x, ref), gen) in enumerate(zip(built, gens)):
+        out = run_samples(exe, i, gen, {"x": x[:, 0]})["y"].reshape(ref.shape)
+        assert np.array_equal(out, ref), cases[i]
+
+
 def test_export_c_int8(tmp_path):
     out = tmp_path / "net"
     report = onnxc.export(sample_path("mlp"), "c", out, int8="static", calibration=CALIBRATION, name="net")
