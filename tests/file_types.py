@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
 import corpus
+import numpy as np
 
 # Type -> extensions looked for. A type's expected label is the one model label whose extension
 # list in magika's knowledge base holds the extension (none when several or none do, e.g. .h).
@@ -54,7 +53,14 @@ def roots() -> list[Path]:
     """Where files are looked for: the standard library (with site-packages), /usr/share, /usr/lib."""
     paths = sysconfig.get_paths()
     found = [Path(paths["stdlib"]), Path(paths["purelib"]), Path("/usr/share"), Path("/usr/lib")]
-    return [p for p in dict.fromkeys(found) if p.is_dir()]
+    return _outermost([p for p in found if p.is_dir()])
+
+
+def _outermost(folders: list[Path]) -> list[Path]:
+    """The folders without those inside another (site-packages lives in the standard library's)."""
+    real = [p.resolve() for p in folders]
+    return [p for p, r in zip(folders, real)
+            if r not in real[:real.index(r)] and not any(o != r and o in r.parents for o in real)]
 
 
 # ---- magika's pipeline -------------------------------------------------------------------------
