@@ -68,7 +68,8 @@ def test_size_target_keeps_labels_on_other_files(files, tmp_path):
     assert alloc["achieved"] == pytest.approx(after / before, abs=0.005)  # judged on the file, not tensors
     conv = {m["level"]: m["saving"]["bytes"] for m in alloc["sensitivity"]["measurements"]
             if m["name"].endswith("Conv_0/Conv2D")}
-    assert conv[8] < conv[6] < conv[4]  # 6-bit codes are stored at 6 bits: a level that saves bytes
+    weights = 512 * 256 * 5
+    assert conv[6] - conv[8] >= 0.95 * weights * 2 / 8  # 6-bit codes take 6 bits, not a byte
     ref = file_types.labels(list(run(load(source), {"bytes": test.features}).values()))
     got = file_types.labels(list(run(load(out), {"bytes": test.features}).values()))
     assert np.mean([a == b for a, b in zip(ref, got)]) >= 0.95  # 8-bit where it matters: labels kept

@@ -162,13 +162,13 @@ def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
             pass_id, options = parse_spec(p)
             if pass_id in ("prune", "svd", "tucker"):
                 options.setdefault("round_to", str(ROUND_TO))
-            if pass_id == "cluster":  # 5-7 bit codes in bytes would save nothing over 8 bits
-                options.setdefault("packing", "tight")
             p = create(pass_id, options)
         if p.id not in LEVELS:
             from onnxc.errors import UsageError
 
             raise UsageError(f"--target allocates across {', '.join(LEVELS)}; '{p.id}' has no per-layer levels")
+        if p.id == "cluster" and p.packing == "auto":  # 5-7 bit codes in bytes would save nothing over 8 bits
+            p = replace(p, packing="tight")
         out[p.id] = p
     return out
 
