@@ -48,7 +48,18 @@ def main() -> None:
     cal, test = data.subset("calibration"), data.subset("test")
     print(f"{len(cal.paths)} calibration and {len(test.paths)} test files, {len(data.counts())} types "
           f"({', '.join(f'{t} {n}' for t, n in sorted(data.counts().items()))})", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix="onnxc-magika-"))
+    with tempfile.TemporaryDirectory(prefix="onnxc-magika-") as folder:
+        rows = compare(model_path, Path(folder), cal, test, args)
+    print(f"{'magika (' + str(len(test.paths)) + ' test files)':<34} {'agree':>7} {'ext.acc':>7} {'file':>6} "
+          f"{'error':>7} {'seconds':>7}  chosen")
+    for how, agree, right, size, error, seconds, note in rows:
+        print(f"{how:<34} {agree:>6.2f}% {right:>6.2f}% {size:>5.3f}x {error:>7.4f} {seconds:>7.1f}  {note}")
+    print(f"agree: magika's output label equals the original model's; ext.acc: equals the extension's label "
+          f"({sum(1 for e in test.expected if e)} files whose extension names one type)")
+
+
+def compare(model_path: str, tmp: Path, cal, test, args) -> list[tuple]:
+    """One row per setting: (name, agreement %, extension accuracy %, file ratio, error, seconds, chosen)."""
     np.savez(tmp / "cal.npz", bytes=cal.features)
     original = load(model_path)
     ref_labels = file_types.labels(outputs(original, test.features))
@@ -79,12 +90,7 @@ def main() -> None:
                 f"{k.split('/')[-2]}@{v:g}" for k, v in sorted(alloc["chosen"].items()))
         rows.append((how, *scores(labels), os.path.getsize(out) / size_before, r.report.fidelity["error"],
                      seconds, note))
-    print(f"{'magika (' + str(len(test.paths)) + ' test files)':<34} {'agree':>7} {'ext.acc':>7} {'file':>6} "
-          f"{'error':>7} {'seconds':>7}  chosen")
-    for how, agree, right, size, error, seconds, note in rows:
-        print(f"{how:<34} {agree:>6.2f}% {right:>6.2f}% {size:>5.3f}x {error:>7.4f} {seconds:>7.1f}  {note}")
-    print(f"agree: magika's output label equals the original model's; ext.acc: equals the extension's label "
-          f"({len(known)} files whose extension names one type)")
+    return rows
 
 
 if __name__ == "__main__":
