@@ -26,6 +26,12 @@ CORPUS = {
     # PP-OCRv4 text-line recognizer (10.9 MB, ~650 MMAC at 1x3x48x320): CTC over 6625 characters
     "ppocr_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
 }
+# Files a model's own pipeline needs, kept beside it: corpus file name -> member of the same wheel
+# (magika's label list, thresholds and padding token; its content types' text/binary flags).
+EXTRAS = {
+    "magika": {"magika_config.json": "magika/models/standard_v3_3/config.min.json",
+               "magika_content_types.json": "magika/config/content_types_kb.min.json"},
+}
 
 
 def corpus_dir() -> Path:
@@ -33,10 +39,11 @@ def corpus_dir() -> Path:
 
 
 def fetch(name: str) -> Path:
-    """Path of the corpus model `name`, downloading its wheel once."""
+    """Path of the corpus model `name` (its EXTRAS beside it), downloading its wheel once."""
     requirement, member = CORPUS[name]
     target = corpus_dir() / f"{name}.onnx"
-    if target.exists() and target.stat().st_size > 0:
+    wanted = {target: member, **{corpus_dir() / f: m for f, m in EXTRAS.get(name, {}).items()}}
+    if all(p.exists() and p.stat().st_size > 0 for p in wanted):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,10 +51,10 @@ def fetch(name: str) -> Path:
                        check=True, stdout=subprocess.DEVNULL)
         [wheel] = list(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(member)
-    partial = target.with_suffix(".part")
-    partial.write_bytes(data)
-    partial.replace(target)
+            for path, inner in wanted.items():
+                partial = path.with_suffix(".part")
+                partial.write_bytes(zf.read(inner))
+                partial.replace(path)
     return target
 
 

@@ -34,6 +34,11 @@ def _fetcher():
     return module
 
 
+def directory() -> Path:
+    """The corpus folder (models and the files their pipelines need, see fetch_corpus.EXTRAS)."""
+    return _fetcher().corpus_dir()
+
+
 def path(name: str) -> Path:
     if name in LOCAL:
         return LOCAL[name]

@@ -27,7 +27,7 @@ from onnxc.backends.ort_quant import first_line, quantize
 from onnxc.compiler import runtime
 from onnxc.compiler.calibration import make_calibration, random_inputs
 from onnxc.compiler.interface import MODEL_FIELDS
-from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
+from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, serialized_bytes, tensor_bytes
 from onnxc.compiler.verify import compare_outputs
 from onnxc.errors import OnnxcError, UsageError, VerificationError
 
@@ -83,7 +83,7 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
         size = _size(staged)
         for path in _with_data(staged):
             os.replace(path, out.parent / path.name)
-    float_bytes = _serialized_bytes(model)
+    float_bytes = serialized_bytes(model)
     return {
         "backend": "onnxruntime", "onnxruntime": ort.__version__, "output": str(out), "format": fmt,
         "level": options.level, "optimization": f"ORT_ENABLE_{level_name.upper()}",
@@ -244,8 +244,3 @@ def _with_data(path: Path) -> list[Path]:
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in _with_data(path))
-
-
-def _serialized_bytes(model: onnx.ModelProto) -> int:
-    size = tensor_bytes(model)
-    return model.ByteSize() if size <= EXTERNAL_DATA_THRESHOLD else size

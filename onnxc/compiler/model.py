@@ -68,6 +68,13 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in _all_tensors(model.graph))
 
 
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model as a file (tensors, nodes, names, shapes); past ~2 GB, where
+    `ByteSize()` raises and tensors go to external data anyway, the tensor bytes."""
+    size = tensor_bytes(model)
+    return model.ByteSize() if size <= EXTERNAL_DATA_THRESHOLD else size
+
+
 _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4,
          onnx.TensorProto.STRING: 0}
 

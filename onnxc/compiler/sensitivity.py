@@ -167,6 +167,8 @@ def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
             from onnxc.errors import UsageError
 
             raise UsageError(f"--target allocates across {', '.join(LEVELS)}; '{p.id}' has no per-layer levels")
+        if p.id == "cluster" and p.packing == "auto":  # 5-7 bit codes in bytes would save nothing over 8 bits
+            p = replace(p, packing="tight")
         out[p.id] = p
     return out
 
