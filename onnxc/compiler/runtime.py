@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,36 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxcError(f"onnxruntime cannot load the model: {msg}") from None
+
+
+@functools.cache
+def channel_block() -> int:
+    """The channel block of onnxruntime's blocked (NCHWc) convolutions on this machine: 8 with
+    AVX2, 16 with AVX-512, 1 where the build has no NCHWc kernels.
+
+    Asked of onnxruntime itself: its NCHWc rewrite pads a Conv's output channels up to a whole
+    block, so the filter of a 3 -> 1 channel Conv in the optimized graph has one block of rows.
+    A Conv runs blocked only when its input channels are a multiple of the block (depthwise:
+    its channels); other counts fall back to slower kernels (benchmarks/channel_block.py).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.zeros((1, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [weight])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath)
+    blocked = {n.input[1] for n in optimized.graph.node if n.op_type == "Conv" and n.domain == "com.microsoft.nchwc"}
+    rows = [int(t.dims[0]) for t in optimized.graph.initializer if t.name in blocked and t.dims]
+    return max(rows, default=1)
 
 
 def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
