@@ -27,10 +27,12 @@ CORPUS = {
     "ppocr_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
 }
 # Files a model's own pipeline needs, kept beside it: corpus file name -> member of the same wheel
-# (magika's label list, thresholds and padding token; its content types' text/binary flags).
+# (magika's label list, thresholds and padding token; its content types' text/binary flags;
+# rapid-layout's PicoDet decoding, distance distributions to boxes and per-class NMS).
 EXTRAS = {
     "magika": {"magika_config.json": "magika/models/standard_v3_3/config.min.json",
                "magika_content_types.json": "magika/config/content_types_kb.min.json"},
+    "rapid_layout": {"rapid_layout_post_process.py": "rapid_layout/model_handler/pp/post_process.py"},
 }
 
 
