@@ -151,3 +151,92 @@ def test_size_target_clusters_per_layer(cache, tmp_path):
     assert alloc["met"] and all(k.startswith("cluster:") for k in alloc["chosen"])
     assert result.report.file_bytes["after"] <= 0.31 * result.report.file_bytes["before"]
     assert accuracy(out) >= accuracy(sample_path("mlp")) - 0.5
+
+
+# ---- predictions and the search over step counts (no sensitivity measurement) --------------------
+def test_cost_model_multiplies_overlapping_prunes():
+    """Groups pruned together save what their nodes keep multiplied ((1 - r1)(1 - r2) of a conv
+    between them), read from each group's saving alone; summing those savings over-counts."""
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.cost import model_cost
+    from onnxc.compiler.model import load
+    from onnxc.compiler.passes import PassContext
+
+    model = canonicalize(load(sample_path("vgg")))
+    techniques = sensitivity.make_techniques(["prune:criterion=l1,reconstruct=false"])
+    ctx = PassContext(calibration=None, seed=0)
+    base = model_cost(model).totals()
+    plan = {("prune", c.name): level for c, level in zip(sensitivity.candidates(model, techniques, "macs"),
+                                                          (0.5, 0.25, 0.5, 0.75))}
+    rows = []
+    for key, level in plan.items():
+        alone, _ = sensitivity.apply_plan(model, {key: level}, techniques, ctx)
+        after = model_cost(alone).totals()
+        rows.append(sensitivity.Measurement(*key, level, 0.0, {k: base[k] - after[k] for k in ("macs", "params")}))
+    costs = allocation.CostModel.of(model, techniques, sensitivity.Table(rows, base), "macs", None)
+    predicted = costs.savings([allocation.Step(*key, level, 0.0, 0.0) for key, level in plan.items()])[-1]
+    together, _ = sensitivity.apply_plan(model, plan, techniques, ctx)
+    actual = base["macs"] - model_cost(together).totals()["macs"]
+    assert predicted == pytest.approx(actual, rel=1e-9)
+    assert sum(r.saving["macs"] for r in rows) > 1.15 * actual
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_search_corrects_predictions(reachable):
+    """The verified error grows 30x faster than the quadrature prediction and savings come in at
+    80% of the predicted ones: the search still ends at the fewest steps meeting the target
+    within the budget, or (target out of reach) at the most steps within the budget."""
+    n = 60
+    cum_save = np.linspace(0, 0.9, n + 1)
+    cum_err2 = np.linspace(0, 1e-4, n + 1)  # predicted error 0.01 at most: verified, 0.3
+    budget, target = 0.25, allocation.Target("macs", 0.6 if reachable else 0.15)
+
+    def verify(k):
+        return 30 * np.sqrt(cum_err2[k]), 0.8 * cum_save[k]  # (error, saved)
+
+    search = allocation._Search(cum_save, cum_err2, 1.0, target, budget)
+    k, tried = search.first(), []
+    while k is not None and len(tried) < allocation.MAX_ROUNDS:
+        error, saved = verify(k)
+        tried.append(k)
+        ratio = 1 - saved
+        k, _ = search.next(k, error, saved, ratio <= target.ratio + allocation.TOLERANCE, ratio)
+    within = [k for k in tried if verify(k)[0] <= budget]
+    most_within = max(j for j in range(n + 1) if verify(j)[0] <= budget)
+    if reachable:
+        fewest = min(j for j in range(n + 1) if 1 - verify(j)[1] <= target.ratio + allocation.TOLERANCE)
+        assert fewest < most_within
+        assert min(j for j in within if 1 - verify(j)[1] <= target.ratio + allocation.TOLERANCE) <= fewest + 2
+    else:
+        assert max(within) >= most_within - 1
+
+
+def test_channel_block_is_what_onnxruntime_blocks():
+    """Levels round to runtime.channel_block(): a Conv of that many input channels runs in
+    onnxruntime's blocked layout, one more channel does not."""
+    import onnx
+    import onnxruntime as ort
+    from graphs import f32, init, model
+    from onnx import helper
+
+    from onnxc.compiler import runtime
+
+    block = runtime.channel_block()
+    assert block in (1, 4, 8, 16)
+    if block == 1:
+        pytest.skip("this onnxruntime build has no blocked convolutions")
+
+    def blocked(c: int, tmp: str) -> bool:
+        w = np.ones((block, c, 3, 3), np.float32)
+        m = model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], [f32("x", [1, c, 8, 8])],
+                  [f32("y", [1, block, 8, 8])], [init("w", w)])
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = f"{tmp}/o{c}.onnx"
+        ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return any(n.domain == "com.microsoft.nchwc" for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assert blocked(2 * block, tmp) and not blocked(2 * block + 1, tmp)
+    assert sensitivity.round_to() == block

@@ -24,7 +24,16 @@ import onnx
 from onnxc.compiler import runtime
 from onnxc.compiler.model import serialized_bytes
 from onnxc.compiler.passes import Pass, PassContext
-from onnxc.compiler.sensitivity import Plan, Table, apply_plan, first_sample, latency_saving, measure, totals
+from onnxc.compiler.sensitivity import (
+    Plan,
+    Table,
+    apply_plan,
+    first_sample,
+    latency_saving,
+    measure,
+    node_costs,
+    totals,
+)
 from onnxc.compiler.verify import Fidelity, compare_outputs
 from onnxc.errors import UsageError
 
@@ -98,7 +107,7 @@ class Allocation:
     rounds: list[Round] = field(default_factory=list)
     results: list = field(default_factory=list)  # (technique, PassResult) of the final apply
     realization: dict | None = None  # measured latency ratio, MACs ratio, speedup / MAC reduction
-    groups: dict = field(default_factory=dict)  # prune candidate -> the nodes it scales (for predictions)
+    costs: CostModel | None = None  # how the predicted savings were combined (macs, params, latency)
 
     def to_dict(self) -> dict:
         chosen = {f"{t}:{n}": level for (t, n), level in sorted(self.plan.items())}
@@ -130,7 +139,8 @@ def hull_steps(points: list[tuple[float, float, float]], technique: str, name: s
 
 
 def saving_of(row_saving: dict, kind: str) -> float:
-    return float(row_saving.get("bytes" if kind == "size" else kind, 0) or 0)
+    """What a measurement saves of `kind`; latency is planned on MACs (see `sensitivity`)."""
+    return float(row_saving.get({"size": "bytes", "latency": "macs"}.get(kind, kind), 0) or 0)
 
 
 def ordered_steps(table: Table, kind: str) -> list[Step]:
@@ -146,35 +156,52 @@ def ordered_steps(table: Table, kind: str) -> list[Step]:
     return sorted(steps, key=lambda s: s.slope)
 
 
-def pruned_nodes(model: onnx.ModelProto, techniques: dict[str, Pass]) -> dict[str, list[str]]:
-    """Prune candidate name -> the nodes whose MACs its ratio scales (producers and consumers)."""
-    if "prune" not in techniques:
-        return {}
-    from onnxc.compiler.model import clone
+@dataclass
+class CostModel:
+    """The predicted cost of a plan: every node's cost times what each rewrite of the plan keeps
+    of it. Rewrites of one node multiply: a 1x1 conv between two groups pruned by r1 and r2 keeps
+    (1 - r1)(1 - r2) of its MACs (summing the groups' savings alone would count r1 * r2 twice), and
+    a layer factorized to keep t of its MACs after pruning keeps t of what pruning left. What a
+    rewrite keeps of its nodes is read from its measured saving alone, so channel rounding and
+    levels a technique could not apply are in it."""
 
-    groups = techniques["prune"].candidates(clone(model))
-    return {g.name: list(dict.fromkeys(g.producers + g.consumers)) for g in groups}
+    node_cost: dict[str, float]  # node -> its cost of the planned kind
+    touches: dict[tuple[str, str], list[str]]  # (technique, candidate) -> the nodes whose cost it scales
+    kept: dict[tuple[str, str, float], float] = field(default_factory=dict)  # (technique, name, level) -> kept
 
+    @classmethod
+    def of(cls, model: onnx.ModelProto, techniques: dict[str, Pass], table: Table, kind: str, cal) -> CostModel:
+        from onnxc.compiler.model import clone
 
-def predicted_savings(steps: list[Step], groups: dict[str, list[str]]) -> np.ndarray:
-    """Cumulative saving after each step, rewrites of one layer combined: a layer factorized to keep
-    t of its MACs after a group of its channels lost r saves (1 - r) times what it saves alone."""
-    out = [0.0]
-    plan: Plan = {}
-    for s in steps:
-        plan[(s.technique, s.name)] = s.level
-        total = 0.0
-        for step in steps[:len(out)]:
-            if plan.get((step.technique, step.name)) is None:
-                continue
-            scale = 1.0
-            if step.technique in ("svd", "tucker"):
-                for (t, name), level in plan.items():
-                    if t == "prune" and step.name in groups.get(name, ()):
-                        scale *= 1 - level
-            total += step.saving * scale
-        out.append(total)
-    return np.array(out)
+        node_cost = node_costs(model, cal, kind)
+        touches: dict[tuple[str, str], list[str]] = {}
+        if "prune" in techniques:
+            for g in techniques["prune"].candidates(clone(model)):
+                touches[("prune", g.name)] = [n for n in dict.fromkeys(g.nodes) if node_cost.get(n)]
+        costs = cls(node_cost, touches)
+        for m in table.measurements:
+            nodes = touches.setdefault((m.technique, m.name), [m.name] if node_cost.get(m.name) else [])
+            total = sum(node_cost[n] for n in nodes)
+            if m.applied and total > 0:
+                costs.kept[m.key] = min(max(1.0 - saving_of(m.saving, kind) / total, 0.0), 1.0)
+        return costs
+
+    def savings(self, steps: list[Step]) -> np.ndarray:
+        """The predicted saving after each prefix of `steps` (0 for none)."""
+        scale = dict.fromkeys(self.node_cost, 1.0)
+        level: dict[tuple[str, str], float] = {}
+        saved, out = 0.0, [0.0]
+        for s in steps:
+            key = (s.technique, s.name)
+            old = self.kept.get((*key, level[key]), 1.0) if key in level else 1.0
+            new = self.kept.get((*key, s.level), 1.0)
+            level[key] = s.level
+            for node in self.touches.get(key, ()):
+                before = scale[node]
+                scale[node] = before * new / max(old, 1e-12)
+                saved += self.node_cost[node] * (before - scale[node])
+            out.append(saved)
+        return np.array(out)
 
 
 def plan_of(steps: list[Step]) -> Plan:
@@ -217,9 +244,8 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     steps = ordered_steps(table, kind)
-    groups = pruned_nodes(model, techniques)
-    cum_save = predicted_savings(steps, groups) if kind != "size" else \
-        np.cumsum([0.0] + [s.saving for s in steps])
+    costs = CostModel.of(model, techniques, table, kind, ctx.calibration) if kind != "size" else None
+    cum_save = costs.savings(steps) if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
     cum_err2 = np.cumsum([0.0] + [s.error2 for s in steps])
     base_latency = None
     feed = first_sample(val)
@@ -228,23 +254,14 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
 
         base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].median_ms
     base_value = _value(model, kind, ctx.calibration, base_latency)
+    if kind == "latency":  # MACs saved -> milliseconds, as if every MAC took the same time
+        cum_save = cum_save * base_value / max(_value(model, "macs", ctx.calibration, None), 1.0)
 
-    def count_for(saving_needed: float) -> int:
-        return int(min(np.searchsorted(cum_save, saving_needed - 1e-9), len(steps)))
-
-    if target is not None:
-        k = count_for((1 - target.ratio) * base_value)
-    else:
-        k = int(np.searchsorted(cum_err2, (0.8 * budget) ** 2, side="right") - 1)
+    search = _Search(cum_save, cum_err2, base_value, target, budget)
+    k = search.first()
     rounds: list[Round] = []
     best = None  # (ranking key, allocation pieces)
-    backed_off = False
-    short, enough = -1, None  # the most steps known short of the target, the fewest known to meet it
-    seen: set[int] = set()
     for _ in range(MAX_ROUNDS):
-        if k in seen:
-            break
-        seen.add(k)
         plan = plan_of(steps[:k])
         candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
         fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
@@ -257,58 +274,104 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         met = target is None or ratio <= target.ratio + TOLERANCE
         round_ = Round(k, float(math.sqrt(cum_err2[k])), float(error), float(ratio))
         rounds.append(round_)
-        within = error <= budget
-        if within:
+        if error <= budget:
             key = (met, -error if met else -ratio)
             if best is None or key > best[0]:
                 best = (key, candidate, plan, fid, ratio, met, results)
-        if not within and k > 0:
-            # give back the steps with the worst error-per-saving until the prediction fits
-            goal = cum_err2[k] * (budget / max(error, 1e-30)) ** 2 * 0.8
-            k_new = int(np.searchsorted(cum_err2, goal, side="right") - 1)
-            k = max(0, min(k - 1, k_new))
-            round_.action = f"error {error:.3g} over budget {budget:g}: back off to {k} steps"
-            backed_off = True
-            continue
-        if target is not None and not backed_off:
-            if met:
-                enough = k if enough is None else min(enough, k)
-            else:
-                short = max(short, k)
-            if met and short < 0 and k > 0 and ratio < target.ratio - 0.05:
-                # overshot with nothing known short: ask for proportionally less
-                achieved_saving = max(base_value - value, 1e-9)
-                k = min(k - 1, count_for(cum_save[k] * (1 - target.ratio) * base_value / achieved_saving))
-                round_.action = f"ratio {ratio:.3f} well under {target.ratio:g}: try {k} steps"
-                continue
-            if not met and enough is None and k < len(steps):
-                # overlapping rewrites saved less than predicted: ask for proportionally more
-                achieved_saving = max(base_value - value, 1e-9)
-                wanted = (1 - target.ratio) * base_value
-                k = max(k + 1, count_for(cum_save[k] * wanted / achieved_saving))
-                round_.action = f"ratio {ratio:.3f} short of {target.ratio:g}: take {k} steps"
-                continue
-            if enough is not None and short >= 0 and enough - short > 1:
-                k = (short + enough) // 2  # the fewest steps that meet the target: bisect
-                round_.action = f"between {short} (short) and {enough} (met) steps: try {k}"
-                continue
-        if target is None and within and k < len(steps) and not backed_off and error < 0.8 * budget:
-            goal = cum_err2[k] * (0.9 * budget / max(error, 1e-30)) ** 2
-            k_new = int(np.searchsorted(cum_err2, goal, side="right") - 1)
-            if k_new > k:
-                k = k_new
-                round_.action = f"error {error:.3g} leaves room: take {k} steps"
-                continue
-        break
+        k, round_.action = search.next(k, error, base_value - value, met, ratio)
+        if k is None:
+            break
     if best is None:
         fid = compare_outputs(ref, runtime.run(model, val), ctx.metric)
         best = (None, model, {}, fid, 1.0, target is None, [])
     _, out, plan, fid, ratio, met, results = best
     alloc = Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results,
-                       groups=groups)
+                       costs=costs)
     if plan:
         alloc.realization = realization(model, out, ctx.calibration, feed)
     return alloc
+
+
+class _Search:
+    """Which step count to verify next. Verified rounds bound it: the most steps known within the
+    budget (`ok`) and the fewest known over it (`over`); with a target, the most known short of
+    it (`short`) and the fewest known to meet it (`enough`). The next count comes from the
+    predictions corrected by the last round (its measured error over the predicted one, its
+    measured saving over the predicted one), kept strictly inside the bounds, else from
+    bisecting them. Predicted errors add in quadrature and are often far off (a softmax output
+    barely moves for each rewrite alone, then saturates together), so the correction matters.
+    The aim: the fewest steps that meet the target within the budget, else the most steps
+    within the budget; with only a budget, the most steps within it."""
+
+    def __init__(self, cum_save: np.ndarray, cum_err2: np.ndarray, base_value: float, target: Target | None,
+                 budget: float):
+        self.cum_save, self.cum_err2, self.budget, self.target = cum_save, cum_err2, budget, target
+        self.n = len(cum_save) - 1
+        self.wanted = (1 - target.ratio) * base_value if target is not None else None
+        self.ok, self.over, self.short, self.enough = 0, self.n + 1, 0, None
+        self.seen: set[int] = set()
+
+    def first(self) -> int:
+        if self.target is not None:
+            return self._count_for(self.wanted, 1.0)
+        return self._count_within(0.8 * self.budget, 1.0)
+
+    def _count_for(self, saving: float, scale: float) -> int:
+        """The fewest steps predicted (times `scale`) to save `saving`."""
+        return int(min(np.searchsorted(self.cum_save * scale, saving - 1e-9), self.n))
+
+    def _count_within(self, error: float, scale: float) -> int:
+        """The most steps predicted (times `scale`) to stay within `error`."""
+        return int(np.searchsorted(self.cum_err2 * scale ** 2, error ** 2, side="right") - 1)
+
+    def next(self, k: int, error: float, saved: float, met: bool, ratio: float) -> tuple[int | None, str]:
+        """The next step count after verifying `k` steps (None: stop), and why."""
+        self.seen.add(k)
+        predicted_error = math.sqrt(self.cum_err2[k])
+        error_scale = error / predicted_error if predicted_error > 0 and math.isfinite(error) else None
+        save_scale = saved / self.cum_save[k] if self.cum_save[k] > 0 and saved > 0 else None
+        within = error <= self.budget
+        if within:
+            self.ok = max(self.ok, k)
+        else:
+            self.over = min(self.over, k)
+        if self.target is not None and within:
+            if met:
+                self.enough = k if self.enough is None else min(self.enough, k)
+            else:
+                self.short = max(self.short, k)
+        if self.target is not None and not within:
+            lo, hi = self.ok, self.over  # the target needs more than `over` allows: most within
+            guess = self._count_within(0.9 * self.budget, error_scale) if error_scale else None
+            why = f"error {error:.3g} over budget {self.budget:g}"
+        elif self.target is not None and self.enough is None:
+            lo, hi = self.short, self.over
+            guess = self._count_for(self.wanted, save_scale) if save_scale else None
+            why = f"saved {saved / self.wanted:.0%} of what the target needs"
+            if guess is not None and guess >= self.over:  # out of reach within the budget: most within it
+                if error >= 0.9 * self.budget:
+                    return None, ""
+                lo, guess = self.ok, self._count_within(self.budget, error_scale) if error_scale else None
+                why += f", more than {self.over} steps (over the budget)"
+        elif self.target is not None:
+            if met and ratio >= self.target.ratio - 0.05:
+                return None, ""  # met close to the target: fewer steps would not save much error
+            lo, hi = self.short, self.enough  # met: the fewest steps that still meet it
+            guess = self._count_for(self.wanted, save_scale) if save_scale else None
+            why = "target met"
+        else:
+            if within and error >= 0.8 * self.budget:
+                return None, ""
+            lo, hi = self.ok, self.over
+            guess = self._count_within(0.9 * self.budget, error_scale) if error_scale else None
+            why = f"error {error:.3g} against budget {self.budget:g}"
+        if hi - lo <= 1:
+            return None, ""
+        if guess is None or not lo < guess < hi or guess in self.seen:
+            guess = (lo + hi) // 2
+        if guess in self.seen:
+            return None, ""
+        return guess, f"{why}: try {guess} steps (known: {lo} .. {hi})"
 
 
 def realization(before: onnx.ModelProto, after: onnx.ModelProto, cal, feed: dict) -> dict:

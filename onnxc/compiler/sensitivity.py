@@ -5,9 +5,14 @@ at levels (prune: fraction of channels removed; svd/tucker: fraction of the laye
 cluster: code bits). Each candidate-level is applied alone to the canonical model, fitted on the
 calibration split's fitting part, and measured on its held-out part (an in-sample measure would
 hide a refit that does not generalize): the error on the model's outputs (the user metric, else
-`verify`'s fidelity) and what it saves (MACs, params, bytes, and onnxruntime latency when the
-target is latency). The table is cached on disk keyed by the model bytes, the calibration data,
-the techniques' options and the metric, so a second run with another target only reads it.
+`verify`'s fidelity) and what it saves (MACs, params, bytes). The table is cached on disk keyed by
+the model bytes, the calibration data, the techniques' options and the metric, so a second run
+with another target only reads it.
+
+A candidate is not timed alone: it saves 1-5% of a model's time, less than the run-to-run spread
+of onnxruntime on a shared machine, and timing a 3 GMAC detector 60 times per candidate-level
+would take hours. A latency target is planned on the MACs saved (levels are rounded to the
+runtime's channel block, so a MAC saved is time saved) and the allocator times whole models.
 """
 
 from __future__ import annotations
@@ -47,11 +52,20 @@ ORDER = ("prune", "tucker", "svd", "cluster")  # how a plan is applied: structur
 SAVES = {"prune": {"macs", "params", "size", "latency"}, "svd": {"macs", "params", "size", "latency"},
          "tucker": {"macs", "params", "size", "latency"}, "cluster": {"size"}}
 DEFAULT_TECHNIQUES = ("prune", "svd", "tucker", "cluster")
-# Channel counts and ranks the allocator asks for are rounded up to this multiple unless the spec
-# sets round_to: onnxruntime's blocked (NCHWc) convolutions run 16 channels at a time on this
-# AVX-512 machine (a 64->C->64 pair of 3x3 convs at 32x32 takes the same time for C = 40, 44, 48
-# and 1.25x that for C = 52..64; an odd C = 45 costs as much as 64).
-ROUND_TO = 16
+# Channel counts and ranks the allocator asks for are rounded up to onnxruntime's channel block on
+# the machine that compiles (unless the spec sets round_to): its blocked (NCHWc) convolutions run
+# only counts that are a multiple of it, 8 with AVX2 and 16 with AVX-512 (`runtime.channel_block`).
+# Measured here (AMD EPYC, AVX2; benchmarks/channel_block.py): in a 64->C->64 pointwise pair with a
+# depthwise conv between, every C that is not a multiple of 4 costs 1.2-1.9x the time of C = 64
+# and multiples of 8 are the fastest counts around them (C = 48: 0.8x); rounding to 16 there would
+# only take away levels.
+FALLBACK_ROUND_TO = 8  # a build without blocked kernels: vector GEMMs still like multiples of 8
+
+
+def round_to() -> int:
+    """The channel/rank multiple the allocator's levels use on this machine's onnxruntime."""
+    block = runtime.channel_block()
+    return block if block > 1 else FALLBACK_ROUND_TO
 
 
 @dataclass(frozen=True)
@@ -67,10 +81,10 @@ class Measurement:
     name: str
     level: float
     error: float  # model-output error with only this rewrite
-    saving: dict = field(default_factory=dict)  # {"macs":, "params":, "bytes":, "latency": (ms, optional)}
+    saving: dict = field(default_factory=dict)  # {"macs":, "params":, "bytes":}
     seconds: float = 0.0
     applied: bool = True  # False when the technique left the candidate alone at this level
-    fit_error: float | None = None  # the same error on the samples the rewrite was fitted to (in-sample)
+    fit_error: float | None = None  # the same error on as many of the samples it was fitted to (in-sample)
 
     @property
     def key(self) -> tuple[str, str, float]:
@@ -134,8 +148,28 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, techniques: dict[str, Pass], 
 
 
 # ---- candidates ----------------------------------------------------------------------------------
-def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str) -> list[Candidate]:
-    """Every candidate of every technique that can save `kind` (macs, params, size, latency)."""
+# A structural candidate (a channel group, a layer) whose nodes hold less than this fraction of the
+# model's MACs (or parameters) is not measured: it cannot move a target much, and measuring it
+# costs as much as measuring a large one (the layout detector has 20 such groups of 50).
+MIN_SHARE = 0.01
+
+
+def node_costs(model: onnx.ModelProto, cal, kind: str) -> dict[str, float]:
+    """Each node's MACs (parameters for a params target) at the first calibration sample's shapes."""
+    shapes = cal.shapes() if cal is not None else []
+    field_ = "params" if kind == "params" else "macs"
+    return {n.name: float(getattr(n, field_)) for n in model_cost(model, shapes[0] if shapes else None).layers}
+
+
+def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, cal=None) -> list[Candidate]:
+    """Every candidate of every technique that can save `kind` (macs, params, size, latency); for
+    all but size, those holding at least MIN_SHARE of the model's cost."""
+    costs = node_costs(model, cal, kind) if kind != "size" else {}
+    total = sum(costs.values())
+
+    def large(nodes: Iterable[str]) -> bool:
+        return not total or sum(costs.get(n, 0.0) for n in set(nodes)) >= MIN_SHARE * total
+
     found = []
     for technique in ORDER:
         if technique not in techniques or kind not in SAVES[technique]:
@@ -143,11 +177,11 @@ def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str) -
         p = techniques[technique]
         levels = LEVELS[technique]
         if technique == "prune":
-            names = [g.name for g in p.candidates(clone(model))]
+            names = [g.name for g in p.candidates(clone(model)) if large(g.nodes)]
         elif technique == "cluster":
             names = [t.nodes[0].name for t in p.candidates(model)]
         else:
-            names = [layer.name for layer in p.candidates(model, GraphView(model.graph))[0]]
+            names = [layer.name for layer in p.candidates(model, GraphView(model.graph))[0] if large([layer.name])]
         found += [Candidate(technique, n, levels) for n in names]
     return found
 
@@ -161,7 +195,7 @@ def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
 
             pass_id, options = parse_spec(p)
             if pass_id in ("prune", "svd", "tucker"):
-                options.setdefault("round_to", str(ROUND_TO))
+                options.setdefault("round_to", str(round_to()))
             p = create(pass_id, options)
         if p.id not in LEVELS:
             from onnxc.errors import UsageError
@@ -176,8 +210,7 @@ def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
 # ---- measuring -----------------------------------------------------------------------------------
 def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs: dict[str, str],
                  train: list, validation: list, source: str, seed: int, metric, reference: list,
-                 fit_reference: list, base: dict, input_shapes: dict | None,
-                 latency_feed: dict | None) -> Measurement:
+                 fit_reference: list, base: dict, input_shapes: dict | None) -> Measurement:
     """One candidate-level applied alone and measured (module level, plain arguments: any executor
     can run it and gets the same result)."""
     from onnxc.compiler.calibration import Calibration
@@ -195,12 +228,19 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
         return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
     got = runtime.run(rewritten, cal.validation)
     error = _error(compare_outputs(Samples(reference), got, metric))
-    fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(rewritten, cal.train), metric))
+    fitted = in_sample(cal.train, cal.validation)
+    fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(rewritten, fitted), metric))
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
-    if latency_feed is not None:
-        saving["latency"] = latency_saving(model, rewritten, latency_feed)
     return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error)
+
+
+def in_sample(train, validation) -> Samples:
+    """The first fitting samples, as many as are held out: the in-sample error weighs as many
+    samples as the held-out one, at a third of the cost of all of them on a 3:1 split (a 3 GMAC
+    detector runs 1-2 s per page here)."""
+    train = Samples.of(train)
+    return train.subset(range(min(train.count, Samples.of(validation).count)))
 
 
 def totals(model: onnx.ModelProto, cal) -> dict:
@@ -232,21 +272,20 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
     start = time.perf_counter()
     reference = runtime.run(model, ctx.calibration.validation)
     base = totals(model, ctx.calibration)
-    cands = candidates(model, techniques, kind)
+    cands = candidates(model, techniques, kind, ctx.calibration)
     items = [(c.technique, c.name, float(level)) for c in cands for level in c.levels]
     path = cache_file(model, ctx, techniques, cache_dir)
     cached = _read_cache(path) if path else {}
     known = {key: m for key, m in cached.items() if key in set(items)}
-    missing = [i for i in items if i not in known or (kind == "latency" and "latency" not in known[i].saving)]
+    missing = [i for i in items if i not in known]
     cal = ctx.calibration
     if missing:
-        feed = first_sample(cal.validation) if kind == "latency" else None
         values = {"model": model, "specs": {t: p.spec() for t, p in techniques.items()},
                   "train": Samples.of(cal.train).groups, "validation": Samples.of(cal.validation).groups,
                   "source": cal.source, "seed": ctx.seed, "metric": ctx.metric,
                   "reference": Samples.of(reference).groups,
-                  "fit_reference": Samples.of(runtime.run(model, cal.train)).groups,
-                  "base": base, "input_shapes": input_shapes, "latency_feed": feed}
+                  "fit_reference": Samples.of(runtime.run(model, in_sample(cal.train, cal.validation))).groups,
+                  "base": base, "input_shapes": input_shapes}
         shared = {k: ctx.executor.put(v) for k, v in values.items()}
         for m in ctx.executor.map(_measure_one, missing, shared=shared, label="sensitivity", progress=ctx.progress):
             known[m.key] = m
