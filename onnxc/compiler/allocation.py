@@ -245,8 +245,6 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     steps = ordered_steps(table, kind)
     costs = CostModel.of(model, techniques, table, kind, ctx.calibration) if kind != "size" else None
-    cum_save = costs.savings(steps) if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
-    cum_err2 = np.cumsum([0.0] + [s.error2 for s in steps])
     base_latency = None
     feed = first_sample(val)
     if kind == "latency":
@@ -254,9 +252,15 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
 
         base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].median_ms
     base_value = _value(model, kind, ctx.calibration, base_latency)
-    if kind == "latency":  # MACs saved -> milliseconds, as if every MAC took the same time
-        cum_save = cum_save * base_value / max(_value(model, "macs", ctx.calibration, None), 1.0)
+    per_mac = base_value / max(_value(model, "macs", ctx.calibration, None), 1.0) if kind == "latency" else 1.0
 
+    def predictions(steps: list[Step]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted saving (of the target kind) and squared error after each prefix of `steps`;
+        latency as MACs saved at the model's milliseconds per MAC."""
+        saved = costs.savings(steps) * per_mac if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
+        return saved, np.cumsum([0.0] + [s.error2 for s in steps])
+
+    cum_save, cum_err2 = predictions(steps)
     search = _Search(cum_save, cum_err2, base_value, target, budget)
     k = search.first()
     rounds: list[Round] = []
@@ -279,6 +283,17 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
             if best is None or key > best[0]:
                 best = (key, candidate, plan, fid, ratio, met, results)
         k, round_.action = search.next(k, error, base_value - value, met, ratio)
+        if k is None and search.blocked():
+            # the step after the most within the budget breaks it together with the others (its
+            # error alone said otherwise): skip it and what its candidate would take after it
+            bad = steps[search.over - 1]
+            steps = steps[:search.over - 1] + [s for s in steps[search.over:]
+                                               if (s.technique, s.name) != (bad.technique, bad.name)]
+            cum_save, cum_err2 = predictions(steps)
+            search = search.without_step(cum_save, cum_err2)
+            k = search.resume()
+            round_.action = (f"{bad.technique}:{bad.name} at {bad.level:g} leaves the budget with the steps before "
+                             f"it: skip it, try {k} steps")
         if k is None:
             break
     if best is None:
@@ -301,7 +316,10 @@ class _Search:
     bisecting them. Predicted errors add in quadrature and are often far off (a softmax output
     barely moves for each rewrite alone, then saturates together), so the correction matters.
     The aim: the fewest steps that meet the target within the budget, else the most steps
-    within the budget; with only a budget, the most steps within it."""
+    within the budget; with only a budget, the most steps within it. When one step after the
+    most within the budget breaks it (`blocked`), the allocator takes that step out and searches
+    on without it: on the digits MobileNet, pruning one group by 25% after twelve other steps
+    moves the error from 0.11 to 0.29, and without it the target is met at 0.13."""
 
     def __init__(self, cum_save: np.ndarray, cum_err2: np.ndarray, base_value: float, target: Target | None,
                  budget: float):
@@ -310,6 +328,25 @@ class _Search:
         self.wanted = (1 - target.ratio) * base_value if target is not None else None
         self.ok, self.over, self.short, self.enough = 0, self.n + 1, 0, None
         self.seen: set[int] = set()
+        self.save_scale = 1.0
+
+    def blocked(self) -> bool:
+        """The target is out of reach because the one step after the most within the budget breaks it."""
+        return (self.target is not None and self.enough is None and self.over == self.ok + 1
+                and self.over <= self.n)
+
+    def without_step(self, cum_save: np.ndarray, cum_err2: np.ndarray) -> _Search:
+        """The search over a step list with step `over` taken out (the steps up to `ok` are the same)."""
+        out = _Search(cum_save, cum_err2, 0.0, self.target, self.budget)
+        out.wanted, out.save_scale = self.wanted, self.save_scale
+        out.ok, out.short = self.ok, self.short
+        out.seen = {k for k in self.seen if k <= self.ok}
+        return out
+
+    def resume(self) -> int | None:
+        """The first count to verify after `without_step`: the target's, as corrected so far."""
+        k = max(self._count_for(self.wanted, self.save_scale), self.ok + 1)
+        return k if k <= self.n else None
 
     def first(self) -> int:
         if self.target is not None:
@@ -330,6 +367,7 @@ class _Search:
         predicted_error = math.sqrt(self.cum_err2[k])
         error_scale = error / predicted_error if predicted_error > 0 and math.isfinite(error) else None
         save_scale = saved / self.cum_save[k] if self.cum_save[k] > 0 and saved > 0 else None
+        self.save_scale = save_scale or self.save_scale
         within = error <= self.budget
         if within:
             self.ok = max(self.ok, k)
@@ -358,7 +396,7 @@ class _Search:
                 return None, ""  # met close to the target: fewer steps would not save much error
             lo, hi = self.short, self.enough  # met: the fewest steps that still meet it
             guess = self._count_for(self.wanted, save_scale) if save_scale else None
-            why = "target met"
+            why = "target met" if met else "short of the target"
         else:
             if within and error >= 0.8 * self.budget:
                 return None, ""
