@@ -53,7 +53,8 @@ SAVES = {"prune": {"macs", "params", "size", "latency"}, "svd": {"macs", "params
          "tucker": {"macs", "params", "size", "latency"}, "cluster": {"size"}}
 DEFAULT_TECHNIQUES = ("prune", "svd", "tucker", "cluster")
 # Channel counts and ranks the allocator asks for are rounded up to onnxruntime's channel block on
-# the machine that compiles (unless the spec sets round_to): its blocked (NCHWc) convolutions run
+# the machine that compiles (unless the spec sets round_to to another value than the pass's
+# default): its blocked (NCHWc) convolutions run
 # only counts that are a multiple of it, 8 with AVX2 and 16 with AVX-512 (`runtime.channel_block`).
 # Measured here (AMD EPYC, AVX2; benchmarks/channel_block.py): in a 64->C->64 pointwise pair with a
 # depthwise conv between, every C that is not a multiple of 4 costs 1.2-1.9x the time of C = 64
@@ -203,6 +204,8 @@ def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
             raise UsageError(f"--target allocates across {', '.join(LEVELS)}; '{p.id}' has no per-layer levels")
         if p.id == "cluster" and p.packing == "auto":  # 5-7 bit codes in bytes would save nothing over 8 bits
             p = replace(p, packing="tight")
+        if p.id in ("prune", "svd", "tucker") and p.round_to == type(p)().round_to:  # parsed specs: at the default
+            p = replace(p, round_to=round_to())
         out[p.id] = p
     return out
 
