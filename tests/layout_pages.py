@@ -24,19 +24,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from text_lines import WORDS
 
 WIDTH, HEIGHT = 608, 800
 FONTS = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("DejaVu*.ttf"))
 REGULAR = [f for f in FONTS if not any(s in f.name for s in ("Bold", "Oblique", "Italic", "ExtraLight"))]
 BOLD = [f for f in FONTS if f.name.endswith("-Bold.ttf")]
 LABELS = "text title figure figure_caption table table_caption header footer reference equation".split()
-WORDS = ("the of and to in is that for it as was with be by on not this are or from at which have an they you "
-         "were all there would their we been has when who will more no if out so said what up its about into than "
-         "them can only other new some could time these two may then do first any now such like our over even most "
-         "made after also did many before must through back years where much your way well down should because each "
-         "just those people how too little state good very make world still own see work long get here between both "
-         "life being under never day same another know while last invoice total page section table figure report "
-         "order number date amount account name address phone email model results value sample").split()
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
