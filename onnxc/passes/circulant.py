@@ -9,7 +9,9 @@ constant bias vector is absorbed and refitted). Each layer is fitted, checked, t
    then the bias; with `sequential` the inputs come from the model as rewritten so far, so each
    layer also absorbs the error of the layers before it. Without data (or with random data) the
    projection alone (averaging along wrapped diagonals), the bias kept. The block grouping of the
-   features (contiguous or strided, per side) is the one with the lowest local error.
+   features (contiguous or strided, per side) is the one with the lowest local error; with data,
+   each grouping's accumulation and solve is one task on the executor (`--jobs`, Ray), the layer's
+   sampled inputs shared once. Layers stay one after another (sequential fits need the previous).
 2. Guard: a layer whose local relative output error exceeds `max_layer_error` stays dense.
 3. Form (`_circulant_forms`): `shift`, `fft` or `expand`; with `form=auto` each is timed on a
    standalone one-layer model at the layer's shapes and the fastest kept (ties within 10% go to
