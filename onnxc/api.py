@@ -151,7 +151,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
         if backend:
             opts = export_options or ExportOptions()
             opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or given,
-                           seed=seed)
+                           seed=seed, progress=ctx.progress)
             report.backend = backend_export(backend, result, out, opts)
         else:
             save(result, out)
@@ -211,11 +211,14 @@ def _size_on_disk(path: Path) -> int:
 def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *, int8: str | None = None,
            calibration: CalibrationLike = None, preprocess: str | None = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None,
-           name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable") -> dict:
+           name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable",
+           progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Lower a model with a backend; returns the backend's report.
 
     The onnxruntime backend writes a model with the source's interface (dynamic dims stay
     dynamic); the C backend needs, and keeps, the concrete shapes `input_shapes` fixes.
+    `progress(phase, done, total)` follows int8 calibration, sensitivity and exclusion, the
+    compile and the verification.
     """
     original = load(model)
     shapes = dict(input_shapes or {})
@@ -227,6 +230,8 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
         cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes, preprocess=preprocess)
     opts = ExportOptions(int8=int8, calibration=cal, name=name, input_shapes=shapes, seed=seed,
                          max_error=max_error, level=level)
+    if progress is not None:
+        opts.progress = progress
     return backend_export(backend, canonical, Path(output), opts)
 
 
