@@ -212,7 +212,10 @@ def _input_file(path: str) -> str:
 @_calibration_options
 @_input_shape_option
 @click.option(
-    "--max-error", type=float, help="Fidelity budget (relative L2 error of outputs); passes beyond it are rolled back."
+    "--max-error",
+    type=float,
+    help="Fidelity budget (relative L2 error of the outputs, or --metric); passes beyond it are rolled back. "
+    "Default: the preset's, else 0.25 (stated in the report); inf for none.",
 )
 @click.option(
     "--target",
