@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,9 +21,9 @@ from onnxc.compiler.cost import ModelCost, model_cost
 from onnxc.compiler.executor import Executor, executor_kind, make_executor
 from onnxc.compiler.interface import keep_interface
 from onnxc.compiler.model import load, save, tensor_bytes
-from onnxc.compiler.passes import Pass, PassContext, PassManager
+from onnxc.compiler.passes import DEFAULT_BUDGET, Pass, PassContext, PassManager
 from onnxc.compiler.recipe import build
-from onnxc.compiler.report import Report, layer_diff
+from onnxc.compiler.report import Report, budget_text, layer_diff
 from onnxc.compiler.verify import Fidelity, Metric, compare_outputs, load_metric
 from onnxc.errors import UsageError, VerificationError
 
@@ -98,7 +99,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     if plot is not None and not allocating:
         raise UsageError("--plot needs --target (or --max-error without passes): it draws the sensitivity table")
     seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
-    budget = max_error if max_error is not None else preset_budget
+    budget, budget_source = _budget(max_error, preset_budget, preset, recipe)
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     original = load(model)
     file_before = os.path.getsize(model) if not isinstance(model, onnx.ModelProto) else tensor_bytes(original)
@@ -109,7 +110,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     canonical = canonicalize(original, shapes)
     ctx = PassContext(calibration=cal, seed=seed, max_error=budget,
                       progress=progress or (lambda label, done, total: None), executor=executor, metric=metric)
-    report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget,
+    report = Report(input=source, calibration=cal.source, seed=seed, max_error=budget, budget_source=budget_source,
                     shapes=cal.shapes()[:8])
     if cal.is_random:
         report.notes.append("no calibration file: inputs drawn at random from the input spec; "
@@ -142,7 +143,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     if budget is not None and fidelity.error > budget:
         what = "by the metric" if metric is not None else "(relative L2, per output channel)"
         raise VerificationError(f"optimized model differs from the original by {fidelity.error:.3g} "
-                                f"{what}, over the budget {budget:g}"
+                                f"{what}, over the {budget_text(budget, report.budget_source)}"
                                 + (f" (the original's own float noise: {report.reference_noise:.3g})"
                                    if report.reference_noise is not None else ""))
     if output is not None:
@@ -151,12 +152,25 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
         if backend:
             opts = export_options or ExportOptions()
             opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or given,
-                           seed=seed)
+                           seed=seed, progress=ctx.progress)
             report.backend = backend_export(backend, result, out, opts)
         else:
             save(result, out)
         report.file_bytes = {"before": file_before, "after": _size_on_disk(out)}
     return OptimizeResult(result, report)
+
+
+def _budget(max_error: float | None, preset_budget: float | None, preset: str | None,
+            recipe: PathLike | None) -> tuple[float | None, str]:
+    """The fidelity budget and where it comes from (both go into the report): --max-error, else
+    the preset's or recipe's, else DEFAULT_BUDGET; --max-error inf means none."""
+    if max_error is not None:
+        if math.isnan(max_error) or max_error < 0:
+            raise UsageError(f"--max-error must be at least 0 (inf for no budget), got {max_error:g}")
+        return (None, "none") if math.isinf(max_error) else (max_error, "--max-error")
+    if preset_budget is not None:
+        return preset_budget, "recipe" if recipe is not None else f"preset {preset}"
+    return DEFAULT_BUDGET, "default"
 
 
 def _noise_budget(report: Report, budget: float, error: float) -> float:
@@ -177,12 +191,12 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     from onnxc.compiler.sensitivity import make_techniques
 
     techniques = make_techniques(pass_list or None)
-    alloc = allocation.allocate(canonical, techniques, ctx, goal, budget, input_shapes=shapes,
+    source = report.budget_source
+    asked = None if source == "default" else (math.inf if budget is None else budget)  # None: the default
+    alloc = allocation.allocate(canonical, techniques, ctx, goal, asked, input_shapes=shapes,
                                 reference_outputs=ref_out, cache_dir=cache_dir)
     report.allocation = alloc.to_dict()
-    report.max_error = alloc.budget
-    if alloc.budget_source == "default":
-        report.notes.append(f"no --max-error: the default budget {alloc.budget:g} applies (override with --max-error)")
+    report.max_error = alloc.budget if math.isfinite(alloc.budget) else None
     if goal is not None and not alloc.met:
         report.notes.append(f"target {goal} not met within the budget: reached {alloc.achieved:.3f}")
     table = alloc.table
@@ -197,7 +211,7 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
         from onnxc.compiler.plot import plot_allocation
 
         plot_allocation(alloc, plot)
-    return alloc.model, alloc.fidelity, alloc.budget
+    return alloc.model, alloc.fidelity, report.max_error
 
 
 def _size_on_disk(path: Path) -> int:
@@ -211,11 +225,14 @@ def _size_on_disk(path: Path) -> int:
 def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *, int8: str | None = None,
            calibration: CalibrationLike = None, preprocess: str | None = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None,
-           name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable") -> dict:
+           name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable",
+           progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Lower a model with a backend; returns the backend's report.
 
     The onnxruntime backend writes a model with the source's interface (dynamic dims stay
     dynamic); the C backend needs, and keeps, the concrete shapes `input_shapes` fixes.
+    `progress(phase, done, total)` follows int8 calibration, sensitivity and exclusion, the
+    compile and the verification.
     """
     original = load(model)
     shapes = dict(input_shapes or {})
@@ -227,6 +244,8 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
         cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes, preprocess=preprocess)
     opts = ExportOptions(int8=int8, calibration=cal, name=name, input_shapes=shapes, seed=seed,
                          max_error=max_error, level=level)
+    if progress is not None:
+        opts.progress = progress
     return backend_export(backend, canonical, Path(output), opts)
 
 

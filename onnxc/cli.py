@@ -77,9 +77,10 @@ def command(fn):
 class _ProgressReporter:
     """Turns `ctx.progress(label, done, total)` calls into one rich progress bar per label.
 
-    Labels name a phase of a pass ("prune: capture", "prune: fits", "svd: capture", ...) or of the
-    manager ("passes", "verification"); counts are real units (samples streamed, layers fitted),
-    so the remaining time is an honest estimate. A phase that runs again restarts its bar.
+    Labels name a phase of a pass ("prune: capture", "prune: fits", "svd: capture", ...), of the
+    manager ("passes", "verification") or of an export ("int8: calibration", "int8: sensitivity",
+    "int8: exclusion", "compile", "verification"); counts are real units (samples streamed, layers
+    fitted), so the remaining time is an honest estimate. A phase that runs again restarts its bar.
     """
 
     def __init__(self, enabled: bool):
@@ -211,7 +212,10 @@ def _input_file(path: str) -> str:
 @_calibration_options
 @_input_shape_option
 @click.option(
-    "--max-error", type=float, help="Fidelity budget (relative L2 error of outputs); passes beyond it are rolled back."
+    "--max-error",
+    type=float,
+    help="Fidelity budget (relative L2 error of the outputs, or --metric); passes beyond it are rolled back. "
+    "Default: the preset's, else 0.25 (stated in the report); inf for none.",
 )
 @click.option(
     "--target",
@@ -320,19 +324,21 @@ def export(model, backend, output, int8, calibration, preprocess, input_shapes, 
     from onnxc.compiler.report import write_text_atomic
 
     _check_backend_options(backend, int8, name)
-    info = run_export(
-        model,
-        backend,
-        output,
-        int8=int8,
-        calibration=calibration,
-        preprocess=preprocess,
-        input_shapes=_parse_shapes(input_shapes),
-        name=name,
-        seed=seed,
-        max_error=max_error,
-        level=level,
-    )
+    with _ProgressReporter(not quiet) as progress:
+        info = run_export(
+            model,
+            backend,
+            output,
+            int8=int8,
+            calibration=calibration,
+            preprocess=preprocess,
+            input_shapes=_parse_shapes(input_shapes),
+            name=name,
+            seed=seed,
+            max_error=max_error,
+            level=level,
+            progress=progress,
+        )
     if report_path:
         write_text_atomic(Path(report_path), json.dumps(info, indent=2, default=str) + "\n")
     if not quiet:

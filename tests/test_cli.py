@@ -188,3 +188,23 @@ def test_inspect_lists_prunable_groups_across_residuals():
     residual = [g for g in groups if len(g["producers"]) >= 2 and not g["frozen"]]
     assert residual, "the identity-shortcut blocks share one channel set across their Add"
     assert any("graph input" in reason for g in groups for reason in g["frozen"])
+
+
+def test_default_budget_without_max_error(tmp_path):
+    """A plain -p run that destroys the model: the pass is rolled back under the stated default
+    budget (exit 0, the report says why); --max-error inf keeps it."""
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    proc = onnxc("optimize", VGG, "-o", out, "-p", "prune:ratio=0.9", "--calibration", CALIB, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    assert (data["max_error"], data["budget_source"]) == (0.25, "default")
+    [record] = data["passes"]
+    assert record["status"] == "rolled back" and "exceeds the budget 0.25" in record["reason"]
+    assert data["fidelity"]["rel_l2"] <= 0.25
+    assert "budget 0.25 (default; set --max-error to change)" in " ".join(proc.stderr.split())
+    kept = onnxc("optimize", VGG, "-o", out, "-p", "prune:ratio=0.9", "--calibration", CALIB, "--max-error", "inf",
+                 "--json", "-q")
+    assert kept.returncode == 0, kept.stderr
+    data = json.loads(kept.stdout)
+    assert data["passes"][0]["status"] == "applied" and data["budget_source"] == "none"
+    assert data["fidelity"]["rel_l2"] > 0.25

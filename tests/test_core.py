@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -219,3 +220,27 @@ def test_runtime_pads_fixed_batches():
     assert out.shape == (6, 5)
     free = runtime.run(graphs.constant_node_cnn(), x)["y"]
     assert np.allclose(out, free, atol=1e-5)
+
+
+# ---- the default budget: a destroyed model is not written as a success ---------------------------
+def test_default_budget_rolls_back_a_destroying_pass_and_is_stated(tmp_path):
+    from onnxc.api import optimize
+    from onnxc.compiler.passes import DEFAULT_BUDGET
+    from onnxc.compiler.report import budget_text
+
+    src, cal = SAMPLES / "vgg.onnx", SAMPLES / "digits_calib.npz"
+    result = optimize(src, passes=[create("test_break", {"factor": 3.0})], calibration=cal)
+    [record] = result.report.passes
+    assert record.status == "rolled back" and f"exceeds the budget {DEFAULT_BUDGET:g}" in record.reason
+    assert (result.report.max_error, result.report.budget_source) == (DEFAULT_BUDGET, "default")
+    assert budget_text(DEFAULT_BUDGET, "default") == "budget 0.25 (default; set --max-error to change)"
+    # --max-error inf: no budget, the pass is kept (and the JSON report stays valid JSON)
+    kept = optimize(src, passes=[create("test_break", {"factor": 3.0})], calibration=cal, max_error=float("inf"))
+    assert kept.report.passes[0].status == "applied" and kept.report.fidelity["rel_l2"] > DEFAULT_BUDGET
+    assert (kept.report.max_error, kept.report.budget_source) == (None, "none")
+    assert json.loads(kept.report.to_json())["budget_source"] == "none"
+    # a preset's budget is the preset's
+    lossless = optimize(src, preset="lossless", calibration=cal)
+    assert (lossless.report.max_error, lossless.report.budget_source) == (1e-5, "preset lossless")
+    with pytest.raises(UsageError, match="--max-error must be at least 0"):
+        optimize(src, passes=[create("test_break", {})], calibration=cal, max_error=-1.0)

@@ -146,6 +146,23 @@ def test_optimized_model_is_byte_identical(kind, inline_model, request):
     assert model == inline_model
 
 
+def test_circulant_fits_are_byte_identical(executor):
+    """circulant's per-layout fits (normal equations and solve) as tasks: the same layers whoever runs them."""
+    from onnxc.compiler import calibration as calib
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.model import clone
+    from onnxc.compiler.passes import PassContext, create
+
+    model = canonicalize(onnx.load(sample_path("mlp")), {})
+    cal = calib.make_calibration(model, CALIBRATION)
+    circulant = create("circulant", {"block": "8", "form": "shift"})  # form=auto would time the forms
+    got = circulant.run(clone(model), PassContext(calibration=cal, executor=executor))
+    want = circulant.run(clone(model), PassContext(calibration=cal))
+    assert len(got.changes) == 2 and got.info["data_aware"]  # fitted to the data, four layouts each
+    assert got.model.SerializeToString() == want.model.SerializeToString()
+    assert [c.error for c in got.changes] == [c.error for c in want.changes]
+
+
 def test_missing_ray_is_one_clear_error(monkeypatch):
     import sys
 

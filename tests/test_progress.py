@@ -41,3 +41,34 @@ def test_quiet_prints_nothing(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stderr == "" and run.stdout == ""
+
+
+def test_export_reports_its_phases(tmp_path):
+    from onnxc.api import export
+
+    calls: list[tuple[str, int, int]] = []
+
+    def record(label: str, done: int, total: int) -> None:
+        calls.append((label, done, total))
+
+    export(sample_path("mlp"), "onnxruntime", tmp_path / "q.onnx", int8="static", calibration=CALIBRATION,
+           progress=record)
+    cal = make_calibration(load(sample_path("mlp")), CALIBRATION)
+    labels = {label for label, _, _ in calls}
+    assert labels == {"int8: calibration", "compile", "verification"}, labels
+    for label in labels:
+        seen = [(d, t) for lab, d, t in calls if lab == label]
+        assert all(0 <= d <= t for d, t in seen) and seen[-1][0] == seen[-1][1], (label, seen)
+    assert {t for lab, _, t in calls if lab == "int8: calibration"} == {runtime.sample_count(cal.train)}
+    assert {t for lab, _, t in calls if lab == "verification"} == {2 * runtime.sample_count(cal.validation)}
+    calls.clear()
+    export(sample_path("mlp"), "c", tmp_path / "c", progress=record)
+    assert calls == [("compile", 0, 2), ("compile", 1, 2), ("compile", 2, 2)]
+
+
+def test_export_quiet_prints_nothing(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "onnxc", "export", str(sample_path("mlp")), "--backend", "onnxruntime",
+                          "-o", str(tmp_path / "m.onnx"), "--calibration", str(CALIBRATION), "-q"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "" and run.stdout == ""

@@ -18,6 +18,11 @@ from onnxc.compiler.calibration import Calibration
 from onnxc.errors import UsageError
 
 BACKEND_MODULES = {"onnxruntime": "onnxc.backends.ort", "c": "onnxc.backends.c"}
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(label: str, done: int, total: int) -> None:
+    """The default progress callback: nothing to show."""
 
 
 @dataclass
@@ -29,6 +34,7 @@ class ExportOptions:
     seed: int = 0
     max_error: float | None = None
     level: str = "portable"  # onnxruntime: "portable" (basic) or "machine" (all, this CPU)
+    progress: Progress = field(default=no_progress, repr=False)  # (phase, done, total), as PassContext's
 
 
 BackendFn = Callable[[onnx.ModelProto, Path, ExportOptions], dict]

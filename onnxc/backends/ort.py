@@ -60,7 +60,7 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
     if decoded:
         notes.append(_codebook_note(len(decoded), fmt, options.int8))
     if options.int8:
-        q = quantize(model, options.int8, calibration, max_error=options.max_error)
+        q = quantize(model, options.int8, calibration, max_error=options.max_error, progress=options.progress)
         lowered = q.model
         notes += q.notes
         report = {"quant_format": q.quant_format, "per_channel": q.per_channel,
@@ -68,6 +68,7 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
     level_name = LEVELS[options.level][fmt == "ort"]
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
+        options.progress("compile", 0, 1)
         if fmt == "ort":
             _write_ort(lowered, staged, level_name)
         else:
@@ -76,6 +77,7 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
             _write_optimized(lowered, staged, ORT_LEVELS[level_name], ["ConstantFolding"] if keep_codes else [])
             if not staged.with_name(staged.name + ".data").exists():
                 _tidy_saved(staged, model)
+        options.progress("compile", 1, 1)
         fidelity = _fidelity(model, staged, calibration, options)
         if options.max_error is not None and fidelity.rel_l2 > options.max_error:
             raise VerificationError(f"the exported model differs from the float model by {fidelity.rel_l2:.3g} "
@@ -205,12 +207,17 @@ def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
 
 
 def _fidelity(model: onnx.ModelProto, staged: Path, calibration, options: ExportOptions):
-    """Outputs of the written file against the float model, on held-out (or random) inputs."""
+    """Outputs of the written file against the float model, on held-out (or random) inputs
+    (progress: "verification", samples through both)."""
     if calibration is not None:
         inputs = calibration.validation
     else:
         inputs = random_inputs(model, seed=options.seed, input_shapes=options.input_shapes)
-    return compare_outputs(runtime.run(model, inputs), runtime.run(runtime.session(staged), inputs))
+    total = 2 * runtime.sample_count(inputs)
+    reference = runtime.run(model, inputs, progress=lambda done, _: options.progress("verification", done, total))
+    written = runtime.run(runtime.session(staged), inputs,
+                          progress=lambda done, _: options.progress("verification", total // 2 + done, total))
+    return compare_outputs(reference, written)
 
 
 @contextlib.contextmanager

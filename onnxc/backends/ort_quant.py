@@ -37,6 +37,7 @@ import onnx
 import onnx.version_converter
 from onnx import helper, numpy_helper
 
+from onnxc.backends import Progress, no_progress
 from onnxc.compiler import runtime
 from onnxc.compiler.calibration import Calibration, input_specs
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
@@ -79,11 +80,13 @@ SATURATION_RATIO, SATURATION_MARGIN = 2.0, 0.005
 
 def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
              max_error: float | None = None, reduce_range: bool | None = None,
-             exact: bool = False) -> Quantized:
+             exact: bool = False, progress: Progress = no_progress) -> Quantized:
     """Quantize `model` (canonical, float) to int8; the input is not modified.
 
     `reduce_range`: None decides from this CPU's onnxruntime kernels (module docstring); `exact`
-    scores the QDQ arithmetic instead of onnxruntime's fused kernels (and keeps 8-bit weights)."""
+    scores the QDQ arithmetic instead of onnxruntime's fused kernels (and keeps 8-bit weights).
+    `progress` gets the phases "int8: calibration" (samples), "int8: sensitivity" (nodes scored
+    alone) and "int8: exclusion" (bisection steps), the last two only when over `max_error`."""
     if mode not in MODES:
         raise OnnxcError(f"--int8 must be one of {', '.join(MODES)} (got '{mode}')")
     with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet(), _working_directory(tmp):
@@ -106,7 +109,7 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
         def make(reduced: bool) -> Callable:
             if mode == "dynamic":
                 return _dynamic_quantizer(pre, work, per_channel, reduced)
-            return _static_quantizer(pre, work, calibration, per_channel, reduced)
+            return _static_quantizer(pre, work, calibration, per_channel, reduced, progress)
 
         reduced = bool(reduce_range) and not exact
         quantizer = make(reduced)
@@ -125,7 +128,7 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
                            per_channel=per_channel, notes=notes, reduce_range=reduced)
         result.rel_l2 = error
         if max_error is not None and result.rel_l2 > max_error:
-            _exclude_sensitive(result, quantizer, scorer, max_error)
+            _exclude_sensitive(result, quantizer, scorer, max_error, progress)
         return result
 
 
@@ -141,7 +144,8 @@ def _working_directory(folder: str) -> Iterator[None]:
         os.chdir(previous)
 
 
-def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, budget: float) -> None:
+def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, budget: float,
+                       progress: Progress) -> None:
     """Score each quantized node alone, then exclude the worst until the model is within budget.
 
     The smallest k such that excluding the k most sensitive nodes meets the budget is found by
@@ -150,11 +154,17 @@ def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, 
     """
     ops = {n.name: n.op_type for n in result.model.graph.node}
     candidates = [n for n in quantized_nodes(result.model) if ops.get(n) not in DATA_MOVEMENT]
-    result.sensitivity = {name: scorer(quantizer([name], [])) for name in candidates}
+    for index, name in enumerate(candidates):
+        progress("int8: sensitivity", index, len(candidates))
+        result.sensitivity[name] = scorer(quantizer([name], []))
+    progress("int8: sensitivity", len(candidates), len(candidates))
     ranked = sorted(candidates, key=lambda n: (-result.sensitivity[n], n))
     best: tuple[int, onnx.ModelProto, float] | None = None
     lo, hi = 1, len(ranked)
+    steps, step = max(1, len(ranked)).bit_length(), 0  # bisection over 1..n takes at most this many
     while lo <= hi:
+        progress("int8: exclusion", step, steps)
+        step += 1
         k = (lo + hi) // 2
         model = quantizer(None, ranked[:k])
         err = scorer(model)
@@ -162,6 +172,7 @@ def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, 
             best, hi = (k, model, err), k - 1
         else:
             lo = k + 1
+    progress("int8: exclusion", steps, steps)
     if best is None:
         raise VerificationError(f"int8 model differs from the float model by {result.rel_l2:.3g} (relative L2) "
                                 f"even with every quantized node excluded, over the budget {budget:g}")
@@ -233,7 +244,7 @@ def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
 
 
 def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_channel: bool,
-                      reduce_range: bool) -> Callable:
+                      reduce_range: bool, progress: Progress) -> Callable:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     cache = work / "calibration.json"
@@ -246,7 +257,7 @@ def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_chann
 
         def attempt(extra: dict) -> None:
             quantize_static(
-                str(pre), str(out), _Reader(calibration.train, batch) if not cache.exists() else None,
+                str(pre), str(out), _Reader(calibration.train, batch, progress) if not cache.exists() else None,
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(only) if only else None, nodes_to_exclude=list(exclude),
@@ -295,11 +306,19 @@ def _dynamic_quantizer(pre: Path, work: Path, per_channel: bool, reduce_range: b
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over our calibration arrays, in batches."""
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], batch: int):
+    def __init__(self, inputs: Mapping[str, np.ndarray], batch: int, progress: Progress = no_progress):
         self._batches: Iterator[dict[str, np.ndarray]] = runtime.batches(inputs, batch)
+        self._progress, self._total, self._done = progress, runtime.sample_count(inputs), 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        """The next batch; progress counts the samples handed out before it (all of them at the end)."""
+        self._progress("int8: calibration", self._done, self._total)
+        batch = next(self._batches, None)
+        if batch is not None:
+            self._done += runtime.sample_count(batch)
+        else:
+            self._progress("int8: calibration", self._total, self._total)
+        return batch
 
     def __iter__(self):
         return self

@@ -26,7 +26,7 @@ import onnx
 
 from onnxc.compiler import runtime
 from onnxc.compiler.model import serialized_bytes
-from onnxc.compiler.passes import Pass, PassContext
+from onnxc.compiler.passes import DEFAULT_BUDGET, Pass, PassContext
 from onnxc.compiler.sensitivity import (
     Plan,
     Table,
@@ -43,7 +43,6 @@ from onnxc.errors import UsageError
 log = logging.getLogger("onnxc.allocation")
 
 KINDS = ("macs", "params", "size", "latency")
-DEFAULT_BUDGET = 0.25  # applies when neither --max-error nor a preset gives one (stated in the report)
 MAX_ROUNDS = 8
 TOLERANCE = 0.01  # a target counts as met within this much of its ratio
 

@@ -2,12 +2,14 @@
 
 A caller shares large inputs once with `put` (a ModelProto, numpy arrays, dicts of them) and
 maps a module-level function over small items: `fn(item, **shared_values)`. Results come back in
-item order whatever the executor, and every task runs under the same conditions (BLAS limited to
-one thread, shared values read-only, no global RNG: a task derives its seed from its item), so a
-compile gives byte-identical output with 1 or N workers, in-process or on a Ray cluster.
+item order whatever the executor, and every task runs under the same conditions (one onnxruntime
+and one BLAS thread, see TASK_THREADS; shared values read-only; no global RNG: a task derives its
+seed from its item), so a compile gives byte-identical output with 1 or N workers, in-process or
+on a Ray cluster (of one machine type: the kernels a CPU runs are part of the numerics).
 
 How shared values travel:
-- inline: by reference (arrays as read-only views; a ModelProto is parsed once into a copy).
+- inline: by reference (arrays as read-only views, C-contiguous as workers get them: numpy and
+  BLAS choose kernels by layout; a ModelProto is parsed once into a copy).
 - local: written once to a RAM-backed temp folder (/dev/shm when present): arrays as raw files
   that workers memory-map, a ModelProto as its serialized bytes; each worker loads a value once
   and keeps it while the tasks it runs keep asking for it.
@@ -29,7 +31,8 @@ import pickle
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,25 +102,42 @@ def _run_task(fn: Callable, item: Any, kwargs: dict) -> tuple[bool, Any]:
         return False, f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _one_blas_thread():
-    """Tasks run with one BLAS thread everywhere (parallelism is across tasks, and a BLAS split
-    differently may sum in another order). Set once per map or per worker: threadpoolctl rescans
-    the loaded libraries on every call, which cost ~5 ms per task."""
+# Every task runs with TASK_THREADS onnxruntime intra-op threads and BLAS threads, whichever
+# executor runs it and however many workers it has. onnxruntime's CPU kernels choose their
+# algorithm by the size of the session's thread pool (ReduceSum takes its KRK fast path only when
+# the batch is at least the thread count, its RK one only past 256 x the thread count), so a
+# count that followed the worker count would change results: magika's logits move by up to 4.5e-3
+# once the thread count exceeds the batch (`benchmarks/executor.py --threads`; the Conv-only corpus
+# models agree at 1-4 threads). BLAS is held to the same count for the same reason. Parallelism is
+# therefore across tasks (`--jobs N` runs N at once), the only kind that scales with cores anyway:
+# a task is a small model run or one layer's fit. The compiler's own work outside tasks
+# (capture, verification) keeps every core.
+TASK_THREADS = 1
+
+
+@contextmanager
+def _task_threads() -> Iterator[None]:
+    """TASK_THREADS for BLAS and for the onnxruntime sessions tasks build (in-process: around the
+    map, not per task, as threadpoolctl rescans the loaded libraries on every call, ~5 ms)."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(1, user_api="blas")
+    from onnxc.compiler import runtime
+
+    with threadpool_limits(TASK_THREADS, user_api="blas"), runtime.default_threads(TASK_THREADS):
+        yield
 
 
-_WORKER_LIMIT = None
+_WORKER_THREADS = None
 
 
 def _init_worker() -> None:
-    """In a worker process: one BLAS thread for good (libraries loaded later read the variables)."""
-    global _WORKER_LIMIT
-    if _WORKER_LIMIT is None:
+    """In a worker process, for good: TASK_THREADS (libraries loaded later read the variables)."""
+    global _WORKER_THREADS
+    if _WORKER_THREADS is None:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = "1"
-        _WORKER_LIMIT = _one_blas_thread()
+            os.environ[var] = str(TASK_THREADS)
+        _WORKER_THREADS = _task_threads()
+        _WORKER_THREADS.__enter__()
 
 
 def _task_error(label: str, fn: Callable, index: int, item: Any, reason: str) -> OnnxcError:
@@ -146,7 +166,7 @@ def _freeze(value: Any) -> Any:
     """In-process sharing: arrays become read-only views, models serialized copies (so a task that
     writes to a shared value fails the same way in every executor)."""
     if isinstance(value, np.ndarray):
-        view = value.view()
+        view = np.ascontiguousarray(value).view()  # the layout workers get (BLAS picks kernels by it)
         view.flags.writeable = False
         return view
     if isinstance(value, onnx.ModelProto):
@@ -250,7 +270,7 @@ class InlineExecutor(Executor):
         _check_fn(fn)
         kwargs = {name: _thaw(ref.handle) for name, ref in (shared or {}).items()}
         results = []
-        with _one_blas_thread():
+        with _task_threads():
             for index, item in enumerate(items):
                 _report(progress, label, index, len(items))
                 ok, value = _run_task(fn, item, kwargs)

@@ -34,6 +34,12 @@ from onnxc.errors import OnnxcError, UsageError
 
 log = logging.getLogger("onnxc.passes")
 
+# The fidelity budget of `optimize` (passes and targets alike) when neither --max-error nor a
+# preset or recipe sets one: a pass whose verified error leaves it is rolled back, so a model the
+# verification shows destroyed is never written as a success. Stated in the report; --max-error
+# changes it, --max-error inf removes it. A PassManager built directly has only its ctx.max_error.
+DEFAULT_BUDGET = 0.25
+
 
 @dataclass
 class Change:

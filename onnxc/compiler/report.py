@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ class Report:
     calibration: str = "random"
     shapes: list[dict] = field(default_factory=list)  # input shapes verification ran at (per shape group)
     seed: int = 0
-    max_error: float | None = None
+    max_error: float | None = None  # the fidelity budget (None: none)
+    budget_source: str | None = None  # --max-error, preset NAME, recipe, default or none (--max-error inf)
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     file_bytes: dict = field(default_factory=dict)
@@ -46,10 +48,31 @@ class Report:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+        return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, default=_json_default)
 
     def write(self, path: str | Path) -> None:
         write_text_atomic(Path(path), self.to_json() + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """Infinite and NaN floats as the strings "inf", "-inf", "nan" (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def budget_text(budget: float | None, source: str | None) -> str:
+    """How the budget reads in the terminal and in errors: "budget 0.25 (default; set --max-error
+    to change)", "budget 0.1 (preset balanced)", "no budget (--max-error inf)"."""
+    if budget is None:
+        return "no budget (--max-error inf)" if source == "none" else "no budget"
+    if source == "default":
+        return f"budget {budget:g} (default; set --max-error to change)"
+    return f"budget {budget:g} ({source})" if source else f"budget {budget:g}"
 
 
 def _json_default(obj: Any) -> Any:
@@ -130,6 +153,8 @@ def render(report: Report, console: Console) -> None:
         if top1 is not None:
             text += f", top-1 agreement {100 * top1:.1f}%"
         console.print(text)
+    if report.budget_source is not None:
+        console.print(budget_text(report.max_error, report.budget_source), highlight=False)
     if report.shapes:
         groups = ["; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in g.items()) for g in report.shapes[:3]]
         more = f" (+{len(report.shapes) - 3} more)" if len(report.shapes) > 3 else ""

@@ -6,6 +6,7 @@ import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -15,14 +16,30 @@ from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
 
+_THREADS = 0  # intra-op threads of sessions that do not ask (0: onnxruntime's default, every core)
 
-def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int = 0,
+
+@contextmanager
+def default_threads(threads: int) -> Iterator[None]:
+    """Sessions built inside use `threads` intra-op threads unless they ask for a count (the
+    executor's tasks run with a fixed count: onnxruntime's numerics depend on it)."""
+    global _THREADS
+    before, _THREADS = _THREADS, threads
+    try:
+        yield
+    finally:
+        _THREADS = before
+
+
+def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             ) -> ort.InferenceSession:
-    """A CPU InferenceSession; models past 2 GB go through a temporary file."""
+    """A CPU InferenceSession (`threads`: intra-op threads, 0 for every core, None for the
+    process default); models past 2 GB go through a temporary file."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 4  # fatal only: a failing run raises, and we report it in one line
+    threads = _THREADS if threads is None else threads
     if threads:
         opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]

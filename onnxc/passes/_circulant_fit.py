@@ -214,3 +214,45 @@ class NormalEquations:
         per_freq = syy - 2 * cross + quad
         residual = float((_frequency_weights(self.layout.block) * per_freq).sum()) / self.layout.block
         return float(np.sqrt(max(residual, 0.0) / self.energy)) if self.energy > 0 else 0.0
+
+
+# ---- one layout's fit, as an executor task ---------------------------------------------------------
+def fit_task(item: tuple[Layout, bool, float], *, weight: np.ndarray, bias: np.ndarray | None,
+             batches: list) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    """(parameters, bias, local error, the projection's local error) of one layout: its normal
+    equations accumulated over `batches` of sampled layer inputs (x, x from the original model or
+    None when the same), then, when `aware`, the ridge fit towards the projection. item = (layout,
+    aware, ridge); shared: the dense layer's [K, N] weight and bias, and the batches."""
+    layout, aware, ridge = item
+    stats = NormalEquations(layout, center=aware and bias is not None, offset=None if aware else bias)
+    for x, x0 in batches:
+        x = np.asarray(x, np.float64)
+        x0 = x if x0 is None else np.asarray(x0, np.float64)
+        y = x0 @ weight + (bias if bias is not None else 0.0)
+        stats.add(pad_columns(x, layout.in_features), pad_columns(y, layout.out_features))
+    proj = project(pad_matrix(weight, layout.in_features, layout.out_features), layout)
+    proj_error = stats.relative_error(proj)  # with the refitted bias when data-aware
+    if not aware:
+        return proj, bias, proj_error, proj_error
+    c, fitted_bias = stats.solve(proj, ridge)
+    return c, fitted_bias, stats.relative_error(c), proj_error
+
+
+def project_only(weight: np.ndarray, bias: np.ndarray | None, layout: Layout) -> tuple:
+    """The projection without data: the same tuple as `fit_task`, errors in weight space."""
+    w = pad_matrix(weight, layout.in_features, layout.out_features)
+    proj = project(w, layout)
+    error = float(np.linalg.norm(dense(proj, layout) - w) / max(np.linalg.norm(w), 1e-30))
+    return proj, bias, error, error
+
+
+def pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+
+def pad_matrix(w: np.ndarray, k: int, n: int) -> np.ndarray:
+    if w.shape == (k, n):
+        return w
+    out = np.zeros((k, n), w.dtype)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out

@@ -9,7 +9,9 @@ constant bias vector is absorbed and refitted). Each layer is fitted, checked, t
    then the bias; with `sequential` the inputs come from the model as rewritten so far, so each
    layer also absorbs the error of the layers before it. Without data (or with random data) the
    projection alone (averaging along wrapped diagonals), the bias kept. The block grouping of the
-   features (contiguous or strided, per side) is the one with the lowest local error.
+   features (contiguous or strided, per side) is the one with the lowest local error; with data,
+   each grouping's accumulation and solve is one task on the executor (`--jobs`, Ray), the layer's
+   sampled inputs shared once. Layers stay one after another (sequential fits need the previous).
 2. Guard: a layer whose local relative output error exceeds `max_layer_error` stays dense.
 3. Form (`_circulant_forms`): `shift`, `fft` or `expand`; with `form=auto` each is timed on a
    standalone one-layer model at the layer's shapes and the fastest kept (ties within 10% go to
@@ -114,11 +116,11 @@ class CirculantPass(Pass):
             stats = None
             if cal is not None:
                 current = model if (sequential and rewritten) else original
-                stats = self._statistics(t, current, original, cal.train, ctx, aware)
+                stats = self._activations(t, current, original, cal.train, ctx)
             if isinstance(stats, str):
                 skipped.append(Skip(t.name, stats))
                 continue
-            layer, error, proj_error = self._fit(t, stats, aware)
+            layer, error, proj_error = self._fit(t, stats, aware, ctx)
             if error > self.max_layer_error:
                 skipped.append(Skip(t.name, f"local error {error:.3g} exceeds max_layer_error "
                                             f"{self.max_layer_error:g} (left dense)"))
@@ -181,10 +183,10 @@ class CirculantPass(Pass):
         kp, np_ = _round_up(t.weight.shape[0], self.block), _round_up(t.weight.shape[1], self.block)
         return [fit.Layout(self.block, kp, np_, i, o) for i, o in LAYOUTS[self.layout]]
 
-    def _statistics(self, t: Target, current: onnx.ModelProto, original: onnx.ModelProto,
-                    inputs: dict[str, np.ndarray], ctx: PassContext, aware: bool,
-                    ) -> tuple[list[fit.Layout], list[fit.NormalEquations]] | str:
-        """Normal equations per layout from the layer's inputs (current model) and targets (original).
+    def _activations(self, t: Target, current: onnx.ModelProto, original: onnx.ModelProto,
+                     inputs: dict[str, np.ndarray], ctx: PassContext) -> tuple[list[fit.Layout], list] | str:
+        """The layouts to try and the layer's sampled inputs: batches of (x from `current`, x from
+        `original` or None when they are the same model), float32 as the model computes them.
 
         Memory and time are bounded: past MAX_FIT_BYTES only the contiguous layout is tried, and
         activation rows are sampled so the accumulation stays within FIT_FLOPS.
@@ -194,43 +196,37 @@ class CirculantPass(Pass):
             layouts = layouts[:1]
         if fit.fit_bytes(layouts[0]) > fit.MAX_FIT_BYTES:
             return f"fit would need {fit.fit_bytes(layouts[0]) / 2**30:.1f} GiB (use a larger block)"
-        offset = None if aware else t.bias
-        stats = [fit.NormalEquations(lay, center=aware and t.bias is not None, offset=offset) for lay in layouts]
         budget = min(MAX_ROWS, FIT_FLOPS // sum(fit.row_flops(lay) for lay in layouts))
         keep = min(1.0, max(1, budget) / max(1, runtime.sample_count(inputs) * t.rows))
         rng = ctx.rng(f"circulant:{t.name}")
         cur = calib.iter_activations(current, [t.x], inputs, batch_size=BATCH)
         ref = calib.iter_activations(original, [t.x], inputs, batch_size=BATCH) if current is not original else None
         k = t.weight.shape[0]
+        batches = []
         for batch in cur:
-            x = batch[t.x].reshape(-1, k).astype(np.float64)
-            x0 = next(ref)[t.x].reshape(-1, k).astype(np.float64) if ref is not None else x
+            x = batch[t.x].reshape(-1, k)
+            x0 = next(ref)[t.x].reshape(-1, k) if ref is not None else None
             if keep < 1.0:
                 rows = rng.random(len(x)) < keep
-                x, x0 = x[rows], x0[rows]
-            y = x0 @ t.weight + (t.bias if t.bias is not None else 0.0)
-            for s in stats:
-                s.add(_pad(x, s.layout.in_features), _pad(y, s.layout.out_features))
-        return layouts, stats
+                x, x0 = x[rows], (x0[rows] if x0 is not None else None)
+            batches.append((x, x0))
+        return layouts, batches
 
-    def _fit(self, t: Target, stats: tuple | None, aware: bool) -> tuple[forms.CirculantLayer, float, float]:
-        """The best layout's parameters, their local error and the projection's local error."""
+    def _fit(self, t: Target, stats: tuple | None, aware: bool,
+             ctx: PassContext) -> tuple[forms.CirculantLayer, float, float]:
+        """The best layout's parameters, their local error and the projection's local error. With
+        data, each layout's normal equations are accumulated and solved as one executor task."""
+        if stats is None:  # no data at all: the projection, judged by its weight-space error
+            layouts = self._layouts(t)
+            fits = [fit.project_only(t.weight, t.bias, lay) for lay in layouts]
+        else:
+            layouts, batches = stats
+            executor = ctx.executor
+            shared = {"weight": executor.put(t.weight), "bias": executor.put(t.bias), "batches": executor.put(batches)}
+            fits = executor.map(fit.fit_task, [(lay, aware, self.ridge) for lay in layouts], shared=shared,
+                                label=f"circulant: fit {t.name}")
         best = None
-        layouts, equations = stats if stats is not None else (self._layouts(t), None)
-        for i, lay in enumerate(layouts):
-            w = _pad2(t.weight, lay.in_features, lay.out_features)
-            proj = fit.project(w, lay)
-            if stats is None:  # no data at all: weight-space error
-                proj_error = float(np.linalg.norm(fit.dense(proj, lay) - w) / max(np.linalg.norm(w), 1e-30))
-                c, bias, error = proj, t.bias, proj_error
-            else:
-                s = equations[i]
-                proj_error = s.relative_error(proj)  # with the refitted bias when data-aware
-                if aware:
-                    c, bias = s.solve(proj, self.ridge)
-                    error = s.relative_error(c)
-                else:
-                    c, bias, error = proj, t.bias, proj_error
+        for lay, (c, bias, error, proj_error) in zip(layouts, fits):
             if best is None or error < best[2]:
                 best = (lay, c, error, proj_error, bias)
         lay, c, error, proj_error, bias = best
@@ -350,18 +346,6 @@ def _convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
 
 def _round_up(n: int, b: int) -> int:
     return -(-n // b) * b
-
-
-def _pad(a: np.ndarray, width: int) -> np.ndarray:
-    return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
-
-
-def _pad2(w: np.ndarray, k: int, n: int) -> np.ndarray:
-    if w.shape == (k, n):
-        return w
-    out = np.zeros((k, n), w.dtype)
-    out[: w.shape[0], : w.shape[1]] = w
-    return out
 
 
 def _fft_macs(lay: fit.Layout) -> int:

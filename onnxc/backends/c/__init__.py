@@ -92,7 +92,9 @@ def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
     quant = {}
     if options.int8:
         model, quant = quantize_for_c(model, options)
+    options.progress("compile", 0, 2)
     gen = compile_model(model, options.name, options.input_shapes, source)
+    options.progress("compile", 1, 2)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OnnxcError(f"{out}: exists and is not a directory")
@@ -111,6 +113,7 @@ def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    options.progress("compile", 2, 2)
     report = gen.report()
     report["files"] = files
     report["output"] = str(out)
@@ -139,7 +142,7 @@ def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx
         notes.append(f"{len(clustered)} clustered weights quantized to int8 per output channel; the int8 kernels keep "
                      "those whose rows hold at most 16 values as 4-bit codes with an int8 codebook per output channel "
                      "(report: clustered_weights)")
-    q = quantize(model, "static", calibration, max_error=options.max_error, exact=True)
+    q = quantize(model, "static", calibration, max_error=options.max_error, exact=True, progress=options.progress)
     snapped = snap_weight_scales(q.model)
     if snapped:
         notes.append(f"{len(snapped)} layers: weight scales moved by < 2^-16 so that each channel's bias and "
