@@ -90,7 +90,8 @@ def test_rollback_keeps_the_good_candidates(cache, monkeypatch):
     result = optimize(sample_path("mlp"), calibration=CALIBRATION, passes=["svd"], target="macs=0.2",
                       max_error=budget, cache_dir=cache)
     alloc = result.report.allocation
-    assert any("back off" in r["action"] for r in alloc["rounds"])
+    rounds = alloc["rounds"]
+    assert any(a["error"] > budget and b["steps"] < a["steps"] for a, b in zip(rounds, rounds[1:])), rounds
     assert result.report.fidelity["error"] <= budget
     kept = [k for k in alloc["chosen"] if k.startswith("svd:")]
     assert kept, "the rollback discarded every svd layer"
