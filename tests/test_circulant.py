@@ -254,7 +254,7 @@ def test_without_a_safe_opset_raise_fft_is_not_offered(monkeypatch):
     model = dense_model(32, 16, opset=13)
     forced = run_pass(model, {"block": 4, "form": "fft", "max_layer_error": 10})
     assert not forced.modified and "raising opset 13 failed: no adapter" in forced.skipped[0].reason
-    auto = run_pass(model, {"block": 4, "max_layer_error": 10})
+    auto = run_pass(model, {"block": 4, "form": "auto", "max_layer_error": 10})
     assert auto.changes[0].detail["form"] != "fft" and "fft" not in auto.changes[0].detail["timings_ms"]
     assert next(o.version for o in auto.model.opset_import if o.domain == "") == 13
     assert "no adapter" in auto.info["fft_unavailable"]
@@ -262,7 +262,7 @@ def test_without_a_safe_opset_raise_fft_is_not_offered(monkeypatch):
 
 def test_auto_form_reports_timings_of_every_form():
     model = dense_model(64, 64)
-    result = run_pass(model, {"block": 8, "max_layer_error": 10}, real_data(model))
+    result = run_pass(model, {"block": 8, "form": "auto", "max_layer_error": 10}, real_data(model))
     (change,) = result.changes
     assert set(change.detail["timings_ms"]) == {"dense", *forms.FORMS}
     assert change.detail["form"] in forms.FORMS

@@ -155,7 +155,7 @@ def test_circulant_fits_are_byte_identical(executor):
 
     model = canonicalize(onnx.load(sample_path("mlp")), {})
     cal = calib.make_calibration(model, CALIBRATION)
-    circulant = create("circulant", {"block": "8", "form": "shift"})  # form=auto would time the forms
+    circulant = create("circulant", {"block": "8"})
     got = circulant.run(clone(model), PassContext(calibration=cal, executor=executor))
     want = circulant.run(clone(model), PassContext(calibration=cal))
     assert len(got.changes) == 2 and got.info["data_aware"]  # fitted to the data, four layouts each

@@ -13,10 +13,13 @@ constant bias vector is absorbed and refitted). Each layer is fitted, checked, t
    each grouping's accumulation and solve is one task on the executor (`--jobs`, Ray), the layer's
    sampled inputs shared once. Layers stay one after another (sequential fits need the previous).
 2. Guard: a layer whose local relative output error exceeds `max_layer_error` stays dense.
-3. Form (`_circulant_forms`): `shift`, `fft` or `expand`; with `form=auto` each is timed on a
-   standalone one-layer model at the layer's shapes and the fastest kept (ties within 10% go to
-   the earlier of shift, fft, expand). `fft` needs opset 17: the model's opset is raised with
-   onnx's version converter when it is lower, and fft is not offered when that fails.
+3. Form (`_circulant_forms`): `shift` (the default: the fastest at batch 1 in
+   benchmarks/circulant.py), `fft` or `expand`; with `form=auto` each is timed on a standalone
+   one-layer model at the layer's shapes and the fastest kept (ties within 10% go to the earlier
+   of shift, fft, expand). `auto` is opt-in because a timed choice follows the machine and its
+   load, so it breaks "same input, options and seed give the same bytes". `fft` needs opset 17:
+   the model's opset is raised with onnx's version converter when it is lower, and fft is not
+   offered when that fails.
 4. Padding: features that are not a multiple of the block are zero-padded in the graph with
    `pad=true`, otherwise the layer is skipped with the reason.
 """
@@ -63,7 +66,7 @@ class CirculantPass(Pass):
         "exclude": "never these layers (node-name globs)",
         "min_features": "skip layers with fewer input or output features",
         "max_layer_error": "leave a layer dense when its local relative output error exceeds this",
-        "form": "graph form: auto (timed), shift, fft, expand (direct = shift)",
+        "form": "graph form: shift, fft, expand (direct = shift), or auto (fastest when timed here; not reproducible)",
         "layout": "grouping of features into blocks: auto (lowest error), contiguous, strided",
         "pad": "zero-pad features that are not a multiple of block (otherwise skip the layer)",
         "data_aware": "fit to calibration outputs (projection only when false or data is random)",
@@ -77,7 +80,7 @@ class CirculantPass(Pass):
     exclude: list[str] = field(default_factory=list)
     min_features: int = 32
     max_layer_error: float = 0.6
-    form: str = "auto"
+    form: str = "shift"
     layout: str = "auto"
     pad: bool = False
     data_aware: bool = True
