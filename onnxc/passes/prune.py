@@ -138,7 +138,7 @@ class PrunePass(Pass):
             model = rec.refit(original, model, jobs, data, ridge=self.ridge, samples=self.samples,
                               recapture=self.recapture, rng=lambda s: ctx.rng(f"prune-refit:{s}"),
                               progress=ctx.progress, refresh=_reinfer, held_out=held)
-            if any(j.verdict is not None and j.verdict.kept for j in jobs):
+            if held is not None and any(j.verdict is not None and j.verdict.kept for j in jobs):
                 verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, sliced)
                 info["model_refit"] = verdict.detail()
                 if not verdict.kept:
