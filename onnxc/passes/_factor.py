@@ -19,12 +19,15 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import holdout
+from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any
 from onnxc.passes import _whiten
 from onnxc.passes._rank import RankRule, validate_rule
 
+RECAPTURE_RIDGE = 1e-2  # the recapture refit's ridge and patch rows per layer: prune's defaults
+RECAPTURE_SAMPLES = 8192
 MAX_STATS_DIM = 4096  # larger input rows fall back to weight-only fitting (a D x D float64 moment)
 
 
@@ -75,6 +78,7 @@ class FactorPass(Pass):
     max_layer_error: float | None = None
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    recapture: bool = True
     # Set by the allocator (not a CLI option): node name -> its own MAC ratio; only these layers change.
     _levels: dict[str, float] | None = None
 
@@ -89,6 +93,9 @@ class FactorPass(Pass):
         "max_layer_error": "drop a layer's rewrite when its local relative error exceeds this",
         "layers": "only these node names (globs, |-separated)",
         "exclude": "skip these node names (globs, |-separated)",
+        "recapture": "with data, refit each rewrite's last layer (and bias) layer by layer to the original "
+                     "outputs from the inputs it sees in the factorized model, so errors upstream are "
+                     "compensated instead of carried (kept where it helps held-out samples)",
     }
 
     def rule(self) -> RankRule:
@@ -140,9 +147,54 @@ class FactorPass(Pass):
             fits = chosen
         model, changes, more = self._apply(model, layers, fits, stats, ctx)
         skipped += more
+        if changes and stats and self.recapture:
+            model = self._recapture(original, model, layers, changes, ctx, info)
         info.update(ranks={c.node: c.detail.get("rank", c.detail.get("ranks")) for c in changes},
                     layers_rewritten=len(changes))
         return PassResult(model, bool(changes), changes, skipped, info)
+
+    def _recapture(self, original: onnx.ModelProto, model: onnx.ModelProto, layers: list[Layer],
+                   changes: list[Change], ctx: PassContext, info: dict) -> onnx.ModelProto:
+        """Sequential refit: the last layer of every rewrite (a 1x1 Conv, MatMul or Gemm from the
+        rank-r activations) is refit with prune's machinery to the original layer's output, from
+        the inputs it sees in the rewritten model, wave by wave; each layer keeps its factor where
+        the refit is worse on held-out samples, and the pass keeps the unrefitted model where the
+        refits are worse at its outputs."""
+        from onnxc.passes import _reconstruct as rec
+
+        model = infer_shapes(model)
+        view = GraphView(model.graph)
+        done = {c.node for c in changes}
+        jobs: dict[str, rec.RefitJob] = {}  # layer name -> the refit of its rewrite's last node
+        for layer in layers:
+            last = view.producers.get(layer.node.output[0])
+            if layer.name not in done or last is None or last.op_type not in ("Conv", "Gemm", "MatMul") \
+                    or not view.is_const(last.input[1]) or view.is_const(last.input[0]):
+                continue
+            shape = view.static_shape(last.input[0])
+            if shape is None or (last.op_type == "Gemm" and (attr(last, "transA", 0) or len(shape) != 2)):
+                continue
+            features = shape[-1] if last.op_type == "MatMul" else shape[1]
+            jobs[layer.name] = rec.RefitJob(last.name, last.input[0], last.output[0], np.arange(features), None)
+        if not jobs:
+            return model
+        held = ctx.calibration.validation if holdout.has_held_out(ctx.calibration) else None
+        plain = clone(model)
+        model = rec.refit(original, model, list(jobs.values()), ctx.calibration.train, ridge=RECAPTURE_RIDGE,
+                          samples=RECAPTURE_SAMPLES, recapture=True, rng=lambda s: ctx.rng(f"{self.id}-refit:{s}"),
+                          progress=ctx.progress, held_out=held)
+        for change in changes:
+            job = jobs.get(change.node)
+            if job is not None and job.verdict is not None:
+                change.detail.update(job.verdict.detail("recapture_"))
+        kept = sum(1 for j in jobs.values() if j.verdict is not None and j.verdict.kept)
+        info["recapture"] = {"layers": len(jobs), "kept": kept}
+        if held is not None and kept:
+            verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, plain)
+            info["model_recapture"] = verdict.detail()
+            if not verdict.kept:
+                return plain
+        return model
 
     def _apply(self, model: onnx.ModelProto, layers: list[Layer], fits: list[Fitted | str],
                stats: dict[str, _whiten.Moments], ctx: PassContext) -> tuple[onnx.ModelProto, list[Change], list[Skip]]:

@@ -74,11 +74,12 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import calibration as calib
-from onnxc.compiler import holdout
+from onnxc.compiler import holdout, runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import clone, tensor_bytes
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
+from onnxc.compiler.samples import Samples
 from onnxc.errors import UsageError
 from onnxc.passes import _codes
 from onnxc.passes._kmeans1d import INITS, kmeans1d
@@ -117,6 +118,8 @@ class ClusterPass(Pass):
                    "bits), uint4 (or skip), nibbles (packed bytes), tight (a bit stream at exactly `bits`)",
         "max_iter": "Lloyd iterations per codebook",
         "bias_correction": "fold the mean output shift dW*E(x) into the bias (calibration data only)",
+        "recapture": "with bias_correction, correct layer by layer from the clustered model's own activations "
+                     "to the original layer outputs (compensates the layers upstream; slower)",
     }
     bits: int = 8
     per_channel: bool = False
@@ -127,6 +130,7 @@ class ClusterPass(Pass):
     keep_zero: bool = True
     packing: Literal["auto", "uint4", "nibbles", "tight"] = "auto"
     bias_correction: bool = True
+    recapture: bool = True
     max_iter: int = 300
     # Set by the allocator (not a CLI option): only the weights of these node names are clustered.
     _layers: set[str] | None = None
@@ -199,12 +203,6 @@ class ClusterPass(Pass):
                 totals[key] += change.detail[key.replace("weight_", "")]
         if not result.changes:
             return result
-        plain = clone(model) if held else None
-        for target, delta, change in corrections:
-            verdicts = self._correct_bias(view, target, delta, stats, held)
-            change.detail["bias_corrected"] = any(v.kept for v in verdicts)
-            if len(verdicts) == 1:
-                change.detail.update(verdicts[0].detail())
 
         def finish(m: onnx.ModelProto) -> onnx.ModelProto:
             """The codes' nodes and constants in, the dense weights out."""
@@ -219,9 +217,18 @@ class ClusterPass(Pass):
             m.graph.node.extend(nodes)
             return m
 
-        if plain is not None and any(c.detail["bias_corrected"] for _, _, c in corrections):
-            verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric),
-                                          finish(clone(model)), finish(clone(plain)))
+        model = finish(model)
+        plain = clone(model) if held and corrections else None
+        view = GraphView(model.graph)
+        if corrections and self.recapture:
+            _recapture_biases(original, model, [(t.nodes, c) for t, _, c in corrections], ctx)
+        for target, delta, change in [] if self.recapture else corrections:
+            verdicts = self._correct_bias(view, target, delta, stats, held)
+            change.detail["bias_corrected"] = any(v.kept for v in verdicts)
+            if len(verdicts) == 1:
+                change.detail.update(verdicts[0].detail())
+        if plain is not None and any(c.detail.get("bias_corrected") for _, _, c in corrections):
+            verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, plain)
             result.info["model_refit"] = verdict.detail()
             if not verdict.kept:  # the corrections do not generalize at the model's outputs
                 model = plain
@@ -229,7 +236,7 @@ class ClusterPass(Pass):
                     change.detail["bias_corrected"] = False
                     if "refit" in change.detail:
                         change.detail["refit"] = "fell back"
-        result.model = finish(model)
+        result.model = model
         result.modified = True
         after = tensor_bytes(model)
         result.info = {
@@ -370,7 +377,7 @@ class ClusterPass(Pass):
         """Absorb the mean output shift E[dW x] = dW E[x] of each consumer into its bias, where it
         also lowers the error on held-out samples (one verdict per consumer corrected or judged)."""
         verdicts = []
-        for node in target.nodes:
+        for node in (view.producers[n.output[0]] for n in target.nodes):
             if _key(node) not in stats:
                 continue
             mean = _expand_channels(node, stats[_key(node)][0], delta.shape)
@@ -457,6 +464,73 @@ class ClusterPass(Pass):
             detail["shared_with"] = [n.name for n in target.nodes[1:]]
         return Change(node.name, node.op_type, f"clustered to {codebook.shape[-1]} values", before, after,
                       rel, detail)
+
+
+# ---- bias correction on the clustered model's own activations --------------------------------------
+def _recapture_biases(original: onnx.ModelProto, model: onnx.ModelProto,
+                      items: list[tuple[list[onnx.NodeProto], Change]], ctx: PassContext) -> None:
+    """Layer by layer, in waves that never hold a layer and one upstream of it: the mean of each
+    clustered layer's output in `model` (clustered and corrected upstream) is moved onto the
+    original's, measured on the fitting samples, where that also lowers the held-out samples'
+    error (the mean shift relative to the original output's energy, per `holdout.choose`)."""
+    cal = ctx.calibration
+    held = cal.validation if holdout.has_held_out(cal) else None
+    data = Samples(Samples.of(cal.train).groups + (Samples.of(held).groups if held is not None else []))
+    n_fit = runtime.sample_count(cal.train)
+    change_of = {n.output[0]: c for nodes, c in items for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul")}
+    axis = {n.output[0]: 1 if n.op_type == "Conv" else -1 for nodes, _ in items for n in nodes}
+    reference = _channel_means(original, list(change_of), axis, data, n_fit)
+    for wave in _levels(model, list(change_of)):
+        view = GraphView(model.graph)
+        current = _channel_means(model, wave, axis, data, n_fit)
+        for tensor in wave:
+            (ref_fit, ref_held, energy), (fit, held_mean, _) = reference[tensor], current[tensor]
+            correction = ref_fit - fit
+
+            def error(shift: np.ndarray | None, c: np.ndarray, energy: float = energy) -> float | None:
+                return None if shift is None else float(np.sqrt(np.sum(np.square(shift - c)) / max(energy, 1e-30)))
+
+            gap = ref_held - held_mean if held is not None else None
+            verdict = holdout.choose(holdout.Errors(0.0, error(gap, correction)),
+                                     holdout.Errors(error(correction, 0.0), error(gap, 0.0)))
+            change = change_of[tensor]
+            corrected = verdict.kept and _add_to_bias(view, view.producers[tensor], correction)
+            change.detail["bias_corrected"] = change.detail.get("bias_corrected", False) or bool(corrected)
+            change.detail.update(verdict.detail())
+
+
+def _channel_means(model: onnx.ModelProto, names: list[str], axis: dict[str, int], data: Samples, n_fit: int
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray | None, float]]:
+    """Per tensor: the per-channel mean on the first `n_fit` samples and on the rest, and the mean
+    squared norm of one channel vector on the first ones."""
+    sums: dict[str, list] = {n: [0.0, 0.0, 0.0, 0, 0] for n in names}
+    seen = 0
+    for batch in calib.iter_activations(model, names, data):
+        count = len(next(iter(batch.values())))
+        part = 0 if seen < n_fit else 1
+        seen += count
+        for name, value in batch.items():
+            flat = np.moveaxis(value.astype(np.float64), axis[name], -1).reshape(-1, value.shape[axis[name]])
+            acc = sums[name]
+            acc[part] = acc[part] + flat.sum(0)
+            acc[3 + part] += len(flat)
+            if part == 0:
+                acc[2] += float(np.sum(np.square(flat)))
+    return {n: (a[0] / max(a[3], 1), a[1] / a[4] if a[4] else None, a[2] / max(a[3], 1)) for n, a in sums.items()}
+
+
+def _levels(model: onnx.ModelProto, tensors: list[str]) -> list[list[str]]:
+    """`tensors` in waves: each one's wave comes after every wave holding a tensor upstream of it."""
+    wanted = set(tensors)
+    level: dict[str, int] = {}
+    for node in model.graph.node:
+        lv = max((level.get(i, 0) for i in node.input if i), default=0)
+        for o in node.output:
+            level[o] = lv + (1 if o in wanted else 0)
+    waves: dict[int, list[str]] = {}
+    for t in tensors:
+        waves.setdefault(level.get(t, 1), []).append(t)
+    return [waves[k] for k in sorted(waves)]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
