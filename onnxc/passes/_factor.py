@@ -171,6 +171,8 @@ class FactorPass(Pass):
             if layer.name not in done or last is None or last.op_type not in ("Conv", "Gemm", "MatMul") \
                     or not view.is_const(last.input[1]) or view.is_const(last.input[0]):
                 continue
+            if last.op_type == "MatMul" and any(u.op_type == "Add" for u in view.consumers.get(last.output[0], [])):
+                continue  # its bias lives in the Add, which the refit would not see (nor refit)
             shape = view.static_shape(last.input[0])
             if shape is None or (last.op_type == "Gemm" and (attr(last, "transA", 0) or len(shape) != 2)):
                 continue
