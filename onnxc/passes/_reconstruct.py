@@ -43,17 +43,39 @@ T = TypeVar("T")
 # ---- geometry of a 2-D convolution -------------------------------------------------------------
 @dataclass
 class Geometry:
+    """A 2-D Conv's sampling geometry. Sizes come from each batch's own tensors, never from the
+    graph's static shapes: with symbolic dims (text lines of any width) those read 1, and every
+    layer would be fitted to its top-left output pixel alone."""
+
     kernel: tuple[int, int]
     strides: tuple[int, int]
     dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    pads: tuple[int, int, int, int]  # top, left, bottom, right (explicit pads)
     group: int
+    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads follow each batch's input size
+
+    def padding(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """The pads for an input of h x w (SAME pads depend on it)."""
+        if self.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            return self.pads
+        out = []
+        for size, k, s, d in zip((h, w), self.kernel, self.strides, self.dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            out.append((small, total - small) if self.auto_pad == "SAME_UPPER" else (total - small, small))
+        return out[0][0], out[1][0], out[0][1], out[1][1]
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """The output's spatial size for an input of h x w."""
+        pt, pl, pb, pr = self.padding(h, w)
+        return tuple((size + a + b - d * (k - 1) - 1) // s + 1 for size, a, b, k, s, d in
+                     zip((h, w), (pt, pl), (pb, pr), self.kernel, self.strides, self.dilations))
 
     def patches(self, x: np.ndarray, b: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
         """im2col rows [S, C, kh*kw] of `x` [B, C, H, W] at output positions (b, oy, ox)."""
         kh, kw = self.kernel
-        pt, pl, pb, pr = self.pads
-        if any(self.pads):
+        pt, pl, pb, pr = pads = self.padding(*x.shape[2:])
+        if any(pads):
             x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
         ky, kx = np.divmod(np.arange(kh * kw), kw)
         iy = oy[:, None] * self.strides[0] + ky[None, :] * self.dilations[0]
@@ -63,26 +85,15 @@ class Geometry:
 
 def conv_geometry(node: onnx.NodeProto, view: GraphView) -> Geometry | None:
     """The 2-D Conv's sampling geometry, or None for what the refit does not handle."""
-    x, w, y = view.static_shape(node.input[0]), view.static_shape(node.input[1]), view.static_shape(node.output[0])
-    if node.op_type != "Conv" or x is None or w is None or y is None or len(x) != 4:
+    x, w = view.shape(node.input[0]), view.static_shape(node.input[1])
+    if node.op_type != "Conv" or x is None or w is None or len(x) != 4 or len(w) != 4:
         return None
-    kernel = tuple(w[2:])
     strides = tuple(attr(node, "strides", [1, 1]))
     dil = tuple(attr(node, "dilations", [1, 1]))
     auto = attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for i in range(2):
-            total = max((y[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - x[2 + i], 0)
-            small = total // 2
-            pads.append((small, total - small) if auto == "SAME_UPPER" else (total - small, small))
-        pad4 = (pads[0][0], pads[1][0], pads[0][1], pads[1][1])
-    elif auto == "VALID":
-        pad4 = (0, 0, 0, 0)
-    else:
-        pad4 = tuple(attr(node, "pads", [0, 0, 0, 0]))
-    return Geometry(kernel, strides, dil, pad4, attr(node, "group", 1))
+    pad4 = (0, 0, 0, 0) if auto != "NOTSET" else tuple(attr(node, "pads", [0, 0, 0, 0]))
+    return Geometry(tuple(w[2:]), strides, dil, pad4, attr(node, "group", 1), auto)
 
 
 def sample_positions(rng: np.random.Generator, batch: int, oh: int, ow: int, rows: int):
@@ -257,7 +268,6 @@ class Refitter:
         self.samples, self.total, self.from_original = samples, total, from_original
         w = view.const(node.input[1])
         self.kind = node.op_type
-        self.out_shape = orig_view.static_shape(job.y_name)
         if self.kind == "Conv":
             self.geom = conv_geometry(node, view)
             self.groups = self.geom.group if self.geom else 1
@@ -310,16 +320,16 @@ class Refitter:
             sample = first + np.repeat(np.arange(len(x)), steps)
             self._add(0, x.reshape(-1, x.shape[-1]).astype(np.float32), y.reshape(-1, y.shape[-1]), sample)
             return
-        b, oy, ox = self.positions(rng, len(x))
+        b, oy, ox = self.positions(rng, len(x), *self.geom.out_size(*x.shape[2:]))
         p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
         t = self._branch(target if target is not None else y[b, :, oy, ox], xs, (b, oy, ox))  # [S, O']
         cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
         for gi in range(self.groups):
             self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], first + b)
 
-    def positions(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The output positions sampled from one batch of a Conv's output."""
-        oh, ow = self.out_shape[2], self.out_shape[3]
+    def positions(self, rng: np.random.Generator, batch: int, oh: int, ow: int,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The output positions sampled from one batch of a Conv's output (oh x ow: this batch's)."""
         return sample_positions(rng, batch, oh, ow, rows_per_batch(self.samples, batch, self.total, oh * ow))
 
     def target_rows(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -327,7 +337,7 @@ class Refitter:
         its rows at the positions `update` will draw from a generator in the same state."""
         if self.geom is None:
             return y
-        b, oy, ox = self.positions(rng, len(y))
+        b, oy, ox = self.positions(rng, len(y), *y.shape[2:])
         return np.ascontiguousarray(y[b, :, oy, ox])
 
     def _branch(self, y: np.ndarray, xs: dict[str, np.ndarray], at) -> np.ndarray:
