@@ -16,6 +16,12 @@ when the sliced weights predict the held-out fold better than every refit, they 
 samples, many inputs). A layer followed by Relu/Clip is then refined so that only the part of its
 output the activation lets through is matched. A layer that feeds a residual Add, last among its
 branches, reproduces the original sum minus the pruned model's other branches.
+
+Held-out samples (the calibration's validation part) stream with the fitting ones into a third
+system per layer: the refit is kept only where it beats the sliced weights on them
+(`compiler/holdout.py`). Conv rows are sampled at positions of each batch's own output map: the
+graph's static shapes say 1 for symbolic dims, and a model fed lines of varying width was once
+fitted (and its channels scored) on the top-left pixel alone.
 """
 
 from __future__ import annotations
