@@ -76,23 +76,6 @@ def test_prune_reports_in_sample_and_held_out_errors_side_by_side():
 
 
 # ---- the real recognizer ---------------------------------------------------------------------------
-def _lines(count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """Lines at their own widths (a multiple of 8), as rapidocr feeds them one at a time."""
-    import text_lines as tl
-
-    rng = np.random.default_rng(seed)
-    xs, texts = [], []
-    while len(xs) < count:
-        text = tl.random_text(rng)
-        img = tl.render(text, rng)
-        width = tl.HEIGHT * img.size[0] / img.size[1]
-        if width > tl.WIDTH:
-            continue
-        xs.append(tl.preprocess(img)[None, :, :, :min(tl.WIDTH, int(np.ceil(np.ceil(width) / 8) * 8))])
-        texts.append(text)
-    return xs, texts
-
-
 def test_recognizer_group_refit_reads_lines_of_their_own_widths():
     """ppocr_rec, the group the issue pruned alone (240 -> 180 channels), calibrated on 48 lines of
     their own widths: sliced it reads no line; the refit, fitted on whole feature maps and judged on
@@ -106,10 +89,10 @@ def test_recognizer_group_refit_reads_lines_of_their_own_widths():
         pytest.skip(str(exc))
     original = onnx.load(str(path))
     alphabet = tl.characters(original)
-    xs, _ = _lines(48, seed=0)
+    xs, _ = tl.own_widths(48, seed=0)
     cal = make_calibration(canonicalize(original, {}, infer=False), [{"x": x} for x in xs], seed=0)
     m = canonicalize(original, working_shapes(original, cal, {}))
-    test, texts = _lines(40, seed=1)
+    test, texts = tl.own_widths(40, seed=1)
 
     def accuracy(candidate: onnx.ModelProto) -> float:
         sess = runtime.session(candidate)
