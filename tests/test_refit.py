@@ -114,3 +114,17 @@ def test_fitting_and_held_out_samples_stream_apart():
     assert [len(b["x"]) for b in both.batches(8)] == [3, 2]
     assert Calibration(fit, fit, "t").validation is Calibration(fit, fit, "t").train
     assert not holdout.has_held_out(Calibration(fit, fit, "t")) and holdout.has_held_out(Calibration(fit, held, "t"))
+
+
+@pytest.mark.parametrize("recapture", [True, False])
+def test_cluster_bias_corrections_are_judged_on_held_out_samples(recapture):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((40, 3, 8, 16)) + 1.0).astype(np.float32)  # a mean for the correction to carry
+    m = canonicalize(_wide_net(), {"x": [None, 3, 8, 16]})
+    cal = Calibration({"x": x[:30]}, {"x": x[30:]}, "test")
+    p = create("cluster", {"bits": 2, "min_size": 16, "recapture": str(recapture)})
+    result = p.run(m, PassContext(calibration=cal))
+    assert result.modified and result.changes
+    for change in result.changes:
+        assert change.detail["error_held_out"] is not None and change.detail["unrefitted_held_out"] is not None
+        assert change.detail["bias_corrected"] == (change.detail["refit"] == "kept")

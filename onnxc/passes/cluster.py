@@ -223,7 +223,7 @@ class ClusterPass(Pass):
         if corrections and self.recapture:
             _recapture_biases(original, model, [(t.nodes, c) for t, _, c in corrections], ctx)
         for target, delta, change in [] if self.recapture else corrections:
-            verdicts = self._correct_bias(view, target, delta, stats, held)
+            verdicts = self._correct_bias(view, target, delta, stats, held, weights[target.weight])
             change.detail["bias_corrected"] = any(v.kept for v in verdicts)
             if len(verdicts) == 1:
                 change.detail.update(verdicts[0].detail())
@@ -373,7 +373,7 @@ class ClusterPass(Pass):
 
     def _correct_bias(self, view: GraphView, target: _Target, delta: np.ndarray,
                       stats: dict[str, tuple[np.ndarray, np.ndarray]],
-                      held: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[holdout.Verdict]:
+                      held: dict[str, tuple[np.ndarray, np.ndarray]], weight: np.ndarray) -> list[holdout.Verdict]:
         """Absorb the mean output shift E[dW x] = dW E[x] of each consumer into its bias, where it
         also lowers the error on held-out samples (one verdict per consumer corrected or judged)."""
         verdicts = []
@@ -386,7 +386,7 @@ class ClusterPass(Pass):
             shift = _output_shift(node, delta, mean)
             if shift is None:
                 continue
-            verdict = _bias_verdict(node, view, delta, shift, stats[_key(node)], held.get(_key(node)))
+            verdict = _bias_verdict(node, weight, delta, shift, stats[_key(node)], held.get(_key(node)))
             if verdict.kept and not _add_to_bias(view, node, -shift):
                 continue  # no bias this node could carry: neither corrected nor judged
             verdicts.append(verdict)
@@ -534,12 +534,12 @@ def _levels(model: onnx.ModelProto, tensors: list[str]) -> list[list[str]]:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _bias_verdict(node: onnx.NodeProto, view: GraphView, delta: np.ndarray, shift: np.ndarray,
+def _bias_verdict(node: onnx.NodeProto, weight: np.ndarray, delta: np.ndarray, shift: np.ndarray,
                   fit: tuple[np.ndarray, np.ndarray], held: tuple[np.ndarray, np.ndarray] | None) -> holdout.Verdict:
     """The layer's output error with and without the correction, on the fitting and held-out
     statistics: the mean shift exactly, the rest from the per-channel variances (off-diagonal
     input covariances ignored), relative to the output energy estimated the same way."""
-    weight = view.const(node.input[1]).astype(np.float64)
+    weight = weight.astype(np.float64)
 
     def errors(stat: tuple[np.ndarray, np.ndarray] | None, correction: np.ndarray) -> float | None:
         if stat is None:
