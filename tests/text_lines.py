@@ -85,6 +85,23 @@ def dataset(count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     return np.stack(xs), texts
 
 
+def own_widths(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Like `dataset`, but each line as a [1, 3, 48, W] array at its own width (rounded up to a
+    multiple of 8), as rapidocr feeds a line alone: a calibration folder of such lines has
+    symbolic widths."""
+    rng = np.random.default_rng(seed)
+    xs, texts = [], []
+    while len(xs) < count:
+        text = random_text(rng)
+        img = render(text, rng)
+        width = HEIGHT * img.size[0] / img.size[1]
+        if width > WIDTH:
+            continue
+        xs.append(preprocess(img)[None, :, :, :min(WIDTH, int(np.ceil(np.ceil(width) / 8) * 8))])
+        texts.append(text)
+    return xs, texts
+
+
 def characters(model: onnx.ModelProto) -> list[str]:
     """The CTC alphabet: blank, the `character` metadata's lines, then a space (rapidocr's order)."""
     meta = {p.key: p.value for p in model.metadata_props}

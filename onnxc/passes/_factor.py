@@ -18,11 +18,16 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
+from onnxc.compiler import holdout
+from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any
 from onnxc.passes import _whiten
 from onnxc.passes._rank import RankRule, validate_rule
 
+RECAPTURE_RIDGE = 1e-2  # the recapture refit's ridge and patch rows per layer: prune's defaults
+RECAPTURE_SAMPLES = 8192
 MAX_STATS_DIM = 4096  # larger input rows fall back to weight-only fitting (a D x D float64 moment)
 
 
@@ -53,6 +58,7 @@ class Fitted:
     change: Change
     updates: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)  # the new nodes' constants
+    aug: tuple[np.ndarray, np.ndarray] | None = None  # the layer's [W b] and the rewrite's, for held-out errors
 
 
 @dataclass
@@ -72,6 +78,7 @@ class FactorPass(Pass):
     max_layer_error: float | None = None
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    recapture: bool = True
     # Set by the allocator (not a CLI option): node name -> its own MAC ratio; only these layers change.
     _levels: dict[str, float] | None = None
 
@@ -86,6 +93,9 @@ class FactorPass(Pass):
         "max_layer_error": "drop a layer's rewrite when its local relative error exceeds this",
         "layers": "only these node names (globs, |-separated)",
         "exclude": "skip these node names (globs, |-separated)",
+        "recapture": "with data, refit each rewrite's last layer (and bias) layer by layer to the original "
+                     "outputs from the inputs it sees in the factorized model, so errors upstream are "
+                     "compensated instead of carried (kept where it helps held-out samples)",
     }
 
     def rule(self) -> RankRule:
@@ -114,19 +124,97 @@ class FactorPass(Pass):
             return self._run(model, ctx)
 
     def _run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        view = GraphView(model.graph)
-        layers, skipped = self.candidates(model, view)
+        original = clone(model)
+        layers, skipped = self.candidates(model, GraphView(model.graph))
         aware = self.use_data(ctx)
         stats = self.moments(model, layers, ctx) if aware else {}
+        fits = self._fit_all(model, layers, stats, ctx)
+        info = {"rule": self.rule().name, "data_aware": bool(aware and stats)}
+        held = self.moments(model, layers, ctx, ctx.calibration.validation) \
+            if stats and holdout.has_held_out(ctx.calibration) else {}
+        if held:  # the fits to data against the weights' own factors, on held-out samples
+            plain = self._fit_all(model, layers, {}, ctx)
+            chosen = [_judge(layer, fit, alt, stats, held) for layer, fit, alt in zip(layers, fits, plain)]
+            kept = [c for c, fit in zip(chosen, fits) if c is fit and isinstance(fit, Fitted)]
+            if kept:
+                refit_model, _, _ = self._apply(clone(original), layers, chosen, stats, ctx)
+                plain_model, _, _ = self._apply(clone(original), layers, plain, {}, ctx)
+                verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric),
+                                              refit_model, plain_model)
+                info["model_refit"] = verdict.detail()
+                if not verdict.kept:
+                    chosen = plain
+            fits = chosen
+        model, changes, more = self._apply(model, layers, fits, stats, ctx)
+        skipped += more
+        if changes and stats and self.recapture:
+            model = self._recapture(original, model, layers, changes, ctx, info)
+        info.update(ranks={c.node: c.detail.get("rank", c.detail.get("ranks")) for c in changes},
+                    layers_rewritten=len(changes))
+        return PassResult(model, bool(changes), changes, skipped, info)
+
+    def _recapture(self, original: onnx.ModelProto, model: onnx.ModelProto, layers: list[Layer],
+                   changes: list[Change], ctx: PassContext, info: dict) -> onnx.ModelProto:
+        """Sequential refit: the last layer of every rewrite (a 1x1 Conv, MatMul or Gemm from the
+        rank-r activations) is refit with prune's machinery to the original layer's output, from
+        the inputs it sees in the rewritten model, wave by wave; each layer keeps its factor where
+        the refit is worse on held-out samples, and the pass keeps the unrefitted model where the
+        refits are worse at its outputs."""
+        from onnxc.passes import _reconstruct as rec
+
+        model = infer_shapes(model)
+        view = GraphView(model.graph)
+        done = {c.node for c in changes}
+        jobs: dict[str, rec.RefitJob] = {}  # layer name -> the refit of its rewrite's last node
+        for layer in layers:
+            last = view.producers.get(layer.node.output[0])
+            if layer.name not in done or last is None or last.op_type not in ("Conv", "Gemm", "MatMul") \
+                    or not view.is_const(last.input[1]) or view.is_const(last.input[0]):
+                continue
+            if last.op_type == "MatMul" and any(u.op_type == "Add" for u in view.consumers.get(last.output[0], [])):
+                continue  # its bias lives in the Add, which the refit would not see (nor refit)
+            shape = view.static_shape(last.input[0])
+            if shape is None or (last.op_type == "Gemm" and (attr(last, "transA", 0) or len(shape) != 2)):
+                continue
+            features = shape[-1] if last.op_type == "MatMul" else shape[1]
+            jobs[layer.name] = rec.RefitJob(last.name, last.input[0], last.output[0], np.arange(features), None)
+        if not jobs:
+            return model
+        held = ctx.calibration.validation if holdout.has_held_out(ctx.calibration) else None
+        plain = clone(model)
+        model = rec.refit(original, model, list(jobs.values()), ctx.calibration.train, ridge=RECAPTURE_RIDGE,
+                          samples=RECAPTURE_SAMPLES, recapture=True, rng=lambda s: ctx.rng(f"{self.id}-refit:{s}"),
+                          progress=ctx.progress, held_out=held)
+        for change in changes:
+            job = jobs.get(change.node)
+            if job is not None and job.verdict is not None:
+                change.detail.update(job.verdict.detail("recapture_"))
+        kept = sum(1 for j in jobs.values() if j.verdict is not None and j.verdict.kept)
+        info["recapture"] = {"layers": len(jobs), "kept": kept}
+        if held is not None and kept:
+            verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, plain)
+            info["model_recapture"] = verdict.detail()
+            if not verdict.kept:
+                return plain
+        return model
+
+    def _apply(self, model: onnx.ModelProto, layers: list[Layer], fits: list[Fitted | str],
+               stats: dict[str, _whiten.Moments], ctx: PassContext) -> tuple[onnx.ModelProto, list[Change], list[Skip]]:
+        """`model` with every fitted rewrite in place (layers whose fit failed or is over the limit skipped)."""
+        view = GraphView(model.graph)
         changes: list[Change] = []
-        ranks: dict[str, object] = {}
-        for layer, fitted in zip(layers, self._fit_all(model, layers, stats, ctx)):
+        skipped: list[Skip] = []
+        for layer, fitted in zip(layers, fits):
             name = layer.name
             # replace_node rebuilds the node list (protobuf copies): find the live node again
             layer.node = view.producers[layer.node.output[0]]
             if not isinstance(fitted, str) and _clashes(view, layer, fitted):
                 # a name an earlier rewrite took: fit again against the live graph (same numbers)
-                fitted = _fit_isolated(self.for_layer(name), layer, view, stats.get(layer.node.output[0]), ctx.seed)
+                moments = stats.get(layer.node.output[0]) if fitted.change.detail.get("data_aware") else None
+                detail = {k: v for k, v in fitted.change.detail.items() if k not in ("rank", "ranks")}
+                fitted = _fit_isolated(self.for_layer(name), layer, view, moments, ctx.seed)
+                if isinstance(fitted, Fitted):
+                    fitted.change.detail = {**detail, **fitted.change.detail}
             if not isinstance(fitted, str):
                 err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
                 limit = self.max_layer_error if self.max_layer_error is not None else \
@@ -141,13 +229,10 @@ class FactorPass(Pass):
             for output, index, value in fitted.updates:
                 view.set_input_const(view.producers[output], index, value)
             changes.append(fitted.change)
-            ranks[name] = fitted.change.detail.get("rank", fitted.change.detail.get("ranks"))
         ctx.progress(f"{self.id}: fits", len(layers), len(layers))
         if changes:
             view.remove_unused()
-        info = {"rule": self.rule().name, "data_aware": bool(aware and stats), "ranks": ranks,
-                "layers_rewritten": len(changes)}
-        return PassResult(model, bool(changes), changes, skipped, info)
+        return model, changes, skipped
 
     def candidates(self, model: onnx.ModelProto, view: GraphView) -> tuple[list[Layer], list[Skip]]:
         """The layers this pass would fit, and the skips of the others with their reasons."""
@@ -173,13 +258,15 @@ class FactorPass(Pass):
                 layers.append(found)
         return layers, skipped
 
-    def moments(self, model: onnx.ModelProto, layers: list[Layer], ctx: PassContext) -> dict[str, _whiten.Moments]:
-        """Input moments of the layers, keyed by layer output, in one pass over the calibration data."""
+    def moments(self, model: onnx.ModelProto, layers: list[Layer], ctx: PassContext,
+                data=None) -> dict[str, _whiten.Moments]:
+        """Input moments of the layers, keyed by layer output, in one pass over `data` (default:
+        the calibration's fitting samples)."""
         requests = [(layer.node.output[0], *layer.rows) for layer in layers
                     if layer.rows is not None and layer.rows[1] <= MAX_STATS_DIM]
         if not requests:
             return {}
-        return _whiten.collect(model, requests, ctx.calibration.train, seed=ctx.seed,
+        return _whiten.collect(model, requests, ctx.calibration.train if data is None else data, seed=ctx.seed,
                                progress=lambda _, done, total: ctx.progress(f"{self.id}: capture", done, total))
 
     def _fit_all(self, model: onnx.ModelProto, layers: list[Layer], stats: dict[str, _whiten.Moments],
@@ -246,6 +333,24 @@ def _fit_isolated(fitter: FactorPass, layer: Layer, view: GraphView, moments: _w
     if isinstance(fitted, Fitted):
         fitted.initializers = added
     return fitted
+
+
+def _judge(layer: Layer, fit: Fitted | str, plain: Fitted | str, stats: dict[str, _whiten.Moments],
+           held: dict[str, _whiten.Moments]) -> Fitted | str:
+    """The fit to data, or the weights' own factors where those reproduce the layer's output on
+    held-out samples better (`holdout.choose`); the verdict goes into the change's detail."""
+    key = layer.node.output[0]
+    if isinstance(fit, str) or isinstance(plain, str) or fit.aug is None or plain.aug is None \
+            or key not in stats or key not in held:
+        return fit
+
+    def errors(f: Fitted) -> holdout.Errors:
+        return holdout.Errors(*(_whiten.relative_output_error(*f.aug, m[key].augmented()) for m in (stats, held)))
+
+    verdict = holdout.choose(errors(fit), errors(plain))
+    chosen = fit if verdict.kept else plain
+    chosen.change.detail.update(verdict.detail())
+    return chosen
 
 
 def _clashes(view: GraphView, layer: Layer, fitted: Fitted) -> bool:

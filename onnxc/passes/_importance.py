@@ -63,7 +63,6 @@ class ThinetGram:
         self.samples, self.total = samples, total
         w = view.const(node.input[1]).astype(np.float32)
         self.geom = rec.conv_geometry(node, view) if node.op_type == "Conv" else None
-        self.out_shape = view.static_shape(node.output[0])
         if node.op_type == "Conv":
             self.w = w.reshape(w.shape[0], w.shape[1], -1)  # [O, C/G, kk]
         elif node.op_type == "Gemm":
@@ -82,7 +81,7 @@ class ThinetGram:
             outs = np.stack([rng.choice(o_count, size=per, replace=False) for _ in range(len(rows))])
             z = (rows[:, None, :] * self.w[outs]).reshape(-1, rows.shape[1])
         else:
-            oh, ow = self.out_shape[2], self.out_shape[3]
+            oh, ow = self.geom.out_size(*x.shape[2:])  # this batch's size (see rec.Geometry)
             b, oy, ox = rec.sample_positions(rng, len(x), oh, ow,
                                              rec.rows_per_batch(self.samples, len(x), self.total, oh * ow))
             p = self.geom.patches(x, b, oy, ox)  # [S, C, kk]

@@ -16,6 +16,12 @@ when the sliced weights predict the held-out fold better than every refit, they 
 samples, many inputs). A layer followed by Relu/Clip is then refined so that only the part of its
 output the activation lets through is matched. A layer that feeds a residual Add, last among its
 branches, reproduces the original sum minus the pruned model's other branches.
+
+Held-out samples (the calibration's validation part) stream with the fitting ones into a third
+system per layer: the refit is kept only where it beats the sliced weights on them
+(`compiler/holdout.py`). Conv rows are sampled at positions of each batch's own output map: the
+graph's static shapes say 1 for symbolic dims, and a model fed lines of varying width was once
+fitted (and its channels scored) on the top-left pixel alone.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import numpy as np
 import onnx
 from scipy.linalg import cho_factor, cho_solve
 
-from onnxc.compiler import runtime
+from onnxc.compiler import holdout, runtime
 from onnxc.compiler.calibration import iter_activations
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.samples import Samples
 
 BUDGET_BYTES = 256 * 2**20  # activations of one batch plus the normal equations of one wave
 MAX_REFIT_DIM = 6144  # a layer with more inputs than this is only sliced (D^2 doubles would not fit)
@@ -42,17 +49,39 @@ T = TypeVar("T")
 # ---- geometry of a 2-D convolution -------------------------------------------------------------
 @dataclass
 class Geometry:
+    """A 2-D Conv's sampling geometry. Sizes come from each batch's own tensors, never from the
+    graph's static shapes: with symbolic dims (text lines of any width) those read 1, and every
+    layer would be fitted to its top-left output pixel alone."""
+
     kernel: tuple[int, int]
     strides: tuple[int, int]
     dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    pads: tuple[int, int, int, int]  # top, left, bottom, right (explicit pads)
     group: int
+    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads follow each batch's input size
+
+    def padding(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """The pads for an input of h x w (SAME pads depend on it)."""
+        if self.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            return self.pads
+        out = []
+        for size, k, s, d in zip((h, w), self.kernel, self.strides, self.dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            out.append((small, total - small) if self.auto_pad == "SAME_UPPER" else (total - small, small))
+        return out[0][0], out[1][0], out[0][1], out[1][1]
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """The output's spatial size for an input of h x w."""
+        pt, pl, pb, pr = self.padding(h, w)
+        return tuple((size + a + b - d * (k - 1) - 1) // s + 1 for size, a, b, k, s, d in
+                     zip((h, w), (pt, pl), (pb, pr), self.kernel, self.strides, self.dilations))
 
     def patches(self, x: np.ndarray, b: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
         """im2col rows [S, C, kh*kw] of `x` [B, C, H, W] at output positions (b, oy, ox)."""
         kh, kw = self.kernel
-        pt, pl, pb, pr = self.pads
-        if any(self.pads):
+        pt, pl, pb, pr = pads = self.padding(*x.shape[2:])
+        if any(pads):
             x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
         ky, kx = np.divmod(np.arange(kh * kw), kw)
         iy = oy[:, None] * self.strides[0] + ky[None, :] * self.dilations[0]
@@ -62,26 +91,15 @@ class Geometry:
 
 def conv_geometry(node: onnx.NodeProto, view: GraphView) -> Geometry | None:
     """The 2-D Conv's sampling geometry, or None for what the refit does not handle."""
-    x, w, y = view.static_shape(node.input[0]), view.static_shape(node.input[1]), view.static_shape(node.output[0])
-    if node.op_type != "Conv" or x is None or w is None or y is None or len(x) != 4:
+    x, w = view.shape(node.input[0]), view.static_shape(node.input[1])
+    if node.op_type != "Conv" or x is None or w is None or len(x) != 4 or len(w) != 4:
         return None
-    kernel = tuple(w[2:])
     strides = tuple(attr(node, "strides", [1, 1]))
     dil = tuple(attr(node, "dilations", [1, 1]))
     auto = attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for i in range(2):
-            total = max((y[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - x[2 + i], 0)
-            small = total // 2
-            pads.append((small, total - small) if auto == "SAME_UPPER" else (total - small, small))
-        pad4 = (pads[0][0], pads[1][0], pads[0][1], pads[1][1])
-    elif auto == "VALID":
-        pad4 = (0, 0, 0, 0)
-    else:
-        pad4 = tuple(attr(node, "pads", [0, 0, 0, 0]))
-    return Geometry(kernel, strides, dil, pad4, attr(node, "group", 1))
+    pad4 = (0, 0, 0, 0) if auto != "NOTSET" else tuple(attr(node, "pads", [0, 0, 0, 0]))
+    return Geometry(tuple(w[2:]), strides, dil, pad4, attr(node, "group", 1), auto)
 
 
 def sample_positions(rng: np.random.Generator, batch: int, oh: int, ow: int, rows: int):
@@ -241,8 +259,9 @@ class RefitJob:
     residual: list[str] = field(default_factory=list)  # other inputs of the Add the output feeds
     clip: tuple[float, float] | None = None  # the Relu/Clip range the output goes through next
     target: str = ""  # tensor of the original model to reproduce (default: y_name)
-    error_before: float | None = None
-    error_after: float | None = None
+    error_before: float | None = None  # relative error of the sliced weights on the fitting samples
+    error_after: float | None = None  # of the refit weights, on the same samples
+    verdict: holdout.Verdict | None = None  # both on held-out samples, and which one was kept
     skipped: str = ""
 
 
@@ -250,12 +269,11 @@ class Refitter:
     """Accumulates one job's normal equations from matching batches of the two models."""
 
     def __init__(self, job: RefitJob, node: onnx.NodeProto, view: GraphView, orig_view: GraphView,
-                 samples: int, total: int, from_original: bool):
+                 samples: int, total: int, from_original: bool, held_out: bool = False):
         self.job, self.node, self.view = job, node, view
         self.samples, self.total, self.from_original = samples, total, from_original
         w = view.const(node.input[1])
         self.kind = node.op_type
-        self.out_shape = orig_view.static_shape(job.y_name)
         if self.kind == "Conv":
             self.geom = conv_geometry(node, view)
             self.groups = self.geom.group if self.geom else 1
@@ -272,6 +290,8 @@ class Refitter:
         self.clip = self.clip if keep else None
         # two folds by calibration sample: the refit's ridge is chosen by cross-validation
         self.folds = [[Normal(dim, o // self.groups, keep) for _ in range(self.groups)] for _ in range(2)]
+        # samples past the first `total` are held out: they only judge the refit (holdout.choose)
+        self.held = [Normal(dim, o // self.groups, keep) for _ in range(self.groups)] if held_out else None
         self.seen = 0
 
     @property
@@ -279,14 +299,16 @@ class Refitter:
         return [Normal.merge(a, b) for a, b in zip(*self.folds)]
 
     def memory(self) -> int:
-        return 2 * sum(8 * (s.dim * s.dim + s.dim * s.outs) for s in self.folds[0])
+        systems = 3 if self.held is not None else 2
+        return systems * sum(8 * (s.dim * s.dim + s.dim * s.outs) for s in self.folds[0])
 
     def _add(self, gi: int, x: np.ndarray, y: np.ndarray, sample: np.ndarray) -> None:
-        fold = sample % 2
-        for f in (0, 1):
+        fold = np.where(sample < self.total, sample % 2, 2)
+        systems = [self.folds[0][gi], self.folds[1][gi], *(self.held[gi:gi + 1] if self.held else [])]
+        for f, system in enumerate(systems):
             sel = fold == f
             if sel.any():
-                self.folds[f][gi].add(x[sel], y[sel])
+                system.add(x[sel], y[sel])
 
     def update(self, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray] | None, rng: np.random.Generator,
                target: np.ndarray | None = None) -> None:
@@ -304,16 +326,16 @@ class Refitter:
             sample = first + np.repeat(np.arange(len(x)), steps)
             self._add(0, x.reshape(-1, x.shape[-1]).astype(np.float32), y.reshape(-1, y.shape[-1]), sample)
             return
-        b, oy, ox = self.positions(rng, len(x))
+        b, oy, ox = self.positions(rng, len(x), *self.geom.out_size(*x.shape[2:]))
         p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
         t = self._branch(target if target is not None else y[b, :, oy, ox], xs, (b, oy, ox))  # [S, O']
         cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
         for gi in range(self.groups):
             self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], first + b)
 
-    def positions(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The output positions sampled from one batch of a Conv's output."""
-        oh, ow = self.out_shape[2], self.out_shape[3]
+    def positions(self, rng: np.random.Generator, batch: int, oh: int, ow: int,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The output positions sampled from one batch of a Conv's output (oh x ow: this batch's)."""
         return sample_positions(rng, batch, oh, ow, rows_per_batch(self.samples, batch, self.total, oh * ow))
 
     def target_rows(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -321,7 +343,7 @@ class Refitter:
         its rows at the positions `update` will draw from a generator in the same state."""
         if self.geom is None:
             return y
-        b, oy, ox = self.positions(rng, len(y))
+        b, oy, ox = self.positions(rng, len(y), *y.shape[2:])
         return np.ascontiguousarray(y[b, :, oy, ox])
 
     def _branch(self, y: np.ndarray, xs: dict[str, np.ndarray], at) -> np.ndarray:
@@ -360,7 +382,8 @@ class Refitter:
         before = after = energy = 0.0
         new_w, new_b = [], []
         intercept = self.kind != "MatMul"
-        for (fa, fb), wm, bm in zip(zip(*self.folds), mats, biases):
+        held = [0.0, 0.0, 0.0]  # held-out residual of the sliced and refit weights, held-out energy
+        for gi, ((fa, fb), wm, bm) in enumerate(zip(zip(*self.folds), mats, biases)):
             wm, bm = wm.astype(np.float64), np.asarray(bm, np.float64)
             system = Normal.merge(fa, fb)
             rel = _cross_validate(fa, fb, wm, bm, ridge, intercept)
@@ -383,10 +406,18 @@ class Refitter:
             if not np.all(np.isfinite(w1)) or r1 > r0:
                 w1, b1, r1 = wm, bm, r0
             before, after = before + r0, after + r1
+            if self.held is not None:
+                for k, v in enumerate(self._residuals(self.held[gi], (wm, bm), (w1, b1))):
+                    held[k] += v
             new_w.append(w1)
             new_b.append(b1)
-        self.job.error_before = math.sqrt(before / energy) if energy > 0 else 0.0
-        self.job.error_after = math.sqrt(after / energy) if energy > 0 else 0.0
+        self.job.error_before = _relative(before, energy)
+        self.job.error_after = _relative(after, energy)
+        self.job.verdict = holdout.choose(
+            holdout.Errors(self.job.error_after, _relative(held[1], held[2]) if self.held else None),
+            holdout.Errors(self.job.error_before, _relative(held[0], held[2]) if self.held else None))
+        if not self.job.verdict.kept:  # the refit does not generalize: the sliced weights stay
+            new_w, new_b = [m.astype(np.float64) for m in mats], [np.asarray(b, np.float64) for b in biases]
         dtype = w0.dtype
         if self.kind == "Gemm":
             w = new_w[0] / (alpha or 1.0)
@@ -407,6 +438,19 @@ class Refitter:
             else:
                 _add_input(view, node, 2, bias, "bias")
         view.refresh()
+
+
+    def _residuals(self, system: Normal, *weights: tuple[np.ndarray, np.ndarray]) -> list[float]:
+        """Each (w, b)'s squared error on `system`, then its energy (through the Relu/Clip when
+        the layer's output goes through one)."""
+        if self.clip is None:
+            return [system.residual(w, b) for w, b in weights] + [system.yy]
+        out = [system.clipped_residual(w, b, *self.clip) for w, b in weights]
+        return [r for r, _ in out] + [out[0][1]]
+
+
+def _relative(residual: float, energy: float) -> float:
+    return math.sqrt(residual / energy) if energy > 0 else 0.0
 
 
 CV_DIM = 1536  # past this many inputs, cross-validation (eight factorisations) is skipped
@@ -443,15 +487,20 @@ def _add_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndar
 def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJob], inputs: Mapping[str, np.ndarray],
           *, ridge: float, samples: int, recapture: bool, rng: Callable[[str], np.random.Generator],
           progress: Callable[[str, int, int], None] = lambda *a: None,
-          refresh: Callable[[onnx.ModelProto], onnx.ModelProto] = lambda m: m) -> onnx.ModelProto:
+          refresh: Callable[[onnx.ModelProto], onnx.ModelProto] = lambda m: m,
+          held_out: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Refit every job's layer in the pruned model; returns the (possibly re-inferred) pruned model.
 
     With `recapture`, layers are refit wave by wave in topological order and each wave's inputs
     come from the pruned model as refit so far. Without it, one pass over the original model gives
     every layer's input restricted to the kept channels (faster; upstream errors then add up).
+    `held_out` samples stream with the fitting ones but only judge each refit against the sliced
+    weights (`holdout.choose`): a layer whose refit is worse on them keeps its sliced weights.
     """
     orig_view = GraphView(original.graph)
     total = runtime.sample_count(inputs)
+    if held_out is not None:  # fitting samples first (same batches and draws as without), then held-out
+        inputs = Samples(Samples.of(inputs).groups + Samples.of(held_out).groups)
     if not recapture:
         for j in jobs:
             j.residual, j.target = [], ""
@@ -464,7 +513,8 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
         for name in wave:
             job = by_name[name]
             node = view.node_by_name(name)
-            r = Refitter(job, node, view, orig_view, samples, total, from_original=not recapture)
+            r = Refitter(job, node, view, orig_view, samples, total, from_original=not recapture,
+                         held_out=held_out is not None)
             if node.op_type == "Conv" and r.geom is None:
                 job.skipped = "only 2-D convolutions are refit"
             elif max(s.dim for s in r.folds[0]) > MAX_REFIT_DIM:
@@ -501,7 +551,7 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
                         r.update(values, values, rngs[r.job.node])
             for r in chunk:
                 r.finish(ridge)
-                r.folds = [[], []]
+                r.folds, r.held = [[], []], None
                 targets.pop(r.job.node, None)
                 done += 1
                 progress("prune: fits", done, len(jobs))

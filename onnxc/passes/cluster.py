@@ -74,10 +74,12 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import calibration as calib
+from onnxc.compiler import holdout, runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr
-from onnxc.compiler.model import tensor_bytes
+from onnxc.compiler.model import clone, tensor_bytes
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
+from onnxc.compiler.samples import Samples
 from onnxc.errors import UsageError
 from onnxc.passes import _codes
 from onnxc.passes._kmeans1d import INITS, kmeans1d
@@ -116,6 +118,8 @@ class ClusterPass(Pass):
                    "bits), uint4 (or skip), nibbles (packed bytes), tight (a bit stream at exactly `bits`)",
         "max_iter": "Lloyd iterations per codebook",
         "bias_correction": "fold the mean output shift dW*E(x) into the bias (calibration data only)",
+        "recapture": "with bias_correction, correct layer by layer from the clustered model's own activations "
+                     "to the original layer outputs (compensates the layers upstream; slower)",
     }
     bits: int = 8
     per_channel: bool = False
@@ -126,6 +130,7 @@ class ClusterPass(Pass):
     keep_zero: bool = True
     packing: Literal["auto", "uint4", "nibbles", "tight"] = "auto"
     bias_correction: bool = True
+    recapture: bool = True
     max_iter: int = 300
     # Set by the allocator (not a CLI option): only the weights of these node names are clustered.
     _layers: set[str] | None = None
@@ -153,7 +158,11 @@ class ClusterPass(Pass):
         if not targets:
             return result
         costs = model_cost(model).by_name()
+        original = clone(model) if self.bias_correction else None
         stats = self._input_stats(model, targets, ctx)
+        held = self._input_stats(model, targets, ctx, ctx.calibration.validation) \
+            if self.bias_correction and stats and holdout.has_held_out(ctx.calibration) else {}
+        corrections: list[tuple[_Target, np.ndarray, Change]] = []
         importance = self._importance(view, targets, stats)
         bytes_before = tensor_bytes(model)
         tight = self.packing == "tight" and self.bits not in (4, 8)
@@ -184,8 +193,7 @@ class ClusterPass(Pass):
             rebuilt = _rebuild(codebook, codes, target.channel_axis if self.per_channel else None)
             change = self._change(target, weight, rebuilt, codebook, enc, fit, costs)
             if self.bias_correction and stats:
-                fixed = self._correct_bias(view, target, rebuilt.astype(np.float64) - weight, stats)
-                change.detail["bias_corrected"] = bool(fixed)
+                corrections.append((target, rebuilt.astype(np.float64) - weight, change))
             new_nodes.extend(enc.nodes)
             chosen.append(enc)
             model.graph.initializer.extend(enc.initializers)
@@ -195,27 +203,52 @@ class ClusterPass(Pass):
                 totals[key] += change.detail[key.replace("weight_", "")]
         if not result.changes:
             return result
-        if any(e.container == "uint4" for e in chosen):
-            _codes.upgrade_for_uint4(model)  # checked safe by _container4
-        if not any(e.container in ("uint4", "nibbles") for e in chosen):
-            opset_note = ""
-        model.graph.initializer.extend(shared.used_by(chosen))
-        for i in reversed(range(len(model.graph.initializer))):
-            if model.graph.initializer[i].name in removed:
-                del model.graph.initializer[i]
-        nodes = new_nodes + list(model.graph.node)
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+
+        def finish(m: onnx.ModelProto) -> onnx.ModelProto:
+            """The codes' nodes and constants in, the dense weights out."""
+            if any(e.container == "uint4" for e in chosen):
+                _codes.upgrade_for_uint4(m)  # checked safe by _container4
+            m.graph.initializer.extend(shared.used_by(chosen))
+            for i in reversed(range(len(m.graph.initializer))):
+                if m.graph.initializer[i].name in removed:
+                    del m.graph.initializer[i]
+            nodes = new_nodes + list(m.graph.node)
+            del m.graph.node[:]
+            m.graph.node.extend(nodes)
+            return m
+
+        model = finish(model)
+        plain = clone(model) if held and corrections else None
+        view = GraphView(model.graph)
+        if corrections and self.recapture:
+            _recapture_biases(original, model, [(t.nodes, c) for t, _, c in corrections], ctx)
+        for target, delta, change in [] if self.recapture else corrections:
+            verdicts = self._correct_bias(view, target, delta, stats, held, weights[target.weight])
+            change.detail["bias_corrected"] = any(v.kept for v in verdicts)
+            if len(verdicts) == 1:
+                change.detail.update(verdicts[0].detail())
+        if plain is not None and any(c.detail.get("bias_corrected") for _, _, c in corrections):
+            verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, plain)
+            result.info["model_refit"] = verdict.detail()
+            if not verdict.kept:  # the corrections do not generalize at the model's outputs
+                model = plain
+                for _, _, change in corrections:
+                    change.detail["bias_corrected"] = False
+                    if "refit" in change.detail:
+                        change.detail["refit"] = "fell back"
+        result.model = model
         result.modified = True
         after = tensor_bytes(model)
         result.info = {
-            "layers": len(result.changes), "bits": self.bits, "per_channel": self.per_channel,
+            **result.info, "layers": len(result.changes), "bits": self.bits, "per_channel": self.per_channel,
             "init": self.init, "data_aware": bool(importance),
             **totals,
             "huffman_bytes": totals["weight_bytes_after"] - totals["code_bytes"] + totals["huffman_code_bytes"],
             "model_tensor_bytes_before": bytes_before, "model_tensor_bytes_after": after,
             "compression": round(bytes_before / after, 3) if after else None,
         }
+        if not any(e.container in ("uint4", "nibbles") for e in chosen):
+            opset_note = ""
         if opset_note:
             result.info["codes_4bit"] = opset_note
         return result
@@ -286,12 +319,14 @@ class ClusterPass(Pass):
         return targets, skipped
 
     # ---- calibration statistics ----------------------------------------------------------------
-    def _input_stats(self, model: onnx.ModelProto, targets: list[_Target], ctx: PassContext,
+    def _input_stats(self, model: onnx.ModelProto, targets: list[_Target], ctx: PassContext, data=None,
                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per consumer node: mean and mean square of each input channel on the calibration split."""
+        """Per consumer node: mean and mean square of each input channel on `data` (default: the
+        calibration's fitting samples)."""
         cal = ctx.calibration
         if not (self.data_aware or self.bias_correction) or cal is None or cal.is_random:
             return {}
+        data = cal.train if data is None else data
         wanted = {}
         for t in targets:
             for node in t.nodes:
@@ -299,10 +334,10 @@ class ClusterPass(Pass):
                     wanted[_key(node)] = (node, node.input[0])
         names = sorted({x for _, x in wanted.values()})
         sums: dict[str, list] = {}
-        graph_inputs = {n for n in names if n in cal.train}
+        graph_inputs = {n for n in names if n in data}
         computed = [n for n in names if n not in graph_inputs]
-        batches = calib.iter_activations(model, computed, cal.train) if computed else iter(())
-        for batch in [{n: cal.train[n] for n in graph_inputs}, *batches]:
+        batches = calib.iter_activations(model, computed, data) if computed else iter(())
+        for batch in [{n: data[n] for n in graph_inputs}, *batches]:
             for key, (node, x) in wanted.items():
                 if x in batch:
                     moments = _channel_moments(node, batch[x])
@@ -337,19 +372,25 @@ class ClusterPass(Pass):
         return out
 
     def _correct_bias(self, view: GraphView, target: _Target, delta: np.ndarray,
-                      stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
-        """Absorb the mean output shift E[dW x] = dW E[x] of each consumer into its bias."""
-        corrected = []
-        for node in target.nodes:
+                      stats: dict[str, tuple[np.ndarray, np.ndarray]],
+                      held: dict[str, tuple[np.ndarray, np.ndarray]], weight: np.ndarray) -> list[holdout.Verdict]:
+        """Absorb the mean output shift E[dW x] = dW E[x] of each consumer into its bias, where it
+        also lowers the error on held-out samples (one verdict per consumer corrected or judged)."""
+        verdicts = []
+        for node in (view.producers[n.output[0]] for n in target.nodes):
             if _key(node) not in stats:
                 continue
             mean = _expand_channels(node, stats[_key(node)][0], delta.shape)
             if mean is None:
                 continue
             shift = _output_shift(node, delta, mean)
-            if shift is not None and _add_to_bias(view, node, -shift):
-                corrected.append(node.name)
-        return corrected
+            if shift is None:
+                continue
+            verdict = _bias_verdict(node, weight, delta, shift, stats[_key(node)], held.get(_key(node)))
+            if verdict.kept and not _add_to_bias(view, node, -shift):
+                continue  # no bias this node could carry: neither corrected nor judged
+            verdicts.append(verdict)
+        return verdicts
 
     # ---- clustering one weight -----------------------------------------------------------------
     def _cluster_all(self, targets: list[_Target], weights: dict[str, np.ndarray],
@@ -425,7 +466,101 @@ class ClusterPass(Pass):
                       rel, detail)
 
 
+# ---- bias correction on the clustered model's own activations --------------------------------------
+def _recapture_biases(original: onnx.ModelProto, model: onnx.ModelProto,
+                      items: list[tuple[list[onnx.NodeProto], Change]], ctx: PassContext) -> None:
+    """Layer by layer, in waves that never hold a layer and one upstream of it: the mean of each
+    clustered layer's output in `model` (clustered and corrected upstream) is moved onto the
+    original's, measured on the fitting samples, where that also lowers the held-out samples'
+    error (the mean shift relative to the original output's energy, per `holdout.choose`)."""
+    cal = ctx.calibration
+    held = cal.validation if holdout.has_held_out(cal) else None
+    data = Samples(Samples.of(cal.train).groups + (Samples.of(held).groups if held is not None else []))
+    n_fit = runtime.sample_count(cal.train)
+    change_of = {n.output[0]: c for nodes, c in items for n in nodes if n.op_type in ("Conv", "Gemm", "MatMul")}
+    axis = {n.output[0]: 1 if n.op_type == "Conv" else -1 for nodes, _ in items for n in nodes}
+    reference = _channel_means(original, list(change_of), axis, data, n_fit)
+    for wave in _levels(model, list(change_of)):
+        view = GraphView(model.graph)
+        current = _channel_means(model, wave, axis, data, n_fit)
+        for tensor in wave:
+            (ref_fit, ref_held, energy), (fit, held_mean, _) = reference[tensor], current[tensor]
+            correction = ref_fit - fit
+
+            def error(shift: np.ndarray | None, c: np.ndarray, energy: float = energy) -> float | None:
+                return None if shift is None else float(np.sqrt(np.sum(np.square(shift - c)) / max(energy, 1e-30)))
+
+            gap = ref_held - held_mean if held is not None else None
+            verdict = holdout.choose(holdout.Errors(0.0, error(gap, correction)),
+                                     holdout.Errors(error(correction, 0.0), error(gap, 0.0)))
+            change = change_of[tensor]
+            corrected = verdict.kept and _add_to_bias(view, view.producers[tensor], correction)
+            change.detail["bias_corrected"] = change.detail.get("bias_corrected", False) or bool(corrected)
+            change.detail.update(verdict.detail())
+
+
+def _channel_means(model: onnx.ModelProto, names: list[str], axis: dict[str, int], data: Samples, n_fit: int
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray | None, float]]:
+    """Per tensor: the per-channel mean on the first `n_fit` samples and on the rest, and the mean
+    squared norm of one channel vector on the first ones."""
+    sums: dict[str, list] = {n: [0.0, 0.0, 0.0, 0, 0] for n in names}
+    seen = 0
+    for batch in calib.iter_activations(model, names, data):
+        count = len(next(iter(batch.values())))
+        part = 0 if seen < n_fit else 1
+        seen += count
+        for name, value in batch.items():
+            flat = np.moveaxis(value.astype(np.float64), axis[name], -1).reshape(-1, value.shape[axis[name]])
+            acc = sums[name]
+            acc[part] = acc[part] + flat.sum(0)
+            acc[3 + part] += len(flat)
+            if part == 0:
+                acc[2] += float(np.sum(np.square(flat)))
+    return {n: (a[0] / max(a[3], 1), a[1] / a[4] if a[4] else None, a[2] / max(a[3], 1)) for n, a in sums.items()}
+
+
+def _levels(model: onnx.ModelProto, tensors: list[str]) -> list[list[str]]:
+    """`tensors` in waves: each one's wave comes after every wave holding a tensor upstream of it."""
+    wanted = set(tensors)
+    level: dict[str, int] = {}
+    for node in model.graph.node:
+        lv = max((level.get(i, 0) for i in node.input if i), default=0)
+        for o in node.output:
+            level[o] = lv + (1 if o in wanted else 0)
+    waves: dict[int, list[str]] = {}
+    for t in tensors:
+        waves.setdefault(level.get(t, 1), []).append(t)
+    return [waves[k] for k in sorted(waves)]
+
+
 # ---- helpers ------------------------------------------------------------------------------------
+def _bias_verdict(node: onnx.NodeProto, weight: np.ndarray, delta: np.ndarray, shift: np.ndarray,
+                  fit: tuple[np.ndarray, np.ndarray], held: tuple[np.ndarray, np.ndarray] | None) -> holdout.Verdict:
+    """The layer's output error with and without the correction, on the fitting and held-out
+    statistics: the mean shift exactly, the rest from the per-channel variances (off-diagonal
+    input covariances ignored), relative to the output energy estimated the same way."""
+    weight = weight.astype(np.float64)
+
+    def errors(stat: tuple[np.ndarray, np.ndarray] | None, correction: np.ndarray) -> float | None:
+        if stat is None:
+            return None
+        mean, var = (_expand_channels(node, s, delta.shape) for s in (stat[0], np.maximum(stat[1] - stat[0] ** 2, 0)))
+        if mean is None or var is None:
+            return None
+        moved = _output_shift(node, delta, mean)
+        spread = _output_shift(node, delta * delta, var)
+        energy = np.sum(np.square(_output_shift(node, weight, mean)))
+        energy += np.sum(_output_shift(node, weight * weight, var))
+        if moved is None or spread is None or not energy > 0:
+            return None
+        return float(np.sqrt((np.sum(np.square(moved - correction)) + np.sum(spread)) / energy))
+
+    zero = np.zeros_like(shift)
+    return holdout.choose(holdout.Errors(errors(fit, shift), errors(held, shift)),
+                          holdout.Errors(errors(fit, zero), errors(held, zero)))
+
+
+
 def _cluster_task(item: tuple[ClusterPass, str, int, int], *, weights: dict[str, np.ndarray],
                   importance: dict[str, np.ndarray]) -> tuple:
     """One weight's k-means as an executor task, seeded from the weight's name."""

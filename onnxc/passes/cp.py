@@ -150,10 +150,10 @@ class CpPass(FactorPass):
             error, kind = output_error(w_aug, new_aug, moments)
             info["whitened"] = inv_root is not None
             if best is None or error < best[0]:
-                best = (error, kind, first, kernels, last, b_last, info)
+                best = (error, kind, first, kernels, last, b_last, info, new_aug)
         if best is None:
             return failures[0]
-        error, kind, first, kernels, last, b_last, info = best
+        error, kind, first, kernels, last, b_last, info, new_aug = best
         nodes = self._emit(layer, view, geo, plan, first, kernels, last, b_last)
         item = np.dtype(dtype).itemsize
         params_after = rank * (c_in + sum(geo.kernel) + c_out) + (b_last.size if b_last is not None else 0)
@@ -161,7 +161,7 @@ class CpPass(FactorPass):
                         after=cost(params_after, _macs(geo, plan, rank), item), error=error,
                         detail={"rank": rank, "kernel": list(geo.kernel), "channels": [c_in, c_out], **info,
                                 "error_kind": kind, "data_aware": moments is not None})
-        return Fitted(nodes, change)
+        return Fitted(nodes, change, aug=(w_aug, new_aug))
 
     def _decompose(self, w_fit: np.ndarray, rank: int, seed: int) -> tuple[tuple, dict] | str:
         """CP-ALS (tensorly parafac, SVD init, line search): ((out, in, spatial factors), info) or why not."""

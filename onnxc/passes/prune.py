@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from onnxc.compiler import holdout
 from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr, set_attr
@@ -132,9 +133,18 @@ class PrunePass(Pass):
         jobs = []
         if self.reconstruct and data is not None:
             jobs = _jobs(original, [g for g, _ in pruned_groups], keep, self.downstream and self.recapture)
+            held = ctx.calibration.validation if holdout.has_held_out(ctx.calibration) else None
+            sliced = clone(model)
             model = rec.refit(original, model, jobs, data, ridge=self.ridge, samples=self.samples,
                               recapture=self.recapture, rng=lambda s: ctx.rng(f"prune-refit:{s}"),
-                              progress=ctx.progress, refresh=_reinfer)
+                              progress=ctx.progress, refresh=_reinfer, held_out=held)
+            if held is not None and any(j.verdict is not None and j.verdict.kept for j in jobs):
+                verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, sliced)
+                info["model_refit"] = verdict.detail()
+                if not verdict.kept:
+                    info["notes"].append("the refit layers read the held-out samples worse than the sliced ones at "
+                                         "the model's outputs: sliced weights kept")
+                    model = sliced
         elif self.reconstruct:
             info["notes"].append("no calibration data: layers were sliced, not refit")
         changes = _report(original, model, analysis, pruned_groups, jobs, info)
@@ -414,20 +424,27 @@ def _report(original, pruned, analysis: Analysis, pruned_groups, jobs, info) -> 
         cost_b = {k: sum(getattr(before[n], k) for n in nodes) for k in ("params", "macs", "bytes")}
         cost_a = {k: sum(getattr(after[n], k) for n in nodes if n in after) for k in ("params", "macs", "bytes")}
         refit = [by_job[c] for c in g.consumers if c in by_job and by_job[c].error_after is not None]
-        err = _pooled([(j.error_after, j) for j in refit])
+        err = _pooled([(j.error_after if j.verdict is None or j.verdict.kept else j.error_before, j) for j in refit])
         err0 = _pooled([(j.error_before, j) for j in refit])
+        judged = [j.verdict for j in refit if j.verdict is not None]
+        held = _pooled([(v.refit.held_out, None) for v in judged])
+        held0 = _pooled([(v.plain.held_out, None) for v in judged])
         kept_t = {t: int(np.count_nonzero(kept[u])) for t, u in g.tensors.items()}
         detail = {"members": list(g.tensors), "producers": g.producers, "consumers": g.consumers,
                   "units_before": g.n_units, "units_after": int(kept.sum()),
                   "channels_before": g.channels(), "channels_after": kept_t,
                   "macs_before": cost_b["macs"], "macs_after": cost_a["macs"],
-                  "error_sliced": err0, "error_refit": err}
+                  "error_sliced": err0, "error_refit": err, "error_sliced_held_out": held0,
+                  "error_refit_held_out": held, "refits_fell_back": [j.node for j in refit
+                                                                     if j.verdict is not None and not j.verdict.kept]}
         changes.append(Change(g.name, "channel group", f"pruned {g.n_units}->{int(kept.sum())} channels",
                               cost_b, cost_a, err, detail))
         for entry in info["groups"]:
             if entry["id"] == g.id:
-                entry.update({k: detail[k] for k in ("units_after", "channels_after", "macs_before",
-                                                     "macs_after", "error_sliced", "error_refit")})
+                entry.update({k: detail[k] for k in ("units_after", "channels_after", "macs_before", "macs_after",
+                                                     "error_sliced", "error_refit", "error_sliced_held_out",
+                                                     "error_refit_held_out")})
+    info["refits"] = [{"node": j.node, **j.verdict.detail()} for j in jobs if j.verdict is not None]
     info["macs_before"] = sum(c.macs for c in before.values())
     info["macs_after"] = sum(c.macs for c in after.values())
     info["pruned_groups"] = len(pruned_groups)

@@ -130,8 +130,9 @@ class SvdPass(FactorPass):
         if moments is not None and free_bias:
             b_new = b_old + (w - w_new) @ moments.mean
         b_new = b_new.astype(dtype) if b_new is not None else None
-        error, kind = output_error(np.column_stack([w, b_old]),
-                                   np.column_stack([w_new, b_new if b_new is not None else np.zeros(n_out)]), moments)
+        aug = (np.column_stack([w, b_old]),
+               np.column_stack([w_new, b_new.astype(np.float64) if b_new is not None else np.zeros(n_out)]))
+        error, kind = output_error(*aug, moments)
         nodes = self._emit(layer, view, u, v, b_new)
         updates = []
         if info["mode"] == "add" and b_new is not None:  # the refitted bias lives in the following Add
@@ -146,7 +147,7 @@ class SvdPass(FactorPass):
                         after=cost(rank * (k + n_out) + new_bias_params, m * rank * (k + n_out), item),
                         error=error, detail={"rank": rank, "max_rank": min(k, n_out), "shape": [k, n_out],
                                              "error_kind": kind, "data_aware": moments is not None})
-        return Fitted(nodes, change, updates)
+        return Fitted(nodes, change, updates, aug=aug)
 
     # ---- emission ------------------------------------------------------------------------------
     def _emit(self, layer: Layer, view: GraphView, u: np.ndarray, v: np.ndarray,

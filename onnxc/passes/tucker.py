@@ -109,7 +109,7 @@ class TuckerPass(FactorPass):
                         after=cost(params_after, macs(ranks), item), error=error,
                         detail={"ranks": [r1, r2], "kernel": list(geo.kernel), "channels": [c_in, c_out],
                                 "error_kind": kind, "data_aware": moments is not None})
-        return Fitted([n1, n2, n3], change)
+        return Fitted([n1, n2, n3], change, aug=(w_aug, new_aug))
 
     def _fit_pointwise(self, layer: Layer, view: GraphView, geo: ConvGeometry,
                        moments: _whiten.Moments | None) -> Fitted | str:
@@ -150,4 +150,4 @@ class TuckerPass(FactorPass):
                         after=cost(params_after, macs(ranks), item), error=error,
                         detail={"ranks": [rank], "kernel": list(geo.kernel), "channels": [c_in, c_out],
                                 "error_kind": kind, "data_aware": moments is not None})
-        return Fitted([n1, n2], change)
+        return Fitted([n1, n2], change, aug=(w_aug, new_aug))
