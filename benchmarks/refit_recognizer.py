@@ -51,7 +51,7 @@ SPECS = ["prune:ratio=0.1", "prune:ratio=0.2", "prune:ratio=0.3", "prune-group:p
 UNREFITTED = {"prune": {"reconstruct": "false"}, "cluster": {"bias_correction": "false"},
               "svd": {"data_aware": "false"}, "tucker": {"data_aware": "false"}}
 # What the refits were before held-out judging: no layer-by-layer recapture outside prune.
-BEFORE = {"prune": {}, "cluster": {"recapture": "false"}, "svd": {"recapture": "false"},
+BEFORE = {"prune": {}, "cluster": {}, "svd": {"recapture": "false"},
           "tucker": {"recapture": "false"}}
 
 
