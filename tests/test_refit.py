@@ -4,6 +4,10 @@ small conv net with a symbolic width."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +15,7 @@ import onnx
 import pytest
 from graphs import f32, init, model
 from onnx import helper
+from sample_data import CALIBRATION, sample_path
 
 from onnxc.compiler import holdout, runtime
 from onnxc.compiler.calibration import Calibration, make_calibration, with_outputs, working_shapes
@@ -128,3 +133,18 @@ def test_cluster_bias_corrections_are_judged_on_held_out_samples(recapture):
     for change in result.changes:
         assert change.detail["error_held_out"] is not None and change.detail["unrefitted_held_out"] is not None
         assert change.detail["bias_corrected"] == (change.detail["refit"] == "kept")
+
+
+def test_terminal_summary_shows_the_refit_verdict(tmp_path):
+    """`optimize` prints the pass's refit verdict, held-out beside in-sample, as the JSON holds it."""
+    report = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "onnxc", "optimize", str(sample_path("vgg")), "-o",
+                           str(tmp_path / "v.onnx"), "-p", "prune:ratio=0.5", "--calibration", str(CALIBRATION),
+                           "--report", str(report)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    verdict = json.loads(report.read_text())["passes"][0]["info"]["model_refit"]
+    assert verdict["error_held_out"] < verdict["unrefitted_held_out"]
+    text = proc.stdout + proc.stderr
+    assert f"refit {verdict['refit']} (held-out {verdict['error_held_out']:.3g} refit / " \
+           f"{verdict['unrefitted_held_out']:.3g} unrefitted; in-sample {verdict['error_fit']:.3g}" in text

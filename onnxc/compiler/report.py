@@ -146,6 +146,10 @@ def render(report: Report, console: Console) -> None:
                        f"{err:.3g}" if err is not None else "-", f"{rec.seconds:.1f}")
     if report.passes:
         console.print(passes)
+    for rec in report.passes:
+        line = refit_text(rec.label or rec.spec, (rec.info or {}).get("model_refit"))
+        if line:
+            console.print(line, highlight=False)
     if report.fidelity:
         top1 = report.fidelity.get("top1")
         text = f"fidelity vs original on {report.fidelity['samples']} held-out inputs: relative L2 error " \
@@ -163,6 +167,19 @@ def render(report: Report, console: Console) -> None:
         render_allocation(report.allocation, console)
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def refit_text(label: str, verdict: dict | None) -> str | None:
+    """The model-level refit verdict of a pass, held-out next to in-sample (holdout.Verdict.detail)."""
+    if not verdict or verdict.get("error_held_out") is None:
+        return None
+
+    def pair(a, b) -> str:
+        return f"{a:.3g} refit / {b:.3g} unrefitted" if a is not None and b is not None else "-"
+
+    held_out = pair(verdict["error_held_out"], verdict["unrefitted_held_out"])
+    return f"{label}: refit {verdict['refit']} (held-out {held_out}; " \
+           f"in-sample {pair(verdict['error_fit'], verdict['unrefitted_fit'])})"
 
 
 def render_allocation(alloc: dict, console: Console) -> None:
