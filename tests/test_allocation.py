@@ -86,7 +86,7 @@ def test_rollback_keeps_the_good_candidates(cache, monkeypatch):
         return table
 
     monkeypatch.setattr(allocation, "measure", understated)
-    budget = 0.05
+    budget = 0.02  # the true plan at macs=0.2 verifies at ~0.03: the first round must leave the budget
     result = optimize(sample_path("mlp"), calibration=CALIBRATION, passes=["svd"], target="macs=0.2",
                       max_error=budget, cache_dir=cache)
     alloc = result.report.allocation

@@ -286,3 +286,26 @@ def test_bench_side_by_side(vgg_int8, out_dir):
     assert "int8" in table(timings)
     with pytest.raises(OnnxcError, match="no input 'input'"):
         bench([VGG], {"x": x["input"]}, runs=1, warmup=0)
+
+
+def test_per_axis_scales_point_at_their_dim():
+    """onnxruntime's quantizer writes a [1, C] Gemm bias with C scales on axis 0 (magika): the
+    model only runs where its fused kernels skip the DequantizeLinear. The repaired one runs
+    unfused and computes the same outputs as the fused run."""
+    from onnxc.backends.ort_quant import repair_per_axis
+
+    rng = np.random.default_rng(0)
+    c = 6
+    nodes = [helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"], axis=0, name="dq"),
+             helper.make_node("Add", ["x", "b"], ["y"], name="add")]
+    inits = [init("bq", rng.integers(-100, 100, (1, c)).astype(np.int32)),
+             init("bs", rng.uniform(0.01, 0.1, c).astype(np.float32)), init("bz", np.zeros(c, np.int32))]
+    broken = model(nodes, [f32("x", [2, c])], [f32("y", [2, c])], inits, opset=13, ir=7)
+    x = rng.standard_normal((2, c)).astype(np.float32)
+    with pytest.raises(Exception, match="per axis"):
+        _outputs(broken, x)
+    fixed = repair_per_axis(broken)
+    assert [a.i for a in fixed.graph.node[0].attribute if a.name == "axis"] == [1]
+    q = np.asarray(onnx.numpy_helper.to_array(inits[0]), np.float32)
+    expected = x + q * onnx.numpy_helper.to_array(inits[1])
+    np.testing.assert_allclose(_outputs(fixed, x), expected, rtol=1e-6)

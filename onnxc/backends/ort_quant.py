@@ -278,7 +278,7 @@ def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_chann
             raise
         except Exception as exc:
             raise OnnxcError(f"onnxruntime's static quantization failed: {first_line(exc)}") from None
-        return onnx.load(str(out))
+        return repair_per_axis(onnx.load(str(out)))
 
     return run
 
@@ -403,6 +403,36 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto | None:
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+    return model
+
+
+def repair_per_axis(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Point each per-channel DequantizeLinear's `axis` at the dim its scales count.
+
+    onnxruntime 1.32's quantizer writes a Gemm bias of shape [1, C] (quant_pre_process fuses
+    MatMul + Add into Gemm on tf2onnx graphs such as magika's) with C per-channel scales but
+    axis 0: its fused kernels never read the axis, but the model is invalid as written, and any
+    run without those fusions (the QDQ arithmetic, other runtimes, our C backend) fails on it.
+    The axis is rewritten only where exactly one dim of the tensor has the scales' length."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            continue
+        data, scale = inits.get(node.input[0]), inits.get(node.input[1])
+        if data is None or scale is None or len(scale.dims) != 1 or scale.dims[0] <= 1 or len(data.dims) < 2:
+            continue
+        attr = next((a for a in node.attribute if a.name == "axis"), None)
+        axis = attr.i if attr is not None else 1
+        axis = axis + len(data.dims) if axis < 0 else axis
+        if axis < len(data.dims) and data.dims[axis] == scale.dims[0]:
+            continue
+        matches = [i for i, d in enumerate(data.dims) if d == scale.dims[0]]
+        if len(matches) != 1:
+            continue
+        if attr is None:
+            node.attribute.append(helper.make_attribute("axis", matches[0]))
+        else:
+            attr.i = matches[0]
     return model
 
 
