@@ -99,6 +99,17 @@ def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[
         yield {k: v[start:start + batch_size] for k, v in inputs.items()}
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The smallest fixed leading dim among the model's real inputs (None when every one is free)."""
+    inits = {t.name for t in model.graph.initializer}
+    dims = []
+    for vi in model.graph.input:
+        shape = vi.type.tensor_type.shape
+        if vi.name not in inits and vi.type.HasField("tensor_type") and len(shape.dim) and shape.dim[0].dim_value > 0:
+            dims.append(shape.dim[0].dim_value)
+    return min(dims) if dims else None
+
+
 def sample_count(inputs: Mapping[str, np.ndarray]) -> int:
     if isinstance(inputs, Samples):
         return inputs.count

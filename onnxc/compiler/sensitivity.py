@@ -33,6 +33,7 @@ from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
+from onnxc.compiler.holdout import in_sample
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Pass, PassContext, create
 from onnxc.compiler.samples import Samples
@@ -236,14 +237,6 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
     return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error)
-
-
-def in_sample(train, validation) -> Samples:
-    """The first fitting samples, as many as are held out: the in-sample error weighs as many
-    samples as the held-out one, at a third of the cost of all of them on a 3:1 split (a 3 GMAC
-    detector runs 1-2 s per page here)."""
-    train = Samples.of(train)
-    return train.subset(range(min(train.count, Samples.of(validation).count)))
 
 
 def totals(model: onnx.ModelProto, cal) -> dict:

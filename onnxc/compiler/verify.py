@@ -85,10 +85,18 @@ def channel_axis(shape: Sequence[int]) -> int | None:
 def channel_error(ref: np.ndarray, got: np.ndarray, axis: int) -> float:
     """sqrt(mean over channels of (|r_c - g_c| / |r_c|)^2); channels that are zero in the reference
     are measured against the mean channel norm instead."""
-    r = np.moveaxis(ref, axis, 0).reshape(ref.shape[axis], -1)
-    g = np.moveaxis(got, axis, 0).reshape(r.shape)
-    diff = np.linalg.norm(r - g, axis=1)
-    norm = np.linalg.norm(r, axis=1)
+    return _channel_error(*_channel_sums(ref.astype(np.float64) - got, ref.astype(np.float64), axis))
+
+
+def _channel_sums(d: np.ndarray, r: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel of `axis`: sum of d^2 and of r^2 (no transposed copies: (pre, C, post) views)."""
+    shape = (int(np.prod(d.shape[:axis])), d.shape[axis], -1)
+    d3, r3 = d.reshape(shape), r.reshape(shape)
+    return np.einsum("ijk,ijk->j", d3, d3), np.einsum("ijk,ijk->j", r3, r3)
+
+
+def _channel_error(dd: np.ndarray, rr: np.ndarray) -> float:
+    diff, norm = np.sqrt(dd), np.sqrt(rr)
     floor = max(float(np.mean(norm)) * 1e-3, 1e-30)
     return float(np.sqrt(np.mean((diff / np.maximum(norm, floor)) ** 2)))
 
@@ -107,22 +115,20 @@ def _output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[Outpu
         max_abs = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
         return OutputFidelity(name, 1.0 - same, max_abs, same, None), None
     r64, g64 = ref.astype(np.float64), got.astype(np.float64)
-    r = r64.reshape(len(ref) if ref.ndim else 1, -1)
-    g = g64.reshape(r.shape)
-    diff = np.linalg.norm(r - g)
-    norm = np.linalg.norm(r)
+    d = r64 - g64
+    rf, gf, df = r64.reshape(-1), g64.reshape(-1), d.reshape(-1)
+    dd, rr, gg, dot = float(df @ df), float(rf @ rf), float(gf @ gf), float(rf @ gf)
+    diff, norm, gn = np.sqrt(dd), np.sqrt(rr), np.sqrt(gg)
     rel = float(diff / norm) if norm > 0 else float(diff)
-    max_abs = float(np.max(np.abs(r - g))) if r.size else 0.0
-    gn = np.linalg.norm(g)
-    dot = float(np.sum(r * g))
+    max_abs = float(np.max(np.abs(df))) if df.size else 0.0
     cosine = float(dot / (norm * gn)) if norm > 0 and gn > 0 else float(norm == gn)
     top1 = None
     if ref.ndim in (2, 3) and 1 < ref.shape[-1] <= MAX_CHANNELS and ref.size:
         # [N, classes]: per sample; [N, T, classes] (CTC, token logits): per position
         top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
     axis = channel_axis(ref.shape)
-    per_channel = channel_error(r64, g64, axis) if axis is not None and ref.size else None
-    sums = (float(diff) ** 2, float(norm) ** 2, float(gn) ** 2, dot)
+    per_channel = _channel_error(*_channel_sums(d, r64, axis)) if axis is not None and ref.size else None
+    sums = (dd, rr, gg, dot)
     return OutputFidelity(name, rel, max_abs, cosine, top1, per_channel), sums
 
 

@@ -38,6 +38,7 @@ from scipy.linalg import cho_factor, cho_solve
 from onnxc.compiler import holdout, runtime
 from onnxc.compiler.calibration import iter_activations
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.resumable import Resumable
 from onnxc.compiler.samples import Samples
 
 BUDGET_BYTES = 256 * 2**20  # activations of one batch plus the normal equations of one wave
@@ -532,16 +533,20 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
             out.append((chunk, x_names, y_names, bs))
         return out
 
-    targets = _target_rows(original, orig_view, [c for w in waves for c in plan(GraphView(pruned.graph), w)],
-                           inputs, rng, progress) if recapture else {}
+    resumed = None
+    if recapture:  # one batch size for every wave and for the targets: the same batches, the same draws
+        planned = [c for w in waves for c in plan(GraphView(pruned.graph), w)]
+        bs = min((c[3] for c in planned), default=1)
+        resumed = Resumable(pruned, inputs, bs)
+        targets = _target_rows(original, orig_view, planned, inputs, resumed.batch_size, rng, progress)
     done = 0
     progress("prune: fits", done, len(jobs))
     for wave in waves:
         view = GraphView(pruned.graph)
         for chunk, x_names, y_names, bs in plan(view, wave):
             rngs = {r.job.node: rng(r.job.node) for r in chunk}
-            if recapture:  # inputs from the pruned model; targets were taken from the original once
-                for k, xs in enumerate(iter_activations(pruned, x_names, inputs, bs)):
+            if resumed is not None:  # inputs from the pruned model; targets were taken from the original once
+                for k, xs in enumerate(resumed.capture(pruned, x_names)):
                     for r in chunk:
                         r.update(xs, None, rngs[r.job.node], target=targets[r.job.node][k])
             else:  # both from the original: one run
@@ -552,7 +557,9 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
             for r in chunk:
                 r.finish(ridge)
                 r.folds, r.held = [[], []], None
-                targets.pop(r.job.node, None)
+                if resumed is not None:
+                    targets.pop(r.job.node, None)
+                    resumed.modified([r.node])
                 done += 1
                 progress("prune: fits", done, len(jobs))
         pruned = refresh(pruned)
@@ -560,27 +567,26 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
 
 
 def _target_rows(original: onnx.ModelProto, orig_view: GraphView, planned: list, inputs: Mapping[str, np.ndarray],
-                 rng: Callable[[str], np.random.Generator], progress: Callable[[str, int, int], None],
+                 bs: int, rng: Callable[[str], np.random.Generator], progress: Callable[[str, int, int], None],
                  ) -> dict[str, list[np.ndarray]]:
     """Every layer's targets from the original model, batch by batch, as `Refitter.update` will
-    read them: the original does not change between waves, so it runs once per batch size (in
-    as few passes as the memory budget allows) instead of once per wave. Conv targets are kept
-    only at the positions each layer samples (the same draws), so this stays small."""
-    by_batch: dict[int, list[Refitter]] = {}
-    for chunk, _, _, bs in planned:
-        by_batch.setdefault(bs, []).extend(chunk)
+    read them: the original does not change between waves, so it runs once (resumed where the
+    last group of targets stopped when the memory budget splits them) instead of once per wave.
+    Conv targets are kept only at the positions each layer samples (the same draws), so this
+    stays small."""
+    refitters = [r for chunk, _, _, _ in planned for r in chunk]
     out: dict[str, list[np.ndarray]] = {}
-    runs = [(bs, group) for bs, refitters in by_batch.items()
-            for group in chunks(refitters, lambda r, bs=bs: bs * _per_sample(orig_view, r.job.target or r.job.y_name))]
+    groups = chunks(refitters, lambda r: bs * _per_sample(orig_view, r.job.target or r.job.y_name))
+    resumed = Resumable(original, inputs, bs)
     n = runtime.sample_count(inputs)
-    for index, (bs, group) in enumerate(runs):
+    for index, group in enumerate(groups):
         names = list(dict.fromkeys(r.job.target or r.job.y_name for r in group))
         gens = {r.job.node: rng(r.job.node) for r in group}
-        for values in iter_activations(original, names, inputs, bs):
+        for values in resumed.capture(original, names):
             for r in group:
                 out.setdefault(r.job.node, []).append(r.target_rows(values[r.job.target or r.job.y_name],
                                                                     gens[r.job.node]))
-        progress("prune: capture", (index + 1) * n, len(runs) * n)
+        progress("prune: capture", (index + 1) * n, len(groups) * n)
     return out
 
 
