@@ -79,7 +79,8 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
     metric = load_metric(metric) if isinstance(metric, str) else metric
     goal = allocation.parse_target(target) if isinstance(target, str) else target
     kind = executor_kind(executor, jobs, ray_address)
-    with make_executor(kind, jobs or ((os.cpu_count() or 1) if kind != "inline" else 1), ray_address) as workers:
+    with make_executor(kind, jobs or ((os.cpu_count() or 1) if kind != "inline" else 1), ray_address) as workers, \
+            runtime.single_threaded_blas():
         return _optimize(model, passes=passes, preset=preset, recipe=recipe, calibration=calibration,
                          preprocess=preprocess, input_shapes=input_shapes, max_error=max_error, seed=seed,
                          output=output, backend=backend, export_options=export_options,

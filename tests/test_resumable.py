@@ -1,5 +1,7 @@
 """Resumed captures: the same tensors as a capture from the graph inputs, at a fraction of the
-nodes, however the requests follow each other and whatever is rewritten in between."""
+nodes, however the requests follow each other and whatever is rewritten in between. (Equal to
+float32 rounding: at onnxruntime's full optimization level a Conv's kernel, blocked NCHWc or
+plain, depends on where the session's graph starts.)"""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from onnxc.compiler.calibration import iter_activations
 from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import load
 from onnxc.compiler.resumable import Resumable
+
+
+def same(got: np.ndarray, ref: np.ndarray) -> None:
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
 def _reference(m: onnx.ModelProto, names: list[str], inputs, bs: int) -> list[dict[str, np.ndarray]]:
@@ -55,7 +61,7 @@ def test_waves_front_to_back_equal_captures_from_the_inputs(resnet, monkeypatch)
         ran += sum(counts[before:])
         assert [b.keys() for b in got] == [b.keys() for b in ref]
         for a, b in zip(got, ref):
-            np.testing.assert_array_equal(a[name], b[name])
+            same(a[name], b[name])
     assert ran < len(m.graph.node)  # every node up to the last conv ran in one session only
 
 
@@ -74,7 +80,7 @@ def test_a_rewrite_downstream_is_seen_and_one_upstream_starts_over(resnet):
         name = m.graph.output[0].name
         got = np.concatenate([b[name] for b in resumed.capture(m, [name])])
         ref = np.concatenate([b[name] for b in _reference(m, [name], data, 16)])
-        np.testing.assert_array_equal(got, ref)
+        same(got, ref)
 
 
 def test_over_the_memory_budget_it_starts_from_the_inputs(resnet):
@@ -83,7 +89,7 @@ def test_over_the_memory_budget_it_starts_from_the_inputs(resnet):
     resumed = Resumable(m, data, 16, max_bytes=1)
     for name in (convs[2], convs[0], convs[-1]):  # out of order too
         got = np.concatenate([b[name] for b in resumed.capture(m, [name])])
-        np.testing.assert_array_equal(got, np.concatenate([b[name] for b in _reference(m, [name], data, 16)]))
+        same(got, np.concatenate([b[name] for b in _reference(m, [name], data, 16)]))
     assert resumed.done == set()
 
 
@@ -109,4 +115,4 @@ def test_a_stored_tensor_and_a_new_one_in_one_request(resnet):
     names = [convs[1], convs[3]]
     for got, ref in zip(resumed.capture(m, names), _reference(m, names, data, 16)):
         for name in names:
-            np.testing.assert_array_equal(got[name], ref[name])
+            same(got[name], ref[name])

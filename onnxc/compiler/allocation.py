@@ -217,12 +217,10 @@ def allocate(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassConte
              budget: float | None, *, input_shapes: dict | None = None, reference_outputs: dict | None = None,
              cache_dir=None) -> Allocation:
     """Choose per-candidate levels of `techniques` that meet `target` within `budget` on `model`."""
-    from onnxc.passes._factor import _single_threaded_blas
-
     source = "--max-error" if budget is not None else "default"
     budget = budget if budget is not None else DEFAULT_BUDGET
     kind = target.kind if target else "macs"
-    with _single_threaded_blas():
+    with runtime.single_threaded_blas():
         table = measure(model, _probes(techniques), ctx, kind, input_shapes=input_shapes, cache_dir=cache_dir)
         return _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes,
                          reference_outputs)

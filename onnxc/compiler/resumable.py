@@ -21,10 +21,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from onnxc.compiler import runtime
+from onnxc.compiler.calibration import CaptureSession
 from onnxc.compiler.graph import node_inputs_with_subgraphs
 
 DEFAULT_MAX_BYTES = 768 * 2**20  # the frontier of every calibration sample, kept between captures
@@ -64,7 +64,11 @@ class Resumable:
             self._reset()
 
     def capture(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
-        """Yield `names` for every batch, running only the nodes not computed yet."""
+        """Yield `names` for every batch, running only the nodes not computed yet (the next batch
+        runs while the caller works on this one; the frontier is kept once every batch is read)."""
+        return runtime.prefetch(self._capture(model, names))
+
+    def _capture(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         names = list(dict.fromkeys(names))
         graph = model.graph
         nodes = self._needed(graph, names)
@@ -80,12 +84,12 @@ class Resumable:
         frontier = _frontier(graph, done, set(self.store[0]))
         outputs = [t for t in dict.fromkeys(names + frontier) if t in produced]
         sub, feeds = _submodel(model, nodes, outputs, self.store[0])
-        sess = runtime.session(sub, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        sess = CaptureSession(sub)
         keep = set(frontier)
         kept: list[dict[str, np.ndarray]] = []
         used = 0
         for stored, size in zip(self.store, self.sizes):
-            values = dict(zip(outputs, sess.run(outputs, {k: stored[k] for k in feeds})))
+            values = sess.run_once(outputs, {k: stored[k] for k in feeds})
             yield {n: self._trim(values[n] if n in values else stored[n], size) for n in names}
             if used <= self.max_bytes:
                 merged = {k: v for k, v in {**stored, **values}.items() if k in keep}

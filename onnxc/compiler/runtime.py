@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -16,6 +18,7 @@ from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
 
+T = TypeVar("T")
 _THREADS = 0  # intra-op threads of sessions that do not ask (0: onnxruntime's default, every core)
 
 
@@ -29,6 +32,65 @@ def default_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         _THREADS = before
+
+
+def single_threaded_blas():
+    """One BLAS thread for the compiler's own numpy work (a context manager).
+
+    The matrices of a fit are small to medium: multi-threaded OpenBLAS mostly spins, and on a
+    shared machine it can be ~50x slower (an SVD of 128 x 1152 took 1.4 s with 2 busy cores
+    instead of 20 ms; ppocr_rec's prune: 101 s -> 63 s with another job on the machine). One
+    thread also makes the results independent of the machine's core count (OpenBLAS splits
+    reductions by thread). The cores go to onnxruntime, whose captures overlap the fits
+    (`prefetch`), and to `--jobs`."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # it is a dependency; without it BLAS keeps its default threads
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Yield `items`, computing the next `depth` of them on a background thread meanwhile.
+
+    For captures: onnxruntime releases the GIL, so the next batch runs through the model while
+    the caller reduces this one with numpy. The iterator is driven from one thread only, in
+    order, so what it computes and yields is exactly what a plain loop would; an exception is
+    raised where the item would have been."""
+    import queue
+    import threading
+
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as exc:  # handed to the consumer
+            q.put((False, exc))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,

@@ -8,7 +8,6 @@ into one weight), and reports rank, cost and local error per layer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from onnxc.compiler import holdout
+from onnxc.compiler import holdout, runtime
 from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import clone
@@ -120,7 +119,7 @@ class FactorPass(Pass):
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        with _single_threaded_blas():
+        with runtime.single_threaded_blas():
             return self._run(model, ctx)
 
     def _run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -360,14 +359,6 @@ def _clashes(view: GraphView, layer: Layer, fitted: Fitted) -> bool:
     return bool(names & view._names)
 
 
-def _single_threaded_blas():
-    """The matrices here are small: multi-threaded BLAS only spins, and on a shared machine it can be
-    ~50x slower (measured: an SVD of 128 x 1152 took 1.4 s with 2 busy cores instead of 20 ms)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it, BLAS keeps its default threads
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 # ---- helpers used by the passes -----------------------------------------------------------------

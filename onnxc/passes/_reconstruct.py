@@ -11,7 +11,8 @@ layer that reads pruned channels, choose W', b' minimising ||Y - X' W' - b'||^2 
 where Y is the layer's output in the *unpruned* model and X' its input in the *pruned* model
 (so errors made upstream are compensated downstream instead of accumulating), restricted to the
 kept input channels. lambda is a multiple of the mean diagonal of the centred X'^T X', chosen per
-layer by 2-fold cross-validation over calibration samples (rows of one image stay in one fold);
+layer by 2-fold cross-validation over calibration samples (rows of one image stay in one fold:
+the first and second half of each batch);
 when the sliced weights predict the held-out fold better than every refit, they are kept (few
 samples, many inputs). A layer followed by Relu/Clip is then refined so that only the part of its
 output the activation lets through is matched. A layer that feeds a residual Add, last among its
@@ -303,13 +304,24 @@ class Refitter:
         systems = 3 if self.held is not None else 2
         return systems * sum(8 * (s.dim * s.dim + s.dim * s.outs) for s in self.folds[0])
 
-    def _add(self, gi: int, x: np.ndarray, y: np.ndarray, sample: np.ndarray) -> None:
-        fold = np.where(sample < self.total, sample % 2, 2)
-        systems = [self.folds[0][gi], self.folds[1][gi], *(self.held[gi:gi + 1] if self.held else [])]
-        for f, system in enumerate(systems):
-            sel = fold == f
-            if sel.any():
-                system.add(x[sel], y[sel])
+    def _spans(self, sample: np.ndarray) -> list[tuple[int, slice]]:
+        """(system, rows) of one batch whose rows come sorted by calibration sample: the first
+        half of the batch's fitting samples is fold 0, the rest fold 1, held-out samples system 2.
+        Folds by sample (rows of one image stay in one fold) as contiguous slices: no copies, and
+        one split for every group of a grouped conv."""
+        if not len(sample):
+            return []
+        first, last = int(sample[0]), int(sample[-1])
+        train_end = min(last + 1, self.total)
+        mid = first + (max(train_end - first, 0) + 1) // 2
+        cuts = [0, int(np.searchsorted(sample, mid)), int(np.searchsorted(sample, train_end)), len(sample)]
+        spans = [(f, slice(cuts[f], cuts[f + 1])) for f in range(3) if cuts[f + 1] > cuts[f]]
+        return [(f, rows) for f, rows in spans if f < 2 or self.held is not None]
+
+    def _add(self, gi: int, x: np.ndarray, y: np.ndarray, spans: list[tuple[int, slice]]) -> None:
+        for f, rows in spans:
+            system = self.folds[f][gi] if f < 2 else self.held[gi]
+            system.add(x[rows], y[rows])
 
     def update(self, xs: dict[str, np.ndarray], ys: dict[str, np.ndarray] | None, rng: np.random.Generator,
                target: np.ndarray | None = None) -> None:
@@ -324,15 +336,16 @@ class Refitter:
             y = self._branch(y, xs, None)
             # Gemm rows are samples; a MatMul over [N, T, D] has one row per sample and position.
             steps = int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
-            sample = first + np.repeat(np.arange(len(x)), steps)
-            self._add(0, x.reshape(-1, x.shape[-1]).astype(np.float32), y.reshape(-1, y.shape[-1]), sample)
+            spans = self._spans(first + np.repeat(np.arange(len(x)), steps))
+            self._add(0, x.reshape(-1, x.shape[-1]).astype(np.float32), y.reshape(-1, y.shape[-1]), spans)
             return
         b, oy, ox = self.positions(rng, len(x), *self.geom.out_size(*x.shape[2:]))
         p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
         t = self._branch(target if target is not None else y[b, :, oy, ox], xs, (b, oy, ox))  # [S, O']
         cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
+        spans = self._spans(first + b)
         for gi in range(self.groups):
-            self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], first + b)
+            self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], spans)
 
     def positions(self, rng: np.random.Generator, batch: int, oh: int, ow: int,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
