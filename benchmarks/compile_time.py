@@ -53,7 +53,7 @@ command = time.perf_counter() - start
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 canonical = canonicalize(load(model))
 cal = calib.make_calibration(canonical, cal_path)
-sess = runtime.session(canonical)
+sess = runtime.session(canonical, spinning=True)  # onnxruntime as a user runs it
 runtime.run(sess, {k: v[:1] for k, v in cal.train.items()})  # warm-up
 start = time.perf_counter()
 runtime.run(sess, cal.train)

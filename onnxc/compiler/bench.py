@@ -50,7 +50,7 @@ def bench(models: Sequence[ModelLike], inputs: Feed | Sequence[Feed], labels: Se
     if len(feeds_in) != len(models):
         raise OnnxcError(f"bench: {len(models)} models but {len(feeds_in)} input sets")
     labels = list(labels) if labels else [_label(m, i) for i, m in enumerate(models)]
-    sessions = [runtime.session(m, threads=threads) for m in models]
+    sessions = [runtime.session(m, threads=threads, spinning=True) for m in models]
     feeds = [_feed(s, f, label) for s, f, label in zip(sessions, feeds_in, labels)]
     for s, f in zip(sessions, feeds):
         for _ in range(warmup):

@@ -95,12 +95,20 @@ def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
 
 def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            ) -> ort.InferenceSession:
+            spinning: bool = False) -> ort.InferenceSession:
     """A CPU InferenceSession (`threads`: intra-op threads, 0 for every core, None for the
-    process default); models past 2 GB go through a temporary file."""
+    process default); models past 2 GB go through a temporary file.
+
+    `spinning`: onnxruntime's pool threads busy-wait between parallel sections by default. The
+    compiler's sessions run beside its own numpy work (captures are prefetched while the fits
+    run), where spinning threads only take the core the fits need (ppocr_rec's prune: 49 s of
+    CPU and 32.6 s with it, 39 s and 27 s without); latency benchmarks turn it back on, as
+    deployments run."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 4  # fatal only: a failing run raises, and we report it in one line
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     threads = _THREADS if threads is None else threads
     if threads:
         opts.intra_op_num_threads = threads

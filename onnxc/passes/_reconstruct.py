@@ -45,6 +45,10 @@ from onnxc.compiler.samples import Samples
 BUDGET_BYTES = 256 * 2**20  # activations of one batch plus the normal equations of one wave
 MAX_REFIT_DIM = 6144  # a layer with more inputs than this is only sliced (D^2 doubles would not fit)
 ROWS_BYTES = 96 * 2**20  # sampled rows kept for the activation-aware refit of one layer
+# Rows for a grouped conv: every group's system has only cg x k x k inputs (depthwise 5x5: 25), so
+# patches of all channels at `samples` positions (8192 x 480 x 25 floats on ppocr_rec) cost far
+# more than its fit needs: 64 rows per input, at least 2048.
+GROUPED_ROWS, ROWS_PER_INPUT = 2048, 64
 T = TypeVar("T")
 
 
@@ -249,6 +253,62 @@ class Normal:
         return res, energy
 
 
+class NormalStack:
+    """The systems of every group of a grouped conv (depthwise: one per channel) accumulated as
+    one stack: a batch adds to all of them in a few batched products instead of a Python loop
+    over hundreds of groups. `views()` gives each group as a `Normal` over the same memory."""
+
+    def __init__(self, groups: int, dim: int, outs: int, keep_rows: bool = False):
+        self.groups, self.dim, self.outs = groups, dim, outs
+        self.xtx = np.zeros((groups, dim, dim))
+        self.xty = np.zeros((groups, dim, outs))
+        self.xs = np.zeros((groups, dim))
+        self.ys = np.zeros((groups, outs))
+        self.yy = np.zeros(groups)
+        self.n = np.zeros((), np.int64)
+        self.rows: list[tuple[np.ndarray, np.ndarray]] | None = [] if keep_rows else None
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x: [S, groups, dim], y: [S, groups, outs]."""
+        xg = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float32)  # [G, S, D]
+        yg = np.ascontiguousarray(y.transpose(1, 0, 2), dtype=np.float32)
+        xt = xg.transpose(0, 2, 1)
+        self.xtx += np.matmul(xt, xg)
+        self.xty += np.matmul(xt, yg)
+        self.xs += xg.sum(1, dtype=np.float64)
+        self.ys += yg.sum(1, dtype=np.float64)
+        self.yy += np.square(yg, dtype=np.float64).sum((1, 2))
+        self.n += len(x)
+        if self.rows is not None:
+            self.rows.append((xg, yg))
+
+    def views(self) -> list[Normal]:
+        return [_GroupNormal(self, g) for g in range(self.groups)]
+
+
+class _GroupNormal(Normal):
+    """One group of a `NormalStack`, read as a `Normal` (its sums are views, filled by the stack)."""
+
+    def __init__(self, stack: NormalStack, g: int):  # no super().__init__: nothing of its own to allocate
+        self.stack, self.g = stack, g
+        self.dim, self.outs = stack.dim, stack.outs
+        self.xtx, self.xty, self.xs, self.ys = stack.xtx[g], stack.xty[g], stack.xs[g], stack.ys[g]
+
+    @property
+    def yy(self) -> float:
+        return float(self.stack.yy[self.g])
+
+    @property
+    def n(self) -> int:
+        return int(self.stack.n)
+
+    @property
+    def rows(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        if self.stack.rows is None:
+            return None
+        return [(x[self.g], y[self.g]) for x, y in self.stack.rows]
+
+
 @dataclass
 class RefitJob:
     """One layer reading pruned channels: where its X and Y come from and how to rewrite it."""
@@ -281,7 +341,9 @@ class Refitter:
             self.groups = self.geom.group if self.geom else 1
             o = w.shape[0]
             dim = w.shape[1] * int(np.prod(w.shape[2:]))
-            rows = samples
+            if self.groups > 1:  # a group's system has few inputs (depthwise 3x3: 9): it needs fewer rows
+                self.samples = min(samples, max(GROUPED_ROWS, ROWS_PER_INPUT * dim))
+            rows = self.samples
         else:
             self.geom, self.groups = None, 1
             transposed = self.kind == "Gemm" and attr(node, "transB", 0)
@@ -290,10 +352,16 @@ class Refitter:
         self.clip = job.clip if self.kind != "MatMul" and not job.residual else None
         keep = self.clip is not None and 4 * rows * dim * (1 + self.groups) <= ROWS_BYTES
         self.clip = self.clip if keep else None
-        # two folds by calibration sample: the refit's ridge is chosen by cross-validation
-        self.folds = [[Normal(dim, o // self.groups, keep) for _ in range(self.groups)] for _ in range(2)]
-        # samples past the first `total` are held out: they only judge the refit (holdout.choose)
-        self.held = [Normal(dim, o // self.groups, keep) for _ in range(self.groups)] if held_out else None
+        # two folds by calibration sample: the refit's ridge is chosen by cross-validation; samples
+        # past the first `total` are held out: they only judge the refit (holdout.choose)
+        self.stacks = None
+        if self.groups > 1:
+            self.stacks = [NormalStack(self.groups, dim, o // self.groups, keep) for _ in range(3 if held_out else 2)]
+            self.folds = [self.stacks[0].views(), self.stacks[1].views()]
+            self.held = self.stacks[2].views() if held_out else None
+        else:
+            self.folds = [[Normal(dim, o, keep)], [Normal(dim, o, keep)]]
+            self.held = [Normal(dim, o, keep)] if held_out else None
         self.seen = 0
 
     @property
@@ -342,10 +410,13 @@ class Refitter:
         b, oy, ox = self.positions(rng, len(x), *self.geom.out_size(*x.shape[2:]))
         p = self.geom.patches(x, b, oy, ox)  # [S, C', kk]
         t = self._branch(target if target is not None else y[b, :, oy, ox], xs, (b, oy, ox))  # [S, O']
-        cg, og = p.shape[1] // self.groups, t.shape[1] // self.groups
         spans = self._spans(first + b)
-        for gi in range(self.groups):
-            self._add(gi, p[:, gi * cg:(gi + 1) * cg].reshape(len(p), -1), t[:, gi * og:(gi + 1) * og], spans)
+        if self.stacks is not None:  # [S, G x cg, kk] -> [S, G, cg x kk]; targets [S, G, og]
+            p, t = p.reshape(len(p), self.groups, -1), t.reshape(len(t), self.groups, -1)
+            for f, rows in spans:
+                self.stacks[f].add(p[rows], t[rows])
+        else:
+            self._add(0, p.reshape(len(p), -1), t, spans)
 
     def positions(self, rng: np.random.Generator, batch: int, oh: int, ow: int,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -569,7 +640,7 @@ def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJo
                         r.update(values, values, rngs[r.job.node])
             for r in chunk:
                 r.finish(ridge)
-                r.folds, r.held = [[], []], None
+                r.folds, r.held, r.stacks = [[], []], None, None
                 if resumed is not None:
                     targets.pop(r.job.node, None)
                     resumed.modified([r.node])
