@@ -53,10 +53,12 @@ PER_CHANNEL_IR = 7
 DATA_MOVEMENT = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
                  "Identity", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"}
 DYNAMIC_OP_TYPES = ["MatMul", "Attention", "LSTM"]
-# onnxruntime's MinMax calibrator reduces each tensor to its range inside the graph, so its memory
-# follows the batch, not the sample count: small batches keep int8 export bounded (a 10 MB
-# recognizer at 1x3x48x320: 1.09 GB peak with 32, 0.64 GB with 8, the same quantized bytes).
-CALIBRATION_BATCH = 8
+# onnxruntime's MinMax calibrator reduces each tensor to its range inside the graph, but its
+# session (optimizations off, every tensor an input of a Reduce) keeps every intermediate tensor
+# of a batch alive: memory follows the batch times the activations of one sample. Batches are
+# sized so that those stay within CALIBRATION_BYTES (ppocr_rec at 1x3x48x320 with 128 lines:
+# 3.5 GB peak with batches of 8, 1.14 GB with 2, 0.76 GB with 1, the same quantized bytes).
+CALIBRATION_BATCH, CALIBRATION_BYTES = 8, 128 * 2**20
 
 
 @dataclass
@@ -109,7 +111,7 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
         def make(reduced: bool) -> Callable:
             if mode == "dynamic":
                 return _dynamic_quantizer(pre, work, per_channel, reduced)
-            return _static_quantizer(pre, work, calibration, per_channel, reduced, progress)
+            return _static_quantizer(model, pre, work, calibration, per_channel, reduced, progress)
 
         reduced = bool(reduce_range) and not exact
         quantizer = make(reduced)
@@ -243,13 +245,13 @@ def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
     return source
 
 
-def _static_quantizer(pre: Path, work: Path, calibration: Calibration, per_channel: bool,
+def _static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration: Calibration, per_channel: bool,
                       reduce_range: bool, progress: Progress) -> Callable:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     cache = work / "calibration.json"
     external = _is_large(pre)
-    batch = _calibration_batch(onnx.load(str(pre), load_external_data=False))
+    batch = _calibration_batch(model, calibration)
     counter = iter(range(1 << 30))
 
     def run(only: Sequence[str] | None, exclude: Sequence[str]) -> onnx.ModelProto:
@@ -330,10 +332,31 @@ class _Reader:
         return item
 
 
-def _calibration_batch(model: onnx.ModelProto) -> int:
-    """Models with a fixed batch dim get batches of exactly that size."""
+def _calibration_batch(model: onnx.ModelProto, calibration: Calibration) -> int:
+    """Models with a fixed batch dim get batches of exactly that size; others as many samples
+    (up to CALIBRATION_BATCH) as keep one batch's activations within CALIBRATION_BYTES, counted
+    from every tensor's shape at the largest calibration sample's input shapes."""
+    from onnxc.compiler import shapes
+
     fixed = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
-    return min(fixed) if fixed else CALIBRATION_BATCH
+    if fixed:
+        return min(fixed)
+    groups = calibration.shapes()
+    if not groups:
+        return CALIBRATION_BATCH
+    largest = max(groups, key=lambda g: sum(int(np.prod(v)) for v in g.values()))
+    try:
+        info = shapes.infer(model, largest)
+    except Exception:  # shapes are only an estimate here: fall back to one sample per batch
+        return 1
+    consts = {t.name for t in model.graph.initializer}
+    per_sample = 0
+    for name, dims in info.shapes.items():
+        if name in consts or not dims:
+            continue
+        size = np.dtype(helper.tensor_dtype_to_np_dtype(info.dtypes.get(name, onnx.TensorProto.FLOAT))).itemsize
+        per_sample += size * int(np.prod([d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in dims[1:]]))
+    return int(max(1, min(CALIBRATION_BATCH, CALIBRATION_BYTES // max(per_sample, 1))))
 
 
 # ------------------------------------------------------------------ graph preparation

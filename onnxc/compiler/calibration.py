@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from onnxc.compiler import calibration_data, runtime
 from onnxc.compiler.calibration_data import InputSpec, Source, fmt_shape, input_specs, load_npz  # noqa: F401
-from onnxc.compiler.graph import node_inputs_with_subgraphs, upstream
+from onnxc.compiler.graph import GraphView, node_inputs_with_subgraphs, upstream
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
 
@@ -192,10 +192,27 @@ class CaptureSession:
             return fn(self.sess)
 
 
+CAPTURE_BYTES = 256 * 2**20  # the captured tensors of one batch, with the prefetched one and a working copy
+
+
+def capture_batch(view: GraphView, names: Sequence[str], budget: int = CAPTURE_BYTES, most: int = 64) -> int:
+    """Samples per batch so that three batches of the tensors `names` (the one being read, the
+    one prefetched, the caller's working copy) stay within `budget`, from their static shapes
+    (a fixed batch dim is handled by `runtime.run`, which feeds the batch piece by piece)."""
+    per_sample = 0
+    for n in names:
+        s = view.static_shape(n)
+        per_sample += 4 * int(np.prod(s[1:], dtype=np.int64)) if s else 0
+    return int(max(1, min(most, budget // max(per_sample * 3, 1))))
+
+
 def iter_activations(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
-                     batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+                     batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield the tensors `names` batch by batch (for passes that reduce on the fly); the next
-    batch runs through onnxruntime while the caller works on this one (`runtime.prefetch`)."""
+    batch runs through onnxruntime while the caller works on this one (`runtime.prefetch`).
+    The default batch size keeps a batch's tensors within CAPTURE_BYTES (`capture_batch`)."""
+    if batch_size is None:
+        batch_size = capture_batch(GraphView(model.graph), names)
     sess = CaptureSession(with_outputs(model, names))
     names = list(names)
     yield from runtime.prefetch(sess.run(names, batch, batch_size=batch_size)

@@ -37,7 +37,7 @@ import onnx
 from scipy.linalg import cho_factor, cho_solve
 
 from onnxc.compiler import holdout, runtime
-from onnxc.compiler.calibration import iter_activations
+from onnxc.compiler.calibration import capture_batch, iter_activations
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.resumable import Resumable
 from onnxc.compiler.samples import Samples
@@ -119,13 +119,8 @@ def rows_per_batch(samples: int, batch: int, total: int, positions: int) -> int:
 
 
 def batch_size(view: GraphView, names: Sequence[str], budget: int = BUDGET_BYTES) -> int:
-    """Samples per batch so that the captured tensors of one batch stay within `budget` (a fixed
-    batch dim is handled by `runtime.run`, which feeds the batch through it piece by piece)."""
-    per_sample = 0
-    for n in names:
-        s = view.static_shape(n)
-        per_sample += 4 * int(np.prod(s[1:], dtype=np.int64)) if s else 0
-    return int(max(1, min(64, budget // max(per_sample * 3, 1))))
+    """Samples per batch so that the captured tensors of one batch stay within `budget`."""
+    return capture_batch(view, names, budget)
 
 
 def stream(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],

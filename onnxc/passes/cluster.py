@@ -66,6 +66,7 @@ change the constant of the Add after a MatMul.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -338,7 +339,7 @@ class ClusterPass(Pass):
         graph_inputs = {n for n in names if n in data}
         computed = [n for n in names if n not in graph_inputs]
         batches = calib.iter_activations(model, computed, data) if computed else iter(())
-        for batch in [{n: data[n] for n in graph_inputs}, *batches]:
+        for batch in itertools.chain([{n: data[n] for n in graph_inputs}], batches):  # streamed, never listed
             for key, (node, x) in wanted.items():
                 if x in batch:
                     moments = _channel_moments(node, batch[x])
