@@ -192,8 +192,9 @@ def relative_output_error(w: np.ndarray, w_new: np.ndarray, moment_aug: np.ndarr
 
     `w` and `w_new` are [out, D + 1] (bias as the last column)."""
     diff = w - w_new
-    num = float(np.einsum("ij,jk,ik->", diff, moment_aug, diff))
-    den = float(np.einsum("ij,jk,ik->", w, moment_aug, w))
+    # (A @ M) * A summed: one matrix product (a three-operand einsum loops over i, j, k in C)
+    num = float(np.sum((diff @ moment_aug) * diff))
+    den = float(np.sum((w @ moment_aug) * w))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))
 
 
