@@ -77,6 +77,9 @@ class TuckerPass(FactorPass):
         if ranks is None:
             return reason
         r1, r2 = ranks
+        # a Tucker core [r2, r1, taps] has rank at most r1 * taps on its output mode (and r2 * taps
+        # on its input mode): more would only be zero columns (tensorly clamps them with a warning)
+        r2, r1 = min(r2, r1 * taps), min(r1, r2 * taps)
         (core, (u_out, u_in)), _ = partial_tucker(w_fit, rank=[r2, r1], modes=[0, 1], init="svd",
                                                    n_iter_max=self.n_iter_max, tol=1e-5)
         core, u_out, u_in = np.asarray(core), np.asarray(u_out), np.asarray(u_in)
