@@ -70,6 +70,8 @@ class Resumable:
 
     def _capture(self, model: onnx.ModelProto, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         names = list(dict.fromkeys(names))
+        if not self.store:  # no samples
+            return
         graph = model.graph
         nodes = self._needed(graph, names)
         if nodes is None:  # a tensor computed before but not kept: start over from the inputs
