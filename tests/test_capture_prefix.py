@@ -44,3 +44,25 @@ def test_ridge_path_matches_the_direct_solve():
         w, b = fit(rel)
         w_ref, b_ref = system.solve(rel, True)
         assert np.allclose(w, w_ref, rtol=1e-8, atol=1e-10) and np.allclose(b, b_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_grouped_cross_validation_matches_group_by_group():
+    """A depthwise layer's systems are cross-validated as one stack: the same choice per group
+    (ridge strength, or the sliced weights where they predict better) as one group at a time."""
+    from onnxc.passes._reconstruct import NormalStack, _cross_validate, _cross_validate_stack
+
+    rng = np.random.default_rng(0)
+    groups, dim, outs = 30, 9, 1
+    fa, fb = NormalStack(groups, dim, outs), NormalStack(groups, dim, outs)
+    w = rng.standard_normal((groups, dim, outs))
+    for stack in (fa, fb):
+        x = rng.standard_normal((200, groups, dim)).astype(np.float32)
+        noise = 0.3 * rng.standard_normal((200, groups, outs))
+        stack.add(x, (np.einsum("sgd,gdo->sgo", x, w) + noise).astype(np.float32))
+    mats = [w[g] + 0.2 * rng.standard_normal((dim, outs)) for g in range(groups)]
+    mats[3] = w[3]  # this group's sliced weights are already the truth: no refit beats them
+    biases = [np.zeros(outs)] * groups
+    va, vb = fa.views(), fb.views()
+    expected = [_cross_validate(va[g], vb[g], mats[g], biases[g], 1e-2, True) for g in range(groups)]
+    assert _cross_validate_stack(fa, fb, mats, biases, 1e-2, True) == expected
+    assert expected[3] is None and expected[0] is not None

@@ -175,6 +175,11 @@ class LsqState:
         for m in np.unique(counts):
             sel = counts == m
             idx = order[starts[sel][:, None] + np.arange(m)[None, :]]  # [K, m] rows of each unit
+            if m == 1:  # a unit of one column (1x1 convs, dense layers): b_j^2 / a_jj, no solves
+                j = idx[:, 0]
+                bj = self.b[j]
+                out[units[sel]] = np.einsum("ko,ko->k", bj, bj) / self.a[j, j]
+                continue
             ajj = self.a[idx[:, :, None], idx[:, None, :]]
             bj = self.b[idx]  # [K, m, O]
             out[units[sel]] = np.einsum("kmo,kmo->k", bj, _solve(ajj, bj))
