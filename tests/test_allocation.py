@@ -55,6 +55,34 @@ def test_metric_replaces_the_default_error():
     assert compare_outputs(ref, ref, top1_disagreement).error == 0
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_probabilities_are_judged_as_logits():
+    """A confident softmax hides a logit change that halves the margins: its probabilities move
+    by a few percent, the logits (recovered as centered log-probabilities) by what they moved."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((64, 4)) * 0.3
+    z[np.arange(64), rng.integers(0, 4, 64)] += 3.5  # top probability ~0.9, like the orientation pages
+    moved = z + rng.standard_normal(z.shape) * 0.6
+    ref, got = softmax(z), softmax(moved)
+    out = compare_outputs({"p": ref}, {"p": got}).outputs[0]
+    zc = z - z.mean(axis=1, keepdims=True)
+    mc = moved - moved.mean(axis=1, keepdims=True)
+    assert out.logit_rel_l2 == pytest.approx(np.linalg.norm(zc - mc) / np.linalg.norm(zc), rel=1e-4)
+    assert out.error == out.logit_rel_l2 and out.logit_rel_l2 > 2 * out.rel_l2
+    logits = compare_outputs({"z": z.astype(np.float32)}, {"z": moved.astype(np.float32)}).outputs[0]
+    assert logits.logit_rel_l2 is None and logits.error == logits.rel_l2  # logits stay as they are
+    # shape groups aggregate the same sums
+    from onnxc.compiler.samples import Samples
+
+    grouped = compare_outputs(Samples([{"p": ref[:40]}, {"p": ref[40:]}]),
+                              Samples([{"p": got[:40]}, {"p": got[40:]}]))
+    assert grouped.outputs[0].logit_rel_l2 == pytest.approx(out.logit_rel_l2, rel=1e-6)
+
+
 # ---- allocation on the digits samples ------------------------------------------------------------
 @pytest.mark.parametrize("name", SAMPLE_MODELS)
 def test_macs_half_keeps_top1(name, cache):

@@ -40,7 +40,8 @@ from onnxc.compiler.verify import compare_outputs
 
 log = logging.getLogger("onnxc.sensitivity")
 
-CACHE_VERSION = 3  # bump when what a measurement computes changes (3: held-out refits, per-batch positions)
+CACHE_VERSION = 4  # bump when what a measurement computes changes (3: held-out refits, per-batch positions;
+# 4: probabilities judged as logits)
 # Levels offered per technique, mildest first.
 LEVELS: dict[str, tuple[float, ...]] = {
     "prune": (0.25, 0.5, 0.75),  # fraction of the group's channels removed
