@@ -36,7 +36,7 @@ from onnxc.compiler.sensitivity import (
     Table,
     apply_plan,
     first_sample,
-    latency_saving,
+    latency_ratio,
     measure,
     node_costs,
     totals,
@@ -318,7 +318,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     if kind == "latency":
         from onnxc.compiler.bench import bench
 
-        base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].median_ms
+        base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].p10_ms
     base_value = _value(model, kind, ctx.calibration, base_latency)
     per_mac = base_value / max(_value(model, "macs", ctx.calibration, None), 1.0) if kind == "latency" else 1.0
 
@@ -342,7 +342,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
         error = fid.error if np.isfinite(fid.rel_l2) else math.inf
         if kind == "latency":
-            value = base_latency - latency_saving(model, candidate, feed)
+            value = base_latency * latency_ratio(model, candidate, feed)
         else:
             value = _value(candidate, kind, ctx.calibration, None)
         ratio = value / base_value if base_value else 1.0
@@ -485,11 +485,8 @@ class _Search:
 
 def realization(before: onnx.ModelProto, after: onnx.ModelProto, cal, feed: dict) -> dict:
     """Measured onnxruntime speedup against the MAC reduction (1.0: every MAC saved is time saved)."""
-    from onnxc.compiler.bench import bench
-
-    timings = bench([before, after], feed, runs=30, warmup=3, threads=1)
     macs = totals(after, cal)["macs"] / max(totals(before, cal)["macs"], 1)
-    latency = timings[1].ratio
+    latency = latency_ratio(before, after, feed)
     efficiency = (1 / latency) / (1 / macs) if latency > 0 and macs > 0 else None
     return {"latency_ratio": latency, "macs_ratio": macs, "efficiency": efficiency}
 
