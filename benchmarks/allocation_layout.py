@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=40)
     parser.add_argument("--passes", default="prune:criterion=thinet", help="the allocator's techniques (|-separated)")
     parser.add_argument("--uniform", default="prune:ratio=0.2,criterion=thinet")
+    parser.add_argument("--max-error", type=float, default=None,
+                        help="budget of both rows (default: the allocator's 0.25, and 0.25 for the uniform row)")
     parser.add_argument("--runs", type=int, default=15, help="latency runs per model")
     parser.add_argument("--jobs", type=int, default=2, help="local worker processes for the sensitivity")
     args = parser.parse_args()
@@ -67,8 +69,9 @@ def main() -> None:
           f"({', '.join(sorted({d[0] for r in reference for d in r}))})")
     rows = [("original", 1.0, 1.0, 1.0, 0.0, 0.0)]
     results = []
-    for how, kwargs in ((f"target {args.target}", {"target": args.target, "passes": args.passes.split("|")}),
-                        (args.uniform, {"passes": [args.uniform], "max_error": 0.25})):
+    budget = {"max_error": args.max_error} if args.max_error is not None else {}
+    for how, kwargs in ((f"target {args.target}", {"target": args.target, "passes": args.passes.split("|"), **budget}),
+                        (args.uniform, {"passes": [args.uniform], "max_error": args.max_error or 0.25})):
         start = time.perf_counter()
         r = optimize(model_path, calibration=tmp / "cal.npz", progress=progress(start), jobs=args.jobs, **kwargs)
         results.append((how, r, time.perf_counter() - start))

@@ -422,13 +422,14 @@ def compare(reference, candidate, calibration, preprocess, input_shapes, max_err
         click.echo(json.dumps(fidelity.to_dict(), indent=2))
     else:
         table = Table(show_edge=False)
-        for col in ("output", "rel. L2", "per channel", "max abs", "cosine", "top-1 agree"):
+        for col in ("output", "rel. L2", "per channel", "logits", "max abs", "cosine", "top-1 agree"):
             table.add_column(col)
         for o in fidelity.outputs:
             table.add_row(
                 o.name,
                 f"{o.rel_l2:.3g}",
                 f"{o.channel_rel_l2:.3g}" if o.channel_rel_l2 is not None else "-",
+                f"{o.logit_rel_l2:.3g}" if o.logit_rel_l2 is not None else "-",
                 f"{o.max_abs:.3g}",
                 f"{o.cosine:.6f}",
                 f"{100 * o.top1:.2f}%" if o.top1 is not None else "-",

@@ -55,6 +55,34 @@ def test_metric_replaces_the_default_error():
     assert compare_outputs(ref, ref, top1_disagreement).error == 0
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_probabilities_are_judged_as_logits():
+    """A confident softmax hides a logit change that halves the margins: its probabilities move
+    by a few percent, the logits (recovered as centered log-probabilities) by what they moved."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((64, 4)) * 0.3
+    z[np.arange(64), rng.integers(0, 4, 64)] += 3.5  # top probability ~0.9, like the orientation pages
+    moved = z + rng.standard_normal(z.shape) * 0.6
+    ref, got = softmax(z), softmax(moved)
+    out = compare_outputs({"p": ref}, {"p": got}).outputs[0]
+    zc = z - z.mean(axis=1, keepdims=True)
+    mc = moved - moved.mean(axis=1, keepdims=True)
+    assert out.logit_rel_l2 == pytest.approx(np.linalg.norm(zc - mc) / np.linalg.norm(zc), rel=1e-4)
+    assert out.error == out.logit_rel_l2 and out.logit_rel_l2 > 2 * out.rel_l2
+    logits = compare_outputs({"z": z.astype(np.float32)}, {"z": moved.astype(np.float32)}).outputs[0]
+    assert logits.logit_rel_l2 is None and logits.error == logits.rel_l2  # logits stay as they are
+    # shape groups aggregate the same sums
+    from onnxc.compiler.samples import Samples
+
+    grouped = compare_outputs(Samples([{"p": ref[:40]}, {"p": ref[40:]}]),
+                              Samples([{"p": got[:40]}, {"p": got[40:]}]))
+    assert grouped.outputs[0].logit_rel_l2 == pytest.approx(out.logit_rel_l2, rel=1e-6)
+
+
 # ---- allocation on the digits samples ------------------------------------------------------------
 @pytest.mark.parametrize("name", SAMPLE_MODELS)
 def test_macs_half_keeps_top1(name, cache):
@@ -180,6 +208,73 @@ def test_cost_model_multiplies_overlapping_prunes():
     actual = base["macs"] - model_cost(together).totals()["macs"]
     assert predicted == pytest.approx(actual, rel=1e-9)
     assert sum(r.saving["macs"] for r in rows) > 1.15 * actual
+
+
+def test_deep_targets_offer_deeper_prune_levels():
+    assert sensitivity.levels_for("prune") == sensitivity.levels_for("prune", 0.5) == sensitivity.LEVELS["prune"]
+    assert max(sensitivity.levels_for("prune", 0.15)) > max(sensitivity.LEVELS["prune"])
+    assert sensitivity.levels_for("tucker", 0.15) == sensitivity.LEVELS["tucker"]
+
+
+def _steps(*rows):
+    return sorted((allocation.Step(t, n, level, saving, error2) for t, n, level, saving, error2 in rows),
+                  key=lambda s: s.slope)
+
+
+def test_one_technique_per_node_by_the_marginal_trade():
+    """A layer's factorization whose first step is the cheapest of all still gives its node up to
+    the two prune groups around it when they save more at the plan's marginal error-per-saving,
+    and keeps it when they cost more; nodes nobody shares are left alone."""
+    nodes = {("prune", "a"): ["conv1", "dw1", "conv2"], ("prune", "b"): ["conv2", "dw2", "conv3"],
+             ("tucker", "conv2"): ["conv2"], ("tucker", "conv9"): ["conv9"]}
+    cheap_prune = _steps(("tucker", "conv2", 0.5, 10, 1e-6), ("tucker", "conv2", 0.25, 5, 1e-4),
+                         ("prune", "a", 0.25, 10, 1e-5), ("prune", "a", 0.5, 10, 1e-4),
+                         ("prune", "b", 0.25, 10, 1e-5), ("prune", "b", 0.5, 10, 1e-4),
+                         ("tucker", "conv9", 0.5, 10, 1e-5))
+    kept = allocation.one_technique_per_node(cheap_prune, nodes, slope=1e-5)
+    assert {(s.technique, s.name) for s in kept} == {("prune", "a"), ("prune", "b"), ("tucker", "conv9")}
+    costly_prune = _steps(("tucker", "conv2", 0.5, 10, 1e-6), ("tucker", "conv2", 0.25, 5, 1e-5),
+                          ("prune", "a", 0.25, 10, 1e-3), ("prune", "b", 0.25, 10, 1e-3),
+                          ("tucker", "conv9", 0.5, 10, 1e-5))
+    kept = allocation.one_technique_per_node(costly_prune, nodes, slope=1e-5)
+    assert {(s.technique, s.name) for s in kept} == {("tucker", "conv2"), ("tucker", "conv9")}
+
+
+def test_deep_target_on_probabilities_keeps_one_technique_per_node(tmp_path, cache):
+    """The digits VGG with a softmax head (judged as logits) at macs=0.25 (deep: prune offers 0.875
+    too): the target is met within the budget, top-1 stays within a point on the test digits, and
+    no node is both pruned and factorized."""
+    import onnx
+    from onnx import helper
+    from sample_data import load_test_set
+
+    from onnxc.compiler.model import clone, load
+
+    model = load(sample_path("vgg"))
+    logits = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Softmax", [logits], ["probabilities"], axis=1))
+    model.graph.output[0].name = "probabilities"
+    path = tmp_path / "vgg_softmax.onnx"
+    onnx.save(model, path)
+    result = optimize(path, calibration=CALIBRATION, target="macs=0.25", cache_dir=cache)
+    alloc = result.report.allocation
+    assert alloc["met"] and result.report.fidelity["error"] <= alloc["budget"]
+    out = result.report.fidelity["outputs"][0]
+    assert out["logit_rel_l2"] is not None and result.report.fidelity["error"] == out["logit_rel_l2"]
+    x, y = load_test_set()
+    from onnxc.compiler.runtime import run
+
+    before = np.mean(run(model, {"input": x})["probabilities"].argmax(1) == y)
+    after = np.mean(run(result.model, {"input": x})["probabilities"].argmax(1) == y)
+    assert after >= before - 0.01
+    techniques = sensitivity.make_techniques(None)
+    from onnxc.compiler.canonical import canonicalize
+
+    groups = {g.name: g.nodes for g in techniques["prune"].candidates(clone(canonicalize(model)))}
+    chosen = [k.split(":", 1) for k in alloc["chosen"]]
+    pruned = {n for t, name in chosen if t == "prune" for n in groups[name]}
+    factorized = {name for t, name in chosen if t in ("svd", "tucker")}
+    assert pruned and not pruned & factorized
 
 
 @pytest.mark.parametrize("reachable", [True, False])

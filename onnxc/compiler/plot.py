@@ -52,7 +52,7 @@ def plot_allocation(alloc, path: str | os.PathLike) -> None:
     left.set_title("per-candidate sensitivity (ringed: chosen)")
     if len(by_candidate) <= 16:
         left.legend(fontsize=6)
-    steps = ordered_steps(alloc.table, kind)
+    steps = alloc.steps or ordered_steps(alloc.table, kind)
     saved = alloc.costs.savings(steps) if alloc.costs is not None else [0.0] + [s.saving for s in steps]
     err2, xs, ys = 0.0, [1.0], [0.0]
     for s, total in zip(steps, saved[1:] if kind != "size" else np.cumsum(saved)[1:]):

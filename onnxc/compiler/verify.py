@@ -4,7 +4,9 @@ One number decides every budget and target (`Fidelity.error`): a user metric whe
 (`metric(reference_outputs, candidate_outputs) -> float`, lists in graph-output order, samples on
 axis 0, 0 when identical), else the worst output's error. An output's error is its relative L2,
 except that an output of rank >= 3 is first normalized per channel by the reference's own scale,
-so a detector's class scores (0-1) weigh as much as its box coordinates (0-640).
+so a detector's class scores (0-1) weigh as much as its box coordinates (0-640), and that a
+classifier's probabilities ([N, classes], every reference row a distribution) are compared as the
+logits the softmax was given (centered log-probabilities; see `logit_error`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from onnxc.errors import OnnxcError, UsageError
 
 Metric = Callable[[list, list], float]
 MAX_CHANNELS = 100_000  # past this, an axis is not a channel axis
+# Probabilities under this are one "impossible" (27.6 nats below certainty): log-probabilities are
+# clipped there, so float32 underflow in a far tail class (0 against 1e-30) is not an error.
+PROBABILITY_FLOOR = 1e-12
 
 
 @dataclass
@@ -33,11 +38,15 @@ class OutputFidelity:
     cosine: float
     top1: float | None  # fraction of samples (or sequence positions) whose argmax agrees
     channel_rel_l2: float | None = None  # RMS over channels of each channel's relative L2
+    logit_rel_l2: float | None = None  # probabilities: relative L2 of the centered log-probabilities
 
     @property
     def error(self) -> float:
-        """What budgets see for this output: per-channel error where channels exist."""
-        return self.channel_rel_l2 if self.channel_rel_l2 is not None else self.rel_l2
+        """What budgets see for this output: per-channel error where channels exist, the logits'
+        error for probabilities, else the relative L2."""
+        if self.channel_rel_l2 is not None:
+            return self.channel_rel_l2
+        return self.logit_rel_l2 if self.logit_rel_l2 is not None else self.rel_l2
 
 
 @dataclass
@@ -101,13 +110,47 @@ def _channel_error(dd: np.ndarray, rr: np.ndarray) -> float:
     return float(np.sqrt(np.mean((diff / np.maximum(norm, floor)) ** 2)))
 
 
+def is_distribution(ref: np.ndarray) -> bool:
+    """A classifier's probabilities: [N, classes] floats whose every row is non-negative and sums to 1."""
+    if ref.ndim != 2 or ref.dtype.kind != "f" or not 1 < ref.shape[1] <= MAX_CHANNELS or not ref.size:
+        return False
+    return bool(np.all(ref >= 0) and np.allclose(ref.sum(axis=1, dtype=np.float64), 1.0, atol=1e-3))
+
+
+def centered_logits(p: np.ndarray) -> np.ndarray:
+    """log(p) minus its row mean: the logits a softmax was given, up to nothing (softmax is
+    invariant to a per-row constant, and the centering removes it)."""
+    z = np.log(np.maximum(p.astype(np.float64), PROBABILITY_FLOOR))
+    return z - z.mean(axis=1, keepdims=True)
+
+
+def logit_sums(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(|z_ref - z_got|^2, |z_ref|^2) of the centered log-probabilities.
+
+    Why probabilities are judged as logits: a confident softmax saturates, so its output barely
+    moves while the margin between the top class and the next shrinks, until a page flips. On the
+    document-orientation classifier (top probability 0.91-0.97) one factorized layer moves the
+    held-out probabilities by 0.05 (relative L2) and their logits by 0.16, and flips one page in
+    80 of another set; and errors of rewrites that combine add up in the logits (a linear
+    perturbation), not in the saturated probabilities. A classifier exported with logits is
+    judged on them already; one exported with its softmax is now judged the same way.
+    """
+    zr, zg = centered_logits(ref), centered_logits(got)
+    return float(np.sum((zr - zg) ** 2)), float(np.sum(zr ** 2))
+
+
+def logit_error(ref: np.ndarray, got: np.ndarray) -> float:
+    diff2, norm2 = logit_sums(ref, got)
+    return float(np.sqrt(diff2 / norm2)) if norm2 > 0 else float(np.sqrt(diff2))
+
+
 def output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
     return _output_fidelity(name, ref, got)[0]
 
 
 def _output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[OutputFidelity, tuple | None]:
-    """The fidelity of one output and, for floats, its sums (|r-g|^2, |r|^2, |g|^2, r.g), which
-    `_compare_groups` adds up across shape groups."""
+    """The fidelity of one output and, for floats, its sums (|r-g|^2, |r|^2, |g|^2, r.g and, for
+    probabilities, `logit_sums`), which `_compare_groups` adds up across shape groups."""
     if ref.shape != got.shape:
         raise OnnxcError(f"output '{name}' changed shape: {ref.shape} -> {got.shape}")
     if ref.dtype.kind not in "fc":
@@ -128,8 +171,12 @@ def _output_fidelity(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[Outpu
         top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
     axis = channel_axis(ref.shape)
     per_channel = _channel_error(*_channel_sums(d, r64, axis)) if axis is not None and ref.size else None
-    sums = (dd, rr, gg, dot)
-    return OutputFidelity(name, rel, max_abs, cosine, top1, per_channel), sums
+    logit = logit_sums(ref, got) if is_distribution(ref) else None
+    sums = (dd, rr, gg, dot, logit)
+    logit_rel = None
+    if logit is not None:
+        logit_rel = float(np.sqrt(logit[0] / logit[1])) if logit[1] > 0 else float(np.sqrt(logit[0]))
+    return OutputFidelity(name, rel, max_abs, cosine, top1, per_channel, logit_rel), sums
 
 
 def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
@@ -194,6 +241,7 @@ def _compare_groups(ref: Samples, got: Samples, metric: Metric | None = None) ->
         diff2 = norm2 = got2 = dot = max_abs = 0.0
         weighted_top1, weighted_same, samples, has_top1 = 0.0, 0.0, 0, True
         channel2, has_channel = 0.0, True
+        logit_diff2, logit_norm2, has_logit = 0.0, 0.0, True
         for rg, gg in zip(ref.groups, got.groups):
             r, g = rg[name], gg[name]
             one, sums = _output_fidelity(name, r, g)
@@ -209,8 +257,13 @@ def _compare_groups(ref: Samples, got: Samples, metric: Metric | None = None) ->
             else:
                 weighted_top1 += one.top1 * n
             if sums is not None:
-                diff2, norm2, got2, dot = (a + b for a, b in zip((diff2, norm2, got2, dot), sums))
+                diff2, norm2, got2, dot = (a + b for a, b in zip((diff2, norm2, got2, dot), sums[:4]))
+                if sums[4] is None:
+                    has_logit = False
+                else:
+                    logit_diff2, logit_norm2 = logit_diff2 + sums[4][0], logit_norm2 + sums[4][1]
             else:
+                has_logit = False
                 weighted_same += one.cosine * n
         if ref.groups[0][name].dtype.kind in "fc":
             rel = float(np.sqrt(diff2 / norm2)) if norm2 > 0 else float(np.sqrt(diff2))
@@ -220,7 +273,10 @@ def _compare_groups(ref: Samples, got: Samples, metric: Metric | None = None) ->
             rel, cosine = 1.0 - same, same
         top1 = weighted_top1 / max(samples, 1) if has_top1 else None
         channel = float(np.sqrt(channel2 / max(samples, 1))) if has_channel else None
-        outputs.append(OutputFidelity(name, rel, max_abs, float(cosine), top1, channel))
+        logit = None
+        if has_logit:
+            logit = float(np.sqrt(logit_diff2 / logit_norm2)) if logit_norm2 > 0 else float(np.sqrt(logit_diff2))
+        outputs.append(OutputFidelity(name, rel, max_abs, float(cosine), top1, channel, logit))
     value = None
     if metric is not None:  # per shape group, weighted by its samples
         names = list(ref)
