@@ -178,7 +178,9 @@ class LsqState:
             if m == 1:  # a unit of one column (1x1 convs, dense layers): b_j^2 / a_jj, no solves
                 j = idx[:, 0]
                 bj = self.b[j]
-                out[units[sel]] = np.einsum("ko,ko->k", bj, bj) / self.a[j, j]
+                ajj = self.a[j, j]  # 0 for a dead input: removing it costs nothing (pinv's answer)
+                num = np.einsum("ko,ko->k", bj, bj)
+                out[units[sel]] = np.divide(num, ajj, out=np.zeros_like(num), where=ajj > 0)
                 continue
             ajj = self.a[idx[:, :, None], idx[:, None, :]]
             bj = self.b[idx]  # [K, m, O]
