@@ -240,6 +240,26 @@ def test_one_technique_per_node_by_the_marginal_trade():
     assert {(s.technique, s.name) for s in kept} == {("tucker", "conv2"), ("tucker", "conv9")}
 
 
+def test_trim_gives_back_the_costliest_top_levels_the_target_does_not_need():
+    """A plan that overshoots its target gives back whole top levels, the costliest error first,
+    while the saving still covers what is wanted; a candidate's lower level never goes before its
+    higher one, and nothing goes when every step is needed."""
+    steps = [allocation.Step("prune", "a", 0.25, 10, 1e-4), allocation.Step("prune", "b", 0.25, 10, 2e-4),
+             allocation.Step("prune", "a", 0.5, 10, 9e-4), allocation.Step("tucker", "c", 0.5, 30, 5e-3)]
+
+    def saving(trial):
+        return sum(s.saving for s in trial)
+
+    kept = allocation.trimmed(steps, saving, wanted=28)  # 60 saved: c's level (the costliest) goes
+    assert kept == steps[:3]
+    kept = allocation.trimmed(steps, saving, wanted=15)  # then a at 0.5 (a's top level); b is needed
+    assert kept == steps[:2]
+    kept = allocation.trimmed(steps, saving, wanted=5)  # b costs more than a's first level
+    assert kept == steps[:1]
+    assert all(s in kept for s in steps if (s.technique, s.name, s.level) == ("prune", "a", 0.25))
+    assert allocation.trimmed(steps, saving, wanted=60) == steps
+
+
 def test_deep_target_on_probabilities_keeps_one_technique_per_node(tmp_path, cache):
     """The digits VGG with a softmax head (judged as logits) at macs=0.25 (deep: prune offers 0.875
     too): the target is met within the budget, top-1 stays within a point on the test digits, and
