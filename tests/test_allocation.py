@@ -356,3 +356,29 @@ def test_channel_block_is_what_onnxruntime_blocks():
     with tempfile.TemporaryDirectory() as tmp:
         assert blocked(2 * block, tmp) and not blocked(2 * block + 1, tmp)
     assert sensitivity.round_to() == block
+
+
+def test_layout_score_error_reads_what_the_decoder_reads():
+    """The layout benchmark's metric ignores classes nowhere near the 0.5 threshold (the default
+    per-channel error does not) and sees a detection's score and boxes move."""
+    import layout_pages
+    from onnxc.compiler.verify import channel_error
+
+    rng = np.random.default_rng(0)
+    scores = [np.full((1, p, 10), 0.01) for p in (64, 16, 4, 1)]
+    boxes = [rng.standard_normal((1, p, 32)) for p in (64, 16, 4, 1)]
+    scores[0][0, 5, 1] = 0.6  # one title at stride 8
+    ref = scores + boxes
+    assert layout_pages.score_error(ref, ref) == 0.0
+    faint = [s.copy() for s in scores]
+    faint[0][..., 9] = 0.03  # a class these pages never hold triples, far under the threshold
+    assert layout_pages.score_error(ref, faint + boxes) == 0.0
+    assert channel_error(ref[0], faint[0], 2) > 0.5
+    weaker = [s.copy() for s in scores]
+    weaker[0][0, 5, 1] = 0.45
+    assert layout_pages.score_error(ref, weaker + boxes) == pytest.approx(0.25)
+    moved = [b.copy() for b in boxes]
+    moved[0][0, 6] += 1.0  # no detection there
+    assert layout_pages.score_error(ref, scores + moved) == 0.0
+    moved[0][0, 5] *= 1.5
+    assert layout_pages.score_error(ref, scores + moved) == pytest.approx(0.5)
