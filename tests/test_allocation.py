@@ -362,6 +362,7 @@ def test_layout_score_error_reads_what_the_decoder_reads():
     """The layout benchmark's metric ignores classes nowhere near the 0.5 threshold (the default
     per-channel error does not) and sees a detection's score and boxes move."""
     import layout_pages
+
     from onnxc.compiler.verify import channel_error
 
     rng = np.random.default_rng(0)

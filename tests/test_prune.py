@@ -143,8 +143,14 @@ def test_ratio_round_to_and_min_channels():
     res, _ = run_pass(model, ratio=0.3, criterion="l1", reconstruct=False, round_to=8)
     assert kept_channels(res, "c1") == 24  # 32 - 10 = 22, rounded up to 24
     assert "c3" not in {c.node for c in res.changes}  # 16 - 5 = 11, rounded up to 16: untouched
-    res, _ = run_pass(model, ratio=0.9, criterion="l1", reconstruct=False, min_channels=6)
+    res, _ = run_pass(model, ratio=0.9, criterion="l1", reconstruct=False, min_channels=6, round_to=1)
     assert kept_channels(res, "c1") == 6 and kept_channels(res, "c3") == 6
+    # automatic (0): the nearest multiple of the machine's channel block, at least one; groups
+    # under four blocks round to the largest power of two they hold four of (32 channels: 8)
+    res, _ = run_pass(model, ratio=0.9, criterion="l1", reconstruct=False)
+    assert kept_channels(res, "c1") == 8 and kept_channels(res, "c3") == 4
+    res, _ = run_pass(model, ratio=0.3, criterion="l1", reconstruct=False)
+    assert kept_channels(res, "c1") == 24 and kept_channels(res, "c3") == 12  # 22.4 -> 24, 11.2 -> 12
 
 
 def test_exclude_frozen_report_and_validation():
@@ -164,7 +170,7 @@ def test_exclude_frozen_report_and_validation():
 
 def test_global_scope_removes_the_ratio_overall_but_unevenly():
     model = chain()
-    res, _ = run_pass(model, ratio=0.5, scope="global")
+    res, _ = run_pass(model, ratio=0.5, scope="global", round_to=1)  # the automatic rounding evens it out
     before = sum(c.detail["units_before"] for c in res.changes)
     after = sum(c.detail["units_after"] for c in res.changes)
     assert before - after == round(0.5 * (32 + 32 + 16))

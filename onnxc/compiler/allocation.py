@@ -16,9 +16,9 @@ first when the budget is left, more are taken when the target is missed, and one
 breaks the budget with the others is skipped (one candidate's level at a time, never a whole
 technique). A plan that meets the target with room to spare gives back the top levels the
 target does not need, costliest error first (`trimmed`; verified, kept only if better): the
-search verifies prefixes, and a prefix ends with a whole step. One node is reshaped by one structural technique (`one_technique_per_node`): a
-factorization's error was measured on the unpruned layer, at ranks that mean something else on a
-pruned one.
+search verifies prefixes, and a prefix ends with a whole step. One node is reshaped by one
+structural technique (`one_technique_per_node`): a factorization's error was measured on the
+unpruned layer, at ranks that mean something else on a pruned one.
 """
 
 from __future__ import annotations
