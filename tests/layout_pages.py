@@ -168,4 +168,3 @@ def score_error(reference_outputs: list[np.ndarray], candidate_outputs: list[np.
             g = candidate_outputs[k + 4][seen].astype(np.float64)
             worst = max(worst, float(np.linalg.norm(r - g) / max(np.linalg.norm(r), 1e-12)))
     return worst
-

@@ -355,12 +355,10 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     cum_save, cum_err2 = predictions(steps)
     search = _Search(cum_save, cum_err2, base_value, target, budget)
     k = search.first()
-    rounds: list[Round] = []
-    best = None  # (ranking key, allocation pieces)
-    best_steps: list[Step] = []
-    best_saved = 0.0
-    for _ in range(MAX_ROUNDS):
-        plan = plan_of(steps[:k])
+
+    def verify(plan: Plan):
+        """The plan applied and judged: the model, the passes' results, fidelity, error, the
+        achieved value of the target kind, its ratio to the original's, whether the target is met."""
         candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
         fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
         error = fid.error if np.isfinite(fid.rel_l2) else math.inf
@@ -370,13 +368,21 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
             value = _value(candidate, kind, ctx.calibration, None)
         ratio = value / base_value if base_value else 1.0
         met = target is None or ratio <= target.ratio + TOLERANCE
+        return candidate, results, fid, error, value, ratio, met
+
+    rounds: list[Round] = []
+    best = None  # (ranking key, allocation pieces)
+    best_steps: list[Step] = []
+    for _ in range(MAX_ROUNDS):
+        plan = plan_of(steps[:k])
+        candidate, results, fid, error, value, ratio, met = verify(plan)
         round_ = Round(k, float(math.sqrt(cum_err2[k])), float(error), float(ratio))
         rounds.append(round_)
         if error <= budget:
             key = (met, -error if met else -ratio)
             if best is None or key > best[0]:
                 best = (key, candidate, plan, fid, ratio, met, results)
-                best_steps, best_saved = steps[:k], base_value - value
+                best_steps = steps[:k]
         k, round_.action = search.next(k, error, base_value - value, met, ratio)
         if k is None and search.blocked():
             # the step after the most within the budget breaks it together with the others (its
@@ -392,21 +398,15 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         if k is None:
             break
     if best is not None and best[5] and target is not None:  # met: give back what the target does not need
-        predicted = predictions(best_steps)[0][-1]
-        scale = best_saved / predicted if predicted > 0 and best_saved > 0 else 1.0
+        predicted, saved = predictions(best_steps)[0][-1], base_value * (1.0 - best[4])
+        scale = saved / predicted if predicted > 0 and saved > 0 else 1.0
         kept = trimmed(best_steps, lambda trial: predictions(trial)[0][-1] * scale, search.wanted)
         if len(kept) < len(best_steps):
             plan = plan_of(kept)
-            candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
-            fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
-            error = fid.error if np.isfinite(fid.rel_l2) else math.inf
-            value = (base_latency * latency_ratio(model, candidate, feed) if kind == "latency"
-                     else _value(candidate, kind, ctx.calibration, None))
-            ratio = value / base_value if base_value else 1.0
-            met = ratio <= target.ratio + TOLERANCE
+            candidate, results, fid, error, _, ratio, met = verify(plan)
             better = met and error <= budget and error < best[3].error
             gave = ", ".join(f"{s.technique}:{s.name} at {s.level:g}" for s in best_steps if s not in kept)
-            rounds.append(Round(len(kept), float(math.sqrt(sum(s.error2 for s in kept))), float(error),
+            rounds.append(Round(len(kept), float(math.sqrt(predictions(kept)[1][-1])), float(error),
                                 float(ratio), f"trimmed {gave}: " + ("kept" if better else "not kept")))
             if better:
                 best = ((met, -error), candidate, plan, fid, ratio, met, results)
