@@ -156,6 +156,16 @@ def channel_block() -> int:
     return max(rows, default=1)
 
 
+FALLBACK_CHANNEL_MULTIPLE = 8  # a build without blocked kernels: vector GEMMs still like multiples of 8
+
+
+def channel_multiple() -> int:
+    """The channel/rank multiple onnxruntime runs fastest on this machine: its channel block, else
+    8. What the prune pass rounds kept channels to by default and the allocator's levels use."""
+    block = channel_block()
+    return block if block > 1 else FALLBACK_CHANNEL_MULTIPLE
+
+
 def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Split samples on axis 0 into batches (all inputs share the sample count).
 

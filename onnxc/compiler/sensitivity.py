@@ -79,13 +79,11 @@ DEFAULT_TECHNIQUES = ("prune", "svd", "tucker", "cluster")
 # depthwise conv between, every C that is not a multiple of 4 costs 1.2-1.9x the time of C = 64
 # and multiples of 8 are the fastest counts around them (C = 48: 0.8x); rounding to 16 there would
 # only take away levels.
-FALLBACK_ROUND_TO = 8  # a build without blocked kernels: vector GEMMs still like multiples of 8
 
 
 def round_to() -> int:
     """The channel/rank multiple the allocator's levels use on this machine's onnxruntime."""
-    block = runtime.channel_block()
-    return block if block > 1 else FALLBACK_ROUND_TO
+    return runtime.channel_multiple()
 
 
 @dataclass(frozen=True)

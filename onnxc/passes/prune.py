@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from onnxc.compiler import holdout
+from onnxc.compiler import holdout, runtime
 from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr, set_attr
@@ -193,10 +193,8 @@ class PrunePass(Pass):
 
 
 def _automatic_step(n_units: int) -> int:
-    """The machine's channel block (`sensitivity.round_to`), halved until the group holds four."""
-    from onnxc.compiler.sensitivity import round_to
-
-    step = round_to()
+    """The machine's channel block (`runtime.channel_multiple`), halved until the group holds four."""
+    step = runtime.channel_multiple()
     while step > 1 and n_units < 4 * step:
         step //= 2
     return step
