@@ -211,9 +211,12 @@ def test_cost_model_multiplies_overlapping_prunes():
 
 
 def test_deep_targets_offer_deeper_prune_levels():
-    assert sensitivity.levels_for("prune") == sensitivity.levels_for("prune", 0.5) == sensitivity.LEVELS["prune"]
-    assert max(sensitivity.levels_for("prune", 0.15)) > max(sensitivity.LEVELS["prune"])
-    assert sensitivity.levels_for("tucker", 0.15) == sensitivity.LEVELS["tucker"]
+    from onnxc.compiler.passes import create
+
+    prune, tucker = create("prune"), create("tucker")
+    assert prune.levels() == prune.levels(0.5)
+    assert max(prune.levels(0.15)) > max(prune.levels(0.5))
+    assert tucker.levels(0.15) == tucker.levels(0.5)
 
 
 def _steps(*rows):
@@ -231,12 +234,13 @@ def test_one_technique_per_node_by_the_marginal_trade():
                          ("prune", "a", 0.25, 10, 1e-5), ("prune", "a", 0.5, 10, 1e-4),
                          ("prune", "b", 0.25, 10, 1e-5), ("prune", "b", 0.5, 10, 1e-4),
                          ("tucker", "conv9", 0.5, 10, 1e-5))
-    kept = allocation.one_technique_per_node(cheap_prune, nodes, slope=1e-5)
+    techniques = sensitivity.make_techniques(["prune", "tucker"])
+    kept = allocation.one_technique_per_node(cheap_prune, nodes, slope=1e-5, techniques=techniques)
     assert {(s.technique, s.name) for s in kept} == {("prune", "a"), ("prune", "b"), ("tucker", "conv9")}
     costly_prune = _steps(("tucker", "conv2", 0.5, 10, 1e-6), ("tucker", "conv2", 0.25, 5, 1e-5),
                           ("prune", "a", 0.25, 10, 1e-3), ("prune", "b", 0.25, 10, 1e-3),
                           ("tucker", "conv9", 0.5, 10, 1e-5))
-    kept = allocation.one_technique_per_node(costly_prune, nodes, slope=1e-5)
+    kept = allocation.one_technique_per_node(costly_prune, nodes, slope=1e-5, techniques=techniques)
     assert {(s.technique, s.name) for s in kept} == {("tucker", "conv2"), ("tucker", "conv9")}
 
 

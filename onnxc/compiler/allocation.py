@@ -8,17 +8,16 @@ perturbations of the outputs). Steps are taken until the predicted saving reache
 (or, with only a budget, until the predicted error fills it); the plan is applied as a whole
 and verified on held-out samples. Savings of rewrites that touch one node multiply there
 (`CostModel`); errors do not add in quadrature in practice (refits downstream compensate some,
-rewrites of neighbouring layers compound others; judged on the orientation classifier's
-softmax probabilities they came out 30x over the prediction, on its logits 1.3x), so every
-verified round bounds the step count and corrects the
-predictions for the next (`_Search`): the steps with the worst error-per-saving are given back
+rewrites of neighbouring layers compound others), so every verified round bounds the step count
+and corrects the predictions for the next (`_Search`): the steps with the worst error-per-saving are given back
 first when the budget is left, more are taken when the target is missed, and one step that
 breaks the budget with the others is skipped (one candidate's level at a time, never a whole
 technique). A plan that meets the target with room to spare gives back the top levels the
 target does not need, costliest error first (`trimmed`; verified, kept only if better): the
 search verifies prefixes, and a prefix ends with a whole step. One node is reshaped by one
-structural technique (`one_technique_per_node`): a factorization's error was measured on the
-unpruned layer, at ranks that mean something else on a pruned one.
+technique that reshapes it (`one_technique_per_node`): a factorization's error was measured on
+the unpruned layer, at ranks that mean something else on a pruned one. Techniques are known only
+through `technique.Technique`; none is named here.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import onnx
 
 from onnxc.compiler import runtime
 from onnxc.compiler.model import serialized_bytes
-from onnxc.compiler.passes import DEFAULT_BUDGET, Pass, PassContext
+from onnxc.compiler.passes import DEFAULT_BUDGET, PassContext
 from onnxc.compiler.sensitivity import (
     Plan,
     Table,
@@ -43,6 +42,7 @@ from onnxc.compiler.sensitivity import (
     node_costs,
     totals,
 )
+from onnxc.compiler.technique import Technique
 from onnxc.compiler.verify import Fidelity, compare_outputs
 from onnxc.errors import UsageError
 
@@ -152,63 +152,77 @@ def saving_of(row_saving: dict, kind: str) -> float:
     return float(row_saving.get({"size": "bytes", "latency": "macs"}.get(kind, kind), 0) or 0)
 
 
-FACTORIZATIONS = ("svd", "tucker")  # techniques that reshape one layer a prune group may also reshape
-
-
 def one_technique_per_node(steps: list[Step], nodes_of: dict[tuple[str, str], list[str]], slope: float,
-                           ) -> list[Step]:
-    """`steps` without the candidates that lose a node shared by a factorization and prune groups.
+                           techniques: dict[str, Technique]) -> list[Step]:
+    """`steps` without the candidates that lose a node shared by two techniques that reshape it.
 
     Each level's error was measured alone on the original layers. A factorization that keeps t
     of a layer's MACs, applied after pruning that layer, keeps t of what pruning left: ranks far
-    below the measured ones, at an error nobody measured. On the document-orientation classifier
-    at macs=0.15 the plan stacked Tucker on nine pruned 1x1 convs (rank 4 of 64 channels where 16
-    of 256 was measured): the held-out logits moved by 0.26 against 0.15 for prune alone at the
-    same MACs, the test pages by 0.25 against 0.08, and the extra nodes ran 20% slower.
+    below the measured ones, at an error nobody measured, and extra nodes that run slower than
+    either rewrite alone. So one node is reshaped by one technique (`Technique.reshapes`);
+    candidates of one technique that `composes` (channel groups) may share nodes.
 
-    So one node is reshaped by one technique. Which one is the Lagrangian choice at the plan's
-    marginal error-per-saving `slope` (that of the step where the unconstrained plan meets the
-    target): each candidate is worth the least of error^2 - slope * saving over its hull levels
-    at or under that slope, and a factorization is kept where it is worth more than the prune
-    groups it shares nodes with together (they are dropped), else it is dropped. Taking the steps
-    in order instead lets a cheap first step of one layer's factorization block the prune groups
-    around it, which save twice as much further on (the same classifier, at its last conv).
+    Which one keeps a contested node is the Lagrangian choice at the plan's marginal
+    error-per-saving `slope` (that of the step where the unconstrained plan meets the target):
+    each candidate is worth the least of error^2 - slope * saving over its hull levels at or
+    under that slope. A candidate of a technique that does not compose (one layer) is kept where
+    it is worth more than each other technique's candidates on its nodes together (those are
+    dropped), else it is dropped. Taking the steps in order instead would let a cheap first step
+    of one layer's factorization block the channel groups around it, which may save far more
+    further on.
     """
     value: dict[tuple[str, str], float] = {}
-    totals: dict[tuple[str, str], tuple[float, float]] = {}
+    sums: dict[tuple[str, str], tuple[float, float]] = {}
     for s in steps:  # per candidate, its hull steps come in increasing slope order
         key = (s.technique, s.name)
-        e2, saved = totals.get(key, (0.0, 0.0))
+        e2, saved = sums.get(key, (0.0, 0.0))
         e2, saved = e2 + s.error2, saved + s.saving
-        totals[key] = (e2, saved)
+        sums[key] = (e2, saved)
         value[key] = min(value.get(key, 0.0), e2 - slope * saved)
-    groups_at: dict[str, list[tuple[str, str]]] = {}
-    for key in value:
-        if key[0] == "prune":
-            for n in nodes_of.get(key, ()):
-                groups_at.setdefault(n, []).append(key)
-    rivals = {key: list(dict.fromkeys(g for n in nodes_of.get(key, [key[1]]) for g in groups_at.get(n, ())))
-              for key in value if key[0] in FACTORIZATIONS}
+    reshaping = {key for key in value if key[0] in techniques and techniques[key[0]].reshapes}
+    at: dict[str, list[tuple[str, str]]] = {}
+    for key in reshaping:
+        for n in nodes_of.get(key, [key[1]]):
+            at.setdefault(n, []).append(key)
+    rivals: dict[tuple[str, str], dict[str, list[tuple[str, str]]]] = {}
+    for key in sorted(reshaping):
+        if techniques[key[0]].composes:
+            continue
+        found: dict[str, list[tuple[str, str]]] = {}
+        for n in nodes_of.get(key, [key[1]]):
+            for other in at.get(n, ()):
+                if other[0] != key[0] and other not in found.setdefault(other[0], []):
+                    found[other[0]].append(other)
+        if any(found.values()):
+            rivals[key] = {t: keys for t, keys in found.items() if keys}
     dropped: set[tuple[str, str]] = set()
-    contested = sorted((k for k in rivals if rivals[k]), key=lambda k: (value[k] - sum(value[g] for g in rivals[k]), k))
-    for key in contested:
-        left = [g for g in rivals[key] if g not in dropped]
-        if left and value[key] < sum(value[g] for g in left):
-            dropped.update(left)
-        elif left:
-            dropped.add(key)
+
+    def advantage(key: tuple[str, str]) -> float:
+        return value[key] - sum(value[g] for keys in rivals[key].values() for g in keys)
+
+    for key in sorted(rivals, key=lambda k: (advantage(k), k)):
+        if key in dropped:
+            continue
+        for keys in rivals[key].values():
+            left = [g for g in keys if g not in dropped]
+            if left and value[key] < sum(value[g] for g in left):
+                dropped.update(left)
+            elif left:
+                dropped.add(key)
+                break
     return [s for s in steps if (s.technique, s.name) not in dropped]
 
 
-def candidate_nodes(model: onnx.ModelProto, techniques: dict[str, Pass], table: Table,
+def candidate_nodes(model: onnx.ModelProto, techniques: dict[str, Technique], table: Table,
                     ) -> dict[tuple[str, str], list[str]]:
-    """The nodes each candidate rewrites: a prune group's producers and consumers, else the layer."""
-    from onnxc.compiler.model import clone
-
+    """The nodes each candidate rewrites, as its technique names them (a layer: itself)."""
     touches: dict[tuple[str, str], list[str]] = {}
-    if "prune" in techniques:
-        for g in techniques["prune"].candidates(clone(model)):
-            touches[("prune", g.name)] = list(dict.fromkeys(g.nodes))
+    measured = {(m.technique, m.name) for m in table.measurements}
+    for technique, p in techniques.items():
+        if not any(t == technique for t, _ in measured):
+            continue
+        for c in p.plan_candidates(model):
+            touches[(technique, c.name)] = list(dict.fromkeys(c.nodes))
     for m in table.measurements:
         touches.setdefault((m.technique, m.name), [m.name])
     return touches
@@ -241,7 +255,7 @@ class CostModel:
     kept: dict[tuple[str, str, float], float] = field(default_factory=dict)  # (technique, name, level) -> kept
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, techniques: dict[str, Pass], table: Table, kind: str, cal,
+    def of(cls, model: onnx.ModelProto, techniques: dict[str, Technique], table: Table, kind: str, cal,
            nodes_of: dict[tuple[str, str], list[str]] | None = None) -> CostModel:
         node_cost = node_costs(model, cal, kind)
         nodes_of = nodes_of if nodes_of is not None else candidate_nodes(model, techniques, table)
@@ -276,8 +290,8 @@ def trimmed(steps: list[Step], saving_of_steps, wanted: float) -> list[Step]:
     """`steps` without the top levels the target does not need, costliest error first.
 
     The search verifies prefixes of the steps in error-per-saving order, so the plan that meets
-    a target ends with a whole step however little of it the target needed: the digits ResNet's
-    fifth step took macs=0.5 to 0.43 (its fourth stopped at 0.61). Giving back a candidate's top
+    a target ends with a whole step however little of it the target needed (one large step can
+    overshoot the target by far). Giving back a candidate's top
     level (its last step in the plan) while the predicted saving (`saving_of_steps`, corrected
     by the verified round) still covers `wanted` spends less error for the same target; the
     result is verified like any round and kept only if it is better."""
@@ -300,7 +314,7 @@ def plan_of(steps: list[Step]) -> Plan:
     return plan
 
 
-def allocate(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContext, target: Target | None,
+def allocate(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: PassContext, target: Target | None,
              budget: float | None, *, input_shapes: dict | None = None, reference_outputs: dict | None = None,
              cache_dir=None) -> Allocation:
     """Choose per-candidate levels of `techniques` that meet `target` within `budget` on `model`."""
@@ -314,18 +328,9 @@ def allocate(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassConte
                          reference_outputs)
 
 
-def _probes(techniques: dict[str, Pass]) -> dict[str, Pass]:
-    """The techniques as measured: prune refits only the direct consumers on the original model's
-    activations and ranks channels by ThiNet instead of the greedy least-squares search (together
-    about 20x faster on the samples; the final apply uses the user's settings and is verified)."""
-    from dataclasses import replace
-
-    out = dict(techniques)
-    if "prune" in out:
-        p = out["prune"]
-        out["prune"] = replace(p, recapture=False, downstream=False, samples=min(p.samples, 2048),
-                               criterion="thinet" if p.criterion == "lsq" else p.criterion)
-    return out
+def _probes(techniques: dict[str, Technique]) -> dict[str, Technique]:
+    """The techniques as the sensitivity sweep runs them (`Technique.probe`)."""
+    return {t: p.probe() for t, p in techniques.items()}
 
 
 def _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes, reference_outputs):
@@ -349,9 +354,9 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         saved = costs.savings(steps) * per_mac if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
         return saved, np.cumsum([0.0] + [s.error2 for s in steps])
 
-    if any(s.technique in FACTORIZATIONS for s in steps) and any(s.technique == "prune" for s in steps):
+    if steps:
         k = _Search(*predictions(steps), base_value, target, budget).first()
-        steps = one_technique_per_node(steps, nodes_of, steps[max(k, 1) - 1].slope)
+        steps = one_technique_per_node(steps, nodes_of, steps[max(k, 1) - 1].slope, techniques)
     cum_save, cum_err2 = predictions(steps)
     search = _Search(cum_save, cum_err2, base_value, target, budget)
     k = search.first()
@@ -432,8 +437,8 @@ class _Search:
     The aim: the fewest steps that meet the target within the budget, else the most steps
     within the budget; with only a budget, the most steps within it. When one step after the
     most within the budget breaks it (`blocked`), the allocator takes that step out and searches
-    on without it: on the digits MobileNet, pruning one group by 25% after twelve other steps
-    moves the error from 0.11 to 0.29, and without it the target is met at 0.13."""
+    on without it: one rewrite that is harmless alone can compound with the others far beyond
+    what its own measurement said, and the steps after it may still reach the target."""
 
     def __init__(self, cum_save: np.ndarray, cum_err2: np.ndarray, base_value: float, target: Target | None,
                  budget: float):

@@ -1,18 +1,18 @@
 """Per-candidate sensitivity: the model-output error of each rewrite applied alone, and its saving.
 
-A technique (prune, svd, tucker, cluster) offers candidates (a channel group, a layer, a weight)
-at levels (prune: fraction of channels removed; svd/tucker: fraction of the layer's MACs kept;
-cluster: code bits). Each candidate-level is applied alone to the canonical model, fitted on the
-calibration split's fitting part, and measured on its held-out part (an in-sample measure would
-hide a refit that does not generalize): the error on the model's outputs (the user metric, else
-`verify`'s fidelity) and what it saves (MACs, params, bytes). The table is cached on disk keyed by
-the model bytes, the calibration data, the techniques' options and the metric, so a second run
-with another target only reads it.
+A technique (any pass implementing `technique.Technique`) offers candidates (a channel group, a
+layer, a weight) at levels. Each candidate-level is applied alone to the canonical model, fitted
+on the calibration split's fitting part, and measured on its held-out part (an in-sample measure
+would hide a refit that does not generalize): the error on the model's outputs (the user metric,
+else `verify`'s fidelity) and what it saves (MACs, params, bytes). The table is cached on disk
+keyed by the model bytes, the calibration data, the techniques' options and the metric, so a
+second run with another target only reads it.
 
-A candidate is not timed alone: it saves 1-5% of a model's time, less than the run-to-run spread
-of onnxruntime on a shared machine, and timing a 3 GMAC detector 60 times per candidate-level
-would take hours. A latency target is planned on the MACs saved (levels are rounded to the
-runtime's channel block, so a MAC saved is time saved) and the allocator times whole models.
+A candidate is not timed alone: one rewrite saves less time than onnxruntime's run-to-run spread
+on a shared machine, and timing every candidate-level of a large model many times would take
+longer than the rest of the compile. A latency target is planned on the MACs saved (levels are
+rounded to the runtime's channel block, so a MAC saved is time saved) and the allocator times
+whole models.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,53 +32,16 @@ import onnx
 from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
-from onnxc.compiler.graph import GraphView
 from onnxc.compiler.holdout import in_sample
 from onnxc.compiler.model import clone
-from onnxc.compiler.passes import Pass, PassContext, create
+from onnxc.compiler.passes import Pass, PassContext, available, create, option_defaults
 from onnxc.compiler.samples import Samples
+from onnxc.compiler.technique import Technique, by_plan_order, is_technique
 from onnxc.compiler.verify import compare_outputs
 
 log = logging.getLogger("onnxc.sensitivity")
 
-CACHE_VERSION = 4  # bump when what a measurement computes changes (3: held-out refits, per-batch positions;
-# 4: probabilities judged as logits)
-# Levels offered per technique, mildest first.
-LEVELS: dict[str, tuple[float, ...]] = {
-    "prune": (0.25, 0.5, 0.75),  # fraction of the group's channels removed
-    "svd": (0.5, 0.25, 0.125),  # fraction of the layer's MACs kept
-    "tucker": (0.5, 0.25, 0.125),
-    "cluster": (8, 6, 4),  # code bits
-}
-# Deeper levels, offered when a target keeps under DEEP_TARGET of the model's cost. Pruning r of the
-# channels on both sides of a layer keeps (1 - r)^2 of it, so a target t needs r = 1 - sqrt(t) on
-# average (0.61 at t = 0.15) and the allocator needs levels well past that to spare the sensitive
-# groups: on the document-orientation classifier at macs=0.15, prune stopped at 0.75 (0.17x MACs)
-# and the rest came from Tucker ranks of 4 stacked on pruned layers (4 pages in 80 flipped), where
-# 0.875 on the wide late groups reaches 0.14x with every page kept. Under 0.3 (average r 0.45)
-# 0.75 leaves no such room; above it, a deeper level would only cost measurements.
-DEEP_LEVELS: dict[str, tuple[float, ...]] = {"prune": (0.875,)}
-DEEP_TARGET = 0.3
-
-
-def levels_for(technique: str, target_ratio: float | None = None) -> tuple[float, ...]:
-    """The levels measured for `technique` when the target keeps `target_ratio` (None: a budget only)."""
-    deep = target_ratio is not None and target_ratio < DEEP_TARGET
-    return LEVELS[technique] + (DEEP_LEVELS.get(technique, ()) if deep else ())
-
-
-ORDER = ("prune", "tucker", "svd", "cluster")  # how a plan is applied: structure first, codes last
-SAVES = {"prune": {"macs", "params", "size", "latency"}, "svd": {"macs", "params", "size", "latency"},
-         "tucker": {"macs", "params", "size", "latency"}, "cluster": {"size"}}
-DEFAULT_TECHNIQUES = ("prune", "svd", "tucker", "cluster")
-# Channel counts and ranks the allocator asks for are rounded up to onnxruntime's channel block on
-# the machine that compiles (unless the spec sets round_to to another value than the pass's
-# default): its blocked (NCHWc) convolutions run
-# only counts that are a multiple of it, 8 with AVX2 and 16 with AVX-512 (`runtime.channel_block`).
-# Measured here (AMD EPYC, AVX2; benchmarks/channel_block.py): in a 64->C->64 pointwise pair with a
-# depthwise conv between, every C that is not a multiple of 4 costs 1.2-1.9x the time of C = 64
-# and multiples of 8 are the fastest counts around them (C = 48: 0.8x); rounding to 16 there would
-# only take away levels.
+CACHE_VERSION = 4  # bump when what a measurement computes changes
 
 
 def round_to() -> int:
@@ -89,8 +52,9 @@ def round_to() -> int:
 @dataclass(frozen=True)
 class Candidate:
     technique: str
-    name: str  # group name (prune) or node name (svd, tucker, cluster)
+    name: str  # the technique's name for it (a channel group, a layer)
     levels: tuple[float, ...]
+    nodes: tuple[str, ...] = ()  # the nodes it reshapes
 
 
 @dataclass
@@ -133,31 +97,16 @@ class Table:
 Plan = dict[tuple[str, str], float]  # (technique, candidate name) -> level
 
 
-def technique_pass(techniques: dict[str, Pass], technique: str, levels: dict[str, float]) -> Pass:
-    """A copy of the user's pass for `technique`, restricted to `levels` (candidate -> level)."""
-    base = techniques[technique]
-    if technique == "prune":
-        return replace(base, _levels=dict(levels))
-    if technique in ("svd", "tucker"):
-        return replace(base, _levels=dict(levels))
-    raise ValueError(technique)
-
-
 def apply_plan(model: onnx.ModelProto, plan: Plan, techniques: dict[str, Pass], ctx: PassContext,
                input_shapes: dict | None = None) -> tuple[onnx.ModelProto, list]:
     """`model` with every candidate of `plan` rewritten at its level; returns (model, pass results)."""
     results = []
     current = model
-    for technique in ORDER:
+    for technique in by_plan_order(techniques):
         chosen = {name: level for (t, name), level in plan.items() if t == technique and level}
         if not chosen:
             continue
-        if technique == "cluster":
-            runs = [replace(techniques[technique], bits=int(bits), _layers={n for n, b in chosen.items() if b == bits})
-                    for bits in sorted(set(chosen.values()), reverse=True)]
-        else:
-            runs = [technique_pass(techniques, technique, chosen)]
-        for p in runs:
+        for p in techniques[technique].restricted(chosen):
             result = p.run(clone(current), ctx)
             results.append((technique, result))
             if result.modified:
@@ -168,7 +117,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, techniques: dict[str, Pass], 
 # ---- candidates ----------------------------------------------------------------------------------
 # A structural candidate (a channel group, a layer) whose nodes hold less than this fraction of the
 # model's MACs (or parameters) is not measured: it cannot move a target much, and measuring it
-# costs as much as measuring a large one (the layout detector has 20 such groups of 50).
+# costs as much as measuring a large one (detectors have many such small groups).
 MIN_SHARE = 0.01
 
 
@@ -182,7 +131,8 @@ def node_costs(model: onnx.ModelProto, cal, kind: str) -> dict[str, float]:
 def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, cal=None,
                target_ratio: float | None = None) -> list[Candidate]:
     """Every candidate of every technique that can save `kind` (macs, params, size, latency); for
-    all but size, those holding at least MIN_SHARE of the model's cost; at `levels_for` the target."""
+    all but size, those holding at least MIN_SHARE of the model's cost; at the levels each
+    technique offers for the target."""
     costs = node_costs(model, cal, kind) if kind != "size" else {}
     total = sum(costs.values())
 
@@ -190,41 +140,39 @@ def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, c
         return not total or sum(costs.get(n, 0.0) for n in set(nodes)) >= MIN_SHARE * total
 
     found = []
-    for technique in ORDER:
-        if technique not in techniques or kind not in SAVES[technique]:
-            continue
+    for technique in by_plan_order(techniques):
         p = techniques[technique]
-        levels = levels_for(technique, target_ratio)
-        if technique == "prune":
-            names = [g.name for g in p.candidates(clone(model)) if large(g.nodes)]
-        elif technique == "cluster":
-            names = [t.nodes[0].name for t in p.candidates(model)]
-        else:
-            names = [layer.name for layer in p.candidates(model, GraphView(model.graph))[0] if large([layer.name])]
-        found += [Candidate(technique, n, levels) for n in names]
+        if kind not in p.saves:
+            continue
+        levels = tuple(p.levels(target_ratio))
+        found += [Candidate(technique, c.name, levels, tuple(c.nodes)) for c in p.plan_candidates(model)
+                  if kind == "size" or large(c.nodes)]
     return found
 
 
+def default_techniques() -> list[Pass]:
+    """The techniques of a `--target` run that names none: every registered one planned by default."""
+    return [cls() for cls in available().values() if issubclass(cls, Technique) and cls.planned_by_default]
+
+
 def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
-    """The allocator's techniques: the user's configured passes (options kept), default all four."""
+    """The allocator's techniques, configured for planning: the user's passes (options kept), or
+    the default ones."""
+    from onnxc.compiler.recipe import parse_spec
+    from onnxc.errors import UsageError
+
     out: dict[str, Pass] = {}
-    for p in specs or DEFAULT_TECHNIQUES:
+    for p in specs or default_techniques():
         if isinstance(p, str):
-            from onnxc.compiler.recipe import parse_spec
-
             pass_id, options = parse_spec(p)
-            if pass_id in ("prune", "svd", "tucker"):
-                options.setdefault("round_to", str(round_to()))
-            p = create(pass_id, options)
-        if p.id not in LEVELS:
-            from onnxc.errors import UsageError
-
-            raise UsageError(f"--target allocates across {', '.join(LEVELS)}; '{p.id}' has no per-layer levels")
-        if p.id == "cluster" and p.packing == "auto":  # 5-7 bit codes in bytes would save nothing over 8 bits
-            p = replace(p, packing="tight")
-        if p.id in ("prune", "svd", "tucker") and p.round_to == type(p)().round_to:  # parsed specs: at the default
-            p = replace(p, round_to=round_to())
-        out[p.id] = p
+            p, explicit = create(pass_id, options), set(options)
+        else:
+            defaults = option_defaults(type(p))
+            explicit = {k for k, v in p.options().items() if k not in defaults or defaults[k] != v}
+        if not is_technique(p):
+            plannable = ", ".join(k for k, cls in available().items() if issubclass(cls, Technique))
+            raise UsageError(f"--target allocates across {plannable}; '{p.id}' has no per-layer levels")
+        out[p.id] = p.planned(explicit)
     return out
 
 
@@ -274,8 +222,8 @@ def first_sample(samples) -> dict[str, np.ndarray]:
 def latency_ratio(base: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict, runs: int = 30) -> float:
     """The candidate's onnxruntime time over the base's (one thread, interleaved runs), on the 10th
     percentiles: on a shared machine other processes lengthen some runs of both models, and the
-    fastest runs are the model's own time (as benchmarks/channel_block.py compares). Medians of
-    the same runs read the layout detector's plan at 0.985 while the benchmark read 0.909."""
+    fastest runs are the model's own time (as benchmarks/channel_block.py compares); medians of
+    the same runs carry the other processes' load into the ratio."""
     from onnxc.compiler.bench import bench
 
     timings = bench([base, candidate], feed, runs=runs, warmup=3, threads=1)

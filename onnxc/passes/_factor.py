@@ -22,6 +22,7 @@ from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any
+from onnxc.compiler.technique import Candidate, Technique
 from onnxc.passes import _whiten
 from onnxc.passes._rank import RankRule, validate_rule
 
@@ -60,9 +61,14 @@ class Fitted:
     aug: tuple[np.ndarray, np.ndarray] | None = None  # the layer's [W b] and the rewrite's, for held-out errors
 
 
+# Levels offered to the allocator: the fraction of a layer's MACs kept, mildest first.
+LEVELS = (0.5, 0.25, 0.125)
+
+
 @dataclass
-class FactorPass(Pass):
-    """Options and the run loop common to svd, tucker and cp; subclasses define the layer logic."""
+class FactorPass(Pass, Technique):
+    """Options and the run loop common to svd, tucker and cp; subclasses define the layer logic.
+    Each candidate of the allocator is one layer; its levels are MAC ratios (`ratio` per layer)."""
 
     uses_calibration = True
     default_error_limits: ClassVar[dict[str, float]] = {}  # max_layer_error when unset, by error kind
@@ -256,6 +262,20 @@ class FactorPass(Pass):
             else:
                 layers.append(found)
         return layers, skipped
+
+    # ---- the Technique protocol ----------------------------------------------------------------
+    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+        return [Candidate(layer.name, (layer.name,)) for layer in self.candidates(model, GraphView(model.graph))[0]]
+
+    def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
+        return LEVELS
+
+    def restricted(self, levels) -> list[Pass]:
+        return [dataclasses.replace(self, _levels=dict(levels))]
+
+    def planned(self, explicit) -> FactorPass:
+        """Ranks at a multiple of the machine's channel block (unless round_to was set)."""
+        return self if "round_to" in explicit else dataclasses.replace(self, round_to=runtime.channel_multiple())
 
     def moments(self, model: onnx.ModelProto, layers: list[Layer], ctx: PassContext,
                 data=None) -> dict[str, _whiten.Moments]:

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -81,6 +81,7 @@ from onnxc.compiler.graph import GraphView, attr
 from onnxc.compiler.model import clone, tensor_bytes
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
 from onnxc.compiler.samples import Samples
+from onnxc.compiler.technique import Candidate, Technique
 from onnxc.errors import UsageError
 from onnxc.passes import _codes
 from onnxc.passes._kmeans1d import INITS, kmeans1d
@@ -99,10 +100,18 @@ class _Target:
     channel_axis: int  # axis of W holding output channels (rows of per-channel codebooks)
 
 
+# Levels offered to the allocator: code bits, mildest first.
+LEVELS = (8, 6, 4)
+
+
 @register
 @dataclass
-class ClusterPass(Pass):
+class ClusterPass(Pass, Technique):
     id = "cluster"
+    plan_order = 90  # storage: after every structural rewrite
+    saves = frozenset({"size"})  # onnxruntime decodes the codes to a dense weight at session start
+    reshapes = False  # codes of whatever weight the layer has by then
+    planned_by_default = True
     summary = "k-means weight sharing: per-layer codebooks and 1-8 bit codes stored compactly"
     uses_calibration = True
     option_help = {
@@ -138,8 +147,24 @@ class ClusterPass(Pass):
     _layers: set[str] | None = None
 
     def candidates(self, model: onnx.ModelProto) -> list[_Target]:
-        """The weights this pass may cluster in `model` (what the allocator offers levels for)."""
+        """The weights this pass may cluster in `model`."""
         return self._targets(GraphView(model.graph))[0]
+
+    # ---- the Technique protocol ----------------------------------------------------------------
+    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+        return [Candidate(t.nodes[0].name, tuple(n.name for n in t.nodes)) for t in self.candidates(model)]
+
+    def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
+        return LEVELS
+
+    def restricted(self, levels) -> list[Pass]:
+        """One run per code width, widest first, each over the layers planned at it."""
+        return [replace(self, bits=int(bits), _layers={n for n, b in levels.items() if b == bits})
+                for bits in sorted(set(levels.values()), reverse=True)]
+
+    def planned(self, explicit) -> ClusterPass:
+        """5-7 bit codes stored at their width: in whole bytes they would save nothing over 8 bits."""
+        return replace(self, packing="tight") if self.packing == "auto" else self
 
     def validate(self) -> None:
         if not 1 <= self.bits <= 8:

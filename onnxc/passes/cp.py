@@ -76,6 +76,7 @@ DEGENERATE = 10.0  # root-sum-square of component norms / weight norm above this
 @dataclass
 class CpPass(FactorPass):
     id = "cp"
+    plan_order = 15
     summary = "CP of Conv weights: 1x1, depthwise kx1, depthwise 1xk, 1x1 (Lebedev et al.)"
     option_help = {**FactorPass.common_help,
                    "max_layer_error": "drop a layer whose local relative error exceeds this (default 0.5 "

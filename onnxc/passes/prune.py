@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -29,16 +29,29 @@ from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr, set_attr
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any, register
+from onnxc.compiler.technique import Candidate, Technique
 from onnxc.errors import UsageError
 from onnxc.passes import _importance as imp
 from onnxc.passes import _reconstruct as rec
 from onnxc.passes.channel_groups import ELEMENTWISE, Analysis, ChannelGroup, analyze
 
+# Levels offered to the allocator: the fraction of a group's channels removed, mildest first.
+LEVELS = (0.25, 0.5, 0.75)
+# Deeper levels, offered when a target keeps under DEEP_TARGET of the model's cost. Pruning r of the
+# channels on both sides of a layer keeps (1 - r)^2 of it, so a target t needs r = 1 - sqrt(t) on
+# average (0.61 at t = 0.15), and the allocator needs levels well past that to spare the sensitive
+# groups; above it, a deeper level would only cost measurements.
+DEEP_LEVELS = (0.875,)
+DEEP_TARGET = 0.3
+
 
 @register
 @dataclass
-class PrunePass(Pass):
+class PrunePass(Pass, Technique):
     id = "prune"
+    plan_order = 0
+    composes = True  # channel groups share the layers between them; what each keeps multiplies
+    planned_by_default = True
     summary = "remove whole channels (groups through residuals, concats, splits) and refit the next layers"
     uses_calibration = True
     option_help = {
@@ -73,10 +86,33 @@ class PrunePass(Pass):
     _levels: dict[str, float] | None = None
 
     def candidates(self, model: onnx.ModelProto) -> list[ChannelGroup]:
-        """The groups this pass may prune in `model` (what the allocator offers levels for)."""
+        """The groups this pass may prune in `model` (names its unnamed nodes in place)."""
         _name_nodes(model)
         return [g for g in analyze(model).prunable()
                 if g.n_units >= 2 and not any(matches_any(n, self.exclude) for n in g.nodes)]
+
+    # ---- the Technique protocol ----------------------------------------------------------------
+    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+        return [Candidate(g.name, tuple(dict.fromkeys(g.nodes))) for g in self.candidates(clone(model))]
+
+    def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
+        deep = target_ratio is not None and target_ratio < DEEP_TARGET
+        return LEVELS + (DEEP_LEVELS if deep else ())
+
+    def restricted(self, levels) -> list[Pass]:
+        return [replace(self, _levels=dict(levels))]
+
+    def probe(self) -> PrunePass:
+        """Refit only the direct consumers, on the original model's activations, and rank channels
+        by ThiNet instead of the greedy least-squares search: many times faster per candidate, and
+        the final plan runs with the user's settings and is verified."""
+        return replace(self, recapture=False, downstream=False, samples=min(self.samples, 2048),
+                       criterion="thinet" if self.criterion == "lsq" else self.criterion)
+
+    def planned(self, explicit) -> PrunePass:
+        """Kept counts at a multiple of the machine's channel block (unless round_to was set), so the
+        saving the allocator plans on is time the runtime saves."""
+        return self if "round_to" in explicit else replace(self, round_to=runtime.channel_multiple())
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:

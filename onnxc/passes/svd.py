@@ -27,6 +27,8 @@ from onnxc.passes._rank import choose_ranks
 @dataclass
 class SvdPass(FactorPass):
     id = "svd"
+    plan_order = 20
+    planned_by_default = True
     summary = "low-rank SVD of Gemm/MatMul weights (two thin layers), fitted to the layer's inputs"
     option_help = FactorPass.common_help
 

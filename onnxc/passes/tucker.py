@@ -38,6 +38,8 @@ from onnxc.passes._rank import choose_ranks
 @dataclass
 class TuckerPass(FactorPass):
     id = "tucker"
+    plan_order = 10
+    planned_by_default = True
     summary = "Tucker-2 of Conv weights: 1x1, small kxk core, 1x1 (fitted to the layer's inputs)"
     option_help = {**FactorPass.common_help, "n_iter_max": "Tucker (HOOI) iterations at most"}
 

@@ -1,0 +1,88 @@
+"""The Technique protocol: all the sensitivity sweep and the allocator know of a technique.
+
+The allocator picks one level per candidate across techniques to meet a target with the least
+error. It must not know any technique by name, or every new technique costs edits in the
+compiler and options of one pass end up set from another module. So a plannable pass answers,
+in its own module:
+
+- `plan_candidates(model)`: what it could rewrite, each a name and the nodes it reshapes, found
+  without touching the model it is given (the allocator keeps using that model);
+- `levels(target_ratio)`: the levels it offers, mildest first, for a target that keeps that
+  fraction of the model's cost (None: a budget alone);
+- `saves`: the target kinds a level can save (macs, params, size, latency); what a level
+  saves is measured by applying it (`probe`), so rounding and layers it declines are in it;
+- `restricted(levels)`: the passes that rewrite exactly the chosen candidate-levels, in order;
+- `probe()`: the pass as the sweep measures one candidate-level alone (it may trade some
+  accuracy for speed there; the final plan runs `restricted` and is verified);
+- `planned(explicit)`: the pass as the allocator uses it, given which options the user set.
+
+How a technique combines with others on one node is declared, not special-cased:
+
+- `reshapes`: it changes the structure of the nodes it touches (channels, factors, blocks). One
+  node is reshaped by one such technique: a level measured on the original layer means
+  something else on a layer another technique already reshaped.
+- `composes`: several of its own candidates may share a node, and what each keeps multiplies
+  there (two channel groups around a conv).
+- `plan_order`: where its rewrites run in a plan (structure first, storage and precision last).
+- `planned_by_default`: part of a `--target` run when the user names no technique.
+
+A new technique is one module in `onnxc/passes/`: a registered pass that also subclasses
+`Technique`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx
+
+KINDS = frozenset({"macs", "params", "size", "latency"})
+STRUCTURE = KINDS  # a technique that removes computation saves every kind
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing a technique can rewrite: its name in plans and reports, and the nodes whose
+    structure or storage the rewrite changes (for combining savings and resolving conflicts)."""
+
+    name: str
+    nodes: tuple[str, ...]
+
+
+class Technique:
+    """Mixin for passes the allocator can plan (see the module docstring)."""
+
+    plan_order: ClassVar[int] = 50
+    saves: ClassVar[frozenset[str]] = STRUCTURE
+    reshapes: ClassVar[bool] = True
+    composes: ClassVar[bool] = False
+    planned_by_default: ClassVar[bool] = False
+
+    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:  # pragma: no cover
+        raise NotImplementedError
+
+    def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:  # pragma: no cover
+        raise NotImplementedError
+
+    def restricted(self, levels: Mapping[str, float]) -> list:  # pragma: no cover
+        """Passes that rewrite exactly the candidates in `levels` (name -> level), in order."""
+        raise NotImplementedError
+
+    def probe(self):
+        """The pass as the sensitivity sweep runs it for one candidate-level alone."""
+        return self
+
+    def planned(self, explicit: Collection[str]):
+        """The pass as the allocator uses it; `explicit`: the options the user set."""
+        return self
+
+
+def is_technique(p: object) -> bool:
+    return isinstance(p, Technique)
+
+
+def by_plan_order(techniques: Mapping[str, Technique]) -> list[str]:
+    """Technique ids in the order a plan applies them."""
+    return sorted(techniques, key=lambda t: (techniques[t].plan_order, t))
