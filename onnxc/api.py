@@ -99,6 +99,10 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     allocating = goal is not None or (max_error is not None and not pass_list)
     if plot is not None and not allocating:
         raise UsageError("--plot needs --target (or --max-error without passes): it draws the sensitivity table")
+    if plot is not None:
+        from onnxc.compiler.plot import check as check_plot
+
+        check_plot(plot)
     seed = seed if seed is not None else (recipe_seed if recipe_seed is not None else 0)
     budget, budget_source = _budget(max_error, preset_budget, preset, recipe)
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
@@ -235,6 +239,7 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
     `progress(phase, done, total)` follows int8 calibration, sensitivity and exclusion, the
     compile and the verification.
     """
+    calib.calibration_data.check_preprocess(calibration, preprocess)
     original = load(model)
     shapes = dict(input_shapes or {})
     canonical = canonicalize(original, shapes)
@@ -255,6 +260,7 @@ def compare(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | 
             input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
             metric: Metric | str | None = None) -> Fidelity:
     """Fidelity of `candidate` against `reference` on calibration (or random) inputs."""
+    calib.calibration_data.check_preprocess(calibration, preprocess)
     metric = load_metric(metric) if isinstance(metric, str) else metric
     a, b = load(reference), load(candidate)
     if calibration is not None:

@@ -16,11 +16,21 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from onnxc.errors import OnnxcError, UsageError
 
-stderr = Console(stderr=True)
-stdout = Console()
+# Everything the CLI prints is literal: node names (`/model.22/cv2.0/m[cv2]`), paths and extras
+# (`onnxc[plot]`) carry brackets that rich would otherwise read as markup and drop (styling is
+# given as `Text` styles instead, see `_error`), and a line is never broken inside a path
+# (soft wrap: the terminal wraps it, copying it gives it whole). Tables still fit the width.
+stderr = Console(stderr=True, markup=False, soft_wrap=True)
+stdout = Console(markup=False, soft_wrap=True)
+
+
+def _error(prefix: str, message: str) -> None:
+    """One error line on stderr: a red prefix ("error:", "internal error:") and the literal message."""
+    stderr.print(Text.assemble((prefix, "red"), " ", message), highlight=False)
 
 
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
@@ -55,7 +65,7 @@ def command(fn):
         try:
             return fn(*args, quiet=quiet, **kwargs)
         except OnnxcError as exc:
-            stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _error("error:", str(exc))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             stderr.print("interrupted")
@@ -64,11 +74,7 @@ def command(fn):
             if verbose > 1:
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            stderr.print(
-                f"[red]internal error:[/red] {type(exc).__name__}: {first} (run with -vv for details)",
-                highlight=False,
-                soft_wrap=True,
-            )
+            _error("internal error:", f"{type(exc).__name__}: {first} (run with -vv for details)")
             sys.exit(1)
 
     return wrapper
@@ -85,7 +91,7 @@ class _ProgressReporter:
 
     def __init__(self, enabled: bool):
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("elapsed"),
@@ -94,7 +100,9 @@ class _ProgressReporter:
             TimeRemainingColumn(),
             console=stderr,
             transient=True,
-            disable=not enabled,
+            # Off where stderr is no terminal: a transient bar shows nothing there, and rich would
+            # end it with a blank line before the summary or the one-line error.
+            disable=not enabled or not stderr.is_interactive,
         )
         self.tasks: dict[str, int] = {}
         self.last: dict[str, tuple[int, int]] = {}
@@ -130,13 +138,13 @@ def main(args: list[str] | None = None, prog_name: str = "onnxc") -> None:
         rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.UsageError as exc:
         hint = f" (see 'onnxc {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
-        stderr.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        _error("error:", f"{exc.format_message()}{hint}")
         sys.exit(2)
     except click.exceptions.Abort:
         stderr.print("aborted")
         sys.exit(1)
     except click.exceptions.ClickException as exc:
-        stderr.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        _error("error:", exc.format_message())
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -390,11 +398,10 @@ def inspect(model, as_json, input_shapes, show_all, quiet):
                   f"{t['bytes']:,}")
     stdout.print(table)
     if cost.input_shapes:
-        stdout.print(f"input shapes: {format_shapes(cost.input_shapes)} ({cost.shapes_origin})", highlight=False,
-                     soft_wrap=True)
+        stdout.print(f"input shapes: {format_shapes(cost.input_shapes)} ({cost.shapes_origin})", highlight=False)
     if unknown:
         stdout.print(f"?: MACs counted with unknown dims taken as 1 ({', '.join(unknown)}); "
-                     "pass --input-shape to fix them", highlight=False, soft_wrap=True)
+                     "pass --input-shape to fix them", highlight=False)
     frozen = sum(1 for g in groups if g["frozen"])
     stdout.print(f"prunable channel groups: {len(groups) - frozen} ({frozen} frozen)")
 
@@ -458,6 +465,7 @@ def bench(models, calibration, preprocess, input_shapes, batch, runs, warmup, th
     from onnxc.compiler.model import load
 
     shapes = _parse_shapes(input_shapes)
+    calib.calibration_data.check_preprocess(calibration, preprocess)
     # .ort files cannot be read as ONNX: they are timed from their path, inputs come from an .onnx.
     loaded = [_input_file(m) if str(m).lower().endswith(".ort") else load(m) for m in models]
     spec = next((m for m in loaded if not isinstance(m, str)), None)
@@ -514,11 +522,9 @@ def list_passes(as_json, quiet):
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     for row in rows:
-        stdout.print(f"[bold]{row['id']}[/bold]  {row['summary']}", highlight=False, soft_wrap=True)
+        stdout.print(Text.assemble((row["id"], "bold"), "  ", row["summary"]), highlight=False)
         for o in row["options"]:
-            stdout.print(
-                f"    {o['name']} ({o['type']}, default {o['default']!r})  {o['help']}", highlight=False, soft_wrap=True
-            )
+            stdout.print(f"    {o['name']} ({o['type']}, default {o['default']!r})  {o['help']}", highlight=False)
     if not rows:
         stdout.print("no passes registered")
 

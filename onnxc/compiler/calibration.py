@@ -88,6 +88,7 @@ def make_calibration(model: onnx.ModelProto, source: Source | None = None, *, se
     split off a held-out validation part."""
     if isinstance(source, Calibration):
         return source
+    calibration_data.check_preprocess(source, preprocess)
     if source is not None:
         samples, label = calibration_data.load(source, model, preprocess)
     else:

@@ -25,7 +25,7 @@ from onnx import helper
 
 from onnxc.compiler import preprocess as prep
 from onnxc.compiler.samples import Samples
-from onnxc.errors import OnnxcError
+from onnxc.errors import OnnxcError, UsageError
 
 Source = str | os.PathLike | Samples | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
 
@@ -54,6 +54,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def load(source: Source, model: onnx.ModelProto, preprocess: str | None = None) -> tuple[Samples, str]:
     """Read `source` into checked `Samples`; returns them with a label for reports."""
+    check_preprocess(source, preprocess)
     specs = input_specs(model)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -79,6 +80,25 @@ def load(source: Source, model: onnx.ModelProto, preprocess: str | None = None) 
             raise OnnxcError(f"calibration must be a path, a mapping of arrays or an iterable of feed dicts, "
                              f"got {type(source).__name__}") from None
     return check(samples, specs, label), label
+
+
+def check_preprocess(source: Source | None, preprocess: str | None) -> None:
+    """A `--preprocess` spec is checked (unknown keys name the valid ones) and refused where it
+    cannot apply: it reads images, so with random inputs, arrays or `.npy`/`.npz` files it would
+    be silently ignored, and a user who gave it believes it did something."""
+    if not preprocess:
+        return
+    prep.parse(preprocess)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir() or not path.exists() or path.suffix.lower() in prep.IMAGE_SUFFIXES:
+            return  # a folder is judged by what it holds (_load_folder); a missing path is load's error
+        what = f"{path} is a {path.suffix or 'suffixless'} file"
+    elif source is None:
+        what = "there is no --calibration (inputs are drawn at random)"
+    else:
+        what = f"the calibration data are {type(source).__name__} arrays, not images"
+    raise UsageError(f"--preprocess applies only to image calibration (a folder of images); {what}")
 
 
 def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
@@ -152,7 +172,8 @@ def _load_folder(folder: Path, specs: Sequence[InputSpec], preprocess: str | Non
     if kind == "image":
         return _load_images(files, specs, preprocess)
     if preprocess:
-        raise OnnxcError(f"{folder}: --preprocess applies to image folders, this one holds {kind} files")
+        raise UsageError(f"--preprocess applies only to image calibration (a folder of images); "
+                         f"{folder} holds {kind} files")
     read = _npy_feed if kind == "npy" else _npz_feed
     return Samples.from_feeds(check(Samples([read(p, specs)]), specs, str(p)).groups[0] for p in files)
 

@@ -16,20 +16,27 @@ import numpy as np
 from onnxc.errors import UsageError
 
 
+def check(path: str | os.PathLike) -> None:
+    """Refuse a `--plot` that cannot be drawn (suffix, matplotlib missing) before the allocation
+    runs, not after the minutes it takes."""
+    if Path(path).suffix.lower() not in (".png", ".svg"):
+        raise UsageError(f"--plot writes .png or .svg, got '{Path(path).name}'")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'onnxc[plot]'") from None
+
+
 def plot_allocation(alloc, path: str | os.PathLike) -> None:
     """Write the figure to `path` (.png or .svg)."""
     from onnxc.compiler.allocation import ordered_steps, saving_of
 
+    check(path)
     path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg"):
-        raise UsageError(f"--plot writes .png or .svg, got '{path.name}'")
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'onnxc[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     kind = alloc.target.kind if alloc.target else "macs"
     kind = "macs" if kind == "latency" else kind  # planned on MACs; the rounds show measured latency
     base = alloc.table.base.get("bytes" if kind == "size" else kind) or 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from onnxc.compiler.cost import ModelCost
 from onnxc.compiler.model import set_default_mode
@@ -123,7 +124,11 @@ def _ratio(a: float, b: float) -> str:
 
 
 def render(report: Report, console: Console) -> None:
-    """A short summary: totals before/after, one line per pass, fidelity."""
+    """A short summary: totals before/after, one line per pass, fidelity.
+
+    Give a console with `markup=False` (as the CLI's): node names, pass specs and notes are
+    printed as they are, and rich markup would swallow what they hold in square brackets.
+    """
     table = Table(title="onnxc optimize", show_edge=False)
     table.add_column("")
     table.add_column("before", justify="right")
@@ -191,13 +196,13 @@ def render_allocation(alloc: dict, console: Console) -> None:
     for col in ("technique", "candidate", "held-out error alone at each level (in-sample)", "chosen"):
         table.add_column(col, overflow="fold")
     for (technique, name), ms in rows.items():
-        cells = []
-        for m in ms:
+        cells = Text()
+        for i, m in enumerate(ms):
             fit = f" ({m['fit_error']:.2g})" if m.get("fit_error") is not None else ""
             text = f"{m['level']:g}: {m['error']:.3g}{fit}" if m["applied"] else f"{m['level']:g}: -"
-            cells.append(f"[bold]{text}[/bold]" if m["chosen"] else text)
+            cells.append(("  " if i else "") + text, style="bold" if m["chosen"] else None)
         chosen = next((f"{m['level']:g}" for m in ms if m["chosen"]), "-")
-        table.add_row(technique, name, "  ".join(cells), chosen)
+        table.add_row(technique, name, cells, chosen)
     console.print(table)
     real = alloc.get("realization")
     if real and real.get("efficiency") is not None:

@@ -129,8 +129,8 @@ class ClusterPass(Pass, Technique):
         "max_iter": "Lloyd iterations per codebook",
         "bias_correction": "fold the mean output shift dW*E(x) into the bias (calibration data only)",
         "recapture": "with bias_correction, correct layer by layer from the clustered model's own activations "
-                     "to the original layer outputs (slower; off: on ppocr_rec at 4 bits it read 0% of lines "
-                     "where the one-shot correction reads 59%, not understood yet)",
+                     "to the original layer outputs instead of once from the original's (slower; experimental, "
+                     "so off: compare it with the default on held-out data before relying on it)",
     }
     bits: int = 8
     per_channel: bool = False
