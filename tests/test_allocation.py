@@ -387,3 +387,38 @@ def test_layout_score_error_reads_what_the_decoder_reads():
     assert layout_pages.score_error(ref, scores + moved) == 0.0
     moved[0][0, 5] *= 1.5
     assert layout_pages.score_error(ref, scores + moved) == pytest.approx(0.5)
+
+
+# ---- the Technique protocol ----------------------------------------------------------------------
+def test_a_technique_in_one_file_is_planned(cache):
+    """A toy technique defined in one test module (tests/toy_technique.py) is measured, chosen and
+    applied by the allocator with no change to onnxc: the compiler knows techniques only through
+    the protocol."""
+    from toy_technique import ToyRankPass
+
+    result = optimize(sample_path("mlp"), calibration=CALIBRATION, passes=[ToyRankPass()], target="macs=0.6",
+                      cache_dir=cache)
+    alloc = result.report.allocation
+    rows = alloc["sensitivity"]["measurements"]
+    # two levels of the two large Gemms (the 10-class head holds under 1% of the MACs: not measured)
+    assert {r["technique"] for r in rows} == {"toy_rank"} and len(rows) == 2 * 2
+    assert alloc["met"] and all(k.startswith("toy_rank:") for k in alloc["chosen"])
+    assert result.report.after["macs"] <= 0.61 * result.report.before["macs"]
+    assert any(n.name.endswith("/toy_1") for n in result.model.graph.node)
+    assert result.report.fidelity["error"] <= alloc["budget"]
+
+
+def test_candidates_leave_the_model_untouched():
+    """Every built-in technique finds its candidates without renaming or editing the model."""
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.model import load
+
+    model = canonicalize(load(sample_path("resnet")))
+    for node in model.graph.node:
+        node.name = ""  # prune names unnamed nodes: it must do so on its own copy
+    before = model.SerializeToString(deterministic=True)
+    techniques = sensitivity.make_techniques(["prune", "svd", "tucker", "cp", "cluster"])
+    found = sensitivity.candidates(model, techniques, "size")
+    assert {c.technique for c in found} >= {"prune", "tucker", "cluster"}
+    assert all(c.nodes for c in found)
+    assert model.SerializeToString(deterministic=True) == before
