@@ -153,8 +153,8 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 class CaptureSession:
     """A session over a model whose outputs are intermediate tensors, at onnxruntime's full
-    optimization level (its NCHWc kernels run captures 1.5x faster than ORT_ENABLE_EXTENDED on
-    ppocr_rec's convs) unless that fails: onnxruntime 1.32's NCHWc layout pass was once seen to
+    optimization level (its NCHWc kernels run convolution-heavy captures faster than
+    ORT_ENABLE_EXTENDED) unless that fails: onnxruntime's NCHWc layout pass was once seen to
     fuse a Conv into the Add after it although the Conv's output was requested (channel counts
     not a multiple of 8), and the session then failed to find that output. Then it falls back
     to ORT_ENABLE_EXTENDED, which captures never need more than, for good."""

@@ -2,8 +2,8 @@
 
 Layer-by-layer refits (prune's recapture, factorization and circulant fits) capture the inputs
 of wave after wave of layers, each time from a model rewritten upstream of them. Run from the
-graph inputs every time, a chain of N waves costs N/2 passes over the model (ppocr_rec's 35
-prune waves: 135 s of onnxruntime where one pass takes 3). A `Resumable` keeps, for every
+graph inputs every time, a chain of N waves costs N/2 passes over the model
+(`benchmarks/compile_time.py` shows what that is on a deep model). A `Resumable` keeps, for every
 calibration batch, the tensors on the frontier of what it has computed (the tensors computed so
 far that a node not yet computed reads) and runs only the nodes between that frontier and the
 tensors asked for next: the whole sequence of waves costs about one pass.

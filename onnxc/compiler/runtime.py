@@ -38,8 +38,7 @@ def single_threaded_blas():
     """One BLAS thread for the compiler's own numpy work (a context manager).
 
     The matrices of a fit are small to medium: multi-threaded OpenBLAS mostly spins, and on a
-    shared machine it can be ~50x slower (an SVD of 128 x 1152 took 1.4 s with 2 busy cores
-    instead of 20 ms; ppocr_rec's prune: 101 s -> 63 s with another job on the machine). One
+    shared machine, where its threads wait for busy cores, far slower than one thread. One
     thread also makes the results independent of the machine's core count (OpenBLAS splits
     reductions by thread). The cores go to onnxruntime, whose captures overlap the fits
     (`prefetch`), and to `--jobs`."""
@@ -101,8 +100,7 @@ def session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | N
 
     `spinning`: onnxruntime's pool threads busy-wait between parallel sections by default. The
     compiler's sessions run beside its own numpy work (captures are prefetched while the fits
-    run), where spinning threads only take the core the fits need (ppocr_rec's prune: 49 s of
-    CPU and 32.6 s with it, 39 s and 27 s without); latency benchmarks turn it back on, as
+    run), where spinning threads only take the core the fits need; latency benchmarks turn it back on, as
     deployments run."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization

@@ -195,7 +195,7 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     applied = any(r.modified for _, r in results)
     if not applied:
         return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
-    sess = runtime.session(rewritten)  # one session for both splits (building one costs ~15% of a task)
+    sess = runtime.session(rewritten)  # one session for both splits (building one is a sizeable part of a task)
     error = _error(compare_outputs(Samples(reference), runtime.run(sess, cal.validation), metric))
     fitted = in_sample(cal.train, cal.validation)
     fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))

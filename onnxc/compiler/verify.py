@@ -128,11 +128,10 @@ def logit_sums(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     """(|z_ref - z_got|^2, |z_ref|^2) of the centered log-probabilities.
 
     Why probabilities are judged as logits: a confident softmax saturates, so its output barely
-    moves while the margin between the top class and the next shrinks, until a page flips. On the
-    document-orientation classifier (top probability 0.91-0.97) one factorized layer moves the
-    held-out probabilities by 0.05 (relative L2) and their logits by 0.16, and flips one page in
-    80 of another set; and errors of rewrites that combine add up in the logits (a linear
-    perturbation), not in the saturated probabilities. A classifier exported with logits is
+    moves while the margin between the top class and the next shrinks, until a prediction flips:
+    a rewrite can move confident probabilities by a third of what it moves their logits; and
+    errors of rewrites that combine add up in the logits (a linear perturbation), not in the
+    saturated probabilities. A classifier exported with logits is
     judged on them already; one exported with its softmax is now judged the same way.
     """
     zr, zg = centered_logits(ref), centered_logits(got)
