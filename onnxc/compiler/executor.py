@@ -107,10 +107,10 @@ def _run_task(fn: Callable, item: Any, kwargs: dict) -> tuple[bool, Any]:
 # algorithm by the size of the session's thread pool (ReduceSum takes its KRK fast path only when
 # the batch is at least the thread count, its RK one only past 256 x the thread count), so a
 # count that followed the worker count would change results once the thread count exceeds the
-# batch (`benchmarks/executor.py --threads` shows by how much, per model). BLAS is held to the same count for the same reason. Parallelism is
-# therefore across tasks (`--jobs N` runs N at once), the only kind that scales with cores anyway:
-# a task is a small model run or one layer's fit. The compiler's own work outside tasks
-# (capture, verification) keeps every core.
+# batch (`benchmarks/executor.py --threads` shows by how much, per model). BLAS is held to the
+# same count for the same reason. Parallelism is therefore across tasks (`--jobs N` runs N at
+# once), the only kind that scales with cores anyway: a task is a small model run or one layer's
+# fit. The compiler's own work outside tasks (capture, verification) keeps every core.
 TASK_THREADS = 1
 
 
