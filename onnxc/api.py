@@ -124,8 +124,9 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     canon_fid = compare_outputs(ref_out, runtime.run(canonical, cal.validation), metric)
     report.canonical_fidelity = canon_fid.to_dict()
     if allocating:
+        int8_backend = backend == "onnxruntime" or (backend == "c" and bool(export_options and export_options.int8))
         result, fidelity, budget = _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report,
-                                             cache_dir, plot)
+                                             cache_dir, plot, int8_backend=int8_backend, exact=backend == "c")
     else:
         manager = PassManager(pass_list, ctx, input_shapes=shapes)
         result, records = manager.run(canonical, reference_outputs=ref_out)
@@ -158,6 +159,10 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
             opts = export_options or ExportOptions()
             opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or given,
                            seed=seed, progress=ctx.progress)
+            if planned_int8(result) and not planned_int8(canonical):  # the plan chose what runs in int8
+                opts = replace(opts, int8=None)
+                report.notes.append("int8 chosen per layer by the passes (verified within the budget): the "
+                                    "backend lowers the model as it is, float layers stay float")
             report.backend = backend_export(backend, result, out, opts)
         else:
             save(result, out)
@@ -189,13 +194,21 @@ def _noise_budget(report: Report, budget: float, error: float) -> float:
     return budget
 
 
-def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, cache_dir, plot):
-    """The allocation mode of `optimize`: (model, fidelity, budget) and the report filled in."""
+def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, cache_dir, plot, *,
+              int8_backend: bool = False, exact: bool = False):
+    """The allocation mode of `optimize`: (model, fidelity, budget) and the report filled in.
+
+    Without passes, the techniques are the default ones, plus int8 where the backend runs it
+    (onnxruntime; C with --int8). For the C backend, int8 weights keep all 8 bits: its kernels
+    sum in int32 and cannot saturate as onnxruntime's x86 kernels without VNNI do."""
     from onnxc.compiler import allocation
     from onnxc.compiler.passes import PassRecord
-    from onnxc.compiler.sensitivity import make_techniques
+    from onnxc.compiler.sensitivity import default_techniques, make_techniques
 
-    techniques = make_techniques(pass_list or None)
+    specs = list(pass_list) if pass_list else default_techniques() + (["int8"] if int8_backend else [])
+    techniques = make_techniques(specs)
+    if exact and "int8" in techniques and techniques["int8"].reduce_range == "auto":
+        techniques["int8"] = replace(techniques["int8"], reduce_range="off")
     source = report.budget_source
     asked = None if source == "default" else (math.inf if budget is None else budget)  # None: the default
     alloc = allocation.allocate(canonical, techniques, ctx, goal, asked, input_shapes=shapes,
@@ -217,6 +230,11 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
 
         plot_allocation(alloc, plot)
     return alloc.model, alloc.fidelity, report.max_error
+
+
+def planned_int8(model: onnx.ModelProto) -> bool:
+    """Whether `model` already holds quantized layers (QuantizeLinear/DequantizeLinear pairs)."""
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
 def _size_on_disk(path: Path) -> int:

@@ -15,7 +15,7 @@ breaks the budget with the others is skipped (one candidate's level at a time, n
 technique). A plan that meets the target with room to spare gives back the top levels the
 target does not need, costliest error first (`trimmed`; verified, kept only if better): the
 search verifies prefixes, and a prefix ends with a whole step. One node is reshaped by one
-technique that reshapes it (`one_technique_per_node`): a factorization's error was measured on
+technique per slot (`one_technique_per_node`): a factorization's error was measured on
 the unpruned layer, at ranks that mean something else on a pruned one. Techniques are known only
 through `technique.Technique`; none is named here.
 """
@@ -118,13 +118,23 @@ class Allocation:
     costs: CostModel | None = None  # how the predicted savings were combined (macs, params, latency)
     steps: list[Step] = field(default_factory=list)  # the steps searched over, in order (after conflicts)
 
+    def untouched(self) -> dict[str, list[str]]:
+        """Per technique, the measured candidates the plan leaves as they were (layers kept float,
+        groups kept whole), so a report says what each technique did not touch and the table why."""
+        out: dict[str, list[str]] = {}
+        for m in self.table.measurements:
+            if (m.technique, m.name) not in self.plan and m.name not in out.setdefault(m.technique, []):
+                out[m.technique].append(m.name)
+        return out
+
     def to_dict(self) -> dict:
         chosen = {f"{t}:{n}": level for (t, n), level in sorted(self.plan.items())}
         rows = [{**asdict(m), "chosen": self.plan.get((m.technique, m.name)) == m.level}
                 for m in self.table.measurements]
         return {"target": str(self.target) if self.target else None, "budget": self.budget,
                 "budget_source": self.budget_source, "achieved": self.achieved, "met": self.met,
-                "chosen": chosen, "rounds": [asdict(r) for r in self.rounds], "realization": self.realization,
+                "chosen": chosen, "untouched": self.untouched(), "rounds": [asdict(r) for r in self.rounds],
+                "realization": self.realization,
                 "sensitivity": {**{k: v for k, v in self.table.to_dict().items() if k != "measurements"},
                                 "measurements": rows}}
 
@@ -148,8 +158,11 @@ def hull_steps(points: list[tuple[float, float, float]], technique: str, name: s
 
 
 def saving_of(row_saving: dict, kind: str) -> float:
-    """What a measurement saves of `kind`; latency is planned on MACs (see `sensitivity`)."""
-    return float(row_saving.get({"size": "bytes", "latency": "macs"}.get(kind, kind), 0) or 0)
+    """What a measurement saves of `kind`; latency is planned in MACs at the original layers'
+    speed (`Technique.latency_saving`; rows without it: the MACs removed)."""
+    if kind == "latency":
+        return float(row_saving.get("latency", row_saving.get("macs", 0)) or 0)
+    return float(row_saving.get("bytes" if kind == "size" else kind, 0) or 0)
 
 
 def one_technique_per_node(steps: list[Step], nodes_of: dict[tuple[str, str], list[str]], slope: float,
@@ -159,8 +172,8 @@ def one_technique_per_node(steps: list[Step], nodes_of: dict[tuple[str, str], li
     Each level's error was measured alone on the original layers. A factorization that keeps t
     of a layer's MACs, applied after pruning that layer, keeps t of what pruning left: ranks far
     below the measured ones, at an error nobody measured, and extra nodes that run slower than
-    either rewrite alone. So one node is reshaped by one technique (`Technique.reshapes`);
-    candidates of one technique that `composes` (channel groups) may share nodes.
+    either rewrite alone. So one node takes one technique per slot (`Technique.slot`: structure,
+    storage); candidates of one technique that `composes` (channel groups) may share nodes.
 
     Which one keeps a contested node is the Lagrangian choice at the plan's marginal
     error-per-saving `slope` (that of the step where the unconstrained plan meets the target):
@@ -179,18 +192,18 @@ def one_technique_per_node(steps: list[Step], nodes_of: dict[tuple[str, str], li
         e2, saved = e2 + s.error2, saved + s.saving
         sums[key] = (e2, saved)
         value[key] = min(value.get(key, 0.0), e2 - slope * saved)
-    reshaping = {key for key in value if key[0] in techniques and techniques[key[0]].reshapes}
-    at: dict[str, list[tuple[str, str]]] = {}
-    for key in reshaping:
+    known = [key for key in value if key[0] in techniques]
+    at: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (slot, node) -> the candidates there
+    for key in known:
         for n in nodes_of.get(key, [key[1]]):
-            at.setdefault(n, []).append(key)
+            at.setdefault((techniques[key[0]].slot, n), []).append(key)
     rivals: dict[tuple[str, str], dict[str, list[tuple[str, str]]]] = {}
-    for key in sorted(reshaping):
+    for key in sorted(known):
         if techniques[key[0]].composes:
             continue
         found: dict[str, list[tuple[str, str]]] = {}
         for n in nodes_of.get(key, [key[1]]):
-            for other in at.get(n, ()):
+            for other in at.get((techniques[key[0]].slot, n), ()):
                 if other[0] != key[0] and other not in found.setdefault(other[0], []):
                     found[other[0]].append(other)
         if any(found.values()):

@@ -187,6 +187,25 @@ def refit_text(label: str, verdict: dict | None) -> str | None:
            f"in-sample {pair(verdict['error_fit'], verdict['unrefitted_fit'])})"
 
 
+def plan_summary(alloc: dict) -> dict[str, str]:
+    """Per technique: how many candidates the plan changed, at which levels, and which it left
+    as they were (a layer kept float, a group kept whole)."""
+    levels: dict[str, list[float]] = {}
+    for key, level in alloc["chosen"].items():
+        levels.setdefault(key.split(":", 1)[0], []).append(level)
+    out = {}
+    for technique in dict.fromkeys([*levels, *alloc.get("untouched", {})]):
+        chosen = levels.get(technique, [])
+        left = alloc.get("untouched", {}).get(technique, [])
+        counts = ", ".join(f"{chosen.count(v)} at {v:g}" for v in sorted(set(chosen)))
+        text = f"{len(chosen)} of {len(chosen) + len(left)} candidates changed" + (f" ({counts})" if counts else "")
+        if left:
+            shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+            text += f"; left as they were: {shown}"
+        out[technique] = text
+    return out
+
+
 def render_allocation(alloc: dict, console: Console) -> None:
     """One row per candidate: each level's error alone (the chosen one marked) and the level chosen."""
     rows: dict[tuple[str, str], list[dict]] = {}
@@ -208,6 +227,8 @@ def render_allocation(alloc: dict, console: Console) -> None:
     if real and real.get("efficiency") is not None:
         console.print(f"onnxruntime latency {real['latency_ratio']:.3f}x at {real['macs_ratio']:.3f}x MACs: "
                       f"realization efficiency {real['efficiency']:.2f} (speedup / MAC reduction)", highlight=False)
+    for technique, line in plan_summary(alloc).items():
+        console.print(f"{technique}: {line}", highlight=False)
     state = "met" if alloc["met"] else "NOT met"
     console.print(f"target {alloc['target'] or 'none'}: {state} (reached {alloc['achieved']:.3f}); "
                   f"{len(alloc['chosen'])} candidates changed; {len(alloc['rounds'])} verified rounds", highlight=False)

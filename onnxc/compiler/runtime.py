@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -155,6 +156,19 @@ def channel_block() -> int:
 
 
 FALLBACK_CHANNEL_MULTIPLE = 8  # a build without blocked kernels: vector GEMMs still like multiples of 8
+
+
+@functools.lru_cache(maxsize=1)
+def integer_dot_product() -> bool:
+    """Whether this CPU has integer dot-product instructions (x86 VNNI, Arm SDOT), which
+    onnxruntime's int8 kernels use: without them x86 kernels sum pairs of products in saturating
+    16-bit arithmetic, and int8 gains less time."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "avx_vnni_int8", "asimddp"})
 
 
 def channel_multiple() -> int:

@@ -54,7 +54,7 @@ class Candidate:
     technique: str
     name: str  # the technique's name for it (a channel group, a layer)
     levels: tuple[float, ...]
-    nodes: tuple[str, ...] = ()  # the nodes it reshapes
+    nodes: tuple[str, ...] = ()  # the nodes it rewrites
 
 
 @dataclass
@@ -179,7 +179,7 @@ def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
 # ---- measuring -----------------------------------------------------------------------------------
 def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs: dict[str, str],
                  train: list, validation: list, source: str, seed: int, metric, reference: list,
-                 fit_reference: list, base: dict, input_shapes: dict | None) -> Measurement:
+                 fit_reference: list, base: dict, input_shapes: dict | None, candidate_macs: dict) -> Measurement:
     """One candidate-level applied alone and measured (module level, plain arguments: any executor
     can run it and gets the same result)."""
     from onnxc.compiler.calibration import Calibration
@@ -201,6 +201,7 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
+    saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"]))
     return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error)
 
 
@@ -239,6 +240,8 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
     reference = runtime.run(model, ctx.calibration.validation)
     base = totals(model, ctx.calibration)
     cands = candidates(model, techniques, kind, ctx.calibration, target_ratio)
+    macs = node_costs(model, ctx.calibration, "macs")
+    candidate_macs = {f"{c.technique}:{c.name}": sum(macs.get(n, 0.0) for n in set(c.nodes)) for c in cands}
     items = [(c.technique, c.name, float(level)) for c in cands for level in c.levels]
     path = cache_file(model, ctx, techniques, cache_dir)
     cached = _read_cache(path) if path else {}
@@ -251,7 +254,7 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
                   "source": cal.source, "seed": ctx.seed, "metric": ctx.metric,
                   "reference": Samples.of(reference).groups,
                   "fit_reference": Samples.of(runtime.run(model, in_sample(cal.train, cal.validation))).groups,
-                  "base": base, "input_shapes": input_shapes}
+                  "base": base, "input_shapes": input_shapes, "candidate_macs": candidate_macs}
         shared = {k: ctx.executor.put(v) for k, v in values.items()}
         for m in ctx.executor.map(_measure_one, missing, shared=shared, label="sensitivity", progress=ctx.progress):
             known[m.key] = m

@@ -11,6 +11,8 @@ in its own module:
   fraction of the model's cost (None: a budget alone);
 - `saves`: the target kinds a level can save (macs, params, size, latency); what a level
   saves is measured by applying it (`probe`), so rounding and layers it declines are in it;
+  `latency_saving` says what of the layer's time that is (the MACs removed, unless the
+  technique makes the remaining ones cheaper, as int8 does);
 - `restricted(levels)`: the passes that rewrite exactly the chosen candidate-levels, in order;
 - `probe()`: the pass as the sweep measures one candidate-level alone (it may trade some
   accuracy for speed there; the final plan runs `restricted` and is verified);
@@ -18,9 +20,11 @@ in its own module:
 
 How a technique combines with others on one node is declared, not special-cased:
 
-- `reshapes`: it changes the structure of the nodes it touches (channels, factors, blocks). One
-  node is reshaped by one such technique: a level measured on the original layer means
-  something else on a layer another technique already reshaped.
+- `slot`: what of a node it changes: `structure` (channels, factors, blocks) or `storage` (codes,
+  precision). One node takes one technique per slot: a level measured on the original layer
+  means something else on a layer another technique of the same slot already rewrote (ranks of
+  a pruned layer; int8 of a weight already stored as codes), while a pruned layer in int8 is
+  what both measured.
 - `composes`: several of its own candidates may share a node, and what each keeps multiplies
   there (two channel groups around a conv).
 - `plan_order`: where its rewrites run in a plan (structure first, storage and precision last).
@@ -56,7 +60,7 @@ class Technique:
 
     plan_order: ClassVar[int] = 50
     saves: ClassVar[frozenset[str]] = STRUCTURE
-    reshapes: ClassVar[bool] = True
+    slot: ClassVar[str] = "structure"
     composes: ClassVar[bool] = False
     planned_by_default: ClassVar[bool] = False
 
@@ -69,6 +73,11 @@ class Technique:
     def restricted(self, levels: Mapping[str, float]) -> list:  # pragma: no cover
         """Passes that rewrite exactly the candidates in `levels` (name -> level), in order."""
         raise NotImplementedError
+
+    def latency_saving(self, macs_saved: float, candidate_macs: float) -> float:
+        """The time a level saves, in MACs of the original layer's speed: by default the MACs it
+        removes (`macs_saved`); `candidate_macs` is what the candidate's nodes hold."""
+        return macs_saved
 
     def probe(self):
         """The pass as the sensitivity sweep runs it for one candidate-level alone."""

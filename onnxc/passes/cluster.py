@@ -110,7 +110,7 @@ class ClusterPass(Pass, Technique):
     id = "cluster"
     plan_order = 90  # storage: after every structural rewrite
     saves = frozenset({"size"})  # onnxruntime decodes the codes to a dense weight at session start
-    reshapes = False  # codes of whatever weight the layer has by then
+    slot = "storage"  # codes of whatever weight the layer has by then
     planned_by_default = True
     summary = "k-means weight sharing: per-layer codebooks and 1-8 bit codes stored compactly"
     uses_calibration = True

@@ -1,0 +1,189 @@
+"""`int8`: chosen layers, with the short chains after them, in int8 (QDQ, per-channel weights).
+
+Precision as a technique of the allocator: a plan can keep a sensitive layer (a classifier head,
+an attention product) float and run the rest in int8, instead of quantizing the whole model
+after the plan is made and hoping the budget survives.
+
+Why regions, not single nodes: onnxruntime runs a quantized layer as an integer kernel between a
+QuantizeLinear and a DequantizeLinear. A lone int8 layer between float neighbours pays those
+conversions (and can run slower than float), while layers chained through activations, pooling,
+adds and reshapes stay in int8 between them. A candidate is one weight layer (Conv, Gemm, MatMul
+with a constant weight) with the ops that follow it up to the next weight layer: neighbouring
+chosen candidates form one int8 region with no conversion inside it.
+
+The quantizer is onnxruntime's own (`quantize_static`, QDQ, MinMax ranges on the calibration's
+fitting samples, symmetric int8 weights per output channel, uint8 activations), so the model
+runs in onnxruntime's integer kernels and lowers to the C backend's int8 kernels. On x86 CPUs
+without VNNI the fused kernels saturate 16-bit pair sums: weights are then quantized to 7 bits
+(`reduce_range=auto`), as the int8 export does.
+
+What a region saves: its weights' bytes (measured), and time. Time is planned from the layer's
+MACs at `INT8_TIME` of their float cost (a prior per CPU kind); the allocator's verified rounds
+time whole models and correct it, as they correct every prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from onnxc.compiler import runtime
+from onnxc.compiler.cost import model_cost
+from onnxc.compiler.graph import GraphView
+from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
+from onnxc.compiler.samples import Samples
+from onnxc.compiler.technique import Candidate, Technique
+from onnxc.errors import UsageError
+
+WEIGHT_OPS = {"Conv", "Gemm", "MatMul"}
+# Ops onnxruntime's QDQ flow keeps in int8 between two quantized layers (or that only move data).
+CHAIN_OPS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Add", "Mul", "MaxPool",
+             "AveragePool", "GlobalAveragePool", "Concat", "Reshape", "Flatten", "Transpose", "Squeeze",
+             "Unsqueeze", "Split", "Slice", "Resize", "Pad"}
+# Time of an int8 layer over its float time, planned before any model is timed: integer dot
+# products (VNNI, Arm's SDOT) do four multiply-adds where float does one; without them the 16-bit
+# pair sums still halve the float work. Verified rounds time whole models and correct this.
+INT8_TIME = {True: 0.5, False: 0.75}
+PER_CHANNEL_OPSET = 13
+
+
+@register
+@dataclass
+class Int8Pass(Pass, Technique):
+    id = "int8"
+    summary = "int8 (QDQ, per-channel weights) of weight layers and the chains after them, via onnxruntime"
+    uses_calibration = True
+    plan_order = 100  # precision last: it quantizes whatever structure the plan left
+    saves = frozenset({"size", "latency"})
+    slot = "storage"  # one storage form per weight: int8 or codes, not both
+    option_help = {
+        "exclude": "node names or globs to keep float",
+        "reduce_range": "7-bit weights: auto (on x86 CPUs without VNNI, whose int8 kernels saturate), on, off",
+        "min_macs": "leave layers with fewer MACs per sample float (too small to pay for the conversions)",
+    }
+    exclude: list[str] = field(default_factory=list)
+    reduce_range: Literal["auto", "on", "off"] = "auto"
+    min_macs: int = 0
+    # Set by `restricted` (not a CLI option): only these candidates are quantized.
+    _levels: dict[str, float] | None = None
+
+    def validate(self) -> None:
+        if self.reduce_range not in ("auto", "on", "off"):
+            raise UsageError("pass 'int8': reduce_range must be auto, on or off")
+
+    # ---- candidates ---------------------------------------------------------------------------
+    def regions(self, model: onnx.ModelProto) -> tuple[list[Candidate], list[Skip]]:
+        """Each quantizable weight layer with the chain of ops after it up to the next weight layer."""
+        view = GraphView(model.graph)
+        macs = {n.name: n.macs for n in model_cost(model).layers}
+        found, skipped = [], []
+        for node in model.graph.node:
+            if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or not node.name:
+                continue
+            if len(node.input) < 2 or not view.is_const(node.input[1]) or view.is_const(node.input[0]):
+                continue
+            if matches_any(node.name, self.exclude):
+                skipped.append(Skip(node.name, "excluded"))
+                continue
+            if macs.get(node.name, 0) < self.min_macs:
+                skipped.append(Skip(node.name, f"{macs.get(node.name, 0)} MACs < min_macs={self.min_macs}"))
+                continue
+            found.append(Candidate(node.name, (node.name, *self._chain(node, view))))
+        return found, skipped
+
+    @staticmethod
+    def _chain(node: onnx.NodeProto, view: GraphView) -> list[str]:
+        """The ops after `node` that stay in int8 with it: followed while each has one consumer."""
+        chain, current = [], node
+        while True:
+            users = view.consumers.get(current.output[0], [])
+            if len(users) != 1 or users[0].op_type not in CHAIN_OPS or not users[0].name:
+                return chain
+            current = users[0]
+            chain.append(current.name)
+
+    # ---- the Technique protocol ---------------------------------------------------------------
+    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+        return self.regions(model)[0]
+
+    def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
+        return (8,)
+
+    def restricted(self, levels: Mapping[str, float]) -> list[Pass]:
+        return [replace(self, _levels=dict(levels))]
+
+    def latency_saving(self, macs_saved: float, candidate_macs: float) -> float:
+        return candidate_macs * (1.0 - INT8_TIME[runtime.integer_dot_product()])
+
+    # ---- the rewrite --------------------------------------------------------------------------
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        self.validate()
+        regions, skipped = self.regions(model)
+        if self._levels is not None:
+            regions = [r for r in regions if r.name in self._levels]
+        if not regions:
+            return PassResult(model, False, skipped=skipped)
+        if ctx.calibration is None:
+            return PassResult(model, False, skipped=skipped + [Skip(r.name, "int8 needs calibration inputs")
+                                                                for r in regions])
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        per_channel = opset >= PER_CHANNEL_OPSET
+        reduce = {"on": True, "off": False}.get(self.reduce_range, not runtime.integer_dot_product())
+        nodes = list(dict.fromkeys(n for r in regions for n in r.nodes))
+        quantized = quantize_nodes(model, ctx.calibration.train, nodes, per_channel=per_channel, reduce_range=reduce)
+        before = {n.name: n for n in model_cost(model).layers}
+        after = {n.name: n for n in model_cost(quantized).layers}
+        changes = [Change(r.name, before[r.name].op if r.name in before else "", "int8",
+                          before=cost_dict(before.get(r.name)), after=cost_dict(after.get(r.name)),
+                          detail={"region": list(r.nodes), "per_channel": per_channel,
+                                  "weight_bits": 7 if reduce else 8})
+                   for r in regions]
+        info = {"regions": len(regions), "nodes": len(nodes), "per_channel": per_channel, "reduce_range": reduce}
+        return PassResult(quantized, True, changes, skipped, info)
+
+
+def quantize_nodes(model: onnx.ModelProto, inputs, nodes: list[str], *, per_channel: bool = True,
+                   reduce_range: bool = False) -> onnx.ModelProto:
+    """`model` with `nodes` quantized by onnxruntime's static QDQ quantizer, calibrated (MinMax)
+    on `inputs`. The ranges of one model and data are computed once per process and reused: the
+    sensitivity sweep quantizes one candidate at a time of the same model."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from onnxc.backends.ort_quant import _quiet, _Reader, repair_per_axis
+
+    key = _key(model, inputs)
+    with tempfile.TemporaryDirectory(prefix="onnxc-int8-") as tmp, _quiet():
+        out = Path(tmp) / "q.onnx"
+        cache = _CACHE_DIR / f"{key}.ranges"
+        reader = None if cache.exists() else _Reader(inputs, 8)
+        quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=list(nodes), calibrate_method=CalibrationMethod.MinMax,
+                        calibration_cache_path=str(cache),
+                        extra_options={"QDQDisableWeightAdjustForInt32Bias": True})
+        quantized = repair_per_axis(onnx.load(str(out)))
+    added = [o for o in quantized.opset_import if o.domain not in {m.domain for m in model.opset_import}]
+    del quantized.opset_import[:]
+    quantized.opset_import.extend([*model.opset_import, *added])  # the source's opsets: QDQ needs none newer
+    quantized.ir_version = model.ir_version
+    return quantized
+
+
+_CACHE = tempfile.TemporaryDirectory(prefix="onnxc-int8-ranges-")
+_CACHE_DIR = Path(_CACHE.name)
+
+
+def _key(model: onnx.ModelProto, inputs) -> str:
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for group in Samples.of(inputs).groups:
+        for name in sorted(group):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(group[name]).tobytes())
+    return h.hexdigest()[:32]

@@ -1,0 +1,104 @@
+"""int8 as a technique of the allocator: regions, a plan that mixes precision and structure, and
+the backends taking that plan as it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sample_data import CALIBRATION, accuracy, sample_path
+
+from onnxc.api import optimize
+from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.model import load
+from onnxc.compiler.passes import create
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sensitivity")
+
+
+def test_regions_carry_the_ops_after_each_layer():
+    model = canonicalize(load(sample_path("resnet")))
+    regions = create("int8").plan_candidates(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert {ops[r.nodes[0]] for r in regions} <= {"Conv", "Gemm", "MatMul"}
+    assert any(ops[n] == "Relu" for r in regions for n in r.nodes[1:])  # conv + relu quantized together
+    weight_layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(regions) == len(weight_layers)
+
+
+def test_int8_pass_alone_quantizes_and_keeps_accuracy():
+    result = optimize(sample_path("vgg"), passes=["int8"], calibration=CALIBRATION)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and "DequantizeLinear" in ops
+    assert result.report.after["bytes"] < 0.3 * result.report.before["bytes"]
+    assert accuracy(result.model) >= accuracy(sample_path("vgg")) - 0.5
+
+
+def test_size_target_mixes_int8_and_codes(cache):
+    """int8 and clustering both store a weight: one node takes one of them, and the plan meets the
+    size target (bytes, deterministic) within the budget."""
+    result = optimize(sample_path("mlp"), passes=["int8", "cluster"], calibration=CALIBRATION, target="size=0.2",
+                      cache_dir=cache)
+    alloc = result.report.allocation
+    assert alloc["met"] and result.report.fidelity["error"] <= alloc["budget"]
+    chosen = alloc["chosen"]
+    layers = [k.split(":", 1)[1] for k in chosen]
+    assert len(layers) == len(set(layers)), chosen  # no weight both clustered and in int8
+    assert accuracy(result.model) >= accuracy(sample_path("mlp")) - 1.0
+
+
+def test_latency_target_mixes_precision_and_structure(cache, tmp_path):
+    """The allocator's int8 is written as planned by the onnxruntime backend (not re-quantized)."""
+    out = tmp_path / "m.onnx"
+    result = optimize(sample_path("mobilenet"), passes=["int8", "prune"], calibration=CALIBRATION,
+                      target="latency=0.5", cache_dir=cache, output=out, backend="onnxruntime")
+    alloc = result.report.allocation
+    techniques = {k.split(":")[0] for k in alloc["chosen"]}
+    assert "int8" in techniques
+    assert result.report.fidelity["error"] <= alloc["budget"]
+    written = onnx.load(str(out))
+    assert sum(n.op_type == "QuantizeLinear" for n in written.graph.node) >= 1
+    assert any("as it is" in note for note in result.report.notes)
+    assert accuracy(out) >= accuracy(sample_path("mobilenet")) - 0.5
+
+
+def _fragile_model() -> onnx.ModelProto:
+    """x -> Conv (one channel 1000x the others) -> Relu -> Conv -> y: the second conv's input range
+    is set by the outlier channel, so int8 there wipes out the small channels it mostly reads."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[0] *= 1000
+    w2 = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    w2[:, 0] *= 1e-3
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 8, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_budget_keeps_the_layers_int8_destroys_float(tmp_path):
+    """With a budget, a layer whose int8 error alone is over it stays float; the others go int8."""
+    rng = np.random.default_rng(1)
+    data = {"x": rng.standard_normal((64, 4, 8, 8)).astype(np.float32)}
+    model = _fragile_model()
+    alone = optimize(model, passes=["int8"], calibration=data, max_error=float("inf"))
+    assert alone.report.fidelity["error"] > 0.05  # int8 everywhere destroys it
+    result = optimize(model, passes=["int8"], calibration=data, max_error=0.05, target="size=0.9",
+                      cache_dir=tmp_path)
+    assert result.report.fidelity["error"] <= 0.05
+    chosen = result.report.allocation["chosen"]
+    rows = {r["name"]: r["error"] for r in result.report.allocation["sensitivity"]["measurements"]}
+    assert set(rows) == {"conv1", "conv2"}
+    assert all(rows[name.split(":")[1]] <= 0.05 for name in chosen)
+    assert len(chosen) < 2
+    left = result.report.allocation["untouched"]["int8"]  # the report lists the layers kept float
+    assert left and set(left) | {name.split(":")[1] for name in chosen} == {"conv1", "conv2"}
