@@ -117,6 +117,7 @@ class Allocation:
     realization: dict | None = None  # measured latency ratio, MACs ratio, speedup / MAC reduction
     costs: CostModel | None = None  # how the predicted savings were combined (macs, params, latency)
     steps: list[Step] = field(default_factory=list)  # the steps searched over, in order (after conflicts)
+    surrogate_scale: float | None = None  # set when a starved metric was planned on the default error
 
     def untouched(self) -> dict[str, list[str]]:
         """Per technique, the measured candidates the plan leaves as they were (layers kept float,
@@ -134,7 +135,7 @@ class Allocation:
         return {"target": str(self.target) if self.target else None, "budget": self.budget,
                 "budget_source": self.budget_source, "achieved": self.achieved, "met": self.met,
                 "chosen": chosen, "untouched": self.untouched(), "rounds": [asdict(r) for r in self.rounds],
-                "realization": self.realization,
+                "realization": self.realization, "surrogate_scale": self.surrogate_scale,
                 "sensitivity": {**{k: v for k, v in self.table.to_dict().items() if k != "measurements"},
                                 "measurements": rows}}
 
@@ -241,12 +242,39 @@ def candidate_nodes(model: onnx.ModelProto, techniques: dict[str, Technique], ta
     return touches
 
 
-def ordered_steps(table: Table, kind: str) -> list[Step]:
-    """Every candidate's hull steps, in increasing error-per-saving order."""
+# A user metric that reads 0 on at least this share of the rewrites its surrogate sees is starved.
+STARVED = 0.5
+
+
+def planning_errors(table: Table) -> tuple[dict[tuple[str, str, float], float], float | None]:
+    """The error each measurement is planned with, and the surrogate's scale when it replaces a
+    starved metric (None: the measured errors as they are).
+
+    A user metric over a few held-out samples moves in whole steps (1/N of the samples): most
+    single rewrites read 0 and the search has nothing to rank by, predicting 0 for every plan.
+    Then candidates are ranked by the default error measured in the same runs (continuous:
+    per output channel, probabilities as logits), scaled to the metric by the ratio of their
+    sums where both are non-zero. The budget is still judged by the metric on every verified
+    plan, and each verified round corrects the scale."""
+    errors = {m.key: m.error for m in table.measurements}
+    rows = [m for m in table.measurements if m.applied and m.surrogate is not None and math.isfinite(m.error)]
+    silent = sum(1 for m in rows if m.error == 0 and m.surrogate > 0)
+    if not rows or silent < STARVED * len(rows):
+        return errors, None
+    both = [(m.error, m.surrogate) for m in rows if m.error > 0 and m.surrogate > 0]
+    scale = sum(e for e, _ in both) / sum(s for _, s in both) if both else 1.0
+    errors.update({m.key: m.surrogate * scale for m in rows})
+    return errors, scale
+
+
+def ordered_steps(table: Table, kind: str, errors: dict | None = None) -> list[Step]:
+    """Every candidate's hull steps, in increasing error-per-saving order (`errors`: the error
+    each measurement is planned with, default its own)."""
     by_candidate: dict[tuple[str, str], list] = {}
     for m in table.measurements:
         if m.applied:
-            by_candidate.setdefault((m.technique, m.name), []).append((saving_of(m.saving, kind), m.error ** 2,
+            error = errors[m.key] if errors is not None else m.error
+            by_candidate.setdefault((m.technique, m.name), []).append((saving_of(m.saving, kind), error ** 2,
                                                                        m.level))
     steps = []
     for (technique, name), points in by_candidate.items():
@@ -350,7 +378,8 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     nodes_of = candidate_nodes(model, techniques, table)
-    steps = ordered_steps(table, kind)
+    errors, surrogate_scale = planning_errors(table)
+    steps = ordered_steps(table, kind, errors)
     costs = CostModel.of(model, techniques, table, kind, ctx.calibration, nodes_of) if kind != "size" else None
     base_latency = None
     feed = first_sample(val)
@@ -433,7 +462,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         best = (None, model, {}, fid, 1.0, target is None, [])
     _, out, plan, fid, ratio, met, results = best
     alloc = Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results,
-                       costs=costs, steps=steps)
+                       costs=costs, steps=steps, surrogate_scale=surrogate_scale)
     if plan:
         alloc.realization = realization(model, out, ctx.calibration, feed)
     return alloc

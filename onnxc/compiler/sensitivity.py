@@ -41,7 +41,7 @@ from onnxc.compiler.verify import compare_outputs
 
 log = logging.getLogger("onnxc.sensitivity")
 
-CACHE_VERSION = 4  # bump when what a measurement computes changes
+CACHE_VERSION = 5  # bump when what a measurement computes changes (5: the surrogate error)
 
 
 def round_to() -> int:
@@ -67,6 +67,7 @@ class Measurement:
     seconds: float = 0.0
     applied: bool = True  # False when the technique left the candidate alone at this level
     fit_error: float | None = None  # the same error on as many of the samples it was fitted to (in-sample)
+    surrogate: float | None = None  # the default error on the same outputs, when a user metric judges
 
     @property
     def key(self) -> tuple[str, str, float]:
@@ -196,13 +197,16 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     if not applied:
         return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
     sess = runtime.session(rewritten)  # one session for both splits (building one is a sizeable part of a task)
-    error = _error(compare_outputs(Samples(reference), runtime.run(sess, cal.validation), metric))
+    fid = compare_outputs(Samples(reference), runtime.run(sess, cal.validation), metric)
+    error = _error(fid)
+    surrogate = float(fid.surrogate) if metric is not None and np.isfinite(fid.rel_l2) else None
     fitted = in_sample(cal.train, cal.validation)
     fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
     saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"]))
-    return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error)
+    return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error,
+                       surrogate)
 
 
 def totals(model: onnx.ModelProto, cal) -> dict:

@@ -68,6 +68,12 @@ class Fidelity:
         return max((o.error for o in self.outputs), default=0.0)
 
     @property
+    def surrogate(self) -> float:
+        """The default error (worst output, per channel, probabilities as logits) even when a user
+        metric judges: continuous where a metric over a few samples moves in whole steps."""
+        return max((o.error for o in self.outputs), default=0.0)
+
+    @property
     def top1(self) -> float | None:
         values = [o.top1 for o in self.outputs if o.top1 is not None]
         return min(values) if values else None
