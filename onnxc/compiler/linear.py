@@ -57,6 +57,41 @@ def bias_add(node: onnx.NodeProto, view: GraphView) -> tuple[onnx.NodeProto, int
     return add, idx
 
 
+def weight_out_axis(node: onnx.NodeProto, rank: int = 2) -> int:
+    """The axis of a Conv/ConvTranspose/Gemm/MatMul's stored weight (of `rank` dims) that indexes
+    output channels (a ConvTranspose's first axis: the rows it is sliced and clustered by). It
+    needs no weight value: for weights that are no longer initializers (clustered)."""
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not attr(node, "transB", 0)):
+        return rank - 1
+    return 0
+
+
+def stored_to_bias(node: onnx.NodeProto) -> float | None:
+    """The factor from a product with the stored weight to the units of the node's own bias
+    constant (a Gemm's alpha / beta; None when beta = 0 ignores C); 1 for the other layers."""
+    if node.op_type != "Gemm":
+        return 1.0
+    beta = float(attr(node, "beta", 1.0))
+    return float(attr(node, "alpha", 1.0)) / beta if beta else None
+
+
+def is_linear(node: onnx.NodeProto, view: GraphView) -> bool:
+    """Whether `LinearLayer.read` gives a layer for `node` (without decoding its weight)."""
+    return node.op_type in LINEAR_OPS and node.domain in ("", "ai.onnx") and not _not_linear(node, view)
+
+
+def _not_linear(node: onnx.NodeProto, view: GraphView) -> str:
+    if len(node.input) < 2 or view.is_const(node.input[0]):
+        return "input is constant"
+    tensor = view.initializers.get(node.input[1])
+    if tensor is None or tensor.data_type not in FLOAT_TYPES:
+        return "weight is not a constant float tensor"
+    rank = len(tensor.dims)
+    if node.op_type == "Conv":
+        return "" if rank >= 3 else "weight has no spatial dims"
+    return "" if rank == 2 else f"weight is {rank}-D"
+
+
 @dataclass
 class LinearLayer:
     """A Conv, a Gemm with constant float B, or a MatMul with a constant 2-D float right-hand
@@ -101,18 +136,6 @@ class LinearLayer:
     def group(self) -> int:
         return int(attr(self.node, "group", 1)) if self.kind == "Conv" else 1
 
-    @property
-    def stored_out_axis(self) -> int:
-        """The axis of the stored weight initializer that indexes outputs."""
-        if self.kind == "MatMul" or (self.kind == "Gemm" and not attr(self.node, "transB", 0)):
-            return 1
-        return 0
-
-    def to_layer(self, stored: np.ndarray) -> np.ndarray:
-        """An array laid out like the stored weight (a weight change, a per-weight statistic)
-        in the layout of `weight`, without alpha."""
-        return stored.T if self.stored_out_axis == 1 else stored
-
     # ---- reading ---------------------------------------------------------------------------------
     @classmethod
     def read(cls, node: onnx.NodeProto, view: GraphView, *, with_add: bool = True) -> LinearLayer | str | None:
@@ -121,23 +144,18 @@ class LinearLayer:
         caller that handles the Add as an op of its own)."""
         if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
             return None
-        if len(node.input) < 2 or view.is_const(node.input[0]):
-            return "input is constant"
-        weight = float_const(view, node.input[1])
-        if weight is None:
-            return "weight is not a constant float tensor"
+        reason = _not_linear(node, view)
+        if reason:
+            return reason
+        weight = view.const(node.input[1])
         if node.op_type == "Conv":
             return cls._conv(node, view, weight)
-        if weight.ndim != 2:
-            return f"weight is {weight.ndim}-D"
         if node.op_type == "Gemm":
             return cls._gemm(node, view, weight)
         return cls._matmul(node, view, weight, with_add)
 
     @classmethod
     def _conv(cls, node: onnx.NodeProto, view: GraphView, weight: np.ndarray) -> LinearLayer | str:
-        if weight.ndim < 3:
-            return "weight has no spatial dims"
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias = float_const(view, node.input[2])
@@ -148,7 +166,7 @@ class LinearLayer:
     @classmethod
     def _gemm(cls, node: onnx.NodeProto, view: GraphView, b: np.ndarray) -> LinearLayer:
         alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-        weight = b if attr(node, "transB", 0) else b.T
+        weight = b if weight_out_axis(node) == 0 else b.T
         if alpha != 1.0:
             weight = (alpha * weight.astype(np.float64)).astype(b.dtype)
         layer = cls(node, weight, None, node.input[0], node.output[0])
@@ -188,7 +206,7 @@ class LinearLayer:
         cannot take a bias (ValueError): adding an Add node is the caller's choice."""
         node, dtype = self.node, self.dtype
         if self.kind == "Gemm":
-            stored = weight if attr(node, "transB", 0) else weight.T
+            stored = weight if weight_out_axis(node) == 0 else weight.T
             alpha = float(attr(node, "alpha", 1.0))
             if alpha != 1.0:
                 stored = stored.astype(np.float64) / alpha
