@@ -190,6 +190,7 @@ def test_linear_layer_write_of_read_keeps_outputs(kind, args, canonical):
     if (layer.bias is not None or kind != "matmul") and not layer.fixed_c:
         weight, bias = 2 * layer.weight, np.arange(layer.out_features, dtype=np.float32)
         layer.write(view, weight, bias)
+        assert np.array_equal(layer.weight, weight) and np.array_equal(layer.bias, bias)
         again = LinearLayer.read(node, view)
         assert np.allclose(again.weight, weight, rtol=1e-6) and np.allclose(again.bias, bias, rtol=1e-6)
         if kind == "gemm" and not layer.trans_a and not layer.fixed_c:
@@ -222,3 +223,19 @@ def test_linear_layer_reasons_and_limits():
     assert LinearLayer.read(relu, view) is None
     left = helper.make_node("MatMul", ["W", "x"], ["q"])
     assert LinearLayer.read(left, view) == "input is constant"
+
+
+def test_canonical_tied_gemm_weights_stay_one_tensor():
+    """Two transB=0 Gemms reading one W (tied weights) read one transposed copy, not two."""
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["h"], name="a", alpha=0.5),
+             helper.make_node("Gemm", ["h", "W", "C"], ["y"], name="b", alpha=0.5)]
+    inits = [init("W", rng.standard_normal((K, K)).astype(np.float32)),
+             init("C", rng.standard_normal((1, K)).astype(np.float32))]
+    m = model(nodes, [f32("x", [M, K])], [f32("y", [M, K])], inits)
+    canon = canonicalize(m)
+    a, b = canon.graph.node
+    assert a.input[1] == b.input[1] and a.input[2] == b.input[2]
+    assert len(canon.graph.initializer) == 2
+    feed = {"x": rng.standard_normal((M, K)).astype(np.float32)}
+    assert _rel(_run(m, feed)["y"], _run(canon, feed)["y"]) <= 1e-6

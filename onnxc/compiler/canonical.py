@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -233,6 +233,18 @@ def orient_gemms(graph: onnx.GraphProto, opset: int) -> int:
     and Gemms whose B is computed or not float (alpha cannot be folded into integers exactly).
     """
     view = GraphView(graph)
+    done: dict[tuple, str] = {}  # (input, how it was rewritten) -> the rewritten constant
+
+    def rewrite(node: onnx.NodeProto, index: int, how: tuple, value: Callable[[], np.ndarray]) -> None:
+        """Give input `index` its rewritten value; Gemms sharing a constant and a rewrite share
+        the result (tied weights stay tied: one copy, not one per reader)."""
+        key = (node.input[index], *how)
+        if key in done and done[key] in view.initializers:
+            node.input[index] = done[key]
+            view.consumers[done[key]].append(node)
+            return
+        done[key] = view.set_input_const(node, index, value())
+
     rewritten = 0
     for node in graph.node:
         if node.op_type != "Gemm":
@@ -241,21 +253,26 @@ def orient_gemms(graph: onnx.GraphProto, opset: int) -> int:
         if not isinstance(layer, LinearLayer):
             continue
         changed = False
-        if not attr(node, "transB", 0) or attr(node, "alpha", 1.0) != 1.0:
-            view.set_input_const(node, 1, np.ascontiguousarray(layer.weight))
+        trans_b, alpha = int(attr(node, "transB", 0)), float(attr(node, "alpha", 1.0))
+        if not trans_b or alpha != 1.0:
+            rewrite(node, 1, ("B", trans_b, alpha), lambda layer=layer: np.ascontiguousarray(layer.weight))
             set_attr(node, "transB", 1)
             _drop_attr(node, "alpha")
             changed = True
         c = node.input[2] if len(node.input) > 2 else ""
         beta = float(attr(node, "beta", 1.0))
+
+        def scaled(c: str = c, beta: float = beta, dtype: np.dtype = layer.dtype) -> np.ndarray:
+            return (beta * view.const(c).astype(np.float64)).astype(dtype)
+
         if layer.bias is not None:
             old = view.initializers[c]
             if beta != 1.0 or (opset >= 7 and tuple(old.dims) != (layer.out_features,)):
-                value = layer.bias if opset >= 7 else (beta * view.const(c).astype(np.float64)).astype(layer.dtype)
-                view.set_input_const(node, 2, value)
+                vector = opset >= 7
+                rewrite(node, 2, ("C", beta, vector), (lambda b=layer.bias: b) if vector else scaled)
                 changed = True
         elif layer.fixed_c and view.is_const(c) and beta != 1.0:
-            view.set_input_const(node, 2, (beta * view.const(c).astype(np.float64)).astype(layer.dtype))
+            rewrite(node, 2, ("C", beta, False), scaled)
             changed = True
         if attr(node, "beta") is not None and not (layer.fixed_c and not view.is_const(c)):
             changed |= _drop_attr(node, "beta")

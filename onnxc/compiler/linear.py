@@ -123,18 +123,9 @@ class LinearLayer:
         return int(self.weight.shape[0])
 
     @property
-    def in_features(self) -> int:
-        """Inputs per output (a grouped Conv: of its own group, times the kernel taps)."""
-        return int(np.prod(self.weight.shape[1:]))
-
-    @property
     def trans_a(self) -> bool:
         """A Gemm reading its activation transposed ([K, M]: features on axis 0)."""
         return self.kind == "Gemm" and bool(attr(self.node, "transA", 0))
-
-    @property
-    def group(self) -> int:
-        return int(attr(self.node, "group", 1)) if self.kind == "Conv" else 1
 
     # ---- reading ---------------------------------------------------------------------------------
     @classmethod
@@ -205,6 +196,10 @@ class LinearLayer:
         node). `bias=None` leaves the bias as it is (none stays none). A MatMul without a bias Add
         cannot take a bias (ValueError): adding an Add node is the caller's choice."""
         node, dtype = self.node, self.dtype
+        if bias is not None and self.kind == "MatMul" and self.bias_add is None:
+            raise ValueError(f"MatMul '{self.name}' has no bias Add to hold a bias")
+        if bias is not None and self.fixed_c:
+            raise ValueError(f"Gemm '{self.name}' has a C that is not a bias vector")
         if self.kind == "Gemm":
             stored = weight if weight_out_axis(node) == 0 else weight.T
             alpha = float(attr(node, "alpha", 1.0))
@@ -219,16 +214,13 @@ class LinearLayer:
         if bias is None:
             return
         bias = np.asarray(bias).reshape(-1)
+        self.bias = bias.astype(dtype)
         if self.kind == "MatMul":
-            if self.bias_add is None:
-                raise ValueError(f"MatMul '{self.name}' has no bias Add to hold a bias")
             idx = 1 if self.bias_add.input[0] == node.output[0] else 0
             old = view.const(self.bias_add.input[idx])
             shape = old.shape if old.size == bias.size else (-1,)
             view.set_input_const(self.bias_add, idx, bias.reshape(shape).astype(old.dtype))
         elif self.kind == "Gemm":
-            if self.fixed_c:
-                raise ValueError(f"Gemm '{self.name}' has a C that is not a bias vector")
             beta = float(attr(node, "beta", 1.0))
             if beta == 0.0:
                 set_attr(node, "beta", 1.0)
@@ -237,7 +229,6 @@ class LinearLayer:
             self._set_bias(view, bias.astype(dtype))
         else:
             self._set_bias(view, bias.astype(dtype))
-        self.bias = bias.astype(dtype)
 
     def _set_bias(self, view: GraphView, bias: np.ndarray) -> None:
         node = self.node
