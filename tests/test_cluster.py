@@ -134,7 +134,8 @@ def _dense_equivalent(m: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _mixed_model(opset: int) -> onnx.ModelProto:
-    """Gemm (transB=0), MatMul + Add and Conv without bias; opset 11 Squeeze blocks opset 21."""
+    """Gemm (transB=0: [in, out] until canonicalized), MatMul + Add and Conv without bias; opset 11
+    Squeeze blocks opset 21."""
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -176,7 +177,9 @@ def test_pattern_runs_in_onnxruntime_and_matches_its_decoding(opset, per_channel
     found = read_clustered(out)
     assert len(found) == 3 and all((w.offsets is not None) == per_channel for w in found.values())
     if per_channel:
-        assert found["wg"].offsets.shape == (1, 40) and found["wc"].offsets.shape == (16, 1, 1, 1)
+        # the canonical Gemm's weight is [out, in] like the Conv's; the MatMul's [in, out]
+        assert found["wg"].offsets.shape == (40, 1) and found["wc"].offsets.shape == (16, 1, 1, 1)
+        assert found["wm"].offsets.shape == (1, 33)
     got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
     dense = ort.InferenceSession(_dense_equivalent(out).SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,9 @@
 - initializers are not also listed as graph inputs (IR 3 models are moved to IR 4 for that, the
   smallest version that allows it);
 - BatchNormalization that follows a Conv with constant weights is folded into it;
+- every Gemm with a constant float B has one form: B stored [out, in] (transB=1, like Conv weights
+  and most exports), alpha folded into B, beta into a constant C, and a C that is a bias vector
+  stored as [out] (`orient_gemms`), so passes read its weight as they read a Conv's;
 - Identity and inference-mode Dropout are bypassed;
 - nodes are in a topological order found iteratively (graphs with many thousands of nodes);
 - shapes are inferred, concrete where `input_shapes` fixes the symbolic dims.
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from onnxc.compiler.graph import GraphView, attr, node_inputs_with_subgraphs
+from onnxc.compiler.graph import GraphView, attr, node_inputs_with_subgraphs, set_attr
+from onnxc.compiler.linear import LinearLayer
 from onnxc.compiler.model import clone, tensor_nbytes
 from onnxc.errors import OnnxcError
 
@@ -45,6 +49,7 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     fold_constants(graph)
     fold_batchnorm(graph)
     bypass_identities(graph)
+    orient_gemms(graph, _opset(model))
     GraphView(graph).remove_unused()
     if infer:
         model = infer_shapes(model)
@@ -213,6 +218,78 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
         view.producers[bn.output[0]] = conv  # a second BatchNormalization may fold into it too
         folded.add(index)
     return _drop_nodes(graph, folded)
+
+
+def orient_gemms(graph: onnx.GraphProto, opset: int) -> int:
+    """Write every Gemm whose B is a constant float initializer in the one form (`LinearLayer`
+    reads it without arithmetic): transB=1 with B stored [N, K] = [out, in], alpha=1 (folded into
+    B), beta=1 (folded into a constant C) and a C that broadcasts as a bias vector stored as [N]
+    (from opset 7, where C broadcasts unidirectionally; older Gemms keep C's shape). Returns the
+    number of Gemms rewritten.
+
+    Exact up to the rounding of the alpha and beta products. A shared B or C is copied, never
+    changed under its other readers. Left as they are: transA=1 (on an activation, undoing it
+    would need a Transpose node), a beta that scales a computed C (folding it would need a Mul),
+    and Gemms whose B is computed or not float (alpha cannot be folded into integers exactly).
+    """
+    view = GraphView(graph)
+    done: dict[tuple, str] = {}  # (input, how it was rewritten) -> the rewritten constant
+
+    def rewrite(node: onnx.NodeProto, index: int, how: tuple, value: Callable[[], np.ndarray]) -> None:
+        """Give input `index` its rewritten value; Gemms sharing a constant and a rewrite share
+        the result (tied weights stay tied: one copy, not one per reader)."""
+        key = (node.input[index], *how)
+        if key in done and done[key] in view.initializers:
+            node.input[index] = done[key]
+            view.consumers[done[key]].append(node)
+            return
+        done[key] = view.set_input_const(node, index, value())
+
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Gemm":
+            continue
+        layer = LinearLayer.read(node, view)
+        if not isinstance(layer, LinearLayer):
+            continue
+        changed = False
+        trans_b, alpha = int(attr(node, "transB", 0)), float(attr(node, "alpha", 1.0))
+        if not trans_b or alpha != 1.0:
+            rewrite(node, 1, ("B", trans_b, alpha), lambda layer=layer: np.ascontiguousarray(layer.weight))
+            set_attr(node, "transB", 1)
+            _drop_attr(node, "alpha")
+            changed = True
+        c = node.input[2] if len(node.input) > 2 else ""
+        beta = float(attr(node, "beta", 1.0))
+
+        def scaled(c: str = c, beta: float = beta, dtype: np.dtype = layer.dtype) -> np.ndarray:
+            return (beta * view.const(c).astype(np.float64)).astype(dtype)
+
+        if layer.bias is not None:
+            old = view.initializers[c]
+            if beta != 1.0 or (opset >= 7 and tuple(old.dims) != (layer.out_features,)):
+                vector = opset >= 7
+                rewrite(node, 2, ("C", beta, vector), (lambda b=layer.bias: b) if vector else scaled)
+                changed = True
+        elif layer.fixed_c and view.is_const(c) and beta != 1.0:
+            rewrite(node, 2, ("C", beta, False), scaled)
+            changed = True
+        if attr(node, "beta") is not None and not (layer.fixed_c and not view.is_const(c)):
+            changed |= _drop_attr(node, "beta")
+        rewritten += changed
+    return rewritten
+
+
+def _drop_attr(node: onnx.NodeProto, name: str) -> bool:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            return True
+    return False
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def bypass_identities(graph: onnx.GraphProto) -> int:

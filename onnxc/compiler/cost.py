@@ -191,9 +191,8 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
             b = view.static_shape(node.input[1])
             if a is None or b is None:
                 return 0
-            m, k = (a[1], a[0]) if attr(node, "transA", 0) else (a[0], a[1])
-            n = b[0] if attr(node, "transB", 0) else b[1]
-            return m * k * n
+            m = a[1] if attr(node, "transA", 0) else a[0]
+            return m * _numel(b)  # M x K x N, whichever way B is stored
         if op in ("LSTM", "GRU", "RNN"):
             # Every step of every sequence multiplies the input by W and the state by R (all gates,
             # all directions): [T*N] x (numel(W) + numel(R)), whatever the layout.

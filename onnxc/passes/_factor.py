@@ -20,6 +20,7 @@ import onnx
 from onnxc.compiler import holdout, runtime
 from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.linear import LinearLayer, float_const  # float_const: also imported from here
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any
 from onnxc.compiler.technique import Candidate, Technique
@@ -173,15 +174,15 @@ class FactorPass(Pass, Technique):
         jobs: dict[str, rec.RefitJob] = {}  # layer name -> the refit of its rewrite's last node
         for layer in layers:
             last = view.producers.get(layer.node.output[0])
-            if layer.name not in done or last is None or last.op_type not in ("Conv", "Gemm", "MatMul") \
-                    or not view.is_const(last.input[1]) or view.is_const(last.input[0]):
+            lin = LinearLayer.read(last, view) if last is not None and layer.name in done else None
+            if not isinstance(lin, LinearLayer) or lin.trans_a:
                 continue
-            if last.op_type == "MatMul" and any(u.op_type == "Add" for u in view.consumers.get(last.output[0], [])):
+            if lin.kind == "MatMul" and any(u.op_type == "Add" for u in view.consumers.get(lin.node.output[0], [])):
                 continue  # its bias lives in the Add, which the refit would not see (nor refit)
-            shape = view.static_shape(last.input[0])
-            if shape is None or (last.op_type == "Gemm" and (attr(last, "transA", 0) or len(shape) != 2)):
+            shape = view.static_shape(lin.x)
+            if shape is None or (lin.kind == "Gemm" and len(shape) != 2):
                 continue
-            features = shape[-1] if last.op_type == "MatMul" else shape[1]
+            features = shape[1] if lin.kind == "Conv" else shape[-1]
             jobs[layer.name] = rec.RefitJob(last.name, last.input[0], last.output[0], np.arange(features), None)
         if not jobs:
             return model
@@ -382,16 +383,6 @@ def _clashes(view: GraphView, layer: Layer, fitted: Fitted) -> bool:
 
 
 # ---- helpers used by the passes -----------------------------------------------------------------
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
-
-
-def float_const(view: GraphView, name: str) -> np.ndarray | None:
-    """A float initializer's value (None for activations and non-float data)."""
-    if not name or name not in view.initializers or view.initializers[name].data_type not in FLOAT_TYPES:
-        return None
-    return view.const(name)
-
-
 def cost(params: int, macs: int, itemsize: int) -> dict:
     return {"params": int(params), "macs": int(macs), "bytes": int(params) * itemsize}
 

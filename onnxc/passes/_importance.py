@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
-from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.graph import GraphView
+from onnxc.compiler.linear import LinearLayer, is_linear
 from onnxc.passes import _reconstruct as rec
 from onnxc.passes.channel_groups import ChannelGroup
 
@@ -61,16 +62,15 @@ class ThinetGram:
         self.node, self.x = node, node.input[0]
         self.units, self.n_units = units, n_units
         self.samples, self.total = samples, total
-        w = view.const(node.input[1]).astype(np.float32)
-        self.geom = rec.conv_geometry(node, view) if node.op_type == "Conv" else None
-        if node.op_type == "Conv":
-            self.w = w.reshape(w.shape[0], w.shape[1], -1)  # [O, C/G, kk]
-        elif node.op_type == "Gemm":
-            self.w = w.T if not attr(node, "transB", 0) else w  # [O, F]
-        else:
-            self.w = w.T
+        layer = LinearLayer.read(node, view, with_add=False)
         self.gram = np.zeros((n_units, n_units))
-        self.ok = node.op_type != "Conv" or self.geom is not None
+        self.geom = rec.conv_geometry(node, view)  # None unless a 2-D Conv
+        if not isinstance(layer, LinearLayer):  # a ConvTranspose: no statistic of this kind
+            self.w, self.ok = None, False
+            return
+        w = layer.weight.astype(np.float32)
+        self.w = w.reshape(w.shape[0], w.shape[1], -1) if w.ndim > 2 else w  # [O, C/G, kk] or [O, F]
+        self.ok = w.ndim == 2 or self.geom is not None
 
     def update(self, values: dict[str, np.ndarray], rng: np.random.Generator) -> None:
         x = values[self.x]
@@ -216,15 +216,11 @@ def filter_norms(g: ChannelGroup, view: GraphView, p: int) -> np.ndarray:
         y = node.output[0]
         if y not in g.tensors:
             continue
-        w = view.const(node.input[1]).astype(np.float64)
-        if node.op_type == "ConvTranspose":
-            rows = np.moveaxis(w, 1, 0)
-        elif node.op_type == "Gemm":
-            rows = w if attr(node, "transB", 0) else w.T
-        elif node.op_type == "MatMul":
-            rows = w.T
-        else:
-            rows = w
+        layer = LinearLayer.read(node, view, with_add=False)
+        if isinstance(layer, LinearLayer):
+            rows = layer.weight.astype(np.float64)
+        else:  # ConvTranspose: [C_in, C_out/g, k...]
+            rows = np.moveaxis(view.const(node.input[1]).astype(np.float64), 1, 0)
         rows = rows.reshape(rows.shape[0], -1)
         norms = np.abs(rows).sum(1) if p == 1 else np.sqrt(np.square(rows).sum(1))
         norms = norms / max(float(norms.mean()), 1e-30)
@@ -253,7 +249,7 @@ def collect(model: onnx.ModelProto, groups: list[ChannelGroup], criterion: str, 
             if criterion == "activation":
                 stats.append((g.id, MeanAbs(x)))
                 continue
-            if criterion == "lsq" and node.op_type in ("Conv", "Gemm", "MatMul"):
+            if criterion == "lsq" and is_linear(node, view):
                 lsq = LsqStats(node, view, g.tensors[x], g.n_units, samples, total)
                 if lsq.ok and lsq_bytes + lsq.memory() <= LSQ_BUDGET:
                     lsq_bytes += lsq.memory()

@@ -39,6 +39,7 @@ from scipy.linalg import cho_factor, cho_solve
 from onnxc.compiler import holdout, runtime
 from onnxc.compiler.calibration import capture_batch, iter_activations
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.linear import LinearLayer
 from onnxc.compiler.resumable import Resumable
 from onnxc.compiler.samples import Samples
 
@@ -329,8 +330,11 @@ class Refitter:
                  samples: int, total: int, from_original: bool, held_out: bool = False):
         self.job, self.node, self.view = job, node, view
         self.samples, self.total, self.from_original = samples, total, from_original
-        w = view.const(node.input[1])
-        self.kind = node.op_type
+        layer = LinearLayer.read(node, view, with_add=False)
+        if not isinstance(layer, LinearLayer):
+            raise ValueError(f"{node.op_type} '{node.name}' is not a linear layer with a constant weight")
+        w = layer.weight
+        self.kind = layer.kind
         if self.kind == "Conv":
             self.geom = conv_geometry(node, view)
             self.groups = self.geom.group if self.geom else 1
@@ -341,8 +345,7 @@ class Refitter:
             rows = self.samples
         else:
             self.geom, self.groups = None, 1
-            transposed = self.kind == "Gemm" and attr(node, "transB", 0)
-            dim, o = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+            o, dim = w.shape
             rows = total
         self.clip = job.clip if self.kind != "MatMul" and not job.residual else None
         keep = self.clip is not None and 4 * rows * dim * (1 + self.groups) <= ROWS_BYTES
@@ -439,26 +442,16 @@ class Refitter:
     def finish(self, ridge: float) -> None:
         """Solve, compare with the sliced weights, and write the better one into the pruned model."""
         node, view = self.node, self.view
-        w0 = view.const(node.input[1])
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        if self.kind == "Gemm":
-            trans = attr(node, "transB", 0)
-            alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-            wmat = (w0.T if trans else w0) * alpha  # [D, O]
-            c = view.const(node.input[2]) if has_bias else None
-            if c is not None and c.size not in (1, wmat.shape[1]):
-                self.job.skipped = "Gemm bias is not a vector"
-                return
-            b0 = np.broadcast_to(c.reshape(-1) * beta, (wmat.shape[1],)) if c is not None else np.zeros(wmat.shape[1])
-            mats, biases = [wmat], [b0]
-        elif self.kind == "MatMul":
-            mats, biases = [w0], [np.zeros(w0.shape[1])]
-        else:
-            o = w0.shape[0]
-            og = o // self.groups
-            bias = view.const(node.input[2]) if has_bias else np.zeros(o)
-            mats = [w0[gi * og:(gi + 1) * og].reshape(og, -1).T for gi in range(self.groups)]
-            biases = [bias[gi * og:(gi + 1) * og] for gi in range(self.groups)]
+        layer = LinearLayer.read(node, view, with_add=False)  # a MatMul's bias Add is not refit
+        if layer.fixed_c:
+            self.job.skipped = "Gemm bias is not a vector"
+            return
+        w0 = layer.weight  # [O, D] (Conv: [O, C/G, k...])
+        o = w0.shape[0]
+        og = o // self.groups
+        bias = layer.bias if layer.bias is not None else np.zeros(o)
+        mats = [w0[gi * og:(gi + 1) * og].reshape(og, -1).T for gi in range(self.groups)]  # [D, O/G] each
+        biases = [bias[gi * og:(gi + 1) * og] for gi in range(self.groups)]
         before = after = energy = 0.0
         new_w, new_b = [], []
         intercept = self.kind != "MatMul"
@@ -500,25 +493,8 @@ class Refitter:
             holdout.Errors(self.job.error_before, _relative(held[0], held[2]) if self.held else None))
         if not self.job.verdict.kept:  # the refit does not generalize: the sliced weights stay
             new_w, new_b = [m.astype(np.float64) for m in mats], [np.asarray(b, np.float64) for b in biases]
-        dtype = w0.dtype
-        if self.kind == "Gemm":
-            w = new_w[0] / (alpha or 1.0)
-            view.set_input_const(node, 1, (w.T if trans else w).astype(dtype))
-            bias = new_b[0] / (beta or 1.0)
-            if has_bias:
-                view.set_input_const(node, 2, bias.reshape(c.shape if c.size == bias.size else (-1,)).astype(dtype))
-            else:
-                _add_input(view, node, 2, bias.astype(dtype), "bias")
-        elif self.kind == "MatMul":
-            view.set_input_const(node, 1, new_w[0].astype(dtype))
-        else:
-            w = np.concatenate([m.T for m in new_w]).reshape(w0.shape)
-            view.set_input_const(node, 1, w.astype(dtype))
-            bias = np.concatenate(new_b).astype(dtype)
-            if has_bias:
-                view.set_input_const(node, 2, bias)
-            else:
-                _add_input(view, node, 2, bias, "bias")
+        w = np.concatenate([m.T for m in new_w]).reshape(w0.shape)
+        layer.write(view, w, np.concatenate(new_b) if intercept else None)
         view.refresh()
 
 
@@ -603,16 +579,6 @@ def _stack_residual(s: NormalStack, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     r += np.einsum("gdo,gdo->g", w, np.matmul(s.xtx, w))
     r += 2 * np.einsum("go,go->g", b, np.einsum("gd,gdo->go", s.xs, w)) + int(s.n) * np.einsum("go,go->g", b, b)
     return np.maximum(r, 0.0)
-
-
-def _add_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
-    name = view.add_const(f"{node.name}_{suffix}", value)
-    while len(node.input) < index:
-        node.input.append("")
-    if len(node.input) == index:
-        node.input.append(name)
-    else:
-        node.input[index] = name
 
 
 def refit(original: onnx.ModelProto, pruned: onnx.ModelProto, jobs: list[RefitJob], inputs: Mapping[str, np.ndarray],

@@ -28,8 +28,8 @@ The weight initializer `W` is removed and the same name becomes the output of::
   model's opset to 21 (and IR to 10) when every op keeps its meaning there (see
   `_codes.upgrade_for_uint4`), else uses the fallback below.
 - `row_offsets` (per_channel): INT32 initializer holding c*K along the channel axis, shaped
-  `[C, 1, ..., 1]` when the channel axis is 0 (Conv, ConvTranspose, Gemm with transB=1) and
-  `[1, ..., 1, C]` when it is the last (Gemm with transB=0, MatMul).
+  `[C, 1, ..., 1]` when the channel axis is 0 (Conv, ConvTranspose, Gemm with transB=1: every
+  canonical Gemm) and `[1, ..., 1, C]` when it is the last (Gemm with transB=0, MatMul).
 
 Fallback for K <= 16 when the opset cannot be raised (or `packing=nibbles`): `codes` is a
 UINT8 initializer of shape `[N // 2, 1]` holding exactly the UINT4 bytes above (N = W's element
@@ -78,6 +78,7 @@ from onnxc.compiler import calibration as calib
 from onnxc.compiler import holdout, runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.linear import FLOAT_TYPES, stored_to_bias, weight_out_axis
 from onnxc.compiler.model import clone, tensor_bytes
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
 from onnxc.compiler.samples import Samples
@@ -87,7 +88,6 @@ from onnxc.passes import _codes
 from onnxc.passes._kmeans1d import INITS, kmeans1d
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
 IMPORTANCE_FLOOR = 0.01  # every weight keeps this share of the mean importance
 
 
@@ -341,7 +341,8 @@ class ClusterPass(Pass, Technique):
                 why = f"also read by {others[0].op_type} '{others[0].name}'" if others else "not only a weight"
                 skipped.append(Skip(nodes[0].name, f"weight {name} {why}"))
                 continue
-            axes = {_channel_axis(n, s, len(view.initializers[name].dims)) for n, s in uses}
+            # the weight's output-channel axis (rows of per-channel codebooks)
+            axes = {weight_out_axis(n, len(view.initializers[name].dims)) for n, _ in uses}
             targets.append(_Target(name, nodes, axes.pop() if len(axes) == 1 else 0))
         return targets, skipped
 
@@ -617,15 +618,6 @@ def _weight_slot(node: onnx.NodeProto, view: GraphView) -> int | None:
     return 1 if len(ins) > 1 and ins[1] in view.initializers and ins[0] not in view.initializers else None
 
 
-def _channel_axis(node: onnx.NodeProto, slot: int, rank: int) -> int:
-    """Axis of the weight that indexes output channels (the rows of per-channel codebooks)."""
-    if node.op_type == "Gemm":
-        return 0 if attr(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return rank - 1
-    return 0  # Conv: [C_out, C_in/g, k...]; ConvTranspose: rows along its first axis
-
-
 def _key(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
@@ -647,12 +639,9 @@ def _output_shift(node: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> 
     op = node.op_type
     if op == "Conv":
         return np.sum(delta * mean, axis=tuple(range(1, delta.ndim)))
-    if op == "Gemm":
-        axis = 1 if attr(node, "transB", 0) else 0
-        beta = attr(node, "beta", 1.0)
-        if beta == 0:
-            return None
-        return attr(node, "alpha", 1.0) / beta * np.sum(delta * mean, axis=axis)
+    if op == "Gemm":  # in the units of C, which _add_to_bias writes
+        scale = stored_to_bias(node)
+        return None if scale is None else scale * np.sum(delta * mean, axis=1 - weight_out_axis(node))
     if op == "MatMul" and delta.ndim == 2:
         return np.sum(delta * mean, axis=0)
     return None
@@ -711,7 +700,7 @@ def _expand_channels(node: onnx.NodeProto, channel: np.ndarray, shape: tuple[int
             return None
         return channel.reshape(shape[0], *([1] * (len(shape) - 1)))
     if op == "Gemm":
-        k_axis = 1 if attr(node, "transB", 0) else 0
+        k_axis = 1 - weight_out_axis(node)
         if channel.size != shape[k_axis]:
             return None
         return channel.reshape(1, -1) if k_axis == 1 else channel.reshape(-1, 1)

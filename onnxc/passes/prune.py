@@ -27,6 +27,7 @@ from onnxc.compiler import holdout, runtime
 from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView, attr, set_attr
+from onnxc.compiler.linear import LinearLayer, is_linear
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any, register
 from onnxc.compiler.technique import Candidate, Technique
@@ -328,15 +329,16 @@ def _grouped_columns(w, kin, kout, c_in, group, c_out_old):
 
 
 def _dense(view: GraphView, node: onnx.NodeProto, kin, kout) -> None:
-    w = view.const(node.input[1])
-    trans = node.op_type == "Gemm" and attr(node, "transB", 0)
+    # a MatMul's bias Add is left out: it is sliced as the elementwise op it is
+    layer = LinearLayer.read(node, view, with_add=False)
+    w, bias = layer.weight, layer.bias
     if kin is not None:
-        w = w[:, kin] if trans else w[kin]
+        w = w[:, kin]
     if kout is not None:
-        w = w[kout] if trans else w[:, kout]
-    view.set_input_const(node, 1, w)
-    if node.op_type == "Gemm" and kout is not None and len(node.input) > 2 and node.input[2]:
-        c = view.const(node.input[2])
+        w, bias = w[kout], (bias[kout] if bias is not None else None)
+    layer.write(view, w, bias if kout is not None else None)
+    if kout is not None and layer.fixed_c and view.is_const(layer.fixed_c):  # a per-row C: its columns
+        c = view.const(layer.fixed_c)
         if c.ndim and c.shape[-1] > 1:
             view.set_input_const(node, 2, np.take(c, kout, axis=-1))
 
@@ -404,7 +406,7 @@ def _jobs(original: onnx.ModelProto, groups: list[ChannelGroup], keep: dict[str,
     for g in groups:
         for name in g.consumers:
             node = view.node_by_name(name)
-            if node.op_type not in ("Conv", "Gemm", "MatMul") or node.input[0] not in keep:
+            if not is_linear(node, view) or node.input[0] not in keep:
                 continue
             jobs.append(rec.RefitJob(name, node.input[0], node.output[0], keep[node.input[0]],
                                      keep.get(node.output[0])))
@@ -416,8 +418,8 @@ def _jobs(original: onnx.ModelProto, groups: list[ChannelGroup], keep: dict[str,
                 continue
             affected.update(o for o in node.output if o)
             x = node.input[0]
-            if node.name in chosen or node.op_type not in ("Conv", "Gemm", "MatMul") or x not in affected \
-                    or not view.is_const(node.input[1]) or view.static_shape(x) is None:
+            if node.name in chosen or not is_linear(node, view) or x not in affected \
+                    or view.static_shape(x) is None:
                 continue
             if node.op_type != "Conv" and len(view.static_shape(x)) != 2:
                 continue  # a MatMul over [N, T, D]: its features are not on axis 1, which the refit assumes

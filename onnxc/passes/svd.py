@@ -1,7 +1,8 @@
 """`svd`: a dense layer y = W x + b becomes two thin ones, y = U (V x) + b, with rank r.
 
-Covers Gemm (any transA/transB, alpha, beta, with or without C) and MatMul with a constant 2-D
-weight on either side, including batched activations such as [B, T, D] @ [D, F] in transformers
+Covers Gemm (any transA/transB, alpha, beta, with or without C: `LinearLayer` reads them all as
+[out, in] and a bias) and MatMul with a constant 2-D weight on either side, including batched
+activations such as [B, T, D] @ [D, F] in transformers
 (a MatMul followed by an Add of a bias vector has that bias refitted too). With calibration data
 the factors minimize the layer's output error (SVD of W C^(1/2), mapped back by C^(-1/2), and the
 bias absorbs the input mean), otherwise the weight error (plain truncated SVD). The rank-r form
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.graph import GraphView
+from onnxc.compiler.linear import LinearLayer, float_const
 from onnxc.compiler.passes import Change, PassContext, register
 from onnxc.passes import _whiten
-from onnxc.passes._dense import bias_add, bias_vector, opset_version
-from onnxc.passes._factor import FactorPass, Fitted, Layer, cost, float_const, numel, output_error
+from onnxc.passes._dense import opset_version
+from onnxc.passes._factor import FactorPass, Fitted, Layer, cost, numel, output_error
 from onnxc.passes._rank import choose_ranks
 
 
@@ -36,78 +38,53 @@ class SvdPass(FactorPass):
 
     # ---- candidates ----------------------------------------------------------------------------
     def candidate(self, node: onnx.NodeProto, view: GraphView, model: onnx.ModelProto) -> Layer | str | None:
-        if node.op_type == "Gemm":
-            return self._gemm(node, view, model)
+        if node.op_type not in ("Gemm", "MatMul"):
+            return None
         if node.op_type == "MatMul":
-            return self._matmul(node, view)
-        return None
-
-    def _gemm(self, node: onnx.NodeProto, view: GraphView, model: onnx.ModelProto) -> Layer | str:
-        a, b = node.input[0], node.input[1]
-        weight = float_const(view, b)
-        if weight is None or weight.ndim != 2:
-            return "weight (input B) is not a constant 2-D float tensor"
-        if view.is_const(a):
-            return "input A is constant"
-        trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
-        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-        w = alpha * (weight if trans_b else weight.T).astype(np.float64)  # [N, K]
-        n_out, k = w.shape
-        bias, mode = None, "free"
-        c = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-        if c:
-            cval = bias_vector(float_const(view, c), n_out)
-            if cval is not None:
-                bias, mode = beta * cval, "vector"
-            else:
-                mode = "keep"  # a per-row or computed C stays as it is on the second Gemm
-        shape = view.static_shape(a)
-        m = (shape[1] if trans_a else shape[0]) if shape and len(shape) == 2 else 1
-        rows = (a, k, _whiten.axis_rows(0, k) if trans_a else _whiten.last_axis_rows(k))
-        return Layer(node, rows, {"kind": "gemm", "w": w, "bias": bias, "mode": mode, "m": m, "dtype": weight.dtype,
-                                  "trans_a": trans_a, "beta": beta, "c": c, "opset": opset_version(model)})
-
-    def _matmul(self, node: onnx.NodeProto, view: GraphView) -> Layer | str | None:
-        a, b = node.input[0], node.input[1]
-        wa, wb = float_const(view, a), float_const(view, b)
-        if (wa is None) == (wb is None):
-            return None if wa is None else "both inputs are constant"
-        weight = wb if wb is not None else wa
-        if weight.ndim != 2:
-            return f"weight is {weight.ndim}-D (only 2-D weights are factorized)"
-        x = a if wb is not None else b
-        shape = view.static_shape(x)
-        if wb is not None:  # x[..., K] @ W[K, N]
-            k = weight.shape[0]
-            m = numel(shape[:-1]) if shape else 1
-            layer = Layer(node, (x, k, _whiten.last_axis_rows(k)), {"kind": "right", "w": weight.T.astype(np.float64)})
-            bias = self._add_bias(node, view, weight.shape[1])
-            layer.info.update(bias=bias[0] if bias else None, add=bias[1:] if bias else None,
-                              mode="add" if bias else "none")
-        else:  # W[M, K] @ x[..., K, N]
-            if shape is None or len(shape) < 2:
-                return "activation rank unknown or 1-D"
-            k = weight.shape[1]
-            m = numel(shape) // k
-            layer = Layer(node, (x, k, _whiten.axis_rows(-2, k)), {"kind": "left", "w": weight.astype(np.float64),
-                                                                  "bias": None, "mode": "none"})
-        layer.info.update(m=m, dtype=weight.dtype)
-        return layer
+            wa, wb = float_const(view, node.input[0]), float_const(view, node.input[1])
+            if (wa is None) == (wb is None):
+                return None if wa is None else "both inputs are constant"
+            if wa is not None:
+                return self._left(node, view, wa)
+        layer = LinearLayer.read(node, view)
+        return layer if isinstance(layer, str) else self._dense(layer, view, model)
 
     @staticmethod
-    def _add_bias(node: onnx.NodeProto, view: GraphView, n_out: int) -> tuple | None:
-        """(bias, Add node, input index) when the MatMul's only reader adds a constant [N] vector
-        (not a broadcast scalar: the refitted bias is written back in the Add constant's shape)."""
-        found = bias_add(node, view)
-        if found is None:
-            return None
-        add, idx = found
-        value = float_const(view, add.input[idx])
-        bias = bias_vector(value, n_out) if value is not None and value.size == n_out else None
-        y_shape = view.shape(node.output[0])
-        if bias is None or y_shape is None or value.ndim > len(y_shape):
-            return None
-        return bias, add.output[0], idx
+    def _dense(layer: LinearLayer, view: GraphView, model: onnx.ModelProto) -> Layer:
+        """x W^T + b: a Gemm (rows of A, maybe transposed) or x[..., K] @ W[K, N] (+ a bias Add)."""
+        w = layer.weight.astype(np.float64)  # [N, K]
+        k = w.shape[1]
+        shape = view.static_shape(layer.x)
+        if layer.kind == "Gemm":
+            m = (shape[1] if layer.trans_a else shape[0]) if shape and len(shape) == 2 else 1
+            rows = _whiten.axis_rows(0, k) if layer.trans_a else _whiten.last_axis_rows(k)
+            info = {"kind": "gemm", "trans_a": layer.trans_a, "c": layer.fixed_c, "beta": layer.fixed_c_scale,
+                    "opset": opset_version(model)}
+            # a C that is no bias vector stays as it is on the second Gemm; no C: a bias is free
+            mode = "vector" if layer.bias is not None else "keep" if layer.fixed_c else "free"
+        else:
+            m = numel(shape[:-1]) if shape else 1
+            rows = _whiten.last_axis_rows(k)
+            add = layer.bias_add
+            info = {"kind": "right", "add": (add.output[0], 1 if add.input[0] == layer.node.output[0] else 0)
+                    if add is not None else None}
+            mode = "add" if add is not None else "none"
+        bias = layer.bias.astype(np.float64) if layer.bias is not None else None
+        info.update(w=w, bias=bias, mode=mode, m=m, dtype=layer.dtype)
+        return Layer(layer.node, (layer.x, k, rows), info)
+
+    @staticmethod
+    def _left(node: onnx.NodeProto, view: GraphView, weight: np.ndarray) -> Layer | str:
+        """W[M, K] @ x[..., K, N]: the weight multiplies from the left (no bias)."""
+        if weight.ndim != 2:
+            return f"weight is {weight.ndim}-D (only 2-D weights are factorized)"
+        shape = view.static_shape(node.input[1])
+        if shape is None or len(shape) < 2:
+            return "activation rank unknown or 1-D"
+        k = weight.shape[1]
+        return Layer(node, (node.input[1], k, _whiten.axis_rows(-2, k)),
+                     {"kind": "left", "w": weight.astype(np.float64), "bias": None, "mode": "none",
+                      "m": numel(shape) // k, "dtype": weight.dtype})
 
     # ---- fitting -------------------------------------------------------------------------------
     def fit(self, layer: Layer, view: GraphView, moments: _whiten.Moments | None, ctx: PassContext) -> Fitted | str:
@@ -170,13 +147,13 @@ class SvdPass(FactorPass):
                                                                                np.ascontiguousarray(u.T))],
                                     [out], name=f"{name}/svd_u")
             return [first, second]
-        # Gemm: first factor keeps transA; alpha/beta are folded into the factors and bias
+        # Gemm: first factor keeps transA; both in the canonical form (transB=1, alpha and beta folded)
         old_opset = info["opset"] < 11
         if info["trans_a"]:
-            inputs = [x, view.add_const(f"{name}.svd_v", np.ascontiguousarray(v.T))]
+            inputs = [x, view.add_const(f"{name}.svd_v", np.ascontiguousarray(v))]  # [r, K]: [out, in]
             if old_opset:
                 inputs.append(view.add_const(f"{name}.svd_zero", np.zeros(v.shape[0], dtype=v.dtype)))
-            first = view.make_node("Gemm", inputs, name=f"{name}/svd_v", transA=1)
+            first = view.make_node("Gemm", inputs, name=f"{name}/svd_v", transA=1, transB=1)
         else:
             first = view.make_node("MatMul", [x, view.add_const(f"{name}.svd_v", np.ascontiguousarray(v.T))],
                                    name=f"{name}/svd_v")
