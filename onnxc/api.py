@@ -120,6 +120,8 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     if cal.is_random:
         report.notes.append("no calibration file: inputs drawn at random from the input spec; "
                             "lossy passes are fitted to and verified on random data")
+    if metric is not None:
+        _metric_notes(report, runtime.sample_count(cal.validation), budget, budget_source)
     ref_out = runtime.run(original, cal.validation)
     canon_fid = compare_outputs(ref_out, runtime.run(canonical, cal.validation), metric)
     report.canonical_fidelity = canon_fid.to_dict()
@@ -181,6 +183,23 @@ def _budget(max_error: float | None, preset_budget: float | None, preset: str | 
     if preset_budget is not None:
         return preset_budget, "recipe" if recipe is not None else f"preset {preset}"
     return DEFAULT_BUDGET, "default"
+
+
+def _metric_notes(report: Report, held_out: int, budget: float | None, source: str) -> None:
+    """What a user metric can resolve on the held-out samples, and what that means for the budget.
+
+    A metric that counts samples (lines misread, labels changed) moves in steps of 1/N on N
+    held-out samples: a budget below one step admits only a plan the metric cannot tell from the
+    original there, and the default budget was chosen for the relative L2, not for the metric."""
+    resolution = 1.0 / max(held_out, 1)
+    report.metric_resolution = resolution
+    if source == "default":
+        report.notes.append(f"--metric without --max-error: the default budget {DEFAULT_BUDGET:g} bounds the "
+                            "metric's value; set --max-error in the metric's own units")
+    elif budget is not None and 0 < budget < resolution:
+        report.notes.append(f"warning: --max-error {budget:g} is below the resolution of a metric that counts "
+                            f"samples (1/{held_out} = {resolution:.3g} on {held_out} held-out samples): only plans "
+                            "it cannot tell from the original there fit; more calibration samples refine it")
 
 
 def _noise_budget(report: Report, budget: float, error: float) -> float:

@@ -422,3 +422,33 @@ def test_candidates_leave_the_model_untouched():
     assert {c.technique for c in found} >= {"prune", "tucker", "cluster"}
     assert all(c.nodes for c in found)
     assert model.SerializeToString(deterministic=True) == before
+
+
+# ---- discrete metrics ----------------------------------------------------------------------------
+def test_a_starved_metric_is_planned_on_its_surrogate():
+    """A metric that reads 0 for most single rewrites (it counts samples) gives the search nothing
+    to rank by: the surrogate measured in the same runs orders the steps, scaled to the metric."""
+    M = sensitivity.Measurement
+    saving = {"macs": 100, "params": 10, "bytes": 40}
+    rows = [M("prune", "a", 0.5, 0.0, saving, surrogate=0.02), M("prune", "b", 0.5, 0.0, saving, surrogate=0.20),
+            M("prune", "c", 0.5, 1 / 32, saving, surrogate=0.10), M("prune", "d", 0.5, 0.0, saving, surrogate=0.05)]
+    table = sensitivity.Table(rows, {"macs": 1000, "params": 100, "bytes": 400})
+    errors, scale = allocation.planning_errors(table)
+    assert scale == pytest.approx((1 / 32) / 0.10)
+    steps = allocation.ordered_steps(table, "macs", errors)
+    assert [s.name for s in steps] == ["a", "d", "c", "b"]  # by the surrogate, not the metric's ties at 0
+    assert errors[("prune", "c", 0.5)] == pytest.approx(1 / 32)
+    continuous = sensitivity.Table([M("prune", n, 0.5, e, saving, surrogate=e * 2) for n, e in
+                                    (("a", 0.01), ("b", 0.02), ("c", 0.0))], table.base)
+    assert allocation.planning_errors(continuous)[1] is None  # a metric that moves is planned on as it is
+
+
+def test_metric_resolution_is_reported(cache):
+    common = dict(calibration=CALIBRATION, passes=["svd"], target="macs=0.7", cache_dir=cache,
+                  metric=top1_disagreement)
+    below = optimize(sample_path("mlp"), max_error=0.005, **common).report
+    assert below.metric_resolution == pytest.approx(1 / 64)  # 256 calibration samples, a quarter held out
+    assert any("below the resolution" in n for n in below.notes)
+    default = optimize(sample_path("mlp"), **common).report
+    assert any("--metric without --max-error" in n for n in default.notes)
+    assert not any("below the resolution" in n for n in default.notes)

@@ -77,7 +77,8 @@ def _fragile_model() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["h"], ["r"], name="relu1"),
              helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
-    graph = helper.make_graph(nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
+    graph = helper.make_graph(nodes, "fragile",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 8, 8])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

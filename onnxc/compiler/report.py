@@ -40,6 +40,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     reference_noise: float | None = None  # the original against itself across onnxruntime levels
     allocation: dict | None = None  # target, budget, per-candidate sensitivity and the chosen levels
+    metric_resolution: float | None = None  # the smallest step of a --metric: 1 / held-out samples
 
     def to_dict(self) -> dict[str, Any]:
         from onnxc import __version__
@@ -161,6 +162,10 @@ def render(report: Report, console: Console) -> None:
                f"{report.fidelity['rel_l2']:.3g}"
         if top1 is not None:
             text += f", top-1 agreement {100 * top1:.1f}%"
+        if report.fidelity.get("metric") is not None:
+            text += f"; metric {report.fidelity['metric']:.4g}"
+            if report.metric_resolution:
+                text += f" (resolution {report.metric_resolution:.3g}: 1 in {round(1 / report.metric_resolution)})"
         console.print(text)
     if report.budget_source is not None:
         console.print(budget_text(report.max_error, report.budget_source), highlight=False)
