@@ -19,6 +19,7 @@ and held-out errors of both side by side (`Verdict.detail`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,14 +77,23 @@ def in_sample(train, validation) -> Samples:
 
 class Reference:
     """The reference model's outputs on both calibration splits, computed once per pass (the
-    fitting split as `in_sample` takes it: judging a pass runs each candidate on it twice)."""
+    fitting split as `in_sample` takes it: judging a pass runs each candidate on it twice).
+
+    The outputs of the last reference are kept for the process: the sensitivity sweep runs one
+    pass per candidate-level, each against the same original model and samples, and running
+    that model again for each would cost as much as judging the candidate."""
 
     def __init__(self, reference: onnx.ModelProto, calibration, metric: Metric | None = None):
         self.calibration, self.metric = calibration, metric
         held = has_held_out(calibration)
         self.train = in_sample(calibration.train, calibration.validation) if held else calibration.train
-        self.fit = runtime.run(reference, self.train)
-        self.held = runtime.run(reference, calibration.validation) if held else None
+        key = (_fingerprint(reference), _data_fingerprint(self.train),
+               _data_fingerprint(calibration.validation) if held else None)
+        if _LAST[0] != key:
+            _LAST[:] = [None, None]  # free the previous outputs before computing the next
+            fit = runtime.run(reference, self.train)
+            _LAST[:] = [key, (fit, runtime.run(reference, calibration.validation) if held else None)]
+        self.fit, self.held = _LAST[1]
 
     def errors(self, model: onnx.ModelProto) -> Errors:
         """The model's output error on the fitting samples and on the held-out ones."""
@@ -93,6 +103,23 @@ class Reference:
             value = compare_outputs(ref, runtime.run(model, data), self.metric).error
             return float(value) if np.isfinite(value) else float("inf")
         return Errors(error(self.fit, self.train), error(self.held, self.calibration.validation))
+
+
+_LAST: list = [None, None]  # [key, (fit outputs, held-out outputs)] of the last Reference
+
+
+def _fingerprint(model: onnx.ModelProto) -> bytes:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).digest()
+
+
+def _data_fingerprint(data) -> bytes:
+    h = hashlib.sha256()
+    for group in Samples.of(data).groups:
+        for name in sorted(group):
+            value = np.ascontiguousarray(group[name])
+            h.update(f"{name}{value.shape}{value.dtype}".encode())
+            h.update(value.tobytes())
+    return h.digest()
 
 
 def judge_model(reference: Reference, refit: onnx.ModelProto, plain: onnx.ModelProto) -> Verdict:

@@ -71,6 +71,8 @@ class PrunePass(Pass, Technique):
         "recapture": "refit layer by layer on the pruned model's own activations (slower, more accurate)",
         "downstream": "with recapture, also refit the unpruned layers after a pruned group (depthwise convs, "
                       "later layers) to absorb what the direct consumers could not",
+        "judge": "run the model with and without the refits on held-out samples and keep the sliced weights "
+                 "where the refits read them worse (off: trust the per-layer held-out checks alone; faster)",
     }
     ratio: float = 0.3
     criterion: Literal["l1", "l2", "activation", "thinet", "lsq"] = "lsq"
@@ -83,6 +85,7 @@ class PrunePass(Pass, Technique):
     samples: int = 8192
     recapture: bool = True
     downstream: bool = True
+    judge: bool = True
     # Set by the allocator (not a CLI option): group name -> its own ratio; only these groups are pruned.
     _levels: dict[str, float] | None = None
 
@@ -104,10 +107,11 @@ class PrunePass(Pass, Technique):
         return [replace(self, _levels=dict(levels))]
 
     def probe(self) -> PrunePass:
-        """Refit only the direct consumers, on the original model's activations, and rank channels
-        by ThiNet instead of the greedy least-squares search: many times faster per candidate, and
-        the final plan runs with the user's settings and is verified."""
-        return replace(self, recapture=False, downstream=False, samples=min(self.samples, 2048),
+        """Refit only the direct consumers, on the original model's activations, rank channels by
+        ThiNet instead of the greedy least-squares search, and trust the per-layer held-out checks
+        without running the model twice more: many times faster per candidate, and the final plan
+        runs with the user's settings and is verified."""
+        return replace(self, recapture=False, downstream=False, samples=min(self.samples, 2048), judge=False,
                        criterion="thinet" if self.criterion == "lsq" else self.criterion)
 
     def planned(self, explicit) -> PrunePass:
@@ -176,7 +180,7 @@ class PrunePass(Pass, Technique):
             model = rec.refit(original, model, jobs, data, ridge=self.ridge, samples=self.samples,
                               recapture=self.recapture, rng=lambda s: ctx.rng(f"prune-refit:{s}"),
                               progress=ctx.progress, refresh=_reinfer, held_out=held)
-            if held is not None and any(j.verdict is not None and j.verdict.kept for j in jobs):
+            if self.judge and held is not None and any(j.verdict is not None and j.verdict.kept for j in jobs):
                 verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, sliced)
                 info["model_refit"] = verdict.detail()
                 if not verdict.kept:
