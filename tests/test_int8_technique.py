@@ -103,3 +103,30 @@ def test_budget_keeps_the_layers_int8_destroys_float(tmp_path):
     assert len(chosen) < 2
     left = result.report.allocation["untouched"]["int8"]  # the report lists the layers kept float
     assert left and set(left) | {name.split(":")[1] for name in chosen} == {"conv1", "conv2"}
+
+
+def test_c_backend_lowers_the_planned_mix_as_it_is(tmp_path):
+    """`--backend c --int8` with a target: the allocator's int8 layers run as integer kernels, the
+    layers it kept float stay float, and the build matches onnxruntime running the same model."""
+    from sample_data import load_test_set
+
+    from onnxc.backends import ExportOptions
+    from onnxc.backends.c import compile_model
+    from onnxc.backends.c.toolchain import build_generated, run_samples
+    from onnxc.compiler import runtime
+
+    result = optimize(sample_path("mlp"), passes=["int8"], calibration=CALIBRATION, target="size=0.5",
+                      backend="c", export_options=ExportOptions(int8="static", name="net"), output=tmp_path / "c",
+                      cache_dir=tmp_path / "cache")
+    chosen = result.report.allocation["chosen"]
+    left = result.report.allocation["untouched"].get("int8", [])
+    assert chosen and left, (chosen, left)  # a mix: some layers int8, some float
+    ops = result.report.backend["ops"]
+    assert ops.get("QuantizeLinear") and ops.get("Gemm")  # integer kernels and float ones in one program
+    x, _ = load_test_set()
+    gen = compile_model(result.model, "mix", {"input": [1, 1, 16, 16]})
+    exe = build_generated([gen], tmp_path / "host", opt="-O2")
+    ours = run_samples(exe, 0, gen, {"input": x[:100]})["logits"].reshape(100, -1)
+    ref = runtime.run(result.model, {"input": x[:100]})["logits"]
+    assert np.mean(ours.argmax(1) == ref.argmax(1)) >= 0.99
+    assert np.max(np.abs(ours - ref)) <= 0.05 * np.max(np.abs(ref))
