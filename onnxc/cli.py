@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from onnxc.compiler.recipe import PRESETS
 from onnxc.errors import OnnxcError, UsageError
 
 # Everything the CLI prints is literal: node names (`/model.22/cv2.0/m[cv2]`), paths and extras
@@ -240,7 +242,8 @@ def _input_file(path: str) -> str:
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling and random inputs (default 0).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Worker processes for per-layer work (alone: local processes; default 1, in-process).")
+              help="Worker processes for per-layer work (alone: local processes; default: the machine's cores "
+                   "for --target and presets that allocate, else 1, in-process).")
 @click.option("--executor", "executor", type=click.Choice(["local", "ray"]), default=None,
               help="Run per-layer work on local processes or as Ray tasks (pip install 'onnxc[ray]').")
 @click.option("--ray-address", default=None, metavar="ADDRESS",
@@ -283,6 +286,9 @@ def optimize(
     if Path(output).resolve() == Path(model).resolve():
         raise UsageError("output would overwrite the input model; choose another -o")
     shapes = _parse_shapes(input_shapes)
+    allocating = target or PRESETS.get(preset or "", {}).get("target")
+    if jobs is None and executor is None and ray_address is None and allocating:
+        jobs = os.cpu_count() or 1  # the sensitivity sweep is one task per candidate-level: use the cores
     with _ProgressReporter(not quiet) as progress:
         result = run_optimize(
             model,
