@@ -16,10 +16,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxc.compiler import calibration_data, runtime
+from onnxc.compiler import calibration_data, memo, runtime
 from onnxc.compiler.calibration_data import InputSpec, Source, fmt_shape, input_specs, load_npz  # noqa: F401
 from onnxc.compiler.graph import GraphView, node_inputs_with_subgraphs, upstream
+from onnxc.compiler.model import fingerprint
 from onnxc.compiler.samples import Samples
+from onnxc.compiler.samples import fingerprint as data_fingerprint
 from onnxc.errors import OnnxcError
 
 DEFAULT_RANDOM_SAMPLES = 32
@@ -207,17 +209,41 @@ def capture_batch(view: GraphView, names: Sequence[str], budget: int = CAPTURE_B
     return int(max(1, min(most, budget // max(per_sample * 3, 1))))
 
 
+MEMO_BYTES = 512 * 2**20  # a capture larger than this is not kept for the next probe (`memo`)
+
+
 def iter_activations(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray],
                      batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield the tensors `names` batch by batch (for passes that reduce on the fly); the next
     batch runs through onnxruntime while the caller works on this one (`runtime.prefetch`).
-    The default batch size keeps a batch's tensors within CAPTURE_BYTES (`capture_batch`)."""
+    The default batch size keeps a batch's tensors within CAPTURE_BYTES (`capture_batch`).
+    The arrays are read-only: inside the sensitivity sweep a capture of the same tensors hands
+    them out again (`memo`)."""
     if batch_size is None:
         batch_size = capture_batch(GraphView(model.graph), names)
-    sess = CaptureSession(with_outputs(model, names))
     names = list(names)
-    yield from runtime.prefetch(sess.run(names, batch, batch_size=batch_size)
-                                for batch in runtime.batches(inputs, batch_size))
+    key = (fingerprint(model), tuple(names), data_fingerprint(inputs), batch_size) if memo.active() else None
+    kept = memo.get("capture", key) if key is not None else None
+    if kept is not None:
+        yield from kept
+        return
+    memo.drop("capture")
+    sess = CaptureSession(with_outputs(model, names))
+    kept = [] if key is not None else None
+    size = 0
+    for batch in runtime.prefetch(sess.run(names, batch, batch_size=batch_size)
+                                  for batch in runtime.batches(inputs, batch_size)):
+        for value in batch.values():
+            value.flags.writeable = False
+        if kept is not None:
+            size += sum(v.nbytes for v in batch.values())
+            if size <= MEMO_BYTES:
+                kept.append(batch)
+            else:
+                kept = None
+        yield batch
+    if kept is not None:
+        memo.put("capture", key, kept)
 
 
 def capture(model: onnx.ModelProto, names: Sequence[str], inputs: Mapping[str, np.ndarray], *,

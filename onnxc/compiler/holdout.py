@@ -19,15 +19,16 @@ and held-out errors of both side by side (`Verdict.detail`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxc.compiler import runtime
+from onnxc.compiler import memo, runtime
+from onnxc.compiler.model import fingerprint
 from onnxc.compiler.samples import Samples
+from onnxc.compiler.samples import fingerprint as data_fingerprint
 from onnxc.compiler.verify import Metric, compare_outputs
 
 
@@ -79,21 +80,22 @@ class Reference:
     """The reference model's outputs on both calibration splits, computed once per pass (the
     fitting split as `in_sample` takes it: judging a pass runs each candidate on it twice).
 
-    The outputs of the last reference are kept for the process: the sensitivity sweep runs one
-    pass per candidate-level, each against the same original model and samples, and running
-    that model again for each would cost as much as judging the candidate."""
+    Inside the sensitivity sweep the outputs are kept for the next probe (`memo`): every probe
+    judges against the same original model on the same samples."""
 
     def __init__(self, reference: onnx.ModelProto, calibration, metric: Metric | None = None):
         self.calibration, self.metric = calibration, metric
         held = has_held_out(calibration)
         self.train = in_sample(calibration.train, calibration.validation) if held else calibration.train
-        key = (_fingerprint(reference), _data_fingerprint(self.train),
-               _data_fingerprint(calibration.validation) if held else None)
-        if _LAST[0] != key:
-            _LAST[:] = [None, None]  # free the previous outputs before computing the next
-            fit = runtime.run(reference, self.train)
-            _LAST[:] = [key, (fit, runtime.run(reference, calibration.validation) if held else None)]
-        self.fit, self.held = _LAST[1]
+        key = (fingerprint(reference), data_fingerprint(self.train),
+               data_fingerprint(calibration.validation) if held else None) if memo.active() else None
+        outputs = memo.get("reference", key) if key is not None else None
+        if outputs is None:
+            memo.drop("reference")
+            outputs = (runtime.run(reference, self.train),
+                       runtime.run(reference, calibration.validation) if held else None)
+            memo.put("reference", key, outputs)
+        self.fit, self.held = outputs
 
     def errors(self, model: onnx.ModelProto) -> Errors:
         """The model's output error on the fitting samples and on the held-out ones."""
@@ -103,23 +105,6 @@ class Reference:
             value = compare_outputs(ref, runtime.run(model, data), self.metric).error
             return float(value) if np.isfinite(value) else float("inf")
         return Errors(error(self.fit, self.train), error(self.held, self.calibration.validation))
-
-
-_LAST: list = [None, None]  # [key, (fit outputs, held-out outputs)] of the last Reference
-
-
-def _fingerprint(model: onnx.ModelProto) -> bytes:
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).digest()
-
-
-def _data_fingerprint(data) -> bytes:
-    h = hashlib.sha256()
-    for group in Samples.of(data).groups:
-        for name in sorted(group):
-            value = np.ascontiguousarray(group[name])
-            h.update(f"{name}{value.shape}{value.dtype}".encode())
-            h.update(value.tobytes())
-    return h.digest()
 
 
 def judge_model(reference: Reference, refit: onnx.ModelProto, plain: onnx.ModelProto) -> Verdict:

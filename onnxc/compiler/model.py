@@ -8,6 +8,7 @@ output, and switches to external data when the tensors pass protobuf's 2 GB limi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,11 @@ def clone(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def fingerprint(model: onnx.ModelProto) -> bytes:
+    """A digest of the model's bytes: the key of results computed from a model within a process."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).digest()
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -104,6 +104,20 @@ class Samples(Mapping[str, np.ndarray]):
         return f"Samples({self.count} samples, {len(self.groups)} shape group(s), inputs {self._names})"
 
 
+def fingerprint(data: Samples | Mapping[str, np.ndarray]) -> bytes:
+    """A digest of the samples (names, shapes, dtypes, values): with `model.fingerprint`, the key of
+    results computed from a model on data within a process."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for group in Samples.of(data).groups:
+        for name in sorted(group):
+            value = np.ascontiguousarray(group[name])
+            h.update(f"{name}{value.shape}{value.dtype}".encode())
+            h.update(value.tobytes())
+    return h.digest()
+
+
 def _count(feed: Mapping[str, np.ndarray]) -> int:
     counts = {len(v) if np.ndim(v) else 1 for v in feed.values()}
     if len(counts) != 1:

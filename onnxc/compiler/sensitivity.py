@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxc.compiler import runtime
+from onnxc.compiler import memo, runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.holdout import in_sample
@@ -192,7 +192,8 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     techniques = {t: create(*parse_spec(spec)) for t, spec in specs.items()}
     cal = Calibration(Samples(train), Samples(validation), source)
     ctx = PassContext(calibration=cal, seed=seed, metric=metric)
-    rewritten, results = apply_plan(model, {(technique, name): level}, techniques, ctx, input_shapes)
+    with memo.keeping():  # the next probe captures the same tensors of the same model (`memo`)
+        rewritten, results = apply_plan(model, {(technique, name): level}, techniques, ctx, input_shapes)
     applied = any(r.modified for _, r in results)
     if not applied:
         return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
@@ -262,6 +263,7 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
         shared = {k: ctx.executor.put(v) for k, v in values.items()}
         for m in ctx.executor.map(_measure_one, missing, shared=shared, label="sensitivity", progress=ctx.progress):
             known[m.key] = m
+    memo.clear()
     if path and missing:
         _write_cache(path, {**cached, **known})
     table = Table([known[i] for i in items], base, str(path) if path else None,

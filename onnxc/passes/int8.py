@@ -31,14 +31,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
+from onnxc.compiler.model import fingerprint
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
-from onnxc.compiler.samples import Samples
+from onnxc.compiler.samples import fingerprint as data_fingerprint
 from onnxc.compiler.technique import Candidate, Technique
 from onnxc.errors import UsageError
 
@@ -181,9 +181,4 @@ _CACHE_DIR = Path(_CACHE.name)
 
 
 def _key(model: onnx.ModelProto, inputs) -> str:
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
-    for group in Samples.of(inputs).groups:
-        for name in sorted(group):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(group[name]).tobytes())
-    return h.hexdigest()[:32]
+    return hashlib.sha256(fingerprint(model) + data_fingerprint(inputs)).hexdigest()[:32]
