@@ -40,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", default="size=0.3")
     parser.add_argument("--per-type", type=int, default=6, help="files per type in each split")
+    parser.add_argument("--int8", action="store_true",
+                        help="also the target with -p cluster -p int8 --backend onnxruntime")
     parser.add_argument("--uniform", default="cluster:bits=8,cluster:bits=4",
                         help="uniform settings to compare, comma-separated specs")
     args = parser.parse_args()
@@ -75,6 +77,11 @@ def compare(model_path: str, tmp: Path, cal, test, args) -> list[tuple]:
             (f"target {args.target} -p cluster", {"target": args.target, "passes": ["cluster"]}),
             ("  + --metric type_error", {"target": args.target, "passes": ["cluster"],
                                           "metric": "file_types:type_error"})]
+    if args.int8:
+        runs += [(f"target {args.target} -p cluster -p int8", {"target": args.target, "passes": ["cluster", "int8"],
+                                                               "backend": "onnxruntime"}),
+                 ("  + --metric type_error", {"target": args.target, "passes": ["cluster", "int8"],
+                                              "backend": "onnxruntime", "metric": "file_types:type_error"})]
     runs += [(spec, {"passes": [spec]}) for spec in args.uniform.split(",") if spec]
     rows = [("original", *scores(ref_labels), 1.0, 0.0, 0.0, "")]
     for i, (how, kwargs) in enumerate(runs):
