@@ -248,9 +248,21 @@ def _static_value(node: onnx.NodeProto, view: GraphView, values: dict[str, np.nd
         else:
             return None
     try:
-        ref = ReferenceEvaluator(node, opsets={"": opsets.get("", 13)})
-        outs = ref.run(None, args)
+        outs = evaluate_node(node, args, opsets.get("", 13))
     except Exception as exc:  # left for the lowering to report as unsupported
         log.debug("cannot evaluate %s (%s) at export time: %s", node.name, node.op_type, exc)
         return None
     return [np.asarray(o) for o in outs]
+
+
+def evaluate_node(node: onnx.NodeProto, args: Mapping[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    """`node` run by the ONNX reference evaluator at the model's opset.
+
+    Wrapped in a one-node model: an evaluator built from a bare NodeProto runs the newest version
+    of the op whatever `opsets` says, which cannot read the attributes older exports use
+    (`Unsqueeze`/`Squeeze` axes before opset 13, as torch writes at opset 11)."""
+    names = [i for i in node.input if i]
+    graph = onnx.helper.make_graph([node], "fold", [onnx.helper.make_empty_tensor_value_info(n) for n in names],
+                                   [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return list(ReferenceEvaluator(model).run(None, {n: args[n] for n in names}))
