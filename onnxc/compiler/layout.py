@@ -131,7 +131,10 @@ def feeds(batch: Mapping[str, np.ndarray], axes: Axes) -> Iterator[tuple[int, in
         feed = {}
         for k, v in batch.items():
             axis = axes.get(k, 0)
-            feed[k] = np.asarray(v[start]) if axis is None else (np.moveaxis(v[start:stop], 0, axis) if axis else v[start:stop])
+            if axis is None:
+                feed[k] = np.asarray(v[start])
+            else:
+                feed[k] = np.moveaxis(v[start:stop], 0, axis) if axis else v[start:stop]
         yield start, stop, feed
         start = stop
 
