@@ -150,3 +150,21 @@ def test_c_export_carries_the_state_and_matches(tmp_path):
         state = got["stateN"].reshape(2, 1, 128)
     gen8 = compile_model(onnx.load(MODEL), "vad8", {"input": (1, 512)}, values={"sr": np.array(8000)})
     assert gen8.prog.pinned == {"sr": 8000}
+
+
+def test_folder_of_chunks_calibrates_and_picks_the_c_branch(tmp_path):
+    """One .npz per chunk as a pipeline saves them (state [2, 1, 128], the rate a scalar): the
+    samples stack on each input's batch axis, and the C export takes the data's rate."""
+    from onnxc.api import export
+
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    for i in range(6):
+        np.savez(folder / f"c{i}.npz", input=rng.standard_normal((1, 512)).astype(np.float32),
+                 state=rng.standard_normal((2, 1, 128)).astype(np.float32), sr=np.array(8000))
+    samples, _ = calibration_data.load(folder, onnx.load(MODEL))
+    assert samples["state"].shape == (6, 2, 128) and set(samples["sr"].tolist()) == {8000}
+    report = export(MODEL, "c", tmp_path / "c", calibration=folder, input_shapes={"input": [1, 512]})
+    assert report["pinned_inputs"] == {"sr": 8000}
+    assert "#define NET_SR_VALUE 8000" in (tmp_path / "c" / "net.h").read_text()
