@@ -168,3 +168,31 @@ def test_folder_of_chunks_calibrates_and_picks_the_c_branch(tmp_path):
     report = export(MODEL, "c", tmp_path / "c", calibration=folder, input_shapes={"input": [1, 512]})
     assert report["pinned_inputs"] == {"sr": 8000}
     assert "#define NET_SR_VALUE 8000" in (tmp_path / "c" / "net.h").read_text()
+
+
+def test_layer_captures_feed_a_state_on_its_own_axis():
+    """Refit captures (`Resumable`) and int8 calibration feed the model as it is fed: a state
+    `[2, batch, 8]` gets its samples on axis 1, not 0."""
+    from graphs import f32, init
+
+    from onnxc.backends.ort_quant import _Reader
+    from onnxc.compiler.resumable import Resumable
+    from onnxc.compiler.samples import Samples
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Gather", ["state", "zero"], ["s0"]),
+             helper.make_node("Add", ["h", "s0"], ["y"])]
+    m = make_model(nodes, [f32("x", ["batch", 4]), f32("state", [2, "batch", 8])], [f32("y", ["batch", 8])],
+                   [init("w", rng.standard_normal((4, 8)).astype(np.float32)), init("zero", np.array(0))])
+    samples = Samples([{"x": rng.standard_normal((5, 4)).astype(np.float32),
+                        "state": rng.standard_normal((5, 2, 8)).astype(np.float32)}])
+    want = runtime.run(m, samples)["y"]
+    np.testing.assert_allclose(want, samples["x"] @ numpy_w(m) + samples["state"][:, 0], rtol=1e-5)
+    got = np.concatenate([b["y"] for b in Resumable(m, samples, batch_size=2).capture(m, ["y"])])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    feeds = list(iter(_Reader(samples, 2, axes=layout.model_input_axes(m)).get_next, None))
+    assert [f["state"].shape for f in feeds] == [(2, 2, 8), (2, 2, 8), (2, 1, 8)]
+
+
+def numpy_w(m: onnx.ModelProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w"))

@@ -181,13 +181,14 @@ def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The smallest fixed leading dim among the model's real inputs (None when every one is free)."""
-    inits = {t.name for t in model.graph.initializer}
+    """The smallest fixed batch dim among the model's real inputs (None when every one is free);
+    the batch axis is each input's own (`layout`), the leading one unless a named batch says."""
+    axes = layout.model_input_axes(model)
     dims = []
-    for vi in model.graph.input:
-        shape = vi.type.tensor_type.shape
-        if vi.name not in inits and vi.type.HasField("tensor_type") and len(shape.dim) and shape.dim[0].dim_value > 0:
-            dims.append(shape.dim[0].dim_value)
+    for name, shape in layout.model_inputs(model):
+        axis = axes.get(name)
+        if shape and axis is not None and axis < len(shape) and isinstance(shape[axis], int):
+            dims.append(shape[axis])
     return min(dims) if dims else None
 
 
@@ -231,7 +232,7 @@ def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.n
             count = stop - start
             short = batch_size - count if fixed and feed else 0
             if short > 0:  # a fixed batch dim: pad the run by repeating samples, then trim
-                feed = {k: _pad(v, short, in_axes.get(k, 0)) for k, v in feed.items()}
+                feed = {k: pad_batch(v, short, in_axes.get(k, 0)) for k, v in feed.items()}
             for name, value in zip(names, sess.run(names, feed)):
                 value = layout.from_output(value, out_axes.get(name, 0), count + max(short, 0))
                 collected[name].append(value[: len(value) - short] if short > 0 and value.ndim else value)
@@ -242,7 +243,8 @@ def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.n
             for n, v in collected.items()}
 
 
-def _pad(value: np.ndarray, short: int, axis: int | None) -> np.ndarray:
+def pad_batch(value: np.ndarray, short: int, axis: int | None) -> np.ndarray:
+    """`value` with its first sample repeated `short` more times on its batch `axis` (a fixed batch)."""
     if axis is None:
         return value
     first = np.take(value, [0], axis=axis)
