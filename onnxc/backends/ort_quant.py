@@ -342,7 +342,8 @@ def _calibration_batch(model: onnx.ModelProto, calibration: Calibration) -> int:
     from every tensor's shape at the largest calibration sample's input shapes."""
     from onnxc.compiler import shapes
 
-    fixed = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+    fixed = [s.shape[s.batch_axis] for s in input_specs(model)
+             if s.batch_axis is not None and s.shape and isinstance(s.shape[s.batch_axis], int)]
     if fixed:
         return min(fixed)
     groups = calibration.shapes()
