@@ -55,6 +55,7 @@ def test_inspect_and_lossless_without_flags(tmp_path):
     cost = inspect(MODEL)
     assert cost.input_shapes["state"] == [2, 1, 128]  # the batch is 1 in both inputs that name it
     assert cost.input_shapes["input"][0] == 1 and cost.input_shapes["sr"] == []
+    assert not cost.unknown_dims  # every MAC counted at those shapes
     out = tmp_path / "vad.onnx"
     result = optimize(MODEL, preset="lossless", output=out)
     assert result.report.fidelity["rel_l2"] == 0
