@@ -15,7 +15,7 @@ import onnx
 from onnxc.backends import ExportOptions
 from onnxc.backends import export as backend_export
 from onnxc.compiler import calibration as calib
-from onnxc.compiler import runtime, shapes, verify
+from onnxc.compiler import layout, runtime, shapes, verify
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import ModelCost, model_cost
 from onnxc.compiler.executor import Executor, executor_kind, make_executor
@@ -109,8 +109,8 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     original = load(model)
     file_before = os.path.getsize(model) if not isinstance(model, onnx.ModelProto) else tensor_bytes(original)
     given = dict(input_shapes or {})
-    cal = calib.make_calibration(canonicalize(original, given, infer=False), calibration, seed=seed,
-                                 input_shapes=given, preprocess=preprocess)
+    cal = calib.make_calibration(canonicalize(original, layout.free_batch(original, given), infer=False),
+                                 calibration, seed=seed, input_shapes=given, preprocess=preprocess)
     shapes = calib.working_shapes(original, cal, given)
     canonical = canonicalize(original, shapes)
     ctx = PassContext(calibration=cal, seed=seed, max_error=budget,
@@ -279,7 +279,7 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
     calib.calibration_data.check_preprocess(calibration, preprocess)
     original = load(model)
     shapes = dict(input_shapes or {})
-    canonical = canonicalize(original, shapes)
+    canonical = canonicalize(original, layout.free_batch(original, shapes))  # the C backend fixes `shapes`
     if backend == "onnxruntime":
         canonical = keep_interface(canonical, original)
     cal = None
@@ -303,8 +303,8 @@ def compare(reference: onnx.ModelProto | PathLike, candidate: onnx.ModelProto | 
     if calibration is not None:
         inputs, _ = calib.calibration_data.load(calibration, a, preprocess)
     else:
-        inputs = calib.random_inputs(canonicalize(a, dict(input_shapes or {}), infer=False), seed=seed,
-                                     input_shapes=input_shapes)
+        inputs = calib.random_inputs(canonicalize(a, layout.free_batch(a, input_shapes or {}), infer=False),
+                                     seed=seed, input_shapes=input_shapes)
     return verify.compare(a, b, inputs, metric)
 
 

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from onnxc.compiler.recipe import PRESETS
 from onnxc.errors import OnnxcError, UsageError
+from onnxc.progress import INTERVAL, PlainProgress
 
 # Everything the CLI prints is literal: node names (`/model.22/cv2.0/m[cv2]`), paths and extras
 # (`onnxc[plot]`) carry brackets that rich would otherwise read as markup and drop (styling is
@@ -82,6 +83,14 @@ def command(fn):
     return wrapper
 
 
+def _interval() -> float:
+    """Seconds between progress lines in a log (ONNXC_PROGRESS_INTERVAL, default 30)."""
+    try:
+        return max(0.1, float(os.environ.get("ONNXC_PROGRESS_INTERVAL", INTERVAL)))
+    except ValueError:
+        return INTERVAL
+
+
 class _ProgressReporter:
     """Turns `ctx.progress(label, done, total)` calls into one rich progress bar per label.
 
@@ -89,9 +98,13 @@ class _ProgressReporter:
     manager ("passes", "verification") or of an export ("int8: calibration", "int8: sensitivity",
     "int8: exclusion", "compile", "verification"); counts are real units (samples streamed, layers
     fitted), so the remaining time is an honest estimate. A phase that runs again restarts its bar.
+    When stderr is not a terminal the same calls become plain lines (`onnxc.progress`).
     """
 
     def __init__(self, enabled: bool):
+        # stderr redirected to a file or a pipe: plain lines a log can hold, not a redrawn bar
+        self.plain = PlainProgress(sys.stderr, _interval()) if enabled and not stderr.is_terminal else None
+        enabled = enabled and self.plain is None
         self.progress = Progress(
             TextColumn("{task.description}", markup=False),
             BarColumn(),
@@ -111,12 +124,19 @@ class _ProgressReporter:
 
     def __enter__(self):
         self.progress.__enter__()
+        if self.plain is not None:
+            self.plain.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.plain is not None:
+            self.plain.__exit__(*exc)
         return self.progress.__exit__(*exc)
 
     def __call__(self, label: str, done: int, total: int) -> None:
+        if self.plain is not None:
+            self.plain(label, done, total)
+            return
         task = self.tasks.get(label)
         last_done, last_total = self.last.get(label, (0, total))
         self.last[label] = (done, total)

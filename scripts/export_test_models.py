@@ -11,6 +11,12 @@ accuracy (the public corpus and the digits samples do that).
   -> Reshape chain, bidirectional LSTM, GRU, per-step classes [T, 1, 3]); T dynamic (`seqlen`).
 - resnet_dyn.onnx: a residual classifier with global pooling for [N, 3, H, W]; batch, height and
   width dynamic (named dims), like a torchvision export with dynamic axes.
+- streaming_vad.onnx: a voice-activity detector fed 512-sample chunks: `input [batch, sequence]`,
+  its LSTM state `state [2, batch, 128]` in and `stateN` out, and an int64 scalar `sr` whose value
+  (16000 or 8000) selects an `If` branch (the model is scripted, so the branch stays an If).
+- crnn_shapes.onnx: a CNN + BiLSTM recognizer for [N, 1, 64, W] at opset 11 whose LSTM initial
+  states (Shape -> Gather -> Unsqueeze -> Concat -> ConstantOfShape) and Reshape targets are
+  computed from the dynamic width and batch at run time, as torch writes them.
 """
 
 from __future__ import annotations
@@ -79,6 +85,66 @@ class ResNetDyn(nn.Module):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
 
 
+class Encoder(nn.Module):
+    """The sample-rate branch: 16 kHz and 8 kHz chunks have their own encoder."""
+
+    def __init__(self, feats: int = 24, width: int = 32):
+        super().__init__()
+        self.enc16 = nn.Conv1d(feats, width, 3, padding=1)
+        self.enc8 = nn.Conv1d(feats, width, 3, padding=1)
+
+    def forward(self, f: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
+        if bool(sr == 16000):
+            h = self.enc16(f)
+        else:
+            h = self.enc8(f)
+        return torch.relu(h)
+
+
+class StreamingVAD(nn.Module):
+    def __init__(self, feats: int = 24, width: int = 32, hidden: int = 128):
+        super().__init__()
+        self.stft = nn.Conv1d(1, feats, 64, stride=32)
+        self.encoder = Encoder(feats, width)
+        self.cell = nn.LSTMCell(width, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, sr: torch.Tensor):
+        f = self.stft(x.unsqueeze(1)).abs()
+        h = self.encoder(f, sr).mean(-1)
+        hx, cx = self.cell(h, (state[0], state[1]))
+        return torch.sigmoid(self.head(torch.relu(hx))), torch.stack([hx, cx])
+
+
+class CRNNShapes(nn.Module):
+    def __init__(self, classes: int = 11):
+        super().__init__()
+        def block(i, o, pool):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(pool)]
+        self.cnn = nn.Sequential(*block(1, 8, 2), *block(8, 16, 2), *block(16, 16, (2, 1)), *block(16, 16, (2, 1)))
+        self.rnn = nn.LSTM(16 * 4, 24, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(48, classes)
+
+    def forward(self, x):
+        f = self.cnn(x)  # [N, 16, 4, W/4]
+        b, c, h, w = f.shape
+        f = f.reshape(b, c * h, w).permute(0, 2, 1)  # Reshape target from Shape
+        f = f.unsqueeze(3).mean(3, keepdim=True).squeeze(3)  # as recognizers pool the height away
+        y, _ = self.rnn(f)  # initial states from Shape -> Gather -> ConstantOfShape
+        y = y.reshape(b * w, -1)  # the batch and steps folded into a Reshape target
+        return self.head(y).reshape(b, w, -1).log_softmax(-1)
+
+
+def export_streaming(path: Path) -> None:
+    model = torch.jit.script(StreamingVAD().eval())  # scripted: the sample-rate test stays an If
+    args = (torch.randn(1, 512), torch.zeros(2, 1, 128), torch.tensor(16000))
+    torch.onnx.export(model, args, str(path), input_names=["input", "state", "sr"],
+                      output_names=["output", "stateN"],
+                      dynamic_axes={"input": {0: "batch", 1: "sequence"}, "state": {1: "batch"},
+                                    "output": {0: "batch"}, "stateN": {1: "batch"}}, opset_version=17, dynamo=False)
+    print(path, path.stat().st_size)
+
+
 def export(model: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
            axes: dict) -> None:
     model.eval()
@@ -90,8 +156,8 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, input_name: str,
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                      dynamic_axes={input_name: axes["input"], output_name: axes["output"]}, opset_version=17,
-                      dynamo=False)
+                      dynamic_axes={input_name: axes["input"], output_name: axes["output"]},
+                      opset_version=axes.get("opset", 17), dynamo=False)
     print(path, path.stat().st_size)
 
 
@@ -104,6 +170,9 @@ def main() -> int:
            {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
     export(CnnLstmGru(), torch.randn(1, 4, 10), OUT / "cnn_lstm_gru.onnx", "x", "y",
            {"input": {2: "seqlen"}, "output": {0: "seqlen"}})
+    export_streaming(OUT / "streaming_vad.onnx")
+    export(CRNNShapes(), torch.randn(1, 1, 64, 128), OUT / "crnn_shapes.onnx", "input1", "output",
+           {"input": {0: "batch", 3: "width"}, "output": {0: "batch", 1: "steps"}, "opset": 11})
     return 0
 
 

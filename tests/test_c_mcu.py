@@ -42,3 +42,26 @@ def test_mobilenet_ds_cnn_and_lstm_run_on_cortex_m4(tmp_path):
         got = printed[f"{name}.out0"]
         assert got.shape == ref.shape
         assert max_rel_error(got, ref) <= TOL, name
+
+
+def test_streaming_vad_carries_its_state_on_cortex_m4(tmp_path):
+    """tests/models/streaming_vad.onnx (state in and out, the sample rate pinned at export) over a
+    sequence of chunks, the state copied from output to input between chunks as firmware would."""
+    model = onnx.load(ROOT / "tests" / "models" / "streaming_vad.onnx")
+    gen = compile_model(model, "vad", {"input": (1, 512)})
+    gen.write(tmp_path)
+    rng = np.random.default_rng(5)
+    steps = 4
+    chunks = [[rng.standard_normal((1, 512)).astype(np.float32), np.zeros((2, 1, 128), np.float32)]
+              for _ in range(steps)]
+    sizes = [gen.prog.size(o) for o in gen.prog.outputs]
+    (tmp_path / "main.c").write_text(mps2.streaming_main("vad", chunks, sizes, carry={1: 1}))
+    elf = mps2.build(sorted(tmp_path.glob("*.c")), tmp_path, include=[tmp_path])
+    printed = mps2.parse_outputs(mps2.run_qemu(elf, timeout=120))
+    sess = runtime.session(model)
+    state = chunks[0][1]
+    for i, (chunk, _) in enumerate(chunks):
+        out, state = sess.run(None, {"input": chunk, "state": state, "sr": np.array(16000, np.int64)})
+        assert max_rel_error(printed[f"vad{i}.out0"], out.reshape(-1)) <= TOL, i
+        assert max_rel_error(printed[f"vad{i}.out1"], state.reshape(-1)) <= TOL, i
+    assert not np.allclose(printed["vad0.out1"], printed[f"vad{steps - 1}.out1"])  # the state moved

@@ -127,3 +127,38 @@ def test_shapes_onnx_cannot_infer_come_from_onnxruntime(tmp_path):
     x = np.random.default_rng(5).standard_normal((1, 3, 4)).astype(np.float32)
     gen = _c_matches_onnxruntime(m, {"x": x}, tmp_path)
     assert gen.prog.shapes["y"] == (1, 12)
+
+
+def test_recognizer_with_shape_computed_states_at_opset_11(tmp_path):
+    """tests/models/crnn_shapes.onnx: a torch CNN + BiLSTM at opset 11 whose LSTM initial states
+    come from Shape -> Gather -> Unsqueeze -> Concat -> ConstantOfShape and whose Reshape targets
+    are computed from the dynamic width: all constant once the width is fixed, folded at export."""
+    m = onnx.load(str(MODELS / "crnn_shapes.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"Shape", "Gather", "Unsqueeze", "Concat", "ConstantOfShape", "LSTM", "Reshape"} <= ops
+    assert m.opset_import[0].version == 11
+    x = np.random.default_rng(6).standard_normal((1, 1, 64, 256)).astype(np.float32)
+    gen = _c_matches_onnxruntime(m, {"input1": x}, tmp_path)  # built with -Werror
+    assert gen.prog.shapes["output"] == (1, 64, 11)
+    assert not {"Shape", "Gather", "Concat", "ConstantOfShape"} & set(gen.prog.source_ops)  # all folded
+
+
+def test_export_time_evaluation_reads_old_opset_attributes():
+    """Unsqueeze/Squeeze took their axes as attributes before opset 13: evaluated at the model's
+    opset, not the newest (which reads them from a second input)."""
+    from onnxc.backends.c.prepare import evaluate_node
+
+    node = helper.make_node("Unsqueeze", ["a"], ["b"], axes=[0])
+    assert evaluate_node(node, {"a": np.array(3, np.int64)}, 11)[0].tolist() == [3]
+    node = helper.make_node("Squeeze", ["a"], ["b"], axes=[1])
+    assert evaluate_node(node, {"a": np.zeros((2, 1), np.int64)}, 11)[0].shape == (2,)
+
+
+def test_int64_computed_from_data_names_the_node(tmp_path):
+    """int64 arithmetic on run-time data is not folded: one line naming the node."""
+    nodes = [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT64, name="to_int"),
+             helper.make_node("Add", ["xi", "one"], ["yi"], name="add_int"),
+             helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT, name="to_float")]
+    m = model(nodes, [f32("x", [1, 4])], [f32("y", [1, 4])], [init("one", np.array([1], np.int64))])
+    with pytest.raises(OnnxcError, match=r"node '(to_int|add_int)'"):
+        compile_model(m, "net", {"x": (1, 4)})

@@ -73,3 +73,51 @@ def test_export_quiet_prints_nothing(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stderr == "" and run.stdout == ""
+
+
+def test_redirected_target_run_writes_progress_lines_to_its_log(tmp_path):
+    """stderr to a file, as in CI logs: one plain line per phase, then timed lines with counts and
+    an ETA (the interval shortened so that a short run shows them). test_quiet_prints_nothing
+    runs with stderr on a pipe: -q silences them."""
+    import os
+    import re
+
+    env = {**os.environ, "ONNXC_CACHE": str(tmp_path / "cache"), "ONNXC_PROGRESS_INTERVAL": "0.2"}
+    args = [sys.executable, "-m", "onnxc", "optimize", str(sample_path("mlp")), "-o", str(tmp_path / "m.onnx"),
+            "--target", "macs=0.5", "-p", "prune", "--calibration", str(CALIBRATION)]
+    log = tmp_path / "build.log"
+    with open(log, "w") as fh:
+        run = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=fh, env=env)
+    assert run.returncode == 0, log.read_text()
+    lines = [line for line in log.read_text().splitlines() if re.match(r"^\[ *\d+[smh\d]*\] ", line)]
+    starts = {m.group(1) for line in lines if (m := re.match(r"^\[.*?\] (.+?): 0/\d+$", line))}
+    assert "sensitivity" in starts and any(s.startswith("prune: ") for s in starts), lines
+    timed = [line for line in lines if re.search(r": \d+/\d+ \(\d+%\), \d+s elapsed, eta (\d+s|unknown)$", line)]
+    assert timed, lines
+    assert "\x1b[" not in log.read_text()  # no terminal control codes in a log
+
+
+def test_plain_progress_lines_and_eta():
+    import io
+
+    from onnxc.progress import PlainProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    plain = PlainProgress(out, interval=30, clock=lambda: now[0])
+    plain("fits", 0, 10)
+    now[0] = 20.0
+    plain("fits", 4, 10)
+    plain("fits", 4, 10)  # no new line for progress inside a phase
+    plain.report()
+    now[0] = 25.0
+    plain("fits", 0, 10)  # run again within the interval: no second start line
+    plain("verification", 0, 8)
+    plain("verification", 8, 8)
+    plain.report()  # finished phases are quiet
+    assert out.getvalue().splitlines() == [
+        "[    0s] fits: 0/10",
+        "[   20s] fits: 4/10 (40%), 20s elapsed, eta 30s",
+        "[   25s] verification: 0/8",
+        "[   25s] fits: 0/10 (0%), 0s elapsed, eta unknown",
+    ]

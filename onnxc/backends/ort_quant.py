@@ -38,7 +38,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxc.backends import Progress, no_progress
-from onnxc.compiler import runtime
+from onnxc.compiler import layout, runtime
 from onnxc.compiler.calibration import Calibration, input_specs
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.verify import compare_outputs
@@ -259,7 +259,8 @@ def _static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration
 
         def attempt(extra: dict) -> None:
             quantize_static(
-                str(pre), str(out), _Reader(calibration.train, batch, progress) if not cache.exists() else None,
+                str(pre), str(out), _Reader(calibration.train, batch, progress, layout.model_input_axes(model))
+                if not cache.exists() else None,
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(only) if only else None, nodes_to_exclude=list(exclude),
@@ -306,21 +307,24 @@ def _dynamic_quantizer(pre: Path, work: Path, per_channel: bool, reduce_range: b
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over our calibration arrays, in batches."""
+    """onnxruntime's CalibrationDataReader protocol over our calibration arrays, in batches fed in
+    the model's layout (`layout.feeds`: a state's batch on its own axis, shared inputs once)."""
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], batch: int, progress: Progress = no_progress):
-        self._batches: Iterator[dict[str, np.ndarray]] = runtime.batches(inputs, batch)
+    def __init__(self, inputs: Mapping[str, np.ndarray], batch: int, progress: Progress = no_progress,
+                 axes: Mapping[str, int | None] | None = None):
+        self._feeds = ((stop - start, feed) for b in runtime.batches(inputs, batch)
+                       for start, stop, feed in layout.feeds(b, dict(axes or {})))
         self._progress, self._total, self._done = progress, runtime.sample_count(inputs), 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """The next batch; progress counts the samples handed out before it (all of them at the end)."""
         self._progress("int8: calibration", self._done, self._total)
-        batch = next(self._batches, None)
-        if batch is not None:
-            self._done += runtime.sample_count(batch)
-        else:
+        item = next(self._feeds, None)
+        if item is None:
             self._progress("int8: calibration", self._total, self._total)
-        return batch
+            return None
+        self._done += item[0]
+        return item[1]
 
     def __iter__(self):
         return self
@@ -338,7 +342,8 @@ def _calibration_batch(model: onnx.ModelProto, calibration: Calibration) -> int:
     from every tensor's shape at the largest calibration sample's input shapes."""
     from onnxc.compiler import shapes
 
-    fixed = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+    fixed = [s.shape[s.batch_axis] for s in input_specs(model)
+             if s.batch_axis is not None and s.shape and isinstance(s.shape[s.batch_axis], int)]
     if fixed:
         return min(fixed)
     groups = calibration.shapes()

@@ -10,13 +10,13 @@ PassManager verifies on), so a refit is never judged on the data it was fitted t
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxc.compiler import calibration_data, memo, runtime
+from onnxc.compiler import calibration_data, layout, memo, runtime, selectors
 from onnxc.compiler.calibration_data import InputSpec, Source, fmt_shape, input_specs, load_npz  # noqa: F401
 from onnxc.compiler.graph import GraphView, node_inputs_with_subgraphs, upstream
 from onnxc.compiler.model import fingerprint
@@ -35,14 +35,17 @@ class Calibration:
     train: Samples
     validation: Samples
     source: str  # the file or folder, "random", or what the library was given
+    axes: dict[str, int | None] = field(default_factory=dict)  # each input's batch axis in the model
 
     @property
     def is_random(self) -> bool:
         return self.source == "random"
 
     def shapes(self) -> list[dict[str, list[int]]]:
-        """One sample's input shapes per shape group (what verification and cost ran at)."""
-        return self.train.shapes()
+        """One sample's input shapes per shape group in the model's layout, the batch dim as 1
+        (what verification and cost ran at)."""
+        return [{k: layout.sample_shape(v.shape, self.axes.get(k, 0)) for k, v in g.items()}
+                for g in self.train.groups]
 
     def cost_shapes(self) -> dict[str, list[int]] | None:
         """Costs are per sample at the first calibration sample's shapes (batch 1)."""
@@ -55,21 +58,28 @@ def random_inputs(model: onnx.ModelProto, count: int = DEFAULT_RANDOM_SAMPLES, s
     """Inputs drawn from N(0, 1) (floats) or {0, 1} (ints, bools): `count` samples on axis 0.
 
     Models with a fixed batch dim still get `count` samples; `runtime.run` feeds them in batches
-    of that size.
+    of that size. An input without a batch axis (a state, a table) is drawn once and shared by
+    every sample; an integer scalar that selects an `If` branch takes a value the model compares
+    it with (`selectors`).
     """
     rng = np.random.default_rng(seed)
+    specs = input_specs(model)
+    chosen = selectors.selector_values(model, [s.name for s in specs])
     out = {}
-    for spec in input_specs(model):
+    for spec in specs:
         dims = list(input_shapes[spec.name]) if input_shapes and spec.name in input_shapes else list(spec.shape)
-        unknown = [i for i, d in enumerate(dims[1:], 1) if not (isinstance(d, int) and d > 0)]
-        if unknown:
+        body = layout.internal_dims(dims, spec.batch_axis) if len(dims) == len(spec.shape) else dims[1:]
+        if any(not (isinstance(d, int) and d > 0) for d in body):
             raise OnnxcError(f"input '{spec.name}' has symbolic dims {fmt_shape(dims)}: pass --input-shape "
                              f"{spec.name}=... or a calibration file")
-        if not dims:
-            shape: tuple[int, ...] = ()
+        if spec.name in chosen:
+            value = chosen[spec.name].reshape(body)
+        elif spec.batch_axis is None:
+            value = draw(rng, spec.name, spec.dtype, body)
         else:
-            shape = (count, *dims[1:])
-        out[spec.name] = draw(rng, spec.name, spec.dtype, shape)
+            out[spec.name] = draw(rng, spec.name, spec.dtype, (count, *body))
+            continue
+        out[spec.name] = np.broadcast_to(value[None], (count, *value.shape)).copy()
     return out
 
 
@@ -104,25 +114,27 @@ def make_calibration(model: onnx.ModelProto, source: Source | None = None, *, se
     n_val = min(max(n_val, 1 if n > 1 else 0), n - 1)
     train = samples.subset(order[n_val:])
     validation = samples.subset(order[:n_val]) if n_val else train
-    return Calibration(train, validation, label)
+    return Calibration(train, validation, label, layout.model_input_axes(model))
 
 
 def working_shapes(model: onnx.ModelProto, cal: Calibration,
                    given: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int | None]]:
     """Input shapes the compiler works at inside (cost, shape inference), never written out.
 
-    `--input-shape` wins; else, when all calibration samples share their shapes, the dims after
-    the batch axis come from them (the batch dim stays as declared, `None`).
+    `--input-shape` wins; else, when all calibration samples share their shapes, the dims other
+    than the batch come from them. The batch dim stays as declared (`None`): it carries the samples.
     """
     if given:
-        return {k: list(v) for k, v in given.items()}
+        return layout.free_batch(model, given)
     if not cal.train.is_uniform:
         return {}
     shapes = {}
     for spec in input_specs(model):
-        if not spec.shape or all(isinstance(d, int) for d in spec.shape[1:]):
+        if not spec.shape or all(isinstance(d, int) for d in spec.sample_dims()):
             continue
-        shapes[spec.name] = [None, *cal.train[spec.name].shape[1:]]
+        body = list(cal.train[spec.name].shape[1:])
+        axis = spec.batch_axis
+        shapes[spec.name] = body if axis is None else [*body[:axis], None, *body[axis:]]
     return shapes
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxc.compiler import layout
 from onnxc.compiler import preprocess as prep
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError, UsageError
@@ -35,11 +36,17 @@ class InputSpec:
     name: str
     shape: tuple[int | str | None, ...]  # None or a name for a dynamic dim (-1, 0 and '?' included)
     dtype: np.dtype
+    batch_axis: int | None = 0  # where the model takes its samples (None: the same for every sample)
+
+    def sample_dims(self) -> tuple[int | str | None, ...]:
+        """The dims that follow the sample axis inside the compiler (the batch axis taken out)."""
+        return tuple(layout.internal_dims(self.shape, self.batch_axis))
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph's real inputs (initializers excluded), with shapes and numpy dtypes."""
     inits = {t.name for t in model.graph.initializer}
+    axes = layout.model_input_axes(model)
     specs = []
     for vi in model.graph.input:
         if vi.name in inits:
@@ -48,7 +55,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
                      for d in tt.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
-        specs.append(InputSpec(vi.name, dims, dtype))
+        specs.append(InputSpec(vi.name, dims, dtype, axes.get(vi.name, 0)))
     return specs
 
 
@@ -62,24 +69,28 @@ def load(source: Source, model: onnx.ModelProto, preprocess: str | None = None) 
         if not path.exists():
             raise OnnxcError(f"{path}: no such calibration file or folder")
         if path.is_dir():
-            samples = _load_folder(path, specs, preprocess)
+            return _load_folder(path, specs, preprocess), label  # checked file by file
         elif path.suffix.lower() == ".npy":
-            samples = Samples([_npy_feed(path, specs)])
+            groups = [_npy_feed(path, specs)]
         elif path.suffix.lower() in prep.IMAGE_SUFFIXES:
-            samples = _load_images([path], specs, preprocess)
+            groups = _load_images([path], specs, preprocess).groups
         else:
-            samples = Samples([load_npz_arrays(path)])
-    elif isinstance(source, Samples):
-        samples, label = source, "samples"
+            groups = [load_npz_arrays(path)]
+    elif isinstance(source, Samples):  # the compiler's own: samples already on axis 0
+        return check_keys(source, specs, "samples"), "samples"
     elif isinstance(source, Mapping):
-        samples, label = Samples([{k: np.asarray(v) for k, v in source.items()}]), "arrays"
+        groups, label = [{k: np.asarray(v) for k, v in source.items()}], "arrays"
     else:
         try:
-            samples, label = Samples.from_feeds(source), "feeds"
+            feeds = iter(source)
         except TypeError:
             raise OnnxcError(f"calibration must be a path, a mapping of arrays or an iterable of feed dicts, "
                              f"got {type(source).__name__}") from None
-    return check(samples, specs, label), label
+        samples = Samples.from_feeds(check([f], specs, "feeds").groups[0] for f in feeds)
+        if samples.count == 0:
+            raise OnnxcError("feeds: holds no samples")
+        return samples, "feeds"
+    return check(groups, specs, label), label
 
 
 def check_preprocess(source: Source | None, preprocess: str | None) -> None:
@@ -103,7 +114,7 @@ def check_preprocess(source: Source | None, preprocess: str | None) -> None:
 
 def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
     """A calibration `.npz` checked against the model's inputs (keys, ranks, dims, dtypes)."""
-    return check(Samples([load_npz_arrays(Path(path))]), input_specs(model), str(path))
+    return check([load_npz_arrays(Path(path))], input_specs(model), str(path))
 
 
 def load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -119,38 +130,73 @@ def load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
         raise OnnxcError(f"{path}: not a readable .npz calibration file ({exc})") from None
 
 
-def check(samples: Samples, specs: Sequence[InputSpec], label: str) -> Samples:
-    """Keys, ranks, fixed dims and dtypes against the model inputs (float32 <-> float64 and other
-    same-kind casts are made, not refused: a float64 .npy is what numpy writes by default)."""
-    names = {s.name: s for s in specs}
+def check_keys(samples: Samples | Mapping, specs: Sequence[InputSpec], label: str):
+    """The keys must be the model's inputs, no more and no fewer."""
+    names = [s.name for s in specs]
     if set(samples) != set(names):
         missing, extra = sorted(set(names) - set(samples)), sorted(set(samples) - set(names))
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"]
                                                                           if extra else [])
         raise OnnxcError(f"{label}: calibration keys must be the model inputs ({', '.join(names)}): "
                          f"{'; '.join(parts)}")
-    if samples.count == 0:
-        raise OnnxcError(f"{label}: holds no samples")
-    groups = []
-    for group in samples.groups:
+    return samples
+
+
+def check(groups: Sequence[Mapping[str, np.ndarray]], specs: Sequence[InputSpec], label: str) -> Samples:
+    """Keys, ranks, fixed dims and dtypes against the model inputs (float32 <-> float64 and other
+    same-kind casts are made, not refused: a float64 .npy is what numpy writes by default).
+
+    Arrays come in the model's layout, samples stacked on each input's batch axis; an input
+    without one (a scalar sample rate) is given once for all samples, or once per sample on a
+    leading axis. They leave with samples on axis 0 (`layout`)."""
+    names = {s.name: s for s in specs}
+    out_groups = []
+    for group in groups:
+        check_keys(group, specs, label)
+        counts = {int(arr.shape[names[k].batch_axis]) for k, arr in group.items()
+                  if names[k].batch_axis is not None and np.ndim(arr) > names[k].batch_axis}
+        if len(counts) > 1:
+            raise OnnxcError(f"{label}: inputs disagree on the number of samples on their batch axes: "
+                             f"{sorted(counts)}")
+        per_sample = {len(arr) for k, arr in group.items()
+                      if names[k].batch_axis is None and np.ndim(arr) == len(names[k].shape) + 1}
+        count = counts.pop() if counts else (per_sample.pop() if len(per_sample) == 1 else 1)
         fixed = {}
         for name, arr in group.items():
-            spec = names[name]
-            if arr.dtype != spec.dtype:
-                if arr.dtype.kind == spec.dtype.kind:
-                    arr = arr.astype(spec.dtype)
-                else:
-                    raise OnnxcError(f"{label}: '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
-            if spec.shape and arr.ndim != len(spec.shape):
-                raise OnnxcError(f"{label}: '{name}' has shape {arr.shape}, the model expects rank "
-                                 f"{len(spec.shape)} ({fmt_shape(spec.shape)}) with samples on axis 0")
-            for i, d in enumerate(spec.shape[1:], start=1):
-                if isinstance(d, int) and arr.shape[i] != d:
-                    raise OnnxcError(f"{label}: '{name}' has shape {arr.shape}, "
-                                     f"the model expects {fmt_shape(spec.shape)}")
-            fixed[name] = arr
-        groups.append(fixed)
-    return Samples(groups)
+            fixed[name] = _checked(np.asarray(arr), names[name], label, count)
+        out_groups.append(fixed)
+    out = Samples(out_groups)
+    if out.count == 0:
+        raise OnnxcError(f"{label}: holds no samples")
+    return out
+
+
+def _checked(arr: np.ndarray, spec: InputSpec, label: str, count: int) -> np.ndarray:
+    """One input's array, checked against its spec, with its samples moved to axis 0."""
+    name = spec.name
+    if arr.dtype != spec.dtype:
+        if arr.dtype.kind == spec.dtype.kind:
+            arr = arr.astype(spec.dtype)
+        else:
+            raise OnnxcError(f"{label}: '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}")
+    shared = spec.batch_axis is None
+    rank = len(spec.shape)
+    if shared and arr.ndim == rank + 1:  # one value per sample
+        if len(arr) != count:
+            raise OnnxcError(f"{label}: '{name}' holds {len(arr)} values, the other inputs {count} samples")
+        body = arr.shape[1:]
+    elif spec.shape and arr.ndim != rank or shared and arr.ndim != rank:
+        where = "the same for every sample" if shared else f"samples on axis {spec.batch_axis}"
+        raise OnnxcError(f"{label}: '{name}' has shape {arr.shape}, the model expects rank "
+                         f"{rank} ({fmt_shape(spec.shape)}) with {where}")
+    else:
+        body = arr.shape
+    for i, d in enumerate(spec.shape):
+        if isinstance(d, int) and i != spec.batch_axis and i < len(body) and body[i] != d:
+            raise OnnxcError(f"{label}: '{name}' has shape {arr.shape}, the model expects {fmt_shape(spec.shape)}")
+    if shared and arr.ndim == rank + 1:
+        return arr
+    return layout.to_internal(arr, spec.batch_axis, count)
 
 
 def fmt_shape(shape: Sequence) -> str:
@@ -175,7 +221,7 @@ def _load_folder(folder: Path, specs: Sequence[InputSpec], preprocess: str | Non
         raise UsageError(f"--preprocess applies only to image calibration (a folder of images); "
                          f"{folder} holds {kind} files")
     read = _npy_feed if kind == "npy" else _npz_feed
-    return Samples.from_feeds(check(Samples([read(p, specs)]), specs, str(p)).groups[0] for p in files)
+    return Samples.from_feeds(check([read(p, specs)], specs, str(p)).groups[0] for p in files)
 
 
 def _kind(path: Path) -> str | None:
@@ -205,7 +251,9 @@ def _npz_feed(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
 
 def _with_sample_axis(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A file holding one sample without the batch axis gets it added."""
-    return arr[None] if spec.shape and arr.ndim == len(spec.shape) - 1 else arr
+    if spec.batch_axis is None or not spec.shape or arr.ndim != len(spec.shape) - 1:
+        return arr
+    return np.expand_dims(arr, spec.batch_axis)
 
 
 def _load_images(files: Sequence[Path], specs: Sequence[InputSpec], preprocess: str | None) -> Samples:

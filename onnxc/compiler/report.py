@@ -170,7 +170,8 @@ def render(report: Report, console: Console) -> None:
     if report.budget_source is not None:
         console.print(budget_text(report.max_error, report.budget_source), highlight=False)
     if report.shapes:
-        groups = ["; ".join(f"{k}={'x'.join(map(str, v))}" for k, v in g.items()) for g in report.shapes[:3]]
+        groups = ["; ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in g.items())
+                  for g in report.shapes[:3]]
         more = f" (+{len(report.shapes) - 3} more)" if len(report.shapes) > 3 else ""
         console.print(f"input shapes: {' | '.join(groups)}{more}")
     if report.allocation:

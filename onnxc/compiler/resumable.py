@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxc.compiler import runtime
+from onnxc.compiler import layout, runtime
 from onnxc.compiler.calibration import CaptureSession
 from onnxc.compiler.graph import node_inputs_with_subgraphs
 
@@ -42,12 +42,15 @@ class Resumable:
                  max_bytes: int = DEFAULT_MAX_BYTES):
         fixed = runtime.fixed_batch(model)
         batch_size = fixed or batch_size
+        axes = layout.model_input_axes(model)
         self.batches, self.sizes = [], []
         for batch in runtime.batches(inputs, batch_size):
-            size = runtime.sample_count(batch)
-            short = batch_size - size if fixed else 0
-            self.batches.append({k: np.concatenate([v] + [v[:1]] * short) if short else v for k, v in batch.items()})
-            self.sizes.append(size)
+            for start, stop, feed in layout.feeds(batch, axes):  # in the model's layout, as sessions take them
+                size = stop - start
+                short = batch_size - size if fixed else 0
+                self.batches.append({k: runtime.pad_batch(v, short, axes.get(k, 0)) if short else v
+                                     for k, v in feed.items()})
+                self.sizes.append(size)
         self.batch_size, self.max_bytes, self.padded = batch_size, max_bytes, bool(fixed)
         self._reset()
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxc.compiler import layout
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.samples import Samples
 from onnxc.errors import OnnxcError
@@ -192,13 +193,14 @@ def batches(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The smallest fixed leading dim among the model's real inputs (None when every one is free)."""
-    inits = {t.name for t in model.graph.initializer}
+    """The smallest fixed batch dim among the model's real inputs (None when every one is free);
+    the batch axis is each input's own (`layout`), the leading one unless a named batch says."""
+    axes = layout.model_input_axes(model)
     dims = []
-    for vi in model.graph.input:
-        shape = vi.type.tensor_type.shape
-        if vi.name not in inits and vi.type.HasField("tensor_type") and len(shape.dim) and shape.dim[0].dim_value > 0:
-            dims.append(shape.dim[0].dim_value)
+    for name, shape in layout.model_inputs(model):
+        axis = axes.get(name)
+        if shape and axis is not None and axis < len(shape) and isinstance(shape[axis], int):
+            dims.append(shape[axis])
     return min(dims) if dims else None
 
 
@@ -229,21 +231,33 @@ def run(model: onnx.ModelProto | ort.InferenceSession, inputs: Mapping[str, np.n
             before += sample_count(g)
         return Samples(parts)
     names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
-    fixed = [i for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)]
+    in_axes, out_axes = layout.session_axes(sess)
+    fixed = [i.shape[in_axes[i.name]] for i in sess.get_inputs()
+             if in_axes.get(i.name) is not None and isinstance(i.shape[in_axes[i.name]], int)]
     if fixed:
-        batch_size = min(batch_size, min(i.shape[0] for i in fixed))
+        batch_size = min(batch_size, min(fixed))
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     feed_names = {i.name for i in sess.get_inputs()}
     total, done = sample_count(inputs), 0
     for batch in batches(inputs, batch_size):
-        feed = {k: v for k, v in batch.items() if k in feed_names}
-        short = batch_size - sample_count(feed) if fixed and feed else 0
-        if short > 0:  # a fixed batch dim: pad the last batch by repeating samples, then trim
-            feed = {k: np.concatenate([v] + [v[:1]] * short) for k, v in feed.items()}
-        for name, value in zip(names, sess.run(names, feed)):
-            collected[name].append(value[: len(value) - short] if short > 0 and value.ndim else value)
+        for start, stop, feed in layout.feeds({k: v for k, v in batch.items() if k in feed_names}, in_axes):
+            count = stop - start
+            short = batch_size - count if fixed and feed else 0
+            if short > 0:  # a fixed batch dim: pad the run by repeating samples, then trim
+                feed = {k: pad_batch(v, short, in_axes.get(k, 0)) for k, v in feed.items()}
+            for name, value in zip(names, sess.run(names, feed)):
+                value = layout.from_output(value, out_axes.get(name, 0), count + max(short, 0))
+                collected[name].append(value[: len(value) - short] if short > 0 and value.ndim else value)
         if progress is not None:
             done += sample_count(batch)
             progress(done, total)
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else (v[0] if v else np.array([]))
             for n, v in collected.items()}
+
+
+def pad_batch(value: np.ndarray, short: int, axis: int | None) -> np.ndarray:
+    """`value` with its first sample repeated `short` more times on its batch `axis` (a fixed batch)."""
+    if axis is None:
+        return value
+    first = np.take(value, [0], axis=axis)
+    return np.concatenate([value] + [first] * short, axis=axis)

@@ -183,6 +183,7 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
                  fit_reference: list, base: dict, input_shapes: dict | None, candidate_macs: dict) -> Measurement:
     """One candidate-level applied alone and measured (module level, plain arguments: any executor
     can run it and gets the same result)."""
+    from onnxc.compiler import layout
     from onnxc.compiler.calibration import Calibration
     from onnxc.compiler.recipe import parse_spec
     from onnxc.compiler.samples import Samples
@@ -190,7 +191,7 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     technique, name, level = item
     start = time.perf_counter()
     techniques = {t: create(*parse_spec(spec)) for t, spec in specs.items()}
-    cal = Calibration(Samples(train), Samples(validation), source)
+    cal = Calibration(Samples(train), Samples(validation), source, layout.model_input_axes(model))
     ctx = PassContext(calibration=cal, seed=seed, metric=metric)
     with memo.keeping():  # the next probe captures the same tensors of the same model (`memo`)
         rewritten, results = apply_plan(model, {(technique, name): level}, techniques, ctx, input_shapes)

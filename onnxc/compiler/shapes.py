@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, shape_inference
 
-from onnxc.compiler import runtime
+from onnxc.compiler import layout, runtime, selectors
 from onnxc.compiler.calibration import draw, with_outputs
 from onnxc.compiler.model import clone, tensor_nbytes
 from onnxc.errors import OnnxcError
@@ -106,9 +106,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def concrete_input_shapes(model: onnx.ModelProto,
                           input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]] | None:
-    """Input shapes from `input_shapes`, else from the model with a symbolic leading batch as 1;
-    None when some other dim is unknown."""
+    """Input shapes from `input_shapes`, else from the model with a symbolic batch as 1; None when
+    some other dim is unknown."""
     out = {}
+    axes = layout.model_input_axes(model)
     for vi in graph_inputs(model):
         dims = _dims_of(vi)
         if input_shapes and vi.name in input_shapes:  # a None in a given shape keeps the model's dim
@@ -116,8 +117,9 @@ def concrete_input_shapes(model: onnx.ModelProto,
             dims = [g if _concrete(g) else (dims[i] if dims and i < len(dims) else None) for i, g in enumerate(given)]
         if dims is None:
             return None
-        if dims and not _concrete(dims[0]):
-            dims = [1, *dims[1:]]
+        axis = axes.get(vi.name)
+        if axis is not None and axis < len(dims) and not _concrete(dims[axis]):
+            dims = [1 if i == axis else d for i, d in enumerate(dims)]
         if not all(_concrete(d) for d in dims):
             return None
         out[vi.name] = [int(d) for d in dims]
@@ -284,29 +286,39 @@ def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]])
 def random_feed(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
     """One random input per graph input at `shapes` (ints and bools 0/1: safe indices and masks)."""
     rng = np.random.default_rng(seed)
+    chosen = selectors.selector_values(model)
     feed = {}
     for vi in graph_inputs(model):
         elem = vi.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
-        feed[vi.name] = draw(rng, vi.name, dtype, shapes[vi.name])
+        value = chosen.get(vi.name)
+        if value is not None and value.size == int(np.prod(shapes[vi.name])):
+            feed[vi.name] = value.reshape(shapes[vi.name])
+        else:
+            feed[vi.name] = draw(rng, vi.name, dtype, shapes[vi.name])
     return feed
 
 
 def default_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Concrete input shapes for a model whose inputs may have symbolic dims.
 
-    A symbolic leading (batch) dim becomes 1. Other symbolic dims (named, `?`, or written as -1 or
-    0 as Paddle does) all take one size from CANDIDATE_SIZES, tried in order until the model runs
-    in onnxruntime on random inputs. Models with no such dims are not run.
+    The batch dim (`layout`: named like one, else the leading dim; wherever its name appears)
+    becomes 1. Other symbolic dims (named, `?`, or written as -1 or 0 as Paddle does) all take one
+    size from CANDIDATE_SIZES, tried in order until the model runs in onnxruntime on random
+    inputs; a name shared by several inputs is one dim. Models with no such dims are not run.
     """
     base: dict[str, Dims] = {}
+    axes = layout.model_input_axes(model)
+    batch = layout.batch_name(layout.model_inputs(model))
     for vi in graph_inputs(model):
         if not vi.type.HasField("tensor_type"):
             raise OnnxcError(f"input '{vi.name}' is not a tensor: pass calibration data")
         dims = _dims_of(vi)
         if dims is None:
             raise OnnxcError(f"input '{vi.name}' has no declared shape: pass --input-shape {vi.name}=...")
-        base[vi.name] = [1 if i == 0 and not _concrete(d) else d for i, d in enumerate(dims)]
+        axis = axes.get(vi.name)
+        base[vi.name] = [1 if not _concrete(d) and (i == axis or batch is not None and d == batch) else d
+                         for i, d in enumerate(dims)]
     if all(all(_concrete(d) for d in dims) for dims in base.values()):
         return {k: [int(d) for d in v] for k, v in base.items()}
     sess = runtime.session(_free_dims(model), optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
@@ -339,7 +351,7 @@ def _fmt(dims: Dims) -> str:
 
 def format_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
     """`x=1x3x224x224, y=1x10`: how reports and inspect state the shapes they used."""
-    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+    return ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in shapes.items())
 
 
 def resolve_input_shapes(model: onnx.ModelProto, given: Mapping[str, Sequence[int]] | None = None,
@@ -352,6 +364,9 @@ def resolve_input_shapes(model: onnx.ModelProto, given: Mapping[str, Sequence[in
     """
     given = {k: [int(d) for d in v] for k, v in (given or {}).items()}
     inputs = {vi.name: vi for vi in graph_inputs(model)}
+    named: dict[str, int] = {}  # a dim name shared by several inputs is one dim: one value
+    shared: dict[str, list[int | None]] = {}
+
     for name, dims in given.items():
         if name not in inputs:
             raise OnnxcError(f"--input-shape: model has no input '{name}' (inputs: {', '.join(inputs)})")
@@ -361,11 +376,19 @@ def resolve_input_shapes(model: onnx.ModelProto, given: Mapping[str, Sequence[in
         for i, d in enumerate(declared or []):
             if _concrete(d) and d != dims[i]:
                 raise OnnxcError(f"--input-shape {name}: dim {i} is fixed to {d} in the model, got {dims[i]}")
+            if isinstance(d, str) and named.setdefault(d, dims[i]) != dims[i]:
+                raise OnnxcError(f"--input-shape: dim '{d}' is one dim of several inputs, given as {named[d]} "
+                                 f"and {dims[i]}")
+    for name, vi in inputs.items():  # inputs left out take the values of the dims they share
+        declared = _dims_of(vi) or []
+        if name not in given and any(isinstance(d, str) and d in named for d in declared):
+            given_partial = [named.get(d) if isinstance(d, str) else None for d in declared]
+            shared.setdefault(name, given_partial)
     if set(given) >= set(inputs):
         return {k: given[k] for k in inputs}, "given"
     probe = clone(model) if given else model
     if given:
-        _set_dims(probe, given)
+        _set_dims(probe, {**shared, **given})
     try:
         shapes = default_input_shapes(probe)
     except OnnxcError as exc:  # costs can still be counted symbolically, with the unknown dims named

@@ -66,7 +66,7 @@ class GeneratedModel:
                 "in_place_steps": sorted(pl.inplace | _same_storage_steps(prog, pl)),
                 "clustered_weights": sum(1 for w in prog.weights.values() if w.codes) + len(prog.coded_int8),
                 "scratch_bytes": {str(s): b.size for s, b in pl.scratch.items()},
-                "tensors": tensors}
+                "pinned_inputs": dict(prog.pinned), "tensors": tensors}
 
 
 def _same_storage_steps(prog: Program, pl: Plan) -> set[int]:
@@ -76,12 +76,14 @@ def _same_storage_steps(prog: Program, pl: Plan) -> set[int]:
 
 
 def compile_model(model: onnx.ModelProto, name: str = "net", input_shapes=None,
-                  source: str = "model") -> GeneratedModel:
-    """Prepare, lower and plan `model` (canonical or not); raises OnnxcError on unsupported ops."""
+                  source: str = "model", values=None) -> GeneratedModel:
+    """Prepare, lower and plan `model` (canonical or not); raises OnnxcError on unsupported ops.
+    `values`: input values the firmware is built for (branch selectors such as a sample rate)."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or ""):
         raise UsageError(f"--name '{name}' is not a C identifier")
-    static, clustered = prepare(model, dict(input_shapes or {}))
+    static, clustered, pinned = prepare(model, dict(input_shapes or {}), values)
     prog = lower(static, clustered, name)
+    prog.pinned = {k: v.reshape(-1)[0].item() for k, v in pinned.items()}
     prog.entry_int8 = int8_entry(prog)
     return GeneratedModel(prog, plan(prog), source)
 
@@ -93,7 +95,11 @@ def export_c(model: onnx.ModelProto, out: Path, options: ExportOptions) -> dict:
     if options.int8:
         model, quant = quantize_for_c(model, options)
     options.progress("compile", 0, 2)
-    gen = compile_model(model, options.name, options.input_shapes, source)
+    values = None
+    if options.calibration is not None:  # the firmware's branch: the one the data takes
+        first = next(options.calibration.train.batches(1), {})
+        values = {k: v[0] for k, v in first.items()}
+    gen = compile_model(model, options.name, options.input_shapes, source, values)
     options.progress("compile", 1, 2)
     out = Path(out)
     if out.exists() and not out.is_dir():

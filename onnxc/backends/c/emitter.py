@@ -70,6 +70,10 @@ def header(prog: Program, plan: Plan, weight_bytes: int, source: str) -> str:
             lines.append(f"#define {up}_{kind}{k}_SIZE {size} /* '{_comment(name)}' {shape} */")
     if (ins, outs) != (["input"], ["output"]):
         lines += named_sizes(prog, {line.split()[1] for line in lines if line.startswith("#define")})
+    for name, value in prog.pinned.items():  # a branch selector the firmware was built for
+        macro = re.sub(r"\W", "_", name).upper()
+        lines.append(f"#define {up}_{macro}_VALUE {value} /* input '{_comment(name)}' fixed at export: it selects "
+                     "a branch */")
     entry = prog.entry_int8
     if entry is not None:
         lines += ["/* int8 entry point: real value = SCALE * (q - ZERO_POINT) */",

@@ -97,6 +97,7 @@ class Lowerer:
         self._const_hash: dict[tuple, str] = {}
         self._names: Counter[str] = Counter()
         self.special: dict[str, Handler] = {}      # node (first output) -> handler other than its op's (int8)
+        self.node: onnx.NodeProto | None = None    # the node being lowered (for error messages)
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> Program:
@@ -123,7 +124,9 @@ class Lowerer:
             if node.domain not in ("", "ai.onnx") or handler is None:
                 raise self.unsupported(node)
             self.prog.source_ops[node.op_type] = self.prog.source_ops.get(node.op_type, 0) + 1
+            self.node = node
             handler(self, node)
+        self.node = None
         for out in self.prog.outputs:
             if out in self.view.initializers:  # an output computed entirely at export time
                 self.prog.shapes[out] = self.shape(out)
@@ -236,8 +239,10 @@ class Lowerer:
             cl = self.clustered.get(name)
             value = self.const(name) if cl is None else cl.dense()
             if value.dtype != np.float32:
-                raise OnnxcError(f"C backend: tensor '{name}' is {value.dtype} (constant); only float32 data is "
-                                 "supported")
+                node = self.node
+                where = f" read by node '{node.name or node.output[0]}' ({node.op_type})" if node is not None else ""
+                raise OnnxcError(f"C backend: tensor '{name}'{where} is {value.dtype} (constant) and that node is "
+                                 "computed from data at run time; only float32 data is supported there")
             self.prog.const_of[name] = self.const_array(value.reshape(-1), name)
         return Arg(CONST, self.prog.const_of[name])
 

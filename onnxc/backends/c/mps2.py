@@ -189,6 +189,41 @@ def firmware_main(models: list[tuple[str, list[np.ndarray], list[int]]], *, time
     return "\n".join(lines)
 
 
+def streaming_main(name: str, chunks: list[list[np.ndarray]], out_sizes: list[int],
+                   carry: dict[int, int]) -> str:
+    """main() that runs a streaming model over a sequence of chunks, as a device would: output k
+    is copied into input `carry[k]` before the next chunk (a recurrent state carried from one
+    chunk to the next); inputs in `carry` take their first chunk's value only. Every output of
+    chunk i is printed as `NAMEi.outK`."""
+    steps = len(chunks)
+    lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <string.h>", f'#include "{name}.h"']
+    fed = [k for k in range(len(chunks[0])) if k not in carry.values()]
+    for k in fed:
+        stacked = np.stack([np.asarray(c[k], dtype=np.float32).reshape(-1) for c in chunks])
+        lines.append(array_definition(ConstArray(f"{name}_in{k}", stacked.reshape(-1))))
+    for k in carry.values():
+        lines.append(array_definition(ConstArray(f"{name}_init{k}", np.asarray(chunks[0][k], np.float32).reshape(-1))))
+        lines.append(f"static float {name}_in{k}_buf[{chunks[0][k].size}];")
+    for k, n in enumerate(out_sizes):
+        lines.append(f"static float {name}_out{k}[{max(n, 1)}];")
+    args = [f"{name}_in{k}.f + i * {chunks[0][k].size}" if k in fed else f"{name}_in{k}_buf"
+            for k in range(len(chunks[0]))] + [f"{name}_out{k}" for k in range(len(out_sizes))]
+    lines += ["", "static void print_bits(const char *tag, int step, const float *p, int n)", "{", "    int i;",
+              '    printf("%s%d.%s", "' + name + '", step, tag);',
+              "    for (i = 0; i < n; i++) {", "        uint32_t b;", "        memcpy(&b, &p[i], 4);",
+              '        printf(" %08lx", (unsigned long)b);', "    }", '    printf("\\n");', "}", "",
+              "int main(void)", "{", "    int i;"]
+    for k in carry.values():
+        lines.append(f"    memcpy({name}_in{k}_buf, {name}_init{k}.f, sizeof({name}_in{k}_buf));")
+    lines += [f"    for (i = 0; i < {steps}; i++) {{", f"        if ({name}_run({', '.join(args)}) != 0) return 1;"]
+    for k, n in enumerate(out_sizes):
+        lines.append(f'        print_bits("out{k}", i, {name}_out{k}, {n});')
+    for out, inp in carry.items():
+        lines.append(f"        memcpy({name}_in{inp}_buf, {name}_out{out}, sizeof({name}_in{inp}_buf));")
+    lines += ["    }", "    return 0;", "}", ""]
+    return "\n".join(lines)
+
+
 def build(sources: list[Path], workdir: Path, *, opt: str = "-O2", include: list[Path] = (),
           elf_name: str = "app.elf") -> Path:
     """Compile `sources` (generated model + kernels + a main) with the startup code into an ELF."""

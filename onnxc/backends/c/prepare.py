@@ -25,7 +25,14 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxc.backends.c import qdq
-from onnxc.backends.c.resolve import fold_ifs, pin_shape_inputs, refuse_ifs, shapes_from_onnxruntime, unknown_shapes
+from onnxc.backends.c.resolve import (
+    fold_ifs,
+    pin_selectors,
+    pin_shape_inputs,
+    refuse_ifs,
+    shapes_from_onnxruntime,
+    unknown_shapes,
+)
 from onnxc.compiler.canonical import canonicalize, infer_shapes
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
@@ -54,9 +61,15 @@ class Clustered:
 
 def static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
     """Concrete dims for every graph input: `input_shapes` first (canonicalize checks them against
-    the model), symbolic dims -> 1."""
+    the model), then the values given for the dim names they share, other symbolic dims -> 1."""
     inits = {t.name for t in model.graph.initializer}
     shapes = {name: [int(d) for d in dims] for name, dims in input_shapes.items()}
+    named: dict[str, int] = {}  # a dim name shared by several inputs is one dim: the given value
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            for d, value in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
+                if d.dim_param:
+                    named.setdefault(d.dim_param, value)
     for vi in model.graph.input:
         if vi.name in inits or vi.name in shapes:
             continue
@@ -64,14 +77,17 @@ def static_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[in
         if not tt.HasField("shape"):
             raise OnnxcError(f"C backend: input '{vi.name}' has no known rank; give it with --input-shape "
                              f"{vi.name}=DIMS")
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else named.get(d.dim_param, 1) for d in tt.shape.dim]
     return shapes
 
 
-def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> tuple[onnx.ModelProto,
-                                                                                          dict[str, Clustered]]:
-    """The static model and its clustered weights (keyed by the weight tensor name)."""
+def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]],
+            values: Mapping[str, np.ndarray] | None = None,
+            ) -> tuple[onnx.ModelProto, dict[str, Clustered], dict[str, np.ndarray]]:
+    """The static model, its clustered weights (keyed by the weight tensor name) and the branch
+    selector inputs pinned to constants (`values` gives theirs, else the model's)."""
     model = canonicalize(model, static_inputs(model, input_shapes))
+    pinned = pin_selectors(model, values)
     asked: list[str] = []
     for _ in range(8):
         clustered = find_clustered(model)
@@ -85,7 +101,7 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -
         asked = missing
         pin_shape_inputs(model)
     refuse_ifs(model)
-    return model, clustered
+    return model, clustered, pinned
 
 
 # ---- clustered weights ------------------------------------------------------------------
@@ -248,9 +264,21 @@ def _static_value(node: onnx.NodeProto, view: GraphView, values: dict[str, np.nd
         else:
             return None
     try:
-        ref = ReferenceEvaluator(node, opsets={"": opsets.get("", 13)})
-        outs = ref.run(None, args)
+        outs = evaluate_node(node, args, opsets.get("", 13))
     except Exception as exc:  # left for the lowering to report as unsupported
         log.debug("cannot evaluate %s (%s) at export time: %s", node.name, node.op_type, exc)
         return None
     return [np.asarray(o) for o in outs]
+
+
+def evaluate_node(node: onnx.NodeProto, args: Mapping[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    """`node` run by the ONNX reference evaluator at the model's opset.
+
+    Wrapped in a one-node model: an evaluator built from a bare NodeProto runs the newest version
+    of the op whatever `opsets` says, which cannot read the attributes older exports use
+    (`Unsqueeze`/`Squeeze` axes before opset 13, as torch writes at opset 11)."""
+    names = [i for i in node.input if i]
+    graph = onnx.helper.make_graph([node], "fold", [onnx.helper.make_empty_tensor_value_info(n) for n in names],
+                                   [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return list(ReferenceEvaluator(model).run(None, {n: args[n] for n in names}))

@@ -121,6 +121,7 @@ class Program:
     qparams: dict[str, tuple[float, int]] = field(default_factory=dict)  # int8 tensor -> (scale, zero point)
     coded_int8: list[str] = field(default_factory=list)  # int8 layers whose weights are 4-bit codes (qcodes)
     entry_int8: Int8Entry | None = None
+    pinned: dict[str, int | float] = field(default_factory=dict)  # inputs fixed at export (branch selectors)
 
     def size(self, tensor: str) -> int:
         return int(np.prod(self.shapes[tensor], dtype=np.int64))

@@ -1,8 +1,9 @@
 """What a static model still needs once the inputs are fixed: `If`s folded and every shape known.
 
 - An `If` whose condition became a constant (it usually tests an input's shape) is replaced by
-  the nodes of the branch it takes; one whose condition is computed from run-time data stops
-  the export with one line naming the node.
+  the nodes of the branch it takes; an integer scalar input that selects a branch (a sample
+  rate) is pinned to one value first; an If whose condition is computed from other run-time
+  data stops the export with one line naming the node.
 - Shapes that ONNX shape inference leaves symbolic even with data propagation (shape arithmetic
   it cannot follow) are read from one onnxruntime run at the fixed input shapes
   (`compiler.shapes.infer`); a Reshape whose target was computed at run time then gets that
@@ -11,15 +12,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxc.compiler.graph import GraphView, attr
 from onnxc.errors import OnnxcError
 
 
 # ---- If ----------------------------------------------------------------------------------
+def pin_selectors(model: onnx.ModelProto, values: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Integer scalar inputs that select an `If` branch become constants (the firmware is built for
+    one branch: one sample rate): the value of the calibration data (`values`), else the one the
+    model compares it with (`compiler.selectors`). Returns the pinned values by input name."""
+    from onnxc.compiler import selectors
+
+    uses = selectors.selector_inputs(model)
+    if not uses:
+        return {}
+    defaults = selectors.selector_values(model, list(uses))
+    pinned = {}
+    for name in uses:
+        value = (values or {}).get(name)
+        value = np.asarray(value) if value is not None else defaults.get(name)
+        if value is None:
+            continue  # a float or tensor condition input: refuse_ifs names the If
+        tensor = numpy_helper.from_array(np.asarray(value).reshape(_declared(model, name)).astype(value.dtype), name)
+        model.graph.initializer.append(tensor)
+        for vi in [v for v in model.graph.input if v.name == name]:
+            model.graph.input.remove(vi)
+        pinned[name] = np.asarray(value)
+    return pinned
+
+
+def _declared(model: onnx.ModelProto, name: str) -> list[int]:
+    vi = next(v for v in model.graph.input if v.name == name)
+    return [d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
 def fold_ifs(model: onnx.ModelProto) -> int:
     """Inline every top-level `If` whose condition is an initializer; returns how many."""
     graph = model.graph
