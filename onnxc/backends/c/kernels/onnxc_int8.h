@@ -15,7 +15,8 @@
  * common case (32 < shift <= 55, rq_wide 0) runs as (hi32(acc * mult) + add) >> (shift - 32),
  * exact because 2^(shift - 1) is then a multiple of 2^32 (the exporter checks that it cannot
  * overflow). The bias is the layer's own (raw): the input zero point is taken off each input
- * value (GEMM columns, dense inputs) or folded per channel at run time (depthwise).
+ * value (GEMM columns, coded dense rows) or folded per channel at run time (depthwise); dense
+ * layers in int8 carry it in their bias (-x_zp * sum of the row).
  * The generic kernels (onnxc_qconv2d, onnxc_qmatmul) read an int32 bias and `rq` words: a Q31
  * multiplier (its 25 high bits) and the right shift (its 6 low bits), rounding ties to even.
  *
@@ -112,7 +113,9 @@ typedef struct {
     int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the `ch` table, per output column */
     const int8_t *codebook;        /* non-NULL: w holds 4-bit codes, plain rows of (k + 1) / 2 bytes */
 } onnxc_qdense_p;
-/* Constant weight, interleaved ([n/4][k][4], then plain rows), or codes. */
+/* Constant weight in blocks of 4 rows ([k/4][4 rows][4 k], then [k % 4][4 rows]; then plain rows),
+ * or codes. The blocks multiply x as stored: with them x_zp must be 0, the exporter folding the
+ * input zero point into the bias. */
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p);
 
 typedef struct {

@@ -94,6 +94,15 @@ static inline int32_t rq_fast(int32_t acc, rq_t q)
     return ((int32_t)(((int64_t)acc * q.mult) >> 32) + q.add) >> q.t;
 }
 
+static inline int32_t sat8(int32_t v)
+{
+#ifdef ONNXC_SIMD
+    return __ssat(v, 8);
+#else
+    return onnxc_clamp8(v, -128, 127);
+#endif
+}
+
 static inline int32_t clamp_out(int32_t v, const chan_fmt *f)
 {
 #ifdef ONNXC_SIMD
@@ -494,17 +503,106 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
 }
 
 /* ---- dense ------------------------------------------------------------------------------- */
-/* Dot products of x[k] - x_zp with 4 interleaved weight rows (w[k][4]), and with one plain row. */
-static void dot4x1(const int8_t *x, const int8_t *w, int32_t k, int32_t xz, int32_t *acc)
+/* Four rows' dot products with x (stored values: the exporter put the input zero point in the
+ * bias), w in blocks of [k/4][4 rows][4 k] words then [k % 4][4 rows] bytes. With the DSP
+ * extension, SXTB16 splits an input word and each weight word into the pairs (k0, k2), (k1, k3)
+ * and two SMLADs take the four products. */
+static void dot4rows(const int8_t *x, const int8_t *w, int32_t k, int32_t *acc)
 {
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    for (; k > 0; k--) {
-        int32_t v = *x++ - xz;
-        a0 += v * w[0];
-        a1 += v * w[1];
-        a2 += v * w[2];
-        a3 += v * w[3];
-        w += 4;
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], kq = k >> 2, t;
+#ifdef ONNXC_SIMD
+    uint32_t xe, xo, w0, w1, u;
+    int32_t pairs = kq >> 1; /* two groups of 4 k a loop: 44 instructions for 32 multiply-accumulates */
+    if (pairs > 0) {
+        __asm__ volatile("1:\n\t"
+                         "ldr %[xe], [%[x]], #4\n\t"
+                         "sxtb16 %[xo], %[xe], ror #8\n\t"
+                         "sxtb16 %[xe], %[xe]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
+                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
+                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
+                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
+                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+                         "ldr %[xe], [%[x]], #4\n\t"
+                         "sxtb16 %[xo], %[xe], ror #8\n\t"
+                         "sxtb16 %[xe], %[xe]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
+                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
+                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
+                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
+                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+                         "subs %[n], %[n], #1\n\t"
+                         "bne 1b\n\t"
+                         : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [x] "+r"(x), [w] "+r"(w),
+                           [n] "+r"(pairs), [xe] "=&r"(xe), [xo] "=&r"(xo), [w0] "=&r"(w0), [w1] "=&r"(w1), [u] "=&r"(u)
+                         :
+                         : "cc", "memory");
+    }
+    if (kq & 1) {
+        __asm__ volatile("ldr %[xe], [%[x]], #4\n\t"
+                         "sxtb16 %[xo], %[xe], ror #8\n\t"
+                         "sxtb16 %[xe], %[xe]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
+                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
+                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
+                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
+                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+                         : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [x] "+r"(x), [w] "+r"(w),
+                           [xe] "=&r"(xe), [xo] "=&r"(xo), [w0] "=&r"(w0), [w1] "=&r"(w1), [u] "=&r"(u)
+                         :
+                         : "memory");
+    }
+#else
+    for (; kq > 0; kq--, x += 4, w += 16) {
+        const int32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+        a0 += x0 * w[0] + x1 * w[1] + x2 * w[2] + x3 * w[3];
+        a1 += x0 * w[4] + x1 * w[5] + x2 * w[6] + x3 * w[7];
+        a2 += x0 * w[8] + x1 * w[9] + x2 * w[10] + x3 * w[11];
+        a3 += x0 * w[12] + x1 * w[13] + x2 * w[14] + x3 * w[15];
+    }
+#endif
+    for (t = 0; t < (k & 3); t++, w += 4) {
+        const int32_t v = x[t];
+        a0 += v * w[0], a1 += v * w[1], a2 += v * w[2], a3 += v * w[3];
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
@@ -525,10 +623,47 @@ static int32_t dot1_codes(const int8_t *x, const uint8_t *codes, const int8_t *c
     return acc;
 }
 
+/* The outputs of all blocks of 4 rows for one input row. form 1: {bias, rq} pairs, form 2: packed
+ * words, both with 32-bit requantization and the clamp [-128, 127] (the common forms, decoded in
+ * registers); form 0: any (form is a constant where inlined). */
+static ONNXC_INLINE void dense_blocks(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int32_t n,
+                                      int32_t k, const chan_fmt *f, const int32_t form)
+{
+    const int32_t zp = f->zp, b = f->pk_bias, d = f->pk_delta, s0 = f->pk_shift - 32, mb = 32 - b - d;
+    const int32_t step = form == 1 ? 2 : 1;
+    const int32_t *end = ch + step * (n & ~3);
+    int32_t r, acc[4];
+    if (form) {
+        for (; ch != end; ch += 4 * step, w += 4 * k, y += 4) {
+            for (r = 0; r < 4; r++) acc[r] = form == 1 ? ch[2 * r] : ch[r] >> (32 - b);
+            dot4rows(x, w, k, acc);
+            for (r = 0; r < 4; r++) {
+                int32_t mult, t;
+                if (form == 1) {
+                    const int32_t rq = ch[2 * r + 1];
+                    mult = rq & ~63, t = (rq & 63) - 32;
+                } else {
+                    const uint32_t word = (uint32_t)ch[r];
+                    mult = (int32_t)((1u << 30) | (((word << b) >> (b + d)) << (30 - mb)));
+                    t = s0 + (int32_t)(word & ((1u << d) - 1u));
+                }
+                y[r] = (int8_t)sat8(((int32_t)(((int64_t)acc[r] * mult) >> 32) + (1 << (t - 1)) + zp * (1 << t)) >> t);
+            }
+        }
+        return;
+    }
+    for (r = 0; r < (n & ~3); r += 4, w += 4 * k) {
+        int32_t j;
+        for (j = 0; j < 4; j++) acc[j] = ch_bias(ch, r + j, f);
+        dot4rows(x, w, k, acc);
+        for (j = 0; j < 4; j++) y[r + j] = out8(acc[j], ch_rq(ch, r + j, f), f);
+    }
+}
+
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p)
 {
     const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
-    int32_t i, j, r;
+    int32_t i, j;
     if (p->codebook) {
         const int32_t rb = (p->k + 1) / 2; /* code bytes a row */
         for (i = 0; i < p->m; i++) {
@@ -544,13 +679,14 @@ void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y
     for (i = 0; i < p->m; i++) {
         const int8_t *xi = x + i * p->k;
         int8_t *yi = y + i * p->n;
-        for (j = 0; j + 4 <= p->n; j += 4) {
-            int32_t acc[4];
-            for (r = 0; r < 4; r++) acc[r] = ch_bias(ch, j + r, &f);
-            dot4x1(xi, w + j * p->k, p->k, p->x_zp, acc);
-            for (r = 0; r < 4; r++) yi[j + r] = out8(acc[r], ch_rq(ch, j + r, &f), &f);
+        if (!f.wide && f.sat && !f.pk_bias) {
+            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 1);
+        } else if (!f.wide && f.sat) {
+            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 2);
+        } else {
+            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 0);
         }
-        for (; j < p->n; j++) {
+        for (j = p->n & ~3; j < p->n; j++) {
             yi[j] = out8(dot1(xi, w + j * p->k, p->k, p->x_zp, ch_bias(ch, j, &f)), ch_rq(ch, j, &f), &f);
         }
     }
