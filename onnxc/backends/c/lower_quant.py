@@ -122,11 +122,10 @@ def dense_layout(w: np.ndarray) -> np.ndarray:
 
 def gemm_order(k: int) -> np.ndarray:
     """For each of the kp stored positions of a GEMM weight row, the k index it holds (-1:
-    padding): k padded with zeros to kp (a multiple of 4), each group of 4 k stored as k0 k2 k1 k3
-    (a 32-bit word that SXTB16 splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with the
-    gathered columns)."""
+    padding): k in order, padded with zeros to kp (a multiple of 4), so that SXTB16 splits a weight
+    word into the pairs (k0, k2), (k1, k3) that SMLAD takes with the gathered columns."""
     kp = -(-k // 4) * 4
-    idx = np.arange(kp).reshape(kp // 4, 4)[:, [0, 2, 1, 3]].reshape(-1)
+    idx = np.arange(kp)
     return np.where(idx < k, idx, -1)
 
 
@@ -346,9 +345,10 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}
             lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv1x1", [Arg.t(x), wa, ba, Arg.t(y), scratch, p])],
                     scratch=words, **(inplace if m <= c else {}))
-        else:
+        else:  # and a window of kp bytes
             lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv2d_im2col", [Arg.t(x), wa, ba, Arg.t(y),
-                                                                                 scratch, p])], scratch=words)
+                                                                                 scratch, p])],
+                    scratch=words + -(-k // 4))
         return
     wa = _int8_const(lo, w, f"w_{hint}")
     ba = _bias_arg(lo, bias_q, hint) if bias is not None else NULL

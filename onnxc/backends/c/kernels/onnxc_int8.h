@@ -23,9 +23,9 @@
  * Convolutions run as GEMMs over four gathered pixels at a time (1x1 directly, others through
  * im2col), one output channel's row of weights against the four columns, with weights laid out
  * by the exporter in the order the loop reads them ("GEMM layout": rows of k padded to kp, a
- * multiple of 4, with zero weights; within each group of 4 k the bytes are w0 w2 w1 w3). Pixels
- * are gathered as int16 columns minus the input zero point, so that the DSP extension (Cortex-M4:
- * SXTB16 splits a weight word into the pairs (w0, w1) and (w2, w3), SMLAD, as CMSIS-NN) does two
+ * multiple of 4, with zero weights). Pixels are gathered as int16 columns minus the input zero
+ * point, each group of 4 k as k0 k2 k1 k3, so that the DSP extension (Cortex-M4: SXTB16 splits a
+ * weight word into the pairs (w0, w2) and (w1, w3), SMLAD, as CMSIS-NN) does two
  * multiply-accumulates per instruction; elsewhere the same loop runs in portable C99 with the
  * same integer sums. Depthwise runs direct over a zero-point-padded plane (3x3 unrolled).
  * Requantization is fused into each kernel's loop.
@@ -88,9 +88,10 @@ typedef struct {
  * With y32 non-NULL the raw sums are written there instead of y (ConvInteger). */
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
-/* Any convolution through im2col, four output pixels at a time: scratch holds their windows
- * (8 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and one group's channels
- * decoded (12 * m/group bytes); weights per group in the GEMM layout. */
+/* Any convolution through im2col, four output pixels at a time: scratch holds their windows as
+ * int16 columns (8 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4), one group's
+ * channels decoded (12 * m/group bytes) and one window as bytes (kp); weights per group in the
+ * GEMM layout. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane

@@ -254,17 +254,17 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8
 
 /* ---- the GEMM core of the 1x1 and im2col convolutions ----------------------------------------
  * Four output pixels at a time: their k input values are gathered as int16 minus the input zero
- * point into four columns, interleaved by groups of 4 k ([kp/4][4 columns][4 k], k padded to kp,
- * a multiple of 4, with zeros), then each output channel's row of weights ([m][kp], its bytes
- * k0 k2 k1 k3 in each group of 4) is multiplied by the four columns. With the DSP extension,
- * SXTB16 makes the pairs (k0, k1) and (k2, k3) of a weight word and each SMLAD does two
- * multiply-accumulates with a column word: a weight word serves four pixels (17 instructions
- * for 16 multiply-accumulates). */
+ * point into four columns, interleaved by groups of 4 k ([kp/4][4 columns][k0 k2 k1 k3], k padded
+ * to kp, a multiple of 4, with zeros), then each output channel's row of weights ([m][kp], in k
+ * order) is multiplied by the four columns. With the DSP extension, SXTB16 makes the pairs
+ * (k0, k2) and (k1, k3) of a weight word, as it makes them of an input word (im2col widens its
+ * windows so), and each SMLAD does two multiply-accumulates with a column word: a weight word
+ * serves four pixels (17 instructions for 16 multiply-accumulates). */
 
-/* Position of k index i in column 0 (column j: 4 * j further). */
+/* Position of k index i in column 0 (column j: 4 * j further): k0 k2 k1 k3 in each group. */
 static inline int32_t col_pos(int32_t i)
 {
-    return (i & ~3) * 4 + (i & 3);
+    return (i & ~3) * 4 + ((i & 1) << 1) + ((i >> 1) & 1);
 }
 
 /* One row of weights (w, kq groups of 4) times the four columns, added to s[0..3]. */
@@ -404,7 +404,7 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_
             const int8_t *xc = xin + px;
             int16_t *col = cols;
             for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 16) {
-                const int8_t *r1 = xc + hw, *r2 = r1 + hw, *r3 = r2 + hw;
+                const int8_t *r2 = xc + hw, *r1 = r2 + hw, *r3 = r1 + hw; /* channels c, c + 2, c + 1, c + 3 */
                 col[0] = (int16_t)(xc[0] - XZ), col[1] = (int16_t)(r1[0] - XZ);
                 col[2] = (int16_t)(r2[0] - XZ), col[3] = (int16_t)(r3[0] - XZ);
                 col[4] = (int16_t)(xc[o1] - XZ), col[5] = (int16_t)(r1[o1] - XZ);
@@ -435,44 +435,79 @@ void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8
     pointwise(xy, w, ch, xy, scratch, p);
 }
 
-/* One output pixel's window (c/g channels from xg, taps in c, kh, kw order) into column `col`:
- * input minus its zero point, 0 where the window leaves the input. */
-static void gather_window(const int8_t *xg, int32_t o, int16_t *col, const onnxc_qconv_p *p)
+/* One output pixel's window (c/g channels from xg, taps in c, kh, kw order) as bytes into `row`:
+ * the input, and its zero point (the real value 0) where the window leaves the input. */
+static void gather_window(const int8_t *xg, int32_t o, int8_t *row, const onnxc_qconv_p *p)
 {
-    const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, DH = p->dh, DW = p->dw, XZ = p->x_zp;
+    const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, DH = p->dh, DW = p->dw;
+    const int8_t XZ = (int8_t)p->x_zp;
     const int32_t cg = p->c / p->group, ih0 = o / p->ow * p->sh - p->pt, iw0 = o % p->ow * p->sw - p->pl;
     const int32_t inside = iw0 >= 0 && iw0 + (KW - 1) * DW < W;
-    int32_t cc, kh, kw, g = 0; /* g: position in the current group of 4 */
+    int32_t cc, kh, kw;
+    if (inside && ih0 >= 0 && ih0 + (KH - 1) * DH < H) { /* the whole window: no checks */
+        const int8_t *xc = xg + ih0 * W + iw0;
+        if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
+            for (cc = 0; cc < cg; cc++, xc += H * W, row += 9) {
+                const int8_t *r1 = xc + W, *r2 = r1 + W;
+                row[0] = xc[0], row[1] = xc[1], row[2] = xc[2], row[3] = r1[0], row[4] = r1[1], row[5] = r1[2];
+                row[6] = r2[0], row[7] = r2[1], row[8] = r2[2];
+            }
+            return;
+        }
+        for (cc = 0; cc < cg; cc++, xc += H * W) {
+            for (kh = 0; kh < KH; kh++, row += KW) {
+                const int8_t *xr = xc + kh * DH * W;
+                for (kw = 0; kw < KW; kw++) row[kw] = xr[kw * DW];
+            }
+        }
+        return;
+    }
     for (cc = 0; cc < cg; cc++) {
         const int8_t *xc = xg + cc * H * W;
-        for (kh = 0; kh < KH; kh++) {
+        for (kh = 0; kh < KH; kh++, row += KW) {
             const int32_t ih = ih0 + kh * DH;
+            const int8_t *xr = xc + ih * W + iw0;
             if (ih < 0 || ih >= H) {
-                for (kw = 0; kw < KW; kw++) {
-                    *col++ = 0;
-                    if (++g == 4) g = 0, col += 12;
-                }
+                for (kw = 0; kw < KW; kw++) row[kw] = XZ;
+            } else if (inside && DW == 1 && KW == 3) {
+                row[0] = xr[0], row[1] = xr[1], row[2] = xr[2];
+            } else if (inside && DW == 1 && KW == 4) {
+                memcpy(row, xr, 4);
             } else if (inside) {
-                const int8_t *xr = xc + ih * W + iw0;
-                for (kw = 0; kw < KW; kw++) {
-                    *col++ = (int16_t)(xr[kw * DW] - XZ);
-                    if (++g == 4) g = 0, col += 12;
-                }
+                for (kw = 0; kw < KW; kw++) row[kw] = xr[kw * DW];
             } else {
-                const int8_t *xr = xc + ih * W;
                 for (kw = 0; kw < KW; kw++) {
                     const int32_t iw = iw0 + kw * DW;
-                    *col++ = (int16_t)(iw >= 0 && iw < W ? xr[iw] - XZ : 0);
-                    if (++g == 4) g = 0, col += 12;
+                    row[kw] = iw >= 0 && iw < W ? xr[kw * DW] : XZ;
                 }
             }
         }
     }
 }
 
+/* A window of kp bytes into column `col` (of four) as int16 minus the zero point: SXTB16 of an
+ * input word gives (k0, k2) and (k1, k3), SSUB16 takes the zero point off both halves. */
+static void widen(const int8_t *b, int32_t kp, int32_t xz, int16_t *col)
+{
+    const int8_t *end = b + kp;
+#ifdef ONNXC_SIMD
+    const int32_t zz = pack16(xz, xz);
+    for (; b != end; b += 4, col += 16) {
+        const uint32_t v = ld32(b);
+        ((onnxc_word *)(void *)col)[0] = (uint32_t)__ssub16(__sxtb16(v), zz);
+        ((onnxc_word *)(void *)col)[1] = (uint32_t)__ssub16(sxtb16_ror8(v), zz);
+    }
+#else
+    for (; b != end; b += 4, col += 16) {
+        col[0] = (int16_t)(b[0] - xz), col[1] = (int16_t)(b[2] - xz);
+        col[2] = (int16_t)(b[1] - xz), col[3] = (int16_t)(b[3] - xz);
+    }
+#endif
+}
+
 /* Any convolution through im2col: for four output pixels at a time, each group's c/g * kh * kw
- * window values are gathered into four columns (gather_window), then multiplied by the group's
- * weight rows. */
+ * window values are gathered as bytes (gather_window), each widened into its column (widen), then
+ * multiplied by the group's weight rows. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p)
 {
@@ -481,12 +516,10 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
     const int32_t k = cg * p->kh * p->kw, kp = (k + 3) & ~3, out_plane = p->oh * p->ow;
     int16_t *cols = (int16_t *)(void *)scratch;
     rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
-    int8_t *wbuf = (int8_t *)(void *)(tab + mg);
+    int8_t *row = (int8_t *)(void *)(tab + mg), *wbuf = row + kp;
     const int32_t wstep = p->codebook ? kp / 2 : kp;
-    int32_t n, g, px, i, j;
-    for (i = k; i < kp; i++) {
-        for (j = 0; j < 4; j++) cols[col_pos(i) + 4 * j] = 0;
-    }
+    int32_t n, g, px, j;
+    memset(row, p->x_zp, (size_t)kp); /* the padding past k stays the zero point */
     for (n = 0; n < p->n; n++) {
         for (g = 0; g < p->group; g++) {
             const int8_t *xg = x + (n * p->c + g * cg) * p->h * p->w;
@@ -494,7 +527,10 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
             decode_rows(ch, g * mg, mg, &f, tab);
             for (px = 0; px < out_plane; px += 4) {
                 const int32_t ncols = out_plane - px < 4 ? out_plane - px : 4;
-                for (j = 0; j < 4; j++) gather_window(xg, px + (j < ncols ? j : ncols - 1), cols + 4 * j, p);
+                for (j = 0; j < 4; j++) {
+                    gather_window(xg, px + (j < ncols ? j : ncols - 1), row, p);
+                    widen(row, kp, p->x_zp, cols + 4 * j);
+                }
                 gemm_cols(cols, ncols, kp, mg, w + g * mg * wstep, p->codebook ? p->codebook + g * mg * 16 : NULL,
                           wbuf, tab, yg + px, out_plane, &f);
             }
