@@ -120,8 +120,8 @@ static inline int8_t out8(int32_t acc, rq_t q, const chan_fmt *f)
 /* ---- depthwise ----------------------------------------------------------------------------- */
 /* The input plane's rows copied into the padded plane `pad` (whose border onnxc_qconv_dw filled
  * once with the input zero point, the real value 0), so that every window is whole and the zero
- * point folds into the bias. Short rows are copied a word at a time (a memcpy call per row of 5
- * bytes costs more than the row). */
+ * point folds into the bias. Rows are copied a word at a time, unaligned (a memcpy call per row
+ * costs more than a short row, and copies the padded plane's unaligned rows a byte at a time). */
 static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
 {
     const int32_t H = p->h, W = p->w, n = WP - p->pl < W ? WP - p->pl : W;
@@ -129,12 +129,9 @@ static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, con
     int32_t r, i;
     int8_t *row = pad + p->pt * WP + p->pl;
     if (n <= 0) return;
-    if (n > 32) {
-        for (r = 0; r < rows; r++, row += WP, xp += W) memcpy(row, xp, (size_t)n);
-        return;
-    }
     for (r = 0; r < rows; r++, row += WP, xp += W) {
-        for (i = 0; i + 4 <= n; i += 4) memcpy(row + i, xp + i, 4);
+        for (i = 0; i + 8 <= n; i += 8) memcpy(row + i, xp + i, 4), memcpy(row + i + 4, xp + i + 4, 4);
+        for (; i + 4 <= n; i += 4) memcpy(row + i, xp + i, 4);
         for (; i < n; i++) row[i] = xp[i];
     }
 }
@@ -180,8 +177,9 @@ static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int
 #endif
 
 /* One depthwise output plane (channel c) over the padded copy: 3x3 windows of dilation 1 with
- * the nine weights in locals, no bounds checks, two outputs per step with the DSP extension
- * (stride 1); each output requantized as it is made. */
+ * the nine weights in locals, no bounds checks, with the DSP extension two outputs per step at
+ * stride 1, one (three words of three SXTB16 pairs) at stride 2; each output requantized as it is
+ * made. */
 static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int32_t c, int8_t *yp, int8_t *pad,
                      const onnxc_qconv_p *p, const chan_fmt *f)
 {
@@ -205,6 +203,25 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
                 } else {
                     dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 0);
                 }
+            }
+            return;
+        }
+        if (SW == 2 && !f->wide) { /* one output a step; the last of a row below (its word would pass the row) */
+            const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+            for (oh = 0; oh < OH; oh++) {
+                const int8_t *x0 = pad + oh * SH * WP, *end = x0 + 2 * (OW - 1);
+                int8_t *yr = yp + oh * OW;
+                for (; x0 != end; x0 += 2) {
+                    uint32_t v = ld32(x0);
+                    int32_t a = __smlabb(sxtb16_ror8(v), m01, __smlad(__sxtb16(v), e0, base));
+                    v = ld32(x0 + WP);
+                    a = __smlabt(sxtb16_ror8(v), m01, __smlad(__sxtb16(v), e1, a));
+                    v = ld32(x0 + 2 * WP);
+                    a = __smlabb(sxtb16_ror8(v), w7, __smlad(__sxtb16(v), e2, a));
+                    *yr++ = (int8_t)clamp_out(rq_fast(a, q), f);
+                }
+                *yr = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x0[WP] * w3 + x0[WP + 1] * w4
+                           + x0[WP + 2] * w5 + x0[2 * WP] * w6 + x0[2 * WP + 1] * w7 + x0[2 * WP + 2] * w8, q, f);
             }
             return;
         }
