@@ -17,6 +17,9 @@
 #if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
 #include <arm_acle.h>
 #define ONNXC_SIMD 1
+#ifdef __OPTIMIZE__ /* (without optimization the depthwise pairs' 13 registers may not be free) */
+#define ONNXC_DW_ASM 1
+#endif
 typedef uint32_t __attribute__((may_alias)) onnxc_word;
 static inline uint32_t ld32(const void *q)
 {
@@ -153,6 +156,69 @@ static ONNXC_INLINE void dw3x3_pair(const int8_t *x0, int32_t WP, int32_t base, 
 
 /* One output row of a 3x3 stride-1 depthwise layer, two outputs a step; an odd last output is
  * the second of a pair one to the left. sat: the clamp is [-128, 127] (a constant where inlined). */
+#ifdef ONNXC_DW_ASM
+/* The bias, requantization and end of a row of dw3x3_pairs_sat, read from memory in its loop. */
+typedef struct {
+    int32_t base, mult, add, t;
+    const int8_t *yend;
+} dw_row_prm;
+
+/* The pairs of a row (at least one) with the clamp [-128, 127], in 39 instructions a pair: the
+ * nine weights and the row pointers in twelve registers (which compiled C would spill), the rest
+ * from `r` on the stack. */
+static ONNXC_INLINE void dw3x3_pairs_sat(const int8_t *x, int32_t wp, int8_t *y, const dw_row_prm *r, int32_t e0,
+                                          int32_t e1, int32_t e2, int32_t m01, int32_t w7)
+{
+    int32_t a, b, v, e;
+    __asm__ volatile("1:\n\t"
+                     "ldr %[a], %[base]\n\t"
+                     "mov %[b], %[a]\n\t"
+                     "ldr %[v], [%[x]]\n\t"
+                     "sxtb16 %[e], %[v]\n\t"
+                     "sxtb16 %[v], %[v], ror #8\n\t"
+                     "smlad %[a], %[e], %[e0], %[a]\n\t"
+                     "smlabb %[a], %[v], %[m01], %[a]\n\t"
+                     "smlad %[b], %[v], %[e0], %[b]\n\t"
+                     "smlatb %[b], %[e], %[m01], %[b]\n\t"
+                     "ldr %[v], [%[x], %[wp]]\n\t"
+                     "sxtb16 %[e], %[v]\n\t"
+                     "sxtb16 %[v], %[v], ror #8\n\t"
+                     "smlad %[a], %[e], %[e1], %[a]\n\t"
+                     "smlabt %[a], %[v], %[m01], %[a]\n\t"
+                     "smlad %[b], %[v], %[e1], %[b]\n\t"
+                     "smlatt %[b], %[e], %[m01], %[b]\n\t"
+                     "ldr %[v], [%[x], %[wp], lsl #1]\n\t"
+                     "sxtb16 %[e], %[v]\n\t"
+                     "sxtb16 %[v], %[v], ror #8\n\t"
+                     "smlad %[a], %[e], %[e2], %[a]\n\t"
+                     "smlabb %[a], %[v], %[w7], %[a]\n\t"
+                     "smlad %[b], %[v], %[e2], %[b]\n\t"
+                     "smlatb %[b], %[e], %[w7], %[b]\n\t"
+                     "ldr %[v], %[mult]\n\t"
+                     "smull %[e], %[a], %[a], %[v]\n\t"
+                     "smull %[e], %[b], %[b], %[v]\n\t"
+                     "ldr %[v], %[add]\n\t"
+                     "add %[a], %[a], %[v]\n\t"
+                     "add %[b], %[b], %[v]\n\t"
+                     "ldr %[v], %[t]\n\t"
+                     "asr %[a], %[a], %[v]\n\t"
+                     "asr %[b], %[b], %[v]\n\t"
+                     "ssat %[a], #8, %[a]\n\t"
+                     "ssat %[b], #8, %[b]\n\t"
+                     "strb %[a], [%[y]], #1\n\t"
+                     "strb %[b], [%[y]], #1\n\t"
+                     "adds %[x], %[x], #2\n\t"
+                     "ldr %[v], %[yend]\n\t"
+                     "cmp %[y], %[v]\n\t"
+                     "bne 1b\n\t"
+                     : [x] "+r"(x), [y] "+r"(y), [a] "=&r"(a), [b] "=&r"(b), [v] "=&r"(v), [e] "=&r"(e)
+                     : [wp] "r"(wp), [e0] "r"(e0), [e1] "r"(e1), [e2] "r"(e2), [m01] "r"(m01), [w7] "r"(w7),
+                       [base] "m"(r->base), [mult] "m"(r->mult), [add] "m"(r->add), [t] "m"(r->t),
+                       [yend] "m"(r->yend)
+                     : "cc", "memory");
+}
+#endif
+
 static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int32_t OW, int32_t base, int32_t e0,
                                    int32_t e1, int32_t e2, int32_t m01, int32_t w7, rq_t q, const chan_fmt *f,
                                    const int32_t sat)
@@ -172,6 +238,27 @@ static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int
         dw3x3_pair(x0 - 1, WP, base, e0, e1, e2, m01, w7, &a, &b);
         b = rq_fast(b, q);
         yr[0] = sat ? (int8_t)__ssat(b, 8) : onnxc_clamp8(b, f->lo, f->hi);
+    }
+}
+#endif
+
+#ifdef ONNXC_DW_ASM
+/* All rows of a 3x3 stride-1 plane with the clamp [-128, 127] (OW >= 2): the pairs in assembly,
+ * an odd last output as the second of a pair one to the left. */
+static ONNXC_NOINLINE void dw3x3_plane_sat(const int8_t *x0, int32_t WP, int8_t *yr, int32_t OH, int32_t OW,
+                                           const dw_row_prm *prm, int32_t e0, int32_t e1, int32_t e2, int32_t m01,
+                                           int32_t w7)
+{
+    const int32_t even = OW & ~1;
+    int32_t oh, a, b;
+    dw_row_prm r = *prm; /* on the stack: the loop reads it sp-relative */
+    for (oh = 0; oh < OH; oh++, x0 += WP, yr += OW) {
+        r.yend = yr + even;
+        dw3x3_pairs_sat(x0, WP, yr, &r, e0, e1, e2, m01, w7);
+        if (OW & 1) {
+            dw3x3_pair(x0 + even - 1, WP, r.base, e0, e1, e2, m01, w7, &a, &b);
+            yr[even] = (int8_t)__ssat(((int32_t)(((int64_t)b * r.mult) >> 32) + r.add) >> r.t, 8);
+        }
     }
 }
 #endif
@@ -197,6 +284,14 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
 #ifdef ONNXC_SIMD
         if (SW == 1 && OW >= 2 && !f->wide) {
             const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+#ifdef ONNXC_DW_ASM
+            if (f->sat) {
+                dw_row_prm prm;
+                prm.base = base, prm.mult = q.mult, prm.add = q.add, prm.t = q.t;
+                dw3x3_plane_sat(pad, WP, yp, OH, OW, &prm, e0, e1, e2, m01, w7);
+                return;
+            }
+#endif
             for (oh = 0; oh < OH; oh++) {
                 if (f->sat) {
                     dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 1);
