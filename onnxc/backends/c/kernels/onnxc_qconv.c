@@ -463,6 +463,21 @@ static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m,
 #endif
     const rq_row *end = tab + m;
     int32_t s[4];
+#ifdef ONNXC_SIMD
+    if (!cb && ncols == 4 && sat && !f->wide) { /* the common case, its sums kept in registers */
+        for (; tab != end; tab++, w += kp, y += ys) {
+            const int32_t mult = tab->mult_t & ~31, add = tab->add, sh = tab->mult_t & 31;
+            int32_t r[4];
+            r[0] = r[1] = r[2] = r[3] = tab->bias;
+            dot1x4(cols, w, kq, r);
+            y[0] = (int8_t)__ssat(((int32_t)(((int64_t)r[0] * mult) >> 32) + add) >> sh, 8);
+            y[1] = (int8_t)__ssat(((int32_t)(((int64_t)r[1] * mult) >> 32) + add) >> sh, 8);
+            y[2] = (int8_t)__ssat(((int32_t)(((int64_t)r[2] * mult) >> 32) + add) >> sh, 8);
+            y[3] = (int8_t)__ssat(((int32_t)(((int64_t)r[3] * mult) >> 32) + add) >> sh, 8);
+        }
+        return;
+    }
+#endif
     for (; tab != end; tab++, w += wstep, y += ys) {
         s[0] = s[1] = s[2] = s[3] = tab->bias;
         if (cb) {
