@@ -139,9 +139,11 @@ def mlperf_table(work: Path, count: int = 100) -> None:
               f"{fp['ram']:>8,} {agree['max_steps']:9.2f} {agree['within_one']:8.3f} {agree['top1']:6.2f}",
               flush=True)
     print(f"\nM4 instr: one NAME_run (float in and out) on the mps2-an386 Cortex-M4 under qemu -icount shift=0, "
-          f"to {mps2.INSTRUCTIONS_PER_TICK}; flash/RAM as in the first table; steps: |M4 - onnxruntime| over the "
-          f"output scale on {count} standard-normal inputs (onnxruntime runs the QDQ model, basic optimizations);"
-          "\ntop-1 is meaningless for the autoencoder (a reconstruction). Per layer: benchmarks/c_layers.py")
+          f"to {mps2.INSTRUCTIONS_PER_TICK}; flash = text+rodata+data of the model linked for the Cortex-M4 (-O2, "
+          "gc-sections) minus an empty firmware, RAM = data+bss minus the float I/O buffers;\n"
+          f"steps: |M4 - onnxruntime| over the output scale on {count} standard-normal inputs (onnxruntime runs the "
+          "QDQ model, basic optimizations);\ntop-1 is meaningless for the autoencoder (a reconstruction). "
+          "Per layer: benchmarks/c_layers.py")
 
 
 def m4_outputs(gen, x: np.ndarray, work: Path, flash_budget: int = 2 << 20) -> np.ndarray:
