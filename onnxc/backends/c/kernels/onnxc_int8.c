@@ -45,14 +45,14 @@ static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
 void onnxc_quantize(const float *x, int8_t *y, const onnxc_quant_p *p)
 {
+    /* the parameters in locals: the int8 stores may alias them, which would reload each one per element */
+    const int32_t outer = p->outer, len = p->len, inner = p->inner, lo = p->lo, hi = p->hi;
     int32_t o, c, i;
-    for (o = 0; o < p->outer; o++) {
-        for (c = 0; c < p->len; c++) {
-            float s = p->scale[c];
-            int32_t zp = p->zp[c];
-            for (i = 0; i < p->inner; i++) {
-                *y++ = onnxc_clamp8(onnxc_round_s32(*x++ / s) + zp, p->lo, p->hi);
-            }
+    for (o = 0; o < outer; o++) {
+        for (c = 0; c < len; c++) {
+            const float s = p->scale[c];
+            const int32_t zp = p->zp[c];
+            for (i = 0; i < inner; i++) *y++ = onnxc_clamp8(onnxc_round_s32(*x++ / s) + zp, lo, hi);
         }
     }
 }

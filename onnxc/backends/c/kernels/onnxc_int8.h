@@ -48,12 +48,24 @@ static inline int8_t onnxc_clamp8(int32_t v, int32_t lo, int32_t hi)
 }
 
 /* Nearest integer, ties to even (as nearbyintf in the default rounding mode), saturated to
- * +-2^22: 1.5 * 2^23 added and subtracted in float32 leaves the rounded value. */
+ * +-2^22 (NaN to -2^22): 1.5 * 2^23 added and subtracted in float32 leaves the rounded value; with
+ * a single-precision FPU, VCVTR converts in the same rounding mode in one instruction. */
 static inline int32_t onnxc_round_s32(float v)
 {
+#if defined(__GNUC__) && defined(__ARM_FP) && (__ARM_FP & 4) && !defined(__aarch64__)
+    union {
+        float f;
+        int32_t i;
+    } r;
+    if (!(v >= -4194304.0f)) return -4194304; /* (NaN too) */
+    if (v > 4194304.0f) return 4194304;
+    __asm__("vcvtr.s32.f32 %0, %1" : "=t"(r.f) : "t"(v));
+    return r.i;
+#else
     if (!(v >= -4194304.0f)) v = -4194304.0f; /* (NaN too) */
     if (v > 4194304.0f) v = 4194304.0f;
     return (int32_t)((v + 12582912.0f) - 12582912.0f);
+#endif
 }
 
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
