@@ -13,7 +13,13 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
 - max |C - onnxruntime| / max |onnxruntime| on the host, and on the Cortex-M4 under QEMU
   (mps2-an386, semihosting).
 
-- with `--int8`: each model also exported in int8 (the QDQ model of our onnxruntime flow, lowered
+- with `--int8`: first the four MLPerf Tiny models in int8 (onnxc/backends/c/reference_models.py:
+  DS-CNN, MobileNetV1 0.25 visual wake words, ResNet-8, the anomaly autoencoder; random weights,
+  calibrated on random inputs): Cortex-M4 instructions per inference and per MAC, flash and RAM,
+  and the outputs of 100 held-out inputs run on the Cortex-M4 against onnxruntime running the same
+  QDQ model (largest difference in output steps, share within one step, top-1 agreement; the
+  inputs in batches that fit the board's flash). `--mlperf` prints this table alone.
+  Then each model also exported in int8 (the QDQ model of our onnxruntime flow, lowered
   to integer kernels), and a second table puts float and int8 side by side: Cortex-M4
   instructions per inference (qemu `-icount shift=0`, SysTick), weights, flash and RAM (the
   4-bit clustered variants too, whose int8 layers keep their codes); a third puts both beside
@@ -22,7 +28,7 @@ For each model (the four samples, the DS-CNN keyword spotter, 4-bit clustered va
   labelled as such, beside ours measured here (host callgrind of NAME_run, -O2, and the M4).
 
     python benchmarks/c_backend.py [--light [squeezenet,shufflenet,inception_v1,...]] [--no-qemu]
-                                   [--no-callgrind] [--int8]
+                                   [--no-callgrind] [--int8] [--mlperf]
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's onnxc; test helpers
 
 from onnxc.api import optimize  # noqa: E402
 from onnxc.backends.c import compile_model, mps2  # noqa: E402
@@ -83,9 +89,14 @@ def main() -> None:
     ap.add_argument("--no-qemu", action="store_true", help="skip the Cortex-M4 run under QEMU")
     ap.add_argument("--no-callgrind", action="store_true", help="skip instruction counting")
     ap.add_argument("--int8", action="store_true", help="also compare float and int8 builds on the Cortex-M4")
+    ap.add_argument("--mlperf", action="store_true", help="only the MLPerf Tiny models in int8 on the Cortex-M4")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxc_c_bench_"))
     try:
+        if args.int8 or args.mlperf:
+            mlperf_table(work / "mlperf")
+            if args.mlperf:
+                return
         entries = models([n for n in args.light.split(",") if n])
         if args.int8:
             int8_table(entries, work / "int8")
@@ -107,6 +118,57 @@ def m4_instructions(gen, feed: dict[str, np.ndarray], work: Path) -> tuple[int, 
     fp = mps2.footprint(name, [gen.prog.size(n) for n in gen.prog.inputs], outs,
                         [work / f"{name}.c"] + sorted(work.glob("onnxc_*.c")), work, include=[work])
     return count, fp
+
+
+def mlperf_table(work: Path, count: int = 100) -> None:
+    """The MLPerf Tiny models in int8 on the Cortex-M4: cost, footprint, agreement with onnxruntime."""
+    from mlperf_tiny import agreement, inputs, int8_build, macs, qdq_reference
+
+    from onnxc.backends.c.reference_models import MLPERF_TINY
+
+    print(f"{'model':14s} {'MACs':>9s} {'M4 instr':>10s} {'instr/MAC':>9s} {'flash':>9s} {'RAM':>8s} "
+          f"{'max steps':>9s} {'within 1':>8s} {'top-1':>6s}")
+    for name in MLPERF_TINY:
+        model, qdq, gen = int8_build(name)
+        x = inputs(name, count)
+        n_macs = macs(model)
+        instr, fp = m4_instructions(gen, {"input": x[0]}, work / f"{name}_timed")
+        ours = m4_outputs(gen, x, work / name)
+        agree = agreement(gen, ours, qdq_reference(qdq, x))
+        print(f"{name:14s} {n_macs / 1e6:8.2f}M {instr / 1e6:9.3f}M {instr / n_macs:9.2f} {fp['flash']:>9,} "
+              f"{fp['ram']:>8,} {agree['max_steps']:9.2f} {agree['within_one']:8.3f} {agree['top1']:6.2f}",
+              flush=True)
+    print(f"\nM4 instr: one NAME_run (float in and out) on the mps2-an386 Cortex-M4 under qemu -icount shift=0, "
+          f"to {mps2.INSTRUCTIONS_PER_TICK}; flash = text+rodata+data of the model linked for the Cortex-M4 (-O2, "
+          "gc-sections) minus an empty firmware, RAM = data+bss minus the float I/O buffers;\n"
+          f"steps: |M4 - onnxruntime| over the output scale on {count} standard-normal inputs (onnxruntime runs the "
+          "QDQ model, basic optimizations);\ntop-1 is meaningless for the autoencoder (a reconstruction). "
+          "Per layer: benchmarks/c_layers.py")
+
+
+def m4_outputs(gen, x: np.ndarray, work: Path, flash_budget: int = 2 << 20) -> np.ndarray:
+    """Outputs [count, n] of every input (axis 0) run on the Cortex-M4, in as few firmwares as fit."""
+    name, out_size = gen.prog.name, gen.prog.size(gen.prog.outputs[0])
+    per = max(1, min(len(x), flash_budget // (x[0].nbytes + 1)))
+    outs = []
+    for start in range(0, len(x), per):
+        d = work / f"batch{start}"
+        d.mkdir(parents=True)
+        gen.write(d)
+        chunk = x[start:start + per]
+        runs = "".join(f"    if ({name}_run({name}_x[{i}], {name}_y) != 0) return 1;\n"
+                       f'    print_bits("{name}.out{i}", {name}_y, {out_size});\n' for i in range(len(chunk)))
+        main = mps2.firmware_main([])  # includes and print_bits
+        body = f'#include "{name}.h"\n' + main[:main.index("int main(void)")]
+        data = ", ".join(f"0x{v:08x}" for v in chunk.reshape(len(chunk), -1).view("<u4").reshape(-1))
+        (d / "main.c").write_text(
+            body + f"static const union {{ uint32_t u[{chunk.size}]; float f[{len(chunk)}][{chunk[0].size}]; }} "
+            f"{name}_xs = {{{{{data}}}}};\n#define {name}_x {name}_xs.f\nstatic float {name}_y[{out_size}];\n"
+            f"int main(void)\n{{\n{runs}    return 0;\n}}\n")
+        elf = mps2.build(sorted(d.glob("*.c")), d, include=[d])
+        printed = mps2.parse_outputs(mps2.run_qemu(elf, timeout=900))
+        outs += [printed[f"{name}.out{i}"] for i in range(len(chunk))]
+    return np.stack(outs)
 
 
 # onnx2c's float build as recorded in issue 13 (not measured here: onnx2c is not installable from

@@ -6,8 +6,9 @@ Requantization parameters come from `requant`: the fast kernels (depthwise, 1x1,
 read one table of per output channel bias and multiplier (`requant.channel_table`, packed in
 one word per channel where it fits), the generic ones an int32 bias and `fixed_point` words.
 Weights of the fast kernels are laid out in the order their loops read them (convolutions
-through the GEMM core: `gemm_layout`; dense layers: `interleave`); their biases stay the layer's
-own, the kernels take the input zero point off each input value. ONNX uint8 tensors are stored
+through the GEMM core: `gemm_layout`; dense layers: `dense_layout`); their biases stay the layer's
+own and the kernels take the input zero point off each input value, except in dense layers,
+whose bias holds it (`_channels`). ONNX uint8 tensors are stored
 as int8 (q - 128); uint8 graph inputs and outputs are converted at the boundary.
 """
 
@@ -107,21 +108,24 @@ def quantize_value(v: float, yq: qdq.QParams) -> int:
     return int(np.clip(np.rint(np.float32(v) / np.float32(yq.s)) + yq.z, -128, 127))
 
 
-def interleave(w: np.ndarray) -> np.ndarray:
-    """[rows][k] int8 weights in blocks of 4 rows interleaved ([rows/4][k][4]), the rest plain."""
+def dense_layout(w: np.ndarray) -> np.ndarray:
+    """[rows][k] int8 weights as onnxc_qdense reads them: blocks of 4 rows, each as [k/4][4 rows][4 k]
+    (a word of 4 consecutive k per row, which SXTB16 splits as it splits 4 inputs) then the k % 4
+    last k as [k % 4][4 rows]; the rows left over plain."""
     rows, k = w.shape
-    full = rows // 4 * 4
-    blocks = w[:full].reshape(rows // 4, 4, k).transpose(0, 2, 1).reshape(-1)
-    return np.concatenate([blocks, w[full:].reshape(-1)]).astype(np.int8)
+    nb, k4 = rows // 4, k // 4 * 4
+    blocks = w[:nb * 4].reshape(nb, 4, k)
+    head = blocks[:, :, :k4].reshape(nb, 4, k // 4, 4).transpose(0, 2, 1, 3).reshape(nb, 4 * k4)
+    tail = blocks[:, :, k4:].transpose(0, 2, 1).reshape(nb, 4 * (k - k4))
+    return np.concatenate([np.concatenate([head, tail], axis=1).reshape(-1), w[nb * 4:].reshape(-1)]).astype(np.int8)
 
 
 def gemm_order(k: int) -> np.ndarray:
     """For each of the kp stored positions of a GEMM weight row, the k index it holds (-1:
-    padding): k padded with zeros to kp (a multiple of 4), each group of 4 k stored as k0 k2 k1 k3
-    (a 32-bit word that SXTB16 splits into the pairs (k0, k1), (k2, k3) that SMLAD takes with the
-    gathered columns)."""
+    padding): k in order, padded with zeros to kp (a multiple of 4), so that SXTB16 splits a weight
+    word into the pairs (k0, k2), (k1, k3) that SMLAD takes with the gathered columns."""
     kp = -(-k // 4) * 4
-    idx = np.arange(kp).reshape(kp // 4, 4)[:, [0, 2, 1, 3]].reshape(-1)
+    idx = np.arange(kp)
     return np.where(idx < k, idx, -1)
 
 
@@ -187,10 +191,14 @@ def _requant_tables(lo: Lowerer, real: np.ndarray, hint: str) -> dict:
 
 
 def _channels(lo: Lowerer, bias: np.ndarray, real: np.ndarray, rows: np.ndarray, xq: qdq.QParams,
-              yq: qdq.QParams, hint: str) -> tuple[Arg, dict]:
-    """The fast kernels' per channel table (requant.channel_table) for weight rows [m][k]."""
+              yq: qdq.QParams, hint: str, *, fold_zp: bool = False) -> tuple[Arg, dict]:
+    """The fast kernels' per channel table (requant.channel_table) for weight rows [m][k]; with
+    fold_zp the bias holds -x_zp * sum(row) too, for kernels that multiply the stored inputs as they
+    are (the accumulator ends the same, so its bound does too)."""
     span = max(128 + xq.z, 127 - xq.z)  # the largest |x - x_zp|
     bound = np.abs(rows.astype(np.int64)).sum(axis=1) * span + np.abs(bias)
+    if fold_zp:
+        bias = bias - int(xq.z) * rows.astype(np.int64).sum(axis=1)
     try:
         table = channel_table(bias, real, bound, yq.z)
     except ValueError as exc:
@@ -263,15 +271,16 @@ def dense(lo: Lowerer, node: onnx.NodeProto, x: str, xq: qdq.QParams, rows: np.n
     """y[m][n] = requant(x[m][k] . rows[n][k] + bias[n]) with weights in flash."""
     n, k = rows.shape
     hint = node.name or y
-    ch, pk = _channels(lo, bias, real, rows, xq, yq, hint)
     coded = qcodes.row_codebooks(rows)
-    if coded is None:
-        wa, book = _int8_const(lo, interleave(rows), f"w_{hint}"), "NULL"
+    ch, pk = _channels(lo, bias, real, rows, xq, yq, hint, fold_zp=coded is None)
+    x_zp = xq.z
+    if coded is None:  # the input zero point is in the bias
+        wa, book, x_zp = _int8_const(lo, dense_layout(rows), f"w_{hint}"), "NULL", 0
     else:  # plain rows of codes, (k + 1) / 2 bytes each
         lo.prog.coded_int8.append(hint)
         packed = np.concatenate([qcodes.pack_nibbles(r) for r in coded[0]]).view(np.int8)
         wa, book = _int8_const(lo, packed, f"w_{hint}_codes"), lo.const_array(coded[1].reshape(-1), f"{hint}_codebook")
-    fields = {"m": m, "n": n, "k": k, "x_zp": xq.z, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], **pk,
+    fields = {"m": m, "n": n, "k": k, "x_zp": x_zp, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], **pk,
               "codebook": book}
     call = Call("onnxc_qdense", [Arg.t(x), wa, ch, Arg.t(y), lo.params("onnxc_qdense_p", fields, hint)])
     lo.step(node, node.op_type, [x], [y], [call])
@@ -336,9 +345,10 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
                        "inplace_calls": [Call("onnxc_qconv1x1_inplace", [Arg.t(y), wa, ba, scratch, p])]}
             lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv1x1", [Arg.t(x), wa, ba, Arg.t(y), scratch, p])],
                     scratch=words, **(inplace if m <= c else {}))
-        else:
+        else:  # and a window of kp bytes
             lo.step(node, node.op_type, [x], [y], [Call("onnxc_qconv2d_im2col", [Arg.t(x), wa, ba, Arg.t(y),
-                                                                                 scratch, p])], scratch=words)
+                                                                                 scratch, p])],
+                    scratch=words + -(-k // 4))
         return
     wa = _int8_const(lo, w, f"w_{hint}")
     ba = _bias_arg(lo, bias_q, hint) if bias is not None else NULL

@@ -3,7 +3,9 @@
 The board (ARM application note 386): Cortex-M4 with FPU, 4 MB of code memory at 0x00000000
 and 4 MB of SRAM at 0x20000000. We supply the vector table, a reset handler (copy .data, zero
 .bss, enable the FPU, call main, exit through semihosting) and the linker script; newlib's
-rdimon library provides printf over semihosting, so QEMU prints the results on stdout.
+rdimon library provides printf over semihosting, so QEMU prints the results on stdout. Under
+`-icount shift=0` SysTick counts instructions: per run (`count_instructions`) and per kernel call
+(`profile_steps`).
 """
 
 from __future__ import annotations
@@ -324,3 +326,49 @@ def footprint(name: str, input_sizes: list[int], output_sizes: list[int], source
     io_bytes = 4 * sum(input_sizes + output_sizes)
     return {"flash": diff["text"] + diff["data"], "ram": diff["data"] + diff["bss"] - io_bytes,
             "text": diff["text"], "data": diff["data"], "bss": diff["bss"] - io_bytes}
+
+
+# ---- instructions per step ------------------------------------------------------------------
+_STEP = re.compile(r"^    /\* \d+: (\S+) \(\w+\)")
+
+
+def _instrument(source: str, name: str) -> tuple[str, list[tuple[str, str]]]:
+    """NAME.c with SysTick read at the start of NAME_core and after each of its kernel calls; the
+    (node, kernel) of each call, from the generated step comments."""
+    out, steps, inside, label = [], [], False, None
+    for line in source.splitlines():
+        if line.startswith(f"static void {name}_core("):
+            inside = True
+            out.append("extern unsigned long long onnxc_prof[];\nunsigned long long onnxc_prof_now(void);")
+        elif inside and line == "}":
+            inside = False
+        m = _STEP.match(line) if inside else None
+        label = m.group(1) if m else label
+        out.append(line)
+        if inside and line == "{":
+            out.append("    onnxc_prof[0] = onnxc_prof_now();")
+        elif inside and label and line.startswith("    onnxc_") and line.endswith(");"):
+            steps.append((label, line.split("(")[0].strip()))
+            out.append(f"    onnxc_prof[{len(steps)}] = onnxc_prof_now();")
+    return "\n".join(out) + "\n", steps
+
+
+def profile_steps(gen, inputs: list[np.ndarray], workdir: Path, *, timeout: float = 600) -> list[tuple[str, str, int]]:
+    """Cortex-M4 instructions of each kernel call of one run of a generated model (qemu -icount,
+    to 40, each including about 20 instructions of timer reads): (node, kernel, instructions)."""
+    name = gen.prog.name
+    gen.write(workdir)
+    text, steps = _instrument((workdir / f"{name}.c").read_text(), name)
+    (workdir / f"{name}.c").write_text(text)
+    main = firmware_main([(name, inputs, [gen.prog.size(o) for o in gen.prog.outputs])], timed=True)
+    prof = (f"unsigned long long onnxc_prof[{len(steps) + 1}];\n"
+            "unsigned long long onnxc_prof_now(void) { return timer_ticks(); }\n")
+    dump = "".join(f'    printf("prof {k} %llu\\n", onnxc_prof[{k}]);\n' for k in range(len(steps) + 1))
+    main = main.replace("int main(void)\n{", prof + "int main(void)\n{", 1).replace("    return 0;\n}", dump
+                                                                                    + "    return 0;\n}", 1)
+    (workdir / "main.c").write_text(main)
+    elf = build(sorted(workdir.glob("*.c")), workdir, include=[workdir])
+    ticks = [int(v) for v in re.findall(r"^prof \d+ (\d+)\s*$", run_qemu(elf, timeout=timeout, icount=True), re.M)]
+    if len(ticks) != len(steps) + 1:
+        raise ToolError(f"{name}: expected {len(steps) + 1} profile lines, got {len(ticks)}")
+    return [(node, fn, (ticks[k + 1] - ticks[k]) * INSTRUCTIONS_PER_TICK) for k, (node, fn) in enumerate(steps)]

@@ -3,7 +3,8 @@
 Floats are written as their IEEE-754 bit patterns (`0x3e4ccccd`, zero as `0`) through a union
 with a float view, which is exact by construction (no decimal round trip) and shorter than hex
 float literals; int32 tables, int8 weights and uint8 codes are written in decimal. Everything is
-`static const`, so it goes to .rodata (flash on a microcontroller).
+`static const`, so it goes to .rodata (flash on a microcontroller); byte arrays start on a word
+(kernels read their weights a word or two at a time).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def array_definition(const: ConstArray) -> str:
     if ctype is None:
         raise ValueError(f"unexpected constant dtype {a.dtype}")
     body = _lines([str(v) for v in (a.tolist() or [0])])
-    return f"static const {ctype} {const.cname}[{n}] = {{\n{body}\n}};"
+    align = " ONNXC_WORD_ALIGNED" if a.dtype.itemsize == 1 else ""  # (onnxc_kernels.h)
+    return f"static const {ctype} {const.cname}[{n}]{align} = {{\n{body}\n}};"
 
 
 def weight_bytes(consts: dict[str, ConstArray]) -> int:

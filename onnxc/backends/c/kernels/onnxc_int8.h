@@ -15,16 +15,17 @@
  * common case (32 < shift <= 55, rq_wide 0) runs as (hi32(acc * mult) + add) >> (shift - 32),
  * exact because 2^(shift - 1) is then a multiple of 2^32 (the exporter checks that it cannot
  * overflow). The bias is the layer's own (raw): the input zero point is taken off each input
- * value (GEMM columns, dense inputs) or folded per channel at run time (depthwise).
+ * value (GEMM columns, coded dense rows) or folded per channel at run time (depthwise); dense
+ * layers in int8 carry it in their bias (-x_zp * sum of the row).
  * The generic kernels (onnxc_qconv2d, onnxc_qmatmul) read an int32 bias and `rq` words: a Q31
  * multiplier (its 25 high bits) and the right shift (its 6 low bits), rounding ties to even.
  *
  * Convolutions run as GEMMs over four gathered pixels at a time (1x1 directly, others through
  * im2col), one output channel's row of weights against the four columns, with weights laid out
  * by the exporter in the order the loop reads them ("GEMM layout": rows of k padded to kp, a
- * multiple of 4, with zero weights; within each group of 4 k the bytes are w0 w2 w1 w3). Pixels
- * are gathered as int16 columns minus the input zero point, so that the DSP extension (Cortex-M4:
- * SXTB16 splits a weight word into the pairs (w0, w1) and (w2, w3), SMLAD, as CMSIS-NN) does two
+ * multiple of 4, with zero weights). Pixels are gathered as int16 columns minus the input zero
+ * point, each group of 4 k as k0 k2 k1 k3, so that the DSP extension (Cortex-M4: SXTB16 splits a
+ * weight word into the pairs (w0, w2) and (w1, w3), SMLAD, as CMSIS-NN) does two
  * multiply-accumulates per instruction; elsewhere the same loop runs in portable C99 with the
  * same integer sums. Depthwise runs direct over a zero-point-padded plane (3x3 unrolled).
  * Requantization is fused into each kernel's loop.
@@ -47,12 +48,24 @@ static inline int8_t onnxc_clamp8(int32_t v, int32_t lo, int32_t hi)
 }
 
 /* Nearest integer, ties to even (as nearbyintf in the default rounding mode), saturated to
- * +-2^22: 1.5 * 2^23 added and subtracted in float32 leaves the rounded value. */
+ * +-2^22 (NaN to -2^22): 1.5 * 2^23 added and subtracted in float32 leaves the rounded value; with
+ * a single-precision FPU, VCVTR converts in the same rounding mode in one instruction. */
 static inline int32_t onnxc_round_s32(float v)
 {
+#if defined(__GNUC__) && defined(__ARM_FP) && (__ARM_FP & 4) && !defined(__aarch64__)
+    union {
+        float f;
+        int32_t i;
+    } r;
+    if (!(v >= -4194304.0f)) return -4194304; /* (NaN too) */
+    if (v > 4194304.0f) return 4194304;
+    __asm__("vcvtr.s32.f32 %0, %1" : "=t"(r.f) : "t"(v));
+    return r.i;
+#else
     if (!(v >= -4194304.0f)) v = -4194304.0f; /* (NaN too) */
     if (v > 4194304.0f) v = 4194304.0f;
     return (int32_t)((v + 12582912.0f) - 12582912.0f);
+#endif
 }
 
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
@@ -87,9 +100,10 @@ typedef struct {
  * With y32 non-NULL the raw sums are written there instead of y (ConvInteger). */
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
                    const onnxc_qconv_p *p);
-/* Any convolution through im2col, four output pixels at a time: scratch holds their windows
- * (8 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4) and one group's channels
- * decoded (12 * m/group bytes); weights per group in the GEMM layout. */
+/* Any convolution through im2col, four output pixels at a time: scratch holds their windows as
+ * int16 columns (8 * kp bytes, kp = c/group * kh * kw rounded up to a multiple of 4), one group's
+ * channels decoded (12 * m/group bytes) and one window as bytes (kp); weights per group in the
+ * GEMM layout. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p);
 /* Depthwise (group == c == m): weights [c][kh][kw]; scratch holds one padded input plane
@@ -112,7 +126,9 @@ typedef struct {
     int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the `ch` table, per output column */
     const int8_t *codebook;        /* non-NULL: w holds 4-bit codes, plain rows of (k + 1) / 2 bytes */
 } onnxc_qdense_p;
-/* Constant weight, interleaved ([n/4][k][4], then plain rows), or codes. */
+/* Constant weight in blocks of 4 rows ([k/4][4 rows][4 k], then [k % 4][4 rows]; then plain rows),
+ * or codes. The blocks multiply x as stored: with them x_zp must be 0, the exporter folding the
+ * input zero point into the bias. */
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p);
 
 typedef struct {

@@ -12,6 +12,13 @@
 
 #define ONNXC_MAXDIM 6
 
+/* int8 constant arrays start on a word, for kernels that read two words at once (LDRD). */
+#ifdef __GNUC__
+#define ONNXC_WORD_ALIGNED __attribute__((aligned(4)))
+#else
+#define ONNXC_WORD_ALIGNED
+#endif
+
 /* Unary operations; also used as the fused activation (`act`) of compute kernels. */
 enum {
     ONNXC_OP_NONE = 0,

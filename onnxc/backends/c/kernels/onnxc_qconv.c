@@ -17,6 +17,9 @@
 #if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
 #include <arm_acle.h>
 #define ONNXC_SIMD 1
+#ifdef __OPTIMIZE__ /* (without optimization the depthwise pairs' 13 registers may not be free) */
+#define ONNXC_DW_ASM 1
+#endif
 typedef uint32_t __attribute__((may_alias)) onnxc_word;
 static inline uint32_t ld32(const void *q)
 {
@@ -94,6 +97,15 @@ static inline int32_t rq_fast(int32_t acc, rq_t q)
     return ((int32_t)(((int64_t)acc * q.mult) >> 32) + q.add) >> q.t;
 }
 
+static inline int32_t sat8(int32_t v)
+{
+#ifdef ONNXC_SIMD
+    return __ssat(v, 8);
+#else
+    return onnxc_clamp8(v, -128, 127);
+#endif
+}
+
 static inline int32_t clamp_out(int32_t v, const chan_fmt *f)
 {
 #ifdef ONNXC_SIMD
@@ -111,8 +123,8 @@ static inline int8_t out8(int32_t acc, rq_t q, const chan_fmt *f)
 /* ---- depthwise ----------------------------------------------------------------------------- */
 /* The input plane's rows copied into the padded plane `pad` (whose border onnxc_qconv_dw filled
  * once with the input zero point, the real value 0), so that every window is whole and the zero
- * point folds into the bias. Short rows are copied a word at a time (a memcpy call per row of 5
- * bytes costs more than the row). */
+ * point folds into the bias. Rows are copied a word at a time, unaligned (a memcpy call per row
+ * costs more than a short row, and copies the padded plane's unaligned rows a byte at a time). */
 static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, const onnxc_qconv_p *p)
 {
     const int32_t H = p->h, W = p->w, n = WP - p->pl < W ? WP - p->pl : W;
@@ -120,12 +132,9 @@ static void pad_plane(const int8_t *xp, int8_t *pad, int32_t HP, int32_t WP, con
     int32_t r, i;
     int8_t *row = pad + p->pt * WP + p->pl;
     if (n <= 0) return;
-    if (n > 32) {
-        for (r = 0; r < rows; r++, row += WP, xp += W) memcpy(row, xp, (size_t)n);
-        return;
-    }
     for (r = 0; r < rows; r++, row += WP, xp += W) {
-        for (i = 0; i + 4 <= n; i += 4) memcpy(row + i, xp + i, 4);
+        for (i = 0; i + 8 <= n; i += 8) memcpy(row + i, xp + i, 4), memcpy(row + i + 4, xp + i + 4, 4);
+        for (; i + 4 <= n; i += 4) memcpy(row + i, xp + i, 4);
         for (; i < n; i++) row[i] = xp[i];
     }
 }
@@ -147,6 +156,69 @@ static ONNXC_INLINE void dw3x3_pair(const int8_t *x0, int32_t WP, int32_t base, 
 
 /* One output row of a 3x3 stride-1 depthwise layer, two outputs a step; an odd last output is
  * the second of a pair one to the left. sat: the clamp is [-128, 127] (a constant where inlined). */
+#ifdef ONNXC_DW_ASM
+/* The bias, requantization and end of a row of dw3x3_pairs_sat, read from memory in its loop. */
+typedef struct {
+    int32_t base, mult, add, t;
+    const int8_t *yend;
+} dw_row_prm;
+
+/* The pairs of a row (at least one) with the clamp [-128, 127], in 39 instructions a pair: the
+ * nine weights and the row pointers in twelve registers (which compiled C would spill), the rest
+ * from `r` on the stack. */
+static ONNXC_INLINE void dw3x3_pairs_sat(const int8_t *x, int32_t wp, int8_t *y, const dw_row_prm *r, int32_t e0,
+                                          int32_t e1, int32_t e2, int32_t m01, int32_t w7)
+{
+    int32_t a, b, v, e;
+    __asm__ volatile("1:\n\t"
+                     "ldr %[a], %[base]\n\t"
+                     "mov %[b], %[a]\n\t"
+                     "ldr %[v], [%[x]]\n\t"
+                     "sxtb16 %[e], %[v]\n\t"
+                     "sxtb16 %[v], %[v], ror #8\n\t"
+                     "smlad %[a], %[e], %[e0], %[a]\n\t"
+                     "smlabb %[a], %[v], %[m01], %[a]\n\t"
+                     "smlad %[b], %[v], %[e0], %[b]\n\t"
+                     "smlatb %[b], %[e], %[m01], %[b]\n\t"
+                     "ldr %[v], [%[x], %[wp]]\n\t"
+                     "sxtb16 %[e], %[v]\n\t"
+                     "sxtb16 %[v], %[v], ror #8\n\t"
+                     "smlad %[a], %[e], %[e1], %[a]\n\t"
+                     "smlabt %[a], %[v], %[m01], %[a]\n\t"
+                     "smlad %[b], %[v], %[e1], %[b]\n\t"
+                     "smlatt %[b], %[e], %[m01], %[b]\n\t"
+                     "ldr %[v], [%[x], %[wp], lsl #1]\n\t"
+                     "sxtb16 %[e], %[v]\n\t"
+                     "sxtb16 %[v], %[v], ror #8\n\t"
+                     "smlad %[a], %[e], %[e2], %[a]\n\t"
+                     "smlabb %[a], %[v], %[w7], %[a]\n\t"
+                     "smlad %[b], %[v], %[e2], %[b]\n\t"
+                     "smlatb %[b], %[e], %[w7], %[b]\n\t"
+                     "ldr %[v], %[mult]\n\t"
+                     "smull %[e], %[a], %[a], %[v]\n\t"
+                     "smull %[e], %[b], %[b], %[v]\n\t"
+                     "ldr %[v], %[add]\n\t"
+                     "add %[a], %[a], %[v]\n\t"
+                     "add %[b], %[b], %[v]\n\t"
+                     "ldr %[v], %[t]\n\t"
+                     "asr %[a], %[a], %[v]\n\t"
+                     "asr %[b], %[b], %[v]\n\t"
+                     "ssat %[a], #8, %[a]\n\t"
+                     "ssat %[b], #8, %[b]\n\t"
+                     "strb %[a], [%[y]], #1\n\t"
+                     "strb %[b], [%[y]], #1\n\t"
+                     "adds %[x], %[x], #2\n\t"
+                     "ldr %[v], %[yend]\n\t"
+                     "cmp %[y], %[v]\n\t"
+                     "bne 1b\n\t"
+                     : [x] "+r"(x), [y] "+r"(y), [a] "=&r"(a), [b] "=&r"(b), [v] "=&r"(v), [e] "=&r"(e)
+                     : [wp] "r"(wp), [e0] "r"(e0), [e1] "r"(e1), [e2] "r"(e2), [m01] "r"(m01), [w7] "r"(w7),
+                       [base] "m"(r->base), [mult] "m"(r->mult), [add] "m"(r->add), [t] "m"(r->t),
+                       [yend] "m"(r->yend)
+                     : "cc", "memory");
+}
+#endif
+
 static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int32_t OW, int32_t base, int32_t e0,
                                    int32_t e1, int32_t e2, int32_t m01, int32_t w7, rq_t q, const chan_fmt *f,
                                    const int32_t sat)
@@ -170,9 +242,31 @@ static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int
 }
 #endif
 
+#ifdef ONNXC_DW_ASM
+/* All rows of a 3x3 stride-1 plane with the clamp [-128, 127] (OW >= 2): the pairs in assembly,
+ * an odd last output as the second of a pair one to the left. */
+static ONNXC_NOINLINE void dw3x3_plane_sat(const int8_t *x0, int32_t WP, int8_t *yr, int32_t OH, int32_t OW,
+                                           const dw_row_prm *prm, int32_t e0, int32_t e1, int32_t e2, int32_t m01,
+                                           int32_t w7)
+{
+    const int32_t even = OW & ~1;
+    int32_t oh, a, b;
+    dw_row_prm r = *prm; /* on the stack: the loop reads it sp-relative */
+    for (oh = 0; oh < OH; oh++, x0 += WP, yr += OW) {
+        r.yend = yr + even;
+        dw3x3_pairs_sat(x0, WP, yr, &r, e0, e1, e2, m01, w7);
+        if (OW & 1) {
+            dw3x3_pair(x0 + even - 1, WP, r.base, e0, e1, e2, m01, w7, &a, &b);
+            yr[even] = (int8_t)__ssat(((int32_t)(((int64_t)b * r.mult) >> 32) + r.add) >> r.t, 8);
+        }
+    }
+}
+#endif
+
 /* One depthwise output plane (channel c) over the padded copy: 3x3 windows of dilation 1 with
- * the nine weights in locals, no bounds checks, two outputs per step with the DSP extension
- * (stride 1); each output requantized as it is made. */
+ * the nine weights in locals, no bounds checks, with the DSP extension two outputs per step at
+ * stride 1, one (three words of three SXTB16 pairs) at stride 2; each output requantized as it is
+ * made. */
 static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int32_t c, int8_t *yp, int8_t *pad,
                      const onnxc_qconv_p *p, const chan_fmt *f)
 {
@@ -190,12 +284,39 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
 #ifdef ONNXC_SIMD
         if (SW == 1 && OW >= 2 && !f->wide) {
             const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+#ifdef ONNXC_DW_ASM
+            if (f->sat) {
+                dw_row_prm prm;
+                prm.base = base, prm.mult = q.mult, prm.add = q.add, prm.t = q.t;
+                dw3x3_plane_sat(pad, WP, yp, OH, OW, &prm, e0, e1, e2, m01, w7);
+                return;
+            }
+#endif
             for (oh = 0; oh < OH; oh++) {
                 if (f->sat) {
                     dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 1);
                 } else {
                     dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 0);
                 }
+            }
+            return;
+        }
+        if (SW == 2 && !f->wide) { /* one output a step; the last of a row below (its word would pass the row) */
+            const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
+            for (oh = 0; oh < OH; oh++) {
+                const int8_t *x0 = pad + oh * SH * WP, *end = x0 + 2 * (OW - 1);
+                int8_t *yr = yp + oh * OW;
+                for (; x0 != end; x0 += 2) {
+                    uint32_t v = ld32(x0);
+                    int32_t a = __smlabb(sxtb16_ror8(v), m01, __smlad(__sxtb16(v), e0, base));
+                    v = ld32(x0 + WP);
+                    a = __smlabt(sxtb16_ror8(v), m01, __smlad(__sxtb16(v), e1, a));
+                    v = ld32(x0 + 2 * WP);
+                    a = __smlabb(sxtb16_ror8(v), w7, __smlad(__sxtb16(v), e2, a));
+                    *yr++ = (int8_t)clamp_out(rq_fast(a, q), f);
+                }
+                *yr = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x0[WP] * w3 + x0[WP + 1] * w4
+                           + x0[WP + 2] * w5 + x0[2 * WP] * w6 + x0[2 * WP + 1] * w7 + x0[2 * WP + 2] * w8, q, f);
             }
             return;
         }
@@ -245,17 +366,17 @@ void onnxc_qconv_dw_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8
 
 /* ---- the GEMM core of the 1x1 and im2col convolutions ----------------------------------------
  * Four output pixels at a time: their k input values are gathered as int16 minus the input zero
- * point into four columns, interleaved by groups of 4 k ([kp/4][4 columns][4 k], k padded to kp,
- * a multiple of 4, with zeros), then each output channel's row of weights ([m][kp], its bytes
- * k0 k2 k1 k3 in each group of 4) is multiplied by the four columns. With the DSP extension,
- * SXTB16 makes the pairs (k0, k1) and (k2, k3) of a weight word and each SMLAD does two
- * multiply-accumulates with a column word: a weight word serves four pixels (17 instructions
- * for 16 multiply-accumulates). */
+ * point into four columns, interleaved by groups of 4 k ([kp/4][4 columns][k0 k2 k1 k3], k padded
+ * to kp, a multiple of 4, with zeros), then each output channel's row of weights ([m][kp], in k
+ * order) is multiplied by the four columns. With the DSP extension, SXTB16 makes the pairs
+ * (k0, k2) and (k1, k3) of a weight word, as it makes them of an input word (im2col widens its
+ * windows so), and each SMLAD does two multiply-accumulates with a column word: a weight word
+ * serves four pixels (17 instructions for 16 multiply-accumulates). */
 
-/* Position of k index i in column 0 (column j: 4 * j further). */
+/* Position of k index i in column 0 (column j: 4 * j further): k0 k2 k1 k3 in each group. */
 static inline int32_t col_pos(int32_t i)
 {
-    return (i & ~3) * 4 + (i & 3);
+    return (i & ~3) * 4 + ((i & 1) << 1) + ((i >> 1) & 1);
 }
 
 /* One row of weights (w, kq groups of 4) times the four columns, added to s[0..3]. */
@@ -342,6 +463,21 @@ static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m,
 #endif
     const rq_row *end = tab + m;
     int32_t s[4];
+#ifdef ONNXC_SIMD
+    if (!cb && ncols == 4 && sat && !f->wide) { /* the common case, its sums kept in registers */
+        for (; tab != end; tab++, w += kp, y += ys) {
+            const int32_t mult = tab->mult_t & ~31, add = tab->add, sh = tab->mult_t & 31;
+            int32_t r[4];
+            r[0] = r[1] = r[2] = r[3] = tab->bias;
+            dot1x4(cols, w, kq, r);
+            y[0] = (int8_t)__ssat(((int32_t)(((int64_t)r[0] * mult) >> 32) + add) >> sh, 8);
+            y[1] = (int8_t)__ssat(((int32_t)(((int64_t)r[1] * mult) >> 32) + add) >> sh, 8);
+            y[2] = (int8_t)__ssat(((int32_t)(((int64_t)r[2] * mult) >> 32) + add) >> sh, 8);
+            y[3] = (int8_t)__ssat(((int32_t)(((int64_t)r[3] * mult) >> 32) + add) >> sh, 8);
+        }
+        return;
+    }
+#endif
     for (; tab != end; tab++, w += wstep, y += ys) {
         s[0] = s[1] = s[2] = s[3] = tab->bias;
         if (cb) {
@@ -395,7 +531,7 @@ static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_
             const int8_t *xc = xin + px;
             int16_t *col = cols;
             for (c = 0; c + 4 <= C; c += 4, xc += 4 * hw, col += 16) {
-                const int8_t *r1 = xc + hw, *r2 = r1 + hw, *r3 = r2 + hw;
+                const int8_t *r2 = xc + hw, *r1 = r2 + hw, *r3 = r1 + hw; /* channels c, c + 2, c + 1, c + 3 */
                 col[0] = (int16_t)(xc[0] - XZ), col[1] = (int16_t)(r1[0] - XZ);
                 col[2] = (int16_t)(r2[0] - XZ), col[3] = (int16_t)(r3[0] - XZ);
                 col[4] = (int16_t)(xc[o1] - XZ), col[5] = (int16_t)(r1[o1] - XZ);
@@ -426,44 +562,79 @@ void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8
     pointwise(xy, w, ch, xy, scratch, p);
 }
 
-/* One output pixel's window (c/g channels from xg, taps in c, kh, kw order) into column `col`:
- * input minus its zero point, 0 where the window leaves the input. */
-static void gather_window(const int8_t *xg, int32_t o, int16_t *col, const onnxc_qconv_p *p)
+/* One output pixel's window (c/g channels from xg, taps in c, kh, kw order) as bytes into `row`:
+ * the input, and its zero point (the real value 0) where the window leaves the input. */
+static void gather_window(const int8_t *xg, int32_t o, int8_t *row, const onnxc_qconv_p *p)
 {
-    const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, DH = p->dh, DW = p->dw, XZ = p->x_zp;
+    const int32_t H = p->h, W = p->w, KH = p->kh, KW = p->kw, DH = p->dh, DW = p->dw;
+    const int8_t XZ = (int8_t)p->x_zp;
     const int32_t cg = p->c / p->group, ih0 = o / p->ow * p->sh - p->pt, iw0 = o % p->ow * p->sw - p->pl;
     const int32_t inside = iw0 >= 0 && iw0 + (KW - 1) * DW < W;
-    int32_t cc, kh, kw, g = 0; /* g: position in the current group of 4 */
+    int32_t cc, kh, kw;
+    if (inside && ih0 >= 0 && ih0 + (KH - 1) * DH < H) { /* the whole window: no checks */
+        const int8_t *xc = xg + ih0 * W + iw0;
+        if (KH == 3 && KW == 3 && DH == 1 && DW == 1) {
+            for (cc = 0; cc < cg; cc++, xc += H * W, row += 9) {
+                const int8_t *r1 = xc + W, *r2 = r1 + W;
+                row[0] = xc[0], row[1] = xc[1], row[2] = xc[2], row[3] = r1[0], row[4] = r1[1], row[5] = r1[2];
+                row[6] = r2[0], row[7] = r2[1], row[8] = r2[2];
+            }
+            return;
+        }
+        for (cc = 0; cc < cg; cc++, xc += H * W) {
+            for (kh = 0; kh < KH; kh++, row += KW) {
+                const int8_t *xr = xc + kh * DH * W;
+                for (kw = 0; kw < KW; kw++) row[kw] = xr[kw * DW];
+            }
+        }
+        return;
+    }
     for (cc = 0; cc < cg; cc++) {
         const int8_t *xc = xg + cc * H * W;
-        for (kh = 0; kh < KH; kh++) {
+        for (kh = 0; kh < KH; kh++, row += KW) {
             const int32_t ih = ih0 + kh * DH;
+            const int8_t *xr = xc + ih * W + iw0;
             if (ih < 0 || ih >= H) {
-                for (kw = 0; kw < KW; kw++) {
-                    *col++ = 0;
-                    if (++g == 4) g = 0, col += 12;
-                }
+                for (kw = 0; kw < KW; kw++) row[kw] = XZ;
+            } else if (inside && DW == 1 && KW == 3) {
+                row[0] = xr[0], row[1] = xr[1], row[2] = xr[2];
+            } else if (inside && DW == 1 && KW == 4) {
+                memcpy(row, xr, 4);
             } else if (inside) {
-                const int8_t *xr = xc + ih * W + iw0;
-                for (kw = 0; kw < KW; kw++) {
-                    *col++ = (int16_t)(xr[kw * DW] - XZ);
-                    if (++g == 4) g = 0, col += 12;
-                }
+                for (kw = 0; kw < KW; kw++) row[kw] = xr[kw * DW];
             } else {
-                const int8_t *xr = xc + ih * W;
                 for (kw = 0; kw < KW; kw++) {
                     const int32_t iw = iw0 + kw * DW;
-                    *col++ = (int16_t)(iw >= 0 && iw < W ? xr[iw] - XZ : 0);
-                    if (++g == 4) g = 0, col += 12;
+                    row[kw] = iw >= 0 && iw < W ? xr[kw * DW] : XZ;
                 }
             }
         }
     }
 }
 
+/* A window of kp bytes into column `col` (of four) as int16 minus the zero point: SXTB16 of an
+ * input word gives (k0, k2) and (k1, k3), SSUB16 takes the zero point off both halves. */
+static void widen(const int8_t *b, int32_t kp, int32_t xz, int16_t *col)
+{
+    const int8_t *end = b + kp;
+#ifdef ONNXC_SIMD
+    const int32_t zz = pack16(xz, xz);
+    for (; b != end; b += 4, col += 16) {
+        const uint32_t v = ld32(b);
+        ((onnxc_word *)(void *)col)[0] = (uint32_t)__ssub16(__sxtb16(v), zz);
+        ((onnxc_word *)(void *)col)[1] = (uint32_t)__ssub16(sxtb16_ror8(v), zz);
+    }
+#else
+    for (; b != end; b += 4, col += 16) {
+        col[0] = (int16_t)(b[0] - xz), col[1] = (int16_t)(b[2] - xz);
+        col[2] = (int16_t)(b[1] - xz), col[3] = (int16_t)(b[3] - xz);
+    }
+#endif
+}
+
 /* Any convolution through im2col: for four output pixels at a time, each group's c/g * kh * kw
- * window values are gathered into four columns (gather_window), then multiplied by the group's
- * weight rows. */
+ * window values are gathered as bytes (gather_window), each widened into its column (widen), then
+ * multiplied by the group's weight rows. */
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p)
 {
@@ -472,12 +643,10 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
     const int32_t k = cg * p->kh * p->kw, kp = (k + 3) & ~3, out_plane = p->oh * p->ow;
     int16_t *cols = (int16_t *)(void *)scratch;
     rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
-    int8_t *wbuf = (int8_t *)(void *)(tab + mg);
+    int8_t *row = (int8_t *)(void *)(tab + mg), *wbuf = row + kp;
     const int32_t wstep = p->codebook ? kp / 2 : kp;
-    int32_t n, g, px, i, j;
-    for (i = k; i < kp; i++) {
-        for (j = 0; j < 4; j++) cols[col_pos(i) + 4 * j] = 0;
-    }
+    int32_t n, g, px, j;
+    memset(row, p->x_zp, (size_t)kp); /* the padding past k stays the zero point */
     for (n = 0; n < p->n; n++) {
         for (g = 0; g < p->group; g++) {
             const int8_t *xg = x + (n * p->c + g * cg) * p->h * p->w;
@@ -485,7 +654,10 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
             decode_rows(ch, g * mg, mg, &f, tab);
             for (px = 0; px < out_plane; px += 4) {
                 const int32_t ncols = out_plane - px < 4 ? out_plane - px : 4;
-                for (j = 0; j < 4; j++) gather_window(xg, px + (j < ncols ? j : ncols - 1), cols + 4 * j, p);
+                for (j = 0; j < 4; j++) {
+                    gather_window(xg, px + (j < ncols ? j : ncols - 1), row, p);
+                    widen(row, kp, p->x_zp, cols + 4 * j);
+                }
                 gemm_cols(cols, ncols, kp, mg, w + g * mg * wstep, p->codebook ? p->codebook + g * mg * 16 : NULL,
                           wbuf, tab, yg + px, out_plane, &f);
             }
@@ -494,17 +666,106 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
 }
 
 /* ---- dense ------------------------------------------------------------------------------- */
-/* Dot products of x[k] - x_zp with 4 interleaved weight rows (w[k][4]), and with one plain row. */
-static void dot4x1(const int8_t *x, const int8_t *w, int32_t k, int32_t xz, int32_t *acc)
+/* Four rows' dot products with x (stored values: the exporter put the input zero point in the
+ * bias), w in blocks of [k/4][4 rows][4 k] words then [k % 4][4 rows] bytes. With the DSP
+ * extension, SXTB16 splits an input word and each weight word into the pairs (k0, k2), (k1, k3)
+ * and two SMLADs take the four products. */
+static void dot4rows(const int8_t *x, const int8_t *w, int32_t k, int32_t *acc)
 {
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    for (; k > 0; k--) {
-        int32_t v = *x++ - xz;
-        a0 += v * w[0];
-        a1 += v * w[1];
-        a2 += v * w[2];
-        a3 += v * w[3];
-        w += 4;
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], kq = k >> 2, t;
+#ifdef ONNXC_SIMD
+    uint32_t xe, xo, w0, w1, u;
+    int32_t pairs = kq >> 1; /* two groups of 4 k a loop: 44 instructions for 32 multiply-accumulates */
+    if (pairs > 0) {
+        __asm__ volatile("1:\n\t"
+                         "ldr %[xe], [%[x]], #4\n\t"
+                         "sxtb16 %[xo], %[xe], ror #8\n\t"
+                         "sxtb16 %[xe], %[xe]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
+                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
+                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
+                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
+                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+                         "ldr %[xe], [%[x]], #4\n\t"
+                         "sxtb16 %[xo], %[xe], ror #8\n\t"
+                         "sxtb16 %[xe], %[xe]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
+                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
+                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
+                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
+                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+                         "subs %[n], %[n], #1\n\t"
+                         "bne 1b\n\t"
+                         : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [x] "+r"(x), [w] "+r"(w),
+                           [n] "+r"(pairs), [xe] "=&r"(xe), [xo] "=&r"(xo), [w0] "=&r"(w0), [w1] "=&r"(w1), [u] "=&r"(u)
+                         :
+                         : "cc", "memory");
+    }
+    if (kq & 1) {
+        __asm__ volatile("ldr %[xe], [%[x]], #4\n\t"
+                         "sxtb16 %[xo], %[xe], ror #8\n\t"
+                         "sxtb16 %[xe], %[xe]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
+                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
+                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
+                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
+                         "sxtb16 %[u], %[w0]\n\t"
+                         "sxtb16 %[w0], %[w0], ror #8\n\t"
+                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
+                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
+                         "sxtb16 %[u], %[w1]\n\t"
+                         "sxtb16 %[w1], %[w1], ror #8\n\t"
+                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
+                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+                         : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [x] "+r"(x), [w] "+r"(w),
+                           [xe] "=&r"(xe), [xo] "=&r"(xo), [w0] "=&r"(w0), [w1] "=&r"(w1), [u] "=&r"(u)
+                         :
+                         : "memory");
+    }
+#else
+    for (; kq > 0; kq--, x += 4, w += 16) {
+        const int32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+        a0 += x0 * w[0] + x1 * w[1] + x2 * w[2] + x3 * w[3];
+        a1 += x0 * w[4] + x1 * w[5] + x2 * w[6] + x3 * w[7];
+        a2 += x0 * w[8] + x1 * w[9] + x2 * w[10] + x3 * w[11];
+        a3 += x0 * w[12] + x1 * w[13] + x2 * w[14] + x3 * w[15];
+    }
+#endif
+    for (t = 0; t < (k & 3); t++, w += 4) {
+        const int32_t v = x[t];
+        a0 += v * w[0], a1 += v * w[1], a2 += v * w[2], a3 += v * w[3];
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
@@ -525,10 +786,47 @@ static int32_t dot1_codes(const int8_t *x, const uint8_t *codes, const int8_t *c
     return acc;
 }
 
+/* The outputs of all blocks of 4 rows for one input row. form 1: {bias, rq} pairs, form 2: packed
+ * words, both with 32-bit requantization and the clamp [-128, 127] (the common forms, decoded in
+ * registers); form 0: any (form is a constant where inlined). */
+static ONNXC_INLINE void dense_blocks(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int32_t n,
+                                      int32_t k, const chan_fmt *f, const int32_t form)
+{
+    const int32_t zp = f->zp, b = f->pk_bias, d = f->pk_delta, s0 = f->pk_shift - 32, mb = 32 - b - d;
+    const int32_t step = form == 1 ? 2 : 1;
+    const int32_t *end = ch + step * (n & ~3);
+    int32_t r, acc[4];
+    if (form) {
+        for (; ch != end; ch += 4 * step, w += 4 * k, y += 4) {
+            for (r = 0; r < 4; r++) acc[r] = form == 1 ? ch[2 * r] : ch[r] >> (32 - b);
+            dot4rows(x, w, k, acc);
+            for (r = 0; r < 4; r++) {
+                int32_t mult, t;
+                if (form == 1) {
+                    const int32_t rq = ch[2 * r + 1];
+                    mult = rq & ~63, t = (rq & 63) - 32;
+                } else {
+                    const uint32_t word = (uint32_t)ch[r];
+                    mult = (int32_t)((1u << 30) | (((word << b) >> (b + d)) << (30 - mb)));
+                    t = s0 + (int32_t)(word & ((1u << d) - 1u));
+                }
+                y[r] = (int8_t)sat8(((int32_t)(((int64_t)acc[r] * mult) >> 32) + (1 << (t - 1)) + zp * (1 << t)) >> t);
+            }
+        }
+        return;
+    }
+    for (r = 0; r < (n & ~3); r += 4, w += 4 * k) {
+        int32_t j;
+        for (j = 0; j < 4; j++) acc[j] = ch_bias(ch, r + j, f);
+        dot4rows(x, w, k, acc);
+        for (j = 0; j < 4; j++) y[r + j] = out8(acc[j], ch_rq(ch, r + j, f), f);
+    }
+}
+
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p)
 {
     const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
-    int32_t i, j, r;
+    int32_t i, j;
     if (p->codebook) {
         const int32_t rb = (p->k + 1) / 2; /* code bytes a row */
         for (i = 0; i < p->m; i++) {
@@ -544,13 +842,14 @@ void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y
     for (i = 0; i < p->m; i++) {
         const int8_t *xi = x + i * p->k;
         int8_t *yi = y + i * p->n;
-        for (j = 0; j + 4 <= p->n; j += 4) {
-            int32_t acc[4];
-            for (r = 0; r < 4; r++) acc[r] = ch_bias(ch, j + r, &f);
-            dot4x1(xi, w + j * p->k, p->k, p->x_zp, acc);
-            for (r = 0; r < 4; r++) yi[j + r] = out8(acc[r], ch_rq(ch, j + r, &f), &f);
+        if (!f.wide && f.sat && !f.pk_bias) {
+            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 1);
+        } else if (!f.wide && f.sat) {
+            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 2);
+        } else {
+            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 0);
         }
-        for (; j < p->n; j++) {
+        for (j = p->n & ~3; j < p->n; j++) {
             yi[j] = out8(dot1(xi, w + j * p->k, p->k, p->x_zp, ch_bias(ch, j, &f)), ch_rq(ch, j, &f), &f);
         }
     }

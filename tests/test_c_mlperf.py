@@ -1,0 +1,74 @@
+"""The four MLPerf Tiny models (random weights) in int8 through the C backend.
+
+Keyword spotting (DS-CNN), visual wake words (MobileNetV1 0.25), image classification (ResNet-8)
+and anomaly detection (the dense autoencoder) are quantized, lowered and built once: on the host
+(portable C) they must match onnxruntime running the same QDQ model on 100 held-out inputs; on the
+emulated Cortex-M4 (DSP-extension kernels) they must match the host bit for bit, and the DS-CNN's
+instruction counts must stay at or below the figures of issue 23: the whole run, and the global
+average pooling and classifier at or below CMSIS-NN's.
+"""
+
+from __future__ import annotations
+
+import pytest
+from mlperf_tiny import agreement, inputs, int8_build, qdq_reference
+
+from onnxc.backends.c import mps2
+from onnxc.backends.c.reference_models import MLPERF_TINY
+from onnxc.backends.c.toolchain import build_generated, run_samples
+
+COUNT = 100
+# Cortex-M4 instructions (qemu -icount) recorded in issue 23: our DS-CNN run before this work, and
+# CMSIS-NN's global average pooling and fully connected layer on the same model.
+DS_CNN_RUN, CMSIS_GAP, CMSIS_FC = 4_750_000, 50_760, 2_280
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """name -> (QDQ model, int8 build, inputs, host outputs), the four in one host program."""
+    entries = {name: int8_build(name)[1:] for name in MLPERF_TINY}
+    exe = build_generated([gen for _, gen in entries.values()], tmp_path_factory.mktemp("mlperf"), opt="-O2")
+    out = {}
+    for k, (name, (qdq, gen)) in enumerate(entries.items()):
+        x = inputs(name, COUNT)
+        out[name] = (qdq, gen, x, run_samples(exe, k, gen, {"input": x})["logits"].reshape(COUNT, -1))
+    return out
+
+
+def test_int8_matches_onnxruntime_on_100_inputs(built):
+    """Within one output step everywhere, except where onnxruntime's float32 arithmetic rounds a
+    value within float32 precision of half a step the wrong way (ours is exact: test_c_int8 checks
+    the kernels against exact arithmetic): a deep model like MobileNet carries such a one-step
+    difference in an early layer to its output and grows it, so there top-1 agreement and most
+    outputs within one step are asked."""
+    for name, (qdq, gen, x, ours) in built.items():
+        got = agreement(gen, ours, qdq_reference(qdq, x))
+        if name == "mobilenet_vww":
+            assert got["top1"] == 1.0 and got["within_one"] >= 0.97, (name, got)
+        else:
+            assert got["max_steps"] <= 1.001, (name, got)
+            assert name == "autoencoder" or got["top1"] == 1.0, (name, got)
+
+
+@pytest.mark.skipif(not mps2.available(), reason="arm-none-eabi-gcc / qemu-system-arm not installed")
+def test_int8_on_cortex_m4_matches_host_and_counts(built, tmp_path):
+    models = []
+    for name, (_, gen, x, _) in built.items():
+        gen.write(tmp_path)
+        models.append((name, [x[:1]], [gen.prog.size("logits")]))
+    (tmp_path / "main.c").write_text(mps2.firmware_main(models, timed=True))
+    elf = mps2.build(sorted(tmp_path.glob("*.c")), tmp_path, include=[tmp_path])
+    text = mps2.run_qemu(elf, timeout=120, icount=True)
+    printed, counts = mps2.parse_outputs(text), mps2.count_instructions(text)
+    for name, (_, _, _, ours) in built.items():
+        assert printed[f"{name}.out0"].view("<u4").tolist() == ours[0].view("<u4").tolist(), name
+    assert counts["ds_cnn"] <= DS_CNN_RUN, counts
+
+
+@pytest.mark.skipif(not mps2.available(), reason="arm-none-eabi-gcc / qemu-system-arm not installed")
+def test_ds_cnn_pooling_and_classifier_at_or_below_cmsis_nn(built, tmp_path):
+    _, gen, x, _ = built["ds_cnn"]
+    steps = {node: (fn, ins) for node, fn, ins in mps2.profile_steps(gen, [x[:1]], tmp_path)}
+    assert steps["gap"][0] == "onnxc_qglobal_pool" and steps["fc"][0] == "onnxc_qdense", steps
+    assert 0 < steps["gap"][1] <= CMSIS_GAP and 0 < steps["fc"][1] <= CMSIS_FC, steps
+    assert sum(ins for _, ins in steps.values()) <= DS_CNN_RUN
