@@ -55,7 +55,8 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
              progress: Callable[[str, int, int], None] | None = None, jobs: int | None = None,
              executor: str | None = None, ray_address: str | None = None, target: str | None = None,
              metric: Metric | str | None = None, plot: PathLike | None = None,
-             cache_dir: PathLike | None = None) -> OptimizeResult:
+             cache_dir: PathLike | None = None, fit: Sequence[str] | Mapping[str, int] | None = None,
+             ) -> OptimizeResult:
     """Canonicalize, run the passes with verification, and optionally save and lower the result.
 
     `passes` are pass objects or specs (`"prune:ratio=0.5"`). `calibration` is a `.npz`/`.npy`
@@ -85,18 +86,24 @@ def optimize(model: onnx.ModelProto | PathLike, *, passes: Sequence[Pass | str] 
                          preprocess=preprocess, input_shapes=input_shapes, max_error=max_error, seed=seed,
                          output=output, backend=backend, export_options=export_options,
                          progress=progress, executor=workers, goal=goal, metric=metric, plot=plot,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, fit=fit)
 
 
 def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_shapes, max_error, seed, output,
-              backend, export_options, progress, executor: Executor, goal, metric, plot, cache_dir,
+              backend, export_options, progress, executor: Executor, goal, metric, plot, cache_dir, fit=None,
               ) -> OptimizeResult:
+    from onnxc.backends.c import fit as device
     from onnxc.compiler import allocation
 
     pass_list, preset_budget, recipe_seed, preset_target = _passes(passes, preset, recipe)
     if goal is None and preset_target is not None:  # a preset is a target with a budget
         goal = allocation.parse_target(preset_target)
-    allocating = goal is not None or (max_error is not None and not pass_list)
+    limits = device.parse_fit(fit)
+    if limits and backend != "c":
+        raise UsageError("--fit measures the linked microcontroller firmware: it needs --backend c")
+    if limits and goal is not None:
+        raise UsageError("--fit is the target: give either --fit or --target")
+    allocating = goal is not None or bool(limits) or (max_error is not None and not pass_list)
     if plot is not None and not allocating:
         raise UsageError("--plot needs --target (or --max-error without passes): it draws the sensitivity table")
     if plot is not None:
@@ -125,10 +132,17 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     ref_out = runtime.run(original, cal.validation)
     canon_fid = compare_outputs(ref_out, runtime.run(canonical, cal.validation), metric)
     report.canonical_fidelity = canon_fid.to_dict()
+    value_of = None
+    if limits:
+        goal, value_of = _fit_target(canonical, limits, shapes, report)
+        allocating = goal is not None or (max_error is not None and not pass_list)
     if allocating:
         int8_backend = backend == "onnxruntime" or (backend == "c" and bool(export_options and export_options.int8))
         result, fidelity, budget = _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report,
-                                             cache_dir, plot, int8_backend=int8_backend, exact=backend == "c")
+                                             cache_dir, plot, int8_backend=int8_backend, exact=backend == "c",
+                                             value_of=value_of)
+        if limits and goal is not None:
+            _check_fit(result, limits, shapes, report, fidelity)
     else:
         manager = PassManager(pass_list, ctx, input_shapes=shapes)
         result, records = manager.run(canonical, reference_outputs=ref_out)
@@ -161,7 +175,8 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
             opts = export_options or ExportOptions()
             opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or given,
                            seed=seed, progress=ctx.progress)
-            if planned_int8(result) and not planned_int8(canonical):  # the plan chose what runs in int8
+            if allocating and "int8" in report.allocation.get("techniques", ()) or \
+                    planned_int8(result) and not planned_int8(canonical):  # the plan chose what runs in int8
                 opts = replace(opts, int8=None)
                 report.notes.append("int8 chosen per layer by the passes (verified within the budget): the "
                                     "backend lowers the model as it is, float layers stay float")
@@ -214,7 +229,7 @@ def _noise_budget(report: Report, budget: float, error: float) -> float:
 
 
 def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, cache_dir, plot, *,
-              int8_backend: bool = False, exact: bool = False):
+              int8_backend: bool = False, exact: bool = False, value_of=None):
     """The allocation mode of `optimize`: (model, fidelity, budget) and the report filled in.
 
     Without passes, the techniques are the default ones, plus int8 where the backend runs it
@@ -231,8 +246,8 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     source = report.budget_source
     asked = None if source == "default" else (math.inf if budget is None else budget)  # None: the default
     alloc = allocation.allocate(canonical, techniques, ctx, goal, asked, input_shapes=shapes,
-                                reference_outputs=ref_out, cache_dir=cache_dir)
-    report.allocation = alloc.to_dict()
+                                reference_outputs=ref_out, cache_dir=cache_dir, value_of=value_of)
+    report.allocation = {**alloc.to_dict(), "techniques": list(techniques)}
     report.max_error = alloc.budget if math.isfinite(alloc.budget) else None
     if goal is not None and not alloc.met:
         report.notes.append(f"target {goal} not met within the budget: reached {alloc.achieved:.3f}")
@@ -249,6 +264,36 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
 
         plot_allocation(alloc, plot)
     return alloc.model, alloc.fidelity, report.max_error
+
+
+def _fit_target(canonical: onnx.ModelProto, limits: dict[str, int], shapes, report: Report):
+    """The allocator's target for `--fit`: the linked firmware's flash and RAM against the limits,
+    as one value (the largest footprint / limit: 1 fits), measured on every verified plan.
+    Returns (None, None) when the model fits as it is."""
+    from onnxc.backends.c import fit as device
+    from onnxc.compiler.allocation import TOLERANCE, Target
+
+    base = device.measure(canonical, shapes)
+    report.device = {"limits": limits, "before": base}
+    start = device.over(base, limits)
+    if start <= 1.0:
+        report.notes.append(f"--fit: the model fits as it is ({device.describe(base, limits)})")
+        return None, None
+    # met when value / start <= ratio + the allocator's tolerance: exactly when the firmware fits
+    ratio = max(1.0 / start - TOLERANCE, 1e-6)
+    return Target("device", ratio), lambda m: device.over(device.measure(m, shapes), limits)
+
+
+def _check_fit(result: onnx.ModelProto, limits: dict[str, int], shapes, report: Report, fidelity) -> None:
+    """Measure the chosen plan's firmware; one line when nothing within the budget fits."""
+    from onnxc.backends.c import fit as device
+
+    after = device.measure(result, shapes)
+    report.device["after"] = after
+    if device.over(after, limits) > 1.0:
+        raise VerificationError(f"--fit: the best plan within the budget takes {device.describe(after, limits)} "
+                                f"({device.over(after, limits):.2f}x the limit) at error {fidelity.error:.3g}; "
+                                "raise --max-error, add techniques (-p int8 with --int8, cluster) or the limits")
 
 
 def planned_int8(model: onnx.ModelProto) -> bool:

@@ -254,6 +254,14 @@ def _input_file(path: str) -> str:
     "fraction of the original's macs, params, size (bytes on disk) or latency (onnxruntime), least error first.",
 )
 @click.option(
+    "--fit",
+    "fit",
+    multiple=True,
+    metavar="flash|ram=SIZE",
+    help="With --backend c: compress until the linked Cortex-M firmware fits (e.g. --fit flash=256K --fit ram=64K); "
+    "flash and RAM are measured with arm-none-eabi-size on every verified plan.",
+)
+@click.option(
     "--metric",
     metavar="MODULE:FUNC",
     help="FUNC(reference_outputs, candidate_outputs) -> error (0 = identical) judging every budget and target.",
@@ -283,6 +291,7 @@ def optimize(
     input_shapes,
     max_error,
     target,
+    fit,
     metric,
     plot,
     report_path,
@@ -306,7 +315,7 @@ def optimize(
     if Path(output).resolve() == Path(model).resolve():
         raise UsageError("output would overwrite the input model; choose another -o")
     shapes = _parse_shapes(input_shapes)
-    allocating = target or PRESETS.get(preset or "", {}).get("target")
+    allocating = target or fit or PRESETS.get(preset or "", {}).get("target")
     if jobs is None and executor is None and ray_address is None and allocating:
         jobs = os.cpu_count() or 1  # the sensitivity sweep is one task per candidate-level: use the cores
     with _ProgressReporter(not quiet) as progress:
@@ -328,6 +337,7 @@ def optimize(
             executor=executor,
             ray_address=ray_address,
             target=target,
+            fit=list(fit),
             metric=metric,
             plot=plot,
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,6 +50,9 @@ from onnxc.errors import UsageError
 log = logging.getLogger("onnxc.allocation")
 
 KINDS = ("macs", "params", "size", "latency")
+# Targets judged by a value the caller measures (`allocate(value_of=...)`, e.g. the linked firmware
+# of a microcontroller backend) are planned on the saving that tracks it most closely.
+PLANNED_AS = {"device": "size"}
 MAX_ROUNDS = 8
 TOLERANCE = 0.01  # a target counts as met within this much of its ratio
 
@@ -357,16 +361,20 @@ def plan_of(steps: list[Step]) -> Plan:
 
 def allocate(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: PassContext, target: Target | None,
              budget: float | None, *, input_shapes: dict | None = None, reference_outputs: dict | None = None,
-             cache_dir=None) -> Allocation:
-    """Choose per-candidate levels of `techniques` that meet `target` within `budget` on `model`."""
+             cache_dir=None, value_of: Callable[[onnx.ModelProto], float] | None = None) -> Allocation:
+    """Choose per-candidate levels of `techniques` that meet `target` within `budget` on `model`.
+
+    `value_of` measures a target kind the compiler does not compute (one of PLANNED_AS: the
+    caller's own measure of a model, such as its linked firmware), planned on the saving that
+    tracks it and judged on the measured value of every verified plan."""
     source = "--max-error" if budget is not None else "default"
     budget = budget if budget is not None else DEFAULT_BUDGET
     kind = target.kind if target else "macs"
     with runtime.single_threaded_blas():
-        table = measure(model, _probes(techniques), ctx, kind, input_shapes=input_shapes, cache_dir=cache_dir,
-                        target_ratio=target.ratio if target else None)
+        table = measure(model, _probes(techniques), ctx, PLANNED_AS.get(kind, kind), input_shapes=input_shapes,
+                        cache_dir=cache_dir, target_ratio=target.ratio if target else None)
         return _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes,
-                         reference_outputs)
+                         reference_outputs, value_of)
 
 
 def _probes(techniques: dict[str, Technique]) -> dict[str, Technique]:
@@ -374,26 +382,35 @@ def _probes(techniques: dict[str, Technique]) -> dict[str, Technique]:
     return {t: p.probe() for t, p in techniques.items()}
 
 
-def _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes, reference_outputs):
+def _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes, reference_outputs,
+              value_of=None):
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     nodes_of = candidate_nodes(model, techniques, table)
     errors, surrogate_scale = planning_errors(table)
-    steps = ordered_steps(table, kind, errors)
-    costs = CostModel.of(model, techniques, table, kind, ctx.calibration, nodes_of) if kind != "size" else None
+    planned = PLANNED_AS.get(kind, kind)
+    steps = ordered_steps(table, planned, errors)
+    costs = CostModel.of(model, techniques, table, planned, ctx.calibration, nodes_of) if planned != "size" else None
     base_latency = None
     feed = first_sample(val)
     if kind == "latency":
         from onnxc.compiler.bench import bench
 
         base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].p10_ms
-    base_value = _value(model, kind, ctx.calibration, base_latency)
-    per_mac = base_value / max(_value(model, "macs", ctx.calibration, None), 1.0) if kind == "latency" else 1.0
+    base_value = value_of(model) if value_of is not None else _value(model, kind, ctx.calibration, base_latency)
+    # savings are planned in another unit than the target's: latency in MACs, a measured value in
+    # what tracks it; one unit of the plan is worth this much of the target at the original's rate
+    per_unit = 1.0
+    if kind == "latency":
+        per_unit = base_value / max(_value(model, "macs", ctx.calibration, None), 1.0)
+    elif planned != kind:
+        per_unit = base_value / max(_value(model, planned, ctx.calibration, None), 1.0)
 
     def predictions(steps: list[Step]) -> tuple[np.ndarray, np.ndarray]:
         """Predicted saving (of the target kind) and squared error after each prefix of `steps`;
         latency as MACs saved at the model's milliseconds per MAC."""
-        saved = costs.savings(steps) * per_mac if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
+        saved = costs.savings(steps) if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
+        saved = saved * per_unit
         return saved, np.cumsum([0.0] + [s.error2 for s in steps])
 
     if steps:
@@ -409,7 +426,9 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
         fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
         error = fid.error if np.isfinite(fid.rel_l2) else math.inf
-        if kind == "latency":
+        if value_of is not None:
+            value = value_of(candidate)
+        elif kind == "latency":
             value = base_latency * latency_ratio(model, candidate, feed)
         else:
             value = _value(candidate, kind, ctx.calibration, None)
@@ -463,7 +482,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     _, out, plan, fid, ratio, met, results = best
     alloc = Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results,
                        costs=costs, steps=steps, surrogate_scale=surrogate_scale)
-    if plan:
+    if plan and value_of is None:
         alloc.realization = realization(model, out, ctx.calibration, feed)
     return alloc
 

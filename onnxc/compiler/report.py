@@ -41,6 +41,7 @@ class Report:
     reference_noise: float | None = None  # the original against itself across onnxruntime levels
     allocation: dict | None = None  # target, budget, per-candidate sensitivity and the chosen levels
     metric_resolution: float | None = None  # the smallest step of a --metric: 1 / held-out samples
+    device: dict | None = None  # --fit: the limits and the linked firmware's flash and RAM before and after
 
     def to_dict(self) -> dict[str, Any]:
         from onnxc import __version__
