@@ -85,6 +85,7 @@ class FactorPass(Pass, Technique):
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     recapture: bool = True
+    judge: bool = True
     # Set by the allocator (not a CLI option): node name -> its own MAC ratio; only these layers change.
     _levels: dict[str, float] | None = None
 
@@ -99,6 +100,8 @@ class FactorPass(Pass, Technique):
         "max_layer_error": "drop a layer's rewrite when its local relative error exceeds this",
         "layers": "only these node names (globs, |-separated)",
         "exclude": "skip these node names (globs, |-separated)",
+        "judge": "run the model with and without the fits to data on held-out samples and keep the weights' own "
+                 "factors where the fits read them worse (off: trust the per-layer held-out checks alone; faster)",
         "recapture": "with data, refit each rewrite's last layer (and bias) layer by layer to the original "
                      "outputs from the inputs it sees in the factorized model, so errors upstream are "
                      "compensated instead of carried (kept where it helps held-out samples)",
@@ -142,7 +145,7 @@ class FactorPass(Pass, Technique):
             plain = self._fit_all(model, layers, {}, ctx)
             chosen = [_judge(layer, fit, alt, stats, held) for layer, fit, alt in zip(layers, fits, plain)]
             kept = [c for c, fit in zip(chosen, fits) if c is fit and isinstance(fit, Fitted)]
-            if kept:
+            if kept and self.judge:
                 refit_model, _, _ = self._apply(clone(original), layers, chosen, stats, ctx)
                 plain_model, _, _ = self._apply(clone(original), layers, plain, {}, ctx)
                 verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric),
@@ -197,7 +200,7 @@ class FactorPass(Pass, Technique):
                 change.detail.update(job.verdict.detail("recapture_"))
         kept = sum(1 for j in jobs.values() if j.verdict is not None and j.verdict.kept)
         info["recapture"] = {"layers": len(jobs), "kept": kept}
-        if held is not None and kept:
+        if held is not None and kept and self.judge:
             verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric), model, plain)
             info["model_recapture"] = verdict.detail()
             if not verdict.kept:
@@ -273,6 +276,12 @@ class FactorPass(Pass, Technique):
 
     def restricted(self, levels) -> list[Pass]:
         return [dataclasses.replace(self, _levels=dict(levels))]
+
+    def probe(self) -> FactorPass:
+        """One layer rewritten alone, judged per layer on held-out samples, without the layer-by-layer
+        refit of what follows it or two more runs of the model: a probe measures the layer, and
+        the final plan runs with the user's settings and is verified."""
+        return dataclasses.replace(self, recapture=False, judge=False)
 
     def planned(self, explicit) -> FactorPass:
         """Ranks at a multiple of the machine's channel block (unless round_to was set)."""
