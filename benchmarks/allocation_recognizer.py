@@ -36,6 +36,13 @@ from onnxc.compiler.model import load  # noqa: E402
 from onnxc.compiler.report import plan_summary  # noqa: E402
 
 
+def _progress():
+    """Phase lines on stderr (one per phase and about every 30 s), as a redirected CLI run prints them."""
+    from onnxc.progress import PlainProgress
+
+    return PlainProgress(sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="latency=0.5")
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         passes = args.passes.split(",") if args.passes else None
         result = optimize(source, passes=passes, calibration={"x": x_cal}, target=args.target,
                           max_error=args.max_error, metric="text_lines:line_error", output=tmp / "target.onnx",
-                          backend="onnxruntime", cache_dir=tmp / "cache", jobs=args.jobs)
+                          backend="onnxruntime", cache_dir=tmp / "cache", jobs=args.jobs, progress=_progress())
         seconds = time.perf_counter() - start
         alloc = result.report.allocation
         row(f"{args.target}", tmp / "target.onnx", seconds,

@@ -319,7 +319,7 @@ def test_search_corrects_predictions(reachable):
     def verify(k):
         return 30 * np.sqrt(cum_err2[k]), 0.8 * cum_save[k]  # (error, saved)
 
-    search = allocation._Search(cum_save, cum_err2, 1.0, target, budget)
+    search = allocation.Search(cum_save, cum_err2, 1.0, target, budget)
     k, tried = search.first(), []
     while k is not None and len(tried) < allocation.MAX_ROUNDS:
         error, saved = verify(k)
