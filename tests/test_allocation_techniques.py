@@ -38,6 +38,17 @@ def test_circulant_is_no_candidate_of_a_macs_target(cache):
     assert alloc["sensitivity"]["measurements"] == [] and not alloc["met"] and not alloc["chosen"]
 
 
+def test_circulant_fft_form_plans_macs(cache):
+    """The fft form saves MACs (in the count; onnxruntime runs its DFTs slower than the dense layer)."""
+    result = optimize(sample_path("mlp"), calibration=CALIBRATION, target="macs=0.6", passes=["circulant:form=fft"],
+                      cache_dir=cache)
+    alloc = result.report.allocation
+    rows = [r for r in alloc["sensitivity"]["measurements"] if r["applied"]]
+    assert rows and {r["level"] for r in rows} <= {4.0, 8.0, 16.0}
+    assert all(r["saving"]["macs"] > 0 for r in rows)
+    assert alloc["chosen"] and result.report.after["macs"] < result.report.before["macs"]
+
+
 def test_cp_macs_half_on_the_vgg(cache):
     path = sample_path("vgg")
     # 15 CP-ALS iterations instead of 60 (the sweep is 2.5x faster); with the default cp the same

@@ -333,7 +333,9 @@ def test_mobilenet_candidates_are_its_pointwise_convs():
     assert len(expected) == 9 and names == expected  # the 128x10 classifier is under min_features
     assert all(c.nodes == (c.name,) for c in technique.plan_candidates(model))
     assert technique.saves == {"params", "size"} and create("circulant", {"form": "fft"}).saves >= {"macs"}
-    assert create("circulant", {"form": "fft"}).plan_candidates(model) == []  # convs only take expand
+    assert create("circulant", {"form": "fft", "convs": True}).plan_candidates(model) == []  # convs: expand only
+    plain = create("circulant").run(clone(model), PassContext())  # a plain run leaves convs alone unless asked
+    assert not plain.modified and {s.reason for s in plain.skipped} >= {"pointwise conv (convs=true rewrites it)"}
 
 
 def test_one_mobilenet_pointwise_conv_within_bound_and_smaller_file():
@@ -341,7 +343,7 @@ def test_one_mobilenet_pointwise_conv_within_bound_and_smaller_file():
 
     path = sample_path("mobilenet")
     layer = "/head/head.0/Conv"  # 64 -> 128 channels
-    result = optimize(path, passes=[f"circulant:block=4,layers={layer}"], calibration=CALIBRATION)
+    result = optimize(path, passes=[f"circulant:block=4,convs=true,layers={layer}"], calibration=CALIBRATION)
     (change,) = result.report.passes[0].changes
     assert change.node == layer and change.detail["form"] == "expand"
     assert change.before["params"] - change.after["params"] == 64 * 128 * 3 // 4

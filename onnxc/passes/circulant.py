@@ -2,9 +2,9 @@
 
 Targets Gemm (transA=0, any transB/alpha/beta, bias vector or none) and MatMul with a constant
 2-D weight on the right, including batched activations [..., K] @ [K, N] (a following Add of a
-constant bias vector is absorbed and refitted), and pointwise Convs (1x1, group 1, stride 1, no
-padding: a dense layer over the channel vector of every position, as CirCNN treats them). Each
-layer is fitted, checked, timed and emitted:
+constant bias vector is absorbed and refitted), and with `convs` pointwise Convs (1x1, group 1,
+stride 1, no padding: a dense layer over the channel vector of every position, as CirCNN treats
+them). Each layer is fitted, checked, timed and emitted:
 
 1. Fit (`_circulant_fit`): with real calibration data, a ridge least-squares fit of every block
    row's parameters to the original layer's outputs, pulled towards the Frobenius projection,
@@ -26,7 +26,8 @@ layer is fitted, checked, timed and emitted:
 4. Padding: features that are not a multiple of the block are zero-padded in the graph with
    `pad=true`, otherwise the layer is skipped with the reason.
 
-As a `Technique` for the allocator, each layer is a candidate and its levels are block sizes. A
+As a `Technique` for the allocator, each layer (pointwise convs included) is a candidate and its
+levels are block sizes. A
 level saves parameters and file bytes; MACs only in the fft form (the shift and expand forms run
 the dense layer's multiply-accumulates, on a smaller weight or on the weight rebuilt at session
 start), so only then does the pass offer itself for a MACs target. It never offers latency: the
@@ -80,6 +81,8 @@ class CirculantPass(Pass, Technique):
     uses_calibration = True
     option_help = {
         "block": "block size b: each b x b block is stored as b numbers",
+        "convs": "also rewrite pointwise (1x1) convs (on when the allocator plans circulant, which measures one "
+                 "layer at a time; a plain run captures each layer's inputs through the model twice)",
         "layers": "only these layers (node-name globs, | separated)",
         "exclude": "never these layers (node-name globs)",
         "min_features": "skip layers with fewer input or output features",
@@ -95,6 +98,7 @@ class CirculantPass(Pass, Technique):
     }
 
     block: int = 8
+    convs: bool = False
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     min_features: int = 32
@@ -127,7 +131,9 @@ class CirculantPass(Pass, Technique):
         return found
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
-        mild = target_ratio is None or target_ratio >= MILD_TARGET
+        """Block 2 only for mild targets, and never in the fft form (whose two frequencies per
+        block cost more multiply-accumulates than the 2 x 2 block)."""
+        mild = (target_ratio is None or target_ratio >= MILD_TARGET) and self.form != "fft"
         return (MILD_LEVELS if mild else ()) + LEVELS
 
     def restricted(self, levels) -> list[Pass]:
@@ -136,8 +142,9 @@ class CirculantPass(Pass, Technique):
         return [replace(self, _levels={name: int(b) for name, b in levels.items()})]
 
     def planned(self, explicit) -> CirculantPass:
-        """Padding on (unless set): every layer can take every block, at a few padded features."""
-        return self if "pad" in explicit else replace(self, pad=True)
+        """Pointwise convs and padding on (unless set): every dense layer and pointwise conv is a
+        candidate, and every one can take every block at a few padded features."""
+        return replace(self, **{k: True for k in ("pad", "convs") if k not in explicit})
 
     def _block(self, t: Target) -> int:
         return self.block if self._levels is None else self._levels[t.name]
@@ -233,6 +240,8 @@ class CirculantPass(Pass, Technique):
         return targets, skipped
 
     def _unsuitable(self, t: Target, block: int | None = None) -> str:
+        if t.channels_first and not self.convs:
+            return "pointwise conv (convs=true rewrites it)"
         if self.layers and not matches_any(t.name, self.layers):
             return "not selected by layers"
         if matches_any(t.name, self.exclude):
@@ -313,9 +322,9 @@ class CirculantPass(Pass, Technique):
     # ---- forms --------------------------------------------------------------------------------
     def _choose_form(self, t: Target, layer: forms.CirculantLayer, state: _State, ctx: PassContext,
                      model: onnx.ModelProto) -> tuple[str, dict] | str:
+        if t.channels_first:  # one form, which runs the dense conv: nothing to choose or time
+            return forms.CONV_FORMS[0], {}
         wanted = list(forms.FORMS) if self.form == "auto" else [self.form]
-        if t.channels_first:
-            wanted = list(forms.CONV_FORMS)
         fft_ok, fft_reason = (True, "") if "fft" not in wanted else state.fft_available(model)
         if "fft" in wanted and not fft_ok:
             if self.form == "fft":
@@ -352,7 +361,7 @@ class CirculantPass(Pass, Technique):
             before={"params": dense_params, "macs": rows * k * n, "bytes": 4 * dense_params},
             after={"params": layer.stored, "macs": after_macs, "bytes": 4 * layer.stored},
             error=error,
-            detail={"block": lay.block, "form": form, "form_ms": round(times[form], 4),
+            detail={"block": lay.block, "form": form, "form_ms": round(times[form], 4) if form in times else None,
                     "timings_ms": {f: round(v, 4) for f, v in times.items()},
                     "layout": lay.name, "features": [k, n], "padded": [lay.in_features, lay.out_features],
                     "fit": "data-aware" if aware else "projection",
