@@ -27,11 +27,10 @@ them). Each layer is fitted, checked, timed and emitted:
    `pad=true`, otherwise the layer is skipped with the reason.
 
 As a `Technique` for the allocator, each layer (pointwise convs included) is a candidate and its
-levels are block sizes. A
-level saves parameters and file bytes; MACs only in the fft form (the shift and expand forms run
-the dense layer's multiply-accumulates, on a smaller weight or on the weight rebuilt at session
-start), so only then does the pass offer itself for a MACs target. It never offers latency: the
-forms that save MACs run slower in onnxruntime than the dense layer.
+levels are block sizes. A level saves parameters and file bytes; MACs only in the fft form (the
+shift and expand forms run the dense layer's multiply-accumulates, on a smaller weight or on the
+weight rebuilt at session start), so only then does the pass offer itself for a MACs target. It
+never offers latency: the forms that save MACs run slower in onnxruntime than the dense layer.
 """
 
 from __future__ import annotations
