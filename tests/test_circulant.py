@@ -370,3 +370,25 @@ def test_restricted_rewrites_exactly_the_chosen_layers_at_their_blocks():
     convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
     rewritten = {n.name for n in convs if n.input[1] not in {t.name for t in result.model.graph.initializer}}
     assert rewritten == {f"{first}/Conv", f"{last}/Conv"}
+
+
+def test_an_input_shape_hidden_from_inference_is_observed_on_calibration_data():
+    """A MatMul behind a tensor without a recorded shape (a Reshape to a computed shape hides it
+    from onnx shape inference): its rank comes from the captured activations."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((32, 24)) / np.sqrt(32)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "fc_w"], ["y"], name="fc")]
+    model = graph_model(nodes, [f32("x", ["N", 3, 32])], [f32("y", ["N", 3, 24])], [init("fc_w", w)], opset=17, ir=8)
+    assert not model.graph.value_info  # nothing says h's shape
+    assert [c.name for c in create("circulant", {"min_features": 8}).plan_candidates(model)] == ["fc"]
+    blind = run_pass(model, {"block": 4, "max_layer_error": 10})
+    assert not blind.modified and "input shape unknown" in blind.skipped[0].reason
+    cal = real_data(model, count=40)
+    result = run_pass(model, {"block": 4, "max_layer_error": 10}, cal)
+    (change,) = result.changes
+    x = cal.train["x"]
+    ref, got = outputs(model, x), outputs(result.model, x)
+    assert got.shape == ref.shape == (30, 3, 24)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) == pytest.approx(change.error, rel=1e-3)
+    assert change.before["macs"] == 3 * 32 * 24  # rows per sample from the observed shape
