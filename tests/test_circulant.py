@@ -287,3 +287,108 @@ def test_mlp_sample_block8_params_and_accuracy():
     assert record.info["shared_index_bytes"] == 8 * 8 * 4  # one int32 pattern for both layers
     assert accuracy(first.model) >= accuracy(path) - 4.0
     assert len(first.model.SerializeToString()) < 0.2 * len(load(path).SerializeToString())
+
+
+# ---- pointwise convolutions ----------------------------------------------------------------------
+@pytest.mark.parametrize("spatial", [[5], [3, 4]])
+def test_conv_form_computes_the_block_circulant_pointwise_conv(spatial):
+    rng = np.random.default_rng(5)
+    for (k, n, b), (ins, outs) in zip([(24, 16, 8), (22, 13, 4), (10, 15, 5), (16, 16, 4)], LAYOUTS):
+        lay = fit.Layout(b, -(-k // b) * b, -(-n // b) * b, ins, outs)
+        c = rng.standard_normal((lay.q, lay.p, b)).astype(np.float32)
+        layer = forms.CirculantLayer(c, rng.standard_normal(n).astype(np.float32), lay, k, n)
+        w = fit.dense(c.astype(np.float64), lay)[:k, :n]
+        shape = [2, k, *spatial]
+        for opset in (9, 17):
+            model = forms.standalone("expand", layer, shape, opset, 8 if opset >= 17 else 7, conv=True)
+            onnx.checker.check_model(model, full_check=True)
+            x = rng.standard_normal(shape).astype(np.float32)
+            got = runtime.run(model, {"x": x})["y"]
+            expected = np.moveaxis(np.moveaxis(x, 1, -1) @ w + layer.bias, -1, 1)
+            assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4, (k, n, b, ins, outs, opset)
+            assert [n.op_type for n in model.graph.node][-1] == "Conv"  # no transposed activation
+        floats = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
+        assert floats == layer.stored
+
+
+def pointwise_convs(model: onnx.ModelProto) -> list[str]:
+    """The 1x1, group-1, stride-1, unpadded convs of `model`, read from the graph directly."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if node.op_type == "Conv" and node.input[1] in inits and list(inits[node.input[1]].dims[2:]) == [1, 1] \
+                and a.get("group", 1) == 1 and set(a.get("strides", [1])) == {1} and set(a.get("pads", [0])) == {0}:
+            found.append(node.name)
+    return found
+
+
+def test_mobilenet_candidates_are_its_pointwise_convs():
+    model = canonicalize(load(sample_path("mobilenet")))
+    before = model.SerializeToString()
+    technique = create("circulant").planned(set())
+    names = [c.name for c in technique.plan_candidates(model)]
+    assert model.SerializeToString() == before  # found without touching the model
+    expected = pointwise_convs(model)
+    assert len(expected) == 9 and names == expected  # the 128x10 classifier is under min_features
+    assert all(c.nodes == (c.name,) for c in technique.plan_candidates(model))
+    assert technique.saves == {"params", "size"} and create("circulant", {"form": "fft"}).saves >= {"macs"}
+    assert create("circulant", {"form": "fft", "convs": True}).plan_candidates(model) == []  # convs: expand only
+    plain = create("circulant").run(clone(model), PassContext())  # a plain run leaves convs alone unless asked
+    assert not plain.modified and {s.reason for s in plain.skipped} >= {"pointwise conv (convs=true rewrites it)"}
+
+
+def test_one_mobilenet_pointwise_conv_within_bound_and_smaller_file():
+    from sample_data import load_test_set, predict
+
+    path = sample_path("mobilenet")
+    layer = "/head/head.0/Conv"  # 64 -> 128 channels
+    result = optimize(path, passes=[f"circulant:block=4,convs=true,layers={layer}"], calibration=CALIBRATION)
+    (change,) = result.report.passes[0].changes
+    assert change.node == layer and change.detail["form"] == "expand"
+    assert change.before["params"] - change.after["params"] == 64 * 128 * 3 // 4
+    assert change.after["macs"] == change.before["macs"]  # the session runs the dense conv
+    x, _ = load_test_set()
+    ref, got = predict(path, x), predict(result.model, x)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.2  # measured 0.14
+    assert accuracy(result.model) >= accuracy(path) - 1.0
+    original = len(load(path).SerializeToString())
+    canonical = len(canonicalize(load(path)).SerializeToString())  # + shapes the canonical form records
+    assert len(result.model.SerializeToString()) < original
+    assert canonical - len(result.model.SerializeToString()) > 0.95 * 4 * 64 * 128 * 3 // 4  # float32 bytes
+
+
+def test_restricted_rewrites_exactly_the_chosen_layers_at_their_blocks():
+    model = canonicalize(load(sample_path("mobilenet")))
+    technique = create("circulant", {"max_layer_error": 10}).planned(set())
+    assert technique.levels(0.25) == (4, 8, 16) and technique.levels(0.7) == (2, 4, 8, 16)
+    first, last = pointwise_convs(model)[0], pointwise_convs(model)[-1]
+    (restricted,) = technique.restricted({first: 8.0, last: 4.0})
+    cal = make_calibration(model, CALIBRATION, seed=0)
+    result = restricted.run(clone(model), PassContext(calibration=cal))
+    assert {c.node: c.detail["block"] for c in result.changes} == {first: 8, last: 4}
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    rewritten = {n.name for n in convs if n.input[1] not in {t.name for t in result.model.graph.initializer}}
+    assert rewritten == {f"{first}/Conv", f"{last}/Conv"}
+
+
+def test_an_input_shape_hidden_from_inference_is_observed_on_calibration_data():
+    """A MatMul behind a tensor without a recorded shape (a Reshape to a computed shape hides it
+    from onnx shape inference): its rank comes from the captured activations."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((32, 24)) / np.sqrt(32)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "fc_w"], ["y"], name="fc")]
+    model = graph_model(nodes, [f32("x", ["N", 3, 32])], [f32("y", ["N", 3, 24])], [init("fc_w", w)], opset=17, ir=8)
+    assert not model.graph.value_info  # nothing says h's shape
+    assert [c.name for c in create("circulant", {"min_features": 8}).plan_candidates(model)] == ["fc"]
+    blind = run_pass(model, {"block": 4, "max_layer_error": 10})
+    assert not blind.modified and "input shape unknown" in blind.skipped[0].reason
+    cal = real_data(model, count=40)
+    result = run_pass(model, {"block": 4, "max_layer_error": 10}, cal)
+    (change,) = result.changes
+    x = cal.train["x"]
+    ref, got = outputs(model, x), outputs(result.model, x)
+    assert got.shape == ref.shape == (30, 3, 24)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) == pytest.approx(change.error, rel=1e-3)
+    assert change.before["macs"] == 3 * 32 * 24  # rows per sample from the observed shape

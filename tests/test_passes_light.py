@@ -26,6 +26,7 @@ CASES = [
     ("shufflenet", "circulant:block=8"),
     ("inception_v1", "svd"),
     ("inception_v1", "circulant:block=8"),
+    ("inception_v1", "circulant:block=8,convs=true,min_features=256"),  # its widest pointwise convs
 ]
 
 

@@ -14,6 +14,13 @@ Every form stores the q * p * b parameters (O(b) per block) and computes x @ den
 - `expand`: gathers the parameters into the dense [K, N] weight inside the graph and runs the
   dense MatMul. onnxruntime constant-folds that gather at session start, so the file is small but
   the runtime memory and speed are those of the dense layer.
+
+A pointwise Conv ([N, C, ...] input, features on axis 1) has one form, `expand`: the
+[C_out, C_in, 1, ...] Conv weight is gathered from the parameters in the graph (and sliced when
+the features were padded), so the activation is never transposed and onnxruntime folds the
+weight once per session: the file stores b numbers per block, the session runs the dense conv.
+The shift form would gather b shifted copies of the whole feature map for the same MACs, and the
+fft form would move the channels to the last axis and back around slow DFTs.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from onnxc.compiler.graph import GraphView
 from onnxc.passes._circulant_fit import Layout, pattern
 
 FORMS = ("shift", "fft", "expand")
+CONV_FORMS = ("expand",)
 FFT_OPSET = 17
 PATTERN = "onnxc_circulant_pattern"  # name of the shared [b, b] shift pattern initializers
 
@@ -127,6 +135,32 @@ def _shift(b: _Builder, layer: CirculantLayer, x: str, rank: int) -> str:
     return b.op("Reshape", [y, b.ints([*lead, lay.out_features])])
 
 
+def emit_conv(view: GraphView, layer: CirculantLayer, x: str, y: str, rank: int, opset: int, name: str,
+              shared: dict) -> list[onnx.NodeProto]:
+    """Nodes computing the pointwise Conv y = conv(x, W) + bias of rank `rank` (its weight W the
+    dense [C_out, C_in, 1, ...] of `layer`, gathered from the parameters in the graph)."""
+    b = _Builder(view, opset, name, shared)
+    lay = layer.layout
+    params = b.const("circulant", layer.c.astype(np.float32))
+    blocks = b.op("Gather", [params, _pattern(b, lay.block)], axis=2)  # [q, p, r, k]
+    rows = [2, 0] if lay.out_strided else [0, 2]  # output channel (i, r)
+    cols = [3, 1] if lay.in_strided else [1, 3]  # input channel (j, k)
+    dense = b.op("Transpose", [blocks], perm=rows + cols)
+    weight = b.op("Reshape", [dense, b.ints([lay.out_features, lay.in_features] + [1] * (rank - 2))])
+    if (lay.out_features, lay.in_features) != (layer.out_features, layer.in_features):
+        ends = [layer.out_features, layer.in_features]
+        if opset >= 10:
+            weight = b.op("Slice", [weight, b.ints([0, 0], "idx"), b.ints(ends, "idx"), b.ints([0, 1], "idx")])
+        else:
+            weight = b.op("Slice", [weight], starts=[0, 0], ends=ends, axes=[0, 1])
+    inputs = [x, weight]
+    if layer.bias is not None:
+        inputs.append(b.const("bias", layer.bias.astype(np.float32)))
+    b.op("Conv", inputs, kernel_shape=[1] * (rank - 2))
+    b.nodes[-1].output[0] = y
+    return b.nodes
+
+
 def _pattern(b: _Builder, block: int) -> str:
     return b.const(PATTERN, pattern(block).astype(np.int32), key=("pattern", block))
 
@@ -174,26 +208,38 @@ def _fft(b: _Builder, layer: CirculantLayer, x: str, rank: int) -> str:
 
 
 def standalone(form: str, layer: CirculantLayer, x_shape: list[int], opset: int,
-               ir_version: int) -> onnx.ModelProto:
-    """A one-layer model of `form` at a fixed input shape (for timing the forms against each other)."""
+               ir_version: int, conv: bool = False) -> onnx.ModelProto:
+    """A one-layer model of `form` at a fixed input shape (for timing the forms against each other;
+    `conv`: a pointwise Conv over axis 1 of x)."""
+    y_shape = [x_shape[0], layer.out_features, *x_shape[2:]] if conv else [*x_shape[:-1], layer.out_features]
     graph = helper.make_graph([], "circulant_layer",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                             [*x_shape[:-1], layer.out_features])])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)])
     view = GraphView(graph)
-    nodes = emit(form, view, layer, "x", "y", len(x_shape), opset, "layer", {})
+    if conv:
+        nodes = emit_conv(view, layer, "x", "y", len(x_shape), opset, "layer", {})
+    else:
+        nodes = emit(form, view, layer, "x", "y", len(x_shape), opset, "layer", {})
     graph.node.extend(nodes)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
 
 
 def dense_standalone(weight: np.ndarray, bias: np.ndarray | None, x_shape: list[int], opset: int,
-                     ir_version: int) -> onnx.ModelProto:
-    """The dense reference layer x @ weight + bias as a one-layer model."""
+                     ir_version: int, conv: bool = False) -> onnx.ModelProto:
+    """The dense reference layer x @ weight + bias as a one-layer model (`conv`: a pointwise Conv)."""
+    n = weight.shape[1]
+    y_shape = [x_shape[0], n, *x_shape[2:]] if conv else [*x_shape[:-1], n]
     graph = helper.make_graph([], "dense_layer",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                             [*x_shape[:-1], weight.shape[1]])])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)])
     view = GraphView(graph)
+    if conv:
+        kernel = weight.T.reshape(n, weight.shape[0], *[1] * (len(x_shape) - 2))
+        inputs = ["x", view.add_const("weight", kernel.astype(np.float32))]
+        if bias is not None:
+            inputs.append(view.add_const("bias", bias.astype(np.float32)))
+        graph.node.append(helper.make_node("Conv", inputs, ["y"]))
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
     w = view.add_const("weight", weight.astype(np.float32))
     if bias is None:
         graph.node.append(helper.make_node("MatMul", ["x", w], ["y"]))

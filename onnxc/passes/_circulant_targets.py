@@ -2,8 +2,11 @@
 
 Gemm with transA=0 (any transB, alpha, beta; C a constant vector or absent) and MatMul with a
 constant 2-D float32 weight on the right (x may be batched, [..., K]); a MatMul whose only user
-is an Add of a constant bias vector is taken together with that Add. Anything else is either not
-a dense layer (None: an activation x activation MatMul) or a candidate left alone with a reason.
+is an Add of a constant bias vector is taken together with that Add. A pointwise Conv (kernel 1,
+group 1, stride 1, no padding; [N, C, ...] input) is a dense layer over channels too: its rows
+are the per-position channel vectors (the feature axis is 1 instead of the last). Anything else
+is either not a dense layer (None: an activation x activation MatMul, a spatial conv) or a
+candidate left alone with a reason.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class Target:
     y: str
     weight: np.ndarray  # [K, N] float64
     bias: np.ndarray | None  # [N] float64
-    dims: list  # input shape: ints, or None/str for symbolic dims
+    dims: list | None  # input shape: ints, or None/str for symbolic dims; None: unknown until observed
+    channels_first: bool = False  # features on axis 1 (a pointwise Conv), else on the last axis
 
     @property
     def shape(self) -> list[int]:
@@ -39,10 +43,22 @@ class Target:
     @property
     def rows(self) -> int:
         """Activation rows per sample (all but the batch and feature dims)."""
-        return int(np.prod(self.shape[1:-1], dtype=np.int64))
+        positions = self.shape[2:] if self.channels_first else self.shape[1:-1]
+        return int(np.prod(positions, dtype=np.int64))
+
+    def matrix(self, x: np.ndarray) -> np.ndarray:
+        """The layer's input rows [rows, K] of an activation batch."""
+        k = self.weight.shape[0]
+        return (np.moveaxis(x, 1, -1) if self.channels_first else x).reshape(-1, k)
 
     def timing_shape(self, batch: int) -> list[int]:
         return [d if isinstance(d, int) and d > 0 else batch for d in self.dims]
+
+    def observe(self, x: np.ndarray) -> None:
+        """Take the input shape from a captured activation when the graph does not say it (a
+        Reshape to a computed shape hides it from shape inference): the batch dim stays symbolic."""
+        if self.dims is None:
+            self.dims = ["N", *x.shape[1:]]
 
 
 def find(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
@@ -53,6 +69,8 @@ def find(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
         return _gemm(node, view)
     if node.op_type == "MatMul":
         return _matmul(node, view)
+    if node.op_type == "Conv":
+        return _pointwise_conv(node, view)
     return None
 
 
@@ -77,9 +95,9 @@ def _gemm(node: onnx.NodeProto, view: GraphView) -> Target | str:
         if bias is None:
             return "bias C is not a constant vector"
         bias *= float(attr(node, "beta", 1.0))
-    dims = view.shape(node.input[0])
-    if dims is None or len(dims) != 2:
-        return "input shape unknown"
+    dims = view.shape(node.input[0]) or [None, w.shape[0]]  # Gemm's input is 2-D
+    if len(dims) != 2:
+        return "input is not 2-D"
     return Target(name, "Gemm", [node.output[0]], node.input[0], node.output[0], w, bias, dims)
 
 
@@ -93,9 +111,9 @@ def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
         return None  # activation x activation (attention): not a dense layer
     if w.ndim != 2 or w.dtype != np.float32:
         return f"weight is not a 2-D float32 tensor ({w.ndim}-D {w.dtype})"
-    dims = view.shape(x)
-    if dims is None or len(dims) < 2:
-        return "input rank unknown or below 2"
+    dims = view.shape(x)  # None: observed on calibration data
+    if dims is not None and len(dims) < 2:
+        return "input rank below 2"
     if _is_shift_form(x, view):
         return "already block-circulant (shift form)"
     outputs, y, bias = [node.output[0]], node.output[0], None
@@ -103,10 +121,39 @@ def _matmul(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
     if found is not None:
         add, idx = found
         value = view.const(add.input[idx])
-        bias = _vector(value, w.shape[1]) if value.ndim <= len(dims) else None
+        bias = _vector(value, w.shape[1]) if value.ndim <= (len(dims) if dims else 1) else None
         if bias is not None:
             outputs, y = [y, add.output[0]], add.output[0]
     return Target(name, "MatMul", outputs, x, y, w.astype(np.float64), bias, dims)
+
+
+def _pointwise_conv(node: onnx.NodeProto, view: GraphView) -> Target | str | None:
+    """A 1x1 Conv as y[n, :, pos] = x[n, :, pos] @ W + bias; None for any other conv."""
+    name = node.name or node.output[0]
+    w = view.const(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.ndim < 3 or any(d != 1 for d in w.shape[2:]):
+        return None  # a spatial kernel, or a weight computed at run time (a rewritten layer)
+    if w.dtype != np.float32:
+        return f"weight is not float32 ({w.dtype})"
+    if view.is_const(node.input[0]):
+        return "input is constant"
+    if attr(node, "group", 1) != 1:
+        return "grouped 1x1 conv is not a dense layer over all channels"
+    if any(s != 1 for s in attr(node, "strides", None) or []):
+        return "strided 1x1 conv (it reads a subset of positions)"
+    if any(p != 0 for p in attr(node, "pads", None) or []):
+        return "padded 1x1 conv (its border outputs are the bias alone)"
+    dims = view.shape(node.input[0])  # None: observed on calibration data
+    if dims is not None and len(dims) != w.ndim:
+        return "input rank differs from the weight's"
+    weight = w.reshape(w.shape[0], w.shape[1]).T.astype(np.float64)  # [C_in, C_out]
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = _vector(view.const(node.input[2]), weight.shape[1])
+        if bias is None:
+            return "bias is not a constant vector"
+    return Target(name, "Conv", [node.output[0]], node.input[0], node.output[0], weight, bias, dims,
+                  channels_first=True)
 
 
 def _is_shift_form(x: str, view: GraphView) -> bool:

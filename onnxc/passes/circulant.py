@@ -2,7 +2,9 @@
 
 Targets Gemm (transA=0, any transB/alpha/beta, bias vector or none) and MatMul with a constant
 2-D weight on the right, including batched activations [..., K] @ [K, N] (a following Add of a
-constant bias vector is absorbed and refitted). Each layer is fitted, checked, timed and emitted:
+constant bias vector is absorbed and refitted), and with `convs` pointwise Convs (1x1, group 1,
+stride 1, no padding: a dense layer over the channel vector of every position, as CirCNN treats
+them). Each layer is fitted, checked, timed and emitted:
 
 1. Fit (`_circulant_fit`): with real calibration data, a ridge least-squares fit of every block
    row's parameters to the original layer's outputs, pulled towards the Frobenius projection,
@@ -19,14 +21,21 @@ constant bias vector is absorbed and refitted). Each layer is fitted, checked, t
    of shift, fft, expand). `auto` is opt-in because a timed choice follows the machine and its
    load, so it breaks "same input, options and seed give the same bytes". `fft` needs opset 17:
    the model's opset is raised with onnx's version converter when it is lower, and fft is not
-   offered when that fails.
+   offered when that fails. A pointwise Conv is always emitted in the `expand` form (its weight
+   gathered from the parameters in the graph; see `_circulant_forms`).
 4. Padding: features that are not a multiple of the block are zero-padded in the graph with
    `pad=true`, otherwise the layer is skipped with the reason.
+
+As a `Technique` for the allocator, each layer (pointwise convs included) is a candidate and its
+levels are block sizes. A level saves parameters and file bytes; MACs only in the fft form (the
+shift and expand forms run the dense layer's multiply-accumulates, on a smaller weight or on the
+weight rebuilt at session start), so only then does the pass offer itself for a MACs target. It
+never offers latency: the forms that save MACs run slower in onnxruntime than the dense layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -38,6 +47,7 @@ from onnxc.compiler.bench import bench
 from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import clone, tensor_nbytes
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, matches_any, register
+from onnxc.compiler.technique import Candidate, Technique
 from onnxc.errors import UsageError
 from onnxc.passes import _circulant_fit as fit
 from onnxc.passes import _circulant_forms as forms
@@ -52,21 +62,32 @@ TIE = 1.10  # a form must be 10% faster than a preferred one to be chosen over i
 MAX_ROWS = 16384  # activation rows per layer used for the fit (sampled beyond)
 FIT_FLOPS = 10**11  # accumulation budget per layer (about 5 s on one core)
 BATCH = 64  # calibration samples per streamed batch (iter_activations clamps to a fixed batch dim)
+# Levels offered to the allocator: block sizes, mildest (least saving) first. Block 32 would save
+# 1/32 of a layer more than 16 for a much larger error; block 2 (half a layer) only helps mild targets.
+LEVELS = (4, 8, 16)
+MILD_LEVELS = (2,)
+MILD_TARGET = 0.5  # block 2 is offered for targets that keep at least this fraction
 
 
 @register
 @dataclass
-class CirculantPass(Pass):
+class CirculantPass(Pass, Technique):
     id = "circulant"
-    summary = "block-circulant substitution of Gemm/MatMul weights (b numbers per b x b block), data-aware fit"
+    plan_order = 25  # structure: after the factorizations, before storage (cluster)
+    planned_by_default = False
+    summary = ("block-circulant substitution of Gemm/MatMul and pointwise Conv weights (b numbers per b x b "
+               "block), data-aware fit")
     uses_calibration = True
     option_help = {
         "block": "block size b: each b x b block is stored as b numbers",
+        "convs": "also rewrite pointwise (1x1) convs (on when the allocator plans circulant, which measures one "
+                 "layer at a time; a plain run captures each layer's inputs through the model twice)",
         "layers": "only these layers (node-name globs, | separated)",
         "exclude": "never these layers (node-name globs)",
         "min_features": "skip layers with fewer input or output features",
         "max_layer_error": "leave a layer dense when its local relative output error exceeds this",
-        "form": "graph form: shift, fft, expand (direct = shift), or auto (fastest when timed here; not reproducible)",
+        "form": "graph form of Gemm/MatMul layers: shift, fft, expand (direct = shift), or auto (fastest when "
+                "timed here; not reproducible); pointwise convs always use expand",
         "layout": "grouping of features into blocks: auto (lowest error), contiguous, strided",
         "pad": "zero-pad features that are not a multiple of block (otherwise skip the layer)",
         "data_aware": "fit to calibration outputs (projection only when false or data is random)",
@@ -76,6 +97,7 @@ class CirculantPass(Pass):
     }
 
     block: int = 8
+    convs: bool = False
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     min_features: int = 32
@@ -87,6 +109,44 @@ class CirculantPass(Pass):
     sequential: bool = True
     ridge: float = 0.01
     timing_batch: int = 1
+    # Set by the allocator (not a CLI option): layer name -> its own block; only these layers change.
+    _levels: dict[str, float] | None = None
+
+    # ---- the Technique protocol ----------------------------------------------------------------
+    @property
+    def saves(self) -> frozenset[str]:  # type: ignore[override]
+        """Parameters and bytes always; MACs only in the fft form (see the module docstring)."""
+        return frozenset({"params", "size", "macs"} if self.form == "fft" else {"params", "size"})
+
+    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+        """Every layer some level can rewrite (with the fft form, only those it saves MACs on)."""
+        view = GraphView(model.graph)
+        found = []
+        for t in self._targets(view, blocks=self.levels())[0]:
+            if self.form == "fft" and t.channels_first:
+                continue
+            nodes = tuple(n.name or n.output[0] for n in (view.producers[o] for o in t.outputs))
+            found.append(Candidate(t.name, nodes))
+        return found
+
+    def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
+        """Block 2 only for mild targets, and never in the fft form (whose two frequencies per
+        block cost more multiply-accumulates than the 2 x 2 block)."""
+        mild = (target_ratio is None or target_ratio >= MILD_TARGET) and self.form != "fft"
+        return (MILD_LEVELS if mild else ()) + LEVELS
+
+    def restricted(self, levels) -> list[Pass]:
+        """One run over the chosen layers, each at its own block: the sequential fit then sees
+        every layer rewritten before it, whatever its block."""
+        return [replace(self, _levels={name: int(b) for name, b in levels.items()})]
+
+    def planned(self, explicit) -> CirculantPass:
+        """Pointwise convs and padding on (unless set): every dense layer and pointwise conv is a
+        candidate, and every one can take every block at a few padded features."""
+        return replace(self, **{k: True for k in ("pad", "convs") if k not in explicit})
+
+    def _block(self, t: Target) -> int:
+        return self.block if self._levels is None else self._levels[t.name]
 
     def validate(self) -> None:
         if self.block < 2:
@@ -105,6 +165,8 @@ class CirculantPass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self.validate()
         targets, skipped = self._targets(GraphView(model.graph))
+        if self._levels is not None:
+            targets = [t for t in targets if t.name in self._levels]
         if not targets:
             return PassResult(model, False, skipped=skipped)
         cal = ctx.calibration
@@ -116,6 +178,9 @@ class CirculantPass(Pass):
         rewritten = False
         for index, t in enumerate(targets):
             ctx.progress("circulant: fits", index, len(targets))
+            if t.dims is None and cal is None:
+                skipped.append(Skip(t.name, "input shape unknown (calibration data would show it)"))
+                continue
             stats = None
             if cal is not None:
                 current = model if (sequential and rewritten) else original
@@ -148,25 +213,34 @@ class CirculantPass(Pass):
         _drop_stale_value_info(model.graph)
         info = state.info()
         index_bytes = sum(tensor_nbytes(t) for t in model.graph.initializer if t.name.startswith(forms.PATTERN))
-        info.update(block=self.block, data_aware=aware, sequential=sequential,
+        blocks = sorted({c.detail["block"] for c in changes})
+        info.update(block=blocks[0] if len(blocks) == 1 else blocks, data_aware=aware, sequential=sequential,
                     stored_params=sum(c.after["params"] for c in changes), shared_index_bytes=index_bytes)
         return PassResult(model, True, changes, skipped, info)
 
     # ---- candidates ---------------------------------------------------------------------------
-    def _targets(self, view: GraphView) -> tuple[list[Target], list[Skip]]:
+    def _targets(self, view: GraphView, blocks=None) -> tuple[list[Target], list[Skip]]:
+        """The layers to rewrite (at their own block, or at any of `blocks`) and the skips. Reads
+        the graph only."""
         targets, skipped = [], []
         for node in view.graph.node:
             found = targets_.find(node, view)
             if found is None:
                 continue
-            reason = found if isinstance(found, str) else self._unsuitable(found)
+            if isinstance(found, str):
+                reason = found
+            else:
+                reasons = [self._unsuitable(found, int(b)) for b in blocks] if blocks else [self._unsuitable(found)]
+                reason = "" if "" in reasons else reasons[0]
             if reason:
                 skipped.append(Skip(node.name or node.output[0], reason))
             else:
                 targets.append(found)
         return targets, skipped
 
-    def _unsuitable(self, t: Target) -> str:
+    def _unsuitable(self, t: Target, block: int | None = None) -> str:
+        if t.channels_first and not self.convs:
+            return "pointwise conv (convs=true rewrites it)"
         if self.layers and not matches_any(t.name, self.layers):
             return "not selected by layers"
         if matches_any(t.name, self.exclude):
@@ -174,17 +248,22 @@ class CirculantPass(Pass):
         k, n = t.weight.shape
         if min(k, n) < self.min_features:
             return f"{k}x{n} weight has fewer than min_features={self.min_features} features on a side"
-        if not self.pad and (k % self.block or n % self.block):
-            return f"{k}x{n} weight: features are not multiples of block={self.block} (pad=true pads them)"
-        kp, np_ = _round_up(k, self.block), _round_up(n, self.block)
-        if kp * np_ // self.block >= k * n:
-            return f"block={self.block} would not reduce the {k}x{n} weight's parameters"
+        if block is None:
+            if self._levels is not None and t.name not in self._levels:
+                return ""  # not planned: dropped by run, never reported
+            block = self._block(t)
+        if not self.pad and (k % block or n % block):
+            return f"{k}x{n} weight: features are not multiples of block={block} (pad=true pads them)"
+        kp, np_ = _round_up(k, block), _round_up(n, block)
+        if kp * np_ // block >= k * n:
+            return f"block={block} would not reduce the {k}x{n} weight's parameters"
         return ""
 
     # ---- fitting ------------------------------------------------------------------------------
     def _layouts(self, t: Target) -> list[fit.Layout]:
-        kp, np_ = _round_up(t.weight.shape[0], self.block), _round_up(t.weight.shape[1], self.block)
-        return [fit.Layout(self.block, kp, np_, i, o) for i, o in LAYOUTS[self.layout]]
+        block = self._block(t)
+        kp, np_ = _round_up(t.weight.shape[0], block), _round_up(t.weight.shape[1], block)
+        return [fit.Layout(block, kp, np_, i, o) for i, o in LAYOUTS[self.layout]]
 
     def _activations(self, t: Target, current: onnx.ModelProto, original: onnx.ModelProto,
                      inputs: dict[str, np.ndarray], ctx: PassContext) -> tuple[list[fit.Layout], list] | str:
@@ -200,15 +279,17 @@ class CirculantPass(Pass):
         if fit.fit_bytes(layouts[0]) > fit.MAX_FIT_BYTES:
             return f"fit would need {fit.fit_bytes(layouts[0]) / 2**30:.1f} GiB (use a larger block)"
         budget = min(MAX_ROWS, FIT_FLOPS // sum(fit.row_flops(lay) for lay in layouts))
-        keep = min(1.0, max(1, budget) / max(1, runtime.sample_count(inputs) * t.rows))
+        keep = None  # the fraction of rows sampled (the shape may only be known from the first batch)
         rng = ctx.rng(f"circulant:{t.name}")
         cur = calib.iter_activations(current, [t.x], inputs, batch_size=BATCH)
         ref = calib.iter_activations(original, [t.x], inputs, batch_size=BATCH) if current is not original else None
-        k = t.weight.shape[0]
         batches = []
         for batch in cur:
-            x = batch[t.x].reshape(-1, k)
-            x0 = next(ref)[t.x].reshape(-1, k) if ref is not None else None
+            t.observe(batch[t.x])
+            if keep is None:
+                keep = min(1.0, max(1, budget) / max(1, runtime.sample_count(inputs) * t.rows))
+            x = t.matrix(batch[t.x])
+            x0 = t.matrix(next(ref)[t.x]) if ref is not None else None
             if keep < 1.0:
                 rows = rng.random(len(x)) < keep
                 x, x0 = x[rows], (x0[rows] if x0 is not None else None)
@@ -240,8 +321,10 @@ class CirculantPass(Pass):
     # ---- forms --------------------------------------------------------------------------------
     def _choose_form(self, t: Target, layer: forms.CirculantLayer, state: _State, ctx: PassContext,
                      model: onnx.ModelProto) -> tuple[str, dict] | str:
+        if t.channels_first:  # one form, which runs the dense conv: nothing to choose or time
+            return forms.CONV_FORMS[0], {}
         wanted = list(forms.FORMS) if self.form == "auto" else [self.form]
-        fft_ok, fft_reason = state.fft_available(model)
+        fft_ok, fft_reason = (True, "") if "fft" not in wanted else state.fft_available(model)
         if "fft" in wanted and not fft_ok:
             if self.form == "fft":
                 return fft_reason
@@ -256,7 +339,10 @@ class CirculantPass(Pass):
         view = GraphView(model.graph)
         old = [view.producers[name] for name in t.outputs]
         rank = len(t.shape)
-        new = forms.emit(form, view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
+        if t.channels_first:
+            new = forms.emit_conv(view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
+        else:
+            new = forms.emit(form, view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
         view.replace_node(old[0], new)
         for node in old[1:]:
             model.graph.node.remove(node)
@@ -267,13 +353,14 @@ class CirculantPass(Pass):
         lay = layer.layout
         dense_params = k * n + (n if t.bias is not None else 0)
         rows = t.rows
-        after_macs = rows * (_fft_macs(lay) if form == "fft" else lay.in_features * lay.out_features)
+        after_macs = rows * (_fft_macs(lay) if form == "fft" else k * n if t.channels_first
+                             else lay.in_features * lay.out_features)
         return Change(
             t.name, t.op, f"block-circulant b={lay.block} ({form} form)",
             before={"params": dense_params, "macs": rows * k * n, "bytes": 4 * dense_params},
             after={"params": layer.stored, "macs": after_macs, "bytes": 4 * layer.stored},
             error=error,
-            detail={"block": lay.block, "form": form, "form_ms": round(times[form], 4),
+            detail={"block": lay.block, "form": form, "form_ms": round(times[form], 4) if form in times else None,
                     "timings_ms": {f: round(v, 4) for f, v in times.items()},
                     "layout": lay.name, "features": [k, n], "padded": [lay.in_features, lay.out_features],
                     "fit": "data-aware" if aware else "projection",
@@ -312,11 +399,12 @@ class _State:
         opset = max(self.opset, forms.FFT_OPSET) if "fft" in wanted else self.opset
         ir = 10 if opset >= 21 else 8 if opset >= 17 else 7
         lay = layer.layout
-        key = (tuple(shape), lay, layer.out_features, layer.bias is not None, opset >= 20)
+        key = (tuple(shape), lay, layer.out_features, layer.bias is not None, opset >= 20, t.channels_first)
         todo = [f for f in ["dense", *wanted] if (key, f) not in self.cache]
         if todo:
-            models = [forms.dense_standalone(t.weight, t.bias, shape, opset, ir) if f == "dense"
-                      else forms.standalone(f, layer, shape, opset, ir) for f in todo]
+            conv = t.channels_first
+            models = [forms.dense_standalone(t.weight, t.bias, shape, opset, ir, conv) if f == "dense"
+                      else forms.standalone(f, layer, shape, opset, ir, conv) for f in todo]
             x = {"x": ctx.rng(f"circulant-timing:{t.name}").standard_normal(shape).astype(np.float32)}
             runs = 15 if t.rows * t.weight.size < 2**26 else 7
             for f, timing in zip(todo, bench(models, x, todo, runs=runs, warmup=2, threads=1)):
