@@ -1,8 +1,9 @@
 """Progress as plain lines, for logs: stderr redirected to a file (CI, build pipelines) or a pipe.
 
 A live bar redraws itself in place, which a log file cannot show: a redirected run printed
-nothing until it ended. Here each phase prints one line when it first starts (a phase run again,
-as a refit runs once per layer wave, at most once per interval), and every `interval` seconds
+nothing until it ended. Here each phase prints one line once it has run for START_DELAY (a phase
+run again, as a refit runs once per layer wave, at most once per interval; a command that fails
+on bad input at once prints its one error line and nothing else), and every `interval` seconds
 (from a background timer, so a phase that reports rarely is still seen) one line per phase
 still running, with its counts, percentage, elapsed time and an ETA from its rate so far.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 INTERVAL = 30.0
+START_DELAY = 1.0  # a phase is announced once it has run this long: quick phases and failures stay quiet
 
 
 @dataclass
@@ -46,6 +48,7 @@ class PlainProgress:
         self.began = clock()
         self.phases: dict[str, _Phase] = {}
         self.said: dict[str, float] = {}  # when each phase last got its own line
+        self.pending: set[str] = set()  # phases started but not announced yet (START_DELAY)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.timer: threading.Thread | None = None
@@ -67,10 +70,13 @@ class PlainProgress:
             if phase is None or done < phase.done or total != phase.total:  # new, or run again
                 self.phases[label] = _Phase(done, total, now)
                 if phase is None or now - self.said.get(label, now) >= self.interval:  # a rerun: not every time
-                    self.said[label] = now
-                    self._write(f"{label}: {done}/{total}")
+                    self.pending.add(label)
             else:
                 phase.done = done
+                if label in self.pending and now - phase.start >= START_DELAY:
+                    self.pending.discard(label)
+                    self.said[label] = now
+                    self._write(f"{label}: {done}/{total}")
 
     def report(self) -> None:
         """One line per phase still running: counts, percentage, elapsed and remaining time."""
@@ -79,6 +85,8 @@ class PlainProgress:
             for label, p in self.phases.items():
                 if p.done >= p.total:
                     continue
+                self.pending.discard(label)
+                self.said[label] = now
                 spent = now - p.start
                 eta = f"eta {_duration(spent * (p.total - p.done) / p.done)}" if p.done else "eta unknown"
                 pct = 100.0 * p.done / p.total if p.total else 0.0
