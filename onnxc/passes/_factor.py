@@ -146,13 +146,18 @@ class FactorPass(Pass, Technique):
             chosen = [_judge(layer, fit, alt, stats, held) for layer, fit, alt in zip(layers, fits, plain)]
             kept = [c for c, fit in zip(chosen, fits) if c is fit and isinstance(fit, Fitted)]
             if kept and self.judge:
+                # the same layers rewritten on both sides: where a layer's weights-only factors are
+                # refused (over max_layer_error), the fallback keeps its fit to data, so the judge
+                # compares fits, not a model with fewer layers rewritten
+                fallback = [alt if isinstance(alt, Fitted) and _within(self, alt) else c
+                            for c, alt in zip(chosen, plain)]
                 refit_model, _, _ = self._apply(clone(original), layers, chosen, stats, ctx)
-                plain_model, _, _ = self._apply(clone(original), layers, plain, {}, ctx)
+                plain_model, _, _ = self._apply(clone(original), layers, fallback, stats, ctx)
                 verdict = holdout.judge_model(holdout.Reference(original, ctx.calibration, ctx.metric),
                                               refit_model, plain_model)
                 info["model_refit"] = verdict.detail()
                 if not verdict.kept:
-                    chosen = plain
+                    chosen = fallback
             fits = chosen
         model, changes, more = self._apply(model, layers, fits, stats, ctx)
         skipped += more
@@ -224,12 +229,11 @@ class FactorPass(Pass, Technique):
                 fitted = _fit_isolated(self.for_layer(name), layer, view, moments, ctx.seed)
                 if isinstance(fitted, Fitted):
                     fitted.change.detail = {**detail, **fitted.change.detail}
-            if not isinstance(fitted, str):
+            if not isinstance(fitted, str) and not _within(self, fitted):
                 err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
                 limit = self.max_layer_error if self.max_layer_error is not None else \
                     self.default_error_limits.get(kind)
-                if limit is not None and err is not None and err > limit:
-                    fitted = f"local {kind} error {err:.3g} above max_layer_error={limit:g}"
+                fitted = f"local {kind} error {err:.3g} above max_layer_error={limit:g}"
             if isinstance(fitted, str):
                 skipped.append(Skip(name, fitted))
                 continue
@@ -325,6 +329,13 @@ class FactorPass(Pass, Technique):
         if self.data_aware is None:
             return not ctx.calibration.is_random
         return bool(self.data_aware)
+
+
+def _within(fitter: FactorPass, fitted: Fitted) -> bool:
+    """Whether `_apply` would keep this fit (its local error within the pass's limit)."""
+    err, kind = fitted.change.error, fitted.change.detail.get("error_kind", "weight")
+    limit = fitter.max_layer_error if fitter.max_layer_error is not None else fitter.default_error_limits.get(kind)
+    return limit is None or err is None or err <= limit
 
 
 def fit_task(item: tuple[FactorPass, Layer, int], *, model: onnx.ModelProto,
