@@ -238,7 +238,9 @@ def _try_ranges(pre: Path, work: Path, calibration: Calibration, scorer: Scorer,
         lo, hi = (np.asarray(v).reshape(-1) for v in minmax[name].range_value)
         if lo.size == 1 and hi.size == 1:  # per-tensor ranges (the only kind chosen here)
             ranges[name] = (float(lo[0]), float(hi[0]))
-    choice = select_ranges(onnx.load(str(pre)), ranges, calibration.train, calibration.validation, progress)
+    prepared = onnx.load(str(pre))
+    choice = select_ranges(prepared, ranges, calibration.train, calibration.validation,
+                           max(1, _calibration_batch(prepared, calibration) // 2), progress)
     data = dict(minmax.items())
     for name, (lo, hi) in choice.ranges.items():  # the same shapes as onnxruntime's own entries
         old_lo, old_hi = minmax[name].range_value

@@ -116,10 +116,11 @@ def candidates(hist: _Histogram) -> dict[str, tuple[float, float]]:
 
 
 def choose_ranges(model: onnx.ModelProto, minmax: Mapping[str, tuple[float, float]],
-                  train: Mapping[str, np.ndarray], held_out: Mapping[str, np.ndarray],
+                  train: Mapping[str, np.ndarray], held_out: Mapping[str, np.ndarray], batch_size: int = 1,
                   progress: Progress = no_progress) -> RangeChoice:
     """For each tensor of `minmax` (its min/max on `train`), the candidate range with the least
-    expected quantization error on `held_out` (the graph's inputs are kept at min/max)."""
+    expected quantization error on `held_out` (the graph's inputs are kept at min/max). Every
+    tensor of a batch is captured at once: `batch_size` keeps that within memory."""
     inputs = {i.name for i in model.graph.input}
     names = [n for n, (lo, hi) in minmax.items() if n not in inputs and np.isfinite(lo) and np.isfinite(hi)]
     fit = {n: _Histogram(float(minmax[n][0]), float(minmax[n][1])) for n in names}
@@ -127,7 +128,7 @@ def choose_ranges(model: onnx.ModelProto, minmax: Mapping[str, tuple[float, floa
     total = runtime.sample_count(train) + runtime.sample_count(held_out)
     done = 0
     for hists, inputs_ in ((fit, train), (check, held_out)):
-        for batch in iter_activations(model, names, inputs_):
+        for batch in iter_activations(model, names, inputs_, batch_size):
             for name, value in batch.items():
                 hists[name].add(value)
             done += max((len(v) for v in batch.values() if np.ndim(v)), default=1)

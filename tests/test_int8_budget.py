@@ -1,0 +1,118 @@
+"""int8 keeps the budget promise (per-channel fidelity or the user's metric, back-off per region,
+optimize's int8 stage held to the optimize budget), and loses less where it can: affine folding
+and cross-layer equalization are lossless in float and lower the int8 error of a model whose
+channel ranges are badly balanced."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import f32, init, model
+from onnx import helper
+from test_ort_backend import outlier_mlp
+
+from onnxc import api
+from onnxc.backends import ExportOptions
+from onnxc.backends import export as backend_export
+from onnxc.backends.ort_quant import quantize
+from onnxc.backends.quant_equalize import equalize
+from onnxc.compiler import runtime
+from onnxc.compiler.calibration import make_calibration
+from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.verify import compare_outputs
+
+
+def flip_rate(reference_outputs: list, candidate_outputs: list) -> float:
+    """A discrete metric: the fraction of samples whose top class changed."""
+    return float(np.mean(reference_outputs[0].argmax(-1) != candidate_outputs[0].argmax(-1)))
+
+
+def _mlp_data(count: int = 256) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(3).standard_normal((count, 16)).astype(np.float32)}
+
+
+def test_int8_backs_off_to_the_metric_budget_and_lists_the_float_nodes(tmp_path):
+    m = canonicalize(outlier_mlp())
+    cal = make_calibration(m, _mlp_data(), seed=0)
+    plain = backend_export("onnxruntime", m, tmp_path / "plain.onnx",
+                           ExportOptions(int8="static", calibration=cal, metric=flip_rate))
+    assert plain["fidelity"]["metric"] > 0.1, "int8 destroys this model: the test needs that"
+    budget = 0.01  # under the metric's resolution on 64 held-out samples (1/64)
+    report = backend_export("onnxruntime", m, tmp_path / "kept.onnx",
+                            ExportOptions(int8="static", calibration=cal, metric=flip_rate, max_error=budget))
+    spent = report["int8_budget"]
+    assert spent["metric_used"] and spent["max_error"] == budget
+    assert spent["metric_resolution"] == pytest.approx(1 / cal.validation.count)
+    assert any("below the metric's resolution" in n for n in report["notes"])
+    assert spent["error_all_int8"] > budget >= spent["error_after"]
+    assert report["fidelity"]["metric"] <= budget
+    assert "mm2" in report["excluded_nodes"] and "mm3" not in report["excluded_nodes"]
+    assert set(report["sensitivity"]) <= {"mm1", "mm2", "mm3"} and report["sensitivity"]
+    written = onnx.load(str(tmp_path / "kept.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in written.graph.node), "the harmless layer stays int8"
+    got = runtime.run(written, cal.validation)
+    assert flip_rate([runtime.run(m, cal.validation)["y"]], [got["y"]]) <= budget
+
+
+def test_optimize_holds_its_int8_stage_to_the_budget(tmp_path):
+    """The optimize budget is the int8 stage's: before, an int8 stage that left it was written with exit 0."""
+    source, data = tmp_path / "mlp.onnx", tmp_path / "data.npz"
+    onnx.save(outlier_mlp(), source)
+    np.savez(data, **_mlp_data())
+    budget = 0.05
+    out = tmp_path / "small.onnx"
+    result = api.optimize(source, passes=["cluster:bits=8"], calibration=data, max_error=budget, output=out,
+                          backend="onnxruntime", export_options=ExportOptions(int8="static"),
+                          metric=f"{__name__}:flip_rate")
+    spent = result.report.backend["int8_budget"]
+    assert spent["max_error"] == budget and spent["metric_used"]
+    assert spent["error_all_int8"] > budget >= spent["error_after"]
+    assert result.report.backend["excluded_nodes"]
+    assert result.report.backend["fidelity"]["metric"] <= budget
+    original = canonicalize(outlier_mlp())
+    cal = make_calibration(original, str(data), seed=0)  # the same held-out samples as optimize's
+    ref, got = runtime.run(original, cal.validation), runtime.run(onnx.load(str(out)), cal.validation)
+    assert flip_rate([ref["y"]], [got["y"]]) <= budget
+
+
+def unbalanced_convs(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Mul (per channel) -> Relu -> Conv whose eight channels between the convs span four
+    orders of magnitude (the second conv compensates), so a per-tensor int8 range set by the
+    largest channel leaves the small ones a step or two."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 4
+    b1 = rng.uniform(0.0, 0.2, 8).astype(np.float32)
+    spread = np.logspace(-2, 2, 8).astype(np.float32)
+    w2 = rng.standard_normal((6, 8, 3, 3)).astype(np.float32) / 8 / spread[None, :, None, None]
+    scale = (spread * 2).reshape(1, 8, 1, 1).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c1", "s"], ["m1"], name="affine"),
+             helper.make_node("Relu", ["m1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return model(nodes, [f32("x", ["N", 3, 12, 12])], [f32("y", ["N", 6, 12, 12])],
+                 [init("w1", w1 / 2), init("b1", b1 / 2), init("s", scale), init("w2", w2)])
+
+
+def test_equalization_is_lossless_and_lowers_int8_error():
+    m = canonicalize(unbalanced_convs())
+    inputs = {"x": np.random.default_rng(1).standard_normal((16, 3, 12, 12)).astype(np.float32)}
+    eq = equalize(m)
+    assert eq.folded == ["conv1 <- Mul affine"] and eq.pairs == [("conv1", "conv2")]
+    assert "Mul" not in {n.op_type for n in eq.model.graph.node}
+    ref, got = runtime.run(m, inputs), runtime.run(eq.model, inputs)
+    assert compare_outputs(ref, got).rel_l2 < 1e-5
+    weight = eq.model.graph.node[0].input[1]
+    w1 = onnx.numpy_helper.to_array(next(t for t in eq.model.graph.initializer if t.name == weight))
+    rows = np.abs(w1).reshape(8, -1).max(axis=1)
+    assert rows.max() / rows.min() < 20, "channel ranges equalized (they spanned 1e4)"
+
+    cal = make_calibration(m, {"x": np.random.default_rng(2).standard_normal((96, 3, 12, 12)).astype(np.float32)},
+                           seed=0)
+    plain = quantize(m, "static", cal, equalize=False, choose_ranges=False, reduce_range=False)
+    better = quantize(m, "static", cal, equalize=True, choose_ranges=False, reduce_range=False)
+    assert plain.rel_l2 > 0.05, "the unbalanced model loses to int8: the test needs that"
+    assert better.improvements["equalization"]["kept"]
+    assert better.improvements["equalization"]["float_rel_l2"] < 1e-5
+    assert better.rel_l2 < 0.5 * plain.rel_l2, (plain.rel_l2, better.rel_l2)
+    print(plain.rel_l2, better.rel_l2, rows.max() / rows.min())
