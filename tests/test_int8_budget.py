@@ -115,4 +115,30 @@ def test_equalization_is_lossless_and_lowers_int8_error():
     assert better.improvements["equalization"]["kept"]
     assert better.improvements["equalization"]["float_rel_l2"] < 1e-5
     assert better.rel_l2 < 0.5 * plain.rel_l2, (plain.rel_l2, better.rel_l2)
-    print(plain.rel_l2, better.rel_l2, rows.max() / rows.min())
+
+
+def test_range_candidates_are_judged_on_held_out_values():
+    """A long-tailed tensor: min/max spends its 255 steps on two outliers, the chosen range clips
+    them and quantizes held-out values with a far smaller error (as the histogram predicts it,
+    within its bins' resolution); on evenly spread values the choice costs nothing."""
+    from onnxc.backends.quant_ranges import _Histogram, candidates
+
+    rng = np.random.default_rng(0)
+
+    def actual(values: np.ndarray, lo: float, hi: float) -> float:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        step = (hi - lo) / 255
+        return float(np.mean((values - (np.clip(np.round((values - lo) / step), 0, 255) * step + lo)) ** 2))
+
+    tailed = (np.concatenate([rng.standard_normal(200_000), [80.0, -60.0]]), rng.standard_normal(50_000))
+    even = (rng.uniform(-1, 1, 200_000), rng.uniform(-1, 1, 50_000))
+    for (values, check), gain in ((tailed, 50.0), (even, 0.99)):
+        fit, test = (_Histogram(float(values.min()), float(values.max())) for _ in range(2))
+        fit.add(values)
+        test.add(check)
+        options = candidates(fit)
+        expected = {k: float(test.error(np.array([lo]), np.array([hi]))[0]) for k, (lo, hi) in options.items()}
+        best = min(expected, key=lambda k: (expected[k], k != "minmax"))
+        chosen, minmax = actual(check, *options[best]), actual(check, *options["minmax"])
+        assert chosen * gain <= minmax, (best, chosen, minmax)
+        assert expected[best] == pytest.approx(chosen, rel=0.5)

@@ -7,8 +7,10 @@ its resolution to min/max, while a tensor whose few large values carry the signa
 logit, a class score) must not be clipped. Here each tensor's values are histogrammed on the
 fitting samples and on the held-out ones; candidate ranges (min/max, two percentiles, the range
 minimizing the expected squared error of quantization plus clipping) come from the fitting
-histogram, and each tensor keeps the candidate whose expected error is lowest on the held-out
-histogram. The caller judges the whole choice at the model's outputs, against min/max.
+histogram, and each tensor takes the candidate whose expected error is lowest on the held-out
+histogram, among the kinds a variant allows (`RangeChoice.pick`). The caller judges each
+variant at the model's outputs, against min/max: the squared error of one tensor is not what
+the outputs feel (clipping a tensor's rare large values can matter more than its rounding).
 
 The error model is uint8 asymmetric quantization as onnxruntime computes its parameters: the
 range widened to hold zero, 255 steps, rounding error step^2 / 12 inside, the distance to the
@@ -29,9 +31,9 @@ from onnxc.compiler.calibration import iter_activations
 
 BINS = 2048
 LEVELS = 255
-MAX_VALUES = 1 << 16  # values per tensor per batch that go into its histogram (a strided subsample)
+MAX_VALUES = 1 << 13  # values per tensor per batch that go into its histogram (a strided subsample)
 PERCENTILES = (1e-4, 1e-5)  # tail mass clipped on each side
-GRID = np.linspace(0.05, 1.0, 24)  # fractions of each side of the min/max range the MSE search tries
+GRID = np.geomspace(1e-3, 1.0, 40)  # fractions of each side of the min/max range the MSE search tries
 
 
 @dataclass
@@ -62,7 +64,7 @@ class _Histogram:
         return (edges[:-1] + edges[1:]) / 2
 
     def error(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Expected sum of squared errors for each range [a_k, b_k] (arrays of candidates)."""
+        """Expected mean squared error for each range [a_k, b_k] (arrays of candidates)."""
         a, b = np.minimum(a, 0.0), np.maximum(b, 0.0)
         step = (b - a) / LEVELS
         c = self.centers()[None, :]
@@ -78,7 +80,7 @@ class _Histogram:
         dl, dh = a - self.lo, self.hi - b
         low = np.where(a >= self.lo, s2l + 2 * dl * s1l + nl * dl ** 2, nl * step ** 2 / 12)
         high = np.where(b <= self.hi, s2h + 2 * dh * s1h + nh * dh ** 2, nh * step ** 2 / 12)
-        return total + low + high
+        return (total + low + high) / max(float(self.counts.sum() + nl + nh), 1.0)
 
     def quantile(self, q: float) -> float:
         cdf = np.cumsum(self.counts)
@@ -90,14 +92,22 @@ class _Histogram:
 
 @dataclass
 class RangeChoice:
-    ranges: dict[str, tuple[float, float]]  # tensor -> (low, high) to quantize it with
-    methods: dict[str, str]  # tensor -> "minmax", "percentile" or "mse"
+    """Each tensor's candidate ranges and their expected error on the held-out histogram."""
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for method in self.methods.values():
-            out[method] = out.get(method, 0) + 1
-        return dict(sorted(out.items()))
+    options: dict[str, dict[str, tuple[float, float]]]  # tensor -> candidate name -> (low, high)
+    errors: dict[str, dict[str, float]]  # tensor -> candidate name -> held-out mean squared error
+
+    def pick(self, allowed: tuple[str, ...]) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
+        """Per tensor, the allowed candidate (by prefix: "percentile" allows both) with the least
+        held-out error; and how many tensors took each kind."""
+        ranges, counts = {}, {}
+        for name, errors in self.errors.items():
+            keys = [k for k in errors if k.startswith(allowed)]
+            best = min(keys, key=lambda k: (errors[k], k != "minmax"))
+            ranges[name] = self.options[name][best]
+            kind = best.rstrip("0123456789")
+            counts[kind] = counts.get(kind, 0) + 1
+        return ranges, dict(sorted(counts.items()))
 
 
 def candidates(hist: _Histogram) -> dict[str, tuple[float, float]]:
@@ -133,14 +143,11 @@ def choose_ranges(model: onnx.ModelProto, minmax: Mapping[str, tuple[float, floa
                 hists[name].add(value)
             done += max((len(v) for v in batch.values() if np.ndim(v)), default=1)
             progress("int8: ranges", min(done, total), total)
-    ranges, methods = {}, {}
+    options, errors = {}, {}
     for name in names:
-        options = candidates(fit[name])
-        keys = list(options)
-        a = np.array([options[k][0] for k in keys])
-        b = np.array([options[k][1] for k in keys])
-        errors = check[name].error(a, b)
-        best = keys[int(np.argmin(errors))]
-        ranges[name] = options[best]
-        methods[name] = best.rstrip("0123456789")
-    return RangeChoice(ranges, methods)
+        options[name] = candidates(fit[name])
+        keys = list(options[name])
+        a = np.array([options[name][k][0] for k in keys])
+        b = np.array([options[name][k][1] for k in keys])
+        errors[name] = dict(zip(keys, (float(e) for e in check[name].error(a, b))))
+    return RangeChoice(options, errors)
