@@ -142,3 +142,29 @@ def test_range_candidates_are_judged_on_held_out_values():
         chosen, minmax = actual(check, *options[best]), actual(check, *options["minmax"])
         assert chosen * gain <= minmax, (best, chosen, minmax)
         assert expected[best] == pytest.approx(chosen, rel=0.5)
+
+
+def test_bias_correction_cancels_the_mean_shift_of_rounded_weights():
+    """A depthwise conv with one large tap per filter (a coarse per-channel step for the others)
+    on inputs far from zero: rounding the weights shifts each output channel's mean by
+    (W_q - W) E[x]; the corrected biases cancel it, and the int8 error falls."""
+    rng = np.random.default_rng(0)
+    c = 16
+    w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    w[:, 0, 0, 0] *= 30
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="dw", group=c)]
+    m = canonicalize(model(nodes, [f32("x", ["N", c, 10, 10])], [f32("y", ["N", c, 8, 8])],
+                           [init("w", w), init("b", np.zeros(c, np.float32))]))
+    cal = make_calibration(m, {"x": (rng.standard_normal((128, c, 10, 10)) * 0.3 + 4).astype(np.float32)}, seed=0)
+    options = {"equalize": False, "choose_ranges": False, "reduce_range": False}
+    plain = quantize(m, "static", cal, correct_bias=False, **options)
+    corrected = quantize(m, "static", cal, correct_bias=True, **options)
+    assert corrected.improvements["bias_correction"] == {**corrected.improvements["bias_correction"],
+                                                         "layers": 1, "kept": True}
+    ref = runtime.run(m, cal.validation)["y"]
+
+    def mean_shift(q) -> float:
+        return float(np.abs((runtime.run(q.model, cal.validation)["y"] - ref).mean(axis=(0, 2, 3))).mean())
+
+    assert mean_shift(corrected) < 0.1 * mean_shift(plain), (mean_shift(plain), mean_shift(corrected))
+    assert corrected.rel_l2 < plain.rel_l2

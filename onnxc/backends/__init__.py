@@ -37,7 +37,7 @@ class ExportOptions:
     # Outputs the budget is measured from, on `calibration.validation` (optimize: the original
     # model's, since earlier stages spent part of it); None: the model being exported.
     reference: Mapping[str, object] | None = field(default=None, repr=False)
-    int8_prepare: bool = True  # int8: try equalization and per-tensor ranges (False: onnxruntime's min/max alone)
+    int8_prepare: bool = True  # int8: equalization, range choice, bias correction (False: onnxruntime alone)
     level: str = "portable"  # onnxruntime: "portable" (basic) or "machine" (all, this CPU)
     progress: Progress = field(default=no_progress, repr=False)  # (phase, done, total), as PassContext's
 

@@ -62,7 +62,8 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
     if options.int8:
         q = quantize(model, options.int8, calibration, max_error=options.max_error, metric=options.metric,
                      reference=_reference(options, calibration), equalize=options.int8_prepare,
-                     choose_ranges=options.int8_prepare, progress=options.progress)
+                     choose_ranges=options.int8_prepare, correct_bias=options.int8_prepare,
+                     progress=options.progress)
         lowered = q.model
         notes += q.notes
         report = {"quant_format": q.quant_format, "per_channel": q.per_channel,

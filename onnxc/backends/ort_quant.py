@@ -42,6 +42,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxc.backends import Progress, no_progress
+from onnxc.backends.quant_bias import correct_biases
 from onnxc.backends.quant_budget import Score, Scorer, back_off, regions, resolution_note
 from onnxc.backends.quant_equalize import equalize as equalize_model
 from onnxc.backends.quant_ranges import choose_ranges as select_ranges
@@ -93,7 +94,7 @@ LOSSLESS = 1e-5  # relative L2 a float rewrite (affine folding, equalization) ma
 def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
              max_error: float | None = None, metric: Metric | None = None,
              reference: Mapping[str, np.ndarray] | None = None, reduce_range: bool | None = None,
-             exact: bool = False, equalize: bool = True, choose_ranges: bool = True,
+             exact: bool = False, equalize: bool = True, choose_ranges: bool = True, correct_bias: bool = True,
              progress: Progress = no_progress) -> Quantized:
     """Quantize `model` (canonical, float) to int8; the input is not modified.
 
@@ -101,7 +102,8 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
     measured from, default `model`'s own) with per-channel fidelity and `metric`; with
     `max_error`, the most sensitive regions stay float until within it (`quant_budget`).
     `equalize` tries affine folding and cross-layer equalization, `choose_ranges` per-tensor
-    activation ranges (static mode): each is kept only where it lowers the held-out error.
+    activation ranges, `correct_bias` bias correction (static mode): each is kept only where it
+    lowers the held-out error.
     `reduce_range`: None decides from this CPU's onnxruntime kernels (module docstring); `exact`
     scores the QDQ arithmetic instead of onnxruntime's fused kernels (and keeps 8-bit weights).
     `progress` gets the phases "int8: calibration" (samples), "int8: ranges" (samples),
@@ -156,6 +158,11 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             candidate = _try_ranges(pre, work, calibration, scorer, quantizer,
                                     lambda cache: make(reduced, pre, cache), full_score, improvements, notes,
                                     progress)
+            if candidate is not None:
+                quantizer, full, full_score = candidate
+        if mode == "static" and correct_bias:
+            candidate = _try_bias(pre, work, calibration, scorer, quantizer, full,
+                                  lambda path, cache: make(reduced, path, cache), full_score, improvements, notes)
             if candidate is not None:
                 quantizer, full, full_score = candidate
         result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)",
@@ -219,6 +226,29 @@ def _try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baselin
     notes.append(f"{len(eq.folded)} elementwise ops folded into convs and {len(eq.pairs)} conv pairs equalized: "
                  f"int8 error {baseline.error:.3g} -> {s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
     return (path, quantizer, model, s) if entry["kept"] else None
+
+
+def _try_bias(pre: Path, work: Path, calibration: Calibration, scorer: Scorer, quantizer: Callable,
+              quantized: onnx.ModelProto, make: Callable, baseline: Score, improvements: dict, notes: list[str]):
+    """Bias correction of the weights' rounding (quant_bias), quantized with the same ranges and
+    kept when better on the held-out samples: (quantizer, model, score) or None."""
+    cache = getattr(quantizer, "cache", None)
+    if cache is None:
+        return None
+    prepared = onnx.load(str(pre))
+    corrected, layers = correct_biases(prepared, quantized, calibration.train,
+                                       max(1, _calibration_batch(prepared, calibration)))
+    if not layers:
+        return None
+    path = save(corrected, work / f"{pre.stem}_bias.onnx")
+    candidate = make(path, cache.name)
+    model = candidate(None, [])
+    s = scorer(model)
+    kept = s.key() < baseline.key()
+    improvements["bias_correction"] = {"layers": len(layers), **_score_dict(s), "kept": kept}
+    notes.append(f"bias correction of {len(layers)} layers: int8 error {baseline.error:.3g} -> {s.error:.3g}"
+                 + ("" if kept else " (not kept)"))
+    return (candidate, model, s) if kept else None
 
 
 # Range variants tried at the model's outputs: each tensor picks among these kinds by its own
