@@ -168,3 +168,30 @@ def test_bias_correction_cancels_the_mean_shift_of_rounded_weights():
 
     assert mean_shift(corrected) < 0.1 * mean_shift(plain), (mean_shift(plain), mean_shift(corrected))
     assert corrected.rel_l2 < plain.rel_l2
+
+
+def test_export_cli_takes_the_metric_and_reports_what_int8_spent(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source, data, out = tmp_path / "mlp.onnx", tmp_path / "data.npz", tmp_path / "int8.onnx"
+    onnx.save(outlier_mlp(), source)
+    np.savez(data, **_mlp_data())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "onnxc", "export", str(source), "--backend", "onnxruntime",
+                               "-o", str(out), "--int8", "--calibration", str(data), *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    done = run("--max-error", "0.01", "--metric", "test_int8_budget:flip_rate", "--report", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert "the metric, on 64 held-out samples" in done.stderr and "below the metric's resolution" in done.stderr
+    assert "left float to stay within budget 0.01: mm2" in done.stderr
+    report = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert report["int8_budget"]["error_after"] <= 0.01 < report["int8_budget"]["error_all_int8"]
+    out.unlink()
+    bad = run("--max-error", "0.01", "--metric", "test_int8_budget:no_such_metric")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not out.exists()

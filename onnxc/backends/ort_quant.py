@@ -190,7 +190,7 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             notes.append(warning)
         result.budget = {
             "max_error": max_error, "metric_used": metric is not None,
-            "metric_resolution": step, "held_out_samples": scorer.samples,
+            "metric_resolution": step, "resolution_warning": warning, "held_out_samples": scorer.samples,
             "error_before": scorer.float_score.error, "error_all_int8": full_score.error,
             "error_after": final.error, "int8_spent": final.error - scorer.float_score.error,
             "surrogate_before": scorer.float_score.surrogate, "surrogate_after": final.surrogate,

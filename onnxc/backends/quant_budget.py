@@ -11,7 +11,7 @@ surrogate), since a discrete metric (a fraction of lines read differently) is a 
 Back-off works on regions: a node with a weight (Conv, Gemm, MatMul) and the elementwise nodes
 that follow it (its activation, an affine block, a residual add) fall back together, since a
 float island of one elementwise op between two quantized layers only adds Q/DQ boundaries.
-Each region is quantized alone and scored; the smallest k such that leaving the k most
+Each region is quantized alone and scored (on a few held-out samples); the smallest k such that leaving the k most
 sensitive regions float meets the budget is found by bisection. If none does, the float model
 is returned: it is within the budget by construction (the stages before int8 were verified).
 """
@@ -26,9 +26,13 @@ import onnx
 
 from onnxc.backends import Progress
 from onnxc.compiler import runtime
+from onnxc.compiler.samples import Samples
 from onnxc.compiler.verify import Fidelity, Metric, compare_outputs
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+# Regions are ranked on this many held-out samples (evenly spaced): the surrogate is continuous, so
+# a few samples rank them, while the budget is judged on all of them.
+RANKING_SAMPLES = 8
 
 
 @dataclass
@@ -76,6 +80,20 @@ class Scorer:
 
         sess = runtime.session(candidate, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         return score(self.reference, runtime.run(sess, self.inputs), self.metric)
+
+    def subset(self, count: int) -> Scorer:
+        """The same scorer on `count` evenly spaced samples (itself when it has no more)."""
+        total = self.samples
+        if total <= count:
+            return self
+        picked = np.unique(np.linspace(0, total - 1, count).round().astype(int))
+        copy = object.__new__(Scorer)
+        copy.inputs = Samples.of(self.inputs).subset(picked)
+        copy.float_outputs = Samples.of(self.float_outputs).subset(picked)
+        copy.reference = Samples.of(self.reference).subset(picked)
+        copy.metric, copy.exact_only = self.metric, self.exact_only
+        copy.float_score = score(copy.reference, copy.float_outputs, self.metric)
+        return copy
 
     def self_error(self, candidate: onnx.ModelProto) -> float:
         """Relative L2 of a float rewrite against the float model: a lossless check."""
@@ -143,9 +161,10 @@ def back_off(quantizer: Callable[[Sequence[str] | None, Sequence[str]], onnx.Mod
     """Leave the most sensitive regions float until `scorer` finds the model within `budget`."""
     sensitivity: dict[str, float] = {}
     names = list(groups)
+    ranker = scorer.subset(RANKING_SAMPLES)
     for index, region in enumerate(names):
         progress("int8: sensitivity", index, len(names))
-        sensitivity[region] = scorer(quantizer(list(groups[region]), [])).surrogate
+        sensitivity[region] = ranker(quantizer(list(groups[region]), [])).surrogate
     progress("int8: sensitivity", len(names), len(names))
     ranked = sorted(names, key=lambda r: (-sensitivity[r], r))
 

@@ -221,6 +221,8 @@ def int8_lines(backend: dict) -> list[str]:
              f"{budget['held_out_samples']} held-out samples; every node int8: {budget['error_all_int8']:.3g})"]
     if budget.get("metric_resolution"):
         lines[0] += f"; metric resolution {budget['metric_resolution']:.3g}"
+    if budget.get("resolution_warning"):
+        lines.append(f"int8: warning: {budget['resolution_warning']}")
     excluded = section.get("excluded_nodes") or []
     if budget.get("all_float"):
         lines.append("int8: no quantized model met the budget; the model stays float")
