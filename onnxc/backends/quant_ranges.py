@@ -117,11 +117,16 @@ def candidates(hist: _Histogram) -> dict[str, tuple[float, float]]:
         lo = hist.quantile(tail) if hist.lo < 0 else hist.lo
         hi = hist.quantile(1 - tail) if hist.hi > 0 else hist.hi
         out[f"percentile{i}"] = (min(lo, 0.0) if hist.lo < 0 else hist.lo, hi)
-    lo_side = hist.lo * GRID if hist.lo < 0 else np.full(len(GRID), hist.lo)
-    hi_side = hist.hi * GRID if hist.hi > 0 else np.full(len(GRID), hist.hi)
-    a, b = (x.reshape(-1) for x in np.meshgrid(lo_side, hi_side, indexing="ij"))
-    best = int(np.argmin(hist.error(a, b)))
-    out["mse"] = (float(a[best]), float(b[best]))
+    # One side at a time (the high side, then the low one given it): each side's clipping error
+    # barely depends on the other's bound, only through the shared step.
+    lo, hi = hist.lo, hist.hi
+    if hi > 0:
+        b = hi * GRID
+        hi = float(b[int(np.argmin(hist.error(np.full(len(b), lo), b)))])
+    if lo < 0:
+        a = lo * GRID
+        lo = float(a[int(np.argmin(hist.error(a, np.full(len(a), hi))))])
+    out["mse"] = (lo, hi)
     return out
 
 
