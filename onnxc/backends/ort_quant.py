@@ -6,9 +6,10 @@ calibration `.train` samples. Dynamic: `quantize_dynamic` of the MatMul-like lay
 lowered to MatMul + Add first, because onnxruntime's dynamic quantizer only handles MatMul).
 
 Before the budget, two things that lose less, each judged on the held-out `.validation` samples
-and kept only where it lowers the int8 error there: affine folding and cross-layer equalization
-of the pre-processed float model (`quant_equalize`, lossless in float), and per-tensor
-activation ranges chosen by their held-out quantization error (`quant_ranges`).
+and kept only where it lowers the int8 error there (`quant_improve`): affine folding and
+cross-layer equalization of the pre-processed float model (`quant_equalize`, lossless in float),
+per-tensor activation ranges chosen by their held-out quantization error (`quant_ranges`), and
+bias correction of the weights' rounding (`quant_bias`).
 
 With a fidelity budget (`max_error`, judged as every budget is: per-channel fidelity, or the
 user's metric, against the reference outputs) the most sensitive regions stay float
@@ -43,11 +44,9 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxc.backends import Progress, no_progress
-from onnxc.backends.quant_bias import correct_biases
-from onnxc.backends.quant_budget import Score, Scorer, back_off, regions, resolution_note
-from onnxc.backends.quant_equalize import equalize as equalize_model
-from onnxc.backends.quant_ranges import choose_ranges as select_ranges
-from onnxc.compiler import runtime, verify
+from onnxc.backends.quant_budget import Scorer, back_off, regions, resolution_note
+from onnxc.backends.quant_improve import lap, score_dict, try_bias, try_equalize, try_ranges
+from onnxc.compiler import runtime
 from onnxc.compiler.calibration import Calibration, input_specs
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.verify import Metric
@@ -89,7 +88,6 @@ class Quantized:
 
 # fused error this many times the QDQ arithmetic's (and this much above it) means saturating kernels
 SATURATION_RATIO, SATURATION_MARGIN = 2.0, 0.005
-LOSSLESS = 1e-5  # relative L2 a float rewrite (affine folding, equalization) may move the outputs
 # Each improvement costs a calibration or a capture and is kept only where it lowers the held-out
 # error: on fewer held-out samples than this, that verdict is noise, so none is tried.
 MIN_JUDGING_SAMPLES = 4
@@ -152,31 +150,31 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
                 notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights gave "
                              f"relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so weights are "
                              f"quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
-        improvements: dict = {"plain": _score_dict(full_score)}
+        improvements: dict = {"plain": score_dict(full_score)}
         if mode == "static" and (equalize or choose_ranges or correct_bias) and scorer.samples < MIN_JUDGING_SAMPLES:
             equalize = choose_ranges = correct_bias = False
             notes.append(f"equalization, range choice and bias correction skipped: {scorer.samples} held-out "
                          f"samples cannot judge them (at least {MIN_JUDGING_SAMPLES} needed)")
         clock = time.perf_counter()
         if mode == "static" and equalize:
-            candidate = _try_equalize(pre, work, scorer, lambda p: make(reduced, p, "calibration_eq.json"),
-                                      full_score, improvements, notes)
+            candidate = try_equalize(pre, work, scorer, lambda p: make(reduced, p, "calibration_eq.json"),
+                                     full_score, improvements, notes)
             if candidate is not None:
                 pre, quantizer, full, full_score = candidate
-        clock = _lap(improvements, "equalization", clock)
+        clock = lap(improvements, "equalization", clock)
         if mode == "static" and choose_ranges:
-            candidate = _try_ranges(pre, work, calibration, scorer, quantizer,
-                                    lambda cache: make(reduced, pre, cache), full_score, improvements, notes,
-                                    progress)
+            candidate = try_ranges(pre, calibration, scorer, quantizer, lambda cache: make(reduced, pre, cache),
+                                   _calibration_batch, full_score, improvements, notes, progress)
             if candidate is not None:
                 quantizer, full, full_score = candidate
-        clock = _lap(improvements, "ranges", clock)
+        clock = lap(improvements, "ranges", clock)
         if mode == "static" and correct_bias:
-            candidate = _try_bias(pre, work, calibration, scorer, quantizer, full,
-                                  lambda path, cache: make(reduced, path, cache), full_score, improvements, notes)
+            candidate = try_bias(pre, work, calibration, scorer, quantizer, full,
+                                 lambda path, cache: make(reduced, path, cache), _calibration_batch, full_score,
+                                 improvements, notes)
             if candidate is not None:
                 quantizer, full, full_score = candidate
-        _lap(improvements, "bias_correction", clock)
+        lap(improvements, "bias_correction", clock)
         result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)",
                            per_channel=per_channel, notes=notes, reduce_range=reduced, improvements=improvements)
         final, all_float = full_score, False
@@ -209,124 +207,6 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             "all_float": all_float,
         }
         return result
-
-
-def _lap(improvements: dict, key: str, start: float) -> float:
-    """Record the seconds a step took in its report entry (when it ran); the time now."""
-    now = time.perf_counter()
-    if key in improvements:
-        improvements[key]["seconds"] = round(now - start, 2)
-        log.info("int8 %s: %.1f s", key, now - start)
-    return now
-
-
-def _score_dict(s: Score) -> dict:
-    return {"error": s.error, "per_channel_error": s.surrogate}
-
-
-def _try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score, improvements: dict,
-                  notes: list[str]):
-    """Affine folding + cross-layer equalization of the pre-processed model, kept when lossless
-    in float and better in int8 on the held-out samples: (pre, quantizer, model, score) or None."""
-    eq = equalize_model(onnx.load(str(pre)))
-    if not eq.changed:
-        return None
-    drift = scorer.self_error(eq.model)
-    entry = {"folded": len(eq.folded), "pairs": [list(p) for p in eq.pairs], "float_rel_l2": drift}
-    improvements["equalization"] = entry
-    if drift > LOSSLESS:  # a model's float noise can pass 1e-5 (reordered sums): allow twice its own
-        noise = verify.reference_noise(onnx.load(str(pre)), scorer.inputs, scorer.float_outputs)
-        entry["float_noise"] = noise
-        if drift > verify.NOISE_MARGIN * noise:
-            entry["kept"] = False
-            notes.append(f"equalization moved the float outputs by {drift:.2g} (relative L2; the model's own float "
-                         f"noise: {noise:.2g}): not used")
-            return None
-    path = save(eq.model, work / "pre_eq.onnx")
-    quantizer = make(path)
-    model = quantizer(None, [])
-    s = scorer(model)
-    entry.update(_score_dict(s))
-    entry["kept"] = s.key() < baseline.key()
-    notes.append(f"{len(eq.folded)} elementwise ops folded into convs and {len(eq.pairs)} conv pairs equalized: "
-                 f"int8 error {baseline.error:.3g} -> {s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
-    return (path, quantizer, model, s) if entry["kept"] else None
-
-
-def _try_bias(pre: Path, work: Path, calibration: Calibration, scorer: Scorer, quantizer: Callable,
-              quantized: onnx.ModelProto, make: Callable, baseline: Score, improvements: dict, notes: list[str]):
-    """Bias correction of the weights' rounding (quant_bias), quantized with the same ranges and
-    kept when better on the held-out samples: (quantizer, model, score) or None."""
-    cache = getattr(quantizer, "cache", None)
-    if cache is None:
-        return None
-    prepared = onnx.load(str(pre))
-    corrected, layers = correct_biases(prepared, quantized, calibration.train,
-                                       max(1, _calibration_batch(prepared, calibration)))
-    if not layers:
-        return None
-    path = save(corrected, work / f"{pre.stem}_bias.onnx")
-    candidate = make(path, cache.name)
-    model = candidate(None, [])
-    s = scorer(model)
-    kept = s.key() < baseline.key()
-    improvements["bias_correction"] = {"layers": len(layers), **_score_dict(s), "kept": kept}
-    notes.append(f"bias correction of {len(layers)} layers: int8 error {baseline.error:.3g} -> {s.error:.3g}"
-                 + ("" if kept else " (not kept)"))
-    return (candidate, model, s) if kept else None
-
-
-# Range variants tried at the model's outputs: each tensor picks among these kinds by its own
-# held-out error (percentile alone clips only a tail's last samples; mse may clip far more).
-RANGE_VARIANTS = (("minmax", "percentile"), ("minmax", "percentile", "mse"))
-
-
-def _try_ranges(pre: Path, work: Path, calibration: Calibration, scorer: Scorer, quantizer: Callable,
-                make: Callable, baseline: Score, improvements: dict, notes: list[str], progress: Progress):
-    """Per-tensor activation ranges (quant_ranges) instead of min/max, in each RANGE_VARIANTS,
-    the best kept when better than min/max on the held-out samples: (quantizer, model, score) or None."""
-    from onnxruntime.quantization.calibrate import (
-        CalibrationMethod,
-        TensorData,
-        TensorsData,
-        load_tensors_data,
-        save_tensors_data,
-    )
-
-    cache = getattr(quantizer, "cache", None)
-    if cache is None or not cache.exists():
-        return None
-    minmax = load_tensors_data(cache)
-    ranges = {}
-    for name in minmax:
-        lo, hi = (np.asarray(v).reshape(-1) for v in minmax[name].range_value)
-        if lo.size == 1 and hi.size == 1:  # per-tensor ranges (the only kind chosen here)
-            ranges[name] = (float(lo[0]), float(hi[0]))
-    prepared = onnx.load(str(pre))
-    choice = select_ranges(prepared, ranges, calibration.train, calibration.validation,
-                           max(1, _calibration_batch(prepared, calibration) // 2), progress)
-    best, tried = None, []
-    for index, allowed in enumerate(RANGE_VARIANTS):
-        picked, counts = choice.pick(allowed)
-        data = dict(minmax.items())
-        for name, (lo, hi) in picked.items():  # the same shapes as onnxruntime's own entries
-            old_lo, old_hi = minmax[name].range_value
-            data[name] = TensorData(lowest=np.full(np.shape(old_lo), lo, np.float32),
-                                    highest=np.full(np.shape(old_hi), hi, np.float32))
-        path = cache.with_name(f"{cache.stem}_ranges{index}.json")
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
-        candidate = make(path.name)
-        model = candidate(None, [])
-        s = scorer(model)
-        tried.append({"allowed": list(allowed), "methods": counts, **_score_dict(s)})
-        if best is None or s.key() < best[2].key():
-            best = (candidate, model, s, index)
-    kept = best is not None and best[2].key() < baseline.key()
-    improvements["ranges"] = {"variants": tried, "kept": RANGE_VARIANTS[best[3]] if kept else None}
-    text = "; ".join(f"{'+'.join(t['allowed'])}: {t['error']:.3g}" for t in tried)
-    notes.append(f"per-tensor activation ranges, int8 error {baseline.error:.3g} with min/max; {text}"
-                 + (f" (kept {'+'.join(RANGE_VARIANTS[best[3]])})" if kept else " (min/max kept)"))
-    return best[:3] if kept else None
 
 
 @contextlib.contextmanager
