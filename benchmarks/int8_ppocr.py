@@ -9,13 +9,14 @@ seed 0; 96 fit, 32 held out) and read on 200 lines of another seed. Rows:
 - `export --int8`: ours, with affine folding + cross-layer equalization and per-tensor range
   choice, each kept only where it lowers the held-out error;
 - `export --int8 --metric line_error --max-error E`: the int8 stage alone held to a line budget;
-- `optimize --int8 --metric line_error --max-error E`: the allocator, then int8, one budget
-  (with `--optimize`; slow: the allocator's sensitivity sweep).
+- `optimize --int8 --metric line_error --max-error E`: the allocator (or the `--optimize-pass`
+  passes), then int8, one budget (row `optimize`; slow: the allocator's sensitivity sweep).
 
 Printed: line accuracy on the unseen lines, onnxruntime latency ratio (batch 1, interleaved,
 one thread), file ratio, nodes left float, seconds.
 
-    python benchmarks/int8_ppocr.py [--max-error 0.015] [--optimize] [--anchors]
+    python benchmarks/int8_ppocr.py [--max-error 0.015] [--rows plain,ours,budget,optimize]
+                                    [--optimize-pass cluster:bits=8]
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--max-error", type=float, default=0.015)
+    parser.add_argument("--rows", default="plain,ours,budget", help="of plain, ours, budget, optimize")
     parser.add_argument("--optimize", action="store_true", help="also run optimize (the allocator, then int8)")
+    parser.add_argument("--optimize-pass", action="append", default=[], metavar="SPEC",
+                        help="optimize with these passes instead of the allocator (-p SPEC)")
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args(argv)
     source = corpus.path("ppocr_rec")
@@ -83,23 +87,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from text_lines import line_error
 
-    export("export --int8 (plain min/max)", "plain.onnx", int8_prepare=False)
-    export("export --int8", "ours.onnx")
-    export(f"export --int8 --metric --max-error {args.max_error:g}", "budget.onnx", metric=line_error,
-           max_error=args.max_error)
-    if args.optimize:
+    rows_asked = args.rows.split(",") + (["optimize"] if args.optimize else [])
+    if "plain" in rows_asked:
+        export("export --int8 (plain min/max)", "plain.onnx", int8_prepare=False)
+    if "ours" in rows_asked:
+        export("export --int8", "ours.onnx")
+    if "budget" in rows_asked:
+        export(f"export --int8 --metric --max-error {args.max_error:g}", "budget.onnx", metric=line_error,
+               max_error=args.max_error)
+    if "optimize" in rows_asked:
         start = time.perf_counter()
         out = work / "optimize.onnx"
         cmd = [sys.executable, "-m", "onnxc", "optimize", str(source), "-o", str(out), "--backend", "onnxruntime",
                "--int8", "--calibration", str(work / "cal.npz"), "--metric", metric, "--max-error",
                str(args.max_error), "--report", str(work / "optimize.json"), "-q"]
+        cmd += [x for spec in args.optimize_pass for x in ("-p", spec)]
         done = subprocess.run(cmd, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "tests")},
                               capture_output=True, text=True)
         if done.returncode == 0:
             import json
 
             report = json.loads((work / "optimize.json").read_text())["backend"]
-            rows.append((f"optimize --int8 --metric --max-error {args.max_error:g}", out, report,
+            passes = "".join(f" -p {spec}" for spec in args.optimize_pass)
+            rows.append((f"optimize{passes} --int8 --metric --max-error {args.max_error:g}", out, report,
                          time.perf_counter() - start))
         else:
             print(f"optimize exited {done.returncode}: {done.stderr.strip()}", file=sys.stderr)
