@@ -79,7 +79,7 @@ class Quantized:
     per_channel: bool = True
     excluded: list[str] = field(default_factory=list)  # nodes left float to stay within the budget
     sensitivity: dict[str, float] = field(default_factory=dict)  # region -> surrogate error when quantized alone
-    rel_l2: float | None = None  # whole model vs float, on validation, before lowering
+    rel_l2: float | None = None  # per-channel error vs the reference on validation, before lowering
     notes: list[str] = field(default_factory=list)
     reduce_range: bool = False  # weights on 7 bits (see the module docstring)
     budget: dict = field(default_factory=dict)  # what int8 spent: errors before/after, metric, resolution
