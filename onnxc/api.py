@@ -173,8 +173,13 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
         report.output = str(out)
         if backend:
             opts = export_options or ExportOptions()
+            # The backend's own stages (int8) are held to the same budget and metric, measured
+            # from the original's outputs: what the passes spent is already spent.
+            same_data = opts.calibration is None
             opts = replace(opts, calibration=opts.calibration or cal, input_shapes=opts.input_shapes or given,
-                           seed=seed, progress=ctx.progress)
+                           seed=seed, progress=ctx.progress, max_error=budget if opts.max_error is None else
+                           opts.max_error, metric=opts.metric or metric,
+                           reference=ref_out if same_data else opts.reference)
             if allocating and "int8" in report.allocation.get("techniques", ()) or \
                     planned_int8(result) and not planned_int8(canonical):  # the plan chose what runs in int8
                 opts = replace(opts, int8=None)
@@ -313,15 +318,24 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
            calibration: CalibrationLike = None, preprocess: str | None = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None,
            name: str = "net", seed: int = 0, max_error: float | None = None, level: str = "portable",
+           metric: Metric | str | None = None,
            progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Lower a model with a backend; returns the backend's report.
 
     The onnxruntime backend writes a model with the source's interface (dynamic dims stay
     dynamic); the C backend needs, and keeps, the concrete shapes `input_shapes` fixes.
+    With `max_error`, the written model is held to it against the source model on held-out
+    calibration samples, judged per output channel or by `metric` (`"module:function"` or a
+    function); int8 leaves its most sensitive nodes float to stay within it.
     `progress(phase, done, total)` follows int8 calibration, sensitivity and exclusion, the
     compile and the verification.
     """
     calib.calibration_data.check_preprocess(calibration, preprocess)
+    metric = load_metric(metric) if isinstance(metric, str) else metric
+    if max_error is not None and (math.isnan(max_error) or max_error < 0):
+        raise UsageError(f"--max-error must be at least 0 (inf for no budget), got {max_error:g}")
+    if max_error is not None and math.isinf(max_error):
+        max_error = None
     original = load(model)
     shapes = dict(input_shapes or {})
     canonical = canonicalize(original, layout.free_batch(original, shapes))  # the C backend fixes `shapes`
@@ -331,7 +345,7 @@ def export(model: onnx.ModelProto | PathLike, backend: str, output: PathLike, *,
     if int8 or calibration:
         cal = calib.make_calibration(canonical, calibration, seed=seed, input_shapes=shapes, preprocess=preprocess)
     opts = ExportOptions(int8=int8, calibration=cal, name=name, input_shapes=shapes, seed=seed,
-                         max_error=max_error, level=level)
+                         max_error=max_error, metric=metric, level=level)
     if progress is not None:
         opts.progress = progress
     return backend_export(backend, canonical, Path(output), opts)

@@ -357,15 +357,19 @@ def optimize(
 @_backend_options
 @_calibration_options
 @_input_shape_option
-@click.option("--max-error", type=float, help="int8: exclude the most sensitive nodes until within this budget.")
+@click.option("--max-error", type=float,
+              help="Budget for the written model against MODEL (per-channel relative L2, or --metric) on held-out "
+              "calibration samples; int8 leaves its most sensitive nodes float to stay within it.")
+@click.option("--metric", metavar="MODULE:FUNC",
+              help="FUNC(reference_outputs, candidate_outputs) -> error (0 = identical) judging --max-error.")
 @click.option("--seed", type=int, default=0)
 @click.option("--report", "report_path", type=click.Path(), help="Write the backend report (JSON) here.")
 @command
-def export(model, backend, output, int8, calibration, preprocess, input_shapes, name, max_error, level, seed,
+def export(model, backend, output, int8, calibration, preprocess, input_shapes, name, max_error, metric, level, seed,
            report_path, quiet):
     """Lower MODEL to onnxruntime (optimized .onnx/.ort, int8) or to C for microcontrollers."""
     from onnxc.api import export as run_export
-    from onnxc.compiler.report import write_text_atomic
+    from onnxc.compiler.report import int8_lines, write_text_atomic
 
     _check_backend_options(backend, int8, name)
     with _ProgressReporter(not quiet) as progress:
@@ -381,11 +385,14 @@ def export(model, backend, output, int8, calibration, preprocess, input_shapes, 
             seed=seed,
             max_error=max_error,
             level=level,
+            metric=metric,
             progress=progress,
         )
     if report_path:
         write_text_atomic(Path(report_path), json.dumps(info, indent=2, default=str) + "\n")
     if not quiet:
+        for line in int8_lines(info):
+            stderr.print(line, highlight=False, soft_wrap=True)
         stderr.print(f"wrote {output}")
 
 

@@ -68,13 +68,13 @@ def test_int8_runs_in_onnxruntime_as_close_as_its_own_arithmetic():
     """Whatever this CPU's int8 kernels (x86 without VNNI saturates u8 x s8 pair sums), the exported
     model's error in onnxruntime stays within 2x its QDQ arithmetic's: 8-bit weights where the
     kernels are exact, 7-bit (reduce_range) where they saturate; forcing 8 bits is kept as asked."""
-    from onnxc.backends.ort_quant import _Scorer, quantize
+    from onnxc.backends.ort_quant import Scorer, quantize
 
     model = canonicalize(onnx.load(sample_path("resnet")))
     cal = make_calibration(model, CALIBRATION, seed=0)
     q = quantize(model, "static", cal)
-    scorer = _Scorer(model, cal.validation)
-    fused, exact = scorer(q.model), scorer.exact(q.model)
+    scorer = Scorer(model, cal.validation)
+    fused, exact = scorer(q.model).surrogate, scorer.exact(q.model).surrogate
     assert fused <= 2 * exact + 0.005, (fused, exact, q.reduce_range)
     assert q.reduce_range == any("saturate" in n for n in q.notes)
     forced = quantize(model, "static", cal, reduce_range=False)

@@ -124,13 +124,20 @@ def line_accuracy(read: list[str], texts: list[str]) -> float:
 
 
 def _decoded_indices(outputs: list[np.ndarray]) -> list[tuple]:
-    """Decoded lines as index tuples (no alphabet needed to compare two models' readings)."""
-    best = np.asarray(outputs[0]).argmax(axis=-1)
+    """Decoded lines as index tuples (no alphabet needed to compare two models' readings), outer
+    spaces (the last class) stripped as `decode` strips them."""
+    probabilities = np.asarray(outputs[0])
+    space = probabilities.shape[-1] - 1
     out = []
-    for row in best:
+    for row in probabilities.argmax(axis=-1):
         keep = np.ones(len(row), bool)
         keep[1:] = row[1:] != row[:-1]
-        out.append(tuple(int(i) for i in row[keep & (row != 0)]))
+        line = [int(i) for i in row[keep & (row != 0)]]
+        while line and line[0] == space:
+            line.pop(0)
+        while line and line[-1] == space:
+            line.pop()
+        out.append(tuple(line))
     return out
 
 

@@ -32,7 +32,12 @@ class ExportOptions:
     name: str = "net"
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     seed: int = 0
-    max_error: float | None = None
+    max_error: float | None = None  # the budget the written model is held to (None: none)
+    metric: Callable[[list, list], float] | None = None  # judges that budget instead of the per-channel error
+    # Outputs the budget is measured from, on `calibration.validation` (optimize: the original
+    # model's, since earlier stages spent part of it); None: the model being exported.
+    reference: Mapping[str, object] | None = field(default=None, repr=False)
+    int8_prepare: bool = True  # int8: equalization, range choice, bias correction (False: onnxruntime alone)
     level: str = "portable"  # onnxruntime: "portable" (basic) or "machine" (all, this CPU)
     progress: Progress = field(default=no_progress, repr=False)  # (phase, done, total), as PassContext's
 

@@ -60,11 +60,15 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
     if decoded:
         notes.append(_codebook_note(len(decoded), fmt, options.int8))
     if options.int8:
-        q = quantize(model, options.int8, calibration, max_error=options.max_error, progress=options.progress)
+        q = quantize(model, options.int8, calibration, max_error=options.max_error, metric=options.metric,
+                     reference=_reference(options, calibration), equalize=options.int8_prepare,
+                     choose_ranges=options.int8_prepare, correct_bias=options.int8_prepare,
+                     progress=options.progress)
         lowered = q.model
         notes += q.notes
         report = {"quant_format": q.quant_format, "per_channel": q.per_channel,
-                  "excluded_nodes": q.excluded, "sensitivity": q.sensitivity, "reduce_range": q.reduce_range}
+                  "excluded_nodes": q.excluded, "sensitivity": q.sensitivity, "reduce_range": q.reduce_range,
+                  "int8_budget": q.budget, "int8_improvements": q.improvements}
     level_name = LEVELS[options.level][fmt == "ort"]
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
@@ -79,9 +83,11 @@ def export_onnxruntime(model: onnx.ModelProto, out: Path, options: ExportOptions
                 _tidy_saved(staged, model)
         options.progress("compile", 1, 1)
         fidelity = _fidelity(model, staged, calibration, options)
-        if options.max_error is not None and fidelity.rel_l2 > options.max_error:
-            raise VerificationError(f"the exported model differs from the float model by {fidelity.rel_l2:.3g} "
-                                    f"(relative L2), over the budget {options.max_error:g}")
+        if options.max_error is not None and fidelity.error > options.max_error:
+            what = "by the metric" if fidelity.metric is not None else "(relative L2, per output channel)"
+            against = "original" if _reference(options, calibration) is not None else "float model"
+            raise VerificationError(f"the exported model differs from the {against} by {fidelity.error:.3g} "
+                                    f"{what}, over the budget {options.max_error:g}")
         size = _size(staged)
         for path in _with_data(staged):
             os.replace(path, out.parent / path.name)
@@ -206,18 +212,25 @@ def _write_ort(model: onnx.ModelProto, target: Path, level: str) -> None:
         shutil.move(str(produced[0]), target)
 
 
+def _reference(options: ExportOptions, calibration):
+    """The outputs the budget is measured from, when they are for these validation inputs."""
+    return options.reference if calibration is not None and calibration is options.calibration else None
+
+
 def _fidelity(model: onnx.ModelProto, staged: Path, calibration, options: ExportOptions):
-    """Outputs of the written file against the float model, on held-out (or random) inputs
-    (progress: "verification", samples through both)."""
+    """Outputs of the written file against the reference outputs (else the float model's), on
+    held-out (or random) inputs, with the user's metric (progress: "verification", samples)."""
     if calibration is not None:
         inputs = calibration.validation
     else:
         inputs = random_inputs(model, seed=options.seed, input_shapes=options.input_shapes)
     total = 2 * runtime.sample_count(inputs)
-    reference = runtime.run(model, inputs, progress=lambda done, _: options.progress("verification", done, total))
+    reference = _reference(options, calibration)
+    if reference is None:
+        reference = runtime.run(model, inputs, progress=lambda done, _: options.progress("verification", done, total))
     written = runtime.run(runtime.session(staged), inputs,
                           progress=lambda done, _: options.progress("verification", total // 2 + done, total))
-    return compare_outputs(reference, written)
+    return compare_outputs(reference, written, options.metric if calibration is not None else None)
 
 
 @contextlib.contextmanager

@@ -5,11 +5,16 @@ Static: `quant_pre_process` (shape inference and onnxruntime's basic graph optim
 calibration `.train` samples. Dynamic: `quantize_dynamic` of the MatMul-like layers (Gemm is
 lowered to MatMul + Add first, because onnxruntime's dynamic quantizer only handles MatMul).
 
-With a fidelity budget (`max_error`, relative L2 on the held-out `.validation` samples) a
-per-node sensitivity check decides what stays float: each quantizable node is quantized alone
-and scored by how far the model's outputs move; the worst ones are excluded (`nodes_to_exclude`)
-until the whole model is within budget. Calibration runs once and is cached for all of those
-quantizations.
+Before the budget, two things that lose less, each judged on the held-out `.validation` samples
+and kept only where it lowers the int8 error there (`quant_improve`): affine folding and
+cross-layer equalization of the pre-processed float model (`quant_equalize`, lossless in float),
+per-tensor activation ranges chosen by their held-out quantization error (`quant_ranges`), and
+bias correction of the weights' rounding (`quant_bias`).
+
+With a fidelity budget (`max_error`, judged as every budget is: per-channel fidelity, or the
+user's metric, against the reference outputs) the most sensitive regions stay float
+(`nodes_to_exclude`) until the model is within it (`quant_budget`). Calibration runs once per
+prepared model and is cached for all of those quantizations.
 
 Saturation: on x86 without VNNI (AVX2, AVX-512F) onnxruntime's fused u8 x s8 kernels add pairs of
 products in saturating int16 (vpmaddubsw), so an 8-bit model runs there far from its own QDQ
@@ -28,6 +33,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +44,13 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxc.backends import Progress, no_progress
+from onnxc.backends.quant_budget import Scorer, back_off, regions, resolution_note
+from onnxc.backends.quant_improve import lap, score_dict, try_bias, try_equalize, try_ranges
 from onnxc.compiler import layout, runtime
 from onnxc.compiler.calibration import Calibration, input_specs
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
-from onnxc.compiler.verify import compare_outputs
-from onnxc.errors import OnnxcError, VerificationError
+from onnxc.compiler.verify import Metric
+from onnxc.errors import OnnxcError
 
 log = logging.getLogger("onnxc.ort")
 
@@ -69,34 +77,48 @@ class Quantized:
     mode: str
     quant_format: str
     per_channel: bool = True
-    excluded: list[str] = field(default_factory=list)
-    sensitivity: dict[str, float] = field(default_factory=dict)  # node -> rel L2 when quantized alone
-    rel_l2: float | None = None  # whole model vs float, on validation, before lowering
+    excluded: list[str] = field(default_factory=list)  # nodes left float to stay within the budget
+    sensitivity: dict[str, float] = field(default_factory=dict)  # region -> surrogate error when quantized alone
+    rel_l2: float | None = None  # per-channel error vs the reference on validation, before lowering
     notes: list[str] = field(default_factory=list)
     reduce_range: bool = False  # weights on 7 bits (see the module docstring)
+    budget: dict = field(default_factory=dict)  # what int8 spent: errors before/after, metric, resolution
+    improvements: dict = field(default_factory=dict)  # equalization and range choice: errors with and without
 
 
 # fused error this many times the QDQ arithmetic's (and this much above it) means saturating kernels
 SATURATION_RATIO, SATURATION_MARGIN = 2.0, 0.005
+# Each improvement costs a calibration or a capture and is kept only where it lowers the held-out
+# error: on fewer held-out samples than this, that verdict is noise, so none is tried.
+MIN_JUDGING_SAMPLES = 4
 
 
 def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
-             max_error: float | None = None, reduce_range: bool | None = None,
-             exact: bool = False, progress: Progress = no_progress) -> Quantized:
+             max_error: float | None = None, metric: Metric | None = None,
+             reference: Mapping[str, np.ndarray] | None = None, reduce_range: bool | None = None,
+             exact: bool = False, equalize: bool = True, choose_ranges: bool = True, correct_bias: bool = True,
+             progress: Progress = no_progress) -> Quantized:
     """Quantize `model` (canonical, float) to int8; the input is not modified.
 
+    Judged on `calibration.validation` against `reference` (outputs of the model the budget is
+    measured from, default `model`'s own) with per-channel fidelity and `metric`; with
+    `max_error`, the most sensitive regions stay float until within it (`quant_budget`).
+    `equalize` tries affine folding and cross-layer equalization, `choose_ranges` per-tensor
+    activation ranges, `correct_bias` bias correction (static mode): each is kept only where it
+    lowers the held-out error.
     `reduce_range`: None decides from this CPU's onnxruntime kernels (module docstring); `exact`
     scores the QDQ arithmetic instead of onnxruntime's fused kernels (and keeps 8-bit weights).
-    `progress` gets the phases "int8: calibration" (samples), "int8: sensitivity" (nodes scored
-    alone) and "int8: exclusion" (bisection steps), the last two only when over `max_error`."""
+    `progress` gets the phases "int8: calibration" (samples), "int8: ranges" (samples),
+    "int8: sensitivity" (regions scored alone) and "int8: exclusion" (bisection steps), the
+    last two only when over `max_error`."""
     if mode not in MODES:
         raise OnnxcError(f"--int8 must be one of {', '.join(MODES)} (got '{mode}')")
     with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet(), _working_directory(tmp):
         work = Path(tmp)
         notes: list[str] = []
         per_channel = True
-        scorer = _Scorer(model, calibration.validation, exact=exact)
-        upgraded = upgrade_opset(model, scorer, notes)
+        scorer = Scorer(model, calibration.validation, exact=exact, metric=metric, reference=reference)
+        upgraded = upgrade_opset(model, scorer.self_error, notes)
         if upgraded is None:
             per_channel = False
         source = save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
@@ -108,29 +130,82 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             if any(n.op_type == "Conv" for n in model.graph.node):
                 notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
                              "(use --int8 static for convolutional models)")
-        def make(reduced: bool) -> Callable:
+        def make(reduced: bool, prepared: Path = pre, cache: str = "calibration.json") -> Callable:
             if mode == "dynamic":
-                return _dynamic_quantizer(pre, work, per_channel, reduced)
-            return _static_quantizer(model, pre, work, calibration, per_channel, reduced, progress)
+                return _dynamic_quantizer(prepared, work, per_channel, reduced)
+            return _static_quantizer(model, prepared, work, calibration, per_channel, reduced, progress,
+                                     cache=work / cache)
 
         reduced = bool(reduce_range) and not exact
         quantizer = make(reduced)
         full = quantizer(None, [])
-        error = scorer(full)
+        full_score = scorer(full)
         if reduce_range is None and not exact:
-            arithmetic = scorer.exact(full)
-            if error > SATURATION_RATIO * arithmetic and error - arithmetic > SATURATION_MARGIN:
+            arithmetic = scorer.exact(full).surrogate
+            if full_score.surrogate > SATURATION_RATIO * arithmetic and \
+                    full_score.surrogate - arithmetic > SATURATION_MARGIN:
                 quantizer, reduced = make(True), True
-                full, before = quantizer(None, []), error
-                error = scorer(full)
+                full, before = quantizer(None, []), full_score.surrogate
+                full_score = scorer(full)
                 notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights gave "
                              f"relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so weights are "
-                             f"quantized to 7 bits (reduce_range): {error:.3g}")
+                             f"quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
+        improvements: dict = {"plain": score_dict(full_score)}
+        if mode == "static" and (equalize or choose_ranges or correct_bias) and scorer.samples < MIN_JUDGING_SAMPLES:
+            equalize = choose_ranges = correct_bias = False
+            notes.append(f"equalization, range choice and bias correction skipped: {scorer.samples} held-out "
+                         f"samples cannot judge them (at least {MIN_JUDGING_SAMPLES} needed)")
+        clock = time.perf_counter()
+        if mode == "static" and equalize:
+            candidate = try_equalize(pre, work, scorer, lambda p: make(reduced, p, "calibration_eq.json"),
+                                     full_score, improvements, notes)
+            if candidate is not None:
+                pre, quantizer, full, full_score = candidate
+        clock = lap(improvements, "equalization", clock)
+        if mode == "static" and choose_ranges:
+            candidate = try_ranges(pre, calibration, scorer, quantizer, lambda cache: make(reduced, pre, cache),
+                                   _calibration_batch, full_score, improvements, notes, progress)
+            if candidate is not None:
+                quantizer, full, full_score = candidate
+        clock = lap(improvements, "ranges", clock)
+        if mode == "static" and correct_bias:
+            candidate = try_bias(pre, work, calibration, scorer, quantizer, full,
+                                 lambda path, cache: make(reduced, path, cache), _calibration_batch, full_score,
+                                 improvements, notes)
+            if candidate is not None:
+                quantizer, full, full_score = candidate
+        lap(improvements, "bias_correction", clock)
         result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)",
-                           per_channel=per_channel, notes=notes, reduce_range=reduced)
-        result.rel_l2 = error
-        if max_error is not None and result.rel_l2 > max_error:
-            _exclude_sensitive(result, quantizer, scorer, max_error, progress)
+                           per_channel=per_channel, notes=notes, reduce_range=reduced, improvements=improvements)
+        final, all_float = full_score, False
+        if max_error is not None and full_score.error > max_error:
+            ops = {n.name: n.op_type for n in full.graph.node}
+            candidates = [n for n in quantized_nodes(full) if ops.get(n, ops.get(f"{n}_quant")) not in DATA_MOVEMENT]
+            groups = regions(full, candidates, _original_name)
+            float_model = upgraded if upgraded is not None else model
+            backed = back_off(quantizer, scorer, groups, max_error, float_model, progress)
+            result.model, final = backed.model, backed.score
+            result.excluded, result.sensitivity = backed.excluded, backed.sensitivity
+            all_float = backed.all_float
+            if all_float:
+                notes.append(f"no int8 model was within --max-error {max_error:g} (every quantized node int8: "
+                             f"{full_score.error:.3g}): the model stays float")
+            else:
+                notes.append(f"left {len(backed.excluded)} of {len(candidates)} quantized nodes float "
+                             f"({len(backed.regions_float)} of {len(groups)} regions) to stay within "
+                             f"--max-error {max_error:g}")
+        result.rel_l2 = final.surrogate
+        step, warning = resolution_note(metric, scorer.samples, max_error)
+        if warning:
+            notes.append(warning)
+        result.budget = {
+            "max_error": max_error, "metric_used": metric is not None,
+            "metric_resolution": step, "resolution_warning": warning, "held_out_samples": scorer.samples,
+            "error_before": scorer.float_score.error, "error_all_int8": full_score.error,
+            "error_after": final.error, "int8_spent": final.error - scorer.float_score.error,
+            "surrogate_before": scorer.float_score.surrogate, "surrogate_after": final.surrogate,
+            "all_float": all_float,
+        }
         return result
 
 
@@ -144,65 +219,6 @@ def _working_directory(folder: str) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
-
-
-def _exclude_sensitive(result: Quantized, quantizer: Callable, scorer: _Scorer, budget: float,
-                       progress: Progress) -> None:
-    """Score each quantized node alone, then exclude the worst until the model is within budget.
-
-    The smallest k such that excluding the k most sensitive nodes meets the budget is found by
-    bisection (the error falls as more nodes stay float), so only O(log n) full quantizations
-    are needed after the n single-node ones.
-    """
-    ops = {n.name: n.op_type for n in result.model.graph.node}
-    candidates = [n for n in quantized_nodes(result.model) if ops.get(n) not in DATA_MOVEMENT]
-    for index, name in enumerate(candidates):
-        progress("int8: sensitivity", index, len(candidates))
-        result.sensitivity[name] = scorer(quantizer([name], []))
-    progress("int8: sensitivity", len(candidates), len(candidates))
-    ranked = sorted(candidates, key=lambda n: (-result.sensitivity[n], n))
-    best: tuple[int, onnx.ModelProto, float] | None = None
-    lo, hi = 1, len(ranked)
-    steps, step = max(1, len(ranked)).bit_length(), 0  # bisection over 1..n takes at most this many
-    while lo <= hi:
-        progress("int8: exclusion", step, steps)
-        step += 1
-        k = (lo + hi) // 2
-        model = quantizer(None, ranked[:k])
-        err = scorer(model)
-        if err <= budget:
-            best, hi = (k, model, err), k - 1
-        else:
-            lo = k + 1
-    progress("int8: exclusion", steps, steps)
-    if best is None:
-        raise VerificationError(f"int8 model differs from the float model by {result.rel_l2:.3g} (relative L2) "
-                                f"even with every quantized node excluded, over the budget {budget:g}")
-    k, result.model, result.rel_l2 = best
-    result.excluded = ranked[:k]
-    result.notes.append(f"excluded {k} of {len(ranked)} quantized nodes to stay within --max-error {budget:g}")
-
-
-class _Scorer:
-    """Relative L2 of a candidate's outputs against the float model's, on the validation inputs,
-    as onnxruntime runs it (fused integer kernels) or, with `exact`, in the QDQ arithmetic."""
-
-    def __init__(self, reference: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, exact: bool = False):
-        self.inputs = inputs
-        self.ref = runtime.run(reference, inputs)
-        self.exact_only = exact
-
-    def __call__(self, candidate: onnx.ModelProto) -> float:
-        if self.exact_only:
-            return self.exact(candidate)
-        return compare_outputs(self.ref, runtime.run(candidate, self.inputs)).rel_l2
-
-    def exact(self, candidate: onnx.ModelProto) -> float:
-        """The error of the QDQ arithmetic itself: onnxruntime without fusing Q/DQ into integer ops."""
-        import onnxruntime as ort
-
-        sess = runtime.session(candidate, optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-        return compare_outputs(self.ref, runtime.run(sess, self.inputs)).rel_l2
 
 
 def quantized_nodes(model: onnx.ModelProto) -> list[str]:
@@ -246,10 +262,12 @@ def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
 
 
 def _static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration: Calibration, per_channel: bool,
-                      reduce_range: bool, progress: Progress) -> Callable:
+                      reduce_range: bool, progress: Progress, cache: Path | None = None) -> Callable:
+    """`run(only, exclude)` -> the QDQ model; calibration (min/max on `calibration.train`) runs
+    once into `cache` (`run.cache`), which later runs read instead."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    cache = work / "calibration.json"
+    cache = cache or work / "calibration.json"
     external = _is_large(pre)
     batch = _calibration_batch(model, calibration)
     counter = iter(range(1 << 30))
@@ -283,6 +301,7 @@ def _static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration
             raise OnnxcError(f"onnxruntime's static quantization failed: {first_line(exc)}") from None
         return repair_per_axis(onnx.load(str(out)))
 
+    run.cache = cache
     return run
 
 

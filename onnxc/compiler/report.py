@@ -177,6 +177,8 @@ def render(report: Report, console: Console) -> None:
         console.print(f"input shapes: {' | '.join(groups)}{more}")
     if report.allocation:
         render_allocation(report.allocation, console)
+    for line in int8_lines(report.backend or {}):
+        console.print(line, highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {note}")
 
@@ -239,3 +241,25 @@ def render_allocation(alloc: dict, console: Console) -> None:
     state = "met" if alloc["met"] else "NOT met"
     console.print(f"target {alloc['target'] or 'none'}: {state} (reached {alloc['achieved']:.3f}); "
                   f"{len(alloc['chosen'])} candidates changed; {len(alloc['rounds'])} verified rounds", highlight=False)
+
+
+def int8_lines(backend: dict) -> list[str]:
+    """What the int8 stage of a backend report spent of the budget, and what it left float."""
+    section = backend["int8"] if isinstance(backend.get("int8"), dict) else backend  # the C backend nests it
+    budget = section.get("int8_budget")
+    if not budget:
+        return []
+    judged = "the metric" if budget["metric_used"] else "per-channel relative L2"
+    lines = [f"int8: error {budget['error_before']:.3g} -> {budget['error_after']:.3g} ({judged}, on "
+             f"{budget['held_out_samples']} held-out samples; every node int8: {budget['error_all_int8']:.3g})"]
+    if budget.get("metric_resolution"):
+        lines[0] += f"; metric resolution {budget['metric_resolution']:.3g}"
+    if budget.get("resolution_warning"):
+        lines.append(f"int8: warning: {budget['resolution_warning']}")
+    excluded = section.get("excluded_nodes") or []
+    if budget.get("all_float"):
+        lines.append("int8: no quantized model met the budget; the model stays float")
+    elif excluded:
+        shown = ", ".join(excluded[:8]) + (f" (+{len(excluded) - 8} more)" if len(excluded) > 8 else "")
+        lines.append(f"int8: {len(excluded)} nodes left float to stay within budget {budget['max_error']:g}: {shown}")
+    return lines

@@ -33,7 +33,7 @@ from typing import Literal
 
 import onnx
 
-from onnxc.compiler import runtime
+from onnxc.compiler import layout, runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import fingerprint
@@ -162,7 +162,7 @@ def quantize_nodes(model: onnx.ModelProto, inputs, nodes: list[str], *, per_chan
     with tempfile.TemporaryDirectory(prefix="onnxc-int8-") as tmp, _quiet():
         out = Path(tmp) / "q.onnx"
         cache = _CACHE_DIR / f"{key}.ranges"
-        reader = None if cache.exists() else _Reader(inputs, 8)
+        reader = None if cache.exists() else _Reader(inputs, 8, axes=layout.model_input_axes(model))
         quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_quantize=list(nodes), calibrate_method=CalibrationMethod.MinMax,

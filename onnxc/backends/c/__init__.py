@@ -148,10 +148,13 @@ def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx
         notes.append(f"{len(clustered)} clustered weights quantized to int8 per output channel; the int8 kernels keep "
                      "those whose rows hold at most 16 values as 4-bit codes with an int8 codebook per output channel "
                      "(report: clustered_weights)")
-    q = quantize(model, "static", calibration, max_error=options.max_error, exact=True, progress=options.progress)
+    reference = options.reference if calibration is options.calibration else None
+    q = quantize(model, "static", calibration, max_error=options.max_error, metric=options.metric,
+                 reference=reference, exact=True, progress=options.progress)
     snapped = snap_weight_scales(q.model)
     if snapped:
         notes.append(f"{len(snapped)} layers: weight scales moved by < 2^-16 so that each channel's bias and "
                      "requantization multiplier pack exactly in one word")
     return q.model, {"quant_format": q.quant_format, "per_channel": q.per_channel, "excluded_nodes": q.excluded,
-                     "rel_l2_onnxruntime": q.rel_l2, "notes": notes + q.notes}
+                     "rel_l2_onnxruntime": q.rel_l2, "int8_budget": q.budget, "int8_improvements": q.improvements,
+                     "notes": notes + q.notes}

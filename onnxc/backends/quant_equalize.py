@@ -1,0 +1,230 @@
+"""Lossless float rewrites that make a model easier to quantize to int8.
+
+Two steps, both exact in real arithmetic (the caller checks the float outputs before and after):
+
+- Affine folding: a constant per-channel (or scalar) `Mul` or `Add` right after a `Conv` (a
+  folded normalization, a learnable affine block) is folded into the Conv's weights and bias.
+  onnxruntime's quantizer puts a quantize/dequantize pair on every elementwise op's output, so
+  each such op is one more rounding of the whole feature map; folded, it costs nothing.
+- Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight
+  Equalization and Bias Correction"): for two Convs joined by nothing or by positively
+  homogeneous per-channel ops (Relu, LeakyRelu, MaxPool: f(s x) = s f(x) for s > 0), output
+  channel i of the first is divided by s_i and input channel i of the second multiplied by s_i.
+  With s_i = sqrt(r1_i / r2_i) (r1: the range of the first layer's channel i weights, r2: of the
+  second's input channel i) both ranges become sqrt(r1_i r2_i), so the per-tensor activation
+  between them and the second layer's per-channel weights no longer have a few channels that
+  take the whole range. Pairs are swept a few times, since a layer in a chain is in two pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxc.compiler.graph import attr
+
+# Per-channel ops that commute with a positive per-channel scale and keep zero at zero.
+HOMOGENEOUS = {"Relu", "LeakyRelu", "MaxPool"}
+SWEEPS = 4
+# Channels whose weights are all (near) zero keep scale 1: their ratio means nothing.
+TINY = 1e-8
+
+
+@dataclass
+class Equalized:
+    model: onnx.ModelProto
+    folded: list[str] = field(default_factory=list)  # "Conv <- Mul" for each elementwise op folded
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, consumer) Convs equalized
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded or self.pairs)
+
+
+def equalize(model: onnx.ModelProto, *, fold: bool = True, scale: bool = True) -> Equalized:
+    """A copy of `model` with affine ops folded into Convs and Conv pairs equalized."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = _Graph(copy)
+    result = Equalized(copy)
+    if fold:
+        result.folded = _fold_affine(graph)
+    if scale:
+        result.pairs = _equalize_pairs(graph)
+    graph.write_back()
+    return result
+
+
+class _Graph:
+    """The little graph bookkeeping both steps need: constants as arrays, consumers by tensor."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.changed: set[str] = set()
+        self.outputs = {o.name for o in model.graph.output}
+
+    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
+        return [n for n in self.model.graph.node if tensor in n.input]
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name)
+
+    def set_const(self, name: str, value: np.ndarray) -> None:
+        self.consts[name] = value
+        self.changed.add(name)
+
+    def shared(self, name: str) -> bool:
+        """A constant read by more than one node cannot be rewritten for one of them."""
+        return sum(i == name for n in self.model.graph.node for i in n.input) > 1
+
+    def write_back(self) -> None:
+        inits = self.model.graph.initializer
+        for i, t in enumerate(inits):
+            if t.name in self.changed:
+                inits[i].CopyFrom(numpy_helper.from_array(self.consts[t.name].astype(numpy_helper.to_array(t).dtype),
+                                                          t.name))
+        for name in sorted(self.changed - {t.name for t in inits}):
+            inits.append(numpy_helper.from_array(self.consts[name], name))
+        used = {i for n in self.model.graph.node for i in n.input}
+        keep = [t for t in inits if t.name in used]
+        del inits[:]
+        inits.extend(keep)
+
+
+def _conv_weights(graph: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    if node.op_type != "Conv" or len(node.input) < 2:
+        return None
+    w = graph.const(node.input[1])
+    if w is None or w.dtype != np.float32 or w.ndim < 3 or graph.shared(node.input[1]):
+        return None
+    if len(node.input) > 2 and node.input[2] and (graph.const(node.input[2]) is None or graph.shared(node.input[2])):
+        return None
+    return w
+
+
+def _bias(graph: _Graph, node: onnx.NodeProto, channels: int) -> np.ndarray:
+    """The Conv's bias, adding a zero one (a new initializer) when it has none."""
+    if len(node.input) > 2 and node.input[2]:
+        return graph.const(node.input[2])
+    name = f"{node.name}_bias_folded"
+    while name in graph.consts:
+        name += "_"
+    graph.set_const(name, np.zeros(channels, np.float32))
+    if len(node.input) == 2:
+        node.input.append(name)
+    else:
+        node.input[2] = name
+    return graph.consts[name]
+
+
+def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts against [N, C, ...] as one value per channel (or one value)."""
+    if value.dtype != np.float32:
+        return None
+    if value.size == 1 and value.ndim <= rank:
+        return np.full(channels, value.reshape(-1)[0], np.float32)
+    shape = list(value.shape)
+    if len(shape) > rank or value.size != channels:
+        return None
+    shape = [1] * (rank - len(shape)) + shape
+    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return value.reshape(channels).astype(np.float32)
+
+
+def _fold_affine(graph: _Graph) -> list[str]:
+    folded = []
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.model.graph.node):
+            w = _conv_weights(graph, node)
+            if w is None or node.output[0] in graph.outputs:
+                continue
+            users = graph.consumers(node.output[0])
+            if len(users) != 1 or users[0].op_type not in ("Mul", "Add") or len(users[0].input) != 2:
+                continue
+            op = users[0]
+            other = op.input[1] if op.input[0] == node.output[0] else op.input[0]
+            c = graph.const(other)
+            c = _per_channel(c, w.shape[0], w.ndim) if c is not None else None
+            if c is None:
+                continue
+            bias = _bias(graph, node, w.shape[0])
+            if op.op_type == "Mul":
+                graph.set_const(node.input[1], (w * c.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32))
+                graph.set_const(node.input[2], (bias * c).astype(np.float32))
+            else:
+                graph.set_const(node.input[2], (bias + c).astype(np.float32))
+            node.output[0] = op.output[0]
+            graph.model.graph.node.remove(op)
+            folded.append(f"{node.name} <- {op.op_type} {op.name}")
+            changed = True
+    return folded
+
+
+def _pairs(graph: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """(producer, consumer) Convs joined only through positively homogeneous per-channel ops,
+    each tensor on the way read by the next node alone."""
+    found = []
+    for node in graph.model.graph.node:
+        w1 = _conv_weights(graph, node)
+        if w1 is None:
+            continue
+        tensor, ok = node.output[0], True
+        while ok:
+            users = graph.consumers(tensor)
+            if tensor in graph.outputs or len(users) != 1:
+                ok = False
+                break
+            nxt = users[0]
+            if nxt.op_type in HOMOGENEOUS and nxt.input[0] == tensor and len(nxt.output) == 1:
+                tensor = nxt.output[0]
+                continue
+            break
+        if not ok:
+            continue
+        consumer = graph.consumers(tensor)[0]
+        w2 = _conv_weights(graph, consumer)
+        if w2 is None or consumer.input[0] != tensor or consumer is node:
+            continue
+        groups = int(attr(consumer, "group", 1))
+        if w2.shape[1] * groups != w1.shape[0]:
+            continue
+        found.append((node, consumer))
+    return found
+
+
+def _consumer_columns(w2: np.ndarray, groups: int) -> np.ndarray:
+    """max |w| per input channel of a (grouped) Conv weight [O, C/G, k...]: [C]."""
+    o, cg = w2.shape[:2]
+    per_group = np.abs(w2).reshape(groups, o // groups, cg, -1).max(axis=(1, 3))  # [G, C/G]
+    return per_group.reshape(-1)
+
+
+def _scale_columns(w2: np.ndarray, groups: int, s: np.ndarray) -> np.ndarray:
+    o, cg = w2.shape[:2]
+    shaped = w2.reshape(groups, o // groups, cg, -1) * s.reshape(groups, 1, cg, 1)
+    return shaped.reshape(w2.shape).astype(np.float32)
+
+
+def _equalize_pairs(graph: _Graph) -> list[tuple[str, str]]:
+    pairs = _pairs(graph)
+    for _ in range(SWEEPS):
+        for producer, consumer in pairs:
+            w1, w2 = graph.const(producer.input[1]), graph.const(consumer.input[1])
+            groups = int(attr(consumer, "group", 1))
+            r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
+            r2 = _consumer_columns(w2, groups)
+            s = np.ones_like(r1)
+            ok = (r1 > TINY) & (r2 > TINY)
+            s[ok] = np.sqrt(r1[ok] / r2[ok])
+            graph.set_const(producer.input[1], (w1 / s.reshape(-1, *[1] * (w1.ndim - 1))).astype(np.float32))
+            if len(producer.input) > 2 and producer.input[2]:
+                graph.set_const(producer.input[2], (graph.const(producer.input[2]) / s).astype(np.float32))
+            graph.set_const(consumer.input[1], _scale_columns(w2, groups, s))
+    return [(p.name, c.name) for p, c in pairs]
