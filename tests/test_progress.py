@@ -56,7 +56,7 @@ def test_export_reports_its_phases(tmp_path):
            progress=record)
     cal = make_calibration(load(sample_path("mlp")), CALIBRATION)
     labels = {label for label, _, _ in calls}
-    assert labels == {"int8: calibration", "compile", "verification"}, labels
+    assert labels == {"int8: calibration", "int8: ranges", "compile", "verification"}, labels
     for label in labels:
         seen = [(d, t) for lab, d, t in calls if lab == label]
         assert all(0 <= d <= t for d, t in seen) and seen[-1][0] == seen[-1][1], (label, seen)
