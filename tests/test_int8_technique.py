@@ -130,3 +130,13 @@ def test_c_backend_lowers_the_planned_mix_as_it_is(tmp_path):
     ref = runtime.run(result.model, {"input": x[:100]})["logits"]
     assert np.mean(ours.argmax(1) == ref.argmax(1)) >= 0.99
     assert np.max(np.abs(ours - ref)) <= 0.05 * np.max(np.abs(ref))
+
+
+def test_fixed_batch_models_calibrate(tmp_path):
+    """A model whose batch dim is fixed at 1 (as microcontroller exports are) is fed one sample at a time."""
+    from onnxc.backends.c.reference_models import ds_cnn
+
+    model = ds_cnn(seed=0)
+    x = np.random.default_rng(1).standard_normal((16, 1, 49, 10)).astype(np.float32)
+    result = optimize(model, passes=["int8"], calibration={model.graph.input[0].name: x})
+    assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node) >= 3

@@ -162,7 +162,8 @@ def quantize_nodes(model: onnx.ModelProto, inputs, nodes: list[str], *, per_chan
     with tempfile.TemporaryDirectory(prefix="onnxc-int8-") as tmp, _quiet():
         out = Path(tmp) / "q.onnx"
         cache = _CACHE_DIR / f"{key}.ranges"
-        reader = None if cache.exists() else _Reader(inputs, 8, axes=layout.model_input_axes(model))
+        batch = runtime.fixed_batch(model) or 8  # a fixed batch dim is fed exactly
+        reader = None if cache.exists() else _Reader(inputs, batch, axes=layout.model_input_axes(model))
         quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_quantize=list(nodes), calibrate_method=CalibrationMethod.MinMax,
