@@ -133,7 +133,7 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
         def make(reduced: bool, prepared: Path = pre, cache: str = "calibration.json") -> Callable:
             if mode == "dynamic":
                 return _dynamic_quantizer(prepared, work, per_channel, reduced)
-            return _static_quantizer(model, prepared, work, calibration, per_channel, reduced, progress,
+            return static_quantizer(model, prepared, work, calibration, per_channel, reduced, progress,
                                      cache=work / cache)
 
         reduced = bool(reduce_range) and not exact
@@ -261,7 +261,7 @@ def _preprocess(source: Path, target: Path, notes: list[str]) -> Path:
     return source
 
 
-def _static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration: Calibration, per_channel: bool,
+def static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration: Calibration, per_channel: bool,
                       reduce_range: bool, progress: Progress, cache: Path | None = None) -> Callable:
     """`run(only, exclude)` -> the QDQ model; calibration (min/max on `calibration.train`) runs
     once into `cache` (`run.cache`), which later runs read instead."""

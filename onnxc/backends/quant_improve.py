@@ -7,7 +7,7 @@ only where it lowers the int8 error on the held-out samples (the caller's `Score
 
 Each records what it did and both errors in the report's `int8_improvements`, and returns the
 new (prepared model,) quantizer, quantized model and score, or None when it is not kept.
-`make(...)` builds a quantizer (`ort_quant._static_quantizer`) for a prepared model and a
+`make(...)` builds a quantizer (`ort_quant.static_quantizer`) for a prepared model and a
 calibration cache; `batch_for(model, calibration)` sizes capture batches.
 """
 

@@ -33,10 +33,10 @@ from typing import Literal
 
 import onnx
 
-from onnxc.compiler import layout, runtime
+from onnxc.compiler import runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
-from onnxc.compiler.model import fingerprint
+from onnxc.compiler.model import fingerprint, save
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
 from onnxc.compiler.samples import fingerprint as data_fingerprint
 from onnxc.compiler.technique import Candidate, Technique
@@ -137,7 +137,7 @@ class Int8Pass(Pass, Technique):
         per_channel = opset >= PER_CHANNEL_OPSET
         reduce = {"on": True, "off": False}.get(self.reduce_range, not runtime.integer_dot_product())
         nodes = list(dict.fromkeys(n for r in regions for n in r.nodes))
-        quantized = quantize_nodes(model, ctx.calibration.train, nodes, per_channel=per_channel, reduce_range=reduce)
+        quantized = quantize_nodes(model, ctx.calibration, nodes, per_channel=per_channel, reduce_range=reduce)
         before = {n.name: n for n in model_cost(model).layers}
         after = {n.name: n for n in model_cost(quantized).layers}
         changes = [Change(r.name, before[r.name].op if r.name in before else "", "int8",
@@ -149,27 +149,20 @@ class Int8Pass(Pass, Technique):
         return PassResult(quantized, True, changes, skipped, info)
 
 
-def quantize_nodes(model: onnx.ModelProto, inputs, nodes: list[str], *, per_channel: bool = True,
+def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *, per_channel: bool = True,
                    reduce_range: bool = False) -> onnx.ModelProto:
-    """`model` with `nodes` quantized by onnxruntime's static QDQ quantizer, calibrated (MinMax)
-    on `inputs`. The ranges of one model and data are computed once per process and reused: the
-    sensitivity sweep quantizes one candidate at a time of the same model."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """`model` with `nodes` quantized by the int8 export's static quantizer (`ort_quant`), its
+    ranges calibrated on `calibration.train`. The ranges of one model and data are computed once
+    per process and reused: the sensitivity sweep quantizes one candidate at a time of one model."""
+    from onnxc.backends import no_progress
+    from onnxc.backends.ort_quant import _quiet, _working_directory, static_quantizer
 
-    from onnxc.backends.ort_quant import _quiet, _Reader, repair_per_axis
-
-    key = _key(model, inputs)
-    with tempfile.TemporaryDirectory(prefix="onnxc-int8-") as tmp, _quiet():
-        out = Path(tmp) / "q.onnx"
-        cache = _CACHE_DIR / f"{key}.ranges"
-        batch = runtime.fixed_batch(model) or 8  # a fixed batch dim is fed exactly
-        reader = None if cache.exists() else _Reader(inputs, batch, axes=layout.model_input_axes(model))
-        quantize_static(model, str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=list(nodes), calibrate_method=CalibrationMethod.MinMax,
-                        calibration_cache_path=str(cache),
-                        extra_options={"QDQDisableWeightAdjustForInt32Bias": True})
-        quantized = repair_per_axis(onnx.load(str(out)))
+    cache = _ranges_dir() / f"{_key(model, calibration.train)}.ranges"
+    with tempfile.TemporaryDirectory(prefix="onnxc-int8-") as tmp, _quiet(), _working_directory(tmp):
+        source = save(model, Path(tmp) / "float.onnx")
+        run = static_quantizer(model, source, Path(tmp), calibration, per_channel, reduce_range, no_progress,
+                               cache=cache)
+        quantized = run(nodes, [])
     added = [o for o in quantized.opset_import if o.domain not in {m.domain for m in model.opset_import}]
     del quantized.opset_import[:]
     quantized.opset_import.extend([*model.opset_import, *added])  # the source's opsets: QDQ needs none newer
@@ -177,8 +170,13 @@ def quantize_nodes(model: onnx.ModelProto, inputs, nodes: list[str], *, per_chan
     return quantized
 
 
-_CACHE = tempfile.TemporaryDirectory(prefix="onnxc-int8-ranges-")
-_CACHE_DIR = Path(_CACHE.name)
+_RANGES: list[tempfile.TemporaryDirectory] = []  # made on first use, removed at exit
+
+
+def _ranges_dir() -> Path:
+    if not _RANGES:
+        _RANGES.append(tempfile.TemporaryDirectory(prefix="onnxc-int8-ranges-"))
+    return Path(_RANGES[0].name)
 
 
 def _key(model: onnx.ModelProto, inputs) -> str:
