@@ -134,7 +134,8 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     report.canonical_fidelity = canon_fid.to_dict()
     value_of = None
     if limits:
-        goal, value_of = _fit_target(canonical, limits, shapes, report)
+        firmware = device.Firmware(shapes)
+        goal, value_of = _fit_target(canonical, firmware, limits, report)
         allocating = goal is not None or (max_error is not None and not pass_list)
     if allocating:
         int8_backend = backend == "onnxruntime" or (backend == "c" and bool(export_options and export_options.int8))
@@ -142,7 +143,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
                                              cache_dir, plot, int8_backend=int8_backend, exact=backend == "c",
                                              value_of=value_of)
         if limits and goal is not None:
-            _check_fit(result, limits, shapes, report, fidelity)
+            _check_fit(result, firmware, limits, report, fidelity)
     else:
         manager = PassManager(pass_list, ctx, input_shapes=shapes)
         result, records = manager.run(canonical, reference_outputs=ref_out)
@@ -271,14 +272,14 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     return alloc.model, alloc.fidelity, report.max_error
 
 
-def _fit_target(canonical: onnx.ModelProto, limits: dict[str, int], shapes, report: Report):
+def _fit_target(canonical: onnx.ModelProto, firmware, limits: dict[str, int], report: Report):
     """The allocator's target for `--fit`: the linked firmware's flash and RAM against the limits,
     as one value (the largest footprint / limit: 1 fits), measured on every verified plan.
     Returns (None, None) when the model fits as it is."""
     from onnxc.backends.c import fit as device
     from onnxc.compiler.allocation import TOLERANCE, Target
 
-    base = device.measure(canonical, shapes)
+    base = firmware(canonical)
     report.device = {"limits": limits, "before": base}
     start = device.over(base, limits)
     if start <= 1.0:
@@ -286,14 +287,15 @@ def _fit_target(canonical: onnx.ModelProto, limits: dict[str, int], shapes, repo
         return None, None
     # met when value / start <= ratio + the allocator's tolerance: exactly when the firmware fits
     ratio = max(1.0 / start - TOLERANCE, 1e-6)
-    return Target("device", ratio), lambda m: device.over(device.measure(m, shapes), limits)
+    return Target("device", ratio), lambda m: device.over(firmware(m), limits)
 
 
-def _check_fit(result: onnx.ModelProto, limits: dict[str, int], shapes, report: Report, fidelity) -> None:
-    """Measure the chosen plan's firmware; one line when nothing within the budget fits."""
+def _check_fit(result: onnx.ModelProto, firmware, limits: dict[str, int], report: Report, fidelity) -> None:
+    """The chosen plan's firmware (built when the allocator verified it); one line when nothing
+    within the budget fits."""
     from onnxc.backends.c import fit as device
 
-    after = device.measure(result, shapes)
+    after = firmware(result)
     report.device["after"] = after
     if device.over(after, limits) > 1.0:
         raise VerificationError(f"--fit: the best plan within the budget takes {device.describe(after, limits)} "

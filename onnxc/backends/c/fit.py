@@ -63,6 +63,23 @@ def measure(model: onnx.ModelProto, input_shapes: dict | None, name: str = "net"
         shutil.rmtree(work, ignore_errors=True)
 
 
+class Firmware:
+    """Footprints of models as firmware, each model built once (keyed by its digest): the
+    allocator measures every plan it verifies, and the plan it keeps is checked again after."""
+
+    def __init__(self, input_shapes: dict | None, name: str = "net"):
+        self.input_shapes, self.name = input_shapes, name
+        self.built: dict[bytes, dict[str, int]] = {}
+
+    def __call__(self, model: onnx.ModelProto) -> dict[str, int]:
+        from onnxc.compiler.model import fingerprint
+
+        key = fingerprint(model)
+        if key not in self.built:
+            self.built[key] = measure(model, self.input_shapes, self.name)
+        return self.built[key]
+
+
 def over(footprint: dict[str, int], limits: dict[str, int]) -> float:
     """How far a footprint is from fitting: the largest footprint / limit over the limits (<= 1 fits)."""
     return max(footprint[k] / limits[k] for k in limits)
