@@ -200,14 +200,15 @@ def test_cost_model_multiplies_overlapping_prunes():
     techniques = sensitivity.make_techniques(["prune:criterion=l1,reconstruct=false"])
     ctx = PassContext(calibration=None, seed=0)
     base = model_cost(model).totals()
-    plan = {("prune", c.name): level for c, level in zip(sensitivity.candidates(model, techniques, "macs"),
-                                                          (0.5, 0.25, 0.5, 0.75))}
+    found = sensitivity.candidates(model, techniques, "macs")
+    plan = {("prune", c.name): level for c, level in zip(found, (0.5, 0.25, 0.5, 0.75))}
     rows = []
     for key, level in plan.items():
         alone, _ = sensitivity.apply_plan(model, {key: level}, techniques, ctx)
         after = model_cost(alone).totals()
         rows.append(sensitivity.Measurement(*key, level, 0.0, {k: base[k] - after[k] for k in ("macs", "params")}))
-    costs = allocation.CostModel.of(model, techniques, sensitivity.Table(rows, base), "macs", None)
+    table = sensitivity.Table(rows, base, nodes={(c.technique, c.name): list(c.nodes) for c in found})
+    costs = allocation.CostModel.of(model, table, "macs", None)
     predicted = costs.savings([allocation.Step(*key, level, 0.0, 0.0) for key, level in plan.items()])[-1]
     together, _ = sensitivity.apply_plan(model, plan, techniques, ctx)
     actual = base["macs"] - model_cost(together).totals()["macs"]

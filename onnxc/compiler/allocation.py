@@ -155,11 +155,11 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
               value_of=None):
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
-    nodes_of = candidate_nodes(model, techniques, table)
+    nodes_of = candidate_nodes(table)
     errors, surrogate_scale = planning_errors(table)
     planned = PLANNED_AS.get(kind, kind)
     steps = ordered_steps(table, planned, errors)
-    costs = CostModel.of(model, techniques, table, planned, ctx.calibration, nodes_of) if planned != "size" else None
+    costs = CostModel.of(model, table, planned, ctx.calibration) if planned != "size" else None
     base_latency = None
     feed = first_sample(val)
     if kind == "latency":

@@ -84,6 +84,7 @@ class Table:
     cache_hits: int = 0
     measured: int = 0
     seconds: float = 0.0
+    nodes: dict = field(default_factory=dict)  # (technique, candidate) -> the nodes it rewrites
 
     def for_candidate(self, technique: str, name: str) -> list[Measurement]:
         return [m for m in self.measurements if m.technique == technique and m.name == name]
@@ -268,6 +269,7 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
     if path and missing:
         _write_cache(path, {**cached, **known})
     table = Table([known[i] for i in items], base, str(path) if path else None,
+                  nodes={(c.technique, c.name): list(dict.fromkeys(c.nodes)) for c in cands},
                   cache_hits=len(items) - len(missing), measured=len(missing))
     table.seconds = time.perf_counter() - start
     return table

@@ -122,16 +122,9 @@ def one_technique_per_node(steps: list[Step], nodes_of: dict[tuple[str, str], li
     return [s for s in steps if (s.technique, s.name) not in dropped]
 
 
-def candidate_nodes(model: onnx.ModelProto, techniques: dict[str, Technique], table: Table,
-                    ) -> dict[tuple[str, str], list[str]]:
-    """The nodes each candidate rewrites, as its technique names them (a layer: itself)."""
-    touches: dict[tuple[str, str], list[str]] = {}
-    measured = {(m.technique, m.name) for m in table.measurements}
-    for technique, p in techniques.items():
-        if not any(t == technique for t, _ in measured):
-            continue
-        for c in p.plan_candidates(model):
-            touches[(technique, c.name)] = list(dict.fromkeys(c.nodes))
+def candidate_nodes(table: Table) -> dict[tuple[str, str], list[str]]:
+    """The nodes each measured candidate rewrites, as the sweep found them (a layer: itself)."""
+    touches = {key: list(nodes) for key, nodes in table.nodes.items()}
     for m in table.measurements:
         touches.setdefault((m.technique, m.name), [m.name])
     return touches
@@ -191,10 +184,9 @@ class CostModel:
     kept: dict[tuple[str, str, float], float] = field(default_factory=dict)  # (technique, name, level) -> kept
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, techniques: dict[str, Technique], table: Table, kind: str, cal,
-           nodes_of: dict[tuple[str, str], list[str]] | None = None) -> CostModel:
+    def of(cls, model: onnx.ModelProto, table: Table, kind: str, cal) -> CostModel:
         node_cost = node_costs(model, cal, kind)
-        nodes_of = nodes_of if nodes_of is not None else candidate_nodes(model, techniques, table)
+        nodes_of = candidate_nodes(table)
         touches = {key: [n for n in nodes if node_cost.get(n)] for key, nodes in nodes_of.items()}
         costs = cls(node_cost, touches)
         for m in table.measurements:
