@@ -670,6 +670,32 @@ void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, i
  * bias), w in blocks of [k/4][4 rows][4 k] words then [k % 4][4 rows] bytes. With the DSP
  * extension, SXTB16 splits an input word and each weight word into the pairs (k0, k2), (k1, k3)
  * and two SMLADs take the four products. */
+#ifdef ONNXC_SIMD
+/* One group of 4 k for four weight rows: one input word, four weight words, eight SMLADs. */
+#define ONNXC_DOT4_GROUP                                                                            \
+    "ldr %[xe], [%[x]], #4\n\t"                                                                      \
+    "sxtb16 %[xo], %[xe], ror #8\n\t"                                                                \
+    "sxtb16 %[xe], %[xe]\n\t"                                                                        \
+    "ldrd %[w0], %[w1], [%[w]], #8\n\t"                                                              \
+    "sxtb16 %[u], %[w0]\n\t"                                                                         \
+    "sxtb16 %[w0], %[w0], ror #8\n\t"                                                                \
+    "smlad %[a0], %[xe], %[u], %[a0]\n\t"                                                            \
+    "smlad %[a0], %[xo], %[w0], %[a0]\n\t"                                                           \
+    "sxtb16 %[u], %[w1]\n\t"                                                                         \
+    "sxtb16 %[w1], %[w1], ror #8\n\t"                                                                \
+    "smlad %[a1], %[xe], %[u], %[a1]\n\t"                                                            \
+    "smlad %[a1], %[xo], %[w1], %[a1]\n\t"                                                           \
+    "ldrd %[w0], %[w1], [%[w]], #8\n\t"                                                              \
+    "sxtb16 %[u], %[w0]\n\t"                                                                         \
+    "sxtb16 %[w0], %[w0], ror #8\n\t"                                                                \
+    "smlad %[a2], %[xe], %[u], %[a2]\n\t"                                                            \
+    "smlad %[a2], %[xo], %[w0], %[a2]\n\t"                                                           \
+    "sxtb16 %[u], %[w1]\n\t"                                                                         \
+    "sxtb16 %[w1], %[w1], ror #8\n\t"                                                                \
+    "smlad %[a3], %[xe], %[u], %[a3]\n\t"                                                            \
+    "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+
+#endif
 static void dot4rows(const int8_t *x, const int8_t *w, int32_t k, int32_t *acc)
 {
     int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], kq = k >> 2, t;
@@ -677,49 +703,7 @@ static void dot4rows(const int8_t *x, const int8_t *w, int32_t k, int32_t *acc)
     uint32_t xe, xo, w0, w1, u;
     int32_t pairs = kq >> 1; /* two groups of 4 k a loop: 44 instructions for 32 multiply-accumulates */
     if (pairs > 0) {
-        __asm__ volatile("1:\n\t"
-                         "ldr %[xe], [%[x]], #4\n\t"
-                         "sxtb16 %[xo], %[xe], ror #8\n\t"
-                         "sxtb16 %[xe], %[xe]\n\t"
-                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
-                         "sxtb16 %[u], %[w0]\n\t"
-                         "sxtb16 %[w0], %[w0], ror #8\n\t"
-                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
-                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
-                         "sxtb16 %[u], %[w1]\n\t"
-                         "sxtb16 %[w1], %[w1], ror #8\n\t"
-                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
-                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
-                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
-                         "sxtb16 %[u], %[w0]\n\t"
-                         "sxtb16 %[w0], %[w0], ror #8\n\t"
-                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
-                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
-                         "sxtb16 %[u], %[w1]\n\t"
-                         "sxtb16 %[w1], %[w1], ror #8\n\t"
-                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
-                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
-                         "ldr %[xe], [%[x]], #4\n\t"
-                         "sxtb16 %[xo], %[xe], ror #8\n\t"
-                         "sxtb16 %[xe], %[xe]\n\t"
-                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
-                         "sxtb16 %[u], %[w0]\n\t"
-                         "sxtb16 %[w0], %[w0], ror #8\n\t"
-                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
-                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
-                         "sxtb16 %[u], %[w1]\n\t"
-                         "sxtb16 %[w1], %[w1], ror #8\n\t"
-                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
-                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
-                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
-                         "sxtb16 %[u], %[w0]\n\t"
-                         "sxtb16 %[w0], %[w0], ror #8\n\t"
-                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
-                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
-                         "sxtb16 %[u], %[w1]\n\t"
-                         "sxtb16 %[w1], %[w1], ror #8\n\t"
-                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
-                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+        __asm__ volatile("1:\n\t" ONNXC_DOT4_GROUP ONNXC_DOT4_GROUP
                          "subs %[n], %[n], #1\n\t"
                          "bne 1b\n\t"
                          : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [x] "+r"(x), [w] "+r"(w),
@@ -728,27 +712,7 @@ static void dot4rows(const int8_t *x, const int8_t *w, int32_t k, int32_t *acc)
                          : "cc", "memory");
     }
     if (kq & 1) {
-        __asm__ volatile("ldr %[xe], [%[x]], #4\n\t"
-                         "sxtb16 %[xo], %[xe], ror #8\n\t"
-                         "sxtb16 %[xe], %[xe]\n\t"
-                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
-                         "sxtb16 %[u], %[w0]\n\t"
-                         "sxtb16 %[w0], %[w0], ror #8\n\t"
-                         "smlad %[a0], %[xe], %[u], %[a0]\n\t"
-                         "smlad %[a0], %[xo], %[w0], %[a0]\n\t"
-                         "sxtb16 %[u], %[w1]\n\t"
-                         "sxtb16 %[w1], %[w1], ror #8\n\t"
-                         "smlad %[a1], %[xe], %[u], %[a1]\n\t"
-                         "smlad %[a1], %[xo], %[w1], %[a1]\n\t"
-                         "ldrd %[w0], %[w1], [%[w]], #8\n\t"
-                         "sxtb16 %[u], %[w0]\n\t"
-                         "sxtb16 %[w0], %[w0], ror #8\n\t"
-                         "smlad %[a2], %[xe], %[u], %[a2]\n\t"
-                         "smlad %[a2], %[xo], %[w0], %[a2]\n\t"
-                         "sxtb16 %[u], %[w1]\n\t"
-                         "sxtb16 %[w1], %[w1], ror #8\n\t"
-                         "smlad %[a3], %[xe], %[u], %[a3]\n\t"
-                         "smlad %[a3], %[xo], %[w1], %[a3]\n\t"
+        __asm__ volatile(ONNXC_DOT4_GROUP
                          : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [x] "+r"(x), [w] "+r"(w),
                            [xe] "=&r"(xe), [xo] "=&r"(xo), [w0] "=&r"(w0), [w1] "=&r"(w1), [u] "=&r"(u)
                          :
