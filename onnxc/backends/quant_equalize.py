@@ -2,8 +2,8 @@
 
 Two steps, both exact in real arithmetic (the caller checks the float outputs before and after):
 
-- Affine folding: a constant per-channel (or scalar) `Mul` or `Add` right after a `Conv` (a
-  folded normalization, a learnable affine block) is folded into the Conv's weights and bias.
+- Affine folding (`compiler.affine`, which canonicalization already runs: here for models that
+  reach the export another way): constant scales and shifts next to a `Conv` go into its weights.
   onnxruntime's quantizer puts a quantize/dequantize pair on every elementwise op's output, so
   each such op is one more rounding of the whole feature map; folded, it costs nothing.
 - Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight
@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxc.compiler.affine import fold_affine
 from onnxc.compiler.graph import attr
 
 # Per-channel ops that commute with a positive per-channel scale and keep zero at zero.
@@ -48,10 +49,10 @@ def equalize(model: onnx.ModelProto, *, fold: bool = True, scale: bool = True) -
     """A copy of `model` with affine ops folded into Convs and Conv pairs equalized."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    graph = _Graph(copy)
     result = Equalized(copy)
     if fold:
-        result.folded = _fold_affine(graph)
+        result.folded = fold_affine(copy.graph)
+    graph = _Graph(copy)
     if scale:
         result.pairs = _equalize_pairs(graph)
     graph.write_back()
@@ -104,67 +105,6 @@ def _conv_weights(graph: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
     if len(node.input) > 2 and node.input[2] and (graph.const(node.input[2]) is None or graph.shared(node.input[2])):
         return None
     return w
-
-
-def _bias(graph: _Graph, node: onnx.NodeProto, channels: int) -> np.ndarray:
-    """The Conv's bias, adding a zero one (a new initializer) when it has none."""
-    if len(node.input) > 2 and node.input[2]:
-        return graph.const(node.input[2])
-    name = f"{node.name}_bias_folded"
-    while name in graph.consts:
-        name += "_"
-    graph.set_const(name, np.zeros(channels, np.float32))
-    if len(node.input) == 2:
-        node.input.append(name)
-    else:
-        node.input[2] = name
-    return graph.consts[name]
-
-
-def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """A constant that broadcasts against [N, C, ...] as one value per channel (or one value)."""
-    if value.dtype != np.float32:
-        return None
-    if value.size == 1 and value.ndim <= rank:
-        return np.full(channels, value.reshape(-1)[0], np.float32)
-    shape = list(value.shape)
-    if len(shape) > rank or value.size != channels:
-        return None
-    shape = [1] * (rank - len(shape)) + shape
-    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
-        return None
-    return value.reshape(channels).astype(np.float32)
-
-
-def _fold_affine(graph: _Graph) -> list[str]:
-    folded = []
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph.model.graph.node):
-            w = _conv_weights(graph, node)
-            if w is None or node.output[0] in graph.outputs:
-                continue
-            users = graph.consumers(node.output[0])
-            if len(users) != 1 or users[0].op_type not in ("Mul", "Add") or len(users[0].input) != 2:
-                continue
-            op = users[0]
-            other = op.input[1] if op.input[0] == node.output[0] else op.input[0]
-            c = graph.const(other)
-            c = _per_channel(c, w.shape[0], w.ndim) if c is not None else None
-            if c is None:
-                continue
-            bias = _bias(graph, node, w.shape[0])
-            if op.op_type == "Mul":
-                graph.set_const(node.input[1], (w * c.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32))
-                graph.set_const(node.input[2], (bias * c).astype(np.float32))
-            else:
-                graph.set_const(node.input[2], (bias + c).astype(np.float32))
-            node.output[0] = op.output[0]
-            graph.model.graph.node.remove(op)
-            folded.append(f"{node.name} <- {op.op_type} {op.name}")
-            changed = True
-    return folded
 
 
 def _pairs(graph: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:

@@ -5,7 +5,8 @@
   representation, such as `Gather(codebook, codes)` or `DequantizeLinear`, is ever folded);
 - initializers are not also listed as graph inputs (IR 3 models are moved to IR 4 for that, the
   smallest version that allows it);
-- BatchNormalization that follows a Conv with constant weights is folded into it;
+- BatchNormalization that follows a Conv with constant weights is folded into it, and so are
+  constant scales and shifts before or after a Conv (`affine.fold_affine`);
 - every Gemm with a constant float B has one form: B stored [out, in] (transB=1, like Conv weights
   and most exports), alpha folded into B, beta into a constant C, and a C that is a bias vector
   stored as [out] (`orient_gemms`), so passes read its weight as they read a Conv's;
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from onnxc.compiler.affine import fold_affine
 from onnxc.compiler.graph import GraphView, attr, node_inputs_with_subgraphs, set_attr
 from onnxc.compiler.linear import LinearLayer
 from onnxc.compiler.model import clone, tensor_nbytes
@@ -48,6 +50,7 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     toposort(graph)  # first: folding reads producers before consumers; removing nodes keeps the order
     fold_constants(graph)
     fold_batchnorm(graph)
+    fold_affine(graph)
     bypass_identities(graph)
     orient_gemms(graph, _opset(model))
     GraphView(graph).remove_unused()
