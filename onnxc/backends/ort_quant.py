@@ -44,7 +44,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxc.backends import Progress, no_progress
-from onnxc.backends.quant_budget import Scorer, back_off, regions, resolution_note
+from onnxc.backends.quant_budget import Score, Scorer, back_off, regions, resolution_note
 from onnxc.backends.quant_improve import lap, score_dict, try_bias, try_equalize, try_ranges
 from onnxc.compiler import layout, runtime
 from onnxc.compiler.calibration import Calibration, input_specs
@@ -114,69 +114,13 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
     if mode not in MODES:
         raise OnnxcError(f"--int8 must be one of {', '.join(MODES)} (got '{mode}')")
     with tempfile.TemporaryDirectory(prefix="onnxc-quant-") as tmp, _quiet(), _working_directory(tmp):
-        work = Path(tmp)
-        notes: list[str] = []
-        per_channel = True
         scorer = Scorer(model, calibration.validation, exact=exact, metric=metric, reference=reference)
-        upgraded = upgrade_opset(model, scorer.self_error, notes)
-        if upgraded is None:
-            per_channel = False
-        source = save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
-        pre = _preprocess(source, work / "pre.onnx", notes)
-        if mode == "dynamic":
-            lowered = gemm_to_matmul(onnx.load(str(pre)))
-            if lowered is not None:
-                pre = save(lowered, work / "pre_matmul.onnx")
-            if any(n.op_type == "Conv" for n in model.graph.node):
-                notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
-                             "(use --int8 static for convolutional models)")
-        def make(reduced: bool, prepared: Path = pre, cache: str = "calibration.json") -> Callable:
-            if mode == "dynamic":
-                return _dynamic_quantizer(prepared, work, per_channel, reduced)
-            return static_quantizer(model, prepared, work, calibration, per_channel, reduced, progress,
-                                     cache=work / cache)
-
-        reduced = bool(reduce_range) and not exact
-        quantizer = make(reduced)
-        full = quantizer(None, [])
-        full_score = scorer(full)
-        if reduce_range is None and not exact:
-            arithmetic = scorer.exact(full).surrogate
-            if full_score.surrogate > SATURATION_RATIO * arithmetic and \
-                    full_score.surrogate - arithmetic > SATURATION_MARGIN:
-                quantizer, reduced = make(True), True
-                full, before = quantizer(None, []), full_score.surrogate
-                full_score = scorer(full)
-                notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights gave "
-                             f"relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so weights are "
-                             f"quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
-        improvements: dict = {"plain": score_dict(full_score)}
-        if mode == "static" and (equalize or choose_ranges or correct_bias) and scorer.samples < MIN_JUDGING_SAMPLES:
-            equalize = choose_ranges = correct_bias = False
-            notes.append(f"equalization, range choice and bias correction skipped: {scorer.samples} held-out "
-                         f"samples cannot judge them (at least {MIN_JUDGING_SAMPLES} needed)")
-        clock = time.perf_counter()
-        if mode == "static" and equalize:
-            candidate = try_equalize(pre, work, scorer, lambda p: make(reduced, p, "calibration_eq.json"),
-                                     full_score, improvements, notes)
-            if candidate is not None:
-                pre, quantizer, full, full_score = candidate
-        clock = lap(improvements, "equalization", clock)
-        if mode == "static" and choose_ranges:
-            candidate = try_ranges(pre, calibration, scorer, quantizer, lambda cache: make(reduced, pre, cache),
-                                   _calibration_batch, full_score, improvements, notes, progress)
-            if candidate is not None:
-                quantizer, full, full_score = candidate
-        clock = lap(improvements, "ranges", clock)
-        if mode == "static" and correct_bias:
-            candidate = try_bias(pre, work, calibration, scorer, quantizer, full,
-                                 lambda path, cache: make(reduced, path, cache), _calibration_batch, full_score,
-                                 improvements, notes)
-            if candidate is not None:
-                quantizer, full, full_score = candidate
-        lap(improvements, "bias_correction", clock)
+        prep = prepare(model, mode, calibration, Path(tmp), scorer, reduce_range=reduce_range, exact=exact,
+                       equalize=equalize, choose_ranges=choose_ranges, correct_bias=correct_bias, progress=progress)
+        quantizer, full, full_score, notes = prep.quantizer, prep.model, prep.score, prep.notes
+        upgraded, reduced, improvements = prep.upgraded, prep.reduce_range, prep.improvements
         result = Quantized(full, mode, "QDQ" if mode == "static" else "QOperator (dynamic)",
-                           per_channel=per_channel, notes=notes, reduce_range=reduced, improvements=improvements)
+                           per_channel=prep.per_channel, notes=notes, reduce_range=reduced, improvements=improvements)
         final, all_float = full_score, False
         if max_error is not None and full_score.error > max_error:
             ops = {n.name: n.op_type for n in full.graph.node}
@@ -207,6 +151,91 @@ def quantize(model: onnx.ModelProto, mode: str, calibration: Calibration, *,
             "all_float": all_float,
         }
         return result
+
+
+@dataclass
+class Prepared:
+    """A quantizer for one float model and calibration: `quantizer(only, exclude)` -> QDQ model.
+
+    Its input is the model as quantization prepares it (per-channel opset, onnxruntime's
+    pre-processing, and whichever of equalization, chosen ranges and bias correction lowered the
+    held-out error); `model`/`score` are every node quantized and how it read."""
+
+    quantizer: Callable[[Sequence[str] | None, Sequence[str]], onnx.ModelProto]
+    model: onnx.ModelProto
+    score: Score
+    per_channel: bool
+    reduce_range: bool
+    upgraded: onnx.ModelProto | None
+    notes: list[str] = field(default_factory=list)
+    improvements: dict = field(default_factory=dict)
+
+
+def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: Path, scorer: Scorer, *,
+            reduce_range: bool | None = None, exact: bool = False, equalize: bool = True,
+            choose_ranges: bool = True, correct_bias: bool = True, progress: Progress = no_progress) -> Prepared:
+    """Everything `quantize` does before the budget, its files in `work` (kept by the caller for
+    as long as the quantizer is used; run inside `_quiet()` and `_working_directory`)."""
+    notes: list[str] = []
+    per_channel = True
+    upgraded = upgrade_opset(model, scorer.self_error, notes)
+    if upgraded is None:
+        per_channel = False
+    source = save(_named(upgraded if upgraded is not None else model), work / "float.onnx")
+    pre = _preprocess(source, work / "pre.onnx", notes)
+    if mode == "dynamic":
+        lowered = gemm_to_matmul(onnx.load(str(pre)))
+        if lowered is not None:
+            pre = save(lowered, work / "pre_matmul.onnx")
+        if any(n.op_type == "Conv" for n in model.graph.node):
+            notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
+                         "(use --int8 static for convolutional models)")
+    def make(reduced: bool, prepared: Path = pre, cache: str = "calibration.json") -> Callable:
+        if mode == "dynamic":
+            return _dynamic_quantizer(prepared, work, per_channel, reduced)
+        return static_quantizer(model, prepared, work, calibration, per_channel, reduced, progress,
+                                 cache=work / cache)
+
+    reduced = bool(reduce_range) and not exact
+    quantizer = make(reduced)
+    full = quantizer(None, [])
+    full_score = scorer(full)
+    if reduce_range is None and not exact:
+        arithmetic = scorer.exact(full).surrogate
+        if full_score.surrogate > SATURATION_RATIO * arithmetic and \
+                full_score.surrogate - arithmetic > SATURATION_MARGIN:
+            quantizer, reduced = make(True), True
+            full, before = quantizer(None, []), full_score.surrogate
+            full_score = scorer(full)
+            notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights gave "
+                         f"relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so weights are "
+                         f"quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
+    improvements: dict = {"plain": score_dict(full_score)}
+    if mode == "static" and (equalize or choose_ranges or correct_bias) and scorer.samples < MIN_JUDGING_SAMPLES:
+        equalize = choose_ranges = correct_bias = False
+        notes.append(f"equalization, range choice and bias correction skipped: {scorer.samples} held-out "
+                     f"samples cannot judge them (at least {MIN_JUDGING_SAMPLES} needed)")
+    clock = time.perf_counter()
+    if mode == "static" and equalize:
+        candidate = try_equalize(pre, work, scorer, lambda p: make(reduced, p, "calibration_eq.json"),
+                                 full_score, improvements, notes)
+        if candidate is not None:
+            pre, quantizer, full, full_score = candidate
+    clock = lap(improvements, "equalization", clock)
+    if mode == "static" and choose_ranges:
+        candidate = try_ranges(pre, calibration, scorer, quantizer, lambda cache: make(reduced, pre, cache),
+                               _calibration_batch, full_score, improvements, notes, progress)
+        if candidate is not None:
+            quantizer, full, full_score = candidate
+    clock = lap(improvements, "ranges", clock)
+    if mode == "static" and correct_bias:
+        candidate = try_bias(pre, work, calibration, scorer, quantizer, full,
+                             lambda path, cache: make(reduced, path, cache), _calibration_batch, full_score,
+                             improvements, notes)
+        if candidate is not None:
+            quantizer, full, full_score = candidate
+    lap(improvements, "bias_correction", clock)
+    return Prepared(quantizer, full, full_score, per_channel, reduced, upgraded, notes, improvements)
 
 
 @contextlib.contextmanager
