@@ -190,6 +190,7 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
         if any(n.op_type == "Conv" for n in model.graph.node):
             notes.append("dynamic mode quantizes MatMul/Gemm layers only: Conv layers stay float "
                          "(use --int8 static for convolutional models)")
+
     def make(reduced: bool, prepared: Path = pre, cache: str = "calibration.json") -> Callable:
         if mode == "dynamic":
             return _dynamic_quantizer(prepared, work, per_channel, reduced)

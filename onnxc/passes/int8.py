@@ -8,14 +8,16 @@ Why regions, not single nodes: onnxruntime runs a quantized layer as an integer 
 QuantizeLinear and a DequantizeLinear. A lone int8 layer between float neighbours pays those
 conversions (and can run slower than float), while layers chained through activations, pooling,
 adds and reshapes stay in int8 between them. A candidate is one weight layer (Conv, Gemm, MatMul
-with a constant weight) with the ops that follow it up to the next weight layer: neighbouring
+with a constant weight) with the ops that follow it up to the next weight layers, branches
+included (an activation such as x * clip(x + 3) reads the layer's output twice): neighbouring
 chosen candidates form one int8 region with no conversion inside it.
 
-The quantizer is onnxruntime's own (`quantize_static`, QDQ, MinMax ranges on the calibration's
-fitting samples, symmetric int8 weights per output channel, uint8 activations), so the model
-runs in onnxruntime's integer kernels and lowers to the C backend's int8 kernels. On x86 CPUs
-without VNNI the fused kernels saturate 16-bit pair sums: weights are then quantized to 7 bits
-(`reduce_range=auto`), as the int8 export does.
+The quantizer is the int8 export's (`ort_quant.prepare`, onnxruntime's `quantize_static` in QDQ
+with per-channel weights, the opset raised for them where needed, uint8 activations), with the
+equalization and activation ranges that lower the held-out error, so a plan's int8 layers lose
+no more than the export's. The model runs in onnxruntime's integer kernels and lowers to the C
+backend's int8 kernels. On x86 CPUs without VNNI the fused kernels saturate 16-bit pair sums:
+`reduce_range=auto` measures that and then quantizes weights to 7 bits, as the export does.
 
 What a region saves: its weights' bytes (measured), and time. Time is planned from the layer's
 MACs at `INT8_TIME` of their float cost (a prior per CPU kind); the allocator's verified rounds
@@ -29,18 +31,21 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import onnx
 
 from onnxc.compiler import runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
-from onnxc.compiler.model import fingerprint, save
+from onnxc.compiler.model import fingerprint
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
 from onnxc.compiler.samples import fingerprint as data_fingerprint
 from onnxc.compiler.technique import Candidate, Technique
 from onnxc.errors import UsageError
+
+if TYPE_CHECKING:
+    from onnxc.backends.ort_quant import Prepared
 
 WEIGHT_OPS = {"Conv", "Gemm", "MatMul"}
 # Ops onnxruntime's QDQ flow keeps in int8 between two quantized layers (or that only move data).
@@ -51,7 +56,6 @@ CHAIN_OPS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
 # products (VNNI, Arm's SDOT) do four multiply-adds where float does one; without them the 16-bit
 # pair sums still halve the float work. Verified rounds time whole models and correct this.
 INT8_TIME = {True: 0.5, False: 0.75}
-PER_CHANNEL_OPSET = 13
 
 
 @register
@@ -80,10 +84,10 @@ class Int8Pass(Pass, Technique):
 
     # ---- candidates ---------------------------------------------------------------------------
     def regions(self, model: onnx.ModelProto) -> tuple[list[Candidate], list[Skip]]:
-        """Each quantizable weight layer with the chain of ops after it up to the next weight layer."""
+        """Each quantizable weight layer with the ops after it up to the next weight layers."""
         view = GraphView(model.graph)
         macs = {n.name: n.macs for n in model_cost(model).layers}
-        found, skipped = [], []
+        found, skipped, claimed = [], [], set()
         for node in model.graph.node:
             if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or not node.name:
                 continue
@@ -95,19 +99,23 @@ class Int8Pass(Pass, Technique):
             if macs.get(node.name, 0) < self.min_macs:
                 skipped.append(Skip(node.name, f"{macs.get(node.name, 0)} MACs < min_macs={self.min_macs}"))
                 continue
-            found.append(Candidate(node.name, (node.name, *self._chain(node, view))))
+            found.append(Candidate(node.name, (node.name, *self._chain(node, view, claimed))))
         return found, skipped
 
     @staticmethod
-    def _chain(node: onnx.NodeProto, view: GraphView) -> list[str]:
-        """The ops after `node` that stay in int8 with it: followed while each has one consumer."""
-        chain, current = [], node
-        while True:
-            users = view.consumers.get(current.output[0], [])
-            if len(users) != 1 or users[0].op_type not in CHAIN_OPS or not users[0].name:
-                return chain
-            current = users[0]
-            chain.append(current.name)
+    def _chain(node: onnx.NodeProto, view: GraphView, claimed: set[str]) -> list[str]:
+        """The ops downstream of `node` that stay in int8 with it: every op of CHAIN_OPS reached
+        through CHAIN_OPS alone (branches included, as an activation that reads its input twice),
+        each claimed by the first weight layer (in graph order) that reaches it."""
+        chain, frontier = [], [node]
+        while frontier:
+            current = frontier.pop()
+            for user in (u for out in current.output for u in view.consumers.get(out, [])):
+                if user.op_type in CHAIN_OPS and user.name and user.name not in claimed:
+                    claimed.add(user.name)
+                    chain.append(user.name)
+                    frontier.append(user)
+        return chain
 
     # ---- the Technique protocol ---------------------------------------------------------------
     def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
@@ -133,11 +141,10 @@ class Int8Pass(Pass, Technique):
         if ctx.calibration is None:
             return PassResult(model, False, skipped=skipped + [Skip(r.name, "int8 needs calibration inputs")
                                                                 for r in regions])
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        per_channel = opset >= PER_CHANNEL_OPSET
-        reduce = {"on": True, "off": False}.get(self.reduce_range, not runtime.integer_dot_product())
+        reduce = {"on": True, "off": False}.get(self.reduce_range)
         nodes = list(dict.fromkeys(n for r in regions for n in r.nodes))
-        quantized = quantize_nodes(model, ctx.calibration, nodes, per_channel=per_channel, reduce_range=reduce)
+        quantized, prepared = quantize_nodes(model, ctx.calibration, nodes, reduce_range=reduce)
+        per_channel, reduce = prepared.per_channel, prepared.reduce_range
         before = {n.name: n for n in model_cost(model).layers}
         after = {n.name: n for n in model_cost(quantized).layers}
         changes = [Change(r.name, before[r.name].op if r.name in before else "", "int8",
@@ -145,38 +152,45 @@ class Int8Pass(Pass, Technique):
                           detail={"region": list(r.nodes), "per_channel": per_channel,
                                   "weight_bits": 7 if reduce else 8})
                    for r in regions]
-        info = {"regions": len(regions), "nodes": len(nodes), "per_channel": per_channel, "reduce_range": reduce}
+        info = {"regions": len(regions), "nodes": len(nodes), "per_channel": per_channel, "reduce_range": reduce,
+                "preparation": prepared.notes}
         return PassResult(quantized, True, changes, skipped, info)
 
 
-def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *, per_channel: bool = True,
-                   reduce_range: bool = False) -> onnx.ModelProto:
-    """`model` with `nodes` quantized by the int8 export's static quantizer (`ort_quant`), its
-    ranges calibrated on `calibration.train`. The ranges of one model and data are computed once
-    per process and reused: the sensitivity sweep quantizes one candidate at a time of one model."""
-    from onnxc.backends import no_progress
-    from onnxc.backends.ort_quant import _quiet, _working_directory, static_quantizer
+def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *,
+                   reduce_range: bool | None = None) -> tuple[onnx.ModelProto, Prepared]:
+    """`model` with `nodes` quantized, and the preparation it went through.
 
-    cache = _ranges_dir() / f"{_key(model, calibration.train)}.ranges"
-    with tempfile.TemporaryDirectory(prefix="onnxc-int8-") as tmp, _quiet(), _working_directory(tmp):
-        source = save(model, Path(tmp) / "float.onnx")
-        run = static_quantizer(model, source, Path(tmp), calibration, per_channel, reduce_range, no_progress,
-                               cache=cache)
-        quantized = run(nodes, [])
-    added = [o for o in quantized.opset_import if o.domain not in {m.domain for m in model.opset_import}]
-    del quantized.opset_import[:]
-    quantized.opset_import.extend([*model.opset_import, *added])  # the source's opsets: QDQ needs none newer
-    quantized.ir_version = model.ir_version
-    return quantized
+    The quantizer is the int8 export's (`ort_quant.prepare`: per-channel opset, onnxruntime's
+    pre-processing, equalization and per-tensor ranges where they lower the held-out error),
+    prepared once per process for a model and its data: the sensitivity sweep quantizes one
+    candidate at a time of one model. Bias correction is left out: it rewrites the float biases
+    of every layer for the all-int8 model, which a layer the plan keeps float must not inherit."""
+    from onnxc.backends.ort_quant import _quiet, _working_directory, prepare
+    from onnxc.backends.quant_budget import Scorer
+
+    key = f"{_key(model, calibration.train)}-{reduce_range}"
+    work = _work_dir() / key
+    work.mkdir(exist_ok=True)
+    with _quiet(), _working_directory(str(work)):
+        if key not in _PREPARED:
+            scorer = Scorer(model, calibration.validation)
+            _PREPARED[key] = prepare(model, "static", calibration, work, scorer, reduce_range=reduce_range,
+                                     correct_bias=False)
+        prepared = _PREPARED[key]
+        quantized = prepared.quantizer(nodes, [])
+    quantized.ir_version = max(quantized.ir_version, model.ir_version)
+    return quantized, prepared
 
 
-_RANGES: list[tempfile.TemporaryDirectory] = []  # made on first use, removed at exit
+_WORK: list[tempfile.TemporaryDirectory] = []  # made on first use, removed at exit
+_PREPARED: dict[str, Prepared] = {}
 
 
-def _ranges_dir() -> Path:
-    if not _RANGES:
-        _RANGES.append(tempfile.TemporaryDirectory(prefix="onnxc-int8-ranges-"))
-    return Path(_RANGES[0].name)
+def _work_dir() -> Path:
+    if not _WORK:
+        _WORK.append(tempfile.TemporaryDirectory(prefix="onnxc-int8-"))
+    return Path(_WORK[0].name)
 
 
 def _key(model: onnx.ModelProto, inputs) -> str:
