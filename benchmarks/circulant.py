@@ -9,9 +9,15 @@ the numbers show the method, not the guard.
 Part 2 -- onnxruntime latency of a single K x K layer (K = 256, 1024, 4096) in each form side by
 side with the dense layer, at batch 1 and batch 64, for block sizes 8 and 32 (one thread).
 
-    python benchmarks/circulant.py            # both parts (a few minutes on 2 cores)
+Part 3 -- onnxruntime latency of one pointwise conv (batch 1, the channel counts and feature maps
+of a text-line recognizer's pointwise convs) in its two forms against the dense conv, for block
+sizes 4, 8 and 16, with the MAC ratio the fft form is counted at: whether the MACs it removes
+(what a MACs target plans it for) are time saved.
+
+    python benchmarks/circulant.py            # all parts (a few minutes on 2 cores)
     python benchmarks/circulant.py accuracy   # part 1 only
     python benchmarks/circulant.py latency    # part 2 only
+    python benchmarks/circulant.py convs      # part 3 only
 """
 
 from __future__ import annotations
@@ -77,9 +83,34 @@ def latency_table() -> None:
                 print(f"{k:>5} {batch:>5} {block:>5}  {cells}", flush=True)
 
 
+def conv_latency_table() -> None:
+    rng = np.random.default_rng(0)
+    print("\nlatency of one pointwise conv at batch 1, 10th percentile ms of interleaved runs (ratio to dense), "
+          "1 thread")
+    print(f"{'C_in':>5} {'C_out':>5} {'map':>7} {'block':>5}  " +
+          "  ".join(f"{f:>16}" for f in ("dense", *forms.CONV_FORMS)) + "  fft MACs")
+    for k, n, hw in ((64, 128, (12, 160)), (240, 240, (12, 80)), (480, 480, (6, 80))):
+        shape = [1, k, *hw]
+        x = {"x": rng.standard_normal(shape).astype(np.float32)}
+        for block in (4, 8, 16):
+            lay = fit.Layout(block, k, n, in_strided=False, out_strided=False)
+            c = rng.standard_normal((lay.q, lay.p, block)).astype(np.float32) / np.sqrt(k)
+            bias = rng.standard_normal(n).astype(np.float32)
+            layer = forms.CirculantLayer(c, bias, lay, k, n)
+            models = [forms.dense_standalone(fit.dense(c, lay), bias, shape, 17, 8, conv=True)]
+            models += [forms.standalone(f, layer, shape, 17, 8, conv=True) for f in forms.CONV_FORMS]
+            timings = bench(models, x, ["dense", *forms.CONV_FORMS], runs=30, warmup=3, threads=1)
+            cells = "  ".join(f"{t.p10_ms:>8.3f} ({t.p10_ms / timings[0].p10_ms:>4.2f})" for t in timings)
+            macs = [model_cost(m, {"x": shape}).totals()["macs"] for m in (models[0], models[-1])]
+            print(f"{k:>5} {n:>5} {'x'.join(map(str, hw)):>7} {block:>5}  {cells}  {macs[1] / macs[0]:>8.2f}",
+                  flush=True)
+
+
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["accuracy", "latency"]
+    parts = sys.argv[1:] or ["accuracy", "latency", "convs"]
     if "accuracy" in parts:
         accuracy_table()
     if "latency" in parts:
         latency_table()
+    if "convs" in parts:
+        conv_latency_table()

@@ -246,7 +246,7 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     from onnxc.compiler.sensitivity import default_techniques, make_techniques
 
     specs = list(pass_list) if pass_list else default_techniques() + (["int8"] if int8_backend else [])
-    techniques = make_techniques(specs)
+    techniques = make_techniques(specs, allocation.planned_kind(goal))
     if exact and "int8" in techniques and techniques["int8"].reduce_range == "auto":
         techniques["int8"] = replace(techniques["int8"], reduce_range="off")
     source = report.budget_source

@@ -414,6 +414,30 @@ def test_a_technique_in_one_file_is_planned(cache):
     assert result.report.fidelity["error"] <= alloc["budget"]
 
 
+def test_techniques_are_planned_for_the_target_kind():
+    """`Technique.planned` hears the kind the run plans on: circulant takes its fft form for a
+    MACs target only (then saving MACs, pointwise convs included), a form the user set wins, and
+    the other techniques are configured the same whatever the kind."""
+    from onnxc.compiler.canonical import canonicalize
+    from onnxc.compiler.model import load
+
+    model = canonicalize(load(sample_path("mobilenet")))
+    specs = ["prune", "svd", "tucker", "cp", "cluster", "circulant"]
+    for kind in ("params", "size", "latency", None):
+        plain = sensitivity.make_techniques(specs, kind)["circulant"]
+        assert plain.form == "shift" and "macs" not in plain.saves, kind
+    macs = sensitivity.make_techniques(specs, "macs")
+    assert macs["circulant"].form == "fft" and "macs" in macs["circulant"].saves
+    assert macs["circulant"].convs and macs["circulant"].pad
+    found = sensitivity.candidates(model, macs, "macs")
+    circulant = [c for c in found if c.technique == "circulant"]
+    assert len(circulant) == 9 and all(c.name.endswith("Conv") for c in circulant)  # its pointwise convs
+    assert sensitivity.make_techniques(["circulant:form=shift"], "macs")["circulant"].form == "shift"
+    others = {k: p.spec() for k, p in macs.items() if k != "circulant"}
+    for kind in ("params", "size", "latency"):
+        assert {k: p.spec() for k, p in sensitivity.make_techniques(specs, kind).items() if k != "circulant"} == others
+
+
 def test_candidates_leave_the_model_untouched():
     """Every built-in technique finds its candidates without renaming or editing the model."""
     from onnxc.compiler.canonical import canonicalize

@@ -290,8 +290,9 @@ def test_mlp_sample_block8_params_and_accuracy():
 
 
 # ---- pointwise convolutions ----------------------------------------------------------------------
+@pytest.mark.parametrize("form", forms.CONV_FORMS)
 @pytest.mark.parametrize("spatial", [[5], [3, 4]])
-def test_conv_form_computes_the_block_circulant_pointwise_conv(spatial):
+def test_conv_form_computes_the_block_circulant_pointwise_conv(spatial, form):
     rng = np.random.default_rng(5)
     for (k, n, b), (ins, outs) in zip([(24, 16, 8), (22, 13, 4), (10, 15, 5), (16, 16, 4)], LAYOUTS):
         lay = fit.Layout(b, -(-k // b) * b, -(-n // b) * b, ins, outs)
@@ -299,14 +300,20 @@ def test_conv_form_computes_the_block_circulant_pointwise_conv(spatial):
         layer = forms.CirculantLayer(c, rng.standard_normal(n).astype(np.float32), lay, k, n)
         w = fit.dense(c.astype(np.float64), lay)[:k, :n]
         shape = [2, k, *spatial]
-        for opset in (9, 17):
-            model = forms.standalone("expand", layer, shape, opset, 8 if opset >= 17 else 7, conv=True)
+        for opset in (17, 21) if form == "fft" else (9, 17):
+            ir = 10 if opset >= 21 else 8 if opset >= 17 else 7
+            model = forms.standalone(form, layer, shape, opset, ir, conv=True)
             onnx.checker.check_model(model, full_check=True)
             x = rng.standard_normal(shape).astype(np.float32)
             got = runtime.run(model, {"x": x})["y"]
             expected = np.moveaxis(np.moveaxis(x, 1, -1) @ w + layer.bias, -1, 1)
             assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4, (k, n, b, ins, outs, opset)
-            assert [n.op_type for n in model.graph.node][-1] == "Conv"  # no transposed activation
+            if form == "expand":
+                assert [n.op_type for n in model.graph.node][-1] == "Conv"  # no transposed activation
+            else:  # no dense conv left: the MACs counted are the per-frequency products alone
+                assert "Conv" not in {n.op_type for n in model.graph.node}
+                rows = int(np.prod(shape)) // k
+                assert model_cost(model, {"x": shape}).totals()["macs"] == rows * 4 * (b // 2 + 1) * lay.p * lay.q
         floats = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)
         assert floats == layer.stored
 
@@ -333,7 +340,7 @@ def test_mobilenet_candidates_are_its_pointwise_convs():
     assert len(expected) == 9 and names == expected  # the 128x10 classifier is under min_features
     assert all(c.nodes == (c.name,) for c in technique.plan_candidates(model))
     assert technique.saves == {"params", "size"} and create("circulant", {"form": "fft"}).saves >= {"macs"}
-    assert create("circulant", {"form": "fft", "convs": True}).plan_candidates(model) == []  # convs: expand only
+    assert [c.name for c in create("circulant", {"form": "fft", "convs": True}).plan_candidates(model)] == expected
     plain = create("circulant").run(clone(model), PassContext())  # a plain run leaves convs alone unless asked
     assert not plain.modified and {s.reason for s in plain.skipped} >= {"pointwise conv (convs=true rewrites it)"}
 

@@ -65,6 +65,13 @@ class Target:
         return f"{self.kind}={self.ratio:g}"
 
 
+def planned_kind(target: Target | None) -> str:
+    """The saving a run plans on: the target's kind, the one tracking a measured kind
+    (`PLANNED_AS`), or MACs when only a budget is given."""
+    kind = target.kind if target else "macs"
+    return PLANNED_AS.get(kind, kind)
+
+
 def parse_target(text: str) -> Target:
     """`macs=0.5` -> Target("macs", 0.5)."""
     kind, eq, value = str(text).partition("=")
@@ -140,7 +147,7 @@ def allocate(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: Pass
     budget = budget if budget is not None else DEFAULT_BUDGET
     kind = target.kind if target else "macs"
     with runtime.single_threaded_blas():
-        table = measure(model, _probes(techniques), ctx, PLANNED_AS.get(kind, kind), input_shapes=input_shapes,
+        table = measure(model, _probes(techniques), ctx, planned_kind(target), input_shapes=input_shapes,
                         cache_dir=cache_dir, target_ratio=target.ratio if target else None)
         return _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes,
                          reference_outputs, value_of)

@@ -121,6 +121,16 @@ class Pass:
         opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options().items())
         return f"{self.id}:{opts}" if opts else self.id
 
+    def explicit_options(self) -> set[str]:
+        """The options the user set: those given to `create` (a spec, a recipe, a preset), else
+        those that differ from their defaults. A planner may change the others for its purpose
+        (`Technique.planned`); an option set to its default value is still a choice."""
+        given = getattr(self, "_given", None)
+        if given is not None:
+            return set(given)
+        defaults = option_defaults(type(self)) if dataclasses.is_dataclass(self) else {}
+        return {k for k, v in self.options().items() if k not in defaults or defaults[k] != v}
+
     def short_spec(self) -> str:
         """Only the options that differ from their defaults (for tables people read)."""
         defaults = option_defaults(type(self)) if dataclasses.is_dataclass(self) else {}
@@ -209,6 +219,8 @@ def create(pass_id: str, options: dict[str, Any] | None = None) -> Pass:
     validate = getattr(instance, "validate", None)
     if validate is not None:
         validate()
+    # the options set (not a field: `replace` drops it, as a changed pass is no longer as given)
+    object.__setattr__(instance, "_given", frozenset(kwargs))
     return instance
 
 

@@ -34,7 +34,7 @@ from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.holdout import in_sample
 from onnxc.compiler.model import clone
-from onnxc.compiler.passes import Pass, PassContext, available, create, option_defaults
+from onnxc.compiler.passes import Pass, PassContext, available, create
 from onnxc.compiler.samples import Samples
 from onnxc.compiler.technique import Technique, by_plan_order, is_technique
 from onnxc.compiler.verify import compare_outputs
@@ -157,24 +157,20 @@ def default_techniques() -> list[Pass]:
     return [cls() for cls in available().values() if issubclass(cls, Technique) and cls.planned_by_default]
 
 
-def make_techniques(specs: Iterable[Pass | str] | None) -> dict[str, Pass]:
-    """The allocator's techniques, configured for planning: the user's passes (options kept), or
-    the default ones."""
+def make_techniques(specs: Iterable[Pass | str] | None, kind: str | None = None) -> dict[str, Pass]:
+    """The allocator's techniques, configured for planning a saving of `kind` (`Technique.planned`):
+    the user's passes (the options they set kept), or the default ones."""
     from onnxc.compiler.recipe import parse_spec
     from onnxc.errors import UsageError
 
     out: dict[str, Pass] = {}
     for p in specs or default_techniques():
         if isinstance(p, str):
-            pass_id, options = parse_spec(p)
-            p, explicit = create(pass_id, options), set(options)
-        else:
-            defaults = option_defaults(type(p))
-            explicit = {k for k, v in p.options().items() if k not in defaults or defaults[k] != v}
+            p = create(*parse_spec(p))
         if not is_technique(p):
             plannable = ", ".join(k for k, cls in available().items() if issubclass(cls, Technique))
             raise UsageError(f"--target allocates across {plannable}; '{p.id}' has no per-layer levels")
-        out[p.id] = p.planned(explicit)
+        out[p.id] = p.planned(p.explicit_options(), kind)
     return out
 
 

@@ -17,7 +17,12 @@ in its own module:
 - `restricted(levels)`: the passes that rewrite exactly the chosen candidate-levels, in order;
 - `probe()`: the pass as the sweep measures one candidate-level alone (it may trade some
   accuracy for speed there; the final plan runs `restricted` and is verified);
-- `planned(explicit)`: the pass as the allocator uses it, given which options the user set.
+- `planned(explicit, kind)`: the pass as the allocator uses it, given which options the user set
+  and the kind of saving the run plans on (macs, params, size, latency). A technique whose
+  options trade one kind of saving for another picks the ones that save the planned kind, as
+  circulant takes its fft form (the only one that removes multiply-accumulates) for a MACs
+  target; options the user set win. The kind is known before candidates are found, so `saves`
+  and `plan_candidates` already answer for the configured pass.
 
 How a technique combines with others on one node is declared, not special-cased:
 
@@ -84,8 +89,9 @@ class Technique:
         """The pass as the sensitivity sweep runs it for one candidate-level alone."""
         return self
 
-    def planned(self, explicit: Collection[str]):
-        """The pass as the allocator uses it; `explicit`: the options the user set."""
+    def planned(self, explicit: Collection[str], kind: str | None = None):
+        """The pass as the allocator uses it; `explicit`: the options the user set; `kind`: the
+        saving the run plans on (None: not known). By default the pass as configured."""
         return self
 
 

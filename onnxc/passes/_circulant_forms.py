@@ -15,12 +15,14 @@ Every form stores the q * p * b parameters (O(b) per block) and computes x @ den
   dense MatMul. onnxruntime constant-folds that gather at session start, so the file is small but
   the runtime memory and speed are those of the dense layer.
 
-A pointwise Conv ([N, C, ...] input, features on axis 1) has one form, `expand`: the
-[C_out, C_in, 1, ...] Conv weight is gathered from the parameters in the graph (and sliced when
-the features were padded), so the activation is never transposed and onnxruntime folds the
+A pointwise Conv ([N, C, ...] input, features on axis 1) has two forms. `expand` (the default):
+the [C_out, C_in, 1, ...] Conv weight is gathered from the parameters in the graph (and sliced
+when the features were padded), so the activation is never transposed and onnxruntime folds the
 weight once per session: the file stores b numbers per block, the session runs the dense conv.
-The shift form would gather b shifted copies of the whole feature map for the same MACs, and the
-fft form would move the channels to the last axis and back around slow DFTs.
+`fft`: the channels are moved to the last axis, the layer runs in the fft form above, and they
+are moved back: the only form that removes multiply-accumulates of a conv, for a MACs target,
+at the price of two transposes of the feature map and the DFTs. The shift form would gather b
+shifted copies of the whole feature map for the same MACs as the dense conv.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from onnxc.compiler.graph import GraphView
 from onnxc.passes._circulant_fit import Layout, pattern
 
 FORMS = ("shift", "fft", "expand")
-CONV_FORMS = ("expand",)
+CONV_FORMS = ("expand", "fft")
 FFT_OPSET = 17
 PATTERN = "onnxc_circulant_pattern"  # name of the shared [b, b] shift pattern initializers
 
@@ -104,6 +106,13 @@ def emit(form: str, view: GraphView, layer: CirculantLayer, x: str, y: str, rank
          name: str, shared: dict) -> list[onnx.NodeProto]:
     """Nodes computing y = x @ dense(layer) + bias for an input of static rank `rank` >= 2."""
     b = _Builder(view, opset, name, shared)
+    _dense(b, form, layer, x, rank)
+    b.nodes[-1].output[0] = y
+    return b.nodes
+
+
+def _dense(b: _Builder, form: str, layer: CirculantLayer, x: str, rank: int) -> str:
+    """x @ dense(layer) + bias over the last axis of x, in `form`."""
     lay = layer.layout
     if lay.in_features > layer.in_features:
         x = b.pad_last(x, rank, lay.in_features - layer.in_features)
@@ -112,8 +121,7 @@ def emit(form: str, view: GraphView, layer: CirculantLayer, x: str, y: str, rank
         out = b.slice_last(out, rank, layer.out_features)
     if layer.bias is not None:
         out = b.op("Add", [out, b.const("bias", layer.bias.astype(np.float32))])
-    b.nodes[-1].output[0] = y
-    return b.nodes
+    return out
 
 
 def _shift(b: _Builder, layer: CirculantLayer, x: str, rank: int) -> str:
@@ -136,10 +144,17 @@ def _shift(b: _Builder, layer: CirculantLayer, x: str, rank: int) -> str:
 
 
 def emit_conv(view: GraphView, layer: CirculantLayer, x: str, y: str, rank: int, opset: int, name: str,
-              shared: dict) -> list[onnx.NodeProto]:
-    """Nodes computing the pointwise Conv y = conv(x, W) + bias of rank `rank` (its weight W the
-    dense [C_out, C_in, 1, ...] of `layer`, gathered from the parameters in the graph)."""
+              shared: dict, form: str = "expand") -> list[onnx.NodeProto]:
+    """Nodes computing the pointwise Conv y = conv(x, W) + bias of rank `rank`, W the dense
+    [C_out, C_in, 1, ...] of `layer`: in `expand` gathered from the parameters in the graph; in
+    `fft` the channels of every position multiplied in the fft form (see the module docstring)."""
     b = _Builder(view, opset, name, shared)
+    if form == "fft":
+        last = b.op("Transpose", [x], perm=[0, *range(2, rank), 1])
+        out = _dense(b, "fft", layer, last, rank)
+        b.op("Transpose", [out], perm=[0, rank - 1, *range(1, rank - 1)])
+        b.nodes[-1].output[0] = y
+        return b.nodes
     lay = layer.layout
     params = b.const("circulant", layer.c.astype(np.float32))
     blocks = b.op("Gather", [params, _pattern(b, lay.block)], axis=2)  # [q, p, r, k]
@@ -217,7 +232,7 @@ def standalone(form: str, layer: CirculantLayer, x_shape: list[int], opset: int,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)])
     view = GraphView(graph)
     if conv:
-        nodes = emit_conv(view, layer, "x", "y", len(x_shape), opset, "layer", {})
+        nodes = emit_conv(view, layer, "x", "y", len(x_shape), opset, "layer", {}, form)
     else:
         nodes = emit(form, view, layer, "x", "y", len(x_shape), opset, "layer", {})
     graph.node.extend(nodes)

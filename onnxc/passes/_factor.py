@@ -287,7 +287,7 @@ class FactorPass(Pass, Technique):
         the final plan runs with the user's settings and is verified."""
         return dataclasses.replace(self, recapture=False, judge=False)
 
-    def planned(self, explicit) -> FactorPass:
+    def planned(self, explicit, kind=None) -> FactorPass:
         """Ranks at a multiple of the machine's channel block (unless round_to was set)."""
         return self if "round_to" in explicit else dataclasses.replace(self, round_to=runtime.channel_multiple())
 

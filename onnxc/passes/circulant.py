@@ -21,16 +21,18 @@ them). Each layer is fitted, checked, timed and emitted:
    of shift, fft, expand). `auto` is opt-in because a timed choice follows the machine and its
    load, so it breaks "same input, options and seed give the same bytes". `fft` needs opset 17:
    the model's opset is raised with onnx's version converter when it is lower, and fft is not
-   offered when that fails. A pointwise Conv is always emitted in the `expand` form (its weight
-   gathered from the parameters in the graph; see `_circulant_forms`).
+   offered when that fails. A pointwise Conv is emitted in the `expand` form (its weight gathered
+   from the parameters in the graph), or in the fft form over its channels with `form=fft`; see
+   `_circulant_forms`.
 4. Padding: features that are not a multiple of the block are zero-padded in the graph with
    `pad=true`, otherwise the layer is skipped with the reason.
 
 As a `Technique` for the allocator, each layer (pointwise convs included) is a candidate and its
 levels are block sizes. A level saves parameters and file bytes; MACs only in the fft form (the
 shift and expand forms run the dense layer's multiply-accumulates, on a smaller weight or on the
-weight rebuilt at session start), so only then does the pass offer itself for a MACs target. It
-never offers latency: the forms that save MACs run slower in onnxruntime than the dense layer.
+weight rebuilt at session start), so only then does the pass offer itself for a MACs target, and
+planned for one it takes the fft form unless the user chose a form. It never offers latency: the
+forms that save MACs run slower in onnxruntime than the dense layer (benchmarks/circulant.py).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class CirculantPass(Pass, Technique):
         "min_features": "skip layers with fewer input or output features",
         "max_layer_error": "leave a layer dense when its local relative output error exceeds this",
         "form": "graph form of Gemm/MatMul layers: shift, fft, expand (direct = shift), or auto (fastest when "
-                "timed here; not reproducible); pointwise convs always use expand",
+                "timed here; not reproducible); pointwise convs: fft with form=fft, else expand. Planned for a MACs "
+                "target, fft unless set",
         "layout": "grouping of features into blocks: auto (lowest error), contiguous, strided",
         "pad": "zero-pad features that are not a multiple of block (otherwise skip the layer)",
         "data_aware": "fit to calibration outputs (projection only when false or data is random)",
@@ -118,13 +121,16 @@ class CirculantPass(Pass, Technique):
         """Parameters and bytes always; MACs only in the fft form (see the module docstring)."""
         return frozenset({"params", "size", "macs"} if self.form == "fft" else {"params", "size"})
 
+    def latency_saving(self, macs_saved: float, candidate_macs: float) -> float:
+        """No time: the forms that remove MACs run slower in onnxruntime than the dense layer, and
+        the others run its MACs (see the module docstring)."""
+        return 0.0
+
     def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
-        """Every layer some level can rewrite (with the fft form, only those it saves MACs on)."""
+        """Every layer some level can rewrite."""
         view = GraphView(model.graph)
         found = []
         for t in self._targets(view, blocks=self.levels())[0]:
-            if self.form == "fft" and t.channels_first:
-                continue
             nodes = tuple(n.name or n.output[0] for n in (view.producers[o] for o in t.outputs))
             found.append(Candidate(t.name, nodes))
         return found
@@ -140,10 +146,14 @@ class CirculantPass(Pass, Technique):
         every layer rewritten before it, whatever its block."""
         return [replace(self, _levels={name: int(b) for name, b in levels.items()})]
 
-    def planned(self, explicit) -> CirculantPass:
+    def planned(self, explicit, kind=None) -> CirculantPass:
         """Pointwise convs and padding on (unless set): every dense layer and pointwise conv is a
-        candidate, and every one can take every block at a few padded features."""
-        return replace(self, **{k: True for k in ("pad", "convs") if k not in explicit})
+        candidate, and every one can take every block at a few padded features. For a MACs
+        target the fft form (unless a form was set): the only one whose multiply-accumulates drop."""
+        options = {k: True for k in ("pad", "convs") if k not in explicit}
+        if kind == "macs" and "form" not in explicit:
+            options["form"] = "fft"
+        return replace(self, **options)
 
     def _block(self, t: Target) -> int:
         return self.block if self._levels is None else self._levels[t.name]
@@ -321,8 +331,11 @@ class CirculantPass(Pass, Technique):
     # ---- forms --------------------------------------------------------------------------------
     def _choose_form(self, t: Target, layer: forms.CirculantLayer, state: _State, ctx: PassContext,
                      model: onnx.ModelProto) -> tuple[str, dict] | str:
-        if t.channels_first:  # one form, which runs the dense conv: nothing to choose or time
-            return forms.CONV_FORMS[0], {}
+        if t.channels_first:  # expand unless fft was asked for: the others are slower convs, not timed
+            if self.form != "fft":
+                return "expand", {}
+            fft_ok, fft_reason = state.fft_available(model)
+            return ("fft", {}) if fft_ok else fft_reason
         wanted = list(forms.FORMS) if self.form == "auto" else [self.form]
         fft_ok, fft_reason = (True, "") if "fft" not in wanted else state.fft_available(model)
         if "fft" in wanted and not fft_ok:
@@ -340,7 +353,7 @@ class CirculantPass(Pass, Technique):
         old = [view.producers[name] for name in t.outputs]
         rank = len(t.shape)
         if t.channels_first:
-            new = forms.emit_conv(view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
+            new = forms.emit_conv(view, layer, t.x, t.y, rank, state.opset, t.name, state.shared, form)
         else:
             new = forms.emit(form, view, layer, t.x, t.y, rank, state.opset, t.name, state.shared)
         view.replace_node(old[0], new)

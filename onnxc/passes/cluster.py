@@ -162,7 +162,7 @@ class ClusterPass(Pass, Technique):
         return [replace(self, bits=int(bits), _layers={n for n, b in levels.items() if b == bits})
                 for bits in sorted(set(levels.values()), reverse=True)]
 
-    def planned(self, explicit) -> ClusterPass:
+    def planned(self, explicit, kind=None) -> ClusterPass:
         """5-7 bit codes stored at their width: in whole bytes they would save nothing over 8 bits."""
         return replace(self, packing="tight") if self.packing == "auto" else self
 

@@ -114,7 +114,7 @@ class PrunePass(Pass, Technique):
         return replace(self, recapture=False, downstream=False, samples=min(self.samples, 2048), judge=False,
                        criterion="thinet" if self.criterion == "lsq" else self.criterion)
 
-    def planned(self, explicit) -> PrunePass:
+    def planned(self, explicit, kind=None) -> PrunePass:
         """Kept counts at a multiple of the machine's channel block (unless round_to was set), so the
         saving the allocator plans on is time the runtime saves."""
         return self if "round_to" in explicit else replace(self, round_to=runtime.channel_multiple())
