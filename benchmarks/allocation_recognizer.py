@@ -17,6 +17,7 @@ interleaved runs), the file ratio, the wall time, and for the target the plan pe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-error", type=float, default=0.01)
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (default: the CPU's "
+                        "cores, as the CLI's --target uses)")
     parser.add_argument("--passes", default="", help="comma-separated techniques (default: the defaults + int8)")
     args = parser.parse_args(argv)
     source = corpus.path("ppocr_rec")
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         row("export --int8", tmp / "int8.onnx", time.perf_counter() - start)
         start = time.perf_counter()
         passes = args.passes.split(",") if args.passes else None
-        result = optimize(source, passes=passes, calibration={"x": x_cal}, target=args.target,
-                          max_error=args.max_error, metric="text_lines:line_error", output=tmp / "target.onnx",
-                          backend="onnxruntime", cache_dir=tmp / "cache", jobs=args.jobs, progress=_progress())
+        with _progress() as progress:  # entered: it also prints a line per phase every 30 s
+            result = optimize(source, passes=passes, calibration={"x": x_cal}, target=args.target,
+                              max_error=args.max_error, metric="text_lines:line_error", output=tmp / "target.onnx",
+                              backend="onnxruntime", cache_dir=tmp / "cache", jobs=args.jobs, progress=progress)
         seconds = time.perf_counter() - start
         alloc = result.report.allocation
         row(f"{args.target}", tmp / "target.onnx", seconds,
