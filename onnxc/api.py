@@ -141,7 +141,7 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
         int8_backend = backend == "onnxruntime" or (backend == "c" and bool(export_options and export_options.int8))
         result, fidelity, budget = _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report,
                                              cache_dir, plot, int8_backend=int8_backend, exact=backend == "c",
-                                             value_of=value_of)
+                                             value_of=value_of, baseline=original)
         if limits and goal is not None:
             _check_fit(result, firmware, limits, report, fidelity)
     else:
@@ -235,7 +235,7 @@ def _noise_budget(report: Report, budget: float, error: float) -> float:
 
 
 def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, cache_dir, plot, *,
-              int8_backend: bool = False, exact: bool = False, value_of=None):
+              int8_backend: bool = False, exact: bool = False, value_of=None, baseline=None):
     """The allocation mode of `optimize`: (model, fidelity, budget) and the report filled in.
 
     Without passes, the techniques are the default ones, plus int8 where the backend runs it
@@ -252,7 +252,8 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     source = report.budget_source
     asked = None if source == "default" else (math.inf if budget is None else budget)  # None: the default
     alloc = allocation.allocate(canonical, techniques, ctx, goal, asked, input_shapes=shapes,
-                                reference_outputs=ref_out, cache_dir=cache_dir, value_of=value_of)
+                                reference_outputs=ref_out, cache_dir=cache_dir, value_of=value_of,
+                                baseline=baseline)
     report.allocation = {**alloc.to_dict(), "techniques": list(techniques)}
     report.max_error = alloc.budget if math.isfinite(alloc.budget) else None
     if goal is not None and not alloc.met:

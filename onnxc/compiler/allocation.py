@@ -137,8 +137,13 @@ class Allocation:
 
 def allocate(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: PassContext, target: Target | None,
              budget: float | None, *, input_shapes: dict | None = None, reference_outputs: dict | None = None,
-             cache_dir=None, value_of: Callable[[onnx.ModelProto], float] | None = None) -> Allocation:
+             cache_dir=None, value_of: Callable[[onnx.ModelProto], float] | None = None,
+             baseline: onnx.ModelProto | None = None) -> Allocation:
     """Choose per-candidate levels of `techniques` that meet `target` within `budget` on `model`.
+
+    `baseline` is the model a latency ratio is relative to when `model` is not it: the user's
+    file, when `model` is its canonical form (whose folded ops can make it faster already; that
+    gain counts towards the target, as the user compares with the file they gave).
 
     `value_of` measures a target kind the compiler does not compute (one of PLANNED_AS: the
     caller's own measure of a model, such as its linked firmware), planned on the saving that
@@ -150,7 +155,7 @@ def allocate(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: Pass
         table = measure(model, _probes(techniques), ctx, planned_kind(target), input_shapes=input_shapes,
                         cache_dir=cache_dir, target_ratio=target.ratio if target else None)
         return _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes,
-                         reference_outputs, value_of)
+                         reference_outputs, value_of, baseline)
 
 
 def _probes(techniques: dict[str, Technique]) -> dict[str, Technique]:
@@ -159,7 +164,7 @@ def _probes(techniques: dict[str, Technique]) -> dict[str, Technique]:
 
 
 def _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes, reference_outputs,
-              value_of=None):
+              value_of=None, baseline=None):
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     nodes_of = candidate_nodes(table)
@@ -167,26 +172,31 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     planned = PLANNED_AS.get(kind, kind)
     steps = ordered_steps(table, planned, errors)
     costs = CostModel.of(model, table, planned, ctx.calibration) if planned != "size" else None
-    base_latency = None
+    base_latency = baseline_latency = None
     feed = first_sample(val)
     if kind == "latency":
         from onnxc.compiler.bench import bench
 
-        base_latency = bench([model], feed, runs=30, warmup=3, threads=1)[0].p10_ms
+        timed = bench([model] if baseline is None else [model, baseline], feed, runs=30, warmup=3, threads=1)
+        base_latency, baseline_latency = timed[0].p10_ms, timed[-1].p10_ms
     base_value = value_of(model) if value_of is not None else _value(model, kind, ctx.calibration, base_latency)
     # savings are planned in another unit than the target's: latency in MACs, a measured value in
-    # what tracks it; one unit of the plan is worth this much of the target at the original's rate
+    # what tracks it; one unit of the plan is worth this much of the target at the model's rate
     per_unit = 1.0
     if kind == "latency":
         per_unit = base_value / max(_value(model, "macs", ctx.calibration, None), 1.0)
     elif planned != kind:
         per_unit = base_value / max(_value(model, planned, ctx.calibration, None), 1.0)
+    # ratios are to the baseline's latency: what `model` already gains on it is saved before any step
+    head_start = 0.0
+    if baseline_latency is not None and value_of is None:
+        head_start, base_value = baseline_latency - base_latency, baseline_latency
 
     def predictions(steps: list[Step]) -> tuple[np.ndarray, np.ndarray]:
         """Predicted saving (of the target kind) and squared error after each prefix of `steps`;
         latency as MACs saved at the model's milliseconds per MAC."""
         saved = costs.savings(steps) if costs is not None else np.cumsum([0.0] + [s.saving for s in steps])
-        saved = saved * per_unit
+        saved = saved * per_unit + head_start
         return saved, np.cumsum([0.0] + [s.error2 for s in steps])
 
     if steps:
@@ -254,7 +264,8 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                 best = ((met, -error), candidate, plan, fid, ratio, met, results)
     if best is None:
         fid = compare_outputs(ref, runtime.run(model, val), ctx.metric)
-        best = (None, model, {}, fid, 1.0, target is None, [])
+        ratio = 1.0 - head_start / base_value if base_value else 1.0
+        best = (None, model, {}, fid, ratio, target is None or ratio <= target.ratio + TOLERANCE, [])
     _, out, plan, fid, ratio, met, results = best
     alloc = Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results,
                        costs=costs, steps=steps, surrogate_scale=surrogate_scale)
