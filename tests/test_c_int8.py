@@ -31,10 +31,10 @@ from onnxc.compiler.calibration import make_calibration
 from onnxc.compiler.canonical import canonicalize
 
 KWS_SAMPLES = 300
-# Per output channel an int8 layer stores its bias and requantization multiplier besides its weights,
+# Per output channel an int8 layer stores its bias and float32 requantization scale besides its weights,
 # packed in one word where they fit (requant.channel_table): layers with few weights per channel
 # (DS-CNN's and MobileNet's 3x3 depthwise convolutions: 9) pay it most. Dense layers keep two words
-# per channel: the input zero point folded into their bias leaves too few bits to pack the multiplier.
+# per channel: the input zero point folded into their bias leaves too few bits to pack the scale.
 WEIGHT_RATIO = 0.271
 CLUSTERED = ("mlp", "mobilenet")  # 4-bit clustered in int8: codes in dense layers and in 1x1 convolutions
 
