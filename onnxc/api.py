@@ -278,8 +278,8 @@ def _fit_target(canonical: onnx.ModelProto, firmware, limits: dict[str, int], re
     """The allocator's target for `--fit`: the firmware's flash, RAM and instructions against the
     limits, as one value (the largest footprint / limit: 1 fits), measured on every verified plan;
     planned on what tracks the limit the model is furthest from (allocation.PLANNED_AS: instructions
-    as time, in MACs with int8's speedup; bytes as size). Returns (None, None) when the model fits
-    as it is."""
+    as time, in MACs with int8's speedup; RAM as peak activation bytes; flash as size). Returns
+    (None, None) when the model fits as it is."""
     from onnxc.backends.c import fit as device
     from onnxc.compiler.allocation import TOLERANCE, Target
 
@@ -291,7 +291,7 @@ def _fit_target(canonical: onnx.ModelProto, firmware, limits: dict[str, int], re
         return None, None
     # met when value / start <= ratio + the allocator's tolerance: exactly when the firmware fits
     ratio = max(1.0 / start - TOLERANCE, 1e-6)
-    kind = "device_instructions" if device.binding(base, limits) == "instructions" else "device"
+    kind = {"instructions": "device_instructions", "ram": "device_ram"}.get(device.binding(base, limits), "device")
     return Target(kind, ratio), lambda m: device.over(firmware(m), limits)
 
 

@@ -120,3 +120,18 @@ def test_impossible_fit_is_one_line(tmp_path, capsys):
 def test_fit_needs_the_c_backend(tmp_path):
     with pytest.raises(UsageError, match="--backend c"):
         optimize(sample_path("mlp"), fit=["flash=10K"], output=tmp_path / "m.onnx")
+
+
+def test_fit_ram_is_planned_on_activations(tmp_path):
+    """--fit ram=SIZE is planned on the peak activation bytes (what pruning shrinks and int8 or
+    clustered weights do not): the MLP's RAM into two thirds, measured by linking, top-1 within a
+    point."""
+    base = device.measure(canonicalize(load(sample_path("mlp")), SHAPES), SHAPES)
+    limit = 2 * base["ram"] // 3
+    result = optimize(sample_path("mlp"), calibration=CALIBRATION, backend="c", fit=[f"ram={limit}"],
+                      passes=["prune"], export_options=ExportOptions(name="net"), output=tmp_path / "c",
+                      cache_dir=tmp_path / "cache")
+    fp = result.report.device
+    assert fp["before"]["ram"] == base["ram"] > limit >= fp["after"]["ram"]
+    assert result.report.allocation["met"] and result.report.allocation["target"].startswith("device_ram=")
+    assert accuracy(result.model) >= accuracy(sample_path("mlp")) - 1.0
