@@ -9,6 +9,8 @@ Import from a test module in ``tests/`` as ``from mlperf_tiny import int8_build,
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -44,6 +46,11 @@ def qdq_reference(qdq: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     [count, outputs]."""
     sess = int8_session(qdq)
     return np.concatenate([sess.run(None, {"input": xi})[0].reshape(1, -1) for xi in x])
+
+
+# onnxruntime's x86-64 integer kernels requantize in float32 (MLAS MlasRequantizeOutput), as ours
+# do; its arm64 build may use a fixed-point form of its own, which ours follows to one step.
+MLAS_FLOAT_REQUANT = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def int8_session(qdq: onnx.ModelProto) -> ort.InferenceSession:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from mlperf_tiny import int8_session
+from mlperf_tiny import MLAS_FLOAT_REQUANT, int8_session
 from sample_data import CALIBRATION, SAMPLE_MODELS, load_test_set, sample_path
 
 import onnxc
@@ -88,7 +88,7 @@ def assert_matches(name: str, gen, qdq: onnx.ModelProto, x: np.ndarray, ours: np
     ref = qdq_reference(qdq, x)
     assert ours.shape == ref.shape, name
     steps = np.abs(ours - ref) / gen.prog.entry_int8.output_scale
-    if any(n.op_type == "Add" for n in qdq.graph.node):
+    if any(n.op_type == "Add" for n in qdq.graph.node) or not MLAS_FLOAT_REQUANT:
         assert steps.max() <= 1.001, (name, float(steps.max()))
     else:
         assert np.array_equal(ours, ref), (name, float(np.mean(ours == ref)), float(steps.max()))
@@ -225,8 +225,9 @@ def test_int8_fast_kernels_are_exact_at_any_multiplier(tmp_path):
     for i, ((_, x, ref), gen) in enumerate(zip(built, gens)):
         out = run_samples(exe, i, gen, {"x": x[:, 0]})["y"].reshape(ref.shape)
         assert np.array_equal(out, ref), cases[i]
-        ort_out = np.stack([int8_session(built[i][0]).run(None, {"x": xi})[0][0] for xi in x])
-        assert np.array_equal(ort_out, ref), cases[i]
+        if MLAS_FLOAT_REQUANT:
+            ort_out = np.stack([int8_session(built[i][0]).run(None, {"x": xi})[0][0] for xi in x])
+            assert np.array_equal(ort_out, ref), cases[i]
 
 
 def test_export_c_int8(tmp_path):

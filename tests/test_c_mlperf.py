@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mlperf_tiny import agreement, inputs, int8_build, qdq_reference
+from mlperf_tiny import MLAS_FLOAT_REQUANT, agreement, inputs, int8_build, qdq_reference
 
 from onnxc.backends.c import mps2
 from onnxc.backends.c.reference_models import MLPERF_TINY
@@ -41,11 +41,12 @@ def test_int8_equals_onnxruntime_on_100_inputs(built):
     kernels): the same int32 sums and the same float32 requantization (requant.py), so no rounding
     tie goes the other way in an early layer and grows downstream. ResNet-8's residual additions
     are onnxruntime's x86 QLinearAdd, a fused multiply-add of its own that ours follows to within
-    one step (equal on these inputs, but not by construction): one step is asked there."""
+    one step (equal on these inputs, but not by construction): one step is asked there, and on
+    a CPU whose onnxruntime does not requantize in float32 (MLAS_FLOAT_REQUANT)."""
     for name, (qdq, gen, x, ours) in built.items():
         ref = qdq_reference(qdq, x)
         got = agreement(gen, ours, ref)
-        if name == "resnet8":
+        if name == "resnet8" or not MLAS_FLOAT_REQUANT:
             assert got["max_steps"] <= 1.001, (name, got)
         else:
             assert np.array_equal(ours, ref), (name, got)
