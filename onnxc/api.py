@@ -134,7 +134,9 @@ def _optimize(model, *, passes, preset, recipe, calibration, preprocess, input_s
     report.canonical_fidelity = canon_fid.to_dict()
     value_of = None
     if limits:
-        firmware = device.Firmware(shapes)
+        from onnxc.compiler.sensitivity import first_sample
+
+        firmware = device.Firmware(shapes, sample=first_sample(cal.validation) if "instructions" in limits else None)
         goal, value_of = _fit_target(canonical, firmware, limits, report)
         allocating = goal is not None or (max_error is not None and not pass_list)
     if allocating:
@@ -274,9 +276,11 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
 
 
 def _fit_target(canonical: onnx.ModelProto, firmware, limits: dict[str, int], report: Report):
-    """The allocator's target for `--fit`: the linked firmware's flash and RAM against the limits,
-    as one value (the largest footprint / limit: 1 fits), measured on every verified plan.
-    Returns (None, None) when the model fits as it is."""
+    """The allocator's target for `--fit`: the firmware's flash, RAM and instructions against the
+    limits, as one value (the largest footprint / limit: 1 fits), measured on every verified plan;
+    planned on what tracks the limit the model is furthest from (allocation.PLANNED_AS: instructions
+    as time, in MACs with int8's speedup; RAM as peak activation bytes; flash as size). Returns
+    (None, None) when the model fits as it is."""
     from onnxc.backends.c import fit as device
     from onnxc.compiler.allocation import TOLERANCE, Target
 
@@ -288,7 +292,8 @@ def _fit_target(canonical: onnx.ModelProto, firmware, limits: dict[str, int], re
         return None, None
     # met when value / start <= ratio + the allocator's tolerance: exactly when the firmware fits
     ratio = max(1.0 / start - TOLERANCE, 1e-6)
-    return Target("device", ratio), lambda m: device.over(firmware(m), limits)
+    kind = {"instructions": "device_instructions", "ram": "device_ram"}.get(device.binding(base, limits), "device")
+    return Target(kind, ratio), lambda m: device.over(firmware(m), limits)
 
 
 def _check_fit(result: onnx.ModelProto, firmware, limits: dict[str, int], report: Report, fidelity) -> None:
@@ -301,7 +306,7 @@ def _check_fit(result: onnx.ModelProto, firmware, limits: dict[str, int], report
     if device.over(after, limits) > 1.0:
         raise VerificationError(f"--fit: the best plan within the budget takes {device.describe(after, limits)} "
                                 f"({device.over(after, limits):.2f}x the limit) at error {fidelity.error:.3g}; "
-                                "raise --max-error, add techniques (-p int8 with --int8, cluster) or the limits")
+                                "raise --max-error, add techniques (-p int8 with --int8, prune, cluster) or the limits")
 
 
 def planned_int8(model: onnx.ModelProto) -> bool:

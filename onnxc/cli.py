@@ -257,9 +257,10 @@ def _input_file(path: str) -> str:
     "--fit",
     "fit",
     multiple=True,
-    metavar="flash|ram=SIZE",
-    help="With --backend c: compress until the linked Cortex-M firmware fits (e.g. --fit flash=256K --fit ram=64K); "
-    "flash and RAM are measured with arm-none-eabi-size on every verified plan.",
+    metavar="flash|ram=SIZE|instructions=N",
+    help="With --backend c: compress until the linked Cortex-M firmware fits (e.g. --fit flash=256K --fit ram=64K "
+    "--fit instructions=4.5M); flash and RAM are measured with arm-none-eabi-size on every verified plan, "
+    "instructions per inference on the emulated Cortex-M4 (qemu -icount).",
 )
 @click.option(
     "--metric",

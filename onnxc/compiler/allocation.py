@@ -28,7 +28,17 @@ from onnxc.compiler import runtime
 from onnxc.compiler.model import serialized_bytes
 from onnxc.compiler.passes import DEFAULT_BUDGET, PassContext
 from onnxc.compiler.search import Search
-from onnxc.compiler.sensitivity import Plan, Table, apply_plan, first_sample, latency_ratio, measure, totals
+from onnxc.compiler.sensitivity import (
+    BYTE_KINDS,
+    Plan,
+    Table,
+    activation_bytes,
+    apply_plan,
+    first_sample,
+    latency_ratio,
+    measure,
+    totals,
+)
 from onnxc.compiler.steps import (  # noqa: F401  (the allocator's public names, as tests and plot use them)
     STARVED,
     CostModel,
@@ -50,8 +60,10 @@ log = logging.getLogger("onnxc.allocation")
 
 KINDS = ("macs", "params", "size", "latency")
 # Targets judged by a value the caller measures (`allocate(value_of=...)`, e.g. the linked firmware
-# of a microcontroller backend) are planned on the saving that tracks it most closely.
-PLANNED_AS = {"device": "size"}
+# of a microcontroller backend) are planned on the saving that tracks it most closely: its bytes
+# on size, its instructions per inference on time (MACs saved, int8 at its speedup), its RAM on
+# the peak activation bytes (what pruning and int8 activations shrink, and int8 weights do not).
+PLANNED_AS = {"device": "size", "device_instructions": "latency", "device_ram": "activations"}
 MAX_ROUNDS = 8
 TOLERANCE = 0.01  # a target counts as met within this much of its ratio
 
@@ -171,7 +183,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     errors, surrogate_scale = planning_errors(table)
     planned = PLANNED_AS.get(kind, kind)
     steps = ordered_steps(table, planned, errors)
-    costs = CostModel.of(model, table, planned, ctx.calibration) if planned != "size" else None
+    costs = CostModel.of(model, table, planned, ctx.calibration) if planned not in BYTE_KINDS else None
     base_latency = baseline_latency = None
     feed = first_sample(val)
     if kind == "latency":
@@ -183,7 +195,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     # savings are planned in another unit than the target's: latency in MACs, a measured value in
     # what tracks it; one unit of the plan is worth this much of the target at the model's rate
     per_unit = 1.0
-    if kind == "latency":
+    if planned == "latency":
         per_unit = base_value / max(_value(model, "macs", ctx.calibration, None), 1.0)
     elif planned != kind:
         per_unit = base_value / max(_value(model, planned, ctx.calibration, None), 1.0)
@@ -289,4 +301,6 @@ def _value(model: onnx.ModelProto, kind: str, cal, latency: float | None) -> flo
         return float(latency)
     if kind == "size":
         return float(serialized_bytes(model))
+    if kind == "activations":
+        return float(activation_bytes(model, cal))
     return float(totals(model, cal)[kind])

@@ -37,7 +37,11 @@ def plot_allocation(alloc, path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from onnxc.compiler.allocation import PLANNED_AS
+
     kind = alloc.target.kind if alloc.target else "macs"
+    kind = PLANNED_AS.get(kind, kind)  # a measured target (--fit) is drawn in what it is planned on
     kind = "macs" if kind == "latency" else kind  # planned on MACs; the rounds show measured latency
     base = alloc.table.base.get("bytes" if kind == "size" else kind) or 1
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
@@ -62,7 +66,7 @@ def plot_allocation(alloc, path: str | os.PathLike) -> None:
     steps = alloc.steps or ordered_steps(alloc.table, kind)
     saved = alloc.costs.savings(steps) if alloc.costs is not None else [0.0] + [s.saving for s in steps]
     err2, xs, ys = 0.0, [1.0], [0.0]
-    for s, total in zip(steps, saved[1:] if kind != "size" else np.cumsum(saved)[1:]):
+    for s, total in zip(steps, saved[1:] if alloc.costs is not None else np.cumsum(saved)[1:]):
         err2 += s.error2
         xs.append(max(1 - total / base, 0.0))
         ys.append(math.sqrt(err2))

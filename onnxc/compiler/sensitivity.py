@@ -41,7 +41,9 @@ from onnxc.compiler.verify import compare_outputs
 
 log = logging.getLogger("onnxc.sensitivity")
 
-CACHE_VERSION = 5  # bump when what a measurement computes changes (5: the surrogate error)
+# Kinds whose saving is measured whole-model (bytes), not spread over nodes' MACs or params.
+BYTE_KINDS = ("size", "activations")
+CACHE_VERSION = 6  # bump when what a measurement computes changes (5: the surrogate error; 6: activations)
 
 
 def round_to() -> int:
@@ -135,7 +137,7 @@ def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, c
     """Every candidate of every technique that can save `kind` (macs, params, size, latency); for
     all but size, those holding at least MIN_SHARE of the model's cost; at the levels each
     technique offers for the target."""
-    costs = node_costs(model, cal, kind) if kind != "size" else {}
+    costs = node_costs(model, cal, kind) if kind not in BYTE_KINDS else {}
     total = sum(costs.values())
 
     def large(nodes: Iterable[str]) -> bool:
@@ -148,7 +150,7 @@ def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, c
             continue
         levels = tuple(p.levels(target_ratio))
         found += [Candidate(technique, c.name, levels, tuple(c.nodes)) for c in p.plan_candidates(model)
-                  if kind == "size" or large(c.nodes)]
+                  if kind in BYTE_KINDS or large(c.nodes)]
     return found
 
 
@@ -204,8 +206,18 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
     saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"]))
+    if "activations" in base:
+        saving["activations"] = int(base["activations"] - activation_bytes(rewritten, cal))
     return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error,
                        surrogate)
+
+
+def activation_bytes(model: onnx.ModelProto, cal) -> int:
+    """Peak activation bytes per sample at the first calibration sample's shapes."""
+    from onnxc.compiler.activations import peak_bytes
+
+    shapes = cal.shapes() if cal is not None else []
+    return peak_bytes(model, shapes[0] if shapes else None)
 
 
 def totals(model: onnx.ModelProto, cal) -> dict:
@@ -242,13 +254,16 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
     start = time.perf_counter()
     reference = runtime.run(model, ctx.calibration.validation)
     base = totals(model, ctx.calibration)
+    if kind == "activations":  # measured only for this kind (a shape inference per candidate-level)
+        base["activations"] = activation_bytes(model, ctx.calibration)
     cands = candidates(model, techniques, kind, ctx.calibration, target_ratio)
     macs = node_costs(model, ctx.calibration, "macs")
     candidate_macs = {f"{c.technique}:{c.name}": sum(macs.get(n, 0.0) for n in set(c.nodes)) for c in cands}
     items = [(c.technique, c.name, float(level)) for c in cands for level in c.levels]
     path = cache_file(model, ctx, techniques, cache_dir)
     cached = _read_cache(path) if path else {}
-    known = {key: m for key, m in cached.items() if key in set(items)}
+    known = {key: m for key, m in cached.items() if key in set(items)
+             and (kind != "activations" or "activations" in m.saving or not m.applied)}
     missing = [i for i in items if i not in known]
     cal = ctx.calibration
     if missing:

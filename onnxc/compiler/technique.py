@@ -9,7 +9,8 @@ in its own module:
   without touching the model it is given (the allocator keeps using that model);
 - `levels(target_ratio)`: the levels it offers, mildest first, for a target that keeps that
   fraction of the model's cost (None: a budget alone);
-- `saves`: the target kinds a level can save (macs, params, size, latency; a property where it
+- `saves`: the target kinds a level can save (macs, params, size, latency, activations: the peak
+  activation bytes of `activations.peak_bytes`, what a RAM budget is planned on; a property where it
   depends on the pass's options, as circulant's form decides whether MACs drop); what a level
   saves is measured by applying it (`probe`), so rounding and layers it declines are in it;
   `latency_saving` says what of the layer's time that is (the MACs removed, unless the
@@ -48,7 +49,7 @@ from typing import ClassVar
 
 import onnx
 
-KINDS = frozenset({"macs", "params", "size", "latency"})
+KINDS = frozenset({"macs", "params", "size", "latency", "activations"})
 STRUCTURE = KINDS  # a technique that removes computation saves every kind
 
 

@@ -65,7 +65,7 @@ class Int8Pass(Pass, Technique):
     summary = "int8 (QDQ, per-channel weights) of weight layers and the chains after them, via onnxruntime"
     uses_calibration = True
     plan_order = 100  # precision last: it quantizes whatever structure the plan left
-    saves = frozenset({"size", "latency"})
+    saves = frozenset({"size", "latency", "activations"})  # int8 activations take one byte
     slot = "storage"  # one storage form per weight: int8 or codes, not both
     option_help = {
         "exclude": "node names or globs to keep float",

@@ -153,8 +153,8 @@ def quantize_for_c(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx
                  reference=reference, exact=True, progress=options.progress)
     snapped = snap_weight_scales(q.model)
     if snapped:
-        notes.append(f"{len(snapped)} layers: weight scales moved by < 2^-16 so that each channel's bias and "
-                     "requantization multiplier pack exactly in one word")
+        notes.append(f"{len(snapped)} layers: weight scales moved by < 2^-12 so that each channel's bias and "
+                     "float32 requantization scale pack exactly in one word")
     return q.model, {"quant_format": q.quant_format, "per_channel": q.per_channel, "excluded_nodes": q.excluded,
                      "rel_l2_onnxruntime": q.rel_l2, "int8_budget": q.budget, "int8_improvements": q.improvements,
                      "notes": notes + q.notes}

@@ -2,9 +2,10 @@
 the other QuantizeLinear / DequantizeLinear nodes become conversion steps, and the integer ONNX
 ops (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) are lowered directly.
 
-Requantization parameters come from `requant`: the fast kernels (depthwise, 1x1, im2col, dense)
-read one table of per output channel bias and multiplier (`requant.channel_table`, packed in
-one word per channel where it fits), the generic ones an int32 bias and `fixed_point` words.
+Requantization is onnxruntime's (`requant`: float32 scales, round half to even): the fast kernels
+(depthwise, 1x1, im2col, dense) read one table of per output channel bias and scale
+(`requant.channel_table`, packed in one word per channel where it fits), the generic ones an int32
+bias and a float32 scale array.
 Weights of the fast kernels are laid out in the order their loops read them (convolutions
 through the GEMM core: `gemm_layout`; dense layers: `dense_layout`); their biases stay the layer's
 own and the kernels take the input zero point off each input value, except in dense layers,
@@ -25,7 +26,7 @@ from onnxc.backends.c import qcodes, qdq
 from onnxc.backends.c.lower_nn import pool_fields, spatial_pads
 from onnxc.backends.c.lowering import KERNEL_FILES, Lowerer, broadcast_strides, collapse, handles
 from onnxc.backends.c.program import SCRATCH, Arg, Call, Int8Entry, Program
-from onnxc.backends.c.requant import channel_table, fixed_point
+from onnxc.backends.c.requant import channel_table, mlas_scale, pool_scale
 from onnxc.compiler.graph import attr
 from onnxc.errors import OnnxcError
 
@@ -181,26 +182,28 @@ def _bias_int(lo: Lowerer, name: str | None, acc_scale: np.ndarray, rows: int) -
     return np.rint(real / acc_scale).astype(np.int64)
 
 
-def _rescale(lo: Lowerer, xq: qdq.QParams, yq: qdq.QParams, clamp: tuple[int, int], hint: str) -> Arg:
-    fields = {"x_zp": xq.z, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], "scale": xq.s / yq.s}
+def _rescale(lo: Lowerer, xq: qdq.QParams, yq: qdq.QParams, clamp: tuple[int, int], hint: str,
+             count: int | None = None) -> Arg:
+    """Pooling's rescale parameters; with `count` (global average pooling) the scale is
+    QLinearGlobalAveragePool's, applied to the integer sum."""
+    scale = float(pool_scale(xq.s, yq.s, count)) if count else xq.s / yq.s
+    fields = {"x_zp": xq.z, "y_zp": yq.z, "lo": clamp[0], "hi": clamp[1], "scale": scale}
     return lo.params("onnxc_qrescale_p", fields, hint)
 
 
-def _requant_tables(lo: Lowerer, real: np.ndarray, hint: str) -> dict:
-    return {"rq": lo.int_table(fixed_point(real), f"{hint}_rq")}
+def _scale_table(lo: Lowerer, scale: np.ndarray, hint: str) -> dict:
+    return {"scale": lo.const_array(np.asarray(scale, np.float32).reshape(-1), f"{hint}_scale")}
 
 
-def _channels(lo: Lowerer, bias: np.ndarray, real: np.ndarray, rows: np.ndarray, xq: qdq.QParams,
-              yq: qdq.QParams, hint: str, *, fold_zp: bool = False) -> tuple[Arg, dict]:
-    """The fast kernels' per channel table (requant.channel_table) for weight rows [m][k]; with
-    fold_zp the bias holds -x_zp * sum(row) too, for kernels that multiply the stored inputs as they
-    are (the accumulator ends the same, so its bound does too)."""
-    span = max(128 + xq.z, 127 - xq.z)  # the largest |x - x_zp|
-    bound = np.abs(rows.astype(np.int64)).sum(axis=1) * span + np.abs(bias)
+def _channels(lo: Lowerer, bias: np.ndarray, scale: np.ndarray, rows: np.ndarray, xq: qdq.QParams,
+              hint: str, *, fold_zp: bool = False) -> tuple[Arg, dict]:
+    """The fast kernels' per channel table (requant.channel_table) for weight rows [m][k] and
+    float32 scales; with fold_zp the bias holds -x_zp * sum(row) too, for kernels that multiply the
+    stored inputs as they are (the accumulator ends the same)."""
     if fold_zp:
         bias = bias - int(xq.z) * rows.astype(np.int64).sum(axis=1)
     try:
-        table = channel_table(bias, real, bound, yq.z)
+        table = channel_table(bias, scale)
     except ValueError as exc:
         raise OnnxcError(f"C backend: int8 layer '{hint}': {exc}") from None
     return Arg("const", lo.int_table(table.words, f"{hint}_ch")), table.fields
@@ -230,7 +233,8 @@ def lower_match(lo: Lowerer, node: onnx.NodeProto) -> None:
         xs = lo.shape(node.input[0])
         call = Call("onnxc_qglobal_pool", [Arg.t(q(lo, m.x[0])), Arg.t(y), lo.lit(xs[0] * xs[1]),
                                            lo.lit(math.prod(xs[2:])), lo.lit(int(op == "GlobalMaxPool")),
-                                           _rescale(lo, m.xq[0], m.yq, clamp, node.name or y)])
+                                           _rescale(lo, m.xq[0], m.yq, clamp, node.name or y,
+                                                    None if op == "GlobalMaxPool" else math.prod(xs[2:]))])
         lo.step(node, op, [q(lo, m.x[0])], [y], [call], inplace=0)
     elif op in ("MaxPool", "AveragePool"):
         fields, safe = pool_fields(lo, node, node.input[0], node.output[0])
@@ -255,6 +259,8 @@ def _matched_dense(lo: Lowerer, node: onnx.NodeProto, m: qdq.Match, y: str, clam
     if node.op_type == "Gemm" and len(xs) != 2:
         raise lo.unsupported(node, "Gemm input of rank other than 2")
     acc_scale = np.float64(m.xq[0].s) * np.broadcast_to(wq.scale.astype(np.float64), (rows.shape[0],))
+    # onnxruntime's QGemm: alpha * x_scale * w_scale / y_scale, step by step in float32
+    scale = np.broadcast_to(mlas_scale(np.float32(alpha) * np.float32(m.xq[0].s), wq.scale, m.yq.s), (rows.shape[0],))
     bias = np.zeros(rows.shape[0], np.int64)
     if m.bias is not None:
         value = qdq.bias_value(lo.view, m.bias)
@@ -262,17 +268,17 @@ def _matched_dense(lo: Lowerer, node: onnx.NodeProto, m: qdq.Match, y: str, clam
             raise lo.unsupported(node, "bias not one value per output column")
         bias = (_bias_int(lo, m.bias, acc_scale, rows.shape[0]) if alpha == 1.0 and beta == 1.0
                 else np.rint(beta * value.reshape(-1) / (alpha * acc_scale)).astype(np.int64))
-    dense(lo, node, q(lo, m.x[0]), m.xq[0], rows, bias, acc_scale * alpha / m.yq.s, y, m.yq, clamp,
+    dense(lo, node, q(lo, m.x[0]), m.xq[0], rows, bias, scale, y, m.yq, clamp,
           math.prod(xs[:-1]) if xs else 1)
 
 
 def dense(lo: Lowerer, node: onnx.NodeProto, x: str, xq: qdq.QParams, rows: np.ndarray, bias: np.ndarray,
-          real: np.ndarray, y: str, yq: qdq.QParams, clamp: tuple[int, int], m: int) -> None:
+          scale: np.ndarray, y: str, yq: qdq.QParams, clamp: tuple[int, int], m: int) -> None:
     """y[m][n] = requant(x[m][k] . rows[n][k] + bias[n]) with weights in flash."""
     n, k = rows.shape
     hint = node.name or y
     coded = qcodes.row_codebooks(rows)
-    ch, pk = _channels(lo, bias, real, rows, xq, yq, hint, fold_zp=coded is None)
+    ch, pk = _channels(lo, bias, scale, rows, xq, hint, fold_zp=coded is None)
     x_zp = xq.z
     if coded is None:  # the input zero point is in the bias
         wa, book, x_zp = _int8_const(lo, dense_layout(rows), f"w_{hint}"), "NULL", 0
@@ -311,14 +317,15 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
     fields = {"n": xs[0], "c": c, "h": xs[2], "w": xs[3], "m": m, "oh": ys[2], "ow": ys[3], "kh": kernel[0],
               "kw": kernel[1], "sh": strides[0], "sw": strides[1], "dh": dil[0], "dw": dil[1], "pt": begin[0],
               "pl": begin[1], "group": group, "x_zp": xq.z, "y_zp": yq.z if yq else 0, "lo": clamp[0],
-              "hi": clamp[1], "rq": "NULL",
+              "hi": clamp[1], "scale": "NULL",
               "w_zp": lo.int_table(wzp, f"{hint}_wzp") if wzp.any() else "NULL"}
     fast = yq is not None and not wzp.any()
     if fast:
-        ba, pk = _channels(lo, bias_q, acc_scale / yq.s, w.reshape(m, -1), xq, yq, hint)
+        ba, pk = _channels(lo, bias_q, mlas_scale(xq.s, np.broadcast_to(wq.scale, (m,)), yq.s),
+                           w.reshape(m, -1), xq, hint)
         fields.update(pk)
     elif yq is not None:
-        fields.update(_requant_tables(lo, acc_scale / yq.s, hint))
+        fields.update(_scale_table(lo, mlas_scale(xq.s, np.broadcast_to(wq.scale, (m,)), yq.s), hint))
     depthwise = fast and group == c == m
     if fast and not depthwise:
         wa, fields["codebook"] = _gemm_weights(lo, w.reshape(m, -1), hint)
@@ -337,7 +344,7 @@ def conv(lo: Lowerer, node: onnx.NodeProto, x_onnx: str, x: str, xq: qdq.QParams
         return
     if fast:  # GEMM over gathered pixel pairs: 1x1 directly, any other through im2col
         k = w[0].size
-        words = 2 * -(-k // 4) * 4 + 3 * (m // group)  # four int16 columns of kp values, the decoded channels
+        words = 2 * -(-k // 4) * 4 + 2 * (m // group)  # four int16 columns of kp values, the decoded channels
         if fields["codebook"] != "NULL":
             words += -(-k // 4)  # one decoded weight row
         if kernel == [1, 1] and strides == [1, 1] and begin == [0, 0] and group == 1 and ys[2:] == xs[2:]:
@@ -498,8 +505,8 @@ def qlinear_matmul(lo: Lowerer, node: onnx.NodeProto) -> None:
     bconst = lo.const(b)
     if yq is not None and bconst is not None and bconst.ndim == 2 and not bq.zero_point.any():
         n = b_s[1]
-        real = np.float64(aq.s) * np.broadcast_to(bq.scale.astype(np.float64), (n,)) / yq.s
-        dense(lo, node, q(lo, a), aq, qdq.to_int8(bconst).T, np.zeros(n, np.int64), real, y, yq, (-128, 127),
+        scale = mlas_scale(aq.s, np.broadcast_to(bq.scale, (n,)), yq.s)
+        dense(lo, node, q(lo, a), aq, qdq.to_int8(bconst).T, np.zeros(n, np.int64), scale, y, yq, (-128, 127),
               math.prod(a_s[:-1]) if len(a_s) > 1 else 1)
         finish(lo, node.output[0])
         return
@@ -517,10 +524,9 @@ def qlinear_matmul(lo: Lowerer, node: onnx.NodeProto) -> None:
         a_off = lo.int_table(idx @ np.array([m * k * s for s in broadcast_strides(a2[:-2], batch_shape)]), f"{hint}_a")
         b_off = lo.int_table(idx @ np.array([k * n * s for s in broadcast_strides(b2[:-2], batch_shape)]), f"{hint}_b")
     fields = {"batch": batch, "m": m, "n": n, "k": k, "a_off": a_off, "b_off": b_off, "a_zp": aq.z, "b_zp": bq.z,
-              "y_zp": yq.z if yq else 0, "lo": -128, "hi": 127, "rq": "NULL"}
+              "y_zp": yq.z if yq else 0, "lo": -128, "hi": 127, "scale": "NULL"}
     if yq is not None:
-        fields.update(_requant_tables(lo, np.float64(aq.s) * np.broadcast_to(bq.scale.astype(np.float64), (n,))
-                                      / yq.s, hint))
+        fields.update(_scale_table(lo, mlas_scale(aq.s, np.broadcast_to(bq.scale, (n,)), yq.s), hint))
     b_arg = _int8_const(lo, bconst, f"b_{hint}") if bconst is not None else Arg.t(q(lo, b))
     outs = [Arg.t(y), NULL] if yq is not None else [NULL, Arg.t(y)]
     inputs = [q(lo, a)] + ([] if bconst is not None else [q(lo, b)])

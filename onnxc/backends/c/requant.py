@@ -1,72 +1,56 @@
-"""Requantization parameters of the int8 kernels: how an int32 accumulator becomes an int8 output.
+"""Requantization of the int8 kernels: how an int32 accumulator becomes an int8 output, computed
+as onnxruntime computes it.
 
-Every quantized layer maps acc (in units of input scale x weight scale) to
-y = zero_point + round(acc * real) with real = input scale * weight scale / output scale, one
-real per output channel, as an integer multiplier and a right shift.
+onnxruntime runs a QDQ model's quantized ops on integers (QLinearConv, QGemm,
+QLinearGlobalAveragePool; MLAS `MlasRequantizeOutput`): the int32 accumulator (bias included) is
+converted to float, multiplied by the channel's scale in single precision, clamped to the output
+range and rounded to nearest, ties to even; then the zero point is added. The scale is itself a
+float32, computed in float32 as (x_scale * w_scale) / y_scale (`mlas_scale`). A fixed-point
+multiplier rounds the exact product instead, which differs wherever the float32 product lands
+within its rounding error of half a step: rare, but a deep network carries such a one-step
+difference in an early layer to its outputs and grows it. So every int8 kernel requantizes with
+the same float32 operations (on the Cortex-M4's single-precision FPU: VCVT, VMUL, VCVTR), and the
+C build agrees with onnxruntime's int8 model bit for bit.
 
-- The generic kernels (weight zero points, raw int32 sums) read `fixed_point` words: a 25-bit
-  multiplier and a 6-bit shift in one int32, rounding ties to even.
-- The fast kernels (onnxc_qconv.c) read one table per layer (`channel_table`) holding each output
-  channel's bias and multiplier, and round half up. An int8 layer's weights take a quarter of the
-  float layer's, but an int32 bias and a multiplier word add 8 bytes per channel, more than the
-  weights themselves in a 3x3 depthwise layer (9 bytes): at 8 bytes DS-CNN's int8 weights are 0.30
-  of its float ones. So one 32-bit word holds both whenever they fit: the bias in as few bits as
-  the layer's biases need, the shift as an offset from the layer's smallest, and the multiplier's
-  mantissa in the bits left (at least MIN_MANTISSA below its leading one), provided the mantissa
-  holds the multiplier to float32 precision (EXACT), so that packing never moves an output. The C
-  int8 flow makes that so by snapping the weight scales (`scale_snap`); other layers keep
-  {bias, fixed_point word} pairs.
-
-The fast kernels compute (hi32(acc * mult) + add) >> (shift - 32); `channel_table` checks that
-this cannot overflow for any accumulator the layer can produce and that shift - 32 is in
-[1, 23], and otherwise marks the layer `rq_wide` (64-bit arithmetic for every channel).
+The fast kernels (onnxc_qconv.c) read one table per layer (`channel_table`) holding each output
+channel's int32 bias and float32 scale. An int8 layer's weights take a quarter of the float
+layer's, but a bias and a scale add 8 bytes per channel, more than the weights themselves in a 3x3
+depthwise layer (9 bytes). So one 32-bit word holds both whenever they fit: the bias in as few
+bits as the layer's biases need, the scale's exponent as an offset from the layer's smallest (in
+`delta` low bits), and the scale's mantissa in the bits left between (at most 23), provided its
+lower bits are zero, so that packing never moves an output. The C int8 flow makes them so by
+snapping the weight scales (`scale_snap`); other layers keep {bias, float32 bits} pairs.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-MIN_MANTISSA = 15  # stored bits of a packed multiplier below its leading one
-EXACT = 2.0 ** -23  # relative error up to which a packed multiplier counts as the layer's own (float32 epsilon)
-FAST_SHIFTS = (33, 55)  # shift range of the fast path (shift - 32 in [1, 23])
+MIN_MANTISSA = 15  # stored mantissa bits (below the leading one) a packed scale may keep at least
+MAX_DELTA = 5      # exponent offset bits at most
 
 
-def fixed_point(real: np.ndarray) -> np.ndarray:
-    """Requantization words (onnxc_requant): a Q31 multiplier rounded to its 25 high bits, the
-    right shift (in [1, 62]) in the 6 low bits, with real ~= multiplier / 2^shift."""
-    mults, shifts = [], []
-    for r in np.asarray(real, dtype=np.float64).reshape(-1):
-        if r <= 0 or not np.isfinite(r):
-            mults.append(0)
-            shifts.append(1)
-            continue
-        frac, exp = math.frexp(r)  # r = frac * 2^exp, frac in [0.5, 1)
-        mult = round(frac * (1 << 25)) << 6
-        if mult == 1 << 31:
-            mult, exp = mult // 2, exp + 1
-        shift = 31 - exp
-        if shift > 62:
-            mult, shift = round(mult / 2.0 ** (shift - 62)) >> 6 << 6, 62
-        if shift < 1:
-            raise ValueError(f"requantization multiplier {r:g} is too large")
-        mults.append(mult)
-        shifts.append(shift)
-    return np.array(mults, dtype=np.int64).astype(np.int32) | np.array(shifts, dtype=np.int32)
+def mlas_scale(x_scale: float, w_scale: np.ndarray, y_scale: float) -> np.ndarray:
+    """Per channel float32 (x_scale * w_scale) / y_scale, each step rounded to float32 as
+    onnxruntime's QLinearConv and QGemm compute their output scales."""
+    prod = np.float32(x_scale) * np.asarray(w_scale, dtype=np.float32).reshape(-1)
+    return (prod.astype(np.float32) / np.float32(y_scale)).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class ChannelTable:
-    """One layer's `ch` table and the params fields that say how to read it."""
+def pool_scale(x_scale: float, y_scale: float, count: int) -> np.float32:
+    """QLinearGlobalAveragePool's scale: x_scale / (y_scale * count) in float32 (the average is the
+    sum minus count * x_zero_point, times this scale)."""
+    return np.float32(np.float32(x_scale) / np.float32(np.float32(y_scale) * np.float32(count)))
 
-    words: np.ndarray  # int32: one per channel (packed) or bias, rq per channel (pairs)
-    fields: dict       # pk_bias (0: pairs), pk_delta, pk_shift, rq_wide
 
-    @property
-    def packed(self) -> bool:
-        return self.fields["pk_bias"] > 0
+def requantize(acc: np.ndarray, scale: np.ndarray, zp: int, lo: int, hi: int) -> np.ndarray:
+    """What the kernels compute (numpy, for tests): zp + round_half_even(float32(acc) * scale),
+    clamped to [lo, hi]."""
+    v = np.asarray(acc).astype(np.float32) * np.asarray(scale, dtype=np.float32)
+    v = np.clip(v, np.float32(lo - zp), np.float32(hi - zp)).astype(np.float32)
+    return (np.rint(v).astype(np.int64) + zp)
 
 
 def signed_bits(values: np.ndarray) -> int:
@@ -77,73 +61,82 @@ def signed_bits(values: np.ndarray) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a layer's channels pack: bias bits, shift offset bits, mantissa bits below the leading
-    one, and each channel's mantissa (leading one included) and shift at that precision."""
+    """How a layer's channels pack: bias bits, exponent offset bits, mantissa bits kept (the rest
+    must be zero) and the smallest biased exponent."""
 
     bias_bits: int
     delta_bits: int
     mantissa_bits: int
-    mantissa: np.ndarray  # int64, in [2^mantissa_bits, 2^(mantissa_bits + 1))
-    shift: np.ndarray     # int64: real ~= mantissa * 2^(30 - mantissa_bits) / 2^shift
+    exp0: int
+
+
+def _parts(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bits = np.asarray(scale, dtype=np.float32).reshape(-1).view(np.uint32).astype(np.int64)
+    return bits >> 23, bits & ((1 << 23) - 1)  # biased exponent (sign 0), stored mantissa
+
+
+def room(bias: np.ndarray, scale: np.ndarray) -> Layout | None:
+    """The packing a layer's int64 biases and float32 scales leave room for (the mantissa bits are
+    what is left, whether or not the scales fit them), or None: scales not positive normal
+    numbers, or fewer than MIN_MANTISSA bits left."""
+    bias, scale = np.asarray(bias, dtype=np.int64).reshape(-1), np.asarray(scale, dtype=np.float32).reshape(-1)
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        return None
+    exp, _ = _parts(scale)
+    if exp.min() == 0:
+        return None
+    b, span = signed_bits(bias), int(exp.max() - exp.min())
+    d = next((d for d in range(MAX_DELTA + 1) if span < 1 << d), None)
+    if d is None or 32 - b - d < MIN_MANTISSA:
+        return None
+    return Layout(b, d, min(23, 32 - b - d), int(exp.min()))
+
+
+def fits(scale: np.ndarray, mantissa_bits: int) -> np.ndarray:
+    """Whether each float32 scale's mantissa has nothing below its `mantissa_bits` high bits."""
+    _, mant = _parts(scale)
+    return (mant & ((1 << (23 - mantissa_bits)) - 1)) == 0
+
+
+@dataclass(frozen=True)
+class ChannelTable:
+    """One layer's `ch` table and the params fields that say how to read it."""
+
+    words: np.ndarray  # int32: one per channel (packed) or bias, scale bits per channel (pairs)
+    fields: dict       # pk_bias (0: pairs), pk_delta, pk_mant, pk_exp
 
     @property
-    def real(self) -> np.ndarray:
-        """The multipliers the packed words hold."""
-        return np.ldexp(self.mantissa.astype(np.float64), (30 - self.mantissa_bits - self.shift).astype(np.int32))
+    def packed(self) -> bool:
+        return self.fields["pk_bias"] > 0
 
 
-def layout(bias: np.ndarray, real: np.ndarray) -> Layout | None:
-    """The packing of a layer's int64 biases and positive multipliers, or None when the biases
-    leave fewer than MIN_MANTISSA bits."""
-    bias, real = np.asarray(bias, dtype=np.int64).reshape(-1), np.asarray(real, dtype=np.float64).reshape(-1)
-    if not ((real > 0).all() and np.isfinite(real).all()):
-        return None
-    b = signed_bits(bias)
-    frac, exp = np.frexp(real)  # real = frac * 2^exp, frac in [0.5, 1)
-    for d in range(6):
-        mb = 32 - b - d
-        if mb < MIN_MANTISSA:
-            return None
-        q = np.rint(frac * 2.0 ** (mb + 1)).astype(np.int64)  # mantissa with its leading one, in [2^mb, 2^(mb+1)]
-        e = exp.astype(np.int64) + (q >> (mb + 1))
-        q = np.where(q >> (mb + 1) > 0, q >> 1, q)
-        shift = 31 - e
-        if int(shift.max() - shift.min()) < 1 << d:
-            return Layout(b, d, mb, q, shift)
-    return None
-
-
-def channel_table(bias: np.ndarray, real: np.ndarray, acc_bound: np.ndarray, y_zp: int) -> ChannelTable:
-    """The table of a layer with int64 `bias` and float64 `real` per channel, whose accumulators
-    (bias included) stay within +-acc_bound, writing outputs with zero point y_zp. Packed only when
-    the mantissa holds each multiplier to float32 precision (EXACT; `snap` makes them so), so that
-    packing never costs accuracy; else pairs with 25-bit multipliers."""
+def channel_table(bias: np.ndarray, scale: np.ndarray) -> ChannelTable:
+    """The table of a layer with int64 `bias` and float32 `scale` per channel (a single scale
+    broadcast): packed when every scale's mantissa fits the room the biases leave (`scale_snap`
+    makes them so), else pairs. Packing is exact: the kernels read back the same float32."""
     bias = np.asarray(bias, dtype=np.int64).reshape(-1)
-    real = np.broadcast_to(np.asarray(real, dtype=np.float64).reshape(-1), bias.shape)
-    bound = np.broadcast_to(np.asarray(acc_bound, dtype=np.int64).reshape(-1), bias.shape)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float32).reshape(-1), bias.shape)
     if np.abs(bias).max(initial=0) >= 1 << 31:
         raise ValueError("int8 bias out of the int32 range")
-    lay = layout(bias, real)
-    if lay is not None and (np.abs(lay.real / real - 1) <= EXACT).all():
-        mult = lay.mantissa << (30 - lay.mantissa_bits)
-        if _fast(mult, lay.shift, bound, y_zp):
-            b, d, mb, s0 = lay.bias_bits, lay.delta_bits, lay.mantissa_bits, int(lay.shift.min())
-            word = ((bias << (32 - b)) | ((lay.mantissa - (1 << mb)) << d) | (lay.shift - s0)) & 0xFFFFFFFF
-            return ChannelTable(word.astype(np.uint32).view(np.int32),
-                                {"pk_bias": b, "pk_delta": d, "pk_shift": s0, "rq_wide": 0})
-    rq = fixed_point(real)
-    shift = rq & 63
-    mult = (rq - shift).astype(np.int64)
-    wide = not _fast(mult, shift.astype(np.int64), bound, y_zp)
-    words = np.stack([bias, rq.astype(np.int64)], axis=1).reshape(-1).astype(np.int32)
-    return ChannelTable(words, {"pk_bias": 0, "pk_delta": 0, "pk_shift": 0, "rq_wide": int(wide)})
+    lay = room(bias, scale)
+    if lay is not None and fits(scale, lay.mantissa_bits).all():
+        b, d, mb = lay.bias_bits, lay.delta_bits, lay.mantissa_bits
+        exp, mant = _parts(scale)
+        word = ((bias << (32 - b)) | ((mant >> (23 - mb)) << (32 - b - mb)) | (exp - lay.exp0)) & 0xFFFFFFFF
+        return ChannelTable(word.astype(np.uint32).view(np.int32),
+                            {"pk_bias": b, "pk_delta": d, "pk_mant": mb, "pk_exp": lay.exp0})
+    words = np.stack([bias, scale.astype(np.float32).view(np.int32).astype(np.int64)], axis=1)
+    return ChannelTable(words.reshape(-1).astype(np.int32), {"pk_bias": 0, "pk_delta": 0, "pk_mant": 0, "pk_exp": 0})
 
 
-def _fast(mult: np.ndarray, shift: np.ndarray, bound: np.ndarray, y_zp: int) -> bool:
-    """Whether (hi32(acc * mult) + add) >> t stays in int32 for |acc| <= bound, 32 < shift <= 55."""
-    if shift.min() < FAST_SHIFTS[0] or shift.max() > FAST_SHIFTS[1]:
-        return False
-    t = shift - 32
-    hi = (bound * mult >> 32) + 1
-    add = (1 << (t - 1)) + abs(y_zp) * (1 << t)
-    return bool((hi + add < 1 << 31).all())
+def unpack(table: ChannelTable) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 biases, float32 scales) read back from a table as the kernels read it."""
+    f, w = table.fields, table.words.astype(np.int64) & 0xFFFFFFFF
+    if not table.packed:
+        pairs = table.words.reshape(-1, 2)
+        return pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
+    b, d, mb = f["pk_bias"], f["pk_delta"], f["pk_mant"]
+    signed = np.where(w >> 31, w - (1 << 32), w)
+    mant = ((w << b) & 0xFFFFFFFF) >> (32 - mb)
+    bits = ((f["pk_exp"] + (w & ((1 << d) - 1))) << 23) | (mant << (23 - mb))
+    return signed >> (32 - b), bits.astype(np.uint32).view(np.float32)

@@ -1,16 +1,18 @@
-"""Weight scales of the C int8 flow, rounded so that requantization packs exactly.
+"""Weight scales of the C int8 flow, moved so that requantization scales pack exactly.
 
-`requant.channel_table` packs an output channel's bias and multiplier
-(x_scale * w_scale / y_scale) into one 32-bit word only when the multiplier fits, to float32
-precision, the mantissa bits the bias leaves (15 to 19 below the leading one): a coarser
-multiplier would move outputs off what onnxruntime computes for the same model. The QDQ model of
-our onnxruntime int8 flow has arbitrary float32 weight scales, so before lowering, every
-per-channel (or per-tensor) weight scale of an op that the fast kernels run is moved to the
-nearest float32 whose multiplier is such a number: by less than 2^-16 of itself (half a unit of
-the layer's mantissa). No int8 weight changes (w * s / s' rounds back to w for |w| <= 127), the
-int32 biases are re-quantized with the new scales as the quantizer computes them
-(bias / (x_scale * w_scale)), and onnxruntime runs the snapped model: the C kernels then agree
-with it as closely as with 25-bit multipliers, in half the bytes per channel.
+`requant.channel_table` packs an output channel's bias and float32 requantization scale
+((x_scale * w_scale) / y_scale in float32, as onnxruntime computes it) into one 32-bit word only
+when the scale's mantissa fits the bits the bias leaves (15 to 23 below the leading one): the
+kernels must read back the very float32 onnxruntime multiplies by. The QDQ model of our
+onnxruntime int8 flow has arbitrary float32 weight scales, so before lowering, every per-channel
+(or per-tensor) weight scale of an op that the fast kernels run is moved to a float32 nearby whose
+requantization scale is such a number. The float32 steps of the product and the quotient skip
+some points of that grid, so the nearest reachable one is taken: a move of at most GRID_STEPS
+units of the layer's mantissa (< 2^-12 of the scale, far below the weights' own rounding). No int8
+weight changes (w * s / s' rounds back to w for |w| <= 127), the int32 biases
+are re-quantized with the new scales as the quantizer computes them (bias / (x_scale * w_scale)),
+and onnxruntime runs the snapped model: the C kernels agree with it bit for bit, in half the bytes
+per channel of {bias, scale} pairs.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import onnx
 from onnx import numpy_helper
 
 from onnxc.backends.c import qdq
-from onnxc.backends.c.requant import EXACT, layout
+from onnxc.backends.c.requant import fits, mlas_scale, room
 from onnxc.compiler.canonical import infer_shapes
 from onnxc.compiler.graph import GraphView, attr
+
+SEARCH = 3  # float32 steps tried each way around a weight scale's target
+GRID_STEPS = tuple(k * sign for k in range(49) for sign in ((1,) if k == 0 else (-1, 1)))  # grid points, nearest first
 
 
 def snap_weight_scales(model: onnx.ModelProto) -> list[str]:
@@ -80,42 +85,49 @@ def _int32_bias(view: GraphView, node: onnx.NodeProto, inits: dict, uses: Counte
 
 def _snap(sx: np.float32, sw: np.ndarray, sy: np.float32, b_int: np.ndarray | None,
           b_scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
-    """(weight scales, int32 biases, bias scales) whose multipliers pack exactly, or None."""
-    ratio = np.float64(sx) / np.float64(sy)
+    """(weight scales, int32 biases, bias scales) whose float32 requantization scales pack exactly,
+    or None."""
     rows = b_int.size if b_int is not None else sw.size
     b_real = None if b_int is None else b_int.reshape(-1).astype(np.float64) * b_scale.reshape(-1).astype(np.float64)
     new_sw, bias, bias_scale = sw, np.zeros(rows, np.int64) if b_int is None else b_int.reshape(-1), b_scale
     for _ in range(4):  # a re-quantized bias may need one more bit: settle the layout
-        lay = layout(bias, np.broadcast_to(ratio * new_sw.astype(np.float64), (rows,)))
+        scale = np.broadcast_to(mlas_scale(sx, new_sw, sy), (rows,))
+        lay = room(bias, scale)
         if lay is None:
             return None
-        target = lay.real[:sw.size] if sw.size == rows else lay.real[:1]
-        new_sw = _nearest_float32(target / ratio, ratio, target)
+        if fits(scale, lay.mantissa_bits).all():
+            return new_sw, bias, bias_scale
+        new_sw = _fitting_weight_scales(sx, new_sw, sy, lay.mantissa_bits)
+        if new_sw is None:
+            return None
         if b_real is not None:
             bias_scale = (np.float32(sx) * new_sw).astype(np.float32)
             bias = np.rint(b_real / np.broadcast_to(bias_scale.astype(np.float64), (rows,))).astype(np.int64)
-        check = layout(bias, np.broadcast_to(ratio * new_sw.astype(np.float64), (rows,)))
-        real = np.broadcast_to(ratio * new_sw.astype(np.float64), (rows,))
-        if check is not None and (np.abs(check.real / real - 1) <= EXACT).all():
-            return new_sw, bias, bias_scale
     return None
 
 
-def _nearest_float32(values: np.ndarray, ratio: float, target: np.ndarray) -> np.ndarray:
-    """For each value, the float32 among its nearest few whose multiplier (times ratio) is closest
-    to target."""
-    base = values.astype(np.float32)
-    best, err = base, np.full(base.shape, np.inf)
-    cand = base.copy()
-    down = base.copy()
-    for _ in range(3):
-        for c in (cand, down):
-            e = np.abs(ratio * c.astype(np.float64) / target - 1)
-            take = e < err
-            best, err = np.where(take, c, best), np.where(take, e, err)
-        cand = np.nextafter(cand, np.float32(np.inf))
-        down = np.nextafter(down, np.float32(0))
-    return best.astype(np.float32)
+def _fitting_weight_scales(sx: np.float32, sw: np.ndarray, sy: np.float32, bits: int) -> np.ndarray | None:
+    """For each weight scale, a float32 nearby whose requantization scale (`mlas_scale`) has a
+    `bits`-bit mantissa, the one whose scale is closest to the original's; None when one has none.
+    A grid point of `bits` bits is reached by a weight scale a few units of the last place around
+    target * y_scale / x_scale, unless the float32 steps of the product and quotient skip it: then
+    the next grid points are tried."""
+    want = mlas_scale(sx, sw, sy).astype(np.float64)
+    frac, exp = np.frexp(want)
+    grid = np.rint(frac * 2.0 ** (bits + 1))  # want's nearest point of the grid, in its units
+    best, err = np.zeros(want.shape, np.float32), np.full(want.shape, np.inf)
+    for k in GRID_STEPS:
+        target = np.ldexp(grid + k, exp - bits - 1)
+        centre = (target * np.float64(sy) / np.float64(sx)).astype(np.float32)
+        for direction in (np.float32(np.inf), np.float32(0)):
+            cand = centre.copy()
+            for _ in range(SEARCH):
+                scale = mlas_scale(sx, cand, sy)
+                e = np.abs(scale.astype(np.float64) / want - 1)
+                take = fits(scale, bits) & (e < err)
+                best, err = np.where(take, cand, best), np.where(take, e, err)
+                cand = np.nextafter(cand, direction)
+    return None if np.isinf(err).any() else best
 
 
 def _replace(init: onnx.TensorProto, values: np.ndarray) -> None:

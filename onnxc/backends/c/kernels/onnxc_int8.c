@@ -1,46 +1,15 @@
 /* int8 kernels: quantize/dequantize, the generic convolution and matrix product (weight zero
- * points, raw int32 sums) with int32 accumulators and fixed-point requantization, pooling and
+ * points, raw int32 sums) with int32 accumulators and onnxruntime's requantization, pooling and
  * Add/Mul. The fast convolutions and dense layers are in onnxc_qconv.c; see onnxc_int8.h for the
  * number formats. */
 #include <string.h>
 
 #include "onnxc_int8.h"
 
-#ifdef __GNUC__
-#define ONNXC_NOINLINE __attribute__((noinline))
-#else
-#define ONNXC_NOINLINE
-#endif
-
 #if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
 #include <arm_acle.h>
 #define ONNXC_SIMD 1
 #endif
-
-/* onnxc_requant for shifts up to 32 (multipliers of 1/4 and more: rare), out of line so that the
- * common path stays small in the inner loops. */
-static ONNXC_NOINLINE int32_t requant_wide(int32_t acc, int32_t rq)
-{
-    int32_t shift = rq & 63;
-    int64_t v = (int64_t)acc * (rq - shift);
-    return (int32_t)((v + ((int64_t)1 << (shift - 1)) - 1 + ((v >> shift) & 1)) >> shift);
-}
-
-/* round(acc * mult / 2^shift), ties to even, where rq packs a Q31 multiplier (its 25 high
- * bits) and the right shift in [1, 62] (its 6 low bits): one word per output channel. */
-static inline int32_t onnxc_requant(int32_t acc, int32_t rq)
-{
-    int32_t shift = rq & 63, t, h, r;
-    int64_t v;
-    if (shift <= 32) return requant_wide(acc, rq);
-    /* In 32-bit words (SMULL, then no 64-bit shifts): with half = 2^(shift - 1) a multiple of
-     * 2^32 only the high word h of v + half changes; floor((v + half) / 2^shift) is h >> t, and a
-     * tie (the low word and h's t low bits all zero) rounds down to even. */
-    v = (int64_t)acc * (rq - shift);
-    t = shift - 32, h = (int32_t)(v >> 32) + (1 << (t - 1)), r = h >> t;
-    if ((((uint32_t)h << (32 - t)) | (uint32_t)v) == 0) r &= ~1;
-    return r;
-}
 
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
 void onnxc_quantize(const float *x, int8_t *y, const onnxc_quant_p *p)
@@ -108,7 +77,7 @@ static void tap_range(int32_t o0, int32_t k, int32_t d, int32_t in, int32_t *lo,
 
 static int8_t requant_out(int32_t acc, const onnxc_qconv_p *p, int32_t m)
 {
-    return onnxc_clamp8(onnxc_requant(acc, p->rq[m]) + p->y_zp, p->lo, p->hi);
+    return (int8_t)onnxc_requant(acc, p->scale[m], p->y_zp, p->lo, p->hi);
 }
 
 void onnxc_qconv2d(const int8_t *x, const int8_t *w, const int32_t *bias, int8_t *y, int32_t *y32,
@@ -183,8 +152,7 @@ void onnxc_qmatmul(const int8_t *a, const int8_t *b, int8_t *y, int32_t *y32, co
                 if (y32) {
                     y32[base + i * p->n + j] = acc;
                 } else {
-                    y[base + i * p->n + j] =
-                        onnxc_clamp8(onnxc_requant(acc, p->rq[j]) + p->y_zp, p->lo, p->hi);
+                    y[base + i * p->n + j] = (int8_t)onnxc_requant(acc, p->scale[j], p->y_zp, p->lo, p->hi);
                 }
             }
         }
@@ -286,8 +254,8 @@ void onnxc_qglobal_pool(const int8_t *x, int8_t *y, int32_t planes, int32_t len,
     for (plane = 0; plane < planes; plane++) {
         const int8_t *xp = x + plane * len;
         int32_t acc = -128;
-        if (!is_max) {
-            y[plane] = rescale((float)(sum_s8(xp, len) - len * q->x_zp) / (float)len, q);
+        if (!is_max) { /* as QLinearGlobalAveragePool: the integer sum times x_scale / (y_scale * len) */
+            y[plane] = (int8_t)onnxc_requant(sum_s8(xp, len) - len * q->x_zp, q->scale, q->y_zp, q->lo, q->hi);
             continue;
         }
         for (i = 0; i < len; i++) {

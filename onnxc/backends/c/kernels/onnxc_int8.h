@@ -4,21 +4,23 @@
  * is stored as int8 q - 128 with zero point - 128, which is exact. Weights are int8 with one scale
  * per output channel; accumulators are int32.
  *
+ * Every quantized layer requantizes as onnxruntime's integer kernels do (MLAS
+ * MlasRequantizeOutput; onnxc/backends/c/requant.py): y = clamp(zero_point +
+ * round_half_even(float(acc) * scale)), the product in single precision, with one float32 scale per
+ * output channel ((x_scale * w_scale) / y_scale, computed in float32 by the exporter), so that the
+ * outputs are bit for bit those of onnxruntime's int8 model. On a Cortex-M4 with its FPU that is
+ * VCVT, VMUL and VCVTR (round to nearest even), elsewhere float arithmetic in C99.
+ *
  * The fast kernels (depthwise, 1x1, im2col, dense) read one table `ch` of per output channel
- * parameters, in one of two forms the exporter chooses per layer (onnxc/backends/c/requant.py):
+ * bias and scale, in one of two forms the exporter chooses per layer:
  * - packed (pk_bias > 0): one word per channel holding, from the top, the int32 bias in pk_bias
- *   bits (signed), the requantization multiplier's mantissa below its leading one, and in the
- *   pk_delta low bits its shift minus pk_shift;
- * - pairs (pk_bias == 0): {bias, rq} per channel, rq as in onnxc_requant (below).
- * Both give a multiplier mult in [2^30, 2^31) and a shift, and the output is
- * y = clamp(zero_point + floor((acc * mult + 2^(shift - 1)) / 2^shift)), rounding half up; the
- * common case (32 < shift <= 55, rq_wide 0) runs as (hi32(acc * mult) + add) >> (shift - 32),
- * exact because 2^(shift - 1) is then a multiple of 2^32 (the exporter checks that it cannot
- * overflow). The bias is the layer's own (raw): the input zero point is taken off each input
- * value (GEMM columns, coded dense rows) or folded per channel at run time (depthwise); dense
- * layers in int8 carry it in their bias (-x_zp * sum of the row).
- * The generic kernels (onnxc_qconv2d, onnxc_qmatmul) read an int32 bias and `rq` words: a Q31
- * multiplier (its 25 high bits) and the right shift (its 6 low bits), rounding ties to even.
+ *   bits (signed), the scale's mantissa's pk_mant high bits (the rest are zero), and in the
+ *   pk_delta low bits its biased exponent minus pk_exp;
+ * - pairs (pk_bias == 0): {bias, scale} per channel, the scale as the bits of a float32.
+ * The bias is the layer's own (raw): the input zero point is taken off each input value (GEMM
+ * columns, coded dense rows) or folded per channel at run time (depthwise); dense layers in int8
+ * carry it in their bias (-x_zp * sum of the row).
+ * The generic kernels (onnxc_qconv2d, onnxc_qmatmul) read an int32 bias and a float32 scale array.
  *
  * Convolutions run as GEMMs over four gathered pixels at a time (1x1 directly, others through
  * im2col), one output channel's row of weights against the four columns, with weights laid out
@@ -68,6 +70,37 @@ static inline int32_t onnxc_round_s32(float v)
 #endif
 }
 
+#if defined(__GNUC__) && defined(__ARM_FP) && (__ARM_FP & 4) && !defined(__aarch64__)
+#define ONNXC_FP_RQ 1
+/* round_half_even(float(acc) * s) saturated to the int32 range: VCVT, VMUL, VCVTR. */
+static inline int32_t onnxc_rq_round(int32_t acc, float s)
+{
+    union {
+        float f;
+        int32_t i;
+    } r;
+    const float v = (float)acc * s;
+    __asm__("vcvtr.s32.f32 %0, %1" : "=t"(r.f) : "t"(v));
+    return r.i;
+}
+#endif
+
+/* zero_point + round_half_even(float(acc) * s) clamped to [lo, hi] (see above). */
+static inline int32_t onnxc_requant(int32_t acc, float s, int32_t zp, int32_t lo, int32_t hi)
+{
+#ifdef ONNXC_FP_RQ
+    const int32_t v = onnxc_rq_round(acc, s);
+    return v < lo - zp ? lo : (v > hi - zp ? hi : v + zp);
+#else
+    /* clamped first (as MLAS does: the bounds are integers, so it is the same), then 1.5 * 2^23 added
+     * and subtracted: the float32 sum has no fraction bits left, so it rounds v to nearest even */
+    const float a = (float)(lo - zp), b = (float)(hi - zp);
+    float v = (float)acc * s;
+    v = v < a ? a : (v > b ? b : v);
+    return (int32_t)((v + 12582912.0f) - 12582912.0f) + zp;
+#endif
+}
+
 /* ---- QuantizeLinear / DequantizeLinear ------------------------------------------------- */
 typedef struct {
     int32_t outer, len, inner;     /* the tensor as [outer][len][inner]; len 1: per tensor */
@@ -91,9 +124,9 @@ typedef struct {
     int32_t group;
     int32_t x_zp, y_zp;            /* zero points (int8 domain) */
     int32_t lo, hi;                /* output clamp (int8 domain): saturation and fused ReLU/Clip */
-    const int32_t *rq;             /* onnxc_qconv2d: per output channel requantization (onnxc_requant) */
+    const float *scale;            /* onnxc_qconv2d: per output channel requantization scale */
     const int32_t *w_zp;           /* onnxc_qconv2d: per output channel weight zero points (NULL: all 0) */
-    int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the fast kernels' `ch` table (see above) */
+    int32_t pk_bias, pk_delta, pk_mant, pk_exp; /* the fast kernels' `ch` table (see above) */
     const int8_t *codebook;        /* 1x1 and im2col: non-NULL, w holds 4-bit codes (see below) */
 } onnxc_qconv_p;
 /* Any convolution, for weight zero points or raw int32 sums: weights [m][c/group][kh][kw].
@@ -123,7 +156,7 @@ void onnxc_qconv1x1_inplace(int8_t *xy, const int8_t *w, const int32_t *ch, int8
 typedef struct {
     int32_t m, n, k;               /* y[m][n] = (x[m][k] - x_zp) . w[n][k] + bias[n] */
     int32_t x_zp, y_zp, lo, hi;
-    int32_t pk_bias, pk_delta, pk_shift, rq_wide; /* the `ch` table, per output column */
+    int32_t pk_bias, pk_delta, pk_mant, pk_exp; /* the `ch` table, per output column */
     const int8_t *codebook;        /* non-NULL: w holds 4-bit codes, plain rows of (k + 1) / 2 bytes */
 } onnxc_qdense_p;
 /* Constant weight in blocks of 4 rows ([k/4][4 rows][4 k], then [k % 4][4 rows]; then plain rows),
@@ -135,7 +168,7 @@ typedef struct {
     int32_t batch, m, n, k;
     const int32_t *a_off, *b_off;  /* per batch element start offsets (NULL: all 0) */
     int32_t a_zp, b_zp, y_zp, lo, hi;
-    const int32_t *rq;             /* per output column */
+    const float *scale;            /* per output column */
 } onnxc_qmatmul_p;
 /* Two run-time operands a[batch][m][k], b[batch][k][n]; y32 non-NULL: raw sums (MatMulInteger). */
 void onnxc_qmatmul(const int8_t *a, const int8_t *b, int8_t *y, int32_t *y32, const onnxc_qmatmul_p *p);
@@ -143,7 +176,7 @@ void onnxc_qmatmul(const int8_t *a, const int8_t *b, int8_t *y, int32_t *y32, co
 /* ---- pooling and elementwise ----------------------------------------------------------- */
 typedef struct {
     int32_t x_zp, y_zp, lo, hi;
-    float scale;                   /* input scale / output scale */
+    float scale;                   /* input scale / output scale; global average: / (output scale * count) */
 } onnxc_qrescale_p;
 void onnxc_qpool(const int8_t *x, int8_t *y, const onnxc_pool_p *p, const onnxc_qrescale_p *q);
 void onnxc_qglobal_pool(const int8_t *x, int8_t *y, int32_t planes, int32_t len, int32_t is_max,

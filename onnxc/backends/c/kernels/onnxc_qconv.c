@@ -17,7 +17,7 @@
 #if defined(__ARM_FEATURE_DSP) && defined(__GNUC__)
 #include <arm_acle.h>
 #define ONNXC_SIMD 1
-#ifdef __OPTIMIZE__ /* (without optimization the depthwise pairs' 13 registers may not be free) */
+#if defined(__OPTIMIZE__) && defined(ONNXC_FP_RQ) /* (without optimization the depthwise pairs' 13 registers may not be free) */
 #define ONNXC_DW_ASM 1
 #endif
 typedef uint32_t __attribute__((may_alias)) onnxc_word;
@@ -44,19 +44,15 @@ static inline int32_t pack16(int32_t lo, int32_t hi)
 
 /* ---- per output channel parameters ------------------------------------------------------- */
 typedef struct {
-    int32_t pk_bias, pk_delta, pk_shift, wide; /* the table's form (onnxc_int8.h) */
-    int32_t zp, lo, hi, sat;                   /* output zero point and clamp; sat: clamp is [-128, 127] */
+    int32_t pk_bias, pk_delta, pk_mant, pk_exp; /* the table's form (onnxc_int8.h) */
+    int32_t zp, lo, hi, sat;                    /* output zero point and clamp; sat: clamp is [-128, 127] */
 } chan_fmt;
 
-typedef struct {
-    int32_t mult, shift, t, add, zp; /* y = (hi32(acc * mult) + add) >> t, or 64-bit when wide */
-} rq_t;
-
-static inline chan_fmt fmt_of(int32_t pk_bias, int32_t pk_delta, int32_t pk_shift, int32_t wide, int32_t zp,
+static inline chan_fmt fmt_of(int32_t pk_bias, int32_t pk_delta, int32_t pk_mant, int32_t pk_exp, int32_t zp,
                               int32_t lo, int32_t hi)
 {
     chan_fmt f;
-    f.pk_bias = pk_bias, f.pk_delta = pk_delta, f.pk_shift = pk_shift, f.wide = wide;
+    f.pk_bias = pk_bias, f.pk_delta = pk_delta, f.pk_mant = pk_mant, f.pk_exp = pk_exp;
     f.zp = zp, f.lo = lo, f.hi = hi, f.sat = lo == -128 && hi == 127;
     return f;
 }
@@ -66,58 +62,36 @@ static inline int32_t ch_bias(const int32_t *ch, int32_t c, const chan_fmt *f)
     return f->pk_bias ? ch[c] >> (32 - f->pk_bias) : ch[2 * c];
 }
 
-static inline rq_t ch_rq(const int32_t *ch, int32_t c, const chan_fmt *f)
+static inline float ch_scale(const int32_t *ch, int32_t c, const chan_fmt *f)
 {
-    rq_t q;
+    uint32_t bits;
+    float s;
     if (f->pk_bias) {
         const uint32_t w = (uint32_t)ch[c];
-        const int32_t b = f->pk_bias, d = f->pk_delta, mb = 32 - b - d;
-        q.shift = f->pk_shift + (int32_t)(w & ((1u << d) - 1u));
-        q.mult = (int32_t)((1u << 30) | (((w << b) >> (b + d)) << (30 - mb)));
+        bits = ((uint32_t)(f->pk_exp + (int32_t)(w & ((1u << f->pk_delta) - 1u))) << 23)
+               | (((w << f->pk_bias) >> (32 - f->pk_mant)) << (23 - f->pk_mant));
     } else {
-        const int32_t rq = ch[2 * c + 1];
-        q.shift = rq & 63;
-        q.mult = rq - q.shift;
+        bits = (uint32_t)ch[2 * c + 1];
     }
-    q.t = q.shift - 32;
-    q.zp = f->zp;
-    q.add = f->wide ? 0 : (1 << (q.t - 1)) + f->zp * (1 << q.t);
-    return q;
+    memcpy(&s, &bits, 4);
+    return s;
 }
 
-/* floor((acc * mult + 2^(shift - 1)) / 2^shift) + zp in 64 bits (shift <= 32 or very large). */
-static ONNXC_NOINLINE int32_t rq_wide(int32_t acc, rq_t q)
+/* One output, any clamp. */
+static inline int8_t out8(int32_t acc, float s, const chan_fmt *f)
 {
-    return (int32_t)(((int64_t)acc * q.mult + ((int64_t)1 << (q.shift - 1))) >> q.shift) + q.zp;
+    return (int8_t)onnxc_requant(acc, s, f->zp, f->lo, f->hi);
 }
 
-/* The same for 32 < shift <= 55: only the high word of acc * mult matters (SMULL, ADD, ASR). */
-static inline int32_t rq_fast(int32_t acc, rq_t q)
+/* One output with the clamp [-128, 127]: on the Cortex-M4 VCVTR's int32, QADD of the zero point
+ * and SSAT. */
+static inline int8_t out8_sat(int32_t acc, float s, int32_t zp)
 {
-    return ((int32_t)(((int64_t)acc * q.mult) >> 32) + q.add) >> q.t;
-}
-
-static inline int32_t sat8(int32_t v)
-{
-#ifdef ONNXC_SIMD
-    return __ssat(v, 8);
+#if defined(ONNXC_FP_RQ) && defined(ONNXC_SIMD)
+    return (int8_t)__ssat(__qadd(onnxc_rq_round(acc, s), zp), 8);
 #else
-    return onnxc_clamp8(v, -128, 127);
+    return (int8_t)onnxc_requant(acc, s, zp, -128, 127);
 #endif
-}
-
-static inline int32_t clamp_out(int32_t v, const chan_fmt *f)
-{
-#ifdef ONNXC_SIMD
-    if (f->sat) return __ssat(v, 8);
-#endif
-    return onnxc_clamp8(v, f->lo, f->hi);
-}
-
-/* One output, any form. */
-static inline int8_t out8(int32_t acc, rq_t q, const chan_fmt *f)
-{
-    return (int8_t)clamp_out(f->wide ? rq_wide(acc, q) : rq_fast(acc, q), f);
 }
 
 /* ---- depthwise ----------------------------------------------------------------------------- */
@@ -159,13 +133,14 @@ static ONNXC_INLINE void dw3x3_pair(const int8_t *x0, int32_t WP, int32_t base, 
 #ifdef ONNXC_DW_ASM
 /* The bias, requantization and end of a row of dw3x3_pairs_sat, read from memory in its loop. */
 typedef struct {
-    int32_t base, mult, add, t;
+    int32_t base, zp;
+    float scale;
     const int8_t *yend;
 } dw_row_prm;
 
-/* The pairs of a row (at least one) with the clamp [-128, 127], in 39 instructions a pair: the
- * nine weights and the row pointers in twelve registers (which compiled C would spill), the rest
- * from `r` on the stack. */
+/* The pairs of a row (at least one) with the clamp [-128, 127], in 41 instructions a pair: the
+ * nine weights and the row pointers in twelve registers (which compiled C would spill), the scale
+ * in an FPU register, the rest from `r` on the stack. */
 static ONNXC_INLINE void dw3x3_pairs_sat(const int8_t *x, int32_t wp, int8_t *y, const dw_row_prm *r, int32_t e0,
                                           int32_t e1, int32_t e2, int32_t m01, int32_t w7)
 {
@@ -194,15 +169,17 @@ static ONNXC_INLINE void dw3x3_pairs_sat(const int8_t *x, int32_t wp, int8_t *y,
                      "smlabb %[a], %[v], %[w7], %[a]\n\t"
                      "smlad %[b], %[v], %[e2], %[b]\n\t"
                      "smlatb %[b], %[e], %[w7], %[b]\n\t"
-                     "ldr %[v], %[mult]\n\t"
-                     "smull %[e], %[a], %[a], %[v]\n\t"
-                     "smull %[e], %[b], %[b], %[v]\n\t"
-                     "ldr %[v], %[add]\n\t"
-                     "add %[a], %[a], %[v]\n\t"
-                     "add %[b], %[b], %[v]\n\t"
-                     "ldr %[v], %[t]\n\t"
-                     "asr %[a], %[a], %[v]\n\t"
-                     "asr %[b], %[b], %[v]\n\t"
+                     "vmov s14, s15, %[a], %[b]\n\t"
+                     "vcvt.f32.s32 s14, s14\n\t"
+                     "vcvt.f32.s32 s15, s15\n\t"
+                     "vmul.f32 s14, s14, %[sc]\n\t"
+                     "vmul.f32 s15, s15, %[sc]\n\t"
+                     "vcvtr.s32.f32 s14, s14\n\t"
+                     "vcvtr.s32.f32 s15, s15\n\t"
+                     "vmov %[a], %[b], s14, s15\n\t"
+                     "ldr %[v], %[zp]\n\t"
+                     "qadd %[a], %[a], %[v]\n\t"
+                     "qadd %[b], %[b], %[v]\n\t"
                      "ssat %[a], #8, %[a]\n\t"
                      "ssat %[b], #8, %[b]\n\t"
                      "strb %[a], [%[y]], #1\n\t"
@@ -213,31 +190,28 @@ static ONNXC_INLINE void dw3x3_pairs_sat(const int8_t *x, int32_t wp, int8_t *y,
                      "bne 1b\n\t"
                      : [x] "+r"(x), [y] "+r"(y), [a] "=&r"(a), [b] "=&r"(b), [v] "=&r"(v), [e] "=&r"(e)
                      : [wp] "r"(wp), [e0] "r"(e0), [e1] "r"(e1), [e2] "r"(e2), [m01] "r"(m01), [w7] "r"(w7),
-                       [base] "m"(r->base), [mult] "m"(r->mult), [add] "m"(r->add), [t] "m"(r->t),
-                       [yend] "m"(r->yend)
-                     : "cc", "memory");
+                       [sc] "t"(r->scale), [base] "m"(r->base), [zp] "m"(r->zp), [yend] "m"(r->yend)
+                     : "cc", "memory", "s14", "s15");
 }
 #endif
 
 static ONNXC_INLINE void dw3x3_row(const int8_t *x0, int32_t WP, int8_t *yr, int32_t OW, int32_t base, int32_t e0,
-                                   int32_t e1, int32_t e2, int32_t m01, int32_t w7, rq_t q, const chan_fmt *f,
+                                   int32_t e1, int32_t e2, int32_t m01, int32_t w7, float s, const chan_fmt *f,
                                    const int32_t sat)
 {
     const int8_t *end = x0 + (OW & ~1);
     int32_t a, b;
     for (; x0 != end; x0 += 2, yr += 2) {
         dw3x3_pair(x0, WP, base, e0, e1, e2, m01, w7, &a, &b);
-        a = rq_fast(a, q), b = rq_fast(b, q);
         if (sat) {
-            yr[0] = (int8_t)__ssat(a, 8), yr[1] = (int8_t)__ssat(b, 8);
+            yr[0] = out8_sat(a, s, f->zp), yr[1] = out8_sat(b, s, f->zp);
         } else {
-            yr[0] = onnxc_clamp8(a, f->lo, f->hi), yr[1] = onnxc_clamp8(b, f->lo, f->hi);
+            yr[0] = out8(a, s, f), yr[1] = out8(b, s, f);
         }
     }
     if (OW & 1) {
         dw3x3_pair(x0 - 1, WP, base, e0, e1, e2, m01, w7, &a, &b);
-        b = rq_fast(b, q);
-        yr[0] = sat ? (int8_t)__ssat(b, 8) : onnxc_clamp8(b, f->lo, f->hi);
+        yr[0] = sat ? out8_sat(b, s, f->zp) : out8(b, s, f);
     }
 }
 #endif
@@ -257,7 +231,7 @@ static ONNXC_NOINLINE void dw3x3_plane_sat(const int8_t *x0, int32_t WP, int8_t 
         dw3x3_pairs_sat(x0, WP, yr, &r, e0, e1, e2, m01, w7);
         if (OW & 1) {
             dw3x3_pair(x0 + even - 1, WP, r.base, e0, e1, e2, m01, w7, &a, &b);
-            yr[even] = (int8_t)__ssat(((int32_t)(((int64_t)b * r.mult) >> 32) + r.add) >> r.t, 8);
+            yr[even] = out8_sat(b, r.scale, r.zp);
         }
     }
 }
@@ -273,7 +247,7 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
     const int32_t OH = p->oh, OW = p->ow, KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw;
     const int32_t DH = p->dh, DW = p->dw;
     const int32_t HP = (OH - 1) * SH + (KH - 1) * DH + 1, WP = (OW - 1) * SW + (KW - 1) * DW + 1;
-    const rq_t q = ch_rq(ch, c, f);
+    const float s = ch_scale(ch, c, f);
     int32_t oh, ow, kh, kw, wsum = 0, base;
     pad_plane(xp, pad, HP, WP, p);
     for (kh = 0; kh < KH * KW; kh++) wsum += wp[kh];
@@ -282,26 +256,26 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
         const int32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5], w6 = wp[6];
         const int32_t w7 = wp[7], w8 = wp[8];
 #ifdef ONNXC_SIMD
-        if (SW == 1 && OW >= 2 && !f->wide) {
+        if (SW == 1 && OW >= 2) {
             const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
 #ifdef ONNXC_DW_ASM
             if (f->sat) {
                 dw_row_prm prm;
-                prm.base = base, prm.mult = q.mult, prm.add = q.add, prm.t = q.t;
+                prm.base = base, prm.zp = f->zp, prm.scale = s;
                 dw3x3_plane_sat(pad, WP, yp, OH, OW, &prm, e0, e1, e2, m01, w7);
                 return;
             }
 #endif
             for (oh = 0; oh < OH; oh++) {
                 if (f->sat) {
-                    dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 1);
+                    dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, s, f, 1);
                 } else {
-                    dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, q, f, 0);
+                    dw3x3_row(pad + oh * SH * WP, WP, yp + oh * OW, OW, base, e0, e1, e2, m01, w7, s, f, 0);
                 }
             }
             return;
         }
-        if (SW == 2 && !f->wide) { /* one output a step; the last of a row below (its word would pass the row) */
+        if (SW == 2) { /* one output a step; the last of a row below (its word would pass the row) */
             const int32_t e0 = pack16(w0, w2), e1 = pack16(w3, w5), e2 = pack16(w6, w8), m01 = pack16(w1, w4);
             for (oh = 0; oh < OH; oh++) {
                 const int8_t *x0 = pad + oh * SH * WP, *end = x0 + 2 * (OW - 1);
@@ -313,10 +287,10 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
                     a = __smlabt(sxtb16_ror8(v), m01, __smlad(__sxtb16(v), e1, a));
                     v = ld32(x0 + 2 * WP);
                     a = __smlabb(sxtb16_ror8(v), w7, __smlad(__sxtb16(v), e2, a));
-                    *yr++ = (int8_t)clamp_out(rq_fast(a, q), f);
+                    *yr++ = f->sat ? out8_sat(a, s, f->zp) : out8(a, s, f);
                 }
                 *yr = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x0[WP] * w3 + x0[WP + 1] * w4
-                           + x0[WP + 2] * w5 + x0[2 * WP] * w6 + x0[2 * WP + 1] * w7 + x0[2 * WP + 2] * w8, q, f);
+                           + x0[WP + 2] * w5 + x0[2 * WP] * w6 + x0[2 * WP + 1] * w7 + x0[2 * WP + 2] * w8, s, f);
             }
             return;
         }
@@ -325,7 +299,7 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
             const int8_t *x0 = pad + oh * SH * WP, *x1 = x0 + WP, *x2 = x1 + WP;
             for (ow = 0; ow < OW; ow++, x0 += SW, x1 += SW, x2 += SW) {
                 *yp++ = out8(base + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 + x1[2] * w5
-                             + x2[0] * w6 + x2[1] * w7 + x2[2] * w8, q, f);
+                             + x2[0] * w6 + x2[1] * w7 + x2[2] * w8, s, f);
             }
         }
     } else {
@@ -337,7 +311,7 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
                     const int8_t *xr = xo + kh * DH * WP, *wr = wp + kh * KW;
                     for (kw = 0; kw < KW; kw++) a += xr[kw * DW] * wr[kw];
                 }
-                *yp++ = out8(a, q, f);
+                *yp++ = out8(a, s, f);
             }
         }
     }
@@ -346,7 +320,7 @@ static void dw_plane(const int8_t *xp, const int8_t *wp, const int32_t *ch, int3
 void onnxc_qconv_dw(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                     const onnxc_qconv_p *p)
 {
-    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_mant, p->pk_exp, p->y_zp, p->lo, p->hi);
     int32_t plane, in_plane = p->h * p->w, out_plane = p->oh * p->ow, ksize = p->kh * p->kw;
     int32_t HP = (p->oh - 1) * p->sh + (p->kh - 1) * p->dh + 1, WP = (p->ow - 1) * p->sw + (p->kw - 1) * p->dw + 1;
     memset(scratch, p->x_zp, (size_t)(HP * WP)); /* the border; rows are copied per plane */
@@ -420,29 +394,16 @@ static inline void dot1x4(const int16_t *c, const int8_t *w, int32_t kq, int32_t
 #endif
 }
 
-/* One output channel of a GEMM layer decoded once per call (scratch): bias, multiplier with t of
- * rq_fast in its 5 low bits (t = 0: wide, add holds the shift), add. */
+/* One output channel of a GEMM layer decoded once per call (scratch): bias and scale. */
 typedef struct {
-    int32_t bias, mult_t, add;
+    int32_t bias;
+    float scale;
 } rq_row;
 
 static void decode_rows(const int32_t *ch, int32_t c0, int32_t m, const chan_fmt *f, rq_row *tab)
 {
     int32_t r;
-    for (r = 0; r < m; r++) {
-        const rq_t q = ch_rq(ch, c0 + r, f);
-        tab[r].bias = ch_bias(ch, c0 + r, f), tab[r].mult_t = q.mult | (f->wide ? 0 : q.t);
-        tab[r].add = f->wide ? q.shift : q.add;
-    }
-}
-
-/* The n outputs of one row on the slow paths: wide requantization, fewer than 4 pixels. */
-static ONNXC_NOINLINE void row_out_any(const int32_t *s, int32_t n, const rq_row *r, int8_t *y, const chan_fmt *f)
-{
-    int32_t j;
-    rq_t q;
-    q.mult = r->mult_t & ~31, q.t = r->mult_t & 31, q.add = r->add, q.shift = r->add, q.zp = f->zp; /* shift: wide */
-    for (j = 0; j < n; j++) y[j] = out8(s[j], q, f);
+    for (r = 0; r < m; r++) tab[r].bias = ch_bias(ch, c0 + r, f), tab[r].scale = ch_scale(ch, c0 + r, f);
 }
 
 /* A row of kp weights from its codes (two a byte, low nibble first) and 16-entry codebook. */
@@ -457,23 +418,19 @@ static void decode_row(const uint8_t *codes, const int8_t *cb, int32_t kp, int8_
 static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m, const int8_t *w, const int8_t *cb,
                       int8_t *wbuf, const rq_row *tab, int8_t *y, int32_t ys, const chan_fmt *f)
 {
-    const int32_t kq = kp / 4, lo = f->lo, hi = f->hi, wstep = cb ? kp / 2 : kp;
-#ifdef ONNXC_SIMD
-    const int32_t sat = f->sat;
-#endif
+    const int32_t kq = kp / 4, wstep = cb ? kp / 2 : kp;
     const rq_row *end = tab + m;
-    int32_t s[4];
+    int32_t s[4], j;
 #ifdef ONNXC_SIMD
-    if (!cb && ncols == 4 && sat && !f->wide) { /* the common case, its sums kept in registers */
+    if (!cb && ncols == 4 && f->sat) { /* the common case, its sums kept in registers */
+        const int32_t zp = f->zp;
         for (; tab != end; tab++, w += kp, y += ys) {
-            const int32_t mult = tab->mult_t & ~31, add = tab->add, sh = tab->mult_t & 31;
+            const float sc = tab->scale;
             int32_t r[4];
             r[0] = r[1] = r[2] = r[3] = tab->bias;
             dot1x4(cols, w, kq, r);
-            y[0] = (int8_t)__ssat(((int32_t)(((int64_t)r[0] * mult) >> 32) + add) >> sh, 8);
-            y[1] = (int8_t)__ssat(((int32_t)(((int64_t)r[1] * mult) >> 32) + add) >> sh, 8);
-            y[2] = (int8_t)__ssat(((int32_t)(((int64_t)r[2] * mult) >> 32) + add) >> sh, 8);
-            y[3] = (int8_t)__ssat(((int32_t)(((int64_t)r[3] * mult) >> 32) + add) >> sh, 8);
+            y[0] = out8_sat(r[0], sc, zp), y[1] = out8_sat(r[1], sc, zp);
+            y[2] = out8_sat(r[2], sc, zp), y[3] = out8_sat(r[3], sc, zp);
         }
         return;
     }
@@ -485,24 +442,7 @@ static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m,
             cb += 16;
         }
         dot1x4(cols, cb ? wbuf : w, kq, s);
-        if (ncols == 4 && (tab->mult_t & 31)) {
-            const int32_t mult = tab->mult_t & ~31, add = tab->add, sh = tab->mult_t & 31;
-            int32_t v0 = ((int32_t)(((int64_t)s[0] * mult) >> 32) + add) >> sh;
-            int32_t v1 = ((int32_t)(((int64_t)s[1] * mult) >> 32) + add) >> sh;
-            int32_t v2 = ((int32_t)(((int64_t)s[2] * mult) >> 32) + add) >> sh;
-            int32_t v3 = ((int32_t)(((int64_t)s[3] * mult) >> 32) + add) >> sh;
-#ifdef ONNXC_SIMD
-            if (sat) {
-                y[0] = (int8_t)__ssat(v0, 8), y[1] = (int8_t)__ssat(v1, 8);
-                y[2] = (int8_t)__ssat(v2, 8), y[3] = (int8_t)__ssat(v3, 8);
-                continue;
-            }
-#endif
-            y[0] = onnxc_clamp8(v0, lo, hi), y[1] = onnxc_clamp8(v1, lo, hi);
-            y[2] = onnxc_clamp8(v2, lo, hi), y[3] = onnxc_clamp8(v3, lo, hi);
-        } else {
-            row_out_any(s, ncols, tab, y, f);
-        }
+        for (j = 0; j < ncols; j++) y[j] = out8(s[j], tab->scale, f);
     }
 }
 
@@ -512,7 +452,7 @@ static void gemm_cols(const int16_t *cols, int32_t ncols, int32_t kp, int32_t m,
 static void pointwise(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                       const onnxc_qconv_p *p)
 {
-    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_mant, p->pk_exp, p->y_zp, p->lo, p->hi);
     const int32_t hw = p->h * p->w, C = p->c, M = p->m, kp = (C + 3) & ~3, XZ = p->x_zp;
     int16_t *cols = (int16_t *)(void *)scratch;
     rq_row *tab = (rq_row *)(void *)(cols + 4 * kp);
@@ -638,7 +578,7 @@ static void widen(const int8_t *b, int32_t kp, int32_t xz, int16_t *col)
 void onnxc_qconv2d_im2col(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int8_t *scratch,
                           const onnxc_qconv_p *p)
 {
-    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_mant, p->pk_exp, p->y_zp, p->lo, p->hi);
     const int32_t cg = p->c / p->group, mg = p->m / p->group;
     const int32_t k = cg * p->kh * p->kw, kp = (k + 3) & ~3, out_plane = p->oh * p->ow;
     int16_t *cols = (int16_t *)(void *)scratch;
@@ -750,46 +690,25 @@ static int32_t dot1_codes(const int8_t *x, const uint8_t *codes, const int8_t *c
     return acc;
 }
 
-/* The outputs of all blocks of 4 rows for one input row. form 1: {bias, rq} pairs, form 2: packed
- * words, both with 32-bit requantization and the clamp [-128, 127] (the common forms, decoded in
- * registers); form 0: any (form is a constant where inlined). */
+/* The outputs of all blocks of 4 rows for one input row; sat: the clamp is [-128, 127] (a
+ * constant where inlined). */
 static ONNXC_INLINE void dense_blocks(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, int32_t n,
-                                      int32_t k, const chan_fmt *f, const int32_t form)
+                                      int32_t k, const chan_fmt *f, const int32_t sat)
 {
-    const int32_t zp = f->zp, b = f->pk_bias, d = f->pk_delta, s0 = f->pk_shift - 32, mb = 32 - b - d;
-    const int32_t step = form == 1 ? 2 : 1;
-    const int32_t *end = ch + step * (n & ~3);
-    int32_t r, acc[4];
-    if (form) {
-        for (; ch != end; ch += 4 * step, w += 4 * k, y += 4) {
-            for (r = 0; r < 4; r++) acc[r] = form == 1 ? ch[2 * r] : ch[r] >> (32 - b);
-            dot4rows(x, w, k, acc);
-            for (r = 0; r < 4; r++) {
-                int32_t mult, t;
-                if (form == 1) {
-                    const int32_t rq = ch[2 * r + 1];
-                    mult = rq & ~63, t = (rq & 63) - 32;
-                } else {
-                    const uint32_t word = (uint32_t)ch[r];
-                    mult = (int32_t)((1u << 30) | (((word << b) >> (b + d)) << (30 - mb)));
-                    t = s0 + (int32_t)(word & ((1u << d) - 1u));
-                }
-                y[r] = (int8_t)sat8(((int32_t)(((int64_t)acc[r] * mult) >> 32) + (1 << (t - 1)) + zp * (1 << t)) >> t);
-            }
-        }
-        return;
-    }
+    int32_t r, j, acc[4];
     for (r = 0; r < (n & ~3); r += 4, w += 4 * k) {
-        int32_t j;
         for (j = 0; j < 4; j++) acc[j] = ch_bias(ch, r + j, f);
         dot4rows(x, w, k, acc);
-        for (j = 0; j < 4; j++) y[r + j] = out8(acc[j], ch_rq(ch, r + j, f), f);
+        for (j = 0; j < 4; j++) {
+            const float s = ch_scale(ch, r + j, f);
+            y[r + j] = sat ? out8_sat(acc[j], s, f->zp) : out8(acc[j], s, f);
+        }
     }
 }
 
 void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y, const onnxc_qdense_p *p)
 {
-    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_shift, p->rq_wide, p->y_zp, p->lo, p->hi);
+    const chan_fmt f = fmt_of(p->pk_bias, p->pk_delta, p->pk_mant, p->pk_exp, p->y_zp, p->lo, p->hi);
     int32_t i, j;
     if (p->codebook) {
         const int32_t rb = (p->k + 1) / 2; /* code bytes a row */
@@ -798,7 +717,7 @@ void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y
                 const uint8_t *codes = (const uint8_t *)(const void *)(w + j * rb);
                 const int32_t acc = dot1_codes(x + i * p->k, codes, p->codebook + 16 * j, p->k, p->x_zp,
                                                ch_bias(ch, j, &f));
-                y[i * p->n + j] = out8(acc, ch_rq(ch, j, &f), &f);
+                y[i * p->n + j] = out8(acc, ch_scale(ch, j, &f), &f);
             }
         }
         return;
@@ -806,15 +725,13 @@ void onnxc_qdense(const int8_t *x, const int8_t *w, const int32_t *ch, int8_t *y
     for (i = 0; i < p->m; i++) {
         const int8_t *xi = x + i * p->k;
         int8_t *yi = y + i * p->n;
-        if (!f.wide && f.sat && !f.pk_bias) {
+        if (f.sat) {
             dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 1);
-        } else if (!f.wide && f.sat) {
-            dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 2);
         } else {
             dense_blocks(xi, w, ch, yi, p->n, p->k, &f, 0);
         }
         for (j = p->n & ~3; j < p->n; j++) {
-            yi[j] = out8(dot1(xi, w + j * p->k, p->k, p->x_zp, ch_bias(ch, j, &f)), ch_rq(ch, j, &f), &f);
+            yi[j] = out8(dot1(xi, w + j * p->k, p->k, p->x_zp, ch_bias(ch, j, &f)), ch_scale(ch, j, &f), &f);
         }
     }
 }
