@@ -260,13 +260,6 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     report.max_error = alloc.budget if math.isfinite(alloc.budget) else None
     if goal is not None and not alloc.met:
         report.notes.append(f"target {goal} not met within the budget: reached {alloc.achieved:.3f}")
-    if alloc.surrogate_scale is not None:
-        held_out = runtime.sample_count(ctx.calibration.validation)
-        report.notes.append(f"the metric reads 0 for most single rewrites on {held_out} held-out samples: "
-                            f"candidates were ranked by the per-channel error"
-                            + (f", and each plan was held to the metric it predicts ({alloc.surrogate_scale:.3g} x "
-                               f"the per-channel error) as well as to the metric itself" if alloc.scale_measured
-                               else ""))
     table = alloc.table
     report.notes.append(f"sensitivity: {len(table.measurements)} candidate-levels, {table.cache_hits} from the cache, "
                         f"{table.measured} measured in {table.seconds:.1f} s")

@@ -463,8 +463,7 @@ def test_a_starved_metric_is_planned_on_its_surrogate():
     rows = [M("prune", "a", 0.5, 0.0, saving, surrogate=0.02), M("prune", "b", 0.5, 0.0, saving, surrogate=0.20),
             M("prune", "c", 0.5, 1 / 32, saving, surrogate=0.10), M("prune", "d", 0.5, 0.0, saving, surrogate=0.05)]
     table = sensitivity.Table(rows, {"macs": 1000, "params": 100, "bytes": 400})
-    errors, scale, measured = allocation.planning_errors(table)
-    assert measured  # candidate c moved both
+    errors, scale = allocation.planning_errors(table)
     assert scale == pytest.approx((1 / 32) / 0.10)
     steps = allocation.ordered_steps(table, "macs", errors)
     assert [s.name for s in steps] == ["a", "d", "c", "b"]  # by the surrogate, not the metric's ties at 0
@@ -472,27 +471,6 @@ def test_a_starved_metric_is_planned_on_its_surrogate():
     continuous = sensitivity.Table([M("prune", n, 0.5, e, saving, surrogate=e * 2) for n, e in
                                     (("a", 0.01), ("b", 0.02), ("c", 0.0))], table.base)
     assert allocation.planning_errors(continuous)[1] is None  # a metric that moves is planned on as it is
-
-
-def big_moves(reference: list, candidate: list) -> float:
-    """A metric that moves in whole steps and only for large changes: 1/64 once the outputs move
-    by more than 10% (relative L2), else 0, as a count over a few held-out samples reads."""
-    r, c = reference[0], candidate[0]
-    return 1 / 64 if np.linalg.norm(c - r) > 0.1 * np.linalg.norm(r) else 0.0
-
-
-def test_a_starved_metric_holds_plans_to_its_surrogate(cache):
-    """Single rewrites that move the metric measure its scale to the per-channel error; a plan is
-    then judged by the larger of the metric and the metric its per-channel error predicts, so a
-    plan that reads 0 while its outputs moved a lot does not pass a budget below one step
-    (without that, the 0.3x MACs plan reads 0 and passes at 3x what its error predicts)."""
-    result = optimize(sample_path("mlp"), calibration=CALIBRATION, target="macs=0.3", passes=["svd", "prune"],
-                      metric=big_moves, max_error=0.002, cache_dir=cache)
-    alloc, fidelity = result.report.allocation, result.report.fidelity
-    assert alloc["scale_measured"] and alloc["surrogate_scale"] > 0
-    surrogate = max(o["error"] for o in fidelity["outputs"])
-    assert fidelity["error"] <= 0.002 and alloc["surrogate_scale"] * surrogate <= 0.002
-    assert any("held to the metric it predicts" in n for n in result.report.notes)
 
 
 def test_metric_resolution_is_reported(cache):

@@ -125,7 +125,6 @@ class Allocation:
     costs: CostModel | None = None  # how the predicted savings were combined (macs, params, latency)
     steps: list[Step] = field(default_factory=list)  # the steps searched over, in order (after conflicts)
     surrogate_scale: float | None = None  # set when a starved metric was planned on the default error
-    scale_measured: bool = False  # that scale came from rewrites that moved both: plans were held to it too
 
     def untouched(self) -> dict[str, list[str]]:
         """Per technique, the measured candidates the plan leaves as they were (layers kept float,
@@ -144,7 +143,6 @@ class Allocation:
                 "budget_source": self.budget_source, "achieved": self.achieved, "met": self.met,
                 "chosen": chosen, "untouched": self.untouched(), "rounds": [asdict(r) for r in self.rounds],
                 "realization": self.realization, "surrogate_scale": self.surrogate_scale,
-                "scale_measured": self.scale_measured,
                 "sensitivity": {**{k: v for k, v in self.table.to_dict().items() if k != "measurements"},
                                 "measurements": rows}}
 
@@ -182,7 +180,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     val = ctx.calibration.validation
     ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     nodes_of = candidate_nodes(table)
-    errors, surrogate_scale, scale_measured = planning_errors(table)
+    errors, surrogate_scale = planning_errors(table)
     planned = PLANNED_AS.get(kind, kind)
     steps = ordered_steps(table, planned, errors)
     costs = CostModel.of(model, table, planned, ctx.calibration) if planned not in BYTE_KINDS else None
@@ -226,8 +224,6 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
         fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
         error = fid.error if np.isfinite(fid.rel_l2) else math.inf
-        if scale_measured:  # a starved metric: also held to what its surrogate predicts
-            error = max(error, surrogate_scale * fid.surrogate)
         if value_of is not None:
             value = value_of(candidate)
         elif kind == "latency":
@@ -272,7 +268,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         if len(kept) < len(best_steps):
             plan = plan_of(kept)
             candidate, results, fid, error, _, ratio, met = verify(plan)
-            better = met and error <= budget and error < -best[0][1]  # best is met: its key holds -error
+            better = met and error <= budget and error < best[3].error
             gave = ", ".join(f"{s.technique}:{s.name} at {s.level:g}" for s in best_steps if s not in kept)
             rounds.append(Round(len(kept), float(math.sqrt(predictions(kept)[1][-1])), float(error),
                                 float(ratio), f"trimmed {gave}: " + ("kept" if better else "not kept")))
@@ -284,7 +280,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         best = (None, model, {}, fid, ratio, target is None or ratio <= target.ratio + TOLERANCE, [])
     _, out, plan, fid, ratio, met, results = best
     alloc = Allocation(out, plan, fid, target, budget, source, float(ratio), bool(met), table, rounds, results,
-                       costs=costs, steps=steps, surrogate_scale=surrogate_scale, scale_measured=scale_measured)
+                       costs=costs, steps=steps, surrogate_scale=surrogate_scale)
     if plan and value_of is None:
         alloc.realization = realization(model, out, ctx.calibration, feed)
     return alloc

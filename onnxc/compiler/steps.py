@@ -134,31 +134,25 @@ def candidate_nodes(table: Table) -> dict[tuple[str, str], list[str]]:
 STARVED = 0.5
 
 
-def planning_errors(table: Table) -> tuple[dict[tuple[str, str, float], float], float | None, bool]:
-    """The error each measurement is planned with, the surrogate's scale when it replaces a
-    starved metric (None: the measured errors as they are), and whether that scale was measured
-    (some rewrite moved both; else it is 1 and says nothing of how the two relate).
+def planning_errors(table: Table) -> tuple[dict[tuple[str, str, float], float], float | None]:
+    """The error each measurement is planned with, and the surrogate's scale when it replaces a
+    starved metric (None: the measured errors as they are).
 
     A user metric over a few held-out samples moves in whole steps (1/N of the samples): most
     single rewrites read 0 and the search has nothing to rank by, predicting 0 for every plan.
     Then candidates are ranked by the default error measured in the same runs (continuous:
     per output channel, probabilities as logits), scaled to the metric by the ratio of their
     sums where both are non-zero. The budget is still judged by the metric on every verified
-    plan, and each verified round corrects the scale.
-
-    A verified plan is also held to the metric its surrogate predicts at a measured scale (the
-    allocator's `verify`): a plan that changes none of a few held-out samples can still change
-    many unseen ones, and the surrogate, measured on every output value, sees what the
-    samples' count cannot."""
+    plan, and each verified round corrects the scale."""
     errors = {m.key: m.error for m in table.measurements}
     rows = [m for m in table.measurements if m.applied and m.surrogate is not None and math.isfinite(m.error)]
     silent = sum(1 for m in rows if m.error == 0 and m.surrogate > 0)
     if not rows or silent < STARVED * len(rows):
-        return errors, None, False
+        return errors, None
     both = [(m.error, m.surrogate) for m in rows if m.error > 0 and m.surrogate > 0]
     scale = sum(e for e, _ in both) / sum(s for _, s in both) if both else 1.0
     errors.update({m.key: m.surrogate * scale for m in rows})
-    return errors, scale, bool(both)
+    return errors, scale
 
 
 def ordered_steps(table: Table, kind: str, errors: dict | None = None) -> list[Step]:
