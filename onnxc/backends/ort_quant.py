@@ -48,6 +48,7 @@ from onnxc.backends.quant_budget import Score, Scorer, back_off, regions, resolu
 from onnxc.backends.quant_improve import lap, score_dict, try_bias, try_equalize, try_ranges
 from onnxc.compiler import layout, runtime
 from onnxc.compiler.calibration import Calibration, input_specs
+from onnxc.compiler.int8_regions import QDQ_OPS
 from onnxc.compiler.model import EXTERNAL_DATA_THRESHOLD, save, tensor_bytes
 from onnxc.compiler.verify import Metric
 from onnxc.errors import OnnxcError
@@ -251,12 +252,19 @@ def _working_directory(folder: str) -> Iterator[None]:
         os.chdir(previous)
 
 
+def static_op_types() -> frozenset[str]:
+    """The op types static quantization quantizes: `quantize_static`'s default when given none."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
+
+
 def quantized_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the compute nodes that read a dequantized tensor or are integer ops (in graph order)."""
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     names = []
     for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+        if node.op_type in QDQ_OPS:
             continue
         integer = node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul")
         if node.name and (integer or any(i in dq_outputs for i in node.input)):

@@ -8,9 +8,9 @@ output's per-channel error); rankings and tie-breaks use the continuous per-chan
 surrogate), since a discrete metric (a fraction of lines read differently) is a multiple of
 1/N on N held-out samples and cannot tell two small changes apart.
 
-Back-off works on regions: a node with a weight (Conv, Gemm, MatMul) and the elementwise nodes
-that follow it (its activation, an affine block, a residual add) fall back together, since a
-float island of one elementwise op between two quantized layers only adds Q/DQ boundaries.
+Back-off works on int8 regions (`compiler.int8_regions`): a node with a weight (Conv, Gemm, MatMul)
+and the nodes that follow it (its activation, an affine block, a residual add) fall back together,
+since a float island of one elementwise op between two quantized layers only adds Q/DQ boundaries.
 Each region is quantized alone and scored (on a few held-out samples); the smallest k such that leaving the k most
 sensitive regions float meets the budget is found by bisection. If none does, the float model
 is returned: it is within the budget by construction (the stages before int8 were verified).
@@ -25,11 +25,13 @@ import numpy as np
 import onnx
 
 from onnxc.backends import Progress
-from onnxc.compiler import runtime
+from onnxc.compiler import int8_regions, runtime
+from onnxc.compiler.int8_regions import QDQ_OPS
 from onnxc.compiler.samples import Samples
 from onnxc.compiler.verify import Fidelity, Metric, compare_outputs
 
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+# The dynamic quantizer's integer layers (their weights are int8 initializers behind no DQ).
+INTEGER_LAYERS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
 # Regions are ranked on this many held-out samples (evenly spaced): the surrogate is continuous, so
 # a few samples rank them, while the budget is judged on all of them.
 RANKING_SAMPLES = 8
@@ -102,46 +104,29 @@ class Scorer:
 
 def regions(model: onnx.ModelProto, candidates: Sequence[str], name_of: Callable[[str], str] = str,
             ) -> dict[str, list[str]]:
-    """Candidate nodes grouped into regions, keyed by the weighted node that starts each (see the
-    module docstring), in graph order. `model` is the quantized model; Q/DQ nodes are looked
-    through, and `name_of` maps a quantized node's name to the candidate's."""
+    """Candidate nodes grouped into int8 regions (`compiler.int8_regions`), keyed by the node that
+    opens each, in graph order. `model` is the quantized model: Q/DQ nodes are looked through,
+    every node but a layer may join, a candidate that joins none opens its own region, and
+    `name_of` maps a quantized node's name to the candidate's."""
     wanted = set(candidates)
     producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name: t for t in model.graph.initializer}
+    weights = {t.name for t in model.graph.initializer if len(t.dims) >= 2}
 
-    def source(tensor: str) -> onnx.NodeProto | None:
-        node = producer.get(tensor)
-        while node is not None and node.op_type in QDQ_OPS:
-            node = producer.get(node.input[0])
-        return node
-
-    def weighted(node: onnx.NodeProto) -> bool:
+    def layer(node: onnx.NodeProto) -> bool:
+        """A node with a weight: an initializer of rank 2 or more behind its Q/DQ nodes."""
         for i in node.input:
             p = producer.get(i)
             while p is not None and p.op_type in QDQ_OPS:
                 i, p = p.input[0], producer.get(p.input[0])
-            if p is None and i in inits and len(inits[i].dims) >= 2:
+            if p is None and i in weights:
                 return True
-        return node.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
+        return node.op_type in INTEGER_LAYERS
 
-    region_of: dict[str, str] = {}
+    found = int8_regions.regions(model.graph, opens=lambda n: name_of(n.name) in wanted,
+                                 joins=lambda n: not layer(n), through=QDQ_OPS)
     groups: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        name = name_of(node.name) if node.name else ""
-        if node.op_type in QDQ_OPS:
-            continue
-        owner = None
-        if not weighted(node):
-            for i in node.input:
-                p = source(i)
-                if p is not None and p.name in region_of:
-                    owner = region_of[p.name]
-                    break
-        if name in wanted:
-            owner = owner or name
-            groups.setdefault(owner, []).append(name)
-        if owner is not None:
-            region_of[node.name] = owner
+    for owner, nodes in found.items():
+        groups.setdefault(name_of(owner), []).extend(name_of(n.name) for n in nodes if name_of(n.name) in wanted)
     return {k: list(dict.fromkeys(v)) for k, v in groups.items()}
 
 

@@ -4,13 +4,10 @@ Precision as a technique of the allocator: a plan can keep a sensitive layer (a 
 an attention product) float and run the rest in int8, instead of quantizing the whole model
 after the plan is made and hoping the budget survives.
 
-Why regions, not single nodes: onnxruntime runs a quantized layer as an integer kernel between a
-QuantizeLinear and a DequantizeLinear. A lone int8 layer between float neighbours pays those
-conversions (and can run slower than float), while layers chained through activations, pooling,
-adds and reshapes stay in int8 between them. A candidate is one weight layer (Conv, Gemm, MatMul
-with a constant weight) with the ops that follow it up to the next weight layers, branches
-included (an activation such as x * clip(x + 3) reads the layer's output twice): neighbouring
-chosen candidates form one int8 region with no conversion inside it.
+Why regions, not single nodes, and the rule that forms them: `compiler.int8_regions` (the int8
+export backs off on the same regions). A candidate is one weight layer (Conv, Gemm, MatMul with a
+constant weight) with the nodes the quantizer keeps int8 after it, up to the next weight layers,
+branches included: neighbouring chosen candidates form one int8 region with no conversion inside it.
 
 The quantizer is the int8 export's (`ort_quant.prepare`, onnxruntime's `quantize_static` in QDQ
 with per-channel weights, the opset raised for them where needed, uint8 activations), with the
@@ -35,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 
 import onnx
 
-from onnxc.compiler import runtime
+from onnxc.compiler import int8_regions, runtime
 from onnxc.compiler.cost import model_cost
 from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import fingerprint
@@ -47,11 +44,8 @@ from onnxc.errors import UsageError
 if TYPE_CHECKING:
     from onnxc.backends.ort_quant import Prepared
 
-WEIGHT_OPS = {"Conv", "Gemm", "MatMul"}
-# Ops onnxruntime's QDQ flow keeps in int8 between two quantized layers (or that only move data).
-CHAIN_OPS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Add", "Mul", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "Concat", "Reshape", "Flatten", "Transpose", "Squeeze",
-             "Unsqueeze", "Split", "Slice", "Resize", "Pad"}
+WEIGHT_OPS = {"Conv", "Gemm", "MatMul"}  # the layers offered in int8
+LAYER_OPS = WEIGHT_OPS | {"ConvTranspose"}  # with a constant operand: a layer, which joins no region
 # Time of an int8 layer over its float time, planned before any model is timed: integer dot
 # products (VNNI, Arm's SDOT) do four multiply-adds where float does one; without them the 16-bit
 # pair sums still halve the float work. Verified rounds time whole models and correct this.
@@ -84,38 +78,32 @@ class Int8Pass(Pass, Technique):
 
     # ---- candidates ---------------------------------------------------------------------------
     def regions(self, model: onnx.ModelProto) -> tuple[list[Candidate], list[Skip]]:
-        """Each quantizable weight layer with the ops after it up to the next weight layers."""
+        """Each quantizable weight layer with the nodes the quantizer keeps int8 after it, up to
+        the next layers (`compiler.int8_regions`), named by the layer."""
+        from onnxc.backends.ort_quant import static_op_types
+
         view = GraphView(model.graph)
         macs = {n.name: n.macs for n in model_cost(model).layers}
-        found, skipped, claimed = [], [], set()
+        layers, starts, skipped = set(), set(), []
         for node in model.graph.node:
-            if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or not node.name:
+            if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx") or not node.name:
                 continue
-            if len(node.input) < 2 or not view.is_const(node.input[1]) or view.is_const(node.input[0]):
+            if any(view.is_const(i) for i in node.input[:2]):
+                layers.add(node.name)  # a weight of its own: it never joins another layer's region
+            if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or not view.is_const(node.input[1]) \
+                    or view.is_const(node.input[0]):
                 continue
             if matches_any(node.name, self.exclude):
                 skipped.append(Skip(node.name, "excluded"))
-                continue
-            if macs.get(node.name, 0) < self.min_macs:
+            elif macs.get(node.name, 0) < self.min_macs:
                 skipped.append(Skip(node.name, f"{macs.get(node.name, 0)} MACs < min_macs={self.min_macs}"))
-                continue
-            found.append(Candidate(node.name, (node.name, *self._chain(node, view, claimed))))
-        return found, skipped
-
-    @staticmethod
-    def _chain(node: onnx.NodeProto, view: GraphView, claimed: set[str]) -> list[str]:
-        """The ops downstream of `node` that stay in int8 with it: every op of CHAIN_OPS reached
-        through CHAIN_OPS alone (branches included, as an activation that reads its input twice),
-        each claimed by the first weight layer (in graph order) that reaches it."""
-        chain, frontier = [], [node]
-        while frontier:
-            current = frontier.pop()
-            for user in (u for out in current.output for u in view.consumers.get(out, [])):
-                if user.op_type in CHAIN_OPS and user.name and user.name not in claimed:
-                    claimed.add(user.name)
-                    chain.append(user.name)
-                    frontier.append(user)
-        return chain
+            else:
+                starts.add(node.name)
+        quantized = static_op_types()
+        found = int8_regions.regions(model.graph, opens=lambda n: n.name in starts,
+                                     joins=lambda n: n.op_type in quantized and n.domain in ("", "ai.onnx")
+                                     and bool(n.name) and n.name not in layers)
+        return [Candidate(name, tuple(n.name for n in nodes)) for name, nodes in found.items()], skipped
 
     # ---- the Technique protocol ---------------------------------------------------------------
     def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
