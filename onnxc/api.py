@@ -260,6 +260,11 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     report.max_error = alloc.budget if math.isfinite(alloc.budget) else None
     if goal is not None and not alloc.met:
         report.notes.append(f"target {goal} not met within the budget: reached {alloc.achieved:.3f}")
+    held_out = runtime.sample_count(ctx.calibration.validation)
+    if alloc.fidelity.samples > held_out:
+        report.notes.append(f"the metric reads 0 for most single rewrites on {held_out} held-out samples: candidates "
+                            f"were ranked by the per-channel error, and plans judged on all {alloc.fidelity.samples} "
+                            f"calibration samples (the fitted ones too), whose steps are finer")
     table = alloc.table
     report.notes.append(f"sensitivity: {len(table.measurements)} candidate-levels, {table.cache_hits} from the cache, "
                         f"{table.measured} measured in {table.seconds:.1f} s")

@@ -99,12 +99,15 @@ def test_metric_changes_what_is_chosen(cache):
     common = dict(calibration=CALIBRATION, target="macs=0.3", passes=["svd", "prune"], cache_dir=cache,
                   max_error=0.02)
     default = optimize(sample_path("mlp"), **common).report.allocation
-    custom = optimize(sample_path("mlp"), metric=top1_disagreement, **common).report.allocation
+    report = optimize(sample_path("mlp"), metric=top1_disagreement, **common).report
+    custom = report.allocation
     assert custom["chosen"] != default["chosen"]
     assert custom["met"] and not default["met"]
     rows = custom["sensitivity"]["measurements"]
     assert all(r["error"] in {k / 64 for k in range(65)} for r in rows)  # top-1 changes on 64 held-out samples
     assert custom["surrogate_scale"] is not None  # a metric reading 0 for single rewrites: ranked by the surrogate
+    assert report.fidelity["samples"] == 256  # and plans judged on every calibration sample, 64 held out among them
+    assert report.fidelity["error"] <= 0.02
 
 
 def test_rollback_keeps_the_good_candidates(cache, monkeypatch):

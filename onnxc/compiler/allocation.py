@@ -27,6 +27,7 @@ import onnx
 from onnxc.compiler import runtime
 from onnxc.compiler.model import serialized_bytes
 from onnxc.compiler.passes import DEFAULT_BUDGET, PassContext
+from onnxc.compiler.samples import Samples
 from onnxc.compiler.search import Search
 from onnxc.compiler.sensitivity import (
     BYTE_KINDS,
@@ -178,9 +179,17 @@ def _probes(techniques: dict[str, Technique]) -> dict[str, Technique]:
 def _allocate(model, techniques, ctx, target, budget, source, table, kind, input_shapes, reference_outputs,
               value_of=None, baseline=None):
     val = ctx.calibration.validation
-    ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     nodes_of = candidate_nodes(table)
     errors, surrogate_scale = planning_errors(table)
+    judged = val
+    if surrogate_scale is not None and ctx.metric is not None and ctx.calibration.train.count:
+        # A starved metric counts too few held-out samples to see what a plan changes (one step
+        # can be several times the budget): plans are judged on every calibration sample, the
+        # fitted ones too, whose steps are finer (the report's fidelity says on how many).
+        judged = Samples(list(ctx.calibration.train.groups) + list(val.groups))
+        ref = runtime.run(baseline if baseline is not None else model, judged)
+    else:
+        ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
     planned = PLANNED_AS.get(kind, kind)
     steps = ordered_steps(table, planned, errors)
     costs = CostModel.of(model, table, planned, ctx.calibration) if planned not in BYTE_KINDS else None
@@ -222,7 +231,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         """The plan applied and judged: the model, the passes' results, fidelity, error, the
         achieved value of the target kind, its ratio to the original's, whether the target is met."""
         candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
-        fid = compare_outputs(ref, runtime.run(candidate, val), ctx.metric)
+        fid = compare_outputs(ref, runtime.run(candidate, judged), ctx.metric)
         error = fid.error if np.isfinite(fid.rel_l2) else math.inf
         if value_of is not None:
             value = value_of(candidate)
@@ -275,7 +284,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
             if better:
                 best = ((met, -error), candidate, plan, fid, ratio, met, results)
     if best is None:
-        fid = compare_outputs(ref, runtime.run(model, val), ctx.metric)
+        fid = compare_outputs(ref, runtime.run(model, judged), ctx.metric)
         ratio = 1.0 - head_start / base_value if base_value else 1.0
         best = (None, model, {}, fid, ratio, target is None or ratio <= target.ratio + TOLERANCE, [])
     _, out, plan, fid, ratio, met, results = best
