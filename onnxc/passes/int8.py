@@ -24,6 +24,7 @@ time whole models and correct it, as they correct every prediction.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -162,6 +163,9 @@ def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *,
     work.mkdir(exist_ok=True)
     with _quiet(), _working_directory(str(work)):
         if key not in _PREPARED:
+            for stale in list(_PREPARED)[:-(KEPT_PREPARED - 1) or None]:  # the sweep's model and the latest plan
+                del _PREPARED[stale]
+                shutil.rmtree(_work_dir() / stale, ignore_errors=True)
             scorer = Scorer(model, calibration.validation)
             _PREPARED[key] = prepare(model, "static", calibration, work, scorer, reduce_range=reduce_range,
                                      correct_bias=False)
@@ -172,7 +176,8 @@ def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *,
 
 
 _WORK: list[tempfile.TemporaryDirectory] = []  # made on first use, removed at exit
-_PREPARED: dict[str, Prepared] = {}
+_PREPARED: dict[str, Prepared] = {}  # by model and data, oldest first
+KEPT_PREPARED = 2  # each verified plan is a new model: keep memory and disk to the last few
 
 
 def _work_dir() -> Path:
