@@ -145,16 +145,32 @@ def _bias(conv: onnx.NodeProto, view: GraphView, channels: int) -> np.ndarray:
     return np.zeros(channels)
 
 
-def _set_bias(conv: onnx.NodeProto, view: GraphView, bias: np.ndarray) -> None:
+def _set_bias(conv: onnx.NodeProto, view: GraphView, bias: np.ndarray, dtype=np.float32) -> None:
     if len(conv.input) > 2 and conv.input[2]:
-        view.set_input_const(conv, 2, bias.astype(np.float32))
+        view.set_input_const(conv, 2, bias.astype(dtype))
         return
-    name = view.add_const(f"{conv.name or conv.output[0]}_bias", bias.astype(np.float32))
+    name = view.add_const(f"{conv.name or conv.output[0]}_bias", bias.astype(dtype))
     if len(conv.input) == 2:
         conv.input.append(name)
     else:
         conv.input[2] = name
     view.consumers[name].append(conv)
+
+
+def scale_outputs(conv: onnx.NodeProto, view: GraphView, weight: np.ndarray, scale: np.ndarray | None = None,
+                  shift: np.ndarray | None = None) -> None:
+    """Make output channel o of `conv` compute scale[o] * out + shift[o]: its weights (constant
+    `weight`) and bias rewritten in float64, stored in the weight's dtype. Its output keeps its
+    name: the caller rewires it."""
+    bias = _bias(conv, view, weight.shape[0])
+    if scale is not None:
+        scale = np.asarray(scale, np.float64)
+        view.set_input_const(conv, 1, (weight.astype(np.float64) * scale.reshape(-1, *[1] * (weight.ndim - 1)))
+                             .astype(weight.dtype))
+        bias = bias * scale
+    if shift is not None:
+        bias = bias + shift
+    _set_bias(conv, view, bias, weight.dtype)
 
 
 def _backward(node: onnx.NodeProto, view: GraphView) -> str | None:
@@ -167,13 +183,10 @@ def _backward(node: onnx.NodeProto, view: GraphView) -> str | None:
     c = per_channel(operand[1], weight.shape[0], weight.ndim) if weight is not None else None
     if c is None:
         return None
-    bias = _bias(conv, view, weight.shape[0])
     if node.op_type == "Mul":
-        scale = c.astype(np.float64).reshape(-1, *[1] * (weight.ndim - 1))
-        view.set_input_const(conv, 1, (weight.astype(np.float64) * scale).astype(np.float32))
-        _set_bias(conv, view, bias * c)
+        scale_outputs(conv, view, weight, scale=c)
     else:
-        _set_bias(conv, view, bias + c)
+        scale_outputs(conv, view, weight, shift=c)
     conv.output[0] = node.output[0]
     return f"{node.op_type} {node.name or node.output[0]} folded into {conv.name or conv.output[0]}"
 

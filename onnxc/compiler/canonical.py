@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from onnxc.compiler.affine import fold_affine
+from onnxc.compiler.affine import fold_affine, scale_outputs
 from onnxc.compiler.graph import GraphView, attr, node_inputs_with_subgraphs, set_attr
 from onnxc.compiler.linear import LinearLayer
 from onnxc.compiler.model import clone, tensor_nbytes
@@ -203,20 +203,11 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
         weight = view.const(conv.input[1])
         if weight is None or any(p is None for p in params):
             continue
-        scale, shift, mean, var = (p.astype(np.float64) for p in params)
-        eps = attr(bn, "epsilon", 1e-5)
-        bias = view.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        if len(conv.input) > 2 and conv.input[2] and bias is None:
+        if len(conv.input) > 2 and conv.input[2] and view.const(conv.input[2]) is None:
             continue
-        factor = scale / np.sqrt(var + eps)
-        new_w = (weight.astype(np.float64) * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
-        b = bias.astype(np.float64) if bias is not None else np.zeros_like(mean)
-        new_b = ((b - mean) * factor + shift).astype(weight.dtype)
-        view.set_input_const(conv, 1, new_w)
-        if bias is not None:
-            view.set_input_const(conv, 2, new_b)
-        else:
-            conv.input.append(view.add_const(f"{conv.name or conv.output[0]}_bias", new_b))
+        scale, shift, mean, var = (p.astype(np.float64) for p in params)
+        factor = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+        scale_outputs(conv, view, weight, scale=factor, shift=shift - mean * factor)
         conv.output[0] = bn.output[0]
         view.producers[bn.output[0]] = conv  # a second BatchNormalization may fold into it too
         folded.add(index)
