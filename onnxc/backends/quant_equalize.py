@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxc.compiler.affine import fold_affine
-from onnxc.compiler.graph import attr
+from onnxc.compiler.graph import GraphView, attr
 
 # Per-channel ops that commute with a positive per-channel scale and keep zero at zero.
 HOMOGENEOUS = {"Relu", "LeakyRelu", "MaxPool"}
@@ -52,73 +51,44 @@ def equalize(model: onnx.ModelProto, *, fold: bool = True, scale: bool = True) -
     result = Equalized(copy)
     if fold:
         result.folded = fold_affine(copy.graph)
-    graph = _Graph(copy)
+    view = GraphView(copy.graph)
     if scale:
-        result.pairs = _equalize_pairs(graph)
-    graph.write_back()
+        result.pairs = _equalize_pairs(view)
+    used = {i for n in copy.graph.node for i in n.input}  # constants the folds left unread
+    keep = [t for t in copy.graph.initializer if t.name in used]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(keep)
     return result
 
 
-class _Graph:
-    """The little graph bookkeeping both steps need: constants as arrays, consumers by tensor."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        self.changed: set[str] = set()
-        self.outputs = {o.name for o in model.graph.output}
-
-    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
-        return [n for n in self.model.graph.node if tensor in n.input]
-
-    def const(self, name: str) -> np.ndarray | None:
-        return self.consts.get(name)
-
-    def set_const(self, name: str, value: np.ndarray) -> None:
-        self.consts[name] = value
-        self.changed.add(name)
-
-    def shared(self, name: str) -> bool:
-        """A constant read by more than one node cannot be rewritten for one of them."""
-        return sum(i == name for n in self.model.graph.node for i in n.input) > 1
-
-    def write_back(self) -> None:
-        inits = self.model.graph.initializer
-        for i, t in enumerate(inits):
-            if t.name in self.changed:
-                inits[i].CopyFrom(numpy_helper.from_array(self.consts[t.name].astype(numpy_helper.to_array(t).dtype),
-                                                          t.name))
-        for name in sorted(self.changed - {t.name for t in inits}):
-            inits.append(numpy_helper.from_array(self.consts[name], name))
-        used = {i for n in self.model.graph.node for i in n.input}
-        keep = [t for t in inits if t.name in used]
-        del inits[:]
-        inits.extend(keep)
+def _shared(view: GraphView, name: str) -> bool:
+    """A constant read by more than one node (or twice) cannot be rewritten for one of them."""
+    return len(view.consumers.get(name, [])) > 1
 
 
-def _conv_weights(graph: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+def _conv_weights(view: GraphView, node: onnx.NodeProto) -> np.ndarray | None:
     if node.op_type != "Conv" or len(node.input) < 2:
         return None
-    w = graph.const(node.input[1])
-    if w is None or w.dtype != np.float32 or w.ndim < 3 or graph.shared(node.input[1]):
+    w = view.const(node.input[1])
+    if w is None or w.dtype != np.float32 or w.ndim < 3 or _shared(view, node.input[1]):
         return None
-    if len(node.input) > 2 and node.input[2] and (graph.const(node.input[2]) is None or graph.shared(node.input[2])):
+    if len(node.input) > 2 and node.input[2] and (not view.is_const(node.input[2]) or _shared(view, node.input[2])):
         return None
     return w
 
 
-def _pairs(graph: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+def _pairs(view: GraphView) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """(producer, consumer) Convs joined only through positively homogeneous per-channel ops,
     each tensor on the way read by the next node alone."""
     found = []
-    for node in graph.model.graph.node:
-        w1 = _conv_weights(graph, node)
+    for node in view.graph.node:
+        w1 = _conv_weights(view, node)
         if w1 is None:
             continue
         tensor, ok = node.output[0], True
         while ok:
-            users = graph.consumers(tensor)
-            if tensor in graph.outputs or len(users) != 1:
+            users = view.consumers.get(tensor, [])
+            if tensor in view.graph_outputs or len(users) != 1:
                 ok = False
                 break
             nxt = users[0]
@@ -128,8 +98,8 @@ def _pairs(graph: _Graph) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
             break
         if not ok:
             continue
-        consumer = graph.consumers(tensor)[0]
-        w2 = _conv_weights(graph, consumer)
+        consumer = view.consumers[tensor][0]
+        w2 = _conv_weights(view, consumer)
         if w2 is None or consumer.input[0] != tensor or consumer is node:
             continue
         groups = int(attr(consumer, "group", 1))
@@ -152,19 +122,19 @@ def _scale_columns(w2: np.ndarray, groups: int, s: np.ndarray) -> np.ndarray:
     return shaped.reshape(w2.shape).astype(np.float32)
 
 
-def _equalize_pairs(graph: _Graph) -> list[tuple[str, str]]:
-    pairs = _pairs(graph)
+def _equalize_pairs(view: GraphView) -> list[tuple[str, str]]:
+    pairs = _pairs(view)
     for _ in range(SWEEPS):
         for producer, consumer in pairs:
-            w1, w2 = graph.const(producer.input[1]), graph.const(consumer.input[1])
+            w1, w2 = view.const(producer.input[1]), view.const(consumer.input[1])
             groups = int(attr(consumer, "group", 1))
             r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
             r2 = _consumer_columns(w2, groups)
             s = np.ones_like(r1)
             ok = (r1 > TINY) & (r2 > TINY)
             s[ok] = np.sqrt(r1[ok] / r2[ok])
-            graph.set_const(producer.input[1], (w1 / s.reshape(-1, *[1] * (w1.ndim - 1))).astype(np.float32))
+            view.set_input_const(producer, 1, (w1 / s.reshape(-1, *[1] * (w1.ndim - 1))).astype(np.float32))
             if len(producer.input) > 2 and producer.input[2]:
-                graph.set_const(producer.input[2], (graph.const(producer.input[2]) / s).astype(np.float32))
-            graph.set_const(consumer.input[1], _scale_columns(w2, groups, s))
+                view.set_input_const(producer, 2, (view.const(producer.input[2]) / s).astype(np.float32))
+            view.set_input_const(consumer, 1, _scale_columns(w2, groups, s))
     return [(p.name, c.name) for p, c in pairs]
