@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from onnxc.compiler.graph import GraphView, attr
+from onnxc.compiler.linear import LinearLayer
 
 AFFINE_OPS = ("Mul", "Add")
 
@@ -127,50 +128,27 @@ def _merge(node: onnx.NodeProto, view: GraphView) -> str | None:
     return f"{node.op_type} {node.name or node.output[0]} merged into {user.name or user.output[0]}"
 
 
-def _conv_weight(conv: onnx.NodeProto, view: GraphView) -> np.ndarray | None:
-    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
+def _conv(conv: onnx.NodeProto | None, view: GraphView) -> LinearLayer | None:
+    """A Conv with a constant float32 weight and bias (or none), as `LinearLayer` reads it."""
+    if conv is None or conv.op_type != "Conv":
         return None
-    weight = view.const(conv.input[1])
-    has_bias = len(conv.input) > 2 and conv.input[2]
-    if weight is None or weight.dtype != np.float32 or weight.ndim < 3 or view.is_const(conv.input[0]):
-        return None
-    if has_bias and view.const(conv.input[2]) is None:
-        return None
-    return weight
+    layer = LinearLayer.read(conv, view)
+    return layer if isinstance(layer, LinearLayer) and layer.dtype == np.float32 else None
 
 
-def _bias(conv: onnx.NodeProto, view: GraphView, channels: int) -> np.ndarray:
-    if len(conv.input) > 2 and conv.input[2]:
-        return view.const(conv.input[2]).astype(np.float64)
-    return np.zeros(channels)
-
-
-def _set_bias(conv: onnx.NodeProto, view: GraphView, bias: np.ndarray, dtype=np.float32) -> None:
-    if len(conv.input) > 2 and conv.input[2]:
-        view.set_input_const(conv, 2, bias.astype(dtype))
-        return
-    name = view.add_const(f"{conv.name or conv.output[0]}_bias", bias.astype(dtype))
-    if len(conv.input) == 2:
-        conv.input.append(name)
-    else:
-        conv.input[2] = name
-    view.consumers[name].append(conv)
-
-
-def scale_outputs(conv: onnx.NodeProto, view: GraphView, weight: np.ndarray, scale: np.ndarray | None = None,
+def scale_outputs(layer: LinearLayer, view: GraphView, scale: np.ndarray | None = None,
                   shift: np.ndarray | None = None) -> None:
-    """Make output channel o of `conv` compute scale[o] * out + shift[o]: its weights (constant
-    `weight`) and bias rewritten in float64, stored in the weight's dtype. Its output keeps its
-    name: the caller rewires it."""
-    bias = _bias(conv, view, weight.shape[0])
+    """Make output channel o of a Conv compute scale[o] * out + shift[o]: its weights and bias
+    rewritten in float64, stored in the weight's dtype. Its output keeps its name: the caller
+    rewires it."""
+    weight = layer.weight.astype(np.float64)
+    bias = layer.bias.astype(np.float64) if layer.bias is not None else np.zeros(layer.out_features)
     if scale is not None:
         scale = np.asarray(scale, np.float64)
-        view.set_input_const(conv, 1, (weight.astype(np.float64) * scale.reshape(-1, *[1] * (weight.ndim - 1)))
-                             .astype(weight.dtype))
-        bias = bias * scale
+        weight, bias = weight * scale.reshape(-1, *[1] * (weight.ndim - 1)), bias * scale
     if shift is not None:
         bias = bias + shift
-    _set_bias(conv, view, bias, weight.dtype)
+    layer.write(view, weight, bias)
 
 
 def _backward(node: onnx.NodeProto, view: GraphView) -> str | None:
@@ -179,26 +157,26 @@ def _backward(node: onnx.NodeProto, view: GraphView) -> str | None:
     conv = view.producers.get(operand[0]) if operand else None
     if conv is None or conv.output[0] in view.graph_outputs or len(view.consumers[conv.output[0]]) != 1:
         return None
-    weight = _conv_weight(conv, view)
-    c = per_channel(operand[1], weight.shape[0], weight.ndim) if weight is not None else None
+    layer = _conv(conv, view)
+    c = per_channel(operand[1], layer.out_features, layer.weight.ndim) if layer is not None else None
     if c is None:
         return None
     if node.op_type == "Mul":
-        scale_outputs(conv, view, weight, scale=c)
+        scale_outputs(layer, view, scale=c)
     else:
-        scale_outputs(conv, view, weight, shift=c)
+        scale_outputs(layer, view, shift=c)
     conv.output[0] = node.output[0]
-    return f"{node.op_type} {node.name or node.output[0]} folded into {conv.name or conv.output[0]}"
+    return f"{node.op_type} {node.name or node.output[0]} folded into {layer.name}"
 
 
 def _forward(node: onnx.NodeProto, view: GraphView) -> str | None:
     """Mul/Add(per input channel) -> Conv becomes the Conv alone, reading the op's input."""
     operand = _constant_operand(node, view) if node.op_type in AFFINE_OPS else None
     conv = _only_consumer(node, view) if operand else None
-    weight = _conv_weight(conv, view) if conv is not None and conv.input[0] == node.output[0] else None
-    if weight is None:
+    layer = _conv(conv, view) if conv is not None and conv.input[0] == node.output[0] else None
+    if layer is None:
         return None
-    groups = int(attr(conv, "group", 1))
+    weight, groups = layer.weight, int(attr(conv, "group", 1))
     c = per_channel(operand[1], weight.shape[1] * groups, weight.ndim)
     if c is None or (node.op_type == "Add" and _pads(conv)):
         return None
@@ -207,12 +185,12 @@ def _forward(node: onnx.NodeProto, view: GraphView) -> str | None:
     channel = (np.arange(weight.shape[0]) // out_per_group)[:, None] * weight.shape[1] + np.arange(weight.shape[1])
     per_weight = c.astype(np.float64)[channel].reshape(*channel.shape, *[1] * (weight.ndim - 2))
     if node.op_type == "Mul":
-        view.set_input_const(conv, 1, (weight.astype(np.float64) * per_weight).astype(np.float32))
+        layer.write(view, weight.astype(np.float64) * per_weight)
     else:
         shift = (weight.astype(np.float64) * per_weight).reshape(weight.shape[0], -1).sum(axis=1)
-        _set_bias(conv, view, _bias(conv, view, weight.shape[0]) + shift)
+        scale_outputs(layer, view, shift=shift)
     conv.input[0] = operand[0]
-    return f"{node.op_type} {node.name or node.output[0]} folded into {conv.name or conv.output[0]}"
+    return f"{node.op_type} {node.name or node.output[0]} folded into {layer.name}"
 
 
 def _pads(conv: onnx.NodeProto) -> bool:

@@ -200,14 +200,12 @@ def fold_batchnorm(graph: onnx.GraphProto) -> int:
         if conv.output[0] in view.graph_outputs:
             continue
         params = [view.const(n) for n in bn.input[1:5]]
-        weight = view.const(conv.input[1])
-        if weight is None or any(p is None for p in params):
-            continue
-        if len(conv.input) > 2 and conv.input[2] and view.const(conv.input[2]) is None:
+        layer = LinearLayer.read(conv, view)
+        if not isinstance(layer, LinearLayer) or any(p is None for p in params):
             continue
         scale, shift, mean, var = (p.astype(np.float64) for p in params)
         factor = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
-        scale_outputs(conv, view, weight, scale=factor, shift=shift - mean * factor)
+        scale_outputs(layer, view, scale=factor, shift=shift - mean * factor)
         conv.output[0] = bn.output[0]
         view.producers[bn.output[0]] = conv  # a second BatchNormalization may fold into it too
         folded.add(index)
