@@ -263,7 +263,8 @@ def _allocate(canonical, pass_list, ctx, goal, budget, shapes, ref_out, report, 
     held_out = runtime.sample_count(ctx.calibration.validation)
     if alloc.fidelity.samples > held_out:
         report.notes.append(f"the metric reads 0 for most single rewrites on {held_out} held-out samples: candidates "
-                            f"were ranked by the per-channel error, and plans judged on all {alloc.fidelity.samples} "
+                            f"were ranked by the metric on their changes stretched (how near they bring samples to "
+                            f"a different reading), and plans judged on all {alloc.fidelity.samples} "
                             f"calibration samples (the fitted ones too), whose steps are finer")
     table = alloc.table
     report.notes.append(f"sensitivity: {len(table.measurements)} candidate-levels, {table.cache_hits} from the cache, "

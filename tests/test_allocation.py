@@ -476,6 +476,29 @@ def test_a_starved_metric_is_planned_on_its_surrogate():
     assert allocation.planning_errors(continuous)[1] is None  # a metric that moves is planned on as it is
 
 
+def test_the_stretched_metric_sees_how_near_samples_are_to_flipping():
+    """A change too small to flip any sample's label reads 0 in the metric, but stretching it
+    shows which of two such changes is nearer to flipping labels, and by how many samples."""
+    from onnxc.compiler.verify import amplified_metric
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 10)).astype(np.float32)
+    top = ref.argmax(1)
+    toward = np.zeros_like(ref)
+    toward[np.arange(64), top] = -1.0  # pushes every top class down, towards its runner-up
+    gap = np.sort(ref, 1)[:, -1] - np.sort(ref, 1)[:, -2]
+    small, larger = ref + 0.2 * gap.min() * toward, ref + 0.9 * gap.min() * toward
+    flips = lambda r, g: float(np.mean(r[0].argmax(1) != g[0].argmax(1)))  # noqa: E731
+    assert flips([ref], [small]) == flips([ref], [larger]) == 0.0
+    a, b = amplified_metric(flips, {"y": ref}, {"y": small}), amplified_metric(flips, {"y": ref}, {"y": larger})
+    assert 0 < a < b <= 1
+    assert amplified_metric(flips, {"y": ref}, {"y": ref}) == 0.0
+
+    def logs(r, g):  # a metric that cannot read stretched probabilities
+        return float(np.mean(np.log(g[0])))
+    assert amplified_metric(logs, {"y": np.full((4, 2), 0.5)}, {"y": np.array([[0.4, 0.6]] * 4)}) is None
+
+
 def test_metric_resolution_is_reported(cache):
     common = dict(calibration=CALIBRATION, passes=["svd"], target="macs=0.7", cache_dir=cache,
                   metric=top1_disagreement)

@@ -196,3 +196,39 @@ def test_export_cli_takes_the_metric_and_reports_what_int8_spent(tmp_path):
     out.unlink()
     bad = run("--max-error", "0.01", "--metric", "test_int8_budget:no_such_metric")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_derived_model_is_prepared_with_the_choices_measured_first(tmp_path):
+    """`prepare(like=...)` takes the measured choices of an earlier preparation (each plan the
+    allocator verifies derives from one model) instead of measuring them against their
+    alternatives again: what it was told to skip is not tried, what it was told to use is."""
+    from dataclasses import replace
+
+    from onnxc.backends.ort_quant import _quiet, _working_directory, prepare
+    from onnxc.backends.quant_budget import Scorer
+
+    m = canonicalize(unbalanced_convs())
+    cal = make_calibration(m, {"x": np.random.default_rng(2).standard_normal((96, 3, 12, 12)).astype(np.float32)},
+                           seed=0)
+
+    def prepared(folder: str, like=None):
+        work = tmp_path / folder
+        work.mkdir()
+        with _quiet(), _working_directory(str(work)):
+            return prepare(m, "static", cal, work, Scorer(m, cal.validation), correct_bias=False, like=like)
+
+    first = prepared("first")
+    assert first.improvements["equalization"]["kept"] and "variants" in first.improvements["ranges"]
+    again = prepared("again", first)
+    assert again.improvements["equalization"]["kept"]
+    kept = first.improvements["ranges"]["kept"]
+    if kept:  # the kinds kept are the only ones tried
+        assert [v["allowed"] for v in again.improvements["ranges"]["variants"]] == [list(kept)]
+    else:
+        assert "ranges" not in again.improvements
+    assert again.reduce_range == first.reduce_range
+    refused = replace(first, improvements={"equalization": {"kept": False}, "ranges": {"kept": None}},
+                      reduce_range=True)
+    plain = prepared("plain", refused)
+    assert "equalization" not in plain.improvements and "ranges" not in plain.improvements
+    assert plain.reduce_range

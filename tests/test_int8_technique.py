@@ -11,8 +11,10 @@ from sample_data import CALIBRATION, accuracy, sample_path
 
 from onnxc.api import optimize
 from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.cost import model_cost
 from onnxc.compiler.model import load
 from onnxc.compiler.passes import create
+from onnxc.compiler.technique import MIN_SHARE
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,46 @@ def test_regions_carry_the_ops_after_each_layer():
     ops = {n.name: n.op_type for n in model.graph.node}
     assert {ops[r.nodes[0]] for r in regions} <= {"Conv", "Gemm", "MatMul"}
     assert any(ops[n] == "Relu" for r in regions for n in r.nodes[1:])  # conv + relu quantized together
-    weight_layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
-    assert len(regions) == len(weight_layers)
+    weight_layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    placed = [n for r in regions for n in r.nodes if n in weight_layers]
+    assert sorted(placed) == sorted(weight_layers)  # every layer in exactly one region
+    macs = {n.name: n.macs for n in model_cost(model).layers}
+    assert len(regions) < len(weight_layers)  # the small ones (a 1x1 shortcut, the head) planned with others
+    assert all(sum(macs.get(n, 0) for n in r.nodes) >= MIN_SHARE * sum(macs.values()) for r in regions)
+
+
+def test_a_layer_alone_leaves_its_chain_float():
+    """Level LAYER quantizes the region's layers and nothing after them; REGION the whole chain."""
+    from onnxc.compiler.calibration import make_calibration
+    from onnxc.compiler.passes import PassContext
+    from onnxc.passes.int8 import LAYER, REGION
+
+    model = canonicalize(load(sample_path("resnet")))
+    technique = create("int8")
+    ops = {n.name: n.op_type for n in model.graph.node}
+    region = next(r for r in technique.plan_candidates(model) if "Add" in {ops[n] for n in r.nodes})  # a residual
+    cal = make_calibration(model, CALIBRATION, seed=0)
+    ctx = PassContext(calibration=cal)
+
+    def quantized(level: float) -> tuple[set[str], set[str]]:
+        """The nodes that run int8 (int8 in, int8 out) and all nodes."""
+        (restricted,) = technique.restricted({region.name: level})
+        out = restricted.run(model, ctx).model
+        made = {o: n for n in out.graph.node for o in n.output}
+        readers = {}
+        for n in out.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n.op_type)
+        return {n.name for n in out.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                and any(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in n.input)
+                and all(readers.get(o) == ["QuantizeLinear"] for o in n.output)}, {n.name for n in out.graph.node}
+
+    layers = {n for n in region.nodes if ops[n] in ("Conv", "Gemm")}
+    int8, present = quantized(LAYER)
+    assert int8 == layers and set(region.nodes) <= present  # the chain is there, float
+    int8, present = quantized(REGION)
+    assert set(region.nodes) & present <= int8  # what the quantizer did not fold into the layer runs int8
+    assert any(ops[n] == "Add" for n in int8)
 
 
 def test_int8_pass_alone_quantizes_and_keeps_accuracy():
@@ -117,7 +157,7 @@ def test_c_backend_lowers_the_planned_mix_as_it_is(tmp_path):
     from onnxc.backends.c.toolchain import build_generated, run_samples
     from onnxc.compiler import runtime
 
-    result = optimize(sample_path("mlp"), passes=["int8"], calibration=CALIBRATION, target="size=0.5",
+    result = optimize(sample_path("mlp"), passes=["int8"], calibration=CALIBRATION, target="size=0.7",
                       backend="c", export_options=ExportOptions(int8="static", name="net"), output=tmp_path / "c",
                       cache_dir=tmp_path / "cache")
     chosen = result.report.allocation["chosen"]

@@ -35,7 +35,7 @@ class ToyRankPass(Pass, Technique):
                 and view.is_const(n.input[1]) and min(view.const(n.input[1]).shape) >= 8]
 
     # the Technique protocol
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+    def plan_candidates(self, model: onnx.ModelProto, shapes: dict | None = None) -> list[Candidate]:
         return [Candidate(n.name, (n.name,)) for n in self._layers(model)]
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:

@@ -174,10 +174,25 @@ class Prepared:
 
 def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: Path, scorer: Scorer, *,
             reduce_range: bool | None = None, exact: bool = False, equalize: bool = True,
-            choose_ranges: bool = True, correct_bias: bool = True, progress: Progress = no_progress) -> Prepared:
+            choose_ranges: bool = True, correct_bias: bool = True, progress: Progress = no_progress,
+            like: Prepared | None = None) -> Prepared:
     """Everything `quantize` does before the budget, its files in `work` (kept by the caller for
-    as long as the quantizer is used; run inside `_quiet()` and `_working_directory`)."""
+    as long as the quantizer is used; run inside `_quiet()` and `_working_directory`).
+
+    `like`: the preparation of a model this one derives from (the same graph with layers pruned
+    or factorized, as each plan the allocator verifies): its measured choices (7-bit weights,
+    equalization, which range kinds, bias correction) are taken again instead of measured
+    against their alternatives, which costs a calibration and a held-out run each. The ranges,
+    equalization scales and corrections themselves are computed for this model."""
     notes: list[str] = []
+    variants = None
+    if like is not None:
+        reduce_range = like.reduce_range if reduce_range is None else reduce_range
+        equalize = equalize and bool(like.improvements.get("equalization", {}).get("kept"))
+        kept_ranges = like.improvements.get("ranges", {}).get("kept")
+        choose_ranges = choose_ranges and kept_ranges is not None
+        variants = (tuple(kept_ranges),) if kept_ranges is not None else None
+        correct_bias = correct_bias and bool(like.improvements.get("bias_correction", {}).get("kept"))
     per_channel = True
     upgraded = upgrade_opset(model, scorer.self_error, notes)
     if upgraded is None:
@@ -226,7 +241,7 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
     clock = lap(improvements, "equalization", clock)
     if mode == "static" and choose_ranges:
         candidate = try_ranges(pre, calibration, scorer, quantizer, lambda cache: make(reduced, pre, cache),
-                               _calibration_batch, full_score, improvements, notes, progress)
+                               _calibration_batch, full_score, improvements, notes, progress, variants)
         if candidate is not None:
             quantizer, full, full_score = candidate
     clock = lap(improvements, "ranges", clock)

@@ -106,9 +106,11 @@ RANGE_VARIANTS = (("minmax", "percentile"), ("minmax", "percentile", "mse"))
 
 
 def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: Callable, make: Callable,
-               batch_for: Callable, baseline: Score, improvements: dict, notes: list[str], progress: Progress):
-    """Per-tensor activation ranges (quant_ranges) instead of min/max, in each RANGE_VARIANTS,
-    the best kept when better than min/max on the held-out samples: (quantizer, model, score) or None."""
+               batch_for: Callable, baseline: Score, improvements: dict, notes: list[str], progress: Progress,
+               variants: tuple[tuple[str, ...], ...] | None = None):
+    """Per-tensor activation ranges (quant_ranges) instead of min/max, in each of `variants`
+    (default RANGE_VARIANTS), the best kept when better than min/max on the held-out samples:
+    (quantizer, model, score) or None."""
     from onnxruntime.quantization.calibrate import (
         CalibrationMethod,
         TensorData,
@@ -130,7 +132,8 @@ def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: C
     choice = select_ranges(prepared, ranges, calibration.train, calibration.validation,
                            max(1, batch_for(prepared, calibration) // 2), progress)
     best, tried = None, []
-    for index, allowed in enumerate(RANGE_VARIANTS):
+    variants = variants or RANGE_VARIANTS
+    for index, allowed in enumerate(variants):
         picked, counts = choice.pick(allowed)
         data = dict(minmax.items())
         for name, (lo, hi) in picked.items():  # the same shapes as onnxruntime's own entries
@@ -146,8 +149,8 @@ def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: C
         if best is None or s.key() < best[2].key():
             best = (candidate, model, s, index)
     kept = best is not None and best[2].key() < baseline.key()
-    improvements["ranges"] = {"variants": tried, "kept": RANGE_VARIANTS[best[3]] if kept else None}
+    improvements["ranges"] = {"variants": tried, "kept": variants[best[3]] if kept else None}
     text = "; ".join(f"{'+'.join(t['allowed'])}: {t['error']:.3g}" for t in tried)
     notes.append(f"per-tensor activation ranges, int8 error {baseline.error:.3g} with min/max; {text}"
-                 + (f" (kept {'+'.join(RANGE_VARIANTS[best[3]])})" if kept else " (min/max kept)"))
+                 + (f" (kept {'+'.join(variants[best[3]])})" if kept else " (min/max kept)"))
     return best[:3] if kept else None

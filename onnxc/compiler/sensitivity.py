@@ -36,14 +36,15 @@ from onnxc.compiler.holdout import in_sample
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Pass, PassContext, available, create
 from onnxc.compiler.samples import Samples
-from onnxc.compiler.technique import Technique, by_plan_order, is_technique
-from onnxc.compiler.verify import compare_outputs
+from onnxc.compiler.technique import MIN_SHARE, Technique, by_plan_order, is_technique
+from onnxc.compiler.verify import TIE_BREAK, amplified_metric, compare_outputs
 
 log = logging.getLogger("onnxc.sensitivity")
 
 # Kinds whose saving is measured whole-model (bytes), not spread over nodes' MACs or params.
 BYTE_KINDS = ("size", "activations")
-CACHE_VERSION = 6  # bump when what a measurement computes changes (5: the surrogate error; 6: activations)
+CACHE_VERSION = 7  # bump when what a measurement computes changes (5: the surrogate error; 6: activations;
+# 7: the surrogate is the stretched metric)
 
 
 def round_to() -> int:
@@ -119,10 +120,6 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, techniques: dict[str, Pass], 
 
 
 # ---- candidates ----------------------------------------------------------------------------------
-# A structural candidate (a channel group, a layer) whose nodes hold less than this fraction of the
-# model's MACs (or parameters) is not measured: it cannot move a target much, and measuring it
-# costs as much as measuring a large one (detectors have many such small groups).
-MIN_SHARE = 0.01
 
 
 def node_costs(model: onnx.ModelProto, cal, kind: str) -> dict[str, float]:
@@ -149,7 +146,8 @@ def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, c
         if kind not in p.saves:
             continue
         levels = tuple(p.levels(target_ratio))
-        found += [Candidate(technique, c.name, levels, tuple(c.nodes)) for c in p.plan_candidates(model)
+        found += [Candidate(technique, c.name, levels, tuple(c.nodes))
+                  for c in p.plan_candidates(model, cal.cost_shapes() if cal is not None else None)
                   if kind in BYTE_KINDS or large(c.nodes)]
     return found
 
@@ -198,18 +196,33 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     if not applied:
         return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
     sess = runtime.session(rewritten)  # one session for both splits (building one is a sizeable part of a task)
-    fid = compare_outputs(Samples(reference), runtime.run(sess, cal.validation), metric)
+    outputs = runtime.run(sess, cal.validation)
+    fid = compare_outputs(Samples(reference), outputs, metric)
     error = _error(fid)
-    surrogate = float(fid.surrogate) if metric is not None and np.isfinite(fid.rel_l2) else None
+    surrogate = _surrogate(fid, metric, Samples(reference), outputs)
     fitted = in_sample(cal.train, cal.validation)
     fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
-    saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"]))
+    saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"],
+                                                                level))
     if "activations" in base:
         saving["activations"] = int(base["activations"] - activation_bytes(rewritten, cal))
     return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error,
                        surrogate)
+
+
+def _surrogate(fid, metric, reference: Samples, outputs) -> float | None:
+    """What ranks a candidate when the user metric is starved (`steps.planning_errors`): the
+    metric on the candidate's change stretched (`verify.amplified_metric`), its ties broken by
+    the per-channel error; the per-channel error alone where the metric cannot read stretched
+    outputs. None without a user metric."""
+    if metric is None or not np.isfinite(fid.rel_l2):
+        return None
+    stretched = amplified_metric(metric, reference, outputs)
+    if stretched is None:
+        return float(fid.surrogate)
+    return stretched + TIE_BREAK * float(fid.surrogate)
 
 
 def activation_bytes(model: onnx.ModelProto, cal) -> int:

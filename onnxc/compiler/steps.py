@@ -142,9 +142,10 @@ def planning_errors(table: Table) -> tuple[dict[tuple[str, str, float], float], 
 
     A user metric over a few held-out samples moves in whole steps (1/N of the samples): most
     single rewrites read 0 and the search has nothing to rank by, predicting 0 for every plan.
-    Then candidates are ranked by the default error measured in the same runs (continuous:
-    per output channel, probabilities as logits), scaled to the metric by the ratio of their
-    sums where both are non-zero. The budget is still judged by the metric on every verified
+    Then candidates are ranked by the surrogate measured in the same runs (the metric on each
+    candidate's change stretched, `verify.amplified_metric`: it counts how many samples a change
+    brings near their decision, as the metric decides it), scaled to the metric by the ratio of
+    their sums where both are non-zero. The budget is still judged by the metric on every verified
     plan, and each verified round corrects the scale."""
     errors = {m.key: m.error for m in table.measurements}
     rows = [m for m in table.measurements if m.applied and m.surrogate is not None and math.isfinite(m.error)]

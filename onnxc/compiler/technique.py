@@ -5,8 +5,10 @@ error. It must not know any technique by name, or every new technique costs edit
 compiler and options of one pass end up set from another module. So a plannable pass answers,
 in its own module:
 
-- `plan_candidates(model)`: what it could rewrite, each a name and the nodes it reshapes, found
-  without touching the model it is given (the allocator keeps using that model);
+- `plan_candidates(model, shapes)`: what it could rewrite, each a name and the nodes it reshapes,
+  found without touching the model it is given (the allocator keeps using that model); `shapes`
+  are one sample's input shapes, at which a technique that weighs its layers reads their cost
+  (a model with dynamic dims has none of its own);
 - `levels(target_ratio)`: the levels it offers, mildest first, for a target that keeps that
   fraction of the model's cost (None: a budget alone);
 - `saves`: the target kinds a level can save (macs, params, size, latency, activations: the peak
@@ -53,6 +55,13 @@ KINDS = frozenset({"macs", "params", "size", "latency", "activations"})
 STRUCTURE = KINDS  # a technique that removes computation saves every kind
 
 
+# A structural candidate (a channel group, a layer) whose nodes hold less than this fraction of the
+# model's MACs (or parameters) is not measured: it cannot move a target much, and measuring it
+# costs as much as measuring a large one (detectors have many such small groups). A technique may
+# fold such small layers into a larger candidate instead, as int8 does with its regions.
+MIN_SHARE = 0.01
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One thing a technique can rewrite: its name in plans and reports, and the nodes whose
@@ -71,7 +80,8 @@ class Technique:
     composes: ClassVar[bool] = False
     planned_by_default: ClassVar[bool] = False
 
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:  # pragma: no cover
+    def plan_candidates(self, model: onnx.ModelProto,
+                        shapes: dict | None = None) -> list[Candidate]:  # pragma: no cover
         raise NotImplementedError
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:  # pragma: no cover
@@ -81,8 +91,8 @@ class Technique:
         """Passes that rewrite exactly the candidates in `levels` (name -> level), in order."""
         raise NotImplementedError
 
-    def latency_saving(self, macs_saved: float, candidate_macs: float) -> float:
-        """The time a level saves, in MACs of the original layer's speed: by default the MACs it
+    def latency_saving(self, macs_saved: float, candidate_macs: float, level: float) -> float:
+        """The time `level` saves, in MACs of the original layer's speed: by default the MACs it
         removes (`macs_saved`); `candidate_macs` is what the candidate's nodes hold."""
         return macs_saved
 

@@ -208,6 +208,58 @@ def call_metric(metric: Metric, ref: list, got: list) -> float:
     return value
 
 
+# How far a candidate's output change is stretched to see how near a discrete metric is to moving
+# (see `amplified_metric`): powers of two, so a change of any size meets its flips at some factor.
+AMPLIFICATIONS = (2, 4, 8, 16, 32, 64, 128)
+# The per-channel error's weight in the surrogate when the amplified metric ties: far under one
+# sample's step at any factor, so it only orders candidates the metric cannot.
+TIE_BREAK = 1e-3
+
+
+def amplified_metric(metric: Metric, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+                     factors: Sequence[float] = AMPLIFICATIONS) -> float | None:
+    """The user metric on outputs whose change from the reference is stretched k times, averaged
+    over `factors` (None where the metric cannot read stretched outputs).
+
+    Why: a metric that counts samples (lines decoded differently, labels flipped) reads 0 for
+    nearly every single rewrite on a few held-out samples, and the per-channel error that stands
+    in for it does not know which changes the metric cares about (a CTC decoder ignores a
+    blank/repeat flip that moves the probabilities a lot; a detector ignores a box's jitter but
+    not a class score crossing its threshold). Stretching the change, ref + k (got - ref), moves
+    each sample along the direction the rewrite pushed it until its decision flips: the fraction
+    flipped at k counts the samples whose margin is under k times the change, in the metric's
+    own terms. The average over factors is continuous enough to rank candidates, and it ranks
+    them as the metric will see them combined."""
+    ref_s, got_s = Samples.of(ref), Samples.of(got)
+    names = list(ref_s)
+    total = max(ref_s.count, 1)
+    values = []
+    for k in factors:
+        value = 0.0
+        for rg, gg in zip(ref_s.groups, got_s.groups):
+            stretched = [_stretch(rg[n], gg[n], k) for n in names]
+            try:
+                with np.errstate(all="ignore"):
+                    one = float(metric([rg[n] for n in names], stretched))
+            except Exception:  # a metric that takes logarithms of stretched probabilities, say
+                return None
+            if not np.isfinite(one):
+                return None
+            value += one * runtime.sample_count(rg)
+        values.append(value / total)
+    return float(np.mean(values))
+
+
+def _stretch(ref: np.ndarray, got: np.ndarray, k: float) -> np.ndarray:
+    """ref + k (got - ref) for float outputs (in their dtype); other outputs as they are."""
+    if ref.dtype.kind != "f":
+        return got
+    out = got - ref
+    out *= ref.dtype.type(k)
+    out += ref
+    return out
+
+
 def load_metric(spec: str) -> Metric:
     """`package.module:function` -> the function (one clear error when it cannot be found)."""
     module_name, sep, func_name = spec.partition(":")

@@ -272,7 +272,7 @@ class FactorPass(Pass, Technique):
         return layers, skipped
 
     # ---- the Technique protocol ----------------------------------------------------------------
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+    def plan_candidates(self, model: onnx.ModelProto, shapes: dict | None = None) -> list[Candidate]:
         return [Candidate(layer.name, (layer.name,)) for layer in self.candidates(model, GraphView(model.graph))[0]]
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:

@@ -121,12 +121,12 @@ class CirculantPass(Pass, Technique):
         """Parameters and bytes always; MACs only in the fft form (see the module docstring)."""
         return frozenset({"params", "size", "macs"} if self.form == "fft" else {"params", "size"})
 
-    def latency_saving(self, macs_saved: float, candidate_macs: float) -> float:
+    def latency_saving(self, macs_saved: float, candidate_macs: float, level: float) -> float:
         """No time: the forms that remove MACs run slower in onnxruntime than the dense layer, and
         the others run its MACs (see the module docstring)."""
         return 0.0
 
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+    def plan_candidates(self, model: onnx.ModelProto, shapes: dict | None = None) -> list[Candidate]:
         """Every layer some level can rewrite."""
         view = GraphView(model.graph)
         found = []

@@ -151,7 +151,7 @@ class ClusterPass(Pass, Technique):
         return self._targets(GraphView(model.graph))[0]
 
     # ---- the Technique protocol ----------------------------------------------------------------
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+    def plan_candidates(self, model: onnx.ModelProto, shapes: dict | None = None) -> list[Candidate]:
         return [Candidate(t.nodes[0].name, tuple(n.name for n in t.nodes)) for t in self.candidates(model)]
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:

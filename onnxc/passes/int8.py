@@ -16,9 +16,17 @@ no more than the export's. The model runs in onnxruntime's integer kernels and l
 backend's int8 kernels. On x86 CPUs without VNNI the fused kernels saturate 16-bit pair sums:
 `reduce_range=auto` measures that and then quantizes weights to 7 bits, as the export does.
 
+Two levels per region (`REGION`, `LAYER`): the whole region in int8, or its layer alone, with
+the ops after it (an activation of two operands such as hard-swish, an attention product, a
+softmax) left float. Quantizing a layer's input and weights costs what rounding a linear map
+costs; requantizing every activation after it also costs the nonlinear ops' resolution, which
+a sequence or detection head can feel far more. The layer alone pays a conversion back to float
+and so saves less time; the allocator weighs both, per region.
+
 What a region saves: its weights' bytes (measured), and time. Time is planned from the layer's
-MACs at `INT8_TIME` of their float cost (a prior per CPU kind); the allocator's verified rounds
-time whole models and correct it, as they correct every prediction.
+MACs at `INT8_TIME` of their float cost (a prior per CPU kind), the layer alone at `LAYER_SHARE`
+of its region's saving; the allocator's verified rounds time whole models and correct both, as
+they correct every prediction.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from onnxc.compiler.graph import GraphView
 from onnxc.compiler.model import fingerprint
 from onnxc.compiler.passes import Change, Pass, PassContext, PassResult, Skip, cost_dict, matches_any, register
 from onnxc.compiler.samples import fingerprint as data_fingerprint
-from onnxc.compiler.technique import Candidate, Technique
+from onnxc.compiler.technique import MIN_SHARE, Candidate, Technique
 from onnxc.errors import UsageError
 
 if TYPE_CHECKING:
@@ -51,6 +59,11 @@ LAYER_OPS = WEIGHT_OPS | {"ConvTranspose"}  # with a constant operand: a layer, 
 # products (VNNI, Arm's SDOT) do four multiply-adds where float does one; without them the 16-bit
 # pair sums still halve the float work. Verified rounds time whole models and correct this.
 INT8_TIME = {True: 0.5, False: 0.75}
+# The levels: the share of a region that runs int8, the layer alone or all of it.
+LAYER, REGION = 0.5, 1.0
+# What of its region's time saving a layer alone keeps (a prior: it converts its output back to
+# float and its chain runs float).
+LAYER_SHARE = 0.8
 
 
 @register
@@ -72,59 +85,76 @@ class Int8Pass(Pass, Technique):
     min_macs: int = 0
     # Set by `restricted` (not a CLI option): only these candidates are quantized.
     _levels: dict[str, float] | None = None
+    # Shared by the passes `restricted` makes of one technique (not copied: `replace` passes the
+    # same dict), so each plan the allocator verifies is prepared like the first one was.
+    _lineage: dict = field(default_factory=dict, repr=False, compare=False)
 
     def validate(self) -> None:
         if self.reduce_range not in ("auto", "on", "off"):
             raise UsageError("pass 'int8': reduce_range must be auto, on or off")
 
     # ---- candidates ---------------------------------------------------------------------------
-    def regions(self, model: onnx.ModelProto) -> tuple[list[Candidate], list[Skip]]:
+    def regions(self, model: onnx.ModelProto, shapes: dict | None) -> tuple[list[Candidate], list[Skip]]:
         """Each quantizable weight layer with the nodes the quantizer keeps int8 after it, up to
-        the next layers (`compiler.int8_regions`), named by the layer."""
+        the next layers (`compiler.int8_regions`), named by the layer. A layer under MIN_SHARE of
+        the model's MACs at `shapes` (a depthwise conv, a squeeze-excite conv, a small projection)
+        joins the region upstream like any op after a layer: planned alone, it would not be
+        measured, and stay float in every plan though it holds weights a size target needs. A
+        region still under MIN_SHARE (one whose chain an op int8 cannot take cut off, as a layer
+        norm cuts a transformer block from the conv before it) is planned together with the small
+        regions after it, or with the region before (`_grouped`)."""
         from onnxc.backends.ort_quant import static_op_types
 
         view = GraphView(model.graph)
-        macs = {n.name: n.macs for n in model_cost(model).layers}
-        layers, starts, skipped = set(), set(), []
+        macs = {n.name: n.macs for n in model_cost(model, shapes).layers}
+        small = MIN_SHARE * sum(macs.values())
+        layers, starts, followers, skipped = set(), set(), set(), []
         for node in model.graph.node:
             if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx") or not node.name:
                 continue
             if any(view.is_const(i) for i in node.input[:2]):
-                layers.add(node.name)  # a weight of its own: it never joins another layer's region
-            if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or not view.is_const(node.input[1]) \
-                    or view.is_const(node.input[0]):
+                layers.add(node.name)  # a weight of its own: it joins no region unless it is small
+            if node.name not in _weight_layers(model, view, (node,)):
                 continue
             if matches_any(node.name, self.exclude):
                 skipped.append(Skip(node.name, "excluded"))
             elif macs.get(node.name, 0) < self.min_macs:
                 skipped.append(Skip(node.name, f"{macs.get(node.name, 0)} MACs < min_macs={self.min_macs}"))
+            elif macs.get(node.name, 0) < small:
+                followers.add(node.name)  # too small to plan alone: it goes with the region upstream
             else:
                 starts.add(node.name)
         quantized = static_op_types()
-        found = int8_regions.regions(model.graph, opens=lambda n: n.name in starts,
+        found = int8_regions.regions(model.graph, opens=lambda n: n.name in starts or n.name in followers,
                                      joins=lambda n: n.op_type in quantized and n.domain in ("", "ai.onnx")
-                                     and bool(n.name) and n.name not in layers)
-        return [Candidate(name, tuple(n.name for n in nodes)) for name, nodes in found.items()], skipped
+                                     and bool(n.name) and (n.name not in layers or n.name in followers))
+        return _grouped([Candidate(name, tuple(n.name for n in nodes)) for name, nodes in found.items()],
+                        macs, small), skipped
 
     # ---- the Technique protocol ---------------------------------------------------------------
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
-        return self.regions(model)[0]
+    def plan_candidates(self, model: onnx.ModelProto, shapes: dict | None = None) -> list[Candidate]:
+        return self.regions(model, shapes)[0]
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
-        return (8,)
+        return (LAYER, REGION)
 
     def restricted(self, levels: Mapping[str, float]) -> list[Pass]:
         return [replace(self, _levels=dict(levels))]
 
-    def latency_saving(self, macs_saved: float, candidate_macs: float) -> float:
-        return candidate_macs * (1.0 - INT8_TIME[runtime.integer_dot_product()])
+    def latency_saving(self, macs_saved: float, candidate_macs: float, level: float) -> float:
+        region = candidate_macs * (1.0 - INT8_TIME[runtime.integer_dot_product()])
+        return region * (LAYER_SHARE if level < REGION else 1.0)
 
     # ---- the rewrite --------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self.validate()
-        regions, skipped = self.regions(model)
+        shapes = ctx.calibration.cost_shapes() if ctx.calibration else None
+        regions, skipped = self.regions(model, shapes)
         if self._levels is not None:
-            regions = [r for r in regions if r.name in self._levels]
+            layers = _weight_layers(model, GraphView(model.graph), model.graph.node)
+            regions = [r if self._levels[r.name] >= REGION else replace(r, nodes=tuple(n for n in r.nodes
+                                                                                       if n in layers))
+                       for r in regions if self._levels.get(r.name)]
         if not regions:
             return PassResult(model, False, skipped=skipped)
         if ctx.calibration is None:
@@ -132,13 +162,19 @@ class Int8Pass(Pass, Technique):
                                                                 for r in regions])
         reduce = {"on": True, "off": False}.get(self.reduce_range)
         nodes = list(dict.fromkeys(n for r in regions for n in r.nodes))
-        quantized, prepared = quantize_nodes(model, ctx.calibration, nodes, reduce_range=reduce)
+        quantized, prepared = quantize_nodes(model, ctx.calibration, nodes, reduce_range=reduce,
+                                             like=self._lineage.get("first"))
+        self._lineage.setdefault("first", prepared)
         per_channel, reduce = prepared.per_channel, prepared.reduce_range
-        before = {n.name: n for n in model_cost(model).layers}
-        after = {n.name: n for n in model_cost(quantized).layers}
+        def alone(name: str) -> bool:
+            return self._levels is not None and self._levels[name] < REGION
+
+        before = {n.name: n for n in model_cost(model, shapes).layers}
+        after = {n.name: n for n in model_cost(quantized, shapes).layers}
         changes = [Change(r.name, before[r.name].op if r.name in before else "", "int8",
                           before=cost_dict(before.get(r.name)), after=cost_dict(after.get(r.name)),
-                          detail={"region": list(r.nodes), "per_channel": per_channel,
+                          detail={"region": list(r.nodes), "level": "layer" if alone(r.name) else "region",
+                                  "per_channel": per_channel,
                                   "weight_bits": 7 if reduce else 8})
                    for r in regions]
         info = {"regions": len(regions), "nodes": len(nodes), "per_channel": per_channel, "reduce_range": reduce,
@@ -146,15 +182,48 @@ class Int8Pass(Pass, Technique):
         return PassResult(quantized, True, changes, skipped, info)
 
 
-def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *,
-                   reduce_range: bool | None = None) -> tuple[onnx.ModelProto, Prepared]:
+def _grouped(regions: list[Candidate], macs: dict[str, float], small: float) -> list[Candidate]:
+    """`regions` (in graph order) with those under `small` MACs merged: consecutive small ones
+    into one candidate, named by its first; one still small after that into the candidate
+    before it (the first region: after it). A candidate is what the allocator turns int8 or
+    leaves float as one: its nodes need not be connected."""
+    def cost(r: Candidate) -> float:
+        return sum(macs.get(n, 0.0) for n in r.nodes)
+
+    runs: list[Candidate] = []
+    for r in regions:
+        if runs and cost(r) < small and cost(runs[-1]) < small:
+            runs[-1] = Candidate(runs[-1].name, runs[-1].nodes + r.nodes)
+        else:
+            runs.append(r)
+    out: list[Candidate] = []
+    for r in runs:
+        if out and cost(r) < small:
+            out[-1] = Candidate(out[-1].name, out[-1].nodes + r.nodes)
+        elif out and cost(out[-1]) < small:
+            out[-1] = Candidate(out[-1].name, out[-1].nodes + r.nodes)
+        else:
+            out.append(r)
+    return out
+
+
+def _weight_layers(model: onnx.ModelProto, view: GraphView, nodes) -> set[str]:
+    """The names of `nodes` that are layers int8 can take: a Conv, Gemm or MatMul of an
+    activation and a constant weight."""
+    return {n.name for n in nodes if n.op_type in WEIGHT_OPS and n.domain in ("", "ai.onnx") and len(n.input) >= 2
+            and view.is_const(n.input[1]) and not view.is_const(n.input[0])}
+
+
+def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *, reduce_range: bool | None = None,
+                   like: Prepared | None = None) -> tuple[onnx.ModelProto, Prepared]:
     """`model` with `nodes` quantized, and the preparation it went through.
 
     The quantizer is the int8 export's (`ort_quant.prepare`: per-channel opset, onnxruntime's
     pre-processing, equalization and per-tensor ranges where they lower the held-out error),
     prepared once per process for a model and its data: the sensitivity sweep quantizes one
     candidate at a time of one model. Bias correction is left out: it rewrites the float biases
-    of every layer for the all-int8 model, which a layer the plan keeps float must not inherit."""
+    of every layer for the all-int8 model, which a layer the plan keeps float must not inherit.
+    `like`: a preparation whose measured choices this one takes (`ort_quant.prepare`)."""
     from onnxc.backends.ort_quant import _quiet, _working_directory, prepare
     from onnxc.backends.quant_budget import Scorer
 
@@ -168,7 +237,7 @@ def quantize_nodes(model: onnx.ModelProto, calibration, nodes: list[str], *,
                 shutil.rmtree(_work_dir() / stale, ignore_errors=True)
             scorer = Scorer(model, calibration.validation)
             _PREPARED[key] = prepare(model, "static", calibration, work, scorer, reduce_range=reduce_range,
-                                     correct_bias=False)
+                                     correct_bias=False, like=like)
         prepared = _PREPARED[key]
         quantized = prepared.quantizer(nodes, [])
     quantized.ir_version = max(quantized.ir_version, model.ir_version)

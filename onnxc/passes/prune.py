@@ -96,7 +96,7 @@ class PrunePass(Pass, Technique):
                 if g.n_units >= 2 and not any(matches_any(n, self.exclude) for n in g.nodes)]
 
     # ---- the Technique protocol ----------------------------------------------------------------
-    def plan_candidates(self, model: onnx.ModelProto) -> list[Candidate]:
+    def plan_candidates(self, model: onnx.ModelProto, shapes: dict | None = None) -> list[Candidate]:
         return [Candidate(g.name, tuple(dict.fromkeys(g.nodes))) for g in self.candidates(clone(model))]
 
     def levels(self, target_ratio: float | None = None) -> tuple[float, ...]:
