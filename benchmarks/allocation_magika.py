@@ -41,9 +41,13 @@ def main() -> None:
     parser.add_argument("--target", default="size=0.3")
     parser.add_argument("--per-type", type=int, default=6, help="files per type in each split")
     parser.add_argument("--int8", action="store_true",
-                        help="also the target with -p cluster -p int8 --backend onnxruntime")
+                        help="also the target with --backend onnxruntime (int8 among the default techniques)")
     parser.add_argument("--uniform", default="cluster:bits=8,cluster:bits=4",
                         help="uniform settings to compare, comma-separated specs")
+    parser.add_argument("--rows", default="",
+                        help="only these target rows, comma-separated: default, cluster, cluster+metric, "
+                             "int8 (the defaults with --backend onnxruntime, where int8 is one), int8+metric "
+                             "(default: all but the int8 ones unless --int8)")
     args = parser.parse_args()
     model_path = str(corpus.path("magika"))
     data = file_types.dataset(per_type=args.per_type)
@@ -73,15 +77,19 @@ def compare(model_path: str, tmp: Path, cal, test, args) -> list[tuple]:
         return agree, right
 
     size_before = os.path.getsize(model_path)
-    runs = [(f"target {args.target}", {"target": args.target}),
-            (f"target {args.target} -p cluster", {"target": args.target, "passes": ["cluster"]}),
-            ("  + --metric type_error", {"target": args.target, "passes": ["cluster"],
-                                          "metric": "file_types:type_error"})]
-    if args.int8:
-        runs += [(f"target {args.target} -p cluster -p int8", {"target": args.target, "passes": ["cluster", "int8"],
-                                                               "backend": "onnxruntime"}),
-                 ("  + --metric type_error", {"target": args.target, "passes": ["cluster", "int8"],
-                                              "backend": "onnxruntime", "metric": "file_types:type_error"})]
+    metric = {"metric": "file_types:type_error"}
+    named = {"default": (f"target {args.target}", {"target": args.target}),
+             "cluster": (f"target {args.target} -p cluster", {"target": args.target, "passes": ["cluster"]}),
+             "cluster+metric": ("  + --metric type_error", {"target": args.target, "passes": ["cluster"], **metric}),
+             "int8": (f"target {args.target} --backend onnxruntime", {"target": args.target,
+                                                                        "backend": "onnxruntime"}),
+             "int8+metric": ("  + --metric type_error", {"target": args.target, "backend": "onnxruntime", **metric})}
+    wanted = args.rows.split(",") if args.rows else ["default", "cluster", "cluster+metric"] + (
+        ["int8", "int8+metric"] if args.int8 else [])
+    unknown = [w for w in wanted if w not in named]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(named)})")
+    runs = [named[w] for w in wanted]
     runs += [(spec, {"passes": [spec]}) for spec in args.uniform.split(",") if spec]
     rows = [("original", *scores(ref_labels), 1.0, 0.0, 0.0, "")]
     for i, (how, kwargs) in enumerate(runs):

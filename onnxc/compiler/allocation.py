@@ -125,7 +125,7 @@ class Allocation:
     realization: dict | None = None  # measured latency ratio, MACs ratio, speedup / MAC reduction
     costs: CostModel | None = None  # how the predicted savings were combined (macs, params, latency)
     steps: list[Step] = field(default_factory=list)  # the steps searched over, in order (after conflicts)
-    surrogate_scale: float | None = None  # set when a starved metric was planned on the default error
+    surrogate_scale: float | None = None  # set when a starved metric was planned on its surrogate
 
     def untouched(self) -> dict[str, list[str]]:
         """Per technique, the measured candidates the plan leaves as they were (layers kept float,
