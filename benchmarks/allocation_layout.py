@@ -85,8 +85,10 @@ def main() -> None:
     budget = {"max_error": args.max_error}
     if args.metric:
         budget["metric"] = getattr(layout_pages, args.metric)
-    for how, kwargs in ((f"target {args.target}", {"target": args.target, "passes": args.passes.split("|"), **budget}),
-                        (args.uniform, {**budget, "passes": [args.uniform]})):
+    runs = [(f"target {args.target}", {"target": args.target, "passes": args.passes.split("|"), **budget})]
+    if args.uniform:  # --uniform "": the target row alone
+        runs.append((args.uniform, {**budget, "passes": [args.uniform]}))
+    for how, kwargs in runs:
         start = time.perf_counter()
         r = optimize(model_path, calibration=tmp / "cal.npz", progress=progress(start), jobs=args.jobs, **kwargs)
         results.append((how, r, time.perf_counter() - start))
