@@ -16,8 +16,8 @@ no more than the export's. The model runs in onnxruntime's integer kernels and l
 backend's int8 kernels. On x86 CPUs without VNNI the fused kernels saturate 16-bit pair sums:
 `reduce_range=auto` measures that and then quantizes weights to 7 bits, as the export does.
 
-Two levels per region (`REGION`, `LAYER`): the whole region in int8, or its layer alone, with
-the ops after it (an activation of two operands such as hard-swish, an attention product, a
+Two levels per region (`REGION`, `LAYER`): the whole region in int8, or its layers alone, with
+the ops after them (an activation of two operands such as hard-swish, an attention product, a
 softmax) left float. Quantizing a layer's input and weights costs what rounding a linear map
 costs; requantizing every activation after it also costs the nonlinear ops' resolution, which
 a sequence or detection head can feel far more. The layer alone pays a conversion back to float
@@ -114,7 +114,7 @@ class Int8Pass(Pass, Technique):
                 continue
             if any(view.is_const(i) for i in node.input[:2]):
                 layers.add(node.name)  # a weight of its own: it joins no region unless it is small
-            if node.name not in _weight_layers(model, view, (node,)):
+            if node.name not in _weight_layers(view, (node,)):
                 continue
             if matches_any(node.name, self.exclude):
                 skipped.append(Skip(node.name, "excluded"))
@@ -151,7 +151,7 @@ class Int8Pass(Pass, Technique):
         shapes = ctx.calibration.cost_shapes() if ctx.calibration else None
         regions, skipped = self.regions(model, shapes)
         if self._levels is not None:
-            layers = _weight_layers(model, GraphView(model.graph), model.graph.node)
+            layers = _weight_layers(GraphView(model.graph), model.graph.node)
             regions = [r if self._levels[r.name] >= REGION else replace(r, nodes=tuple(n for n in r.nodes
                                                                                        if n in layers))
                        for r in regions if self._levels.get(r.name)]
@@ -166,6 +166,7 @@ class Int8Pass(Pass, Technique):
                                              like=self._lineage.get("first"))
         self._lineage.setdefault("first", prepared)
         per_channel, reduce = prepared.per_channel, prepared.reduce_range
+
         def alone(name: str) -> bool:
             return self._levels is not None and self._levels[name] < REGION
 
@@ -198,16 +199,14 @@ def _grouped(regions: list[Candidate], macs: dict[str, float], small: float) -> 
             runs.append(r)
     out: list[Candidate] = []
     for r in runs:
-        if out and cost(r) < small:
-            out[-1] = Candidate(out[-1].name, out[-1].nodes + r.nodes)
-        elif out and cost(out[-1]) < small:
+        if out and (cost(r) < small or cost(out[-1]) < small):
             out[-1] = Candidate(out[-1].name, out[-1].nodes + r.nodes)
         else:
             out.append(r)
     return out
 
 
-def _weight_layers(model: onnx.ModelProto, view: GraphView, nodes) -> set[str]:
+def _weight_layers(view: GraphView, nodes) -> set[str]:
     """The names of `nodes` that are layers int8 can take: a Conv, Gemm or MatMul of an
     activation and a constant weight."""
     return {n.name for n in nodes if n.op_type in WEIGHT_OPS and n.domain in ("", "ai.onnx") and len(n.input) >= 2
