@@ -221,6 +221,7 @@ def test_a_derived_model_is_prepared_with_the_choices_measured_first(tmp_path):
     assert first.improvements["equalization"]["kept"] and "variants" in first.improvements["ranges"]
     again = prepared("again", first)
     assert again.improvements["equalization"]["kept"]
+    assert "plain" not in again.improvements  # no baseline measured for a choice already made
     kept = first.improvements["ranges"]["kept"]
     if kept:  # the kinds kept are the only ones tried
         assert [v["allowed"] for v in again.improvements["ranges"]["variants"]] == [list(kept)]

@@ -47,10 +47,11 @@ def score_dict(s: Score) -> dict:
     return {"error": s.error, "per_channel_error": s.surrogate}
 
 
-def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score, improvements: dict,
-                 notes: list[str]):
+def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score | None,
+                 improvements: dict, notes: list[str]):
     """Affine folding + cross-layer equalization of the pre-processed model, kept when lossless
-    in float and better in int8 on the held-out samples: (pre, quantizer, model, score) or None."""
+    in float and better in int8 on the held-out samples than `baseline` (None: kept when
+    lossless, as a preparation `like` one that kept it): (pre, quantizer, model, score) or None."""
     eq = equalize_model(onnx.load(str(pre)))
     if not eq.changed:
         return None
@@ -70,9 +71,10 @@ def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline
     model = quantizer(None, [])
     s = scorer(model)
     entry.update(score_dict(s))
-    entry["kept"] = s.key() < baseline.key()
+    entry["kept"] = baseline is None or s.key() < baseline.key()
+    before = f"{baseline.error:.3g} -> " if baseline is not None else ""
     notes.append(f"{len(eq.folded)} elementwise ops folded into convs and {len(eq.pairs)} conv pairs equalized: "
-                 f"int8 error {baseline.error:.3g} -> {s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
+                 f"int8 error {before}{s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
     return (path, quantizer, model, s) if entry["kept"] else None
 
 

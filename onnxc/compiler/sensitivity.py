@@ -200,8 +200,10 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     fid = compare_outputs(Samples(reference), outputs, metric)
     error = _error(fid)
     surrogate = _surrogate(fid, metric, Samples(reference), outputs)
-    fitted = in_sample(cal.train, cal.validation)
-    fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))
+    fit_error = None
+    if techniques[technique].refits:
+        fitted = in_sample(cal.train, cal.validation)
+        fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
     saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"],
