@@ -218,19 +218,20 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
     # a preparation `like` another that kept equalization skips the plain model: it would only be
     # the baseline equalization is measured against (quantized and run only if equalizing fails)
     skip_plain = like is not None and mode == "static" and equalize and scorer.samples >= MIN_JUDGING_SAMPLES
-    full, full_score = (None, None) if skip_plain else (quantizer(None, []), None)
-    if full is not None:
+    full = full_score = None
+    if not skip_plain:
+        full = quantizer(None, [])
         full_score = scorer(full)
-    if full is not None and reduce_range is None and not exact:
-        arithmetic = scorer.exact(full).surrogate
-        if full_score.surrogate > SATURATION_RATIO * arithmetic and \
-                full_score.surrogate - arithmetic > SATURATION_MARGIN:
-            quantizer, reduced = make(True), True
-            full, before = quantizer(None, []), full_score.surrogate
-            full_score = scorer(full)
-            notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights gave "
-                         f"relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so weights are "
-                         f"quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
+        if reduce_range is None and not exact:
+            arithmetic = scorer.exact(full).surrogate
+            if full_score.surrogate > SATURATION_RATIO * arithmetic and \
+                    full_score.surrogate - arithmetic > SATURATION_MARGIN:
+                quantizer, reduced = make(True), True
+                full, before = quantizer(None, []), full_score.surrogate
+                full_score = scorer(full)
+                notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights "
+                             f"gave relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so "
+                             f"weights are quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
     improvements: dict = {"plain": score_dict(full_score)} if full_score is not None else {}
     if mode == "static" and (equalize or choose_ranges or correct_bias) and scorer.samples < MIN_JUDGING_SAMPLES:
         equalize = choose_ranges = correct_bias = False
