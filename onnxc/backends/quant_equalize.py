@@ -54,10 +54,7 @@ def equalize(model: onnx.ModelProto, *, fold: bool = True, scale: bool = True) -
     view = GraphView(copy.graph)
     if scale:
         result.pairs = _equalize_pairs(view)
-    used = {i for n in copy.graph.node for i in n.input}  # constants the folds left unread
-    keep = [t for t in copy.graph.initializer if t.name in used]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(keep)
+    view.remove_unused()  # the constants the folds and scales replaced
     return result
 
 
