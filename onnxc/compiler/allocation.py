@@ -190,7 +190,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
         ref = runtime.run(baseline if baseline is not None else model, judged)
     else:
         ref = reference_outputs if reference_outputs is not None else runtime.run(model, val)
-    planned = PLANNED_AS.get(kind, kind)
+    planned = planned_kind(target)
     steps = ordered_steps(table, planned, errors)
     costs = CostModel.of(model, table, planned, ctx.calibration) if planned not in BYTE_KINDS else None
     base_latency = baseline_latency = None

@@ -38,10 +38,9 @@ def plot_allocation(alloc, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from onnxc.compiler.allocation import PLANNED_AS
+    from onnxc.compiler.allocation import planned_kind
 
-    kind = alloc.target.kind if alloc.target else "macs"
-    kind = PLANNED_AS.get(kind, kind)  # a measured target (--fit) is drawn in what it is planned on
+    kind = planned_kind(alloc.target)  # a measured target (--fit) is drawn in what it is planned on
     kind = "macs" if kind == "latency" else kind  # planned on MACs; the rounds show measured latency
     base = alloc.table.base.get("bytes" if kind == "size" else kind) or 1
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
