@@ -124,9 +124,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, techniques: dict[str, Pass], 
 
 def node_costs(model: onnx.ModelProto, cal, kind: str) -> dict[str, float]:
     """Each node's MACs (parameters for a params target) at the first calibration sample's shapes."""
-    shapes = cal.shapes() if cal is not None else []
     field_ = "params" if kind == "params" else "macs"
-    return {n.name: float(getattr(n, field_)) for n in model_cost(model, shapes[0] if shapes else None).layers}
+    return {n.name: float(getattr(n, field_)) for n in model_cost(model, _cost_shapes(cal)).layers}
 
 
 def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, cal=None,
@@ -147,7 +146,7 @@ def candidates(model: onnx.ModelProto, techniques: dict[str, Pass], kind: str, c
             continue
         levels = tuple(p.levels(target_ratio))
         found += [Candidate(technique, c.name, levels, tuple(c.nodes))
-                  for c in p.plan_candidates(model, cal.cost_shapes() if cal is not None else None)
+                  for c in p.plan_candidates(model, _cost_shapes(cal))
                   if kind in BYTE_KINDS or large(c.nodes)]
     return found
 
@@ -231,14 +230,17 @@ def activation_bytes(model: onnx.ModelProto, cal) -> int:
     """Peak activation bytes per sample at the first calibration sample's shapes."""
     from onnxc.compiler.activations import peak_bytes
 
-    shapes = cal.shapes() if cal is not None else []
-    return peak_bytes(model, shapes[0] if shapes else None)
+    return peak_bytes(model, _cost_shapes(cal))
 
 
 def totals(model: onnx.ModelProto, cal) -> dict:
     """Per-sample cost at the first calibration sample's shapes (as the report counts it)."""
-    shapes = cal.shapes() if cal is not None else []
-    return model_cost(model, shapes[0] if shapes else None).totals()
+    return model_cost(model, _cost_shapes(cal)).totals()
+
+
+def _cost_shapes(cal) -> dict | None:
+    """The first calibration sample's input shapes (`Calibration.cost_shapes`), None without data."""
+    return cal.cost_shapes() if cal is not None else None
 
 
 def _error(fid) -> float:
