@@ -222,15 +222,13 @@ def render_allocation(alloc: dict, console: Console) -> None:
         rows.setdefault((m["technique"], m["name"]), []).append(m)
     table = Table(title=f"allocation (target {alloc['target'] or 'none'}, budget {alloc['budget']:g})", show_edge=False)
     scale = alloc.get("surrogate_scale")  # a starved metric: each level was planned at its surrogate's error
-    errors = "held-out error alone at each level (in-sample)" + (" [planned as]" if scale is not None else "")
+    errors = "held-out error alone at each level" + (" [planned as]" if scale is not None else "")
     for col in ("technique", "candidate", errors, "chosen"):
         table.add_column(col, overflow="fold")
     for (technique, name), ms in rows.items():
         cells = Text()
         for i, m in enumerate(ms):
-            fit = f" ({m['fit_error']:.2g})" if m.get("fit_error") is not None else ""
-            if scale is not None and m.get("surrogate") is not None:
-                fit += f" [{m['surrogate'] * scale:.2g}]"
+            fit = f" [{m['surrogate'] * scale:.2g}]" if scale is not None and m.get("surrogate") is not None else ""
             text = f"{m['level']:g}: {m['error']:.3g}{fit}" if m["applied"] else f"{m['level']:g}: -"
             cells.append(("  " if i else "") + text, style="bold" if m["chosen"] else None)
         chosen = next((f"{m['level']:g}" for m in ms if m["chosen"]), "-")

@@ -6,7 +6,9 @@ on the calibration split's fitting part, and measured on its held-out part (an i
 would hide a refit that does not generalize): the error on the model's outputs (the user metric,
 else `verify`'s fidelity) and what it saves (MACs, params, bytes). The table is cached on disk
 keyed by the model bytes, the calibration data, the techniques' options and the metric, so a
-second run with another target only reads it.
+second run with another target only reads it. The levels are not run on the fitted samples as
+well: that only showed the overfit beside the held-out error, at a third of the sweep's model
+runs; the passes of the chosen plan report their refits' in-sample and held-out errors.
 
 A candidate is not timed alone: one rewrite saves less time than onnxruntime's run-to-run spread
 on a shared machine, and timing every candidate-level of a large model many times would take
@@ -32,7 +34,6 @@ import onnx
 from onnxc.compiler import memo, runtime
 from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
-from onnxc.compiler.holdout import in_sample
 from onnxc.compiler.model import clone
 from onnxc.compiler.passes import Pass, PassContext, available, create
 from onnxc.compiler.samples import Samples
@@ -43,8 +44,8 @@ log = logging.getLogger("onnxc.sensitivity")
 
 # Kinds whose saving is measured whole-model (bytes), not spread over nodes' MACs or params.
 BYTE_KINDS = ("size", "activations")
-CACHE_VERSION = 7  # bump when what a measurement computes changes (5: the surrogate error; 6: activations;
-# 7: the surrogate is the stretched metric)
+CACHE_VERSION = 8  # bump when what a measurement computes changes (5: the surrogate error; 6: activations;
+# 7: the surrogate is the stretched metric; 8: no in-sample error)
 
 
 def round_to() -> int:
@@ -69,7 +70,6 @@ class Measurement:
     saving: dict = field(default_factory=dict)  # {"macs":, "params":, "bytes":}
     seconds: float = 0.0
     applied: bool = True  # False when the technique left the candidate alone at this level
-    fit_error: float | None = None  # the same error on as many of the samples it was fitted to (in-sample)
     surrogate: float | None = None  # the default error on the same outputs, when a user metric judges
 
     @property
@@ -176,7 +176,7 @@ def make_techniques(specs: Iterable[Pass | str] | None, kind: str | None = None)
 # ---- measuring -----------------------------------------------------------------------------------
 def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs: dict[str, str],
                  train: list, validation: list, source: str, seed: int, metric, reference: list,
-                 fit_reference: list, base: dict, input_shapes: dict | None, candidate_macs: dict) -> Measurement:
+                 base: dict, input_shapes: dict | None, candidate_macs: dict) -> Measurement:
     """One candidate-level applied alone and measured (module level, plain arguments: any executor
     can run it and gets the same result)."""
     from onnxc.compiler import layout
@@ -194,23 +194,17 @@ def _measure_one(item: tuple[str, str, float], *, model: onnx.ModelProto, specs:
     applied = any(r.modified for _, r in results)
     if not applied:
         return Measurement(technique, name, level, 0.0, {"macs": 0, "params": 0, "bytes": 0}, 0.0, False)
-    sess = runtime.session(rewritten)  # one session for both splits (building one is a sizeable part of a task)
-    outputs = runtime.run(sess, cal.validation)
+    outputs = runtime.run(rewritten, cal.validation)
     fid = compare_outputs(Samples(reference), outputs, metric)
     error = _error(fid)
     surrogate = _surrogate(fid, metric, Samples(reference), outputs)
-    fit_error = None
-    if techniques[technique].refits:
-        fitted = in_sample(cal.train, cal.validation)
-        fit_error = _error(compare_outputs(Samples(fit_reference), runtime.run(sess, fitted), metric))
     after = totals(rewritten, cal)
     saving = {k: int(base[k] - after[k]) for k in ("macs", "params", "bytes")}
     saving["latency"] = int(techniques[technique].latency_saving(saving["macs"], candidate_macs[f"{technique}:{name}"],
                                                                 level))
     if "activations" in base:
         saving["activations"] = int(base["activations"] - activation_bytes(rewritten, cal))
-    return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, fit_error,
-                       surrogate)
+    return Measurement(technique, name, level, error, saving, time.perf_counter() - start, True, surrogate)
 
 
 def _surrogate(fid, metric, reference: Samples, outputs) -> float | None:
@@ -288,7 +282,6 @@ def measure(model: onnx.ModelProto, techniques: dict[str, Pass], ctx: PassContex
                   "train": Samples.of(cal.train).groups, "validation": Samples.of(cal.validation).groups,
                   "source": cal.source, "seed": ctx.seed, "metric": ctx.metric,
                   "reference": Samples.of(reference).groups,
-                  "fit_reference": Samples.of(runtime.run(model, in_sample(cal.train, cal.validation))).groups,
                   "base": base, "input_shapes": input_shapes, "candidate_macs": candidate_macs}
         shared = {k: ctx.executor.put(v) for k, v in values.items()}
         for m in ctx.executor.map(_measure_one, missing, shared=shared, label="sensitivity", progress=ctx.progress):

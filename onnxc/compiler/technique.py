@@ -38,10 +38,6 @@ How a technique combines with others on one node is declared, not special-cased:
   there (two channel groups around a conv).
 - `plan_order`: where its rewrites run in a plan (structure first, storage and precision last).
 - `planned_by_default`: part of a `--target` run when the user names no technique.
-- `refits`: it fits weights to the calibration samples (prune's least squares, a factorization's
-  data refit, clustering's bias correction), so the sweep also measures each level on samples it
-  was fitted to, to show the overfit beside the held-out error; int8 fits nothing but ranges,
-  and skips that run.
 
 A new technique is one module in `onnxc/passes/`: a registered pass that also subclasses
 `Technique`.
@@ -83,7 +79,6 @@ class Technique:
     slot: ClassVar[str] = "structure"
     composes: ClassVar[bool] = False
     planned_by_default: ClassVar[bool] = False
-    refits: ClassVar[bool] = True
 
     def plan_candidates(self, model: onnx.ModelProto,
                         shapes: dict | None = None) -> list[Candidate]:  # pragma: no cover

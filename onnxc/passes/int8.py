@@ -75,7 +75,6 @@ class Int8Pass(Pass, Technique):
     plan_order = 100  # precision last: it quantizes whatever structure the plan left
     saves = frozenset({"size", "latency", "activations"})  # int8 activations take one byte
     slot = "storage"  # one storage form per weight: int8 or codes, not both
-    refits = False  # its sweep runs skip the in-sample error: nothing is fitted to the samples but ranges
     option_help = {
         "exclude": "node names or globs to keep float",
         "reduce_range": "7-bit weights: auto (on x86 CPUs without VNNI, whose int8 kernels saturate), on, off",
