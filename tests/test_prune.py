@@ -221,3 +221,19 @@ def test_dead_inputs_without_ridge_do_not_break_the_refit(criterion):
     got = runtime.run(pruned, cal.validation)
     assert all(np.isfinite(v).all() for v in got.values())
     assert compare(canonicalize(model), pruned, cal.validation).rel_l2 < 1.0
+
+
+def test_changes_count_macs_at_the_calibration_shapes_of_a_dynamic_model():
+    """A dynamic spatial dim is read at the calibration samples' size (6 x 10), not as 1."""
+    n = Net(seed=3)
+    a = n.relu(n.conv("x", 3, 32, name="c1"))
+    y = n.relu(n.conv(a, 32, 16, name="c2"))
+    model = canonicalize(n.model({"x": ["N", 3, "H", "W"]}, [y]))
+    x = np.random.default_rng(0).standard_normal((16, 3, 6, 10)).astype(np.float32)
+    cal = make_calibration(model, {"x": x}, seed=0)
+    res = create("prune", {"ratio": 0.5, "criterion": "l1", "reconstruct": False}).run(
+        model, PassContext(calibration=cal, seed=0))
+    [change] = [c for c in res.changes if c.node == "c1"]
+    # the group holds c1's filters and c2's input channels: both convs at 60 positions
+    assert change.before["macs"] == (3 * 9 * 32 + 32 * 9 * 16) * 60
+    assert change.after["macs"] == (3 * 9 * 16 + 16 * 9 * 16) * 60

@@ -189,7 +189,8 @@ class PrunePass(Pass, Technique):
                     model = sliced
         elif self.reconstruct:
             info["notes"].append("no calibration data: layers were sliced, not refit")
-        changes = _report(original, model, analysis, pruned_groups, jobs, info)
+        shapes = ctx.calibration.cost_shapes() if ctx.calibration is not None else None
+        changes = _report(original, model, analysis, pruned_groups, jobs, info, shapes)
         for job in jobs:
             if job.skipped:
                 skipped.append(Skip(job.node, f"not refit: {job.skipped}"))
@@ -478,8 +479,10 @@ def _residual_targets(view: GraphView, jobs: list[rec.RefitJob], order: dict[str
         job.target = add.output[0]
 
 
-def _report(original, pruned, analysis: Analysis, pruned_groups, jobs, info) -> list[Change]:
-    before, after = model_cost(original).by_name(), model_cost(pruned).by_name()
+def _report(original, pruned, analysis: Analysis, pruned_groups, jobs, info, shapes: dict | None) -> list[Change]:
+    """Each pruned group's change, its costs at `shapes` (the calibration's: a dynamic dim read
+    as 1 would count a sequence model's MACs per position)."""
+    before, after = model_cost(original, shapes).by_name(), model_cost(pruned, shapes).by_name()
     by_job = {j.node: j for j in jobs}
     changes = []
     for g, kept in pruned_groups:
