@@ -182,3 +182,36 @@ def test_fixed_batch_models_calibrate(tmp_path):
     x = np.random.default_rng(1).standard_normal((16, 1, 49, 10)).astype(np.float32)
     result = optimize(model, passes=["int8"], calibration={model.graph.input[0].name: x})
     assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node) >= 3
+
+
+def test_a_latency_plan_stores_the_weights_it_leaves_float_as_codes():
+    """What a latency plan keeps float is stored by the technique that costs no time (cluster's
+    codes, decoded once at session start): the int8 layers are left alone, every float layer's
+    weight becomes codes, the file shrinks and the outputs stay close."""
+    from onnxc.compiler import runtime
+    from onnxc.compiler.allocation import _store_float_weights
+    from onnxc.compiler.calibration import make_calibration
+    from onnxc.compiler.model import serialized_bytes
+    from onnxc.compiler.passes import PassContext
+    from onnxc.compiler.sensitivity import make_techniques
+    from onnxc.passes._codes import read_clustered
+
+    model = canonicalize(load(sample_path("resnet")))
+    cal = make_calibration(model, CALIBRATION, seed=0)
+    ctx = PassContext(calibration=cal)
+    techniques = make_techniques(["prune", "cluster", "int8"], "latency")
+    region = techniques["int8"].plan_candidates(model)[1]
+    (int8,) = techniques["int8"].restricted({region.name: 1.0})
+    plan = canonicalize(int8.run(model, ctx).model)
+    technique, levels, stored, result = _store_float_weights(plan, techniques, ctx, None)
+    assert technique == "cluster" and set(levels.values()) == {8}
+    layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    # the float layers (those cluster takes: not the smallest), never the int8 ones
+    assert set(levels) == {c.name for c in techniques["cluster"].plan_candidates(model)} - set(region.nodes)
+    assert set(levels) <= layers and len(levels) >= 4
+    assert len(read_clustered(stored)) == len(levels)
+    assert serialized_bytes(stored) < 0.5 * serialized_bytes(plan)
+    a, b = runtime.run(plan, cal.validation), runtime.run(stored, cal.validation)
+    for name in a:
+        assert np.linalg.norm(a[name] - b[name]) <= 0.05 * np.linalg.norm(a[name])
+    assert _store_float_weights(plan, make_techniques(["prune", "int8"], "latency"), ctx, None) is None

@@ -11,6 +11,9 @@ is missed, and one step that breaks the budget with the others is skipped (one c
 at a time, never a whole technique). A plan that meets the target with room to spare gives back
 the top levels the target does not need, costliest error first (`steps.trimmed`; verified, kept
 only if better). One node takes one technique per slot (`steps.one_technique_per_node`).
+A latency plan then stores the weights it left float (too sensitive or too small for int8) by a
+technique that costs no time, at its mildest level, when the budget holds (`_store_float_weights`):
+the written file ships, and its float layers need not keep the original's bytes.
 Techniques are known only through `technique.Technique`; none is named here.
 """
 
@@ -25,7 +28,8 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
-from onnxc.compiler.model import serialized_bytes
+from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.model import clone, serialized_bytes
 from onnxc.compiler.passes import DEFAULT_BUDGET, PassContext
 from onnxc.compiler.samples import Samples
 from onnxc.compiler.search import Search
@@ -67,6 +71,9 @@ KINDS = ("macs", "params", "size", "latency")
 PLANNED_AS = {"device": "size", "device_instructions": "latency", "device_ram": "activations"}
 MAX_ROUNDS = 8
 TOLERANCE = 0.01  # a target counts as met within this much of its ratio
+# Two models whose interleaved onnxruntime times differ by less than this share run as fast (the
+# run-to-run spread of one model on a shared machine).
+SAME_SPEED = 0.03
 
 
 @dataclass(frozen=True)
@@ -283,6 +290,24 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                                 float(ratio), f"trimmed {gave}: " + ("kept" if better else "not kept")))
             if better:
                 best = ((met, -error), candidate, plan, fid, ratio, met, results)
+                best_steps = kept
+    if best is not None and kind == "latency" and value_of is None:
+        stored = _store_float_weights(best[1], techniques, ctx, input_shapes)
+        if stored is not None:
+            technique, levels, candidate, result = stored
+            fid = compare_outputs(ref, runtime.run(candidate, judged), ctx.metric)
+            error = fid.error if np.isfinite(fid.rel_l2) else math.inf
+            # timed against the plan itself, interleaved: a difference within the timing noise
+            # leaves the plan's measured ratio standing
+            slower = latency_ratio(best[1], candidate, feed)
+            kept = error <= budget and slower <= 1.0 + SAME_SPEED
+            rounds.append(Round(len(best_steps), float(math.sqrt(predictions(best_steps)[1][-1])), float(error),
+                                float(best[4] * slower),
+                                f"{technique} on the {len(levels)} layers left float ({slower:.3f}x the plan's time): "
+                                + ("kept" if kept else "not kept")))
+            if kept:
+                plan = {**best[2], **{(technique, name): level for name, level in levels.items()}}
+                best = (best[0], candidate, plan, fid, best[4], best[5], best[6] + [(technique, result)])
     if best is None:
         fid = compare_outputs(ref, runtime.run(model, judged), ctx.metric)
         ratio = 1.0 - head_start / base_value if base_value else 1.0
@@ -293,6 +318,29 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     if plan and value_of is None:
         alloc.realization = realization(model, out, ctx.calibration, feed)
     return alloc
+
+
+def _store_float_weights(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: PassContext,
+                         input_shapes: dict | None):
+    """The weights a latency plan leaves float (a layer too sensitive or too small for int8, or
+    no int8 at all), stored by a technique that costs no time (codes onnxruntime decodes once, at
+    session start) at its first, least lossy level: the written model is as fast, and smaller.
+    The caller judges it like any plan and keeps it only within the budget and as fast. Returns
+    (technique, {candidate: level}, model, pass result) or None when no technique or weight fits."""
+    storage = [t for t, p in techniques.items() if p.slot == "storage" and "size" in p.saves
+               and "latency" not in p.saves]
+    if not storage:
+        return None
+    technique = storage[0]
+    shapes = ctx.calibration.cost_shapes() if ctx.calibration is not None else None
+    level = techniques[technique].levels()[0]
+    levels = {c.name: level for c in techniques[technique].plan_candidates(model, shapes)}
+    if not levels:
+        return None
+    results = [p.run(clone(model), ctx) for p in techniques[technique].restricted(levels)]
+    if not all(r.modified for r in results) or len(results) != 1:
+        return None
+    return technique, levels, canonicalize(results[0].model, input_shapes), results[0]
 
 
 def realization(before: onnx.ModelProto, after: onnx.ModelProto, cal, feed: dict) -> dict:
