@@ -9,7 +9,8 @@ The public `ppocr_rec` (scripts/fetch_corpus.py) is calibrated on 128 rendered l
 
 Printed per row: the lines read exactly (the original reads ~98-100%), the lines read as the
 original reads them, the onnxruntime latency ratio (one thread, batch 1, 10th percentiles of
-interleaved runs), the file ratio, the wall time, and for the target the plan per technique.
+interleaved runs), the file ratio, the wall time, and for the target the plan per technique and
+the allocator's verified rounds (steps, error on the calibration lines, its own latency reading).
 
     python benchmarks/allocation_recognizer.py [--target latency=0.5] [--max-error 0.01] [--jobs N]
 """
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {technique}: {line}")
         table = alloc["sensitivity"]
         print(f"    sensitivity: {len(table['measurements'])} candidate-levels in {table['seconds']:.0f} s; "
-              f"{len(alloc['rounds'])} verified rounds")
+              f"{len(alloc['rounds'])} verified rounds:")
+        for r in alloc["rounds"]:
+            print(f"      {r['steps']:3d} steps: error {r['error']:.4f}, latency {r['ratio']:.3f}x; {r['action']}")
     return 0
 
 

@@ -187,9 +187,10 @@ def test_fixed_batch_models_calibrate(tmp_path):
 def test_a_latency_plan_stores_the_weights_it_leaves_float_as_codes():
     """What a latency plan keeps float is stored by the technique that costs no time (cluster's
     codes, decoded once at session start): the int8 layers are left alone, every float layer's
-    weight becomes codes, the file shrinks and the outputs stay close."""
+    weight becomes codes, the file shrinks and the outputs stay close. Should that leave the
+    budget, the next attempt stores the largest weights only, holding most of the bytes."""
     from onnxc.compiler import runtime
-    from onnxc.compiler.allocation import _store_float_weights
+    from onnxc.compiler.allocation import LARGEST_SHARE, _store_float_weights
     from onnxc.compiler.calibration import make_calibration
     from onnxc.compiler.model import serialized_bytes
     from onnxc.compiler.passes import PassContext
@@ -203,7 +204,10 @@ def test_a_latency_plan_stores_the_weights_it_leaves_float_as_codes():
     region = techniques["int8"].plan_candidates(model)[1]
     (int8,) = techniques["int8"].restricted({region.name: 1.0})
     plan = canonicalize(int8.run(model, ctx).model)
-    technique, levels, stored, result = _store_float_weights(plan, techniques, ctx, None)
+    judged = []
+    attempts = list(_store_float_weights(plan, techniques, ctx, None, lambda m: judged.append(m) or len(judged)))
+    assert [a[4] for a in attempts] == [1, 2]  # every attempt judged, in order
+    (technique, levels, stored, _, _), (_, largest, _, _, _) = attempts
     assert technique == "cluster" and set(levels.values()) == {8}
     layers = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
     # the float layers (those cluster takes: not the smallest), never the int8 ones
@@ -214,4 +218,10 @@ def test_a_latency_plan_stores_the_weights_it_leaves_float_as_codes():
     a, b = runtime.run(plan, cal.validation), runtime.run(stored, cal.validation)
     for name in a:
         assert np.linalg.norm(a[name] - b[name]) <= 0.05 * np.linalg.norm(a[name])
-    assert _store_float_weights(plan, make_techniques(["prune", "int8"], "latency"), ctx, None) is None
+    weights = {t.name: t for t in plan.graph.initializer}
+    nbytes = {n.name: onnx.numpy_helper.to_array(weights[n.input[1]]).nbytes for n in plan.graph.node
+              if n.name in levels}
+    assert set(largest) < set(levels)
+    assert sum(nbytes[n] for n in largest) >= LARGEST_SHARE * sum(nbytes.values())
+    assert min(nbytes[n] for n in largest) >= max(nbytes[n] for n in set(levels) - set(largest))
+    assert not list(_store_float_weights(plan, make_techniques(["prune", "int8"], "latency"), ctx, None, len))

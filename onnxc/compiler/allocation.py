@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +29,7 @@ import onnx
 
 from onnxc.compiler import runtime
 from onnxc.compiler.canonical import canonicalize
+from onnxc.compiler.cost import model_cost
 from onnxc.compiler.model import clone, serialized_bytes
 from onnxc.compiler.passes import DEFAULT_BUDGET, PassContext
 from onnxc.compiler.samples import Samples
@@ -74,6 +75,7 @@ TOLERANCE = 0.01  # a target counts as met within this much of its ratio
 # Two models whose interleaved onnxruntime times differ by less than this share run as fast (the
 # run-to-run spread of one model on a shared machine).
 SAME_SPEED = 0.03
+LARGEST_SHARE = 0.8  # a latency plan's float weights stored as codes: the largest ones holding this share
 
 
 @dataclass(frozen=True)
@@ -292,22 +294,24 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                 best = ((met, -error), candidate, plan, fid, ratio, met, results)
                 best_steps = kept
     if best is not None and kind == "latency" and value_of is None:
-        stored = _store_float_weights(best[1], techniques, ctx, input_shapes)
-        if stored is not None:
-            technique, levels, candidate, result = stored
+        def judge(candidate: onnx.ModelProto) -> tuple[Fidelity, float, float]:
+            """Fidelity and error on the judged samples, and time over the plan's (interleaved)."""
             fid = compare_outputs(ref, runtime.run(candidate, judged), ctx.metric)
             error = fid.error if np.isfinite(fid.rel_l2) else math.inf
-            # timed against the plan itself, interleaved: a difference within the timing noise
-            # leaves the plan's measured ratio standing
-            slower = latency_ratio(best[1], candidate, feed)
+            return fid, error, latency_ratio(best[1], candidate, feed)
+
+        predicted = float(math.sqrt(predictions(best_steps)[1][-1]))
+        for technique, levels, candidate, result, (fid, error, slower) in _store_float_weights(
+                best[1], techniques, ctx, input_shapes, judge):
+            # a difference within the timing noise leaves the plan's measured ratio standing
             kept = error <= budget and slower <= 1.0 + SAME_SPEED
-            rounds.append(Round(len(best_steps), float(math.sqrt(predictions(best_steps)[1][-1])), float(error),
-                                float(best[4] * slower),
-                                f"{technique} on the {len(levels)} layers left float ({slower:.3f}x the plan's time): "
+            rounds.append(Round(len(best_steps), predicted, float(error), float(best[4] * slower),
+                                f"{technique} on {len(levels)} layers left float ({slower:.3f}x the plan's time): "
                                 + ("kept" if kept else "not kept")))
             if kept:
                 plan = {**best[2], **{(technique, name): level for name, level in levels.items()}}
                 best = (best[0], candidate, plan, fid, best[4], best[5], best[6] + [(technique, result)])
+                break
     if best is None:
         fid = compare_outputs(ref, runtime.run(model, judged), ctx.metric)
         ratio = 1.0 - head_start / base_value if base_value else 1.0
@@ -321,26 +325,32 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
 
 
 def _store_float_weights(model: onnx.ModelProto, techniques: dict[str, Technique], ctx: PassContext,
-                         input_shapes: dict | None):
+                         input_shapes: dict | None, judge: Callable) -> Iterator[tuple]:
     """The weights a latency plan leaves float (a layer too sensitive or too small for int8, or
     no int8 at all), stored by a technique that costs no time (codes onnxruntime decodes once, at
-    session start) at its first, least lossy level: the written model is as fast, and smaller.
-    The caller judges it like any plan and keeps it only within the budget and as fast. Returns
-    (technique, {candidate: level}, model, pass result) or None when no technique or weight fits."""
+    session start) at its mildest level: the written model is as fast, and smaller. Yields
+    (technique, {candidate: level}, model, pass result, judge(model)) for every float weight, then
+    for the largest ones holding LARGEST_SHARE of their bytes (a network's most sensitive layers,
+    its first and last, tend to be small), until the caller stops (it keeps the first one within
+    the budget and as fast). Nothing when no such technique or weight is there."""
     storage = [t for t, p in techniques.items() if p.slot == "storage" and "size" in p.saves
                and "latency" not in p.saves]
     if not storage:
-        return None
-    technique = storage[0]
+        return
+    technique = techniques[storage[0]]
     shapes = ctx.calibration.cost_shapes() if ctx.calibration is not None else None
-    level = techniques[technique].levels()[0]
-    levels = {c.name: level for c in techniques[technique].plan_candidates(model, shapes)}
-    if not levels:
-        return None
-    results = [p.run(clone(model), ctx) for p in techniques[technique].restricted(levels)]
-    if not all(r.modified for r in results) or len(results) != 1:
-        return None
-    return technique, levels, canonicalize(results[0].model, input_shapes), results[0]
+    names = [c.name for c in technique.plan_candidates(model, shapes)]
+    weight = {n.name: n.bytes for n in model_cost(model, shapes).layers}
+    names.sort(key=lambda n: -weight.get(n, 0))
+    held = np.cumsum([weight.get(n, 0) for n in names])
+    largest = names[:int(np.searchsorted(held, LARGEST_SHARE * held[-1])) + 1] if names else []
+    for chosen in (names, largest) if len(largest) < len(names) else (names,):
+        levels = {name: technique.levels()[0] for name in chosen}
+        results = [p.run(clone(model), ctx) for p in technique.restricted(levels)]
+        if len(results) != 1 or not results[0].modified:
+            continue
+        stored = canonicalize(results[0].model, input_shapes)
+        yield storage[0], levels, stored, results[0], judge(stored)
 
 
 def realization(before: onnx.ModelProto, after: onnx.ModelProto, cal, feed: dict) -> dict:
