@@ -45,7 +45,15 @@ from onnx import helper, numpy_helper
 
 from onnxc.backends import Progress, no_progress
 from onnxc.backends.quant_budget import Score, Scorer, back_off, regions, resolution_note
-from onnxc.backends.quant_improve import lap, score_dict, try_bias, try_equalize, try_ranges
+from onnxc.backends.quant_improve import (
+    equalized,
+    lap,
+    range_files,
+    score_dict,
+    try_bias,
+    try_equalize,
+    try_ranges,
+)
 from onnxc.compiler import layout, runtime
 from onnxc.compiler.calibration import Calibration, input_specs
 from onnxc.compiler.int8_regions import QDQ_OPS
@@ -160,11 +168,12 @@ class Prepared:
 
     Its input is the model as quantization prepares it (per-channel opset, onnxruntime's
     pre-processing, and whichever of equalization, chosen ranges and bias correction lowered the
-    held-out error); `model`/`score` are every node quantized and how it read."""
+    held-out error); `model`/`score` are every node quantized and how it read (None for a
+    preparation `like` another, which quantizes nothing whole)."""
 
     quantizer: Callable[[Sequence[str] | None, Sequence[str]], onnx.ModelProto]
-    model: onnx.ModelProto
-    score: Score
+    model: onnx.ModelProto | None
+    score: Score | None
     per_channel: bool
     reduce_range: bool
     upgraded: onnx.ModelProto | None
@@ -214,6 +223,9 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
                                  cache=work / cache)
 
     reduced = bool(reduce_range) and not exact
+    if like is not None and mode == "static" and not correct_bias and scorer.samples >= MIN_JUDGING_SAMPLES:
+        return _prepare_like(pre, work, calibration, scorer, make, reduced, per_channel, upgraded, notes,
+                             equalize, variants[0] if choose_ranges and variants else None, progress)
     quantizer = make(reduced)
     # a preparation `like` another that kept equalization skips the plain model: it would only be
     # the baseline equalization is measured against (quantized and run only if equalizing fails)
@@ -261,6 +273,30 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
             quantizer, full, full_score = candidate
     lap(improvements, "bias_correction", clock)
     return Prepared(quantizer, full, full_score, per_channel, reduced, upgraded, notes, improvements)
+
+
+def _prepare_like(pre: Path, work: Path, calibration: Calibration, scorer: Scorer, make: Callable, reduced: bool,
+                  per_channel: bool, upgraded: onnx.ModelProto | None, notes: list[str], equalize: bool,
+                  ranges: tuple[str, ...] | None, progress: Progress) -> Prepared:
+    """`prepare` taking an earlier preparation's choices as they are: equalization (when still
+    lossless in float) and the range kinds it kept, each computed for this model, with nothing
+    quantized whole or scored against its alternative (each costs a quantization and a held-out
+    run). `model` and `score` are None: what a plan of it reads is judged by its caller."""
+    improvements: dict = {}
+    if equalize:
+        path = equalized(pre, work, scorer, improvements, notes)
+        if path is not None:
+            pre = path
+            improvements["equalization"]["kept"] = True
+    quantizer = make(reduced, pre, "calibration_like.json")
+    if ranges is not None:
+        quantizer.calibrate()
+        [(path, counts)] = range_files(pre, calibration, quantizer.cache, _calibration_batch, progress, (ranges,))
+        quantizer = make(reduced, pre, path.name)
+        improvements["ranges"] = {"variants": [{"allowed": list(ranges), "methods": counts}], "kept": ranges}
+    taken = [k for k in ("equalization", "ranges") if improvements.get(k, {}).get("kept")]
+    notes.append("prepared like an earlier model: " + (", ".join(taken) or "min/max ranges"))
+    return Prepared(quantizer, None, None, per_channel, reduced, upgraded, notes, improvements)
 
 
 @contextlib.contextmanager
@@ -362,7 +398,26 @@ def static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration:
             raise OnnxcError(f"onnxruntime's static quantization failed: {first_line(exc)}") from None
         return repair_per_axis(onnx.load(str(out)))
 
+    def calibrate() -> None:
+        """Fill `cache` with the min/max ranges as `run` would, without writing a quantized model
+        (a preparation that measures nothing against alternatives needs only the ranges)."""
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+        if cache.exists():
+            return
+        try:
+            with tempfile.TemporaryDirectory(prefix="onnxc-calib-") as tmp:
+                calibrator = create_calibrator(Path(pre), sorted(static_op_types()),
+                                               augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                               calibrate_method=CalibrationMethod.MinMax,
+                                               use_external_data_format=external)
+                calibrator.collect_data(_Reader(calibration.train, batch, progress, layout.model_input_axes(model)))
+                save_tensors_data(calibrator.compute_data(), cache)
+        except Exception as exc:
+            raise OnnxcError(f"onnxruntime's calibration failed: {first_line(exc)}") from None
+
     run.cache = cache
+    run.calibrate = calibrate
     return run
 
 

@@ -47,11 +47,9 @@ def score_dict(s: Score) -> dict:
     return {"error": s.error, "per_channel_error": s.surrogate}
 
 
-def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score | None,
-                 improvements: dict, notes: list[str]):
-    """Affine folding + cross-layer equalization of the pre-processed model, kept when lossless
-    in float and better in int8 on the held-out samples than `baseline` (None: kept when
-    lossless, as a preparation `like` one that kept it): (pre, quantizer, model, score) or None."""
+def equalized(pre: Path, work: Path, scorer: Scorer, improvements: dict, notes: list[str]) -> Path | None:
+    """Affine folding + cross-layer equalization of the pre-processed model, saved when lossless
+    in float (its path), else None; recorded in `improvements["equalization"]`."""
     eq = equalize_model(onnx.load(str(pre)))
     if not eq.changed:
         return None
@@ -66,15 +64,25 @@ def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline
             notes.append(f"equalization moved the float outputs by {drift:.2g} (relative L2; the model's own float "
                          f"noise: {noise:.2g}): not used")
             return None
-    path = save(eq.model, work / "pre_eq.onnx")
+    return save(eq.model, work / "pre_eq.onnx")
+
+
+def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score | None,
+                 improvements: dict, notes: list[str]):
+    """`equalized`, kept when better in int8 on the held-out samples than `baseline` (None: kept
+    when lossless, as a preparation `like` one that kept it): (pre, quantizer, model, score) or None."""
+    path = equalized(pre, work, scorer, improvements, notes)
+    if path is None:
+        return None
+    entry = improvements["equalization"]
     quantizer = make(path)
     model = quantizer(None, [])
     s = scorer(model)
     entry.update(score_dict(s))
     entry["kept"] = baseline is None or s.key() < baseline.key()
     before = f"{baseline.error:.3g} -> " if baseline is not None else ""
-    notes.append(f"{len(eq.folded)} elementwise ops folded into convs and {len(eq.pairs)} conv pairs equalized: "
-                 f"int8 error {before}{s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
+    notes.append(f"{entry['folded']} elementwise ops folded into convs and {len(entry['pairs'])} conv pairs "
+                 f"equalized: int8 error {before}{s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
     return (path, quantizer, model, s) if entry["kept"] else None
 
 
@@ -107,12 +115,11 @@ def try_bias(pre: Path, work: Path, calibration: Calibration, scorer: Scorer, qu
 RANGE_VARIANTS = (("minmax", "percentile"), ("minmax", "percentile", "mse"))
 
 
-def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: Callable, make: Callable,
-               batch_for: Callable, baseline: Score, improvements: dict, notes: list[str], progress: Progress,
-               variants: tuple[tuple[str, ...], ...] | None = None):
-    """Per-tensor activation ranges (quant_ranges) instead of min/max, in each of `variants`
-    (default RANGE_VARIANTS), the best kept when better than min/max on the held-out samples:
-    (quantizer, model, score) or None."""
+def range_files(pre: Path, calibration: Calibration, cache: Path, batch_for: Callable, progress: Progress,
+                variants: tuple[tuple[str, ...], ...]) -> list[tuple[Path, dict]]:
+    """Per variant, a calibration file beside `cache` (onnxruntime's min/max ranges) whose
+    per-tensor ranges are chosen by `quant_ranges` among the variant's kinds; and how many
+    tensors took each kind."""
     from onnxruntime.quantization.calibrate import (
         CalibrationMethod,
         TensorData,
@@ -121,9 +128,6 @@ def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: C
         save_tensors_data,
     )
 
-    cache = getattr(quantizer, "cache", None)
-    if cache is None or not cache.exists():
-        return None
     minmax = load_tensors_data(cache)
     ranges = {}
     for name in minmax:
@@ -133,8 +137,7 @@ def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: C
     prepared = onnx.load(str(pre))
     choice = select_ranges(prepared, ranges, calibration.train, calibration.validation,
                            max(1, batch_for(prepared, calibration) // 2), progress)
-    best, tried = None, []
-    variants = variants or RANGE_VARIANTS
+    out = []
     for index, allowed in enumerate(variants):
         picked, counts = choice.pick(allowed)
         data = dict(minmax.items())
@@ -144,10 +147,26 @@ def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: C
                                     highest=np.full(np.shape(old_hi), hi, np.float32))
         path = cache.with_name(f"{cache.stem}_ranges{index}.json")
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+        out.append((path, counts))
+    return out
+
+
+def try_ranges(pre: Path, calibration: Calibration, scorer: Scorer, quantizer: Callable, make: Callable,
+               batch_for: Callable, baseline: Score, improvements: dict, notes: list[str], progress: Progress,
+               variants: tuple[tuple[str, ...], ...] | None = None):
+    """Per-tensor activation ranges (quant_ranges) instead of min/max, in each of `variants`
+    (default RANGE_VARIANTS), the best kept when better than min/max on the held-out samples:
+    (quantizer, model, score) or None."""
+    cache = getattr(quantizer, "cache", None)
+    if cache is None or not cache.exists():
+        return None
+    best, tried = None, []
+    variants = variants or RANGE_VARIANTS
+    for index, (path, counts) in enumerate(range_files(pre, calibration, cache, batch_for, progress, variants)):
         candidate = make(path.name)
         model = candidate(None, [])
         s = scorer(model)
-        tried.append({"allowed": list(allowed), "methods": counts, **score_dict(s)})
+        tried.append({"allowed": list(variants[index]), "methods": counts, **score_dict(s)})
         if best is None or s.key() < best[2].key():
             best = (candidate, model, s, index)
     kept = best is not None and best[2].key() < baseline.key()
