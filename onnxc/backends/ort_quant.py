@@ -190,9 +190,11 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
 
     `like`: the preparation of a model this one derives from (the same graph with layers pruned
     or factorized, as each plan the allocator verifies): its measured choices (7-bit weights,
-    equalization, which range kinds, bias correction) are taken again instead of measured
-    against their alternatives, which costs a calibration and a held-out run each. The ranges,
-    equalization scales and corrections themselves are computed for this model."""
+    equalization, which range kinds) are taken again instead of measured against their
+    alternatives, which costs a quantization and a held-out run each (`_prepare_like`). The
+    ranges and equalization scales themselves are computed for this model. Bias correction
+    needs the whole model quantized: with it, the preparation runs whole, trying only what
+    `like` kept."""
     notes: list[str] = []
     variants = None
     if like is not None:
@@ -227,24 +229,19 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
         return _prepare_like(pre, work, calibration, scorer, make, reduced, per_channel, upgraded, notes,
                              equalize, variants[0] if choose_ranges and variants else None, progress)
     quantizer = make(reduced)
-    # a preparation `like` another that kept equalization skips the plain model: it would only be
-    # the baseline equalization is measured against (quantized and run only if equalizing fails)
-    skip_plain = like is not None and mode == "static" and equalize and scorer.samples >= MIN_JUDGING_SAMPLES
-    full = full_score = None
-    if not skip_plain:
-        full = quantizer(None, [])
-        full_score = scorer(full)
-        if reduce_range is None and not exact:
-            arithmetic = scorer.exact(full).surrogate
-            if full_score.surrogate > SATURATION_RATIO * arithmetic and \
-                    full_score.surrogate - arithmetic > SATURATION_MARGIN:
-                quantizer, reduced = make(True), True
-                full, before = quantizer(None, []), full_score.surrogate
-                full_score = scorer(full)
-                notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights "
-                             f"gave relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so "
-                             f"weights are quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
-    improvements: dict = {"plain": score_dict(full_score)} if full_score is not None else {}
+    full = quantizer(None, [])
+    full_score = scorer(full)
+    if reduce_range is None and not exact:
+        arithmetic = scorer.exact(full).surrogate
+        if full_score.surrogate > SATURATION_RATIO * arithmetic and \
+                full_score.surrogate - arithmetic > SATURATION_MARGIN:
+            quantizer, reduced = make(True), True
+            full, before = quantizer(None, []), full_score.surrogate
+            full_score = scorer(full)
+            notes.append(f"this CPU's onnxruntime int8 kernels saturate (x86 without VNNI): 8-bit weights gave "
+                         f"relative L2 {before:.3g} against {arithmetic:.3g} in exact arithmetic, so weights are "
+                         f"quantized to 7 bits (reduce_range): {full_score.surrogate:.3g}")
+    improvements: dict = {"plain": score_dict(full_score)}
     if mode == "static" and (equalize or choose_ranges or correct_bias) and scorer.samples < MIN_JUDGING_SAMPLES:
         equalize = choose_ranges = correct_bias = False
         notes.append(f"equalization, range choice and bias correction skipped: {scorer.samples} held-out "
@@ -255,9 +252,6 @@ def prepare(model: onnx.ModelProto, mode: str, calibration: Calibration, work: P
                                  full_score, improvements, notes)
         if candidate is not None:
             pre, quantizer, full, full_score = candidate
-    if full is None:  # skipped for equalization, which did not hold
-        full = quantizer(None, [])
-        full_score = scorer(full)
     clock = lap(improvements, "equalization", clock)
     if mode == "static" and choose_ranges:
         candidate = try_ranges(pre, calibration, scorer, quantizer, lambda cache: make(reduced, pre, cache),

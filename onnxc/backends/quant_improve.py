@@ -67,10 +67,10 @@ def equalized(pre: Path, work: Path, scorer: Scorer, improvements: dict, notes: 
     return save(eq.model, work / "pre_eq.onnx")
 
 
-def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score | None,
-                 improvements: dict, notes: list[str]):
-    """`equalized`, kept when better in int8 on the held-out samples than `baseline` (None: kept
-    when lossless, as a preparation `like` one that kept it): (pre, quantizer, model, score) or None."""
+def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline: Score, improvements: dict,
+                 notes: list[str]):
+    """`equalized`, kept when better in int8 on the held-out samples than `baseline`:
+    (pre, quantizer, model, score) or None."""
     path = equalized(pre, work, scorer, improvements, notes)
     if path is None:
         return None
@@ -79,10 +79,10 @@ def try_equalize(pre: Path, work: Path, scorer: Scorer, make: Callable, baseline
     model = quantizer(None, [])
     s = scorer(model)
     entry.update(score_dict(s))
-    entry["kept"] = baseline is None or s.key() < baseline.key()
-    before = f"{baseline.error:.3g} -> " if baseline is not None else ""
+    entry["kept"] = s.key() < baseline.key()
     notes.append(f"{entry['folded']} elementwise ops folded into convs and {len(entry['pairs'])} conv pairs "
-                 f"equalized: int8 error {before}{s.error:.3g}" + ("" if entry["kept"] else " (not kept)"))
+                 f"equalized: int8 error {baseline.error:.3g} -> {s.error:.3g}"
+                 + ("" if entry["kept"] else " (not kept)"))
     return (path, quantizer, model, s) if entry["kept"] else None
 
 
