@@ -236,12 +236,16 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     search = Search(cum_save, cum_err2, base_value, target, budget)
     k = search.first()
 
+    def fidelity(candidate: onnx.ModelProto) -> tuple[Fidelity, float]:
+        """The candidate's fidelity on the judged samples and its error (inf when it does not run)."""
+        fid = compare_outputs(ref, runtime.run(candidate, judged), ctx.metric)
+        return fid, (fid.error if np.isfinite(fid.rel_l2) else math.inf)
+
     def verify(plan: Plan):
         """The plan applied and judged: the model, the passes' results, fidelity, error, the
         achieved value of the target kind, its ratio to the original's, whether the target is met."""
         candidate, results = apply_plan(model, plan, techniques, ctx, input_shapes)
-        fid = compare_outputs(ref, runtime.run(candidate, judged), ctx.metric)
-        error = fid.error if np.isfinite(fid.rel_l2) else math.inf
+        fid, error = fidelity(candidate)
         if value_of is not None:
             value = value_of(candidate)
         elif kind == "latency":
@@ -296,9 +300,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     if best is not None and kind == "latency" and value_of is None:
         def judge(candidate: onnx.ModelProto) -> tuple[Fidelity, float, float]:
             """Fidelity and error on the judged samples, and time over the plan's (interleaved)."""
-            fid = compare_outputs(ref, runtime.run(candidate, judged), ctx.metric)
-            error = fid.error if np.isfinite(fid.rel_l2) else math.inf
-            return fid, error, latency_ratio(best[1], candidate, feed)
+            return (*fidelity(candidate), latency_ratio(best[1], candidate, feed))
 
         predicted = float(math.sqrt(predictions(best_steps)[1][-1]))
         for technique, levels, candidate, result, (fid, error, slower) in _store_float_weights(
@@ -313,7 +315,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                 best = (best[0], candidate, plan, fid, best[4], best[5], best[6] + [(technique, result)])
                 break
     if best is None:
-        fid = compare_outputs(ref, runtime.run(model, judged), ctx.metric)
+        fid, _ = fidelity(model)
         ratio = 1.0 - head_start / base_value if base_value else 1.0
         best = (None, model, {}, fid, ratio, target is None or ratio <= target.ratio + TOLERANCE, [])
     _, out, plan, fid, ratio, met, results = best
