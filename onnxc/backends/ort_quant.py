@@ -363,13 +363,15 @@ def static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration:
     batch = _calibration_batch(model, calibration)
     counter = iter(range(1 << 30))
 
+    def reader() -> _Reader:
+        return _Reader(calibration.train, batch, progress, layout.model_input_axes(model))
+
     def run(only: Sequence[str] | None, exclude: Sequence[str]) -> onnx.ModelProto:
         out = work / f"q{next(counter)}.onnx"
 
         def attempt(extra: dict) -> None:
             quantize_static(
-                str(pre), str(out), _Reader(calibration.train, batch, progress, layout.model_input_axes(model))
-                if not cache.exists() else None,
+                str(pre), str(out), reader() if not cache.exists() else None,
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(only) if only else None, nodes_to_exclude=list(exclude),
@@ -405,7 +407,7 @@ def static_quantizer(model: onnx.ModelProto, pre: Path, work: Path, calibration:
                                                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                                calibrate_method=CalibrationMethod.MinMax,
                                                use_external_data_format=external)
-                calibrator.collect_data(_Reader(calibration.train, batch, progress, layout.model_input_axes(model)))
+                calibrator.collect_data(reader())
                 save_tensors_data(calibrator.compute_data(), cache)
         except Exception as exc:
             raise OnnxcError(f"onnxruntime's calibration failed: {first_line(exc)}") from None
