@@ -340,7 +340,7 @@ def _store_float_weights(model: onnx.ModelProto, techniques: dict[str, Technique
     if not storage:
         return
     technique = techniques[storage[0]]
-    shapes = ctx.calibration.cost_shapes() if ctx.calibration is not None else None
+    shapes = ctx.cost_shapes()
     names = [c.name for c in technique.plan_candidates(model, shapes)]
     weight = {n.name: n.bytes for n in model_cost(model, shapes).layers}
     names.sort(key=lambda n: -weight.get(n, 0))

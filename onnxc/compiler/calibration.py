@@ -37,6 +37,13 @@ class Calibration:
     source: str  # the file or folder, "random", or what the library was given
     axes: dict[str, int | None] = field(default_factory=dict)  # each input's batch axis in the model
 
+    def __post_init__(self) -> None:
+        # A library caller may hand feed dicts; every use (shapes, batches, subsets) needs Samples.
+        # The same data given as both splits stays one object: that is how "no held-out part" reads.
+        same = self.validation is self.train
+        self.train = Samples.of(self.train)
+        self.validation = self.train if same else Samples.of(self.validation)
+
     @property
     def is_random(self) -> bool:
         return self.source == "random"

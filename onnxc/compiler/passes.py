@@ -97,6 +97,11 @@ class PassContext:
             raise OnnxcError("this pass needs calibration inputs")
         return calib.capture(model, names, self.calibration.train, seed=self.seed, **kwargs)
 
+    def cost_shapes(self) -> dict[str, list[int]] | None:
+        """The input shapes per-sample costs are counted at (`Calibration.cost_shapes`): a dynamic
+        dim read as 1 would count one position of a sequence. None without calibration data."""
+        return self.calibration.cost_shapes() if self.calibration is not None else None
+
 
 class Pass:
     """Base class: subclasses are dataclasses whose fields are their options."""
@@ -322,7 +327,7 @@ class PassManager:
         records = []
         current = model
         self.last_outputs: dict[str, np.ndarray] | None = None  # outputs of `current` on validation
-        cost_at = self.ctx.calibration.cost_shapes() if self.ctx.calibration is not None else None
+        cost_at = self.ctx.cost_shapes()
         cost = model_cost(current, cost_at)
         for index, p in enumerate(self.passes):
             self.ctx.progress("passes", index, len(self.passes))

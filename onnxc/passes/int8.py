@@ -148,7 +148,7 @@ class Int8Pass(Pass, Technique):
     # ---- the rewrite --------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self.validate()
-        shapes = ctx.calibration.cost_shapes() if ctx.calibration else None
+        shapes = ctx.cost_shapes()
         regions, skipped = self.regions(model, shapes)
         if self._levels is not None:
             layers = _weight_layers(GraphView(model.graph), model.graph.node)

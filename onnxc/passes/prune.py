@@ -189,7 +189,7 @@ class PrunePass(Pass, Technique):
                     model = sliced
         elif self.reconstruct:
             info["notes"].append("no calibration data: layers were sliced, not refit")
-        shapes = ctx.calibration.cost_shapes() if ctx.calibration is not None else None
+        shapes = ctx.cost_shapes()
         changes = _report(original, model, analysis, pruned_groups, jobs, info, shapes)
         for job in jobs:
             if job.skipped:
