@@ -11,6 +11,7 @@ import pytest
 from graphs import f32, init, model, randomize_weights
 from onnx import TensorProto, helper
 from sample_data import CALIBRATION, accuracy, sample_path
+from test_channel_groups import Net
 
 from onnxc.api import optimize
 from onnxc.compiler.calibration import Calibration, make_calibration, with_outputs
@@ -241,3 +242,16 @@ def test_random_calibration_disables_data_aware_fitting():
     result = create("cluster", {"bits": 4}).run(canonicalize(m), PassContext(calibration=cal))
     assert result.info["data_aware"] is False
     assert not any("bias_corrected" in c.detail for c in result.changes)
+
+
+def test_changes_count_macs_at_the_calibration_shapes_of_a_dynamic_model():
+    """A dynamic spatial dim is read at the calibration samples' size (6 x 10), not as 1, so the
+    report's per-layer cost is what the layer costs per sample (clustering changes no MACs)."""
+    n = Net(seed=3)
+    y = n.relu(n.conv(n.relu(n.conv("x", 3, 32, name="c1")), 32, 16, name="c2"))
+    model = canonicalize(n.model({"x": ["N", 3, "H", "W"]}, [y]))
+    x = np.random.default_rng(0).standard_normal((16, 3, 6, 10)).astype(np.float32)
+    ctx = PassContext(calibration=Calibration({"x": x[:8]}, {"x": x[8:]}, "test"))
+    result = create("cluster", {"bits": 4, "min_size": 1}).run(model, ctx)
+    change = next(c for c in result.changes if c.node == "c2")
+    assert change.before["macs"] == change.after["macs"] == 32 * 9 * 16 * 60

@@ -184,7 +184,7 @@ class ClusterPass(Pass, Technique):
         result = PassResult(model, False, skipped=skipped)
         if not targets:
             return result
-        costs = model_cost(model).by_name()
+        costs = model_cost(model, ctx.cost_shapes()).by_name()
         original = clone(model) if self.bias_correction else None
         stats = self._input_stats(model, targets, ctx)
         held = self._input_stats(model, targets, ctx, ctx.calibration.validation) \
