@@ -35,6 +35,21 @@ def test_every_long_phase_reports_real_counts():
         1 for s in result.report.passes[0].skipped if "nothing to remove" in s.reason)
 
 
+def test_a_target_run_reports_its_verified_rounds(tmp_path):
+    """After the sweep, the allocator verifies whole plans (each a pass run and a held-out run):
+    a phase counts them against the most it will run, and ends when the search does."""
+    from onnxc.compiler import allocation
+
+    calls: list[tuple[str, int, int]] = []
+    result = optimize(sample_path("mlp"), target="macs=0.5", passes=["prune"], calibration=CALIBRATION,
+                      cache_dir=tmp_path, progress=lambda label, done, total: calls.append((label, done, total)))
+    rounds = [(d, t) for label, d, t in calls if label == "allocation: rounds"]
+    assert {t for _, t in rounds} == {allocation.MAX_ROUNDS}
+    assert [d for d, _ in rounds] == sorted(d for d, _ in rounds) and rounds[-1][0] == allocation.MAX_ROUNDS
+    searched = [r for r in result.report.allocation["rounds"] if not r["action"].startswith("trimmed")]
+    assert len(rounds) == len(searched) + 1  # one count as each round starts, one as the search ends
+
+
 def test_quiet_prints_nothing(tmp_path):
     out = tmp_path / "m.onnx"
     run = subprocess.run([sys.executable, "-m", "onnxc", "optimize", str(sample_path("mlp")), "-o", str(out),

@@ -259,7 +259,10 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
     rounds: list[Round] = []
     best = None  # (ranking key, allocation pieces)
     best_steps: list[Step] = []
-    for _ in range(MAX_ROUNDS):
+    for index in range(MAX_ROUNDS):
+        # a log shows where a long run is between the sweep's ETA and the end (an upper bound:
+        # the search often stops sooner, and the phase then jumps to its end)
+        ctx.progress("allocation: rounds", index, MAX_ROUNDS)
         plan = plan_of(steps[:k])
         candidate, results, fid, error, value, ratio, met = verify(plan)
         round_ = Round(k, float(math.sqrt(cum_err2[k])), float(error), float(ratio))
@@ -283,6 +286,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                              f"it: skip it, try {k} steps")
         if k is None:
             break
+    ctx.progress("allocation: rounds", MAX_ROUNDS, MAX_ROUNDS)
     if best is not None and best[5] and target is not None:  # met: give back what the target does not need
         predicted, saved = predictions(best_steps)[0][-1], base_value * (1.0 - best[4])
         scale = saved / predicted if predicted > 0 and saved > 0 else 1.0
