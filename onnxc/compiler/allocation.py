@@ -28,9 +28,8 @@ import numpy as np
 import onnx
 
 from onnxc.compiler import runtime
-from onnxc.compiler.canonical import canonicalize
 from onnxc.compiler.cost import model_cost
-from onnxc.compiler.model import clone, serialized_bytes
+from onnxc.compiler.model import serialized_bytes
 from onnxc.compiler.passes import DEFAULT_BUDGET, PassContext
 from onnxc.compiler.samples import Samples
 from onnxc.compiler.search import Search
@@ -307,7 +306,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
             return (*fidelity(candidate), latency_ratio(best[1], candidate, feed))
 
         predicted = float(math.sqrt(predictions(best_steps)[1][-1]))
-        for technique, levels, candidate, result, (fid, error, slower) in _store_float_weights(
+        for technique, levels, candidate, results, (fid, error, slower) in _store_float_weights(
                 best[1], techniques, ctx, input_shapes, judge):
             # a difference within the timing noise leaves the plan's measured ratio standing
             kept = error <= budget and slower <= 1.0 + SAME_SPEED
@@ -316,7 +315,7 @@ def _allocate(model, techniques, ctx, target, budget, source, table, kind, input
                                 + ("kept" if kept else "not kept")))
             if kept:
                 plan = {**best[2], **{(technique, name): level for name, level in levels.items()}}
-                best = (best[0], candidate, plan, fid, best[4], best[5], best[6] + [(technique, result)])
+                best = (best[0], candidate, plan, fid, best[4], best[5], best[6] + results)
                 break
     if best is None:
         fid, _ = fidelity(model)
@@ -334,11 +333,12 @@ def _store_float_weights(model: onnx.ModelProto, techniques: dict[str, Technique
                          input_shapes: dict | None, judge: Callable) -> Iterator[tuple]:
     """The weights a latency plan leaves float (a layer too sensitive or too small for int8, or
     no int8 at all), stored by a technique that costs no time (codes onnxruntime decodes once, at
-    session start) at its mildest level: the written model is as fast, and smaller. Yields
-    (technique, {candidate: level}, model, pass result, judge(model)) for every float weight, then
-    for the largest ones holding LARGEST_SHARE of their bytes (a network's most sensitive layers,
-    its first and last, tend to be small), until the caller stops (it keeps the first one within
-    the budget and as fast). Nothing when no such technique or weight is there."""
+    session start) at its mildest level, applied as any plan is (`apply_plan`): the written model
+    is as fast, and smaller. Yields (technique, {candidate: level}, model, [(technique, pass
+    result)], judge(model)) for every float weight, then for the largest ones holding
+    LARGEST_SHARE of their bytes (a network's most sensitive layers, its first and last, tend to
+    be small), until the caller stops (it keeps the first one within the budget and as fast).
+    Nothing when no such technique or weight is there."""
     storage = [t for t, p in techniques.items() if p.slot == "storage" and "size" in p.saves
                and "latency" not in p.saves]
     if not storage:
@@ -352,11 +352,10 @@ def _store_float_weights(model: onnx.ModelProto, techniques: dict[str, Technique
     largest = names[:int(np.searchsorted(held, LARGEST_SHARE * held[-1])) + 1] if names else []
     for chosen in (names, largest) if len(largest) < len(names) else (names,):
         levels = {name: technique.levels()[0] for name in chosen}
-        results = [p.run(clone(model), ctx) for p in technique.restricted(levels)]
-        if len(results) != 1 or not results[0].modified:
-            continue
-        stored = canonicalize(results[0].model, input_shapes)
-        yield storage[0], levels, stored, results[0], judge(stored)
+        stored, results = apply_plan(model, {(storage[0], name): level for name, level in levels.items()},
+                                     {storage[0]: technique}, ctx, input_shapes)
+        if any(result.modified for _, result in results):
+            yield storage[0], levels, stored, results, judge(stored)
 
 
 def realization(before: onnx.ModelProto, after: onnx.ModelProto, cal, feed: dict) -> dict:
